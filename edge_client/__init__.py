@@ -1,0 +1,1 @@
+"""Device-side runtime: local LoRA training, self-pruning, profiling and the server protocol."""

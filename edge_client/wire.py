@@ -1,0 +1,177 @@
+"""The adapter wire format: safetensors with the LoRA scale folded in.
+
+Tensors (all float32, C-contiguous):
+  `<module>.lora_A`  r x in
+  `<module>.lora_B`  out x r        so that dW = lora_B @ lora_A exactly (no alpha / r)
+  `<dense name>`     any shape      e.g. `classifier.weight`
+Header metadata (safetensors `__metadata__`, str -> str):
+  `format` = "hetlora-adapter", `format_version` = "1", `meta` = JSON object with
+  round, client_id, rank, n_samples, indices (Fed-PLoRA), effective_rank (after pruning), ...
+
+Decoding never unpickles; it parses the safetensors header and checks it before use.
+See docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from edge_client.spec import AdapterSpec
+from hetlora.errors import UserError
+
+FORMAT = "hetlora-adapter"
+FORMAT_VERSION = 1
+LORA_A, LORA_B = ".lora_A", ".lora_B"
+
+
+class WireFormatError(UserError):
+    """An adapter file or upload that does not match the wire format or the spec.
+
+    `code` is a stable machine-readable reason (the server returns it in its 4xx body).
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Adapter:
+    """LoRA factors per module (A: r x in, B: out x r, scale folded in), dense tensors and metadata."""
+
+    lora: dict[str, tuple[np.ndarray, np.ndarray]]
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        """The common rank of every module (0 for an adapter without LoRA modules)."""
+        ranks = {a.shape[0] for a, _ in self.lora.values()}
+        if len(ranks) > 1:
+            raise WireFormatError("mixed_rank", f"modules have different ranks {sorted(ranks)}; all must share one rank")
+        return ranks.pop() if ranks else 0
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.lora.values()) + sum(t.nbytes for t in self.dense.values())
+
+
+def encode(adapter: Adapter) -> bytes:
+    """Serialise to safetensors bytes (float32)."""
+    tensors: dict[str, np.ndarray] = {}
+    for name, (a, b) in adapter.lora.items():
+        tensors[name + LORA_A] = np.ascontiguousarray(a, dtype=np.float32)
+        tensors[name + LORA_B] = np.ascontiguousarray(b, dtype=np.float32)
+    for name, t in adapter.dense.items():
+        if name.endswith((LORA_A, LORA_B)):
+            raise ValueError(f"dense tensor name {name!r} collides with the LoRA suffixes")
+        tensors[name] = np.ascontiguousarray(t, dtype=np.float32)
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(adapter.meta, sort_keys=True)}
+    return st_save(tensors, metadata=metadata)
+
+
+def _read_header(data: bytes) -> dict:
+    if len(data) < 8:
+        raise WireFormatError("not_safetensors", "body is too short to be a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise WireFormatError("not_safetensors", "body is not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WireFormatError("not_safetensors", "body is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise WireFormatError("not_safetensors", "body is not a safetensors file (header is not an object)")
+    return header
+
+
+def decode(data: bytes) -> Adapter:
+    """Parse safetensors bytes into an Adapter. Raises WireFormatError on anything malformed."""
+    header = _read_header(data)
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != FORMAT:
+        raise WireFormatError("bad_metadata", f"header metadata 'format' must be {FORMAT!r}")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise WireFormatError(
+            "bad_version", f"format_version {metadata.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    try:
+        meta = json.loads(metadata.get("meta", "{}"))
+    except json.JSONDecodeError:
+        raise WireFormatError("bad_metadata", "header metadata 'meta' is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise WireFormatError("bad_metadata", "header metadata 'meta' must be a JSON object")
+    for key, info in header.items():
+        if key != "__metadata__" and (not isinstance(info, dict) or info.get("dtype") != "F32"):
+            raise WireFormatError("bad_dtype", f"tensor {key!r} must be float32 (F32)")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise WireFormatError("not_safetensors", f"body is not a valid safetensors file: {exc}") from None
+
+    lora_a = {k[: -len(LORA_A)]: v for k, v in tensors.items() if k.endswith(LORA_A)}
+    lora_b = {k[: -len(LORA_B)]: v for k, v in tensors.items() if k.endswith(LORA_B)}
+    if lora_a.keys() != lora_b.keys():
+        odd = sorted(lora_a.keys() ^ lora_b.keys())
+        raise WireFormatError("unpaired_factor", f"modules {odd[:3]} have lora_A without lora_B or the reverse")
+    dense = {k: v for k, v in tensors.items() if not k.endswith((LORA_A, LORA_B))}
+    return Adapter(lora={k: (lora_a[k], lora_b[k]) for k in lora_a}, dense=dense, meta=meta)
+
+
+def validate(adapter: Adapter, spec: AdapterSpec, *, max_rank: int, require_all_modules: bool = True) -> int:
+    """Check names, shapes, rank and finiteness against `spec`; return the adapter's rank.
+
+    Every module must have A of shape (r, in) and B of shape (out, r) with one common
+    r <= max_rank; dense tensors must match their spec shapes exactly; nothing may be NaN/Inf.
+    """
+    unknown = sorted(set(adapter.lora) - set(spec.modules))
+    if unknown:
+        raise WireFormatError("unknown_module", f"unknown module {unknown[0]!r} ({len(unknown)} unknown); "
+                              "client and server must use the same base model and LoRA targets")
+    missing = sorted(set(spec.modules) - set(adapter.lora))
+    if require_all_modules and missing:
+        raise WireFormatError("missing_module", f"module {missing[0]!r} is missing ({len(missing)} missing)")
+    unknown_dense = sorted(set(adapter.dense) - set(spec.dense))
+    if unknown_dense:
+        raise WireFormatError("unknown_tensor", f"unknown dense tensor {unknown_dense[0]!r}")
+    missing_dense = sorted(set(spec.dense) - set(adapter.dense))
+    if missing_dense:
+        raise WireFormatError("missing_tensor", f"dense tensor {missing_dense[0]!r} is missing")
+
+    rank = adapter.rank
+    for name, (a, b) in adapter.lora.items():
+        m = spec.modules[name]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != m.in_features or b.shape[0] != m.out_features:
+            raise WireFormatError("bad_shape", f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match "
+                                  f"(r, {m.in_features}) / ({m.out_features}, r)")
+        if b.shape[1] != a.shape[0]:
+            raise WireFormatError("bad_shape", f"{name}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}")
+    if rank > max_rank:
+        raise WireFormatError("rank_too_high", f"rank {rank} exceeds the assigned rank {max_rank}")
+    for name, t in adapter.dense.items():
+        if tuple(t.shape) != tuple(spec.dense[name]):
+            raise WireFormatError("bad_shape", f"{name}: shape {tuple(t.shape)} does not match {tuple(spec.dense[name])}")
+    for name, arr in _all_tensors(adapter):
+        if not np.isfinite(arr).all():
+            raise WireFormatError("not_finite", f"{name} contains NaN or Inf; the update was not stored")
+    return rank
+
+
+def _all_tensors(adapter: Adapter):
+    for name, (a, b) in adapter.lora.items():
+        yield name + LORA_A, a
+        yield name + LORA_B, b
+    yield from adapter.dense.items()
+
+
+def meta_int(meta: dict, key: str, *, minimum: int = 0) -> int:
+    """An integer metadata field, or a WireFormatError naming it."""
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise WireFormatError("bad_metadata", f"metadata field {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
