@@ -38,8 +38,8 @@ class RoundResult:
     adapter: Adapter
     rank_before: int
     rank_after: int
-    loss_before: float  # mean task loss over the first pass of batches
-    loss_after: float  # mean task loss at the end
+    loss_before: float  # mean task loss on fixed local evaluation batches, before training
+    loss_after: float  # the same batches, after training (and pruning)
     tail_before: float  # tail penalty term before and after training (0 without pruning)
     tail_after: float
     steps: int
