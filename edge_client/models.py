@@ -93,6 +93,7 @@ def load_task_model(model_dir, task: str, num_labels: int | None = None, *, meta
     if task == "classification" and not num_labels:
         raise UserError("classification needs the number of labels")
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     cls = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
     kwargs = {"num_labels": num_labels} if task == "classification" else {}
     if meta_device:
