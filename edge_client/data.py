@@ -1,0 +1,272 @@
+"""Local data: read CSV/JSONL rows, map labels, tokenize to fixed length, cut seeded batches.
+
+Row formats:
+  classification  `text,label` (column names overridable; `label` falls back to `category`)
+  causal-lm       `text` (loss on every token) or `prompt,response` (loss on the response only)
+Tokenized examples are padded to `seq_len` so fixed-shape exported backends use the same batches.
+A batch is a dict of int64 tensors: `input_ids` (B, T), `attention_mask` (B, T) and `labels`,
+(B,) class ids for classification, (B, T) token ids aligned with `input_ids` for causal-lm (the
+loss shifts them; see edge_client.objective). IGNORE (-100) marks positions without a target.
+A last partial batch is filled up to `batch_size` with copies of its first row whose labels are
+all IGNORE, so every batch has the same shape and filler rows add nothing to the loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.objective import IGNORE
+from hetlora.errors import UserError
+
+LABEL_COLUMN_FALLBACKS = ("label", "category")
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Raw examples of one task.
+
+    classification: `texts` and `label_ids` (indices into the label list).
+    causal-lm: `texts` are prompts ("" for plain text rows) and `responses` carry the loss.
+    """
+
+    task: str
+    texts: tuple[str, ...]
+    label_ids: tuple[int, ...] = ()
+    responses: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices) -> "Examples":
+        pick = [int(i) for i in indices]
+        return Examples(self.task, tuple(self.texts[i] for i in pick),
+                        tuple(self.label_ids[i] for i in pick) if self.label_ids else (),
+                        tuple(self.responses[i] for i in pick) if self.responses else ())
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Tokenized examples, int64 numpy arrays padded to T = seq_len; `lengths` are the real token counts."""
+
+    task: str
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def read_rows(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
+    """Columns and rows of a CSV (header line) or JSONL (one JSON object per line) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist")
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        rows = _read_jsonl(path)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    else:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = list(reader.fieldnames or [])
+            rows = [row for row in reader]
+    if not rows:
+        raise UserError(f"data file {path} has no rows")
+    return columns, rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {number} must be a JSON object like {{\"text\": ..., \"label\": ...}}")
+            rows.append(row)
+    return rows
+
+
+def label_column_of(columns: list[str], label_column: str | None, path) -> str:
+    """The label column: the one asked for, else the first of LABEL_COLUMN_FALLBACKS present."""
+    candidates = [label_column] if label_column else list(LABEL_COLUMN_FALLBACKS)
+    for name in candidates:
+        if name in columns:
+            return name
+    raise UserError(f"{path} has no label column {' or '.join(map(repr, candidates))} (columns: {columns}); "
+                    "pass --label-column NAME")
+
+
+def _require_column(columns: list[str], name: str, path, flag: str) -> None:
+    if name not in columns:
+        raise UserError(f"{path} has no column {name!r} (columns: {columns}); pass {flag} NAME")
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """A label list from a JSON array file or a text file with one label per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"label file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            labels = [str(x) for x in json.loads(text)]
+        except json.JSONDecodeError as exc:
+            raise UserError(f"label file {path} is not a valid JSON array: {exc.msg}") from None
+    else:
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise UserError(f"label file {path} lists no labels")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"label file {path} lists a label twice")
+    return labels
+
+
+def load_examples(path, task: str, labels: list[str] | None = None, *, text_column: str = "text",
+                  label_column: str | None = None) -> Examples:
+    """Read a data file into Examples; classification labels map through `labels` (the server's list)."""
+    columns, rows = read_rows(path)
+    if task == "classification":
+        if not labels:
+            raise UserError("classification needs the label list (from the server, or --labels FILE)")
+        _require_column(columns, text_column, path, "--text-column")
+        column = label_column_of(columns, label_column, path)
+        index = {str(label): i for i, label in enumerate(labels)}
+        label_ids = []
+        for number, row in enumerate(rows, start=1):
+            value = str(row.get(column))
+            if value not in index:
+                raise UserError(f"{path} row {number}: label {value!r} is not in the label list "
+                                f"({len(labels)} labels, e.g. {labels[:3]}); check --labels and --label-column")
+            label_ids.append(index[value])
+        return Examples(task, tuple(_text(row, text_column, path, n) for n, row in enumerate(rows, 1)),
+                        tuple(label_ids))
+    if task == "causal-lm":
+        if "prompt" in columns and "response" in columns:
+            return Examples(task, tuple(_text(row, "prompt", path, n) for n, row in enumerate(rows, 1)),
+                            responses=tuple(_text(row, "response", path, n) for n, row in enumerate(rows, 1)))
+        _require_column(columns, text_column, path, "--text-column (or give prompt,response columns)")
+        return Examples(task, ("",) * len(rows),
+                        responses=tuple(_text(row, text_column, path, n) for n, row in enumerate(rows, 1)))
+    raise UserError(f"unknown task {task!r}; choose classification or causal-lm")
+
+
+def _text(row: dict, column: str, path, number: int) -> str:
+    value = row.get(column)
+    if value is None:
+        raise UserError(f"{path} row {number} has no {column!r} value")
+    return str(value)
+
+
+def load_tokenizer(model_dir):
+    """The model folder's tokenizer (local files only), with a pad token (eos if it had none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode(examples: Examples, tokenizer, seq_len: int) -> Encoded:
+    """Tokenize and pad every example to `seq_len` (truncating longer ones on the right)."""
+    if seq_len < 2:
+        raise UserError(f"seq_len must be at least 2, got {seq_len}")
+    if examples.task == "classification":
+        enc = tokenizer(list(examples.texts), truncation=True, max_length=seq_len, padding="max_length")
+        ids = np.asarray(enc["input_ids"], dtype=np.int64).reshape(len(examples), seq_len)
+        mask = np.asarray(enc["attention_mask"], dtype=np.int64).reshape(len(examples), seq_len)
+        labels = np.asarray(examples.label_ids, dtype=np.int64)
+        return Encoded(examples.task, ids, mask, labels, mask.sum(axis=1))
+    rows = [_causal_row(tokenizer, p, r, seq_len) for p, r in zip(examples.texts, examples.responses)]
+    ids = np.full((len(rows), seq_len), tokenizer.pad_token_id, dtype=np.int64)
+    labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(rows), seq_len), dtype=np.int64)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, : len(row_ids)] = row_ids
+        labels[i, : len(row_ids)] = row_labels
+        mask[i, : len(row_ids)] = 1
+    return Encoded(examples.task, ids, mask, labels, mask.sum(axis=1))
+
+
+def _causal_row(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
+    """[bos] prompt response [eos]; labels IGNORE on bos and prompt, token ids on response and eos."""
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    head += tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    tail = tokenizer(response, add_special_tokens=False)["input_ids"]
+    tail += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = (head + tail)[:seq_len]
+    labels = ([IGNORE] * len(head) + tail)[:seq_len]
+    return ids, labels
+
+
+def make_batches(encoded: Encoded, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True) -> list[dict]:
+    """One epoch of batches: rows permuted by rng([seed, epoch]), cut into `batch_size`, last one filled."""
+    import torch
+
+    n = len(encoded)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    batches = []
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        fill = batch_size - len(rows)
+        take = np.concatenate([rows, np.full(fill, rows[0])])
+        labels = encoded.labels[take].copy()
+        if fill:
+            labels[len(rows):] = IGNORE
+        batches.append({"input_ids": torch.from_numpy(encoded.input_ids[take]),
+                        "attention_mask": torch.from_numpy(encoded.attention_mask[take]),
+                        "labels": torch.from_numpy(labels)})
+    return batches
+
+
+def training_batches(encoded: Encoded, batch_size: int, *, seed: int, steps: int | None = None,
+                     epochs: int | None = None) -> Iterator[dict]:
+    """`steps` batches (cycling through seeded epochs), or else `epochs` full epochs (default 1)."""
+    if len(encoded) == 0:
+        raise UserError("no training examples")
+    if steps is not None:
+        produced, epoch = 0, 0
+        while produced < steps:
+            for batch in make_batches(encoded, batch_size, seed=seed, epoch=epoch):
+                if produced == steps:
+                    return
+                produced += 1
+                yield batch
+            epoch += 1
+        return
+    for epoch in range(epochs or 1):
+        yield from make_batches(encoded, batch_size, seed=seed, epoch=epoch)
+
+
+def trimmed_batches(encoded: Encoded, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
+    """Evaluation batches in length order, each trimmed to its longest row: (row indices, batch).
+
+    No filler rows; padding columns are masked, so results match the fixed-length batches.
+    """
+    import torch
+
+    order = np.argsort(encoded.lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(int(encoded.lengths[rows].max()), 2)
+        batch = {"input_ids": torch.from_numpy(encoded.input_ids[rows, :width]),
+                 "attention_mask": torch.from_numpy(encoded.attention_mask[rows, :width])}
+        labels = encoded.labels[rows]
+        batch["labels"] = torch.from_numpy(labels[:, :width] if labels.ndim == 2 else labels)
+        yield rows, batch

@@ -1,0 +1,191 @@
+"""The torch training backend: one local round of LoRA training on a frozen base model.
+
+Modes (the server's aggregation rule decides which one a client runs):
+  plain    train at the downloaded rank (fedavg, hlora)
+  hetlora  plain + self-pruning: loss = task + lambda * tail_penalty; if the tail term fell,
+           r <- max(min_rank, floor(gamma r)) and the upload is truncated to that rank
+  plora    Select-N-Fold: W_i = W0 + sum_{j not in indices} b_j a_j^T is folded into the frozen
+           weights, only the components `indices` train, and they are uploaded in that order
+The classification head (dense tensors) trains and uploads in every mode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+
+from edge_client import adapter_ops
+from edge_client.data import Encoded, Examples, encode, load_tokenizer, make_batches, training_batches
+from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, tail_mask, tail_penalty
+from edge_client.models import default_targets, dense_parameter_names, load_task_model
+from edge_client.objective import batch_loss, loss_sum_and_count, pruned_rank, should_prune
+from edge_client.train_config import RoundResult, TrainConfig
+from edge_client.wire import Adapter
+from hetlora.errors import UserError
+
+MODES = ("plain", "hetlora", "plora")
+EVAL_ROWS = 64  # rows of the fixed local evaluation set behind loss_before / loss_after
+
+
+class TorchTrainer:
+    """A frozen base model with LoRA layers, kept in memory across rounds of one client."""
+
+    def __init__(self, model_dir, task: str, labels: list[str] | None = None, targets=None, lora_alpha: float = 16.0):
+        torch.manual_seed(0)  # the fresh head is the same on every client
+        self.task = task
+        self.lora_alpha = lora_alpha
+        self.model = load_task_model(model_dir, task, len(labels) if labels else None)
+        dense_names = set(dense_parameter_names(self.model, task))
+        self.targets = tuple(targets or default_targets(model_dir))
+        inject_lora(self.model, self.targets, rank=1, alpha=lora_alpha)
+        self.dense = {n: p for n, p in self.model.named_parameters() if n in dense_names}
+        self._initial_dense = {n: p.detach().clone() for n, p in self.dense.items()}
+        self.tokenizer = load_tokenizer(model_dir)
+        self._w0: dict[str, torch.Tensor] | None = None
+        self._cache: tuple[tuple, Encoded] | None = None
+
+    def encode(self, examples: Examples, seq_len: int) -> Encoded:
+        """Tokenized examples (the last result is cached: a client trains on the same data every round)."""
+        key = (examples, seq_len)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, encode(examples, self.tokenizer, seq_len))
+        return self._cache[1]
+
+    def train_round(self, start: Adapter, examples: Examples, cfg: TrainConfig, *, rank: int, indices=None,
+                    mode: str = "plain", on_step: Callable[[int, float], None] | None = None) -> RoundResult:
+        """Load `start`, train on `examples`, return the adapter to upload (wire form) and the round's numbers."""
+        t0 = time.perf_counter()
+        if mode not in MODES:
+            raise UserError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+        if examples.task != self.task:
+            raise UserError(f"examples are for {examples.task!r} but this trainer runs {self.task!r}")
+        work = self._working_adapter(start, rank, indices, mode)
+        encoded = self.encode(examples, cfg.seq_len)
+        with self._folded(start, indices) if mode == "plora" else nullcontext():
+            result = self._train(work, encoded, cfg, mode, on_step)
+        result.n_samples = len(examples)
+        result.adapter.meta.update(rank=result.rank_after, effective_rank=result.rank_after, n_samples=len(examples),
+                                   mode=mode, loss_before=result.loss_before, loss_after=result.loss_after)
+        if mode == "plora":
+            result.adapter.meta["indices"] = [int(i) for i in indices]
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _working_adapter(self, start: Adapter, rank: int, indices, mode: str) -> Adapter:
+        if mode == "plora":
+            if indices is None or len(indices) != rank:
+                raise UserError(f"plora needs exactly rank={rank} selected indices, got {indices!r}")
+            return adapter_ops.select(start, indices)
+        if start.rank < rank:
+            raise UserError(f"the downloaded adapter has rank {start.rank}, below the assigned rank {rank}")
+        return adapter_ops.truncate(start, rank) if start.rank > rank else start
+
+    def _train(self, work: Adapter, encoded: Encoded, cfg: TrainConfig, mode: str, on_step) -> RoundResult:
+        torch.manual_seed(cfg.seed)
+        self._load(work)
+        rank = work.rank
+        eval_batches = evaluation_batches(encoded, cfg.batch_size)
+        mask = tail_mask(rank, cfg.prune_gamma) if mode == "hetlora" and cfg.prune_lambda > 0 else None
+        loss_before = self.mean_loss(eval_batches)
+        tail_before = self._tail(mask)
+        params = [p for layer in lora_layers(self.model).values() for p in (layer.lora_A, layer.lora_B)]
+        params += list(self.dense.values())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = make_optimizer(params, cfg)
+        self.model.train(cfg.dropout)
+        steps = 0
+        for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = batch_loss(logits, batch["labels"], self.task)
+            if mask is not None:
+                loss = loss + cfg.prune_lambda * tail_penalty(self.model, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if on_step is not None:
+                on_step(steps, float(loss))
+        self.model.eval()
+        tail_after = self._tail(mask)
+        upload = extract_adapter(self.model, self.dense)
+        if mask is not None and should_prune(rank, prune_lambda=cfg.prune_lambda, gamma=cfg.prune_gamma,
+                                             min_rank=cfg.min_rank, tail_before=tail_before, tail_after=tail_after):
+            upload = adapter_ops.truncate(upload, pruned_rank(rank, cfg.prune_gamma, cfg.min_rank))
+            self._load(upload)
+        return RoundResult(adapter=upload, rank_before=rank, rank_after=upload.rank, loss_before=loss_before,
+                           loss_after=self.mean_loss(eval_batches), tail_before=tail_before, tail_after=tail_after,
+                           steps=steps, n_samples=len(encoded), seconds=0.0)
+
+    def _load(self, adapter: Adapter) -> None:
+        """Wire adapter -> training form; dense tensors it lacks get the fresh head."""
+        for name, p in self.dense.items():
+            if name not in adapter.dense:
+                with torch.no_grad():
+                    p.copy_(self._initial_dense[name])
+        load_adapter(self.model, adapter, self.dense, self.lora_alpha)
+
+    def _tail(self, mask: torch.Tensor | None) -> float:
+        if mask is None:
+            return 0.0
+        with torch.no_grad():
+            return float(tail_penalty(self.model, mask))
+
+    @torch.no_grad()
+    def mean_loss(self, batches: list[dict]) -> float:
+        """Token- (or row-) mean task loss over all targets of `batches`."""
+        total, count = 0.0, 0
+        for batch in batches:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            s, c = loss_sum_and_count(logits, batch["labels"], self.task)
+            total, count = total + float(s), count + int(c)
+        return total / max(count, 1)
+
+    @contextmanager
+    def _folded(self, start: Adapter, indices):
+        """Fold the unselected components of `start` into the frozen weights; restore W0 exactly after."""
+        layers = lora_layers(self.model)
+        if self._w0 is None:
+            self._w0 = {name: layer.base.weight.detach().clone() for name, layer in layers.items()}
+        try:
+            fold_unselected(layers, self._w0, start, indices)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    layer.base.weight.copy_(self._w0[name])
+
+
+def fold_unselected(layers: dict, w0: dict[str, torch.Tensor], start: Adapter, indices) -> None:
+    """base.weight <- W0 + B[:, u] @ A[u, :] with u the components not in `indices` (wire form, scale folded)."""
+    chosen = set(adapter_ops.check_indices(indices, start.rank))
+    unselected = [j for j in range(start.rank) if j not in chosen]
+    with torch.no_grad():
+        for name, layer in layers.items():
+            weight = w0[name].clone()
+            if unselected and name in start.lora:
+                a, b = start.lora[name]
+                weight += torch.from_numpy(np.ascontiguousarray(b[:, unselected])) @ torch.from_numpy(
+                    np.ascontiguousarray(a[unselected]))
+            layer.base.weight.copy_(weight)
+
+
+def evaluation_batches(encoded: Encoded, batch_size: int) -> list[dict]:
+    """The fixed local evaluation set: up to EVAL_ROWS rows picked by a seed-0 permutation, unshuffled batches."""
+    rows = np.sort(np.random.default_rng(0).permutation(len(encoded))[:EVAL_ROWS])
+    subset = Encoded(encoded.task, encoded.input_ids[rows], encoded.attention_mask[rows], encoded.labels[rows],
+                     encoded.lengths[rows])
+    return make_batches(subset, batch_size, seed=0, shuffle=False)
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
+
