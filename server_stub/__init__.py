@@ -1,0 +1,4 @@
+"""The aggregation server: HTTP API (app.py), round lifecycle (rounds.py), storage (store.py).
+
+The pure aggregation rules live in `server_stub.aggregation`. Protocol: docs/PROTOCOL.md.
+"""

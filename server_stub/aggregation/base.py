@@ -1,0 +1,158 @@
+"""What every rule shares: the round-0 global, truncation, input checks, dense means.
+
+A rule subclasses `BaseRule` and implements `aggregate_module`; `aggregate` validates the
+inputs, runs it per module in float64 and returns float32.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from edge_client.spec import AdapterSpec
+from edge_client.wire import Adapter
+from server_stub.aggregation.contract import ClientResult
+from server_stub.aggregation.mixing import Part
+
+DENSE_INIT_STD = 0.02
+
+
+class BaseRule:
+    """Defaults: distribution by top-r truncation, no indices, uploads up to the assigned rank."""
+
+    name: ClassVar[str]
+
+    def init_global(self, spec: AdapterSpec, global_rank: int, seed: int) -> Adapter:
+        """Deterministic from `seed`: A ~ U(-1/sqrt(in), 1/sqrt(in)) (R x in), B = 0 (out x R), so dW = 0.
+
+        Dense tensors: weights (2-D and up) ~ N(0, 0.02^2), biases (1-D) = 0. Modules and
+        dense tensors draw in sorted name order.
+        """
+        check_rank("global_rank", global_rank, maximum=None)
+        rng = np.random.default_rng(seed)
+        lora = {}
+        for name in sorted(spec.modules):
+            m = spec.modules[name]
+            bound = 1.0 / np.sqrt(m.in_features)
+            a = rng.uniform(-bound, bound, size=(global_rank, m.in_features))
+            lora[name] = (a.astype(np.float32), np.zeros((m.out_features, global_rank), dtype=np.float32))
+        dense = {}
+        for name in sorted(spec.dense):
+            shape = spec.dense[name]
+            values = rng.normal(0.0, DENSE_INIT_STD, size=shape) if len(shape) >= 2 else np.zeros(shape)
+            dense[name] = values.astype(np.float32)
+        return Adapter(lora=lora, dense=dense, meta={"rule": self.name, "rank": global_rank})
+
+    def client_view(self, global_: Adapter, rank: int) -> Adapter:
+        """Top-r truncation: B[:, :r], A[:r] (copies); dense tensors copied."""
+        check_rank("rank", rank, maximum=rank_of(global_))
+        lora = {name: (a[:rank].copy(), b[:, :rank].copy()) for name, (a, b) in global_.lora.items()}
+        return Adapter(lora=lora, dense=_copy_dense(global_), meta={**global_.meta, "rank": rank})
+
+    def assign_indices(
+        self, *, global_rank: int, rank: int, round_number: int, client_id: str, seed: int
+    ) -> tuple[int, ...] | None:
+        return None
+
+    def upload_rank_limit(self, assigned_rank: int) -> int:
+        return assigned_rank
+
+    def aggregate(self, global_: Adapter, results: list[ClientResult]) -> Adapter:
+        """Validate, then per module `aggregate_module` in float64; dense: sum (n_k/n) D_k. Returns float32."""
+        rank = rank_of(global_)
+        ranks = check_results(global_, results)
+        index_sets = [self.component_indices(res, r_k, rank) for res, r_k in zip(results, ranks)]
+        n = np.array([res.n_samples for res in results], dtype=np.float64)
+        lora = {}
+        for name, (prev_a, prev_b) in global_.lora.items():
+            previous = (np.asarray(prev_a, dtype=np.float64), np.asarray(prev_b, dtype=np.float64))
+            parts = [
+                (np.asarray(res.adapter.lora[name][0], dtype=np.float64),
+                 np.asarray(res.adapter.lora[name][1], dtype=np.float64), idx)
+                for res, idx in zip(results, index_sets)
+            ]
+            a, b = self.aggregate_module(previous, parts, n)
+            lora[name] = (a.astype(np.float32), b.astype(np.float32))
+        dense = {name: _weighted_mean([res.adapter.dense[name] for res in results], n) for name in global_.dense}
+        return Adapter(lora=lora, dense=dense, meta={"rule": self.name, "rank": rank})
+
+    def component_indices(self, result: ClientResult, upload_rank: int, global_rank: int) -> tuple[int, ...]:
+        """The global components a client's r_k components are: 0..r_k-1 (zero padding)."""
+        return tuple(range(upload_rank))
+
+    def aggregate_module(
+        self, previous: tuple[np.ndarray, np.ndarray], parts: list[Part], n: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The new (A, B) of one module at rank R from the previous global and the client parts."""
+        raise NotImplementedError
+
+
+def rank_of(global_: Adapter) -> int:
+    """The common rank R of the global's modules (ValueError when they differ)."""
+    ranks = {a.shape[0] for a, _ in global_.lora.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the global adapter must have one rank across its modules, found {sorted(ranks)}")
+    return ranks.pop()
+
+
+def check_results(global_: Adapter, results: list[ClientResult]) -> list[int]:
+    """Check every result against the global; return each client's upload rank r_k (1 <= r_k <= R)."""
+    if not results:
+        raise ValueError("no client results to aggregate; a round needs at least one upload")
+    rank = rank_of(global_)
+    ranks = []
+    for k, res in enumerate(results):
+        who = f"client result {k} ({res.adapter.meta.get('client_id', 'unknown id')})"
+        if isinstance(res.n_samples, bool) or not isinstance(res.n_samples, (int, np.integer)) or res.n_samples <= 0:
+            raise ValueError(f"{who}: n_samples must be a positive integer, got {res.n_samples!r}")
+        if res.adapter.lora.keys() != global_.lora.keys():
+            odd = sorted(res.adapter.lora.keys() ^ global_.lora.keys())
+            raise ValueError(f"{who}: LoRA modules do not match the global ({len(odd)} differ, e.g. {odd[0]!r})")
+        if res.adapter.dense.keys() != global_.dense.keys():
+            odd = sorted(res.adapter.dense.keys() ^ global_.dense.keys())
+            raise ValueError(f"{who}: dense tensors do not match the global ({len(odd)} differ, e.g. {odd[0]!r})")
+        ranks.append(_check_factors(who, res.adapter, global_, rank))
+        for name, t in res.adapter.dense.items():
+            if t.shape != global_.dense[name].shape:
+                raise ValueError(f"{who}: dense {name!r} has shape {t.shape}, expected {global_.dense[name].shape}")
+            if not np.isfinite(t).all():
+                raise ValueError(f"{who}: dense {name!r} contains NaN or Inf")
+    return ranks
+
+
+def _check_factors(who: str, adapter: Adapter, global_: Adapter, rank: int) -> int:
+    upload_ranks = set()
+    for name, (a, b) in adapter.lora.items():
+        ga, gb = global_.lora[name]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != ga.shape[1] or b.shape[0] != gb.shape[0] or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{who}: {name} has A {a.shape} / B {b.shape}, expected (r, {ga.shape[1]}) / ({gb.shape[0]}, r)")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise ValueError(f"{who}: {name} contains NaN or Inf")
+        upload_ranks.add(a.shape[0])
+    if len(upload_ranks) != 1:
+        raise ValueError(f"{who}: modules have different ranks {sorted(upload_ranks)}; all must share one rank")
+    r_k = upload_ranks.pop()
+    if not 1 <= r_k <= rank:
+        raise ValueError(f"{who}: rank {r_k} is outside 1..{rank} (the global rank)")
+    return r_k
+
+
+def check_rank(label: str, rank: int, maximum: int | None) -> None:
+    """ValueError unless `rank` is an integer in 1..maximum (no upper bound when maximum is None)."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"{label} must be a positive integer, got {rank!r}")
+    if maximum is not None and rank > maximum:
+        raise ValueError(f"{label} {rank} exceeds the global rank {maximum}")
+
+
+def _weighted_mean(tensors: list[np.ndarray], n: np.ndarray) -> np.ndarray:
+    """sum_k (n_k / n) T_k in float64, returned as float32."""
+    w = n / n.sum()
+    total = sum(w_k * np.asarray(t, dtype=np.float64) for w_k, t in zip(w, tensors))
+    return np.asarray(total, dtype=np.float32)
+
+
+def _copy_dense(adapter: Adapter) -> dict[str, np.ndarray]:
+    return {name: t.copy() for name, t in adapter.dense.items()}
+

@@ -1,0 +1,61 @@
+"""Fed-PLoRA (arXiv 2602.16936): R one-rank adapters, each averaged over the clients that trained it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_client.wire import Adapter
+from server_stub.aggregation.base import BaseRule, check_rank, rank_of
+from server_stub.aggregation.contract import ClientResult
+from server_stub.aggregation.mixing import Part, mix_components, per_component_shares
+
+
+@dataclass(frozen=True)
+class PLoRARule(BaseRule):
+    """The global is R one-rank adapters (b_j, a_j) = (B[:, j], A[j, :]).
+
+    Each round the server assigns client k a set I_k of r_k indices; the client folds the
+    others into its frozen weights, trains (b_j, a_j) for j in I_k and uploads them in the
+    order of I_k. Then, with C_j = {k : j in I_k}:
+        b_j = sum_{k in C_j} n_k b_j^(k) / sum_{k in C_j} n_k   (same for a_j)
+    and b_j, a_j keep their previous value when C_j is empty.
+    Clients download the full global (they need every component to fold).
+    """
+
+    name = "plora"
+
+    def client_view(self, global_: Adapter, rank: int) -> Adapter:
+        """The full global at rank R (`rank`, at most R, is the number of indices the client trains)."""
+        check_rank("rank", rank, maximum=rank_of(global_))
+        return super().client_view(global_, rank_of(global_))
+
+    def assign_indices(
+        self, *, global_rank: int, rank: int, round_number: int, client_id: str, seed: int
+    ) -> tuple[int, ...]:
+        """r distinct sorted indices in [0, R), drawn by a Generator seeded from sha256 of (seed, round, client_id)."""
+        check_rank("rank", rank, maximum=global_rank)
+        digest = hashlib.sha256(json.dumps([seed, round_number, client_id]).encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        return tuple(sorted(int(j) for j in rng.choice(global_rank, size=rank, replace=False)))
+
+    def component_indices(self, result: ClientResult, upload_rank: int, global_rank: int) -> tuple[int, ...]:
+        """The client's `indices`: r_k distinct integers in [0, R)."""
+        who = f"plora upload from {result.adapter.meta.get('client_id', 'a client')}"
+        indices = result.indices
+        if indices is None:
+            raise ValueError(f"{who} has no indices; plora needs the global indices its components train")
+        if len(indices) != upload_rank:
+            raise ValueError(f"{who} has rank {upload_rank} but {len(indices)} indices; they must match")
+        if any(isinstance(j, bool) or not isinstance(j, (int, np.integer)) or not 0 <= j < global_rank for j in indices):
+            raise ValueError(f"{who}: indices {list(indices)} must be integers in 0..{global_rank - 1}")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"{who}: indices {list(indices)} contain duplicates")
+        return tuple(int(j) for j in indices)
+
+    def aggregate_module(self, previous, parts: list[Part], n: np.ndarray):
+        weights = per_component_shares([idx for _, _, idx in parts], n, n, previous[0].shape[0])
+        return mix_components(parts, weights, previous, keep_uncovered=True)
