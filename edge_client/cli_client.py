@@ -1,0 +1,68 @@
+"""Run the edge client: register with the server, then train and upload every round it is selected for.
+
+Restart it with the same --state-dir after a crash or reboot: it keeps its identity and never
+uploads twice for a round. Network errors and server 5xx answers are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+BACKENDS = ("torch", "onnx", "executorch", "auto")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="server URL, e.g. http://192.168.1.20:8080")
+    p.add_argument("--data", required=True, help="local training data (CSV or JSONL)")
+    p.add_argument("--state-dir", required=True, help="folder for identity, progress and pending uploads")
+    p.add_argument("--model", help="local base model folder (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="training backend (default: torch)")
+    p.add_argument("--artifacts", help="exported artifacts folder (for --backend onnx/executorch/auto)")
+    p.add_argument("--rank", type=int, help="rank to ask for (default: the largest the server offers; "
+                                            "the server's tier policy may assign less)")
+    p.add_argument("--name", help="a human-readable name shown in the server status")
+    p.add_argument("--profile-as", metavar="CATALOG_ID",
+                   help="present a catalog device profile instead of profiling this machine (simulations)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", help="label column (default: 'label', or 'category')")
+    p.add_argument("--max-rounds", type=int, help="stop after this many local rounds; a later run resumes")
+    p.add_argument("--poll", type=float, help="seconds between round polls (default: the server's hint)")
+    p.add_argument("--give-up-after", type=float, help="give up after this many seconds of failed retries "
+                                                       "(default: retry forever)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("local training overrides (default: the server's hints)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--lr", type=float)
+
+
+def profile_source(catalog_id: str | None):
+    """A callable returning the profile the client reports: a catalog device's, or this machine's (quick)."""
+    if catalog_id:
+        from profiles.catalog import profile_for
+
+        doc = profile_for(catalog_id)
+        return lambda: doc
+    from edge_client.device.profile import collect_profile
+
+    return lambda: collect_profile(quick=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_client.client import ClientOptions, EdgeClient
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                                   "lr": args.lr}.items() if v is not None}
+    options = ClientOptions(
+        server=args.server, data=args.data, state_dir=args.state_dir, model_dir=args.model, backend=args.backend,
+        artifacts_dir=args.artifacts, requested_rank=args.rank, name=args.name, text_column=args.text_column,
+        label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
+        progress=not args.no_progress, train_overrides=overrides, give_up_after=args.give_up_after,
+    )
+    return EdgeClient(options, profile_source(args.profile_as)).run()

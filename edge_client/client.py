@@ -1,0 +1,226 @@
+"""The edge client's federated loop: register, then per round download, train, prune, upload.
+
+Durability: identity and progress live in the state directory (`client_state`). A trained
+update is saved there before it is uploaded, so a client killed mid-round uploads the same
+bytes after a restart instead of training again, and a round the server already has is
+never uploaded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from edge_client.client_state import StateDir
+from edge_client.server_api import ServerAPI, ServerError
+from edge_client.train_config import TrainConfig
+from edge_client.wire import decode, encode
+from hetlora.errors import UserError
+
+log = logging.getLogger("hetlora.client")
+
+# The local training mode each aggregation rule needs.
+MODE_FOR_AGGREGATOR = {"hetlora": "hetlora", "plora": "plora", "hlora": "plain", "fedavg": "plain"}
+
+
+@dataclass
+class ClientOptions:
+    server: str
+    data: str
+    state_dir: str
+    model_dir: str | None = None
+    backend: str = "torch"
+    artifacts_dir: str | None = None
+    requested_rank: int | None = None  # None: the largest rank the server offers (the policy may lower it)
+    name: str | None = None
+    text_column: str = "text"
+    label_column: str | None = None
+    max_rounds: int | None = None  # stop after this many local rounds (the next run resumes)
+    poll_seconds: float | None = None  # None: the server's hint
+    progress: bool = True
+    train_overrides: dict | None = None  # TrainConfig fields that override the server's hints
+    give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
+
+
+def train_config(run: dict, overrides: dict | None, seed: int) -> TrainConfig:
+    """TrainConfig from the server's training hints, then the client's own overrides."""
+    hints = dict(run.get("training") or {})
+    fields = {
+        "steps": hints.get("local_steps"), "batch_size": hints.get("batch_size"), "seq_len": hints.get("seq_len"),
+        "lr": hints.get("lr"), "prune_gamma": hints.get("prune_gamma"), "prune_lambda": hints.get("prune_lambda"),
+        "min_rank": hints.get("min_rank"), "lora_alpha": run.get("lora_alpha"),
+    }
+    cfg = replace(TrainConfig(seed=seed), **{k: v for k, v in fields.items() if v is not None})
+    return replace(cfg, **(overrides or {}))
+
+
+class EdgeClient:
+    def __init__(self, options: ClientOptions, profile_source: Callable[[], dict]):
+        self.options = options
+        self.profile_source = profile_source
+        self.state_dir = StateDir(options.state_dir)
+        self.state = self.state_dir.load(options.server)
+        self.api = ServerAPI(options.server, self.state.token, give_up_after=options.give_up_after)
+        self.trainer = None
+        self.examples = None
+
+    def run(self) -> int:
+        """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
+        self._register()
+        run = self.state.run
+        self._prepare(run)
+        mode = MODE_FOR_AGGREGATOR[run["aggregator"]]
+        poll = self.options.poll_seconds or float(run.get("poll_seconds", 1.0))
+        done = 0
+        waiting_logged = None
+        while self.options.max_rounds is None or done < self.options.max_rounds:
+            current = self.api.current_round()
+            number = current["round"]
+            if current["state"] == "finished":
+                log.info("training finished after %d rounds; client %s stops", number, self.state.client_id)
+                return 0
+            if current["state"] != "open" or not current["selected"] or current["uploaded"] \
+                    or number <= self.state.last_uploaded_round:
+                if waiting_logged != (number, current["state"]):
+                    log.info("round %s %s: %s", number, current["state"], self._why_waiting(current))
+                    waiting_logged = (number, current["state"])
+                time.sleep(poll)
+                continue
+            if self._round(current, run, mode):
+                done += 1
+        log.info("stopping after %d local rounds (--max-rounds); restart to continue", done)
+        return 0
+
+    def _why_waiting(self, current: dict) -> str:
+        if current["state"] == "waiting":
+            return "waiting for enough clients to register"
+        if not current["selected"]:
+            return "not selected this round; waiting for the next"
+        return "update uploaded; waiting for the other clients"
+
+    def _register(self) -> None:
+        if self.state.registered:
+            log.info("resuming as client %s (rank %s) from %s", self.state.client_id, self.state.rank,
+                     self.state_dir.path)
+            return
+        from edge_client.data import load_examples  # noqa: F401  (fail fast on a missing data file)
+
+        run = self.api.run()
+        requested = self.options.requested_rank or max(run["ranks"])
+        n_samples = self._count_samples(run)
+        reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name)
+        self.state.client_id, self.state.token, self.state.rank = reply["client_id"], reply["token"], reply["rank"]
+        self.state.run = reply["run"]
+        self.state_dir.save(self.state)
+        self.api.token = self.state.token
+        log.info("registered as %s: rank %d (asked for %d), %d samples, aggregator %s",
+                 self.state.client_id, self.state.rank, requested, n_samples, self.state.run["aggregator"])
+
+    def _count_samples(self, run: dict) -> int:
+        from edge_client.data import load_examples
+
+        return len(load_examples(self.options.data, run["task"], run.get("labels"),
+                                 text_column=self.options.text_column, label_column=self.options.label_column))
+
+    def _prepare(self, run: dict) -> None:
+        """Load data and the trainer, and check the local model agrees with the server's spec."""
+        from edge_client.backends import make_trainer
+        from edge_client.data import load_examples
+        from edge_client.models import default_model_dir, derive_spec
+
+        model_dir = self.options.model_dir or default_model_dir()
+        labels = run.get("labels")
+        spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None)
+        if spec.fingerprint != run["spec_fingerprint"]:
+            raise UserError(f"the local model {model_dir} does not match the server's (spec {spec.fingerprint} != "
+                            f"{run['spec_fingerprint']}); use the same base model folder and LoRA targets")
+        self.examples = load_examples(self.options.data, run["task"], labels, text_column=self.options.text_column,
+                                      label_column=self.options.label_column)
+        self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
+                                    targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
+                                    artifacts_dir=self.options.artifacts_dir)
+
+    def _refresh_rank(self) -> None:
+        """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""
+        try:
+            reply = self.api.report_profile(self.profile_source())
+        except ServerError as exc:
+            log.warning("profile report rejected: %s", exc)
+            return
+        if reply.get("rank") != self.state.rank:
+            log.info("server moved this device from rank %s to %s for later rounds", self.state.rank, reply.get("rank"))
+            self.state.rank = reply.get("rank")
+            self.state_dir.save(self.state)
+
+    def _round(self, current: dict, run: dict, mode: str) -> bool:
+        """One round: returns True when an update was accepted."""
+        number = current["round"]
+        pending = self.state_dir.pending(number)
+        if pending is None:
+            self._refresh_rank()
+            t0 = time.perf_counter()
+            try:
+                raw = self.api.download_adapter(number)
+            except ServerError as exc:
+                if exc.code in ("round_closed", "not_selected", "no_such_round", "round_not_open"):
+                    log.info("round %d: %s; waiting for the next round", number, exc)
+                    return False
+                raise
+            start = decode(raw)
+            cfg = train_config(run, self.options.train_overrides, seed=_seed(self.state.client_id, number))
+            result = self.trainer.train_round(start, self.examples, cfg, rank=current["rank"],
+                                              indices=current.get("indices"), mode=mode,
+                                              on_step=self._progress(number, cfg))
+            result.adapter.meta.update(round=number, client_id=self.state.client_id, rank=current["rank"])
+            pending = encode(result.adapter)
+            self.state_dir.save_pending(pending)
+            summary = (f"rank {result.rank_before}" + (f" -> {result.rank_after} (pruned)" if result.rank_after !=
+                       result.rank_before else "") + f", loss {result.loss_before:.4f} -> {result.loss_after:.4f}, "
+                       f"{result.n_samples} samples, {result.steps} steps, {len(raw)} B down")
+            elapsed = time.perf_counter() - t0
+        else:
+            log.info("round %d: uploading the update saved before a restart", number)
+            summary, elapsed = "resumed", 0.0
+        try:
+            reply = self.api.upload_update(number, pending)
+        except ServerError as exc:
+            if exc.code in ("round_closed", "duplicate_upload"):
+                log.warning("round %d: upload not taken (%s)", number, exc)
+                self._finish_round(number)
+                return False
+            raise
+        self._finish_round(number)
+        if reply.get("next_rank") is not None and reply["next_rank"] != self.state.rank:
+            self.state.rank = reply["next_rank"]
+            self.state_dir.save(self.state)
+        log.info("round %d: %s, %d B up, %.1f s", number, summary, len(pending), elapsed)
+        return True
+
+    def _finish_round(self, number: int) -> None:
+        self.state.last_uploaded_round = max(self.state.last_uploaded_round, number)
+        self.state_dir.save(self.state)
+        self.state_dir.clear_pending()
+
+    def _progress(self, number: int, cfg: TrainConfig):
+        if not self.options.progress:
+            return None
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"round {number}", unit="step", leave=False)
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if cfg.steps and step >= cfg.steps:
+                bar.close()
+
+        return on_step
+
+
+def _seed(client_id: str, round_number: int) -> int:
+    """A per-client, per-round seed: reproducible, different across clients."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{client_id}/{round_number}".encode()).digest()[:4], "little")

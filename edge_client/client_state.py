@@ -1,0 +1,84 @@
+"""The client's durable state in its state directory, so a restart continues where it stopped.
+
+  state.json            identity (server URL, client id, token), run config, rank,
+                        the last round uploaded
+  pending.safetensors   a trained update not yet acknowledged by the server, with its round
+                        in the metadata: after a crash it is uploaded as is, never retrained
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_client import atomic
+from edge_client.wire import Adapter, WireFormatError, decode
+from hetlora.errors import UserError
+
+STATE_FILE = "state.json"
+PENDING_FILE = "pending.safetensors"
+
+
+@dataclass
+class ClientState:
+    server: str
+    client_id: str | None = None
+    token: str | None = None
+    rank: int | None = None
+    run: dict = field(default_factory=dict)
+    last_uploaded_round: int = 0
+
+    @property
+    def registered(self) -> bool:
+        return bool(self.client_id and self.token)
+
+
+class StateDir:
+    """Reads and writes ClientState and the pending upload atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def load(self, server: str) -> ClientState:
+        """The saved state, or a fresh one for `server`. A state of another server is refused."""
+        file = self.path / STATE_FILE
+        if not file.exists():
+            return ClientState(server=server)
+        try:
+            state = ClientState(**json.loads(file.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise UserError(f"{file} is damaged ({exc}); move it away to register as a new client") from None
+        if state.server.rstrip("/") != server.rstrip("/"):
+            raise UserError(f"{self.path} belongs to server {state.server}, not {server}; "
+                            "use another --state-dir for another server")
+        return state
+
+    def save(self, state: ClientState) -> None:
+        atomic.write_json(self.path / STATE_FILE, asdict(state))
+
+    def save_pending(self, data: bytes) -> None:
+        atomic.write_bytes(self.path / PENDING_FILE, data)
+
+    def pending(self, round_number: int) -> bytes | None:
+        """The saved update for `round_number`, if one is waiting; stale or damaged ones are dropped."""
+        file = self.path / PENDING_FILE
+        if not file.exists():
+            return None
+        data = file.read_bytes()
+        try:
+            if decode(data).meta.get("round") == round_number:
+                return data
+        except WireFormatError:
+            pass
+        file.unlink()
+        return None
+
+    def clear_pending(self) -> None:
+        (self.path / PENDING_FILE).unlink(missing_ok=True)
+
+    def save_global(self, data: bytes) -> Path:
+        path = self.path / "global.safetensors"
+        atomic.write_bytes(path, data)
+        return path
