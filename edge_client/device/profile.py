@@ -1,0 +1,96 @@
+"""The device profile document ("hetlora-profile", version 1) that the tier policy consumes.
+
+Fields that cannot be read are null, never guessed. `quick` skips the compute measurements
+(seconds; clients re-profile between rounds); `full` runs them long enough to see throttling;
+`step` also times one real LoRA training step at the lowest tier.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from edge_client.device import compute
+from edge_client.device.battery import read_battery
+from edge_client.device.cpu import FrequencyWatcher, read_cpu
+from edge_client.device.host import Host, Runner
+from edge_client.device.identity import read_identity
+from edge_client.device.memory import read_memory
+from edge_client.device.sources import discover_sources
+from edge_client.device.thermal import read_thermal
+
+SCHEMA, VERSION = "hetlora-profile", 1
+SECTIONS = ("identity", "cpu", "memory", "battery", "power_sources", "thermal", "compute", "network")
+LOWEST_TIER = {"rank": 4, "batch_size": 8, "seq_len": 64}  # used when the tier policy is not installed
+
+
+def _policy_installed() -> bool:
+    return importlib.util.find_spec("profiles") is not None and importlib.util.find_spec("profiles.policy") is not None
+
+
+def catalog_id(identity: dict) -> str | None:
+    """The catalog device this identity matches (profiles.catalog), or None."""
+    if importlib.util.find_spec("profiles") is None or importlib.util.find_spec("profiles.catalog") is None:
+        return None
+    from profiles.catalog import match_catalog_id
+
+    return match_catalog_id(identity)
+
+
+def lowest_tier() -> dict:
+    """Rank, batch size and sequence length of the lowest training tier of the installed policy."""
+    if not _policy_installed():
+        return dict(LOWEST_TIER)
+    from profiles.policy import load_policy, tiers_of
+
+    tier = [t for t in tiers_of(load_policy()) if t.rank > 0][0]
+    return {"rank": tier.rank, "batch_size": tier.batch_size, "seq_len": tier.seq_len}
+
+
+def measure_compute(host: Host, *, full: bool, step: bool, model_dir=None) -> tuple[dict, dict[str, int]]:
+    """The "compute" section, and the highest clock per CPU seen during the matmul load."""
+    with FrequencyWatcher(host) as watcher:
+        section = compute.matmul_gflops(**(compute.FULL if full else compute.SHORT))
+    section["lora_step_s"] = round(compute.lora_step_seconds(model_dir, **lowest_tier()), 4) if step else None
+    return section, watcher.peaks_khz
+
+
+def collect_profile(root: str | os.PathLike = "/", quick: bool = False, *, full: bool = False, step: bool = False,
+                    model_dir=None, env: Mapping[str, str] | None = None, runner: Runner | None = None) -> dict:
+    """Measure this device (or the fake tree at `root`) and return the profile document."""
+    host = Host(Path(root), dict(os.environ if env is None else env), runner)
+    compute_section, peaks = (None, None) if quick else measure_compute(host, full=full, step=step,
+                                                                        model_dir=model_dir)
+    identity = read_identity(host)
+    identity["catalog_id"] = catalog_id(identity)
+    return {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "quick": quick,
+        "identity": identity,
+        "cpu": read_cpu(host, peaks),
+        "memory": read_memory(host),
+        "battery": read_battery(host),
+        "power_sources": [s.describe() for s in discover_sources(host)],
+        "thermal": read_thermal(host),
+        "compute": compute_section,
+        "network": {"upload_mbps": None, "download_mbps": None},
+    }
+
+
+def validate_profile(doc) -> list[str]:
+    """Problems that make `doc` not a version-1 profile document (empty when it is one)."""
+    if not isinstance(doc, dict):
+        return ["a profile is a JSON object"]
+    problems = []
+    if doc.get("schema") != SCHEMA or doc.get("version") != VERSION:
+        problems.append(f'expected "schema": "{SCHEMA}" and "version": {VERSION}')
+    problems += [f"missing section {name!r}" for name in SECTIONS if name not in doc]
+    for name in SECTIONS:
+        if name in doc and doc[name] is not None and not isinstance(doc[name], list if name == "power_sources" else dict):
+            problems.append(f"section {name!r} has the wrong type")
+    return problems
