@@ -35,7 +35,8 @@ def _available_commands() -> dict[str, tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hetlora", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="hetlora", description="hetlora-edge: federated LoRA fine-tuning on heterogeneous edge devices.")
     parser.add_argument("--version", action="version", version=f"hetlora-edge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import random
@@ -85,8 +86,9 @@ def list_devices() -> list[str]:
 
 
 def device(catalog_id: str) -> dict:
+    """A copy of the validated catalog entry."""
     try:
-        return _catalog()[catalog_id]
+        return copy.deepcopy(_catalog()[catalog_id])
     except KeyError:
         raise UserError(f"unknown device {catalog_id!r}; the catalog has: {', '.join(list_devices())}") from None
 

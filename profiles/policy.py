@@ -215,7 +215,26 @@ def _check_profile(doc) -> dict:
                         "(produce one with `hetlora profile --json`)")
     if doc.get("version") != 1:
         raise UserError(f"device profile version {doc.get('version')!r} is not supported; this code reads version 1")
+    for dotted, kinds in _PROFILE_FIELDS.items():
+        section, key = dotted.split(".")
+        if not isinstance(doc.get(section) or {}, dict):
+            raise UserError(f"device profile field {section} must be an object or null, got {doc[section]!r}")
+        value = (doc.get(section) or {}).get(key)
+        if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise UserError(f"device profile field {dotted} must be {' or '.join(k.__name__ for k in kinds)} "
+                            f"or null, got {value!r}")
     return {**doc, "identity": doc.get("identity") or {}}
+
+
+# The profile fields the policy reads, and the JSON types each may have besides null.
+_PROFILE_FIELDS = {
+    "identity.platform": (str,), "identity.catalog_id": (str,),
+    "memory.usable_bytes": (int, float), "memory.available_bytes": (int, float),
+    "memory.cgroup_limit_bytes": (int, float),
+    "compute.lora_step_s": (int, float), "compute.sustained_gflops": (int, float),
+    "battery.present": (bool,), "battery.plugged": (bool,), "battery.percent": (int, float),
+    "thermal.max_c": (int, float), "cpu.throttled": (bool,), "network.upload_mbps": (int, float),
+}
 
 
 def _usable_memory(profile: dict) -> int | None:

@@ -204,24 +204,29 @@ PY
 }
 
 run_federated_round() {
-    say "one federated round: hetlora serve on host 127.0.0.1:$PORT, hetlora client emulated"
-    if ! "$HOST_PYTHON" -m hetlora.cli serve --help >/dev/null 2>&1 \
+    say "federated rounds: hetlora serve on the host at 127.0.0.1:$PORT, hetlora client emulated"
+    if ! (cd "$PROJECT" && "$HOST_PYTHON" -m hetlora.cli serve --help >/dev/null 2>&1) \
         || ! in_root "$VENV/bin/hetlora" client --help >/dev/null 2>&1; then
         echo "SKIPPED: this source tree has no working 'hetlora serve' / 'hetlora client' yet"
         return
     fi
-    head -n 64 "$PROJECT/data/banking77/train.jsonl" > "$ROOT$WORK/train.jsonl"
-    rm -rf "$ROOT$WORK/server" "$ROOT$WORK/state"
+    head -n 65 "$PROJECT/data/banking77/train.csv" > "$ROOT$WORK/train.csv"
+    rm -rf "$ROOT$WORK/server" "$ROOT$WORK/client-state"
     (cd "$PROJECT" && exec "$HOST_PYTHON" -m hetlora.cli serve --host 127.0.0.1 --port "$PORT" \
-        --model "$ROOT$WORK/tiny-bert" --state-dir "$ROOT$WORK/server" --rounds 1 --min-clients 1) \
-        > "$ROOT$WORK/server.log" 2>&1 &
-    local server=$!
-    local status=0
-    in_root "$VENV/bin/hetlora" client --server "http://127.0.0.1:$PORT" --data "$WORK/train.jsonl" \
-        --state-dir "$WORK/state" --model "$WORK/tiny-bert" --backend torch --max-rounds 1 || status=$?
+        --model "$ROOT$WORK/tiny-bert" --state-dir "$ROOT$WORK/server" --rounds 2 --min-clients 1 \
+        --ranks 4,8 --local-steps 3 --batch-size 8 --seq-len 16) > "$ROOT$WORK/server.log" 2>&1 &
+    local server=$! status=0
+    for _ in $(seq 120); do
+        [ -e "$ROOT$WORK/server/server.json" ] && break
+        sleep 1
+    done
+    in_root "$VENV/bin/hetlora" client --server "http://127.0.0.1:$PORT" --data "$WORK/train.csv" \
+        --state-dir "$WORK/client-state" --model "$WORK/tiny-bert" --backend torch --no-progress \
+        --give-up-after 600 || status=$?
     kill "$server" 2>/dev/null || true
     wait "$server" 2>/dev/null || true
-    echo "client exit status: $status (server log: $ROOT$WORK/server.log)"
+    echo "client exit status: $status; server log ($ROOT$WORK/server.log):"
+    cat "$ROOT$WORK/server.log"
     return "$status"
 }
 
