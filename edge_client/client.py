@@ -170,6 +170,8 @@ class EdgeClient:
                 raise
             start = decode(raw)
             cfg = train_config(run, self.options.train_overrides, seed=_seed(self.state.client_id, number))
+            log.info("round %d: training at rank %d (%d steps, batch %d, seq %d)", number, current["rank"],
+                     cfg.steps or 0, cfg.batch_size, cfg.seq_len)
             result = self.trainer.train_round(start, self.examples, cfg, rank=current["rank"],
                                               indices=current.get("indices"), mode=mode,
                                               on_step=self._progress(number, cfg))

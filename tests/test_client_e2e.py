@@ -1,0 +1,108 @@
+"""End to end: a real `hetlora serve` and real `hetlora client` processes on loopback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+
+from edge_client.fleet import start_client, start_server
+from edge_client.server_api import ServerAPI
+
+LABELS = ["card", "transfer", "rate"]
+WORDS = {"card": "my card was declined at the shop", "transfer": "send money to my friend abroad",
+         "rate": "what is the exchange rate today"}
+
+
+def write_data(path, rows: int, offset: int = 0):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(rows):
+            label = LABELS[(i + offset) % 3]
+            w.writerow([f"{WORDS[label]} {i}", label])
+    return path
+
+
+@pytest.fixture(scope="module")
+def labels_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("labels") / "labels.json"
+    path.write_text(json.dumps(LABELS))
+    return path
+
+
+def serve_args(model_dir, labels_file, aggregator, rounds=2, steps=3):
+    return ["--model", str(model_dir), "--task", "classification", "--labels", str(labels_file),
+            "--aggregator", aggregator, "--ranks", "2,4,8", "--rounds", str(rounds), "--min-clients", "3",
+            "--local-steps", str(steps), "--batch-size", "4", "--seq-len", "16", "--poll-seconds", "0.2",
+            "--round-deadline", "300"]
+
+
+def wait_finished(api: ServerAPI, procs, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = api.status()
+        if status["finished"]:
+            return status
+        for p in procs:
+            assert p.alive() or p.wait() == 0, p.tail()
+        time.sleep(0.5)
+    raise AssertionError("run did not finish: " + json.dumps(api.status()["round"]))
+
+
+@pytest.mark.parametrize("aggregator", ["hetlora", "hlora", "plora", "fedavg"])
+def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_file, tmp_path, aggregator):
+    server, url = start_server(serve_args(tiny_bert_dir, labels_file, aggregator), tmp_path / "server")
+    clients = []
+    try:
+        clients = [start_client(url, write_data(tmp_path / f"d{i}.csv", 12 + 4 * i, i), tmp_path / f"c{i}",
+                                ["--model", str(tiny_bert_dir), "--rank", str(rank), "--poll", "0.2"])
+                   for i, rank in enumerate((2, 4, 8))]
+        status = wait_finished(ServerAPI(url), clients)
+        for c in clients:
+            assert c.wait(timeout=60) == 0, c.tail()
+    finally:
+        for c in clients:
+            c.stop()
+        server.stop()
+    assert [h["round"] for h in status["history"]] == [1, 2]
+    expected_ranks = [8, 8, 8] if aggregator == "fedavg" else [2, 4, 8]
+    assert sorted(c["rank"] for c in status["clients"]) == expected_ranks
+    for h in status["history"]:
+        assert len(h["clients"]) == 3
+    for i in range(3):
+        log = (tmp_path / f"c{i}.log").read_text()
+        assert "training finished" in log and log.count("B up") == 2, log[-2000:]
+
+
+def test_client_killed_mid_round_resumes_with_same_identity(tiny_bert_dir, labels_file, tmp_path):
+    server, url = start_server(serve_args(tiny_bert_dir, labels_file, "hetlora", rounds=2, steps=40),
+                               tmp_path / "server")
+    data = [write_data(tmp_path / f"d{i}.csv", 40, i) for i in range(3)]
+    args = ["--model", str(tiny_bert_dir), "--rank", "4", "--poll", "0.2"]
+    clients = []
+    try:
+        clients = [start_client(url, data[i], tmp_path / f"c{i}", args) for i in range(3)]
+        victim_log = tmp_path / "c0.log"
+        deadline = time.monotonic() + 180
+        while "round 1: training" not in (victim_log.read_text() if victim_log.exists() else ""):
+            assert time.monotonic() < deadline, victim_log.read_text()
+            time.sleep(0.2)
+        identity = json.loads((tmp_path / "c0" / "state.json").read_text())["client_id"]
+        clients[0].kill()
+        clients[0] = start_client(url, data[0], tmp_path / "c0", args)
+        status = wait_finished(ServerAPI(url), clients)
+        assert all(c.wait(timeout=60) == 0 for c in clients)
+    finally:
+        for c in clients:
+            c.stop()
+        server.stop()
+    assert json.loads((tmp_path / "c0" / "state.json").read_text())["client_id"] == identity
+    assert len(status["clients"]) == 3  # the restarted client did not register again
+    for h in status["history"]:
+        assert sorted(h["clients"]) == sorted(c["client_id"] for c in status["clients"])
+    log = victim_log.read_text()
+    assert f"resuming as client {identity}" in log
+    assert "duplicate_upload" not in log and "Traceback" not in log
