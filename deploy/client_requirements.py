@@ -32,16 +32,18 @@ def requirement_name(requirement: str) -> str:
 def select(requirements: list[str], extra: str, without: set[str]) -> list[str]:
     """Requirements without a marker or with exactly `extra == "<extra>"`, minus `without`.
 
-    Any other marker is refused rather than guessed, so a new platform-specific pin is noticed.
+    Requirements of other extras are skipped. Any other marker on a wanted requirement is
+    refused rather than guessed, so a new platform-specific pin is noticed.
     """
     excluded = {requirement_name(name) for name in without}
     chosen = []
     for line in requirements:
         requirement, _, marker = (part.strip() for part in line.partition(";"))
-        if marker and re.fullmatch(r"extra\s*==\s*[\"']([^\"']+)[\"']", marker) is None:
-            raise ValueError(f"cannot evaluate marker {marker!r} of {requirement!r}")
-        if marker and re.search(r"[\"']([^\"']+)[\"']", marker).group(1) != extra:
+        extras = re.findall(r"extra\s*==\s*[\"']([^\"']+)[\"']", marker)
+        if extras and extra not in extras:
             continue
+        if marker and re.fullmatch(r"extra\s*==\s*[\"'][^\"']+[\"']", marker) is None:
+            raise ValueError(f"cannot evaluate marker {marker!r} of {requirement!r}")
         if requirement_name(requirement) not in excluded:
             chosen.append(requirement)
     return chosen
