@@ -1,0 +1,88 @@
+"""Evaluation of a global adapter on a test set: accuracy and macro-F1, or perplexity.
+
+The adapter is merged into the base weights (W = W0 + B_wire @ A_wire, the wire format's exact
+meaning), so evaluation runs the plain transformers model with no LoRA overhead. Batches are
+sorted by length and trimmed to their longest row (padding is masked, so results equal the
+fixed-length batches); no gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_client.data import Examples, encode, load_tokenizer, trimmed_batches
+from edge_client.models import dense_parameter_names, load_task_model
+from edge_client.objective import loss_sum_and_count
+from edge_client.wire import Adapter
+from hetlora.errors import UserError
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean over the classes present in y_true or y_pred of F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = np.union1d(y_true, y_pred)
+    if classes.size == 0:
+        return 0.0
+    tp = np.array([np.sum((y_true == c) & (y_pred == c)) for c in classes], dtype=float)
+    fp = np.array([np.sum((y_true != c) & (y_pred == c)) for c in classes], dtype=float)
+    fn = np.array([np.sum((y_true == c) & (y_pred != c)) for c in classes], dtype=float)
+    return float(np.mean(2 * tp / (2 * tp + fp + fn)))
+
+
+class Evaluator:
+    """A base task model kept in memory; `evaluate` merges one adapter at a time into it."""
+
+    def __init__(self, model_dir, task: str, labels: list[str] | None = None):
+        torch.manual_seed(0)
+        self.task = task
+        self.labels = labels
+        self.model = load_task_model(model_dir, task, len(labels) if labels else None).eval()
+        self.dense_names = dense_parameter_names(self.model, task)
+        self.tokenizer = load_tokenizer(model_dir)
+        self._w0: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def merge(self, adapter: Adapter) -> None:
+        """Set every adapted weight to W0 + B @ A and the dense tensors to the adapter's."""
+        missing = [n for n in self.dense_names if n not in adapter.dense]
+        if missing:
+            raise UserError(f"the adapter has no {missing[0]!r}: a classification adapter must carry its head")
+        modules = dict(self.model.named_modules())
+        for name in adapter.lora:
+            if not isinstance(modules.get(name), torch.nn.Linear):
+                raise UserError(f"the adapter's module {name!r} is not a linear layer of this model; "
+                                "use the base model the adapter was trained on")
+        for name in set(self._w0) | set(adapter.lora):
+            weight = modules[name].weight
+            w0 = self._w0.setdefault(name, weight.detach().clone())
+            if name in adapter.lora:
+                a, b = adapter.lora[name]
+                weight.copy_(w0 + torch.from_numpy(np.asarray(b)) @ torch.from_numpy(np.asarray(a)))
+            else:
+                weight.copy_(w0)
+        params = dict(self.model.named_parameters())
+        for name in self.dense_names:
+            params[name].copy_(torch.from_numpy(np.asarray(adapter.dense[name])))
+
+    @torch.no_grad()
+    def evaluate(self, adapter: Adapter, examples: Examples, *, seq_len: int = 64, batch_size: int = 128) -> dict:
+        """classification: accuracy, macro_f1, loss; causal-lm: nll (token mean on target tokens), perplexity."""
+        if examples.task != self.task:
+            raise UserError(f"test examples are for {examples.task!r} but the model is set up for {self.task!r}")
+        self.merge(adapter)
+        encoded = encode(examples, self.tokenizer, seq_len)
+        total, count = 0.0, 0
+        predictions = np.zeros(len(encoded), dtype=np.int64)
+        for rows, batch in trimmed_batches(encoded, batch_size):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            s, c = loss_sum_and_count(logits, batch["labels"], self.task)
+            total, count = total + float(s), count + int(c)
+            if self.task == "classification":
+                predictions[rows] = logits.argmax(-1).numpy()
+        nll = total / max(count, 1)
+        if self.task == "causal-lm":
+            return {"task": self.task, "n": len(encoded), "tokens": count, "nll": nll, "perplexity": float(np.exp(nll))}
+        truth = encoded.labels
+        return {"task": self.task, "n": len(encoded), "accuracy": float(np.mean(predictions == truth)),
+                "macro_f1": macro_f1(truth, predictions), "loss": nll}
