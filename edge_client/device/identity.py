@@ -58,6 +58,16 @@ def _vendor_from_model(model: str | None) -> str | None:
     return None
 
 
+def _dmi(host: Host) -> tuple[str | None, str | None]:
+    """(model, vendor) from DMI; Lenovo keeps the model name in product_version, a code in product_name."""
+    dmi = "/sys/devices/virtual/dmi/id/"
+    vendor = host.read(dmi + "sys_vendor") or None
+    model = host.read(dmi + "product_name") or None
+    if vendor == "LENOVO":
+        model = host.read(dmi + "product_version") or model
+    return model, vendor
+
+
 def platform_class(*, android: bool, model: str | None, jetpack: str | None, arch: str | None) -> str:
     if jetpack or (model and "Jetson" in model):
         return "jetson"
@@ -79,8 +89,7 @@ def read_identity(host: Host) -> dict:
         model = getprop(host, "ro.product.model") or model
         vendor = getprop(host, "ro.product.manufacturer") or vendor
     if not model:
-        model = host.read("/sys/devices/virtual/dmi/id/product_name") or None
-        vendor = host.read("/sys/devices/virtual/dmi/id/sys_vendor") or vendor
+        model, vendor = _dmi(host)
     jetpack = jetpack_release(host.read("/etc/nv_tegra_release"))
     arch = _arch(host)
     return {
