@@ -1,0 +1,156 @@
+"""Run the aggregation server: federated LoRA rounds over HTTP (docs/PROTOCOL.md).
+
+Example: hetlora serve --aggregator hetlora --labels data/banking77/categories.json --state-dir runs/server --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+from hetlora.errors import UserError
+
+log = logging.getLogger("hetlora.server")
+BANKING77_LABELS = Path(__file__).resolve().parents[1] / "data" / "banking77" / "categories.json"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    run = p.add_argument_group("model and task")
+    run.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2)")
+    run.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
+    run.add_argument("--labels", help="classification labels: a JSON list or one label per line "
+                                      "(default: data/banking77/categories.json)")
+    run.add_argument("--targets", type=_name_list, help="LoRA target modules, comma-separated (default: by model type)")
+
+    agg = p.add_argument_group("aggregation")
+    agg.add_argument("--aggregator", choices=("fedavg", "hetlora", "hlora", "plora"), default="hetlora")
+    agg.add_argument("--weighting", choices=("sparsity", "sparsity_n", "n"),
+                     help="hetlora client weights (default: sparsity)")
+    agg.add_argument("--segment-average", action="store_true",
+                     help="hetlora: average each rank segment only over the clients that have it")
+    agg.add_argument("--hlora-rank", type=int, help="hlora: rank of the global adapter (default: --global-rank)")
+    agg.add_argument("--ranks", type=_int_list, default=(4, 8, 16, 32, 64), help="the rank set (default 4,8,16,32,64)")
+    agg.add_argument("--global-rank", type=int, help="global adapter rank (default: the largest of --ranks)")
+    agg.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha clients train with (default 16)")
+
+    rounds = p.add_argument_group("rounds")
+    rounds.add_argument("--rounds", type=int, default=5)
+    rounds.add_argument("--clients-per-round", type=int, default=0, help="clients selected per round (0 = all)")
+    rounds.add_argument("--min-clients", type=int, default=2,
+                        help="clients needed to open a round and uploads needed to aggregate at the deadline")
+    rounds.add_argument("--round-deadline", type=float, default=600.0, metavar="SECONDS")
+    rounds.add_argument("--seed", type=int, default=0)
+
+    hints = p.add_argument_group("training hints sent to clients")
+    hints.add_argument("--local-steps", type=int, default=20)
+    hints.add_argument("--batch-size", type=int, default=16)
+    hints.add_argument("--seq-len", type=int, default=64)
+    hints.add_argument("--lr", type=float, default=5e-4)
+    hints.add_argument("--prune-gamma", type=float, default=0.99)
+    hints.add_argument("--prune-lambda", type=float,
+                       help="self-pruning regulariser weight (default: 0.01 for hetlora, 0 otherwise)")
+    hints.add_argument("--min-rank", type=int, default=4, help="self-pruning never goes below this rank")
+
+    srv = p.add_argument_group("server")
+    srv.add_argument("--state-dir", default="runs/server", help="SQLite state and blobs; reused on restart")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080, help="0 picks a free port (written to <state-dir>/server.json)")
+    srv.add_argument("--max-upload-mb", type=float, default=64.0)
+    srv.add_argument("--poll-seconds", type=float, default=1.0, help="how often clients should poll the round")
+
+
+def build_config(args: argparse.Namespace):
+    """ServerConfig from parsed arguments (derives the AdapterSpec from the model folder)."""
+    from edge_client.models import default_model_dir, derive_spec
+    from server_stub.config import ServerConfig, TrainingHints, load_labels
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    labels = None
+    if args.task == "classification":
+        if args.labels is None and not BANKING77_LABELS.is_file():
+            raise UserError("classification needs a label list: pass --labels FILE")
+        labels = load_labels(args.labels or BANKING77_LABELS)
+    spec = derive_spec(model_dir, args.task, args.targets, num_labels=len(labels) if labels else None)
+    rule_options = {}
+    if args.aggregator == "hetlora":
+        rule_options = {"segment_average": args.segment_average}
+        if args.weighting:
+            rule_options["weighting"] = args.weighting
+    elif args.weighting or args.segment_average:
+        raise UserError("--weighting and --segment-average are hetlora options; drop them or use --aggregator hetlora")
+    if args.hlora_rank is not None and args.aggregator != "hlora":
+        raise UserError("--hlora-rank is an hlora option; drop it or use --aggregator hlora")
+    global_rank = args.hlora_rank or args.global_rank or max(args.ranks)
+    prune_lambda = args.prune_lambda if args.prune_lambda is not None else (0.01 if args.aggregator == "hetlora" else 0.0)
+    hints = TrainingHints(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                          prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank)
+    return ServerConfig(
+        spec=spec, aggregator=args.aggregator, labels=labels, rule_options=rule_options, ranks=tuple(args.ranks),
+        global_rank=global_rank, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
+        round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed, lora_alpha=args.lora_alpha,
+        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints,
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free port chosen by the OS)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port (0 = any free port)") \
+            from None
+    sock.listen(128)
+    return sock
+
+
+def write_server_info(state_dir: Path, host: str, port: int) -> str:
+    """Write <state-dir>/server.json ({"url", "host", "port", "pid"}) atomically; return the URL."""
+    from server_stub.store import write_atomic
+
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{url_host}:{port}"
+    info = {"url": url, "host": host, "port": port, "pid": os.getpid()}
+    write_atomic(state_dir / "server.json", json.dumps(info).encode())
+    return url
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server_stub.app import create_app
+
+    state_dir = Path(args.state_dir)
+    (state_dir / "server.json").unlink(missing_ok=True)
+    config = build_config(args)
+    app = create_app(config, state_dir)
+    sock = bind_socket(args.host, args.port)
+    url = write_server_info(state_dir, args.host, sock.getsockname()[1])
+    log.info("serving %s run (%s, spec %s, %d modules, ranks %s, global rank %d, %d rounds) at %s; state in %s",
+             config.aggregator, config.spec.task, config.spec.fingerprint, len(config.spec.modules),
+             list(config.ranks), config.global_rank, config.rounds, url, state_dir)
+    print(f"hetlora serve: listening on {url} (API docs: {url}/docs)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=args.verbose, timeout_graceful_shutdown=2))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,129 @@
+"""The server's run configuration: what every client is told and what a state dir is bound to."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_client.spec import AdapterSpec
+from hetlora.errors import UserError
+
+AGGREGATORS = ("fedavg", "hetlora", "hlora", "plora")
+DEFAULT_RANKS = (4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class TrainingHints:
+    """Local training settings the server suggests to every client (edge_client.train_config.TrainConfig)."""
+
+    local_steps: int = 20
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 5e-4
+    prune_gamma: float = 0.99
+    prune_lambda: float = 0.0
+    min_rank: int = 4
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a run needs besides its state dir. `clients_per_round = 0` selects every registered client."""
+
+    spec: AdapterSpec
+    aggregator: str
+    labels: tuple[str, ...] | None = None
+    rule_options: dict = field(default_factory=dict)
+    ranks: tuple[int, ...] = DEFAULT_RANKS
+    global_rank: int = 64
+    clients_per_round: int = 0
+    min_clients: int = 2
+    round_deadline: float = 600.0
+    rounds: int = 5
+    seed: int = 0
+    lora_alpha: float = 16.0
+    max_upload_mb: float = 64.0
+    poll_seconds: float = 1.0
+    hints: TrainingHints = TrainingHints()
+
+    def __post_init__(self):
+        if self.aggregator not in AGGREGATORS:
+            raise UserError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}")
+        if not self.ranks or min(self.ranks) < 1:
+            raise UserError(f"--ranks must be positive integers, got {list(self.ranks)}")
+        if max(self.ranks) > self.global_rank:
+            raise UserError(f"--global-rank {self.global_rank} is below the largest client rank {max(self.ranks)}")
+        if self.min_clients < 1:
+            raise UserError("--min-clients must be at least 1")
+        if self.clients_per_round and self.clients_per_round < self.min_clients:
+            raise UserError(f"--clients-per-round {self.clients_per_round} is below --min-clients {self.min_clients}; "
+                            "a round could never aggregate")
+        if self.rounds < 1 or self.round_deadline <= 0 or self.max_upload_mb <= 0:
+            raise UserError("--rounds, --round-deadline and --max-upload-mb must be positive")
+        if self.spec.task == "classification" and not self.labels:
+            raise UserError("classification needs a label list: pass --labels FILE")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise UserError("the label list has duplicates; every label must appear once")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def client_rank_cap(self, rank: int) -> int:
+        """fedavg is the homogeneous baseline: every client trains at the global rank."""
+        return self.global_rank if self.aggregator == "fedavg" else rank
+
+    def identity(self) -> dict:
+        """What a state dir is bound to: restarting with anything else here is refused."""
+        return {
+            "model_hash": self.spec.model_hash,
+            "spec_fingerprint": self.spec.fingerprint,
+            "aggregator": self.aggregator,
+            "rule_options": self.rule_options,
+            "global_rank": self.global_rank,
+            "labels": list(self.labels) if self.labels is not None else None,
+            "seed": self.seed,
+        }
+
+    def run_config(self) -> dict:
+        """The `run` object every client receives at registration (docs/PROTOCOL.md)."""
+        return {
+            "spec_fingerprint": self.spec.fingerprint,
+            "model_hash": self.spec.model_hash,
+            "task": self.spec.task,
+            "targets": list(self.spec.targets),
+            "labels": list(self.labels) if self.labels is not None else None,
+            "aggregator": self.aggregator,
+            "rule_options": dict(self.rule_options),
+            "ranks": list(self.ranks),
+            "global_rank": self.global_rank,
+            "lora_alpha": self.lora_alpha,
+            "rounds": self.rounds,
+            "min_clients": self.min_clients,
+            "clients_per_round": self.clients_per_round,
+            "round_deadline": self.round_deadline,
+            "max_upload_mb": self.max_upload_mb,
+            "poll_seconds": self.poll_seconds,
+            "training": asdict(self.hints),
+        }
+
+
+def load_labels(path: str | Path) -> tuple[str, ...]:
+    """A label list from a JSON list of strings or a text file with one label per line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read the label file {path}: {exc.strerror}") from None
+    if text.lstrip().startswith("["):
+        try:
+            labels = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not a valid JSON list: {exc}") from None
+        if not all(isinstance(x, str) for x in labels):
+            raise UserError(f"{path}: every label in the JSON list must be a string")
+    else:
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(labels) < 2:
+        raise UserError(f"{path} has {len(labels)} labels; classification needs at least 2")
+    return tuple(labels)

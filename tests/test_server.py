@@ -1,0 +1,497 @@
+"""The aggregation server over real HTTP (uvicorn on loopback) with real SQLite state.
+
+Uploads are built with numpy (no training). Aggregated globals are checked against dense
+references written here from the formulas in GUIDE.md, not against the rule code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import save as st_save
+
+from edge_client.wire import Adapter, decode, encode
+from hetlora.errors import UserError
+from server_stub.rounds import update_digest
+
+LABELS = ("balance", "card", "transfer")
+TARGETS = ("query", "value")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spec(tiny_bert_dir):
+    from edge_client.models import derive_spec
+
+    return derive_spec(tiny_bert_dir, "classification", TARGETS, num_labels=len(LABELS))
+
+
+def make_config(spec, **overrides):
+    from server_stub.config import ServerConfig
+
+    defaults = dict(spec=spec, aggregator="hetlora", labels=LABELS, ranks=(2, 4, 8), global_rank=8, min_clients=3,
+                    round_deadline=600.0, rounds=2, seed=7)
+    return ServerConfig(**{**defaults, **overrides})
+
+
+@contextlib.contextmanager
+def running_server(config, state_dir):
+    """create_app + uvicorn in a thread on a free loopback port; yields an httpx client on its URL."""
+    import uvicorn
+
+    from server_stub.app import create_app
+    from server_stub.cli import bind_socket
+
+    app = create_app(config, state_dir)
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "server thread died during startup"
+        time.sleep(0.02)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+def register(http, requested_rank, n_samples=10, name=None):
+    reply = http.post("/v1/register", json={"profile": {"device": "test"}, "requested_rank": requested_rank,
+                                            "n_samples": n_samples, "name": name})
+    assert reply.status_code == 201, reply.text
+    body = reply.json()
+    return body | {"auth": {"Authorization": f"Bearer {body['token']}"}}
+
+
+def make_update(spec, rank, meta, seed, *, module_names=None, dtype=np.float32):
+    """Random factors at `rank` for every spec module (or `module_names`), random dense tensors."""
+    rng = np.random.default_rng(seed)
+    lora = {}
+    for name in module_names or spec.modules:
+        m = spec.modules.get(name) or next(iter(spec.modules.values()))
+        lora[name] = (rng.normal(0, 0.1, (rank, m.in_features)).astype(dtype),
+                      rng.normal(0, 0.1, (m.out_features, rank)).astype(dtype))
+    dense = {n: rng.normal(0, 0.1, shape).astype(dtype) for n, shape in spec.dense.items()}
+    return Adapter(lora=lora, dense=dense, meta=meta)
+
+
+def upload_meta(client, round_number, rank, n_samples, effective_rank=None, indices=None):
+    meta = {"round": round_number, "client_id": client["client_id"], "rank": rank,
+            "effective_rank": effective_rank or rank, "n_samples": n_samples}
+    if indices is not None:
+        meta["indices"] = indices
+    return meta
+
+
+def post_update(http, client, round_number, body: bytes):
+    return http.post(f"/v1/rounds/{round_number}/update", content=body,
+                     headers={**client["auth"], "Content-Type": "application/octet-stream"})
+
+
+def error_code(reply) -> str:
+    return reply.json()["error"]["code"]
+
+
+def global_adapter(http) -> Adapter:
+    reply = http.get("/v1/global")
+    assert reply.status_code == 200
+    return decode(reply.content)
+
+
+# --- dense references (GUIDE.md section 1) ---------------------------------------------------------
+def pad(a, b, rank):
+    a_pad = np.zeros((rank, a.shape[1]))
+    b_pad = np.zeros((b.shape[0], rank))
+    a_pad[: a.shape[0]], b_pad[:, : b.shape[1]] = a, b
+    return a_pad, b_pad
+
+
+def reference_global(rule, previous: Adapter, uploads: list[tuple[Adapter, int, list | None]]) -> dict:
+    """name -> (A, B) of the expected new global, plus dense tensors under their names."""
+    n = np.array([n_k for _, n_k, _ in uploads], dtype=np.float64)
+    w = n / n.sum()
+    expected = {name: sum(w_k * up.dense[name].astype(np.float64) for (up, _, _), w_k in zip(uploads, w))
+                for name in previous.dense}
+    for name, (prev_a, prev_b) in previous.lora.items():
+        rank = prev_a.shape[0]
+        factors = [(up.lora[name][0].astype(np.float64), up.lora[name][1].astype(np.float64)) for up, _, _ in uploads]
+        if rule == "fedavg":
+            expected[name] = (sum(w_k * a for (a, _), w_k in zip(factors, w)), sum(w_k * b for (_, b), w_k in zip(factors, w)))
+        elif rule == "hetlora":
+            s = np.array([np.linalg.norm(b @ a) for a, b in factors])
+            p = s / s.sum()
+            padded = [pad(a, b, rank) for a, b in factors]
+            expected[name] = (sum(p_k * a for (a, _), p_k in zip(padded, p)), sum(p_k * b for (_, b), p_k in zip(padded, p)))
+        elif rule == "hlora":  # only dW is unique: sum_k w_k B_k A_k
+            expected[name] = sum(w_k * (b @ a) for (a, b), w_k in zip(factors, w))
+        elif rule == "plora":
+            a_new, b_new = prev_a.astype(np.float64).copy(), prev_b.astype(np.float64).copy()
+            for j in range(rank):
+                holders = [(k, idx.index(j)) for k, (_, _, idx) in enumerate(uploads) if j in idx]
+                if holders:
+                    total = sum(n[k] for k, _ in holders)
+                    a_new[j] = sum(n[k] / total * factors[k][0][pos] for k, pos in holders)
+                    b_new[:, j] = sum(n[k] / total * factors[k][1][:, pos] for k, pos in holders)
+            expected[name] = (a_new, b_new)
+    return expected
+
+
+def assert_matches_reference(rule, got: Adapter, expected: dict):
+    for name, value in expected.items():
+        if name in got.dense:
+            np.testing.assert_allclose(got.dense[name], value, rtol=1e-5, atol=1e-6)
+        elif rule == "hlora":
+            a, b = got.lora[name]
+            np.testing.assert_allclose(b.astype(np.float64) @ a, value, rtol=1e-4, atol=1e-6)
+        else:
+            np.testing.assert_allclose(got.lora[name][0], value[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got.lora[name][1], value[1], rtol=1e-5, atol=1e-6)
+
+
+# --- the happy path, every rule --------------------------------------------------------------------
+@pytest.mark.parametrize("rule, requested, ranks, global_rank", [
+    ("hetlora", (2, 4, 8), (2, 4, 8), 8),
+    ("hlora", (2, 4, 8), (2, 4, 8), 16),  # sum of client ranks <= R: the global dW is exact
+    ("plora", (2, 4, 8), (2, 4, 8), 8),
+    ("fedavg", (2, 4, 8), (2, 4, 8), 8),  # homogeneous: every client gets the global rank
+])
+def test_three_clients_round_matches_dense_reference(spec, tmp_path, rule, requested, ranks, global_rank):
+    from server_stub.aggregation import make_rule
+
+    config = make_config(spec, aggregator=rule, ranks=ranks, global_rank=global_rank)
+    initial = make_rule(rule).init_global(spec, global_rank, config.seed)
+    with running_server(config, tmp_path / "state") as http:
+        clients = [register(http, r, name=f"dev{r}") for r in requested]
+        assert [c["rank"] for c in clients] == ([global_rank] * 3 if rule == "fedavg" else list(requested))
+        assert clients[0]["run"]["labels"] == list(LABELS)
+        assert clients[0]["run"]["spec_fingerprint"] == spec.fingerprint
+        uploads = []
+        for k, client in enumerate(clients):
+            info = http.get("/v1/round", headers=client["auth"]).json()
+            assert (info["round"], info["state"], info["selected"], info["uploaded"]) == (1, "open", True, False)
+            rank, indices = info["rank"], info["indices"]
+            view = decode(http.get("/v1/rounds/1/adapter", headers=client["auth"]).content)
+            assert (view.meta["round"], view.meta["rank"], view.meta["indices"]) == (1, rank, indices)
+            shown = global_rank if rule in ("plora", "fedavg") else rank  # plora folds the rest: full global
+            for name, (a, b) in view.lora.items():
+                np.testing.assert_array_equal(a, initial.lora[name][0][:shown])
+                np.testing.assert_array_equal(b, initial.lora[name][1][:, :shown])
+            if rule == "plora":
+                assert len(indices) == rank and len(set(indices)) == rank
+            else:
+                assert indices is None
+            n_k = 10 * (k + 1)
+            update = make_update(spec, rank, upload_meta(client, 1, rank, n_k, indices=indices), seed=k)
+            reply = post_update(http, client, 1, encode(update))
+            assert reply.status_code == 201, reply.text
+            assert reply.json()["round_state"] == ("aggregated" if k == 2 else "open")
+            uploads.append((update, n_k, indices))
+
+        got = global_adapter(http)
+        assert got.meta["global_version"] == 1
+        assert_matches_reference(rule, got, reference_global(rule, initial, uploads))
+        status = http.get("/v1/status").json()
+        assert status["round"]["number"] == 2 and status["round"]["state"] == "open"
+        (entry,) = status["history"]
+        assert entry["round"] == 1 and sorted(entry["clients"]) == sorted(c["client_id"] for c in clients)
+        assert entry["statistics"]["total_samples"] == 60
+        assert entry["statistics"]["sample_weights"] == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+
+
+# --- strictness ------------------------------------------------------------------------------------
+def snapshot(http, state_dir: Path) -> tuple:
+    """Everything a rejected request must leave unchanged: status, DB rows, blob files."""
+    with sqlite3.connect(state_dir / "state.sqlite") as db:
+        rows = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+                for t in ("clients", "rounds", "uploads", "globals")}
+    blobs = sorted((str(p.relative_to(state_dir)), p.stat().st_size) for p in (state_dir / "blobs").rglob("*"))
+    return http.get("/v1/status").json(), rows, blobs
+
+
+def test_bad_uploads_get_4xx_and_store_nothing(spec, tmp_path):
+    state = tmp_path / "state"
+    config = make_config(spec, min_clients=2, max_upload_mb=0.05)  # 52 kB; a rank-8 update is about 9 kB
+    with running_server(config, state) as http:
+        small, large = register(http, 2), register(http, 8)
+        meta = upload_meta(small, 1, 2, 10)
+        good = make_update(spec, 2, meta, seed=1)
+        first_module = next(iter(spec.modules))
+        nan = make_update(spec, 2, meta, seed=1)
+        nan.lora[first_module][0][0, 0] = np.nan
+        inf_dense = make_update(spec, 2, meta, seed=1)
+        next(iter(inf_dense.dense.values())).flat[0] = np.inf
+        wrong_shape = make_update(spec, 2, meta, seed=1)
+        a, b = wrong_shape.lora[first_module]
+        wrong_shape.lora[first_module] = (a[:, :-1], b)
+        half = {k: v.astype(np.float16) for k, v in _tensors(good).items()}
+        float16 = st_save(half, metadata={"format": "hetlora-adapter", "format_version": "1", "meta": json.dumps(meta)})
+        no_effective = {k: v for k, v in meta.items() if k != "effective_rank"}
+
+        cases = [
+            ("no token", {}, encode(good), 401, "missing_token"),
+            ("wrong token", {"Authorization": "Bearer nope"}, encode(good), 401, "bad_token"),
+            ("not safetensors", None, b"\x80\x04not a safetensors file, maybe a pickle" * 4, 400, "not_safetensors"),
+            ("too large", None, b"\0" * 60_000, 413, "too_large"),
+            ("unknown module", None, encode(make_update(spec, 2, meta, 1, module_names=[*spec.modules, "bert.evil"])),
+             400, "unknown_module"),
+            ("wrong shape", None, encode(wrong_shape), 400, "bad_shape"),
+            ("rank above assigned", None, encode(make_update(spec, 4, {**meta, "effective_rank": 4}, 1)), 400,
+             "rank_too_high"),
+            ("NaN", None, encode(nan), 400, "not_finite"),
+            ("Inf in dense", None, encode(inf_dense), 400, "not_finite"),
+            ("float16", None, float16, 400, "bad_dtype"),
+            ("meta round differs", None, encode(make_update(spec, 2, {**meta, "round": 2}, 1)), 400, "bad_metadata"),
+            ("no effective_rank", None, encode(make_update(spec, 2, no_effective, 1)), 400, "bad_metadata"),
+            ("effective_rank lies", None, encode(make_update(spec, 2, {**meta, "effective_rank": 1}, 1)), 400,
+             "rank_mismatch"),
+            ("someone else's id", None, encode(make_update(spec, 2, {**meta, "client_id": large["client_id"]}, 1)),
+             400, "client_mismatch"),
+        ]
+        before = snapshot(http, state)
+        for label, headers, body, status, code in cases:
+            reply = http.post("/v1/rounds/1/update", content=body,
+                              headers=small["auth"] if headers is None else headers)
+            assert (reply.status_code, error_code(reply)) == (status, code), label
+            assert reply.json()["error"]["message"], label
+        # streamed body without Content-Length: the size limit still holds
+        chunks = iter([b"\0" * 20_000] * 4)
+        reply = http.post("/v1/rounds/1/update", content=chunks, headers=small["auth"])
+        assert (reply.status_code, error_code(reply)) == (413, "too_large")
+        for n in (0, 2):
+            reply = post_update(http, small, n, encode(make_update(spec, 2, {**meta, "round": n}, 1)))
+            assert (reply.status_code, error_code(reply), reply.json()["error"]["current_round"]) == \
+                (409, "round_not_open", 1)
+        reply = http.post("/v1/register", json={"profile": {}, "requested_rank": "lots"})
+        assert (reply.status_code, error_code(reply)) == (400, "bad_request")
+        assert snapshot(http, state) == before
+
+        # the good upload is accepted; the identical bytes again are idempotent; different bytes are refused
+        assert post_update(http, small, 1, encode(good)).status_code == 201
+        after_good = snapshot(http, state)
+        again = post_update(http, small, 1, encode(good))
+        assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+        assert again.json()["sha256"] == update_digest(good)
+        reply = post_update(http, small, 1, encode(make_update(spec, 2, meta, seed=2)))
+        assert (reply.status_code, error_code(reply)) == (409, "duplicate_upload")
+        assert snapshot(http, state) == after_good
+
+        # the round closes; a late upload for it is 409 with the current round
+        update = make_update(spec, 8, upload_meta(large, 1, 8, 30), seed=3)
+        assert post_update(http, large, 1, encode(update)).json()["round_state"] == "aggregated"
+        late = post_update(http, small, 1, encode(make_update(spec, 2, meta, seed=4)))
+        assert (late.status_code, error_code(late), late.json()["error"]["current_round"]) == (409, "round_closed", 2)
+
+
+def _tensors(adapter: Adapter) -> dict:
+    out = {}
+    for name, (a, b) in adapter.lora.items():
+        out[name + ".lora_A"], out[name + ".lora_B"] = a, b
+    return out | adapter.dense
+
+
+def test_plora_upload_must_carry_the_assigned_indices(spec, tmp_path):
+    state = tmp_path / "state"
+    with running_server(make_config(spec, aggregator="plora", min_clients=2), state) as http:
+        client, _ = register(http, 4), register(http, 4)
+        indices = http.get("/v1/round", headers=client["auth"]).json()["indices"]
+        others = [j for j in range(8) if j not in indices]
+        before = snapshot(http, state)
+        for bad in (others[:4], None, list(reversed(indices)) if indices != sorted(indices, reverse=True) else others[:4]):
+            update = make_update(spec, 4, upload_meta(client, 1, 4, 10, indices=bad), seed=0)
+            reply = post_update(http, client, 1, encode(update))
+            assert (reply.status_code, error_code(reply)) == (400, "wrong_indices"), bad
+        assert snapshot(http, state) == before
+
+
+# --- selection, self-pruning, profile, finish ------------------------------------------------------
+def test_selection_pruning_profile_and_finish(spec, tmp_path):
+    from server_stub.rounds import select_clients
+
+    config = make_config(spec, min_clients=2, clients_per_round=2, rounds=2, ranks=(2, 4, 8))
+    with running_server(config, tmp_path / "state") as http:
+        waiting = register(http, 8)
+        assert http.get("/v1/round", headers=waiting["auth"]).json()["state"] == "waiting"
+        clients = [waiting, register(http, 8), register(http, 4)]  # round 1 opens with the first two
+        ids = [c["client_id"] for c in clients]
+        for number in (1, 2):
+            status = http.get("/v1/status").json()
+            registered = ids[:2] if number == 1 else ids
+            assert status["round"]["selected"] == select_clients(registered, 2, config.seed, number)
+            unselected_first = sorted(clients, key=lambda c: c["client_id"] in status["round"]["selected"])
+            for client in unselected_first:
+                info = http.get("/v1/round", headers=client["auth"]).json()
+                assert info["round"] == number
+                if client["client_id"] not in status["round"]["selected"]:
+                    assert info["selected"] is False
+                    reply = http.get(f"/v1/rounds/{number}/adapter", headers=client["auth"])
+                    assert (reply.status_code, error_code(reply)) == (403, "not_selected")
+                    continue
+                rank = info["rank"]
+                effective = rank - 1 if number == 1 else rank  # self-pruned in round 1
+                update = make_update(spec, effective, upload_meta(client, number, rank, 5, effective), seed=number)
+                reply = post_update(http, client, number, encode(update))
+                assert reply.status_code == 201, reply.text
+                assert reply.json()["next_rank"] == effective
+        for client in clients:
+            assert http.get("/v1/round", headers=client["auth"]).json()["state"] == "finished"
+        status = http.get("/v1/status").json()
+        assert status["finished"] is True and len(status["history"]) == 2
+        pruned = {c["client_id"]: c["pruned_rank"] for c in status["clients"]}
+        for entry in status["history"][:1]:
+            for cid in entry["clients"]:
+                assert pruned[cid] == entry["ranks"][cid] - 1
+        # a fresh profile never lifts a client above the rank it pruned itself to
+        some = next(c for c in clients if pruned[c["client_id"]])
+        reply = http.post("/v1/profile", json={"profile": {"device": "bigger"}, "requested_rank": 64},
+                          headers=some["auth"])
+        assert reply.json()["rank"] == pruned[some["client_id"]]
+        unpruned = next((c for c in clients if not pruned[c["client_id"]]), None)
+        if unpruned is not None:
+            reply = http.post("/v1/profile", json={"profile": {}, "requested_rank": 3}, headers=unpruned["auth"])
+            assert reply.json()["rank"] == 2
+
+
+def test_deadline_extends_then_aggregates_with_min_uploads(spec, tmp_path):
+    config = make_config(spec, min_clients=2, round_deadline=0.6)
+    with running_server(config, tmp_path / "state") as http:
+        clients = [register(http, r) for r in (2, 4, 8)]
+
+        def upload(client, seed):
+            rank = client["rank"]
+            return post_update(http, client, 1, encode(make_update(spec, rank, upload_meta(client, 1, rank, 10), seed)))
+
+        assert upload(clients[0], 0).status_code == 201
+        status = wait_for(http, lambda s: "only 1 of the 2 required uploads" in (s["round"]["extension_reason"] or ""))
+        assert status["round"]["number"] == 1 and status["round"]["state"] == "open"
+        assert status["round"]["extensions"] >= 1
+        assert upload(clients[1], 1).status_code == 201
+        status = wait_for(http, lambda s: s["history"])
+        assert status["history"][0]["clients"] == [clients[0]["client_id"], clients[1]["client_id"]]
+        assert status["history"][0]["extensions"] >= 1
+        late = upload(clients[2], 2)
+        assert (late.status_code, error_code(late), late.json()["error"]["current_round"]) == (409, "round_closed", 2)
+
+
+def wait_for(http, predicate, attempts=200):
+    for _ in range(attempts):
+        status = http.get("/v1/status").json()
+        if predicate(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"condition not reached; last status: {status}")
+
+
+# --- durability ------------------------------------------------------------------------------------
+def test_crash_mid_aggregation_keeps_previous_state(spec, tmp_path):
+    from server_stub.app import build_coordinator
+
+    config = make_config(spec, min_clients=2)
+    coordinator = build_coordinator(config, tmp_path)
+    clients = [coordinator.register({}, r, 10) for r in (4, 8)]
+    coordinator.accept_upload(clients[0]["client_id"], 1,
+                              encode(make_update(spec, 4, upload_meta(clients[0], 1, 4, 10), seed=0)))
+    real_update = coordinator.store.update
+
+    def crash_when_closing(table, where, values):
+        if values.get("state") == "aggregated":
+            raise RuntimeError("simulated crash")
+        real_update(table, where, values)
+
+    coordinator.store.update = crash_when_closing
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        coordinator.accept_upload(clients[1]["client_id"], 1,
+                                  encode(make_update(spec, 8, upload_meta(clients[1], 1, 8, 10), seed=1)))
+    status = coordinator.status()
+    assert (status["global_version"], status["round"]["number"], status["round"]["state"]) == (0, 1, "open")
+    assert len(status["round"]["uploads"]) == 2 and not status["history"]
+    coordinator.store.close()
+
+    restarted = build_coordinator(config, tmp_path)  # finds every upload in and aggregates
+    status = restarted.status()
+    assert (status["global_version"], status["round"]["number"], len(status["history"])) == (1, 2, 1)
+    restarted.store.close()
+
+
+def test_state_dir_of_another_run_is_refused(spec, tmp_path):
+    from server_stub.app import build_coordinator
+
+    build_coordinator(make_config(spec), tmp_path).store.close()
+    with pytest.raises(UserError, match="aggregator"):
+        build_coordinator(make_config(spec, aggregator="hlora"), tmp_path)
+    with pytest.raises(UserError, match="labels"):
+        build_coordinator(make_config(spec, labels=("x", "y", "z")), tmp_path)
+
+
+def start_cli_server(tiny_bert_dir, labels_file, state_dir):
+    """`hetlora serve` in a subprocess; returns (process, base URL) once server.json names the new pid."""
+    args = [sys.executable, "-m", "hetlora.cli", "serve", "--model", str(tiny_bert_dir), "--labels", str(labels_file),
+            "--targets", ",".join(TARGETS), "--aggregator", "hetlora", "--ranks", "2,4,8", "--min-clients", "3",
+            "--rounds", "2", "--seed", "7", "--state-dir", str(state_dir), "--port", "0"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    info_file = state_dir / "server.json"
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        if info_file.exists() and json.loads(info_file.read_text())["pid"] == proc.pid:
+            url = json.loads(info_file.read_text())["url"]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/v1/status", timeout=5).status_code == 200:
+                    return proc, url
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def test_sigkill_and_restart_continue_the_open_round(spec, tiny_bert_dir, tmp_path):
+    from server_stub.aggregation import make_rule
+
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("\n".join(LABELS) + "\n")
+    state = tmp_path / "state"
+    proc, url = start_cli_server(tiny_bert_dir, labels_file, state)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            clients = [register(http, r) for r in (2, 4, 8)]
+            updates = [make_update(spec, c["rank"], upload_meta(c, 1, c["rank"], 10 * (k + 1)), seed=k)
+                       for k, c in enumerate(clients)]
+            for client, update in zip(clients[:2], updates[:2]):
+                assert post_update(http, client, 1, encode(update)).status_code == 201
+            before = http.get("/v1/status").json()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    proc, url = start_cli_server(tiny_bert_dir, labels_file, state)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            after = http.get("/v1/status").json()
+            assert after["round"] == before["round"] and after["clients"] == before["clients"]
+            again = post_update(http, clients[0], 1, encode(updates[0]))  # the token survives; idempotent
+            assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+            assert post_update(http, clients[2], 1, encode(updates[2])).json()["round_state"] == "aggregated"
+            status = http.get("/v1/status").json()
+            assert status["history"][0]["clients"] == [c["client_id"] for c in clients]
+            initial = make_rule("hetlora").init_global(spec, 8, 7)
+            expected = reference_global("hetlora", initial, [(u, 10 * (k + 1), None) for k, u in enumerate(updates)])
+            assert_matches_reference("hetlora", global_adapter(http), expected)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
