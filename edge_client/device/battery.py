@@ -35,11 +35,11 @@ def sysfs_power_w(host: Host, battery: Path) -> float | None:
     """|power_now| (uW), else |current_now| (uA) * voltage_now (uV), in watts."""
     power_uw = host.read_int(battery / "power_now")
     if power_uw is not None:
-        return abs(power_uw) * 1e-6
+        return abs(power_uw) / 1e6
     current_ua, voltage_uv = host.read_int(battery / "current_now"), host.read_int(battery / "voltage_now")
     if current_ua is None or voltage_uv is None:
         return None
-    return abs(current_ua) * 1e-6 * abs(voltage_uv) * 1e-6
+    return abs(current_ua) * abs(voltage_uv) / 1e12
 
 
 def termux_status(host: Host) -> dict | None:
@@ -56,7 +56,7 @@ def termux_power_w(status: dict) -> float | None:
     current_ua, voltage_mv = status.get("current"), status.get("voltage")
     if not isinstance(current_ua, (int, float)) or not isinstance(voltage_mv, (int, float)):
         return None
-    return abs(current_ua) * 1e-6 * abs(voltage_mv) * 1e-3
+    return abs(current_ua) * abs(voltage_mv) / 1e9
 
 
 def _state(percent, plugged, status: str | None, power_w, source: str) -> dict:

@@ -66,7 +66,7 @@ class JetsonIioSource(_JetsonSource):
     name, units = "jetson-ina3221-iio", "mW"
 
     def rail_watts(self, files: tuple[Path, ...]) -> float:
-        return self._int(files[0]) * 1e-3
+        return self._int(files[0]) / 1e3
 
 
 class JetsonHwmonSource(_JetsonSource):
@@ -75,7 +75,7 @@ class JetsonHwmonSource(_JetsonSource):
     name, units = "jetson-ina3221-hwmon", "mV*mA"
 
     def rail_watts(self, files: tuple[Path, ...]) -> float:
-        return self._int(files[0]) * self._int(files[1]) * 1e-6
+        return self._int(files[0]) * self._int(files[1]) / 1e6
 
 
 def discover_jetson(host: Host) -> list[PowerSource]:

@@ -50,4 +50,4 @@ def rapl_power_limit_w(host: Host) -> float | None:
     These files stay readable when energy_uj is root-only."""
     limits = [host.read_int(z / "constraint_0_power_limit_uw") for z in host.glob(ZONES)
               if (host.read(z / "name") or "").startswith("package")]
-    return sum(limits) * 1e-6 if limits and all(limits) else None
+    return sum(limits) / 1e6 if limits and all(limits) else None
