@@ -1,0 +1,253 @@
+"""One local round on a fixed-shape exported artifact (ONNX Runtime or ExecuTorch), same contract as TorchTrainer.
+
+The artifact of the smallest exported rank R >= r serves a client at rank r: the wire factors are
+zero-padded to R, `keep_mask` = [1]*r + [0]*(R-r) silences the padding (it gets zero gradient and
+stays exactly zero), `lora_scale` = lora_scale(alpha, r) and the tail mask marks floor(gamma r)..r-1,
+so training equals the torch backend at rank r. Batches come from edge_client.data (the torch
+backend's batching) and are padded to the exported (batch, seq_len) with ignored targets.
+Pruning uses edge_client.objective.should_prune / pruned_rank, as the torch backend does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from edge_client import adapter_ops
+from edge_client.backends.artifacts import Artifact, load_manifest
+from edge_client.data import Encoded, Examples, encode, load_tokenizer, training_batches
+from edge_client.lora import lora_scale
+from edge_client.models import model_hash
+from edge_client.objective import IGNORE, pruned_rank, should_prune
+from edge_client.train_config import RoundResult, TrainConfig
+from edge_client.wire import LORA_A, LORA_B, Adapter
+from hetlora.errors import UserError
+
+log = logging.getLogger(__name__)
+MODES = ("plain", "hetlora")
+
+
+class Engine(Protocol):
+    """A loaded training artifact. Inputs follow the manifest's `inputs`; outputs (loss, task_loss, tail, n_targets)."""
+
+    rank: int
+
+    def read(self) -> dict[str, np.ndarray]: ...  # trainable parameters, training form, by artifact name
+
+    def write(self, values: dict[str, np.ndarray]) -> None: ...
+
+    def forward_backward(self, inputs: list[np.ndarray]) -> list[float]: ...  # fresh gradients of output 0
+
+    def gradients(self) -> dict[str, np.ndarray]: ...
+
+    def step(self, cfg: TrainConfig) -> None: ...  # one optimizer update from the last gradients
+
+    def evaluate(self, inputs: list[np.ndarray]) -> list[float]: ...
+
+
+class ArtifactTrainer:
+    """Trains from the artifacts in `artifacts_dir` with an `Engine` class for one backend."""
+
+    backend = ""
+
+    def __init__(self, model_dir, task: str, labels: list[str] | None = None, targets=None, lora_alpha: float = 16.0,
+                 *, artifacts_dir=None):
+        if artifacts_dir is None:
+            raise UserError(f"--backend {self.backend} trains from exported artifacts: pass --artifacts DIR "
+                            "(the folder written by `hetlora export`, copied to this device)")
+        self.task = task
+        self.lora_alpha = float(lora_alpha)
+        self.manifest = load_manifest(artifacts_dir)
+        self.manifest.check_compatible(model_hash=model_hash(model_dir), task=task, targets=targets,
+                                       lora_alpha=self.lora_alpha)
+        if labels and int(self.manifest.doc.get("num_labels") or 0) != len(labels):
+            raise UserError(f"the artifacts were exported for {self.manifest.doc.get('num_labels')} labels, "
+                            f"the run has {len(labels)}; re-export with the run's label list")
+        self.tokenizer = load_tokenizer(model_dir)
+        self.engine: Engine | None = None
+        self._initial: dict[str, np.ndarray] = {}
+        self._cache: tuple[tuple, Encoded] | None = None
+
+    # --- subclasses -------------------------------------------------------------------------------------------
+    def open_engine(self, artifact: Artifact) -> Engine:
+        raise NotImplementedError
+
+    def check_config(self, artifact: Artifact, cfg: TrainConfig) -> None:
+        """Raise UserError when the artifact's optimizer cannot run `cfg`."""
+
+    # --- the round ----------------------------------------------------------------------------------------------
+    def engine_for(self, rank: int) -> Engine:
+        """The engine of the artifact that serves `rank` (verified by sha256, loaded once per rank tier)."""
+        artifact = self.manifest.artifact(self.backend, rank)
+        if self.engine is None or self.engine.rank != artifact.rank:
+            self.manifest.verify(artifact)
+            self.artifact = artifact
+            self.engine = self.open_engine(artifact)
+            self._initial = {n: v.copy() for n, v in self.engine.read().items()}
+        return self.engine
+
+    def encode(self, examples: Examples, seq_len: int) -> Encoded:
+        key = (examples, seq_len)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, encode(examples, self.tokenizer, seq_len))
+        return self._cache[1]
+
+    def train_round(self, start: Adapter, examples: Examples, cfg: TrainConfig, *, rank: int, indices=None,
+                    mode: str = "plain", on_step: Callable[[int, float], None] | None = None) -> RoundResult:
+        """Load `start` (wire form), train, prune (hetlora), return the upload in wire form; see TorchTrainer."""
+        from edge_client.training import evaluation_batches
+
+        t0 = time.perf_counter()
+        if mode == "plora":
+            raise UserError(f"the {self.backend} backend cannot run Fed-PLoRA (Select-N-Fold changes the frozen "
+                            "weights, which are fixed inside an exported artifact); use --backend torch")
+        if mode not in MODES:
+            raise UserError(f"unknown training mode {mode!r}; choose one of plain, hetlora, plora")
+        if examples.task != self.task:
+            raise UserError(f"examples are for {examples.task!r} but this trainer runs {self.task!r}")
+        if start.rank < rank:
+            raise UserError(f"the downloaded adapter has rank {start.rank}, below the assigned rank {rank}")
+        work = adapter_ops.truncate(start, rank) if start.rank > rank else start
+        engine = self.engine_for(rank)
+        self.check_config(self.artifact, cfg)
+        self._check_shape(cfg)
+        encoded = self.encode(examples, cfg.seq_len)
+        pruning = mode == "hetlora" and cfg.prune_lambda > 0
+        lam = cfg.prune_lambda if pruning else 0.0
+        tail = padded_tail_mask(rank, engine.rank, cfg.prune_gamma) if pruning else np.zeros(engine.rank, np.float32)
+
+        self.load(work)
+        eval_batches = evaluation_batches(encoded, cfg.batch_size)
+        loss_before = self.mean_loss(eval_batches, rank)
+        tail_before = self.tail_value(tail) if pruning else 0.0
+        steps = 0
+        for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs):
+            out = engine.forward_backward(self.inputs(batch, rank, tail, lam))
+            engine.step(cfg)
+            steps += 1
+            if on_step is not None:
+                on_step(steps, out[0])
+        tail_after = self.tail_value(tail) if pruning else 0.0
+        upload = self.extract(rank)
+        if pruning and should_prune(rank, prune_lambda=cfg.prune_lambda, gamma=cfg.prune_gamma, min_rank=cfg.min_rank,
+                                    tail_before=tail_before, tail_after=tail_after):
+            upload = adapter_ops.truncate(upload, pruned_rank(rank, cfg.prune_gamma, cfg.min_rank))
+            self.load(upload)
+        loss_after = self.mean_loss(eval_batches, upload.rank)
+        upload.meta.update(rank=upload.rank, effective_rank=upload.rank, n_samples=len(examples), mode=mode,
+                           loss_before=loss_before, loss_after=loss_after, backend=self.backend)
+        return RoundResult(adapter=upload, rank_before=rank, rank_after=upload.rank, loss_before=loss_before,
+                           loss_after=loss_after, tail_before=tail_before, tail_after=tail_after, steps=steps,
+                           n_samples=len(examples), seconds=time.perf_counter() - t0,
+                           extra={"backend": self.backend, "artifact_rank": engine.rank})
+
+    def _check_shape(self, cfg: TrainConfig) -> None:
+        b, t = self.manifest.batch, self.manifest.seq_len
+        if cfg.batch_size > b or cfg.seq_len > t:
+            raise UserError(f"the artifacts were exported for batch {b} x seq_len {t}; this round asks for "
+                            f"{cfg.batch_size} x {cfg.seq_len}: lower --batch-size/--seq-len or re-export larger")
+
+    # --- conversions ------------------------------------------------------------------------------------------
+    def load(self, adapter: Adapter) -> None:
+        """Wire -> training form, zero-padded to the artifact rank: A = A_wire, B = B_wire / s."""
+        engine = self.engine
+        r, big = adapter.rank, engine.rank
+        scale = lora_scale(self.lora_alpha, r) if r else 1.0
+        values = {}
+        for name, wire in self.manifest.parameters.items():
+            if wire.endswith(LORA_A):
+                a = adapter.lora[wire[: -len(LORA_A)]][0]
+                values[name] = pad_rows(np.asarray(a, np.float32), big)
+            elif wire.endswith(LORA_B):
+                b = adapter.lora[wire[: -len(LORA_B)]][1]
+                values[name] = pad_cols(np.asarray(b, np.float32) / np.float32(scale), big)
+            else:
+                values[name] = np.asarray(adapter.dense.get(wire, self._initial[name]), np.float32)
+        engine.write(values)
+
+    def extract(self, rank: int) -> Adapter:
+        """Training form -> wire, truncated to `rank`: A[:r], s * B[:, :r], dense tensors."""
+        scale = np.float32(lora_scale(self.lora_alpha, rank))
+        current = self.engine.read()
+        lora: dict[str, list] = {}
+        dense = {}
+        for name, wire in self.manifest.parameters.items():
+            if wire.endswith(LORA_A):
+                lora.setdefault(wire[: -len(LORA_A)], [None, None])[0] = current[name][:rank].copy()
+            elif wire.endswith(LORA_B):
+                lora.setdefault(wire[: -len(LORA_B)], [None, None])[1] = current[name][:, :rank] * scale
+            else:
+                dense[wire] = current[name].copy()
+        return Adapter(lora={k: (a, b) for k, (a, b) in lora.items()}, dense=dense)
+
+    def tail_value(self, tail: np.ndarray) -> float:
+        """sum over modules of ||B (.) tail||_F ||A (.) tail||_F on the training-form factors."""
+        current = self.engine.read()
+        factors: dict[str, list] = {}
+        for name, wire in self.manifest.parameters.items():
+            if wire.endswith(LORA_A):
+                factors.setdefault(wire[: -len(LORA_A)], [None, None])[0] = current[name]
+            elif wire.endswith(LORA_B):
+                factors.setdefault(wire[: -len(LORA_B)], [None, None])[1] = current[name]
+        return float(sum(np.linalg.norm(b * tail) * np.linalg.norm(a * tail[:, None]) for a, b in factors.values()))
+
+    def inputs(self, batch: dict, rank: int, tail: np.ndarray, lam: float) -> list[np.ndarray]:
+        """Artifact inputs for one batch, padded to the exported shape."""
+        ids, mask, labels = pad_batch(batch, self.manifest.batch, self.manifest.seq_len, self.tokenizer.pad_token_id)
+        keep = np.zeros(self.engine.rank, np.float32)
+        keep[:rank] = 1.0
+        return [ids, mask, labels, keep, tail, np.array(lam, np.float32),
+                np.array(lora_scale(self.lora_alpha, rank) if rank else 1.0, np.float32)]
+
+    def mean_loss(self, batches: list[dict], rank: int) -> float:
+        """Target-weighted mean task loss over `batches` (the torch backend's loss_before/loss_after)."""
+        zeros = np.zeros(self.engine.rank, np.float32)
+        total, count = 0.0, 0
+        for batch in batches:
+            _, task_loss, _, n = self.engine.evaluate(self.inputs(batch, rank, zeros, 0.0))
+            total, count = total + task_loss * n, count + int(n)
+        return total / max(count, 1)
+
+
+def padded_tail_mask(rank: int, artifact_rank: int, gamma: float) -> np.ndarray:
+    """(artifact_rank,) mask: 1 on floor(gamma rank)..rank-1 (edge_client.lora.tail_mask), 0 elsewhere."""
+    mask = np.zeros(artifact_rank, np.float32)
+    mask[math.floor(gamma * rank):rank] = 1.0
+    return mask
+
+
+def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    out = np.zeros((rows, a.shape[1]), np.float32)
+    out[: a.shape[0]] = a
+    return out
+
+
+def pad_cols(b: np.ndarray, cols: int) -> np.ndarray:
+    out = np.zeros((b.shape[0], cols), np.float32)
+    out[:, : b.shape[1]] = b
+    return out
+
+
+def pad_batch(batch: dict, batch_size: int, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, labels) int64, padded to (batch_size, seq_len): pad columns are masked and
+    ignored, filler rows copy row 0 with every label IGNORE, so the loss and gradients are unchanged."""
+    ids = np.asarray(batch["input_ids"], np.int64)
+    mask = np.asarray(batch["attention_mask"], np.int64)
+    labels = np.asarray(batch["labels"], np.int64)
+    b, t = ids.shape
+    out_ids = np.full((batch_size, seq_len), pad_id, np.int64)
+    out_mask = np.zeros((batch_size, seq_len), np.int64)
+    out_ids[:b, :t], out_mask[:b, :t] = ids, mask
+    out_ids[b:], out_mask[b:] = out_ids[0], out_mask[0]
+    if labels.ndim == 2:
+        out_labels = np.full((batch_size, seq_len), IGNORE, np.int64)
+        out_labels[:b, :t] = labels
+    else:
+        out_labels = np.full(batch_size, IGNORE, np.int64)
+        out_labels[:b] = labels
+    return out_ids, out_mask, out_labels

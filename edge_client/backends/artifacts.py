@@ -1,0 +1,127 @@
+"""The artifact folder a device trains from: `manifest.json` plus per-rank files, verified by sha256.
+
+manifest.json (format "hetlora-artifacts", version 1):
+  model_hash, spec_fingerprint, task, labels | null, num_labels, targets, lora_alpha,
+  batch, seq_len, inputs, outputs,
+  parameters: {artifact parameter name: wire name}   (`<module>.lora_A|lora_B` or a dense name)
+  artifacts: [{backend, rank, optimizer: {...}, files: {role: {path, bytes, sha256}}}]
+Paths are relative to the folder. Pure Python: the exporter writes it, devices read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hetlora.errors import UserError
+
+FORMAT = "hetlora-artifacts"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One backend's files for one rank tier (absolute paths) and the shapes its inputs must have."""
+
+    backend: str
+    rank: int
+    optimizer: dict
+    files: dict[str, Path]
+    parameter_names: tuple[str, ...]
+    batch: int
+    seq_len: int
+    task: str
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        labels = (self.batch,) if self.task == "classification" else (self.batch, self.seq_len)
+        return {"input_ids": (self.batch, self.seq_len), "attention_mask": (self.batch, self.seq_len),
+                "labels": labels, "keep_mask": (self.rank,), "tail_mask": (self.rank,),
+                "prune_lambda": (), "lora_scale": ()}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    folder: Path
+    doc: dict
+
+    @property
+    def batch(self) -> int:
+        return int(self.doc["batch"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.doc["seq_len"])
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        """Artifact parameter name -> wire name."""
+        return dict(self.doc["parameters"])
+
+    def ranks(self, backend: str) -> list[int]:
+        return sorted(int(a["rank"]) for a in self.doc["artifacts"] if a["backend"] == backend)
+
+    def artifact(self, backend: str, rank: int) -> Artifact:
+        """The smallest exported rank >= `rank` for `backend` (keep masks cover the ranks in between)."""
+        fitting = [r for r in self.ranks(backend) if r >= rank]
+        if not fitting:
+            raise UserError(f"{self.folder} has no {backend} artifact for rank {rank} (exported: "
+                            f"{self.ranks(backend) or 'none'}); export that rank with "
+                            f"`hetlora export --ranks ... --backends {backend}` or use --backend torch")
+        entry = next(a for a in self.doc["artifacts"] if a["backend"] == backend and int(a["rank"]) == fitting[0])
+        return Artifact(backend, int(entry["rank"]), dict(entry.get("optimizer", {})),
+                        {role: self.folder / f["path"] for role, f in entry["files"].items()},
+                        tuple(self.parameters), self.batch, self.seq_len, self.doc["task"])
+
+    def verify(self, artifact: Artifact) -> None:
+        """Check every file of `artifact` exists with the manifest's size and sha256, else UserError naming it."""
+        entry = next(a for a in self.doc["artifacts"]
+                     if a["backend"] == artifact.backend and int(a["rank"]) == artifact.rank)
+        for role, f in entry["files"].items():
+            path = self.folder / f["path"]
+            if not path.is_file():
+                raise UserError(f"artifact file {path} is missing; copy the whole export folder to the device again")
+            if path.stat().st_size != int(f["bytes"]) or sha256_file(path) != f["sha256"]:
+                raise UserError(f"artifact file {path} does not match manifest.json (size or sha256 differs): it is "
+                                "corrupted or from another export; copy the export folder to the device again")
+
+    def check_compatible(self, *, model_hash: str | None, task: str, targets, lora_alpha: float) -> None:
+        """The artifacts must be exported from the client's base model, task, targets and LoRA alpha."""
+        problems = []
+        if model_hash is not None and self.doc["model_hash"] != model_hash:
+            problems.append("base model (model hash differs)")
+        if self.doc["task"] != task:
+            problems.append(f"task ({self.doc['task']} != {task})")
+        if targets is not None and tuple(self.doc["targets"]) != tuple(targets):
+            problems.append(f"LoRA targets ({self.doc['targets']} != {list(targets)})")
+        if float(self.doc["lora_alpha"]) != float(lora_alpha):
+            problems.append(f"lora_alpha ({self.doc['lora_alpha']} != {lora_alpha})")
+        if problems:
+            raise UserError(f"the artifacts in {self.folder} were exported for another setup: {', '.join(problems)}; "
+                            "re-run `hetlora export` for this model and run")
+
+
+def load_manifest(folder: str | os.PathLike) -> Manifest:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder} has no {MANIFEST}; pass the folder written by `hetlora export --out DIR`")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg}); copy the export folder again") from None
+    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest; re-export with this version")
+    return Manifest(folder, doc)

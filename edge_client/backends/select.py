@@ -1,0 +1,51 @@
+"""`--backend auto`: pick the fastest backend this platform offers, and say why.
+
+Order (from benchmarks/bench_backends.py on x86_64; see docs/EXPORT.md):
+  x86_64 / AMD64  onnx when onnxruntime-training imports and artifacts exist (about torch speed,
+                  lower memory), else torch
+  aarch64 (Pi, Jetson)  torch; executorch only when torch is missing and artifacts exist
+                  (ExecuTorch's training kernels are far slower than torch eager, see the benchmark)
+  Termux (Android)  torch (the only backend with a Termux build)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import platform
+
+log = logging.getLogger(__name__)
+
+
+def is_termux() -> bool:
+    return "com.termux" in os.environ.get("PREFIX", "") or "TERMUX_VERSION" in os.environ
+
+
+def available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def choose_backend(*, has_artifacts: bool, machine: str | None = None, termux: bool | None = None,
+                   have=available) -> tuple[str, str]:
+    """(backend, reason) for this platform; `machine`, `termux` and `have` are injectable for tests."""
+    machine = (machine or platform.machine()).lower()
+    termux = is_termux() if termux is None else termux
+    if termux:
+        return "torch", "Termux: torch is the only training backend with an Android/Termux build"
+    if machine in ("x86_64", "amd64"):
+        if has_artifacts and have("onnxruntime.training"):
+            return "onnx", "x86_64 with onnxruntime-training and exported artifacts: ONNX Runtime trains at torch speed"
+        if not has_artifacts:
+            return "torch", "x86_64 without --artifacts: torch"
+        return "torch", "x86_64 without onnxruntime-training: torch"
+    if machine in ("aarch64", "arm64"):
+        if have("torch"):
+            return "torch", (f"{machine}: torch eager (ExecuTorch training measured slower than torch; "
+                             "onnxruntime-training has no aarch64 wheel)")
+        if has_artifacts and have("executorch"):
+            return "executorch", f"{machine} without torch: ExecuTorch from the exported artifacts"
+    return "torch", f"{machine}: torch (no faster backend known for this platform)"

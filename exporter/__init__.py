@@ -1,0 +1,5 @@
+"""Trainable on-device artifacts (ExecuTorch `.pte`, ONNX Runtime training) per LoRA rank tier.
+
+Needs the `export` extra. Devices never import this package: they read the artifacts with
+`edge_client.backends`.
+"""

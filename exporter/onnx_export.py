@@ -1,0 +1,87 @@
+"""ONNX Runtime training artifacts for one rank: training, eval and optimizer models + checkpoint (AdamW).
+
+Pinned facts (docs/EXPORT.md): onnx 1.17 (IR <= 10), the legacy TorchScript exporter
+(dynamo=False) in TrainingMode.TRAINING with constant folding off, opset 14 (the
+LayerNormalization gradient builder fails at 17), attention_mask passed explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from exporter.errors import export_error
+from exporter.training_graph import INPUT_NAMES, OUTPUT_NAMES, TrainingGraph, trainable_names
+
+OPSET = 14
+FILES = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx",
+         "optimizer_model": "optimizer_model.onnx", "checkpoint": "checkpoint"}
+
+
+def adamw_settings(weight_decay: float) -> dict:
+    """The optimizer baked into optimizer_model.onnx (betas and eps of torch.optim.AdamW)."""
+    return {"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": float(weight_decay)}
+
+
+@contextmanager
+def quiet_root_logger():
+    """generate_artifacts logs every file it saves at INFO on the root logger; keep the progress bar readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def use_torch_adamw(optimizer_model: Path) -> None:
+    """Switch the AdamWOptimizer node to adam_mode 0 (torch.optim.AdamW's update; onnxblock writes 1, the
+    Hugging Face variant with a different epsilon placement), so ONNX and torch rounds agree."""
+    import onnx
+
+    model = onnx.load(str(optimizer_model))
+    for node in model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "adam_mode":
+                    attr.i = 0
+    onnx.save(model, str(optimizer_model))
+
+
+def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, weight_decay: float, what: str) -> dict[str, Path]:
+    """Write the four ORT training files for `graph` into `out_dir`; returns role -> path."""
+    import onnx
+    import onnxruntime
+    from onnxruntime.training import artifacts
+    from onnxruntime.training.onnxblock.optim import AdamW
+
+    onnxruntime.set_default_logger_severity(3)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = out_dir / "model.onnx"
+    try:
+        torch.onnx.export(graph, inputs, str(plain), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                          opset_version=OPSET, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
+                          do_constant_folding=False, export_params=True)
+        model = onnx.load(str(plain))
+        trainable = trainable_names(graph)
+        initializers = [i.name for i in model.graph.initializer]
+        missing = sorted(set(trainable) - set(initializers))
+        if missing:
+            raise RuntimeError(f"trainable parameters were folded away by the ONNX exporter: {missing[:3]}")
+        settings = adamw_settings(weight_decay)
+        with quiet_root_logger():
+            artifacts.generate_artifacts(
+                model, requires_grad=trainable, frozen_params=[n for n in initializers if n not in set(trainable)],
+                loss=None, optimizer=AdamW(betas=tuple(settings["betas"]), eps=settings["eps"],
+                                           weight_decay=settings["weight_decay"]),
+                artifact_directory=str(out_dir))
+        use_torch_adamw(out_dir / FILES["optimizer_model"])
+    except Exception as exc:  # the exporters raise many types; all mean "this model cannot be exported"
+        raise export_error("ONNX Runtime training", what, exc) from None
+    finally:
+        plain.unlink(missing_ok=True)
+    return {role: out_dir / name for role, name in FILES.items()}
