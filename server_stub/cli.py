@@ -82,6 +82,7 @@ def build_config(args: argparse.Namespace):
     from edge_client.models import default_model_dir, derive_spec
     from server_stub.config import ServerConfig, TrainingHints, load_labels
 
+    rule_options = _rule_options(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     labels = None
     if args.task == "classification":
@@ -89,15 +90,6 @@ def build_config(args: argparse.Namespace):
             raise UserError("classification needs a label list: pass --labels FILE")
         labels = load_labels(args.labels or BANKING77_LABELS)
     spec = derive_spec(model_dir, args.task, args.targets, num_labels=len(labels) if labels else None)
-    rule_options = {}
-    if args.aggregator == "hetlora":
-        rule_options = {"segment_average": args.segment_average}
-        if args.weighting:
-            rule_options["weighting"] = args.weighting
-    elif args.weighting or args.segment_average:
-        raise UserError("--weighting and --segment-average are hetlora options; drop them or use --aggregator hetlora")
-    if args.hlora_rank is not None and args.aggregator != "hlora":
-        raise UserError("--hlora-rank is an hlora option; drop it or use --aggregator hlora")
     global_rank = args.hlora_rank or args.global_rank or max(args.ranks)
     prune_lambda = args.prune_lambda if args.prune_lambda is not None else (0.01 if args.aggregator == "hetlora" else 0.0)
     hints = TrainingHints(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -108,6 +100,17 @@ def build_config(args: argparse.Namespace):
         round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed, lora_alpha=args.lora_alpha,
         max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints,
     )
+
+
+def _rule_options(args: argparse.Namespace) -> dict:
+    """make_rule options of the chosen aggregator; UserError for another rule's flags."""
+    if args.hlora_rank is not None and args.aggregator != "hlora":
+        raise UserError("--hlora-rank is an hlora option; drop it or use --aggregator hlora")
+    if args.aggregator != "hetlora":
+        if args.weighting or args.segment_average:
+            raise UserError("--weighting and --segment-average are hetlora options; drop them or use --aggregator hetlora")
+        return {}
+    return {"segment_average": args.segment_average} | ({"weighting": args.weighting} if args.weighting else {})
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ from server_stub.rounds import update_digest
 
 LABELS = ("balance", "card", "transfer")
 TARGETS = ("query", "value")
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -326,6 +324,10 @@ def test_selection_pruning_profile_and_finish(spec, tmp_path):
 
     config = make_config(spec, min_clients=2, clients_per_round=2, rounds=2, ranks=(2, 4, 8))
     with running_server(config, tmp_path / "state") as http:
+        paths = set(http.get("/openapi.json").json()["paths"])
+        assert {"/v1/register", "/v1/round", "/v1/profile", "/v1/rounds/{n}/adapter", "/v1/rounds/{n}/update",
+                "/v1/global", "/v1/status", "/v1/run"} <= paths
+        assert error_code(http.get("/v1/nothing-here")) == "not_found"
         waiting = register(http, 8)
         assert http.get("/v1/round", headers=waiting["auth"]).json()["state"] == "waiting"
         clients = [waiting, register(http, 8), register(http, 4)]  # round 1 opens with the first two
@@ -440,24 +442,40 @@ def test_state_dir_of_another_run_is_refused(spec, tmp_path):
 
 
 def start_cli_server(tiny_bert_dir, labels_file, state_dir):
-    """`hetlora serve` in a subprocess; returns (process, base URL) once server.json names the new pid."""
-    args = [sys.executable, "-m", "hetlora.cli", "serve", "--model", str(tiny_bert_dir), "--labels", str(labels_file),
-            "--targets", ",".join(TARGETS), "--aggregator", "hetlora", "--ranks", "2,4,8", "--min-clients", "3",
-            "--rounds", "2", "--seed", "7", "--state-dir", str(state_dir), "--port", "0"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    """`hetlora serve` (hetlora.cli.main) in a forked child process; returns (process, base URL) once it answers.
+
+    Forked rather than a fresh interpreter so the child skips re-importing torch and transformers;
+    it still parses the command line, derives the spec, binds a port and writes server.json itself.
+    """
+    argv = ["serve", "--model", str(tiny_bert_dir), "--labels", str(labels_file), "--targets", ",".join(TARGETS),
+            "--aggregator", "hetlora", "--ranks", "2,4,8", "--min-clients", "3", "--rounds", "2", "--seed", "7",
+            "--state-dir", str(state_dir), "--port", "0"]
+    proc = multiprocessing.get_context("fork").Process(target=_serve, args=(argv,), daemon=True)
+    proc.start()
     info_file = state_dir / "server.json"
     for _ in range(1200):
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        if not proc.is_alive():
+            raise AssertionError(f"server exited with code {proc.exitcode}")
         if info_file.exists() and json.loads(info_file.read_text())["pid"] == proc.pid:
             url = json.loads(info_file.read_text())["url"]
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/v1/status", timeout=5).status_code == 200:
                     return proc, url
-        time.sleep(0.1)
-    proc.kill()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
     raise AssertionError("server did not start")
+
+
+def _serve(argv):
+    from hetlora.cli import main
+
+    os._exit(main(argv))
+
+
+def sigkill(proc):
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
 
 
 def test_sigkill_and_restart_continue_the_open_round(spec, tiny_bert_dir, tmp_path):
@@ -476,8 +494,7 @@ def test_sigkill_and_restart_continue_the_open_round(spec, tiny_bert_dir, tmp_pa
                 assert post_update(http, client, 1, encode(update)).status_code == 201
             before = http.get("/v1/status").json()
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        sigkill(proc)
 
     proc, url = start_cli_server(tiny_bert_dir, labels_file, state)
     try:
@@ -493,5 +510,4 @@ def test_sigkill_and_restart_continue_the_open_round(spec, tiny_bert_dir, tmp_pa
             expected = reference_global("hetlora", initial, [(u, 10 * (k + 1), None) for k, u in enumerate(updates)])
             assert_matches_reference("hetlora", global_adapter(http), expected)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        sigkill(proc)
