@@ -479,19 +479,25 @@ def sigkill(proc):
 
 
 def test_sigkill_and_restart_continue_the_open_round(spec, tiny_bert_dir, tmp_path):
-    from server_stub.aggregation import make_rule
-
+    """Round 1 completes; round 2 gets two of three uploads; SIGKILL; restart; the third completes round 2."""
     labels_file = tmp_path / "labels.txt"
     labels_file.write_text("\n".join(LABELS) + "\n")
     state = tmp_path / "state"
+
+    def updates_for(clients, number):
+        return [make_update(spec, c["rank"], upload_meta(c, number, c["rank"], 10 * (k + 1)), seed=10 * number + k)
+                for k, c in enumerate(clients)]
+
     proc, url = start_cli_server(tiny_bert_dir, labels_file, state)
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
             clients = [register(http, r) for r in (2, 4, 8)]
-            updates = [make_update(spec, c["rank"], upload_meta(c, 1, c["rank"], 10 * (k + 1)), seed=k)
-                       for k, c in enumerate(clients)]
-            for client, update in zip(clients[:2], updates[:2]):
+            for client, update in zip(clients, updates_for(clients, 1)):
                 assert post_update(http, client, 1, encode(update)).status_code == 201
+            global_1 = global_adapter(http)
+            updates = updates_for(clients, 2)
+            for client, update in zip(clients[:2], updates[:2]):
+                assert post_update(http, client, 2, encode(update)).status_code == 201
             before = http.get("/v1/status").json()
     finally:
         sigkill(proc)
@@ -500,14 +506,18 @@ def test_sigkill_and_restart_continue_the_open_round(spec, tiny_bert_dir, tmp_pa
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
             after = http.get("/v1/status").json()
-            assert after["round"] == before["round"] and after["clients"] == before["clients"]
-            again = post_update(http, clients[0], 1, encode(updates[0]))  # the token survives; idempotent
+            for key in ("round", "clients", "history", "global_version"):
+                assert after[key] == before[key], key
+            assert after["round"]["uploads"] == [c["client_id"] for c in clients[:2]]
+            again = post_update(http, clients[0], 2, encode(updates[0]))  # the token survives; idempotent
             assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
-            assert post_update(http, clients[2], 1, encode(updates[2])).json()["round_state"] == "aggregated"
+            late = post_update(http, clients[0], 1, encode(updates_for(clients, 1)[0]))
+            assert (late.status_code, error_code(late), late.json()["error"]["current_round"]) == (409, "round_closed", 2)
+            assert post_update(http, clients[2], 2, encode(updates[2])).json()["round_state"] == "aggregated"
             status = http.get("/v1/status").json()
-            assert status["history"][0]["clients"] == [c["client_id"] for c in clients]
-            initial = make_rule("hetlora").init_global(spec, 8, 7)
-            expected = reference_global("hetlora", initial, [(u, 10 * (k + 1), None) for k, u in enumerate(updates)])
+            assert status["finished"] is True and [h["round"] for h in status["history"]] == [1, 2]
+            assert status["history"][1]["clients"] == [c["client_id"] for c in clients]
+            expected = reference_global("hetlora", global_1, [(u, 10 * (k + 1), None) for k, u in enumerate(updates)])
             assert_matches_reference("hetlora", global_adapter(http), expected)
     finally:
         sigkill(proc)
