@@ -87,9 +87,26 @@ def test_truncated_svd_of_product_matches_dense_svd(out, inp, m):
     np.testing.assert_allclose(vt @ vt.T, np.eye(4), atol=1e-10)
 
 
-def test_truncated_svd_of_zero_product_is_zero_not_nan():
+def test_truncated_svd_of_product_drops_zero_singular_values():
+    rng = np.random.default_rng(2)
+    u, s, vt = truncated_svd_of_product(rng.normal(size=(10, 2)), rng.normal(size=(2, 8)), 4)  # rank 2
+    assert s.shape == (2,) and u.shape == (10, 2) and vt.shape == (2, 8)
     u, s, vt = truncated_svd_of_product(np.zeros((6, 3)), np.zeros((3, 4)), 2)
-    assert np.all(s == 0) and np.isfinite(u).all() and np.isfinite(vt).all()
+    assert s.shape == (0,) and u.shape == (6, 0) and vt.shape == (0, 4)
+
+
+def test_truncated_svd_of_product_is_accurate_under_cancellation():
+    """Two clients whose updates almost cancel: the stacked factors are far larger than their product."""
+    rng = np.random.default_rng(3)
+    b, a = rng.normal(size=(40, 6)), rng.normal(size=(6, 30))
+    b_stack = np.hstack([b, b + 1e-4 * rng.normal(size=b.shape)])
+    a_stack = np.vstack([a, -a + 1e-4 * rng.normal(size=a.shape)])
+    u, s, vt = truncated_svd_of_product(b_stack, a_stack, 5)
+    u_ref, s_ref, vt_ref = np.linalg.svd(b_stack @ a_stack)
+    scale = np.linalg.norm(b_stack) * np.linalg.norm(a_stack)
+    assert s_ref[0] < 1e-3 * scale
+    np.testing.assert_allclose(s, s_ref[:5], atol=1e-12 * scale)
+    np.testing.assert_allclose((u * s) @ vt, (u_ref[:, :5] * s_ref[:5]) @ vt_ref[:5], atol=1e-12 * scale)
 
 
 # ---------------------------------------------------------------- hetlora

@@ -20,9 +20,9 @@ class HLoRARule(BaseRule):
     Factored, never the dense out x in matrix: dW = [sqrt(w_k) B_k]_k @ [sqrt(w_k) A_k]_k (the
     B's stacked side by side, the A's on top of each other), then QR of both stacks and an SVD
     of the small core (see `linalg.truncated_svd_of_product`).
-    Components whose singular value is 0 (relative tolerance max(out, in) * eps * s_max; e.g. a
-    zero update, or fewer than R independent directions) get B_j = 0 and keep the previous
-    global's A_j: dW is unchanged and the component stays trainable (B_j = A_j = 0 gets no gradient).
+    Components whose singular value is 0 (at rounding level; e.g. a zero update, or fewer than
+    R independent directions) get B_j = 0 and keep the previous global's A_j: dW is unchanged
+    and the component stays trainable (a pair B_j = A_j = 0 would get no gradient).
     Clients download the top-r truncation, the best rank-r approximation of the global dW
     because singular values are ordered.
     """
@@ -36,11 +36,10 @@ class HLoRARule(BaseRule):
         b_stack = np.hstack([r * b_k for (_, b_k, _), r in zip(parts, root_w)])
         a_stack = np.vstack([r * a_k for (a_k, _, _), r in zip(parts, root_w)])
         u, s, vt = truncated_svd_of_product(b_stack, a_stack, rank)
-        tolerance = max(prev_b.shape[0], prev_a.shape[1]) * np.finfo(np.float64).eps * (s[0] if s.size else 0.0)
-        live = int(np.count_nonzero(s > tolerance))
-        root_s = np.sqrt(s[:live])
+        live = s.size
+        root_s = np.sqrt(s)
         a = prev_a.copy()
         b = np.zeros_like(prev_b)
-        a[:live] = root_s[:, None] * vt[:live]
-        b[:, :live] = u[:, :live] * root_s[None, :]
+        a[:live] = root_s[:, None] * vt
+        b[:, :live] = u * root_s[None, :]
         return a, b

@@ -18,15 +18,25 @@ def update_norm(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def truncated_svd_of_product(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The top `rank` singular triplets (U, S, V^T) of B @ A, B (out x m), A (m x in).
+    """The top `rank` nonzero singular triplets (U, S, V^T) of B @ A, B (out x m), A (m x in).
 
-    B = Q_b R_b and A^T = Q_a R_a (reduced QR), so B A = Q_b (R_b R_a^T) Q_a^T; the small
-    core R_b R_a^T = U' S V'^T gives U = Q_b U', V = Q_a V'. Only the kept columns of U and
-    V are formed. Returns at most min(rank, out, in, m) triplets, singular values descending;
-    a zero product gives zero singular values, never NaN.
+    With the triangular factors of B = Q_b R_b and A^T = Q_a R_a, B A = Q_b (R_b R_a^T) Q_a^T, so
+    the small core R_b R_a^T = U' S V'^T has the singular values of B A and U = Q_b U',
+    V = Q_a V'. Q_b and Q_a are never formed: since A Q_a = R_a^T and Q_b^T B = R_b,
+        U = B (R_a^T V') S^-1,   V^T = S^-1 (U'^T R_b) A,
+    which costs O((out + in) m rank) instead of O((out + in) m^2).
+    Singular values at or below the rounding error of the product,
+    max(out, in, m) * eps * ||B||_F ||A||_F, count as 0 and are dropped, so at most
+    min(rank, out, in, m) triplets come back (none for a zero product), singular values descending.
     """
-    q_b, r_b = np.linalg.qr(np.asarray(b, dtype=np.float64))
-    q_a, r_a = np.linalg.qr(np.asarray(a, dtype=np.float64).T)
+    b = np.asarray(b, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    r_b = np.linalg.qr(b, mode="r")
+    r_a = np.linalg.qr(a.T, mode="r")
     u_core, s, vt_core = np.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    keep = min(rank, s.shape[0])
-    return q_b @ u_core[:, :keep], s[:keep], vt_core[:keep] @ q_a.T
+    tolerance = max(*b.shape, a.shape[1]) * np.finfo(np.float64).eps * np.linalg.norm(b) * np.linalg.norm(a)
+    keep = int(np.count_nonzero(s[:rank] > tolerance))
+    s = s[:keep]
+    u = (b @ (r_a.T @ vt_core[:keep].T)) / s[None, :]
+    vt = ((u_core[:, :keep].T @ r_b) @ a) / s[:, None]
+    return u, s, vt
