@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from fakeroots import make_root
 
-from edge_client.device.energy import EnergyMeter, EnergyResult, combine, integrate_power, interpolate, unwrap
+from edge_client.device.energy import (EnergyMeter, EnergyResult, combine, integrate_power, interpolate, meter_for,
+                                       unwrap)
 from edge_client.device.host import Host
 from edge_client.device.sources import EstimateSource, discover_sources
 
@@ -195,3 +196,30 @@ def test_combine_sums_windows_with_the_same_labels():
 def test_combine_refuses_mixed_labels(other):
     with pytest.raises(ValueError, match="different labels"):
         combine([labelled(), other])
+
+
+def test_meter_for_picks_the_best_source_of_each_device(tmp_path):
+    for tree, source, status in (("x86-laptop", "rapl", "measured"), ("jetson-agx-orin-jp6", "jetson-ina3221-hwmon",
+                                                                     "measured"),
+                                 ("android-phone", "battery-sysfs", "measured"), ("raspberry-pi-5", "pi5-pmic", "measured")):
+        root, env = make_root(tree, tmp_path / tree)
+        meter = meter_for(Host(root, env))
+        assert (meter.source.name, meter.status) == (source, status), tree
+
+
+def test_meter_for_a_pi4_estimates_from_the_catalog(tmp_path):
+    pytest.importorskip("profiles.catalog")
+    root, env = make_root("raspberry-pi-4", tmp_path)
+    (root / "proc/stat").write_text("cpu  0 0 0 0 0 0 0 0 0 0\n")
+    meter = meter_for(Host(root, env))
+    assert meter.status == "estimated" and "catalog:raspberry-pi-4" in meter.source.model
+
+
+def test_meter_for_an_unknown_device_is_unavailable_and_says_why(tmp_path):
+    root, env = make_root("android-phone", tmp_path)
+    (root / "sys/class/power_supply/usb/online").write_text("1\n")
+    (root / "sys/class/power_supply/battery/status").write_text("Charging\n")
+    (root / "bin").mkdir()
+    meter = meter_for(Host(root, {"PATH": str(root / "bin")}))  # no termux-battery-status, no catalog match
+    assert meter.status == "unavailable"
+    assert "battery-sysfs: on external power" in meter.unavailable_note

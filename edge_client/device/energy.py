@@ -14,11 +14,14 @@ Every result is one of measured, estimated or unavailable; aggregates never mix 
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
+from edge_client.device.host import Host
+from edge_client.device.sources import choose_source, discover_sources, estimate_source
 from edge_client.device.sources.base import PowerSource, Unreadable
 
 STATUSES = ("measured", "estimated", "unavailable")
@@ -210,3 +213,21 @@ class EnergyMeter:
         result = self.stop()
         self.idle_w = result.mean_w
         return self.idle_w
+
+
+def meter_for(host: Host | str | os.PathLike = "/", *, catalog_id: str | None = None,
+              rate_hz: float = 10.0) -> EnergyMeter:
+    """A meter on the best source this device can measure with now; else an estimate from the
+    catalog's figure for the device (matched by identity unless `catalog_id` is given) or the
+    RAPL power limit; else an always-unavailable meter whose note says why."""
+    from edge_client.device.identity import read_identity
+    from edge_client.device.profile import catalog_power_figure, match_catalog
+
+    host = Host.of(host)
+    catalog_id = catalog_id or match_catalog(read_identity(host))
+    estimate = estimate_source(host, catalog_power_figure(catalog_id), f"catalog:{catalog_id}")
+    source, passed_over = choose_source(discover_sources(host), estimate)
+    note = "no power source can measure this device and no estimate figure is known"
+    if passed_over:
+        note += f" ({'; '.join(passed_over)})"
+    return EnergyMeter(source, rate_hz, unavailable_note=note)

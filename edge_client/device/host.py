@@ -26,6 +26,11 @@ class Host:
     runner: Runner | None = None
     command_timeout_s: float = 10.0
 
+    @classmethod
+    def of(cls, root_or_host: "Host | str | os.PathLike") -> "Host":
+        """A Host as given, or the Host of a root directory with this process's environment."""
+        return root_or_host if isinstance(root_or_host, Host) else cls(Path(root_or_host))
+
     @property
     def live(self) -> bool:
         """True when this is the running machine (root "/"), so process-level facts apply."""

@@ -27,22 +27,33 @@ SECTIONS = ("identity", "cpu", "memory", "battery", "power_sources", "thermal", 
 LOWEST_TIER = {"rank": 4, "batch_size": 8, "seq_len": 64}  # used when the tier policy is not installed
 
 
-def _policy_installed() -> bool:
-    return importlib.util.find_spec("profiles") is not None and importlib.util.find_spec("profiles.policy") is not None
+def _installed(module: str) -> bool:
+    """Whether profiles.<module> (the tier-policy engineer's package) is importable."""
+    return importlib.util.find_spec("profiles") is not None and importlib.util.find_spec(f"profiles.{module}") is not None
 
 
-def catalog_id(identity: dict) -> str | None:
+def match_catalog(identity: dict) -> str | None:
     """The catalog device this identity matches (profiles.catalog), or None."""
-    if importlib.util.find_spec("profiles") is None or importlib.util.find_spec("profiles.catalog") is None:
+    if not _installed("catalog"):
         return None
     from profiles.catalog import match_catalog_id
 
     return match_catalog_id(identity)
 
 
+def catalog_power_figure(catalog_id: str | None) -> dict | None:
+    """{"idle_w", "load_w"} of a catalog device (its typical training power), or None."""
+    if not catalog_id or not _installed("catalog"):
+        return None
+    from profiles.catalog import device
+
+    power = device(catalog_id)["power"]
+    return {"idle_w": power["idle_w"], "load_w": power["typical_training_w"]}
+
+
 def lowest_tier() -> dict:
     """Rank, batch size and sequence length of the lowest training tier of the installed policy."""
-    if not _policy_installed():
+    if not _installed("policy"):
         return dict(LOWEST_TIER)
     from profiles.policy import load_policy, tiers_of
 
@@ -65,7 +76,7 @@ def collect_profile(root: str | os.PathLike = "/", quick: bool = False, *, full:
     compute_section, peaks = (None, None) if quick else measure_compute(host, full=full, step=step,
                                                                         model_dir=model_dir)
     identity = read_identity(host)
-    identity["catalog_id"] = catalog_id(identity)
+    identity["catalog_id"] = match_catalog(identity)
     return {
         "schema": SCHEMA,
         "version": VERSION,

@@ -6,6 +6,8 @@ a meter should use now; `estimate_source` builds the labelled fallback when none
 
 from __future__ import annotations
 
+import os
+
 from edge_client.device.host import Host
 from edge_client.device.sources.base import PowerSource, Unreadable
 from edge_client.device.sources.battery_power import discover_battery
@@ -17,8 +19,9 @@ from edge_client.device.sources.rapl import discover_rapl, rapl_power_limit_w
 __all__ = ["PowerSource", "Unreadable", "EstimateSource", "discover_sources", "choose_source", "estimate_source"]
 
 
-def discover_sources(host: Host) -> list[PowerSource]:
+def discover_sources(host: Host | str | os.PathLike = "/") -> list[PowerSource]:
     """Every measured source the device has, widest scope first: module/board sensors, RAPL, battery."""
+    host = Host.of(host)
     return [*discover_jetson(host), *discover_pi_pmic(host), *discover_rapl(host), *discover_battery(host)]
 
 
