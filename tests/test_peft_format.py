@@ -1,0 +1,98 @@
+"""PEFT export and the merged-weight evaluator, both against the project's own LoRA model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge_client.data import Examples
+from edge_client.evaluate import Evaluator, macro_f1
+from edge_client.lora import inject_lora, load_adapter
+from edge_client.models import derive_spec, load_task_model
+from edge_client.peft_format import save_peft
+from edge_client.wire import Adapter
+from hetlora.errors import UserError
+
+TEXTS = ["how do I activate my new card", "what is the exchange rate for euros", "the quick brown fox"]
+LABELS = ["a", "b", "c"]
+
+
+def random_adapter(spec, rank, seed):
+    rng = np.random.default_rng(seed)
+    lora = {n: (rng.normal(0, 0.3, (rank, m.in_features)).astype(np.float32),
+                rng.normal(0, 0.3, (m.out_features, rank)).astype(np.float32)) for n, m in spec.modules.items()}
+    dense = {n: rng.normal(0, 0.3, s).astype(np.float32) for n, s in spec.dense.items()}
+    return Adapter(lora=lora, dense=dense)
+
+
+def our_logits(model_dir, task, adapter, num_labels=None):
+    """The project's own model: LoRALinear layers with the wire adapter loaded (B / s, scale s)."""
+    from edge_client.data import load_tokenizer
+
+    model = load_task_model(model_dir, task, num_labels).eval()
+    dense = dict(model.named_parameters())
+    dense = {n: dense[n] for n in adapter.dense}
+    inject_lora(model, derive_spec(model_dir, task, num_labels=num_labels).targets, rank=1, alpha=16)
+    load_adapter(model, adapter, dense, alpha=16)
+    enc = load_tokenizer(model_dir)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits, enc
+
+
+@pytest.mark.parametrize("task,fixture,num_labels", [("classification", "tiny_bert_dir", 3),
+                                                     ("causal-lm", "tiny_llama_dir", None)])
+def test_peft_loads_the_export_with_the_same_logits(request, tmp_path, task, fixture, num_labels):
+    from peft import PeftModel
+
+    model_dir = request.getfixturevalue(fixture)
+    adapter = random_adapter(derive_spec(model_dir, task, num_labels=num_labels), rank=6, seed=1)
+    expected, enc = our_logits(model_dir, task, adapter, num_labels)
+    save_peft(adapter, tmp_path / "peft", task)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 6
+    base = load_task_model(model_dir, task, num_labels)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert not torch.allclose(got, load_task_model(model_dir, task, num_labels).eval()(**enc).logits, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_evaluator_merged_weights_match_the_lora_model(tiny_bert_dir):
+    adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=4, seed=2)
+    reference, _ = our_logits(tiny_bert_dir, "classification", adapter, 3)
+    predicted = reference.argmax(-1).numpy()
+    truth = np.array([0, 1, 1])
+    metrics = Evaluator(tiny_bert_dir, "classification", LABELS).evaluate(
+        adapter, Examples("classification", tuple(TEXTS), tuple(truth)), seq_len=32, batch_size=2)
+    assert metrics["accuracy"] == pytest.approx(np.mean(predicted == truth))
+    assert metrics["macro_f1"] == pytest.approx(macro_f1(truth, predicted))
+    expected_loss = torch.nn.functional.cross_entropy(reference, torch.from_numpy(truth)).item()
+    assert metrics["loss"] == pytest.approx(expected_loss, abs=1e-5)
+
+
+def test_evaluator_perplexity_and_swapping_adapters(tiny_llama_dir):
+    spec = derive_spec(tiny_llama_dir, "causal-lm")
+    evaluator = Evaluator(tiny_llama_dir, "causal-lm")
+    data = Examples("causal-lm", ("", ""), responses=tuple(TEXTS[:2]))
+    zero = Adapter(lora={n: (np.zeros((2, m.in_features), np.float32), np.zeros((m.out_features, 2), np.float32))
+                         for n, m in spec.modules.items()})
+    base = evaluator.evaluate(zero, data, seq_len=32)
+    changed = evaluator.evaluate(random_adapter(spec, 2, 3), data, seq_len=32)
+    again = evaluator.evaluate(zero, data, seq_len=32)
+    assert base["perplexity"] == pytest.approx(np.exp(base["nll"]))
+    assert changed["nll"] != pytest.approx(base["nll"])
+    assert again["nll"] == pytest.approx(base["nll"], abs=1e-6)  # W0 restored between adapters
+
+
+def test_evaluator_rejects_a_headless_or_foreign_adapter(tiny_bert_dir):
+    evaluator = Evaluator(tiny_bert_dir, "classification", LABELS)
+    data = Examples("classification", ("hi",), (0,))
+    with pytest.raises(UserError, match="head"):
+        evaluator.evaluate(Adapter(lora={}), data)
+    foreign = Adapter(lora={"model.layers.0.q_proj": (np.zeros((1, 4), np.float32), np.zeros((4, 1), np.float32))},
+                      dense={n: np.zeros(s, np.float32) for n, s in
+                             derive_spec(tiny_bert_dir, "classification", num_labels=3).dense.items()})
+    with pytest.raises(UserError, match="not a linear layer"):
+        evaluator.evaluate(foreign, data)
