@@ -1,0 +1,222 @@
+"""The onnx and executorch backends against the torch backend (the reference), on tiny real models.
+
+Artifacts are exported once per task (module fixture) at one rank with a larger fixed shape
+than the rounds use, so padding of batches and of ranks is exercised everywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edge_client.backends import make_trainer
+from edge_client.backends.artifact_trainer import padded_tail_mask
+from edge_client.backends.select import choose_backend
+from edge_client.data import Examples
+from edge_client.lora import load_adapter, lora_layers, tail_mask, tail_penalty
+from edge_client.models import derive_spec
+from edge_client.objective import batch_loss
+from edge_client.train_config import TrainConfig
+from edge_client.training import TorchTrainer
+from edge_client.wire import Adapter
+from hetlora.errors import UserError
+
+pytest.importorskip("executorch")
+pytest.importorskip("onnxruntime.training")
+
+ART_RANK, ART_BATCH, ART_SEQ = 4, 4, 16
+ALPHA = 8.0
+LABELS = ["card", "payment", "exchange"]
+SENTENCES = ["how do I activate my new card", "my card payment was declined at the shop",
+             "what is the exchange rate for euros", "federated learning keeps private data on the device",
+             "the quick brown fox jumps over the lazy dog"]
+SETUPS = {"classification": ("tiny_bert_dir", ("query", "value")),
+          "causal-lm": ("tiny_llama_dir", ("q_proj", "v_proj"))}
+
+
+def examples_for(task: str) -> Examples:
+    texts = tuple(f"{s} {i}" for i, s in enumerate(SENTENCES * 2))
+    if task == "classification":
+        return Examples(task, texts, tuple(i % len(LABELS) for i in range(len(texts))))
+    return Examples(task, ("",) * len(texts), responses=texts)
+
+
+def random_adapter(spec, rank: int, seed: int) -> Adapter:
+    rng = np.random.default_rng(seed)
+    lora = {name: (rng.normal(0, 0.2, (rank, m.in_features)).astype(np.float32),
+                   rng.normal(0, 0.2, (m.out_features, rank)).astype(np.float32)) for name, m in spec.modules.items()}
+    dense = {name: rng.normal(0, 0.2, shape).astype(np.float32) for name, shape in spec.dense.items()}
+    return Adapter(lora=lora, dense=dense)
+
+
+@pytest.fixture(scope="module", params=sorted(SETUPS))
+def setup(request, tmp_path_factory):
+    """(task, model_dir, targets, labels, artifacts folder) with both backends exported at ART_RANK."""
+    from exporter.export import ExportRequest, export_all
+
+    task = request.param
+    fixture, targets = SETUPS[task]
+    model_dir = request.getfixturevalue(fixture)
+    labels = LABELS if task == "classification" else None
+    out = tmp_path_factory.mktemp(f"artifacts-{task}")
+    export_all(ExportRequest(model_dir=model_dir, task=task, ranks=(ART_RANK,), batch=ART_BATCH, seq_len=ART_SEQ,
+                             backends=("executorch", "onnx"), out=out, targets=targets,
+                             labels=tuple(labels) if labels else None, lora_alpha=ALPHA), progress=False)
+    return task, model_dir, targets, labels, out
+
+
+def trainers(setup, backend: str):
+    task, model_dir, targets, labels, out = setup
+    kwargs = dict(model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA)
+    return make_trainer("torch", **kwargs), make_trainer(backend, artifacts_dir=out, **kwargs)
+
+
+def spec_of(setup):
+    task, model_dir, targets, labels, _ = setup
+    return derive_spec(model_dir, task, targets, len(labels) if labels else None)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "executorch"])
+def test_first_step_loss_and_gradients_equal_torch(setup, backend):
+    task = setup[0]
+    reference, trainer = trainers(setup, backend)
+    rank, lam, gamma = 3, 0.3, 0.5
+    start = random_adapter(spec_of(setup), rank, seed=1)
+    batch = next(iter(trainer_batches(trainer, task)))
+
+    model = reference.model
+    load_adapter(model, start, reference.dense, ALPHA)
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n or n in reference.dense}
+    for p in params.values():
+        p.requires_grad_(True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = batch_loss(logits, batch["labels"], task) + lam * tail_penalty(model, tail_mask(rank, gamma))
+    expected.backward()
+
+    engine = trainer.engine_for(rank)
+    trainer.load(start)
+    loss = engine.forward_backward(trainer.inputs(batch, rank, padded_tail_mask(rank, engine.rank, gamma), lam))[0]
+    assert loss == pytest.approx(float(expected), abs=1e-4)
+    grads = engine.gradients()
+    assert set(grads) == {"model." + n for n in params}
+    for name, p in params.items():
+        got = grads["model." + name]
+        if "lora_A" in name:
+            assert not got[rank:].any(), "a rank silenced by the keep mask got a gradient"
+            got = got[:rank]
+        elif "lora_B" in name:
+            assert not got[:, rank:].any(), "a rank silenced by the keep mask got a gradient"
+            got = got[:, :rank]
+        want = p.grad.numpy()
+        assert np.linalg.norm(got - want) <= 1e-3 * np.linalg.norm(want) + 1e-7, name
+
+
+def trainer_batches(trainer, task):
+    from edge_client.data import make_batches
+
+    return make_batches(trainer.encode(examples_for(task), 12), 3, seed=0)
+
+
+def assert_same_adapter(got: Adapter, want: Adapter, atol: float) -> None:
+    assert got.rank == want.rank and set(got.lora) == set(want.lora) and set(got.dense) == set(want.dense)
+    for name, (a, b) in want.lora.items():
+        np.testing.assert_allclose(got.lora[name][0], a, atol=atol, err_msg=name)
+        np.testing.assert_allclose(got.lora[name][1], b, atol=atol, err_msg=name)
+    for name, t in want.dense.items():
+        np.testing.assert_allclose(got.dense[name], t, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("backend, optimizer", [("executorch", "sgd"), ("onnx", "adamw")])
+def test_round_with_self_pruning_matches_torch(setup, backend, optimizer):
+    """Six steps at rank 3 in an artifact of rank 4 (padding silenced by the keep mask), then pruning to 2.
+
+    Tolerance: 2e-5 absolute on every wire tensor (float32 kernels of different libraries; ONNX uses
+    adam_mode 0 so its update is torch.optim.AdamW's).
+    """
+    task = setup[0]
+    reference, trainer = trainers(setup, backend)
+    start = random_adapter(spec_of(setup), 3, seed=2)
+    cfg = TrainConfig(steps=6, batch_size=3, seq_len=12, lr=0.05 if optimizer == "sgd" else 0.01,
+                      optimizer=optimizer, prune_lambda=0.5, prune_gamma=0.7, min_rank=1, lora_alpha=ALPHA)
+    want = reference.train_round(start, examples_for(task), cfg, rank=3, mode="hetlora")
+    got = trainer.train_round(start, examples_for(task), cfg, rank=3, mode="hetlora")
+    assert want.rank_after == got.rank_after == 2
+    assert got.tail_before == pytest.approx(want.tail_before, rel=1e-5)
+    assert got.tail_after == pytest.approx(want.tail_after, rel=1e-4)
+    assert got.loss_before == pytest.approx(want.loss_before, abs=1e-4)
+    assert got.loss_after == pytest.approx(want.loss_after, abs=1e-4)
+    assert_same_adapter(got.adapter, want.adapter, atol=2e-5)
+    current = trainer.engine.read()
+    for name in current:
+        if name.endswith("lora_A"):
+            assert not current[name][2:].any(), "pruned or padded ranks must hold exact zeros"
+        elif name.endswith("lora_B"):
+            assert not current[name][:, 2:].any(), "pruned or padded ranks must hold exact zeros"
+
+
+def test_plain_round_without_pruning_keeps_rank(setup):
+    task = setup[0]
+    reference, trainer = trainers(setup, "executorch")
+    start = random_adapter(spec_of(setup), ART_RANK, seed=3)
+    cfg = TrainConfig(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lr=0.05, optimizer="sgd", lora_alpha=ALPHA)
+    want = reference.train_round(start, examples_for(task), cfg, rank=ART_RANK)
+    got = trainer.train_round(start, examples_for(task), cfg, rank=ART_RANK)
+    assert got.rank_after == ART_RANK and got.tail_before == got.tail_after == 0.0
+    assert_same_adapter(got.adapter, want.adapter, atol=2e-5)
+
+
+def test_user_errors(setup):
+    task, model_dir, targets, labels, out = setup
+    _, trainer = trainers(setup, "executorch")
+    start = random_adapter(spec_of(setup), 2, seed=4)
+    with pytest.raises(UserError, match="--backend torch"):
+        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="sgd"), rank=2, indices=[0, 1],
+                            mode="plora")
+    with pytest.raises(UserError, match="SGD only"):
+        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="adamw", batch_size=2, seq_len=8), rank=2)
+    with pytest.raises(UserError, match="batch 4 x seq_len 16"):
+        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="sgd", seq_len=64), rank=2)
+    big = random_adapter(spec_of(setup), 8, seed=5)
+    with pytest.raises(UserError, match="no executorch artifact for rank 8"):
+        trainer.train_round(big, examples_for(task), TrainConfig(optimizer="sgd"), rank=8)
+    with pytest.raises(UserError, match="--artifacts"):
+        make_trainer("onnx", model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA)
+    with pytest.raises(UserError, match="lora_alpha"):
+        make_trainer("onnx", model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA * 2,
+                     artifacts_dir=out)
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_artifact_sha256_is_verified(setup, tmp_path, damage):
+    task, model_dir, targets, labels, out = setup
+    copy = tmp_path / "artifacts"
+    shutil.copytree(out, copy)
+    target = copy / "onnx" / f"r{ART_RANK}" / "training_model.onnx"
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        target.unlink()
+    with pytest.raises(UserError, match="training_model.onnx"):
+        make_trainer("onnx", model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA,
+                     artifacts_dir=copy, rank=2)
+
+
+@pytest.mark.parametrize("machine, termux, have, expected", [
+    ("x86_64", False, {"onnxruntime.training", "torch"}, "onnx"),
+    ("x86_64", False, {"torch"}, "torch"),
+    ("aarch64", False, {"torch", "executorch"}, "torch"),
+    ("aarch64", False, {"executorch"}, "executorch"),
+    ("aarch64", True, {"torch", "executorch"}, "torch"),
+])
+def test_auto_backend_choice(machine, termux, have, expected):
+    backend, reason = choose_backend(has_artifacts=True, machine=machine, termux=termux, have=have.__contains__)
+    assert backend == expected and reason
+
+
+def test_auto_without_artifacts_is_torch():
+    assert choose_backend(has_artifacts=False, machine="x86_64", termux=False, have=lambda m: True)[0] == "torch"
