@@ -69,8 +69,8 @@ class ServerConfig:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
-    def client_rank_cap(self, rank: int) -> int:
-        """fedavg is the homogeneous baseline: every client trains at the global rank."""
+    def rule_rank(self, rank: int) -> int:
+        """The rank a client trains at under this run's rule: fedavg (homogeneous) puts everyone at the global rank."""
         return self.global_rank if self.aggregator == "fedavg" else rank
 
     def identity(self) -> dict:

@@ -126,7 +126,7 @@ class Coordinator:
         return {"client_id": client_id, "rank": rank}
 
     def _rank_for(self, profile: dict, requested_rank: int, pruned_rank: int | None) -> int:
-        rank = self.config.client_rank_cap(assign_rank(profile, requested_rank, self.config.ranks))
+        rank = self.config.rule_rank(assign_rank(profile, requested_rank, self.config.ranks))
         return min(rank, pruned_rank) if pruned_rank else rank
 
     def _client(self, client_id: str) -> dict:

@@ -370,6 +370,21 @@ def test_selection_pruning_profile_and_finish(spec, tmp_path):
             assert reply.json()["rank"] == 2
 
 
+def test_concurrent_uploads_aggregate_exactly_once(spec, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running_server(make_config(spec, min_clients=4, rounds=1), tmp_path / "state") as http:
+        clients = [register(http, r) for r in (2, 4, 8, 8)]
+        bodies = [encode(make_update(spec, c["rank"], upload_meta(c, 1, c["rank"], 5), seed=k))
+                  for k, c in enumerate(clients)]
+        with ThreadPoolExecutor(len(clients)) as pool:
+            replies = list(pool.map(lambda cb: post_update(http, cb[0], 1, cb[1]), zip(clients, bodies)))
+        assert [r.status_code for r in replies] == [201] * 4
+        assert sorted(r.json()["round_state"] for r in replies) == ["aggregated", "open", "open", "open"]
+        status = http.get("/v1/status").json()
+        assert status["finished"] and len(status["history"]) == 1 and len(status["history"][0]["clients"]) == 4
+
+
 def test_deadline_extends_then_aggregates_with_min_uploads(spec, tmp_path):
     config = make_config(spec, min_clients=2, round_deadline=0.6)
     with running_server(config, tmp_path / "state") as http:
