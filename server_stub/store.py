@@ -120,9 +120,9 @@ class Store:
         stored = json.loads(row["value"])
         differing = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
         if differing:
-            raise UserError(f"the state dir {self.root} belongs to another run (different {', '.join(differing)}); "
-                            "use a new --state-dir or start with the same model, targets, labels, aggregator "
-                            "options, global rank and seed")
+            changes = "; ".join(f"{k}: {_short(stored.get(k))} there, {_short(identity.get(k))} now" for k in differing)
+            raise UserError(f"the state dir {self.root} belongs to another run ({changes}); use a new --state-dir "
+                            "or start with the same model, targets, labels, aggregator options, global rank and seed")
 
     # --- blobs ---------------------------------------------------------------------------------
     def write_blob(self, relpath: str, data: bytes) -> None:
@@ -148,6 +148,11 @@ class Store:
     def select_one(self, sql: str, params: tuple = ()) -> dict | None:
         rows = self.select(sql, params)
         return rows[0] if rows else None
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _decode(row: sqlite3.Row) -> dict:
