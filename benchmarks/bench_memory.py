@@ -3,7 +3,7 @@
 Each configuration runs in a fresh subprocess: load the model, inject LoRA on the default targets,
 AdamW over the LoRA factors and the classification head, two training steps on random token ids,
 then the peak RSS from resource.getrusage (ru_maxrss). Prints predicted, measured and error %, and
-the two calibration constants of profiles/memory_model.py solved from the rank-4 rows.
+a least-squares fit of the two calibration constants of profiles/memory_model.py over the rows run.
 
     .venv/bin/python benchmarks/bench_memory.py [--ranks 4,8,16,32,64] [--shapes 8x64,16x128]
 """
@@ -81,17 +81,16 @@ def main() -> None:
             rows.append((rank, batch, seq_len, measured))
             print(f"{rank:>4} {batch:>5} {seq_len:>4} {predicted / 1e6:>12.0f} {measured / 1e6:>11.0f} "
                   f"{100 * (predicted - measured) / measured:>+7.1f}", flush=True)
-    # Calibration: measured = runtime + workspace * saved + (weights + trainable state), solved from two rows.
-    cal = [r for r in rows if r[0] == min(ranks)][:2]
-    if len(cal) == 2:
-        fixed = [predict_peak_memory(shape, r, b, s, dense_params=dense, runtime_bytes=0, workspace_factor=0).total
-                 for r, b, s, _ in cal]
-        saved = [saved_activation_bytes(shape, b, s, r, 6) for r, b, s, _ in cal]
-        factor = ((cal[1][3] - fixed[1]) - (cal[0][3] - fixed[0])) / (saved[1] - saved[0])
-        runtime = cal[0][3] - fixed[0] - factor * saved[0]
-        print(f"\ncalibration from rank {cal[0][0]} at {cal[0][1]}x{cal[0][2]} and {cal[1][1]}x{cal[1][2]}: "
-              f"RUNTIME_BYTES = {runtime:.0f}, WORKSPACE_FACTOR = {factor:.3f}")
+    # Calibration: measured - (weights + trainable state) = runtime + workspace * saved, least squares over all rows.
+    import numpy as np
 
+    fixed = [predict_peak_memory(shape, r, b, s, dense_params=dense, runtime_bytes=0, workspace_factor=0).total
+             for r, b, s, _ in rows]
+    saved = [saved_activation_bytes(shape, b, s, r, 6) for r, b, s, _ in rows]
+    (runtime, factor), *_ = np.linalg.lstsq(np.column_stack([np.ones(len(rows)), saved]),
+                                            np.array([m - f for (*_, m), f in zip(rows, fixed)]), rcond=None)
+    print(f"\nleast-squares fit over these {len(rows)} rows: RUNTIME_BYTES = {runtime:.0f}, "
+          f"WORKSPACE_FACTOR = {factor:.3f} (the model uses the values in profiles/memory_model.py)")
 
 if __name__ == "__main__":
     main()
