@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.step and args.quick:
         raise UserError("--step measures compute; drop --quick")
+    if args.model and not args.step:
+        raise UserError("--model is the model for --step; add --step or drop --model")
+    model_dir = _step_model(args.model) if args.step else None
     if args.as_device:
         doc = _tier_module("catalog").profile_for(args.as_device)
     else:
@@ -41,7 +44,7 @@ def run(args) -> int:
 
         if not Path(args.root).is_dir():
             raise UserError(f"--root {args.root} is not a directory")
-        doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=args.model)
+        doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir)
     decision = _tier_module("policy").decide_tier(doc) if args.tier or args.as_device else None
     if args.out:
         _write(Path(args.out), doc)
@@ -52,6 +55,13 @@ def run(args) -> int:
         if decision:
             print(format_tier(decision))
     return 0
+
+
+def _step_model(model: str | None) -> Path:
+    """The model folder for --step, checked before any measurement runs."""
+    from edge_client.models import check_model_dir, default_model_dir
+
+    return check_model_dir(model) if model else default_model_dir()
 
 
 def _tier_module(name: str):

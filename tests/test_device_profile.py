@@ -165,6 +165,10 @@ def test_cli_table_on_fake_tree(tmp_path, capsys, monkeypatch):
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert main(["profile", "--quick", "--step"]) == 2
     assert "--step" in capsys.readouterr().err
+    assert main(["profile", "--model", str(tmp_path)]) == 2
+    assert "add --step" in capsys.readouterr().err
+    assert main(["profile", "--step", "--model", str(tmp_path)]) == 2
+    assert "not a model folder" in capsys.readouterr().err
     assert main(["profile", "--quick", "--root", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err
     assert main(["profile", "--quick", "--root", str(tmp_path), "--out", str(tmp_path / "no" / "dir.json")]) == 2
