@@ -18,10 +18,10 @@ from server_stub.aggregation.linalg import truncated_svd_of_product, update_norm
 R = 6
 RANKS = (2, 3, 5)
 N_SAMPLES = (10, 30, 60)
-# "wide" has min(out, in) = 5 < R and sum of ranks 10 > 5: the hlora edge case.
+# sum of ranks 10: hlora QRs both stacks of "tall"; "wide" has min(out, in) = 5 < R, the edge case.
 SPEC = AdapterSpec(
     model_hash="test", task="classification", targets=("dense",),
-    modules={"tall": LoRAModule("tall", 7, 9), "wide": LoRAModule("wide", 10, 5)},
+    modules={"tall": LoRAModule("tall", 16, 20), "wide": LoRAModule("wide", 10, 5)},
     dense={"head.weight": (3, 7), "head.bias": (3,)},
 )
 ATOL = 1e-5
@@ -75,7 +75,7 @@ def test_update_norm_equals_dense_frobenius_norm():
     assert update_norm(a, np.zeros_like(b)) == 0.0
 
 
-@pytest.mark.parametrize("out, inp, m", [(30, 20, 8), (6, 5, 12)])
+@pytest.mark.parametrize("out, inp, m", [(30, 20, 8), (6, 5, 12), (30, 5, 8), (5, 30, 8)])
 def test_truncated_svd_of_product_matches_dense_svd(out, inp, m):
     rng = np.random.default_rng(1)
     b, a = rng.normal(size=(out, m)), rng.normal(size=(m, inp))
@@ -437,7 +437,7 @@ def bad_inputs(rng):
         "LoRA modules do not match": [ClientResult(Adapter(extra, good[0].adapter.dense), 5)],
         "dense tensors do not match": [ClientResult(Adapter(good[0].adapter.lora, missing_dense), 5)],
         "outside 1..6": [mixed_results(rng, ranks=(7,), n=(5,))[0]],
-        "expected \\(r, 7\\)": [with_lora(good[0], "tall", a[:, :4], b)],
+        "expected \\(r, 16\\)": [with_lora(good[0], "tall", a[:, :4], b)],
         "different ranks": [with_lora(good[0], "tall", a[:1], b[:, :1])],
         "NaN or Inf": [with_lora(good[0], "tall", np.full_like(a, np.nan), b)],
     }
