@@ -1,0 +1,113 @@
+"""Training step time and peak memory: the torch backend vs Hugging Face PEFT, same model and batch.
+
+MiniLM-L6 (the default model) with a new 77-way head, batch 16, seq 64 (banking77 rows padded
+to 64), AdamW, dropout off in both, LoRA on the project's default targets, ranks 4..64. Each
+(backend, rank) runs in a fresh subprocess so peak RSS belongs to that configuration alone.
+Prints median step time, ours / PEFT ratio, and peak RSS.
+
+    .venv/bin/python benchmarks/bench_step.py [--ranks 4,8,16,32,64] [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, SEQ, LR, WARMUP = 16, 64, 5e-4, 2
+
+
+def worker(backend: str, rank: int, steps: int) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from edge_client.data import load_examples
+    from edge_client.models import default_model_dir, default_targets
+    from edge_client.train_config import TrainConfig
+    from edge_client.wire import Adapter
+
+    torch.manual_seed(0)
+    model_dir = default_model_dir()
+    labels = json.loads((ROOT / "data/banking77/categories.json").read_text())
+    examples = load_examples(ROOT / "data/banking77/train.csv", "classification", labels)
+    examples = examples.subset(range(0, len(examples), len(examples) // (BATCH * 4)))
+    if backend == "ours":
+        from edge_client.training import TorchTrainer
+
+        trainer = TorchTrainer(model_dir, "classification", labels, lora_alpha=16)
+        start = Adapter(lora={n: (torch.randn(rank, m.in_features).mul_(0.02).numpy(),
+                                  torch.zeros(m.out_features, rank).numpy())
+                              for n, m in _spec(model_dir, labels).modules.items()})
+        stamps: list[float] = []
+        cfg = TrainConfig(steps=steps + WARMUP, batch_size=BATCH, seq_len=SEQ, lr=LR)
+
+        def on_step(step, loss):
+            stamps.append(time.perf_counter())
+
+        trainer.train_round(start, examples, cfg, rank=rank, on_step=on_step)
+        times = [b - a for a, b in zip(stamps[WARMUP - 1:], stamps[WARMUP:])]
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        from edge_client.data import encode, load_tokenizer, training_batches
+        from edge_client.models import load_task_model
+
+        model = load_task_model(model_dir, "classification", len(labels))
+        config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, target_modules=list(default_targets(model_dir)),
+                            task_type="SEQ_CLS")
+        model = get_peft_model(model, config).eval()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+        encoded = encode(examples, load_tokenizer(model_dir), SEQ)
+        times = []
+        for i, batch in enumerate(training_batches(encoded, BATCH, seed=0, steps=steps + WARMUP)):
+            t = time.perf_counter()
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if i >= WARMUP:
+                times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "steps": len(times),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _spec(model_dir, labels):
+    from edge_client.models import derive_spec
+
+    return derive_spec(model_dir, "classification", num_labels=len(labels))
+
+
+def measure(backend: str, rank: int, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", backend, str(rank), str(steps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", default="4,8,16,32,64")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration (after 2 warm-up)")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        backend, rank, steps = args.worker
+        print(json.dumps(worker(backend, int(rank), int(steps))))
+        return
+    print(f"MiniLM-L6, batch {BATCH}, seq {SEQ}, AdamW, dropout off, default targets; median of {args.steps} steps")
+    print(f"{'rank':>4} {'ours ms':>8} {'peft ms':>8} {'ratio':>6} {'ours MB':>8} {'peft MB':>8}")
+    for rank in [int(r) for r in args.ranks.split(",")]:
+        ours, peft = measure("ours", rank, args.steps), measure("peft", rank, args.steps)
+        print(f"{rank:>4} {ours['median_s'] * 1e3:>8.0f} {peft['median_s'] * 1e3:>8.0f} "
+              f"{ours['median_s'] / peft['median_s']:>6.2f} {ours['peak_rss_mb']:>8.0f} {peft['peak_rss_mb']:>8.0f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
