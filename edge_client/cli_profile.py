@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tier", action="store_true", help="print the LoRA rank tier for this device and why")
     parser.add_argument("--as", dest="as_device", metavar="CATALOG_ID",
                         help="do not measure: take a catalog device's profile (implies --tier)")
+    parser.add_argument("--policy", metavar="FILE", help="tier policy file (default: profiles/tiers.json)")
     parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree
 
 
@@ -45,7 +46,8 @@ def run(args) -> int:
         if not Path(args.root).is_dir():
             raise UserError(f"--root {args.root} is not a directory")
         doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir)
-    decision = _tier_module("policy").decide_tier(doc) if args.tier or args.as_device else None
+    policy = _tier_module("policy") if args.tier or args.as_device else None
+    decision = policy.decide_tier(doc, policy=policy.load_policy(args.policy)) if policy else None
     if args.out:
         _write(Path(args.out), doc)
     if args.json:
@@ -91,6 +93,8 @@ def format_table(doc: dict) -> str:
                                         ident["arch"], ident["os"]) if v)
     if ident.get("jetpack"):
         device += f", L4T {ident['jetpack']}"
+    if ident.get("power_mode"):
+        device += f", power mode {ident['power_mode']}"
     throttled = {None: "unknown", True: "YES", False: "no"}[cpu["throttled"]]
     reasons = f" ({'; '.join(cpu['throttle_reasons'])})" if cpu["throttle_reasons"] else ""
     if bat["present"]:
