@@ -15,9 +15,9 @@ from hetlora.cli import main
 KB, GIB, MIB = 1024, 1 << 30, 1 << 20
 
 
-def ident(platform, model, vendor, arch, os_name, jetpack=None, catalog_id=None):
+def ident(platform, model, vendor, arch, os_name, jetpack=None, catalog_id=None, power_mode=None):
     return {"platform": platform, "model": model, "vendor": vendor, "arch": arch, "os": os_name,
-            "jetpack": jetpack, "catalog_id": catalog_id}
+            "jetpack": jetpack, "power_mode": power_mode, "catalog_id": catalog_id}
 
 
 def mem(total, available, limit=None, usable=None):
@@ -32,17 +32,17 @@ PHONE_W = 0.512 * 3.85
 EXPECTED = {
     "jetson-nano-jp4": dict(
         identity=ident("jetson", "NVIDIA Jetson Nano Developer Kit", "NVIDIA", "aarch64", "Linux 4.9", "R32.7.1",
-                       "jetson-nano"),
+                       "jetson-nano", "5W"),
         memory=mem(4059116 * KB, 2515000 * KB), battery=NO_BATTERY, sources=["jetson-ina3221-iio"],
         cpu=(4, 1479.0, 1479.0, None, []), max_c=41.0),
     "jetson-orin-nano-jp5": dict(
         identity=ident("jetson", "NVIDIA Jetson Orin Nano Developer Kit", "NVIDIA", "aarch64", "Linux 5.10",
-                       "R35.4.1", "jetson-orin-nano"),
+                       "R35.4.1", "jetson-orin-nano", "15W"),
         memory=mem(7620000 * KB, 6100000 * KB), battery=NO_BATTERY, sources=["jetson-ina3221-hwmon"],
         cpu=(6, 1510.4, 1510.4, None, []), max_c=47.531),
     "jetson-agx-orin-jp6": dict(
         identity=ident("jetson", "NVIDIA Jetson AGX Orin Developer Kit", "NVIDIA", "aarch64", "Linux 5.15",
-                       "R36.4.0", "jetson-agx-orin"),
+                       "R36.4.0", "jetson-agx-orin", "MAXN"),
         memory=mem(31000000 * KB, 28000000 * KB), battery=NO_BATTERY, sources=["jetson-ina3221-hwmon"],
         cpu=(12, 2201.6, 2201.6, None, []), max_c=None),
     "raspberry-pi-4": dict(
@@ -68,7 +68,7 @@ EXPECTED = {
         memory=mem(7700000 * KB, 3100000 * KB), sources=["termux-battery"],
         battery={"present": True, "percent": 64.0, "plugged": False, "charging": False, "power_w": PHONE_W,
                  "source": "termux"},
-        cpu=(8, 1803.0, 2850.0, None, []), max_c=39.2),
+        cpu=(8, 1803.0, 2850.0, None, []), max_c=31.2),
     "x86-laptop": dict(
         identity=ident("linux-x86", "ThinkPad T14 Gen 3", "LENOVO", "x86_64", "Linux 6.8", None,
                        "thinkpad-t14-gen3-amd"),

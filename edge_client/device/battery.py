@@ -83,6 +83,17 @@ def read_termux_battery(status: dict) -> dict:
                   status.get("status"), termux_power_w(status), "termux")
 
 
+def battery_temperature_c(host: Host) -> float | None:
+    """The battery's temperature: sysfs `temp` (tenths of a degree), else termux's `temperature`."""
+    for battery in sysfs_batteries(host):
+        tenths = host.read_int(battery / "temp")
+        if tenths is not None:
+            return tenths / 10
+    status = termux_status(host) or {}
+    temperature = status.get("temperature")
+    return float(temperature) if isinstance(temperature, (int, float)) else None
+
+
 def read_battery(host: Host) -> dict:
     """The profile's "battery" section: sysfs first, then termux-battery-status, else absent."""
     for battery in sysfs_batteries(host):

@@ -2,6 +2,7 @@
 
 Sources, in order: /proc/device-tree/model (Pi, Jetson), /etc/nv_tegra_release (Jetson),
 `getprop ro.product.*` (Android), DMI /sys/devices/virtual/dmi/id (x86). Unknown -> None.
+On a Jetson, `nvpmodel -q` gives the power mode (e.g. 5W, 15W, MAXN), which caps its clocks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def jetpack_release(text: str | None) -> str | None:
 def is_android(host: Host) -> bool:
     """Termux (PREFIX under com.termux) or an Android system partition."""
     return "com.termux" in host.env.get("PREFIX", "") or host.exists("/system/build.prop")
+
+
+def nvpmodel_mode(host: Host) -> str | None:
+    """The Jetson power mode from `nvpmodel -q` ('NV Power Mode: MAXN' -> 'MAXN'); it caps the clocks."""
+    match = re.search(r"NV Power Mode:\s*(\S+)", host.run(["nvpmodel", "-q"]) or "")
+    return match.group(1) if match else None
 
 
 def getprop(host: Host, name: str) -> str | None:
@@ -92,12 +99,14 @@ def read_identity(host: Host) -> dict:
         model, vendor = _dmi(host)
     jetpack = jetpack_release(host.read("/etc/nv_tegra_release"))
     arch = _arch(host)
+    platform_name = platform_class(android=android, model=model, jetpack=jetpack, arch=arch)
     return {
-        "platform": platform_class(android=android, model=model, jetpack=jetpack, arch=arch),
+        "platform": platform_name,
         "model": model,
         "vendor": vendor,
         "arch": arch,
         "os": _os(host),
         "jetpack": jetpack,
+        "power_mode": nvpmodel_mode(host) if platform_name == "jetson" else None,
         "catalog_id": None,
     }

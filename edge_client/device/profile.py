@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from edge_client.device import compute
-from edge_client.device.battery import read_battery
+from edge_client.device.battery import battery_temperature_c, read_battery
 from edge_client.device.cpu import FrequencyWatcher, read_cpu
 from edge_client.device.host import Host, Runner
 from edge_client.device.identity import read_identity
@@ -87,7 +87,7 @@ def collect_profile(root: str | os.PathLike = "/", quick: bool = False, *, full:
         "memory": read_memory(host),
         "battery": read_battery(host),
         "power_sources": [s.describe() for s in discover_sources(host)],
-        "thermal": read_thermal(host),
+        "thermal": read_thermal(host, battery_temperature_c(host)),
         "compute": compute_section,
         "network": {"upload_mbps": None, "download_mbps": None},
     }

@@ -11,8 +11,12 @@ from edge_client.device.host import Host
 NOT_A_TEMPERATURE = ("PMIC-Die",)
 
 
-def read_thermal(host: Host) -> dict:
-    """The profile's "thermal" section: {"zones": {type: celsius}, "max_c": hottest real zone}."""
+def read_thermal(host: Host, battery_c: float | None = None) -> dict:
+    """The profile's "thermal" section: {"zones": {type: celsius}, "max_c": hottest real zone}.
+
+    `battery_c` (from the battery readers) becomes a "battery" zone when no zone is readable,
+    as on phones where SELinux hides the thermal zones from apps.
+    """
     zones: dict[str, float] = {}
     for zone in sorted(host.glob("/sys/class/thermal/thermal_zone*"), key=lambda p: int(p.name[12:] or 0)):
         millidegrees = host.read_int(zone / "temp")
@@ -22,5 +26,7 @@ def read_thermal(host: Host) -> dict:
         if name in zones:
             name = f"{name}.{zone.name[12:]}"
         zones[name] = millidegrees / 1000
+    if not zones and battery_c is not None:
+        zones["battery"] = battery_c
     counted = [c for name, c in zones.items() if not name.startswith(NOT_A_TEMPERATURE)]
     return {"zones": zones, "max_c": max(counted, default=None)}

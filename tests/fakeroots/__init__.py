@@ -107,12 +107,15 @@ ANDROID_PHONE = {
     **_kernel("aarch64", "5.10.198-android13-4-00050"), **_meminfo(7700000, 3100000), **_cpus(8, 1803000, 2850000),
     **_thermal([("BIG", 39200), ("MID", 38100), ("LITTLE", 37000), ("battery", 31200)]),
     # Discharging: this vendor reports current as negative uA; voltage in uV.
-    **_supply("battery", type="Battery", status="Discharging", capacity=64, current_now=-512000, voltage_now=3850000),
+    **_supply("battery", type="Battery", status="Discharging", capacity=64, current_now=-512000, voltage_now=3850000,
+              temp=312),
     **_supply("usb", type="USB", online=0),
     **_supply("wireless", type="Wireless", online=0),
 }
-# SELinux denies the battery sysfs to apps on many phones: only termux-battery-status is left.
-ANDROID_TERMUX_ONLY = {k: v for k, v in ANDROID_PHONE.items() if not k.startswith("sys/class/power_supply")}
+# SELinux hides the battery sysfs and the thermal zones from apps on many phones: only
+# termux-battery-status is left (its temperature becomes the "battery" zone).
+ANDROID_TERMUX_ONLY = {k: v for k, v in ANDROID_PHONE.items()
+                       if not k.startswith(("sys/class/power_supply", "sys/class/thermal"))}
 
 X86_LAPTOP = {
     "sys/devices/virtual/dmi/id/sys_vendor": "LENOVO",
@@ -166,15 +169,19 @@ VCGENCMD_PI4 = _script('case "$1" in\n  get_throttled) echo "throttled=0x50005" 
                        '  *) echo "error=1 error_msg=\\"Command not registered\\"" ; exit 255 ;;\nesac\n')
 VCGENCMD_PI5 = _script(f'case "$1" in\n  get_throttled) echo "throttled=0x0" ;;\n'
                        f'  pmic_read_adc) cat "{RECORDED / "pi5_pmic_read_adc.txt"}" ;;\n  *) exit 255 ;;\nesac\n')
+def _nvpmodel(mode: str) -> str:
+    return _script(f'[ "$1" = "-q" ] && printf "NV Fan Mode:quiet\\nNV Power Mode: {mode}\\n0\\n"\n')
+
+
 GETPROP = _script('case "$1" in\n  ro.product.model) echo "Pixel 7a" ;;\n  ro.product.manufacturer) echo "Google" ;;\n'
                   '  *) echo "" ;;\nesac\n')
 TERMUX_BATTERY = _script(f'cat "{RECORDED / "termux_battery_status.json"}"\n')
 
 TREES: dict[str, tuple[dict[str, str], dict[str, str], dict[str, str]]] = {
     # name: (files, commands, extra environment)
-    "jetson-nano-jp4": (JETSON_NANO_JP4, {}, {}),
-    "jetson-orin-nano-jp5": (JETSON_ORIN_NANO_JP5, {}, {}),
-    "jetson-agx-orin-jp6": (JETSON_AGX_ORIN_JP6, {}, {}),
+    "jetson-nano-jp4": (JETSON_NANO_JP4, {"nvpmodel": _nvpmodel("5W")}, {}),
+    "jetson-orin-nano-jp5": (JETSON_ORIN_NANO_JP5, {"nvpmodel": _nvpmodel("15W")}, {}),
+    "jetson-agx-orin-jp6": (JETSON_AGX_ORIN_JP6, {"nvpmodel": _nvpmodel("MAXN")}, {}),
     "raspberry-pi-4": (RASPBERRY_PI_4, {"vcgencmd": VCGENCMD_PI4}, {}),
     "raspberry-pi-5": (RASPBERRY_PI_5, {"vcgencmd": VCGENCMD_PI5}, {}),
     "android-phone": (ANDROID_PHONE, {"getprop": GETPROP, "termux-battery-status": TERMUX_BATTERY},
