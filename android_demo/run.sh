@@ -108,8 +108,16 @@ trap 'exit 143' TERM
 
 say "profiling this phone (hetlora profile --quick --json > $STATE_DIR/profile.json)"
 hetlora profile --quick --json > "$STATE_DIR/profile.json"
-cat "$STATE_DIR/profile.json"
-echo
+python - "$STATE_DIR/profile.json" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+identity, cpu, memory = doc.get("identity") or {}, doc.get("cpu") or {}, doc.get("memory") or {}
+battery = doc.get("battery") or {}
+usable = memory.get("usable_bytes")
+print(f"this device: {identity.get('model') or identity.get('platform', '?')} ({identity.get('arch', '?')}), "
+      f"{cpu.get('cores', '?')} cores, {f'{usable / 1e9:.1f} GB' if usable else '? GB'} usable memory, "
+      f"battery {battery.get('percent', '?')}%")
+PY
 
 client_args=(--server "$SERVER_URL" --data "$DATA_FILE" --state-dir "$STATE_DIR" --backend torch --max-rounds 1)
 if [ -n "${HETLORA_MODEL:-}" ]; then client_args+=(--model "$HETLORA_MODEL"); fi

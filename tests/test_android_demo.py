@@ -176,6 +176,7 @@ def test_run_profiles_then_trains_round_by_round_until_finished(phone):
     assert calls[0] == "termux-wake-lock"
     assert calls[1] == "hetlora profile --quick --json"
     assert json.loads((phone.state / "profile.json").read_text())["battery"]["percent"] == 80
+    assert "battery 80%" in result.stdout  # the profile's one-line summary
     data = Path(phone.env["HOME"]) / "hetlora" / "train.jsonl"
     expected = (f"hetlora client --server {SERVER} --data {data} --state-dir {phone.state} "
                 "--backend torch --max-rounds 1")
