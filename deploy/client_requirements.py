@@ -1,7 +1,8 @@
 """Print what the edge client needs from pip, one requirement per line, minus named packages.
 
 Reads the metadata of the installed `hetlora-edge` distribution (install it first with
-`pip install --no-deps .`): the core requirements plus those of the `client` extra.
+`pip install --no-deps .`): the core requirements plus those of one extra (`client` unless
+--extra names another, e.g. `executorch`).
 Use it where a package must come from elsewhere: on Termux torch comes from
 `pkg install python-torch`, on a Jetson from NVIDIA's JetPack wheel.
 
@@ -18,7 +19,6 @@ import re
 import sys
 
 DISTRIBUTION = "hetlora-edge"
-EXTRA = "client"
 
 
 def requirement_name(requirement: str) -> str:
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--without", action="append", default=[], metavar="NAME",
                         help="leave this package out (repeatable)")
+    parser.add_argument("--extra", default="client", help="the extra to add to the core requirements (default client)")
     args = parser.parse_args(argv)
     try:
         requirements = importlib.metadata.requires(DISTRIBUTION) or []
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
               "run `pip install --no-deps .` in the project folder first", file=sys.stderr)
         return 2
     try:
-        print("\n".join(select(requirements, EXTRA, set(args.without))))
+        print("\n".join(select(requirements, args.extra, set(args.without))))
     except ValueError as exc:
         print(f"client_requirements: {exc}", file=sys.stderr)
         return 2

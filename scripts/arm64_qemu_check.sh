@@ -3,9 +3,10 @@
 #
 # Builds a Debian arm64 root with debootstrap, installs the edge client into a venv there
 # from PyPI, then inside the emulated root runs `hetlora profile --quick --json` and a few
-# local LoRA training steps of a tiny random-weight BERT, and (when the server and client
-# commands exist) one federated round against `hetlora serve` on the host loopback; the
-# chroot shares the host's network namespace.
+# local LoRA training steps of a tiny random-weight BERT, then federated rounds of `hetlora client`
+# against `hetlora serve` on the host loopback (the chroot shares the host's network namespace):
+# once with the torch backend, and once with the executorch extra and ExecuTorch artifacts
+# exported on the host.
 #
 # Not part of CI. Needs root on a Debian/Ubuntu x86_64 host, and network access to the
 # Debian mirror and PyPI. Idempotent: every finished stage leaves a marker in the root and
@@ -19,7 +20,8 @@
 #   TORCH_INDEX_URL=       empty: PyPI with --no-deps (PyPI's aarch64 torch >= 2.11 is a CUDA 13
 #                          build whose ~3 GB of NVIDIA wheels a CPU board never loads);
 #                          https://download.pytorch.org/whl/cpu: the CPU-only build (on a real Pi)
-#   PORT=8765              loopback port for the federated round
+#   PORT=8765              loopback port for the federated rounds
+#   WITH_EXECUTORCH=1      0 skips the executorch extra and its round
 set -euo pipefail
 
 PROJECT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,6 +31,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 PORT=${PORT:-8765}
+WITH_EXECUTORCH=${WITH_EXECUTORCH:-1}
 HOST_PYTHON=${HOST_PYTHON:-$PROJECT/.venv/bin/python}
 
 APP=/opt/hetlora                 # inside the root
@@ -163,11 +166,7 @@ report_platform() {
 
 run_profile() {
     say "hetlora profile --quick --json (emulated)"
-    if in_root "$VENV/bin/hetlora" profile --help >/dev/null 2>&1; then
-        in_root "$VENV/bin/hetlora" profile --quick --json
-    else
-        echo "SKIPPED: this source tree has no working 'hetlora profile' yet"
-    fi
+    in_root "$VENV/bin/hetlora" profile --quick --json
 }
 
 run_training_steps() {
@@ -203,31 +202,53 @@ for step in range(5):
 PY
 }
 
+# Two rounds of the tiny BERT with one client; $1 names the run, the rest are extra client options.
 run_federated_round() {
-    say "federated rounds: hetlora serve on the host at 127.0.0.1:$PORT, hetlora client emulated"
-    if ! (cd "$PROJECT" && "$HOST_PYTHON" -m hetlora.cli serve --help >/dev/null 2>&1) \
-        || ! in_root "$VENV/bin/hetlora" client --help >/dev/null 2>&1; then
-        echo "SKIPPED: this source tree has no working 'hetlora serve' / 'hetlora client' yet"
-        return
-    fi
+    local name=$1 status=0 server
+    shift
+    say "federated rounds ($name): hetlora serve on the host at 127.0.0.1:$PORT, hetlora client emulated"
     head -n 65 "$PROJECT/data/banking77/train.csv" > "$ROOT$WORK/train.csv"
-    rm -rf "$ROOT$WORK/server" "$ROOT$WORK/client-state"
+    rm -rf "$ROOT$WORK/server-$name" "$ROOT$WORK/client-$name"
     (cd "$PROJECT" && exec "$HOST_PYTHON" -m hetlora.cli serve --host 127.0.0.1 --port "$PORT" \
-        --model "$ROOT$WORK/tiny-bert" --state-dir "$ROOT$WORK/server" --rounds 2 --min-clients 1 \
-        --ranks 4,8 --local-steps 3 --batch-size 8 --seq-len 16) > "$ROOT$WORK/server.log" 2>&1 &
-    local server=$! status=0
+        --model "$ROOT$WORK/tiny-bert" --state-dir "$ROOT$WORK/server-$name" --rounds 2 --min-clients 1 \
+        --ranks 4,8 --local-steps 3 --batch-size 8 --seq-len 16) > "$ROOT$WORK/server-$name.log" 2>&1 &
+    server=$!
     for _ in $(seq 120); do
-        [ -e "$ROOT$WORK/server/server.json" ] && break
+        [ -e "$ROOT$WORK/server-$name/server.json" ] && break
         sleep 1
     done
     in_root "$VENV/bin/hetlora" client --server "http://127.0.0.1:$PORT" --data "$WORK/train.csv" \
-        --state-dir "$WORK/client-state" --model "$WORK/tiny-bert" --backend torch --no-progress \
-        --give-up-after 600 || status=$?
+        --state-dir "$WORK/client-$name" --model "$WORK/tiny-bert" --no-progress --give-up-after 600 "$@" \
+        || status=$?
     kill "$server" 2>/dev/null || true
     wait "$server" 2>/dev/null || true
-    echo "client exit status: $status; server log ($ROOT$WORK/server.log):"
-    cat "$ROOT$WORK/server.log"
+    echo "client exit status: $status; server log:"
+    grep -E "registered|accepted|aggregated|finished|ERROR" "$ROOT$WORK/server-$name.log" || true
     return "$status"
+}
+
+install_executorch() {
+    say "pip install the executorch extra (emulated)"
+    in_root "$VENV/bin/python" "$SRC/deploy/client_requirements.py" --extra executorch --without torch \
+        > "$ROOT$APP/executorch-reqs.txt"
+    in_root "$VENV/bin/pip" install -q -r "$APP/executorch-reqs.txt"
+    in_root "$VENV/bin/python" -c 'import executorch, executorch.extension.training as t; print("executorch training runtime:", t.__name__)'
+}
+
+export_artifacts() {
+    say "hetlora export on the host: ExecuTorch training artifacts of the tiny BERT, ranks 4 and 8"
+    rm -rf "$ROOT$WORK/artifacts"
+    (cd "$PROJECT" && "$HOST_PYTHON" -m hetlora.cli export --model "$ROOT$WORK/tiny-bert" --task classification \
+        --labels "$PROJECT/data/banking77/categories.json" --ranks 4,8 --batch 8 --seq-len 16 \
+        --backends executorch --out "$ROOT$WORK/artifacts" --no-progress)
+}
+
+# Runs one check, records PASS or FAIL for the summary, and carries on.
+RESULTS=()
+check() {
+    local name=$1
+    shift
+    if "$@"; then RESULTS+=("PASS  $name"); else RESULTS+=("FAIL  $name (status $?)"); fi
 }
 
 main() {
@@ -240,11 +261,19 @@ main() {
     copy_source
     install_client
     make_tiny_model
-    report_platform
-    run_profile
-    run_training_steps
-    run_federated_round
-    say "done"
+    check "platform and versions" report_platform
+    check "hetlora profile --quick --json" run_profile
+    check "LoRA training steps" run_training_steps
+    check "federated rounds, torch backend" run_federated_round torch --backend torch
+    if [ "$WITH_EXECUTORCH" = 1 ]; then
+        check "executorch extra installs and imports" install_executorch
+        check "hetlora export on the host" export_artifacts
+        check "federated rounds, executorch backend" \
+            run_federated_round executorch --backend executorch --artifacts "$WORK/artifacts"
+    fi
+    say "summary"
+    printf '%s\n' "${RESULTS[@]}"
+    ! printf '%s\n' "${RESULTS[@]}" | grep -q '^FAIL'
 }
 
 main "$@"
