@@ -351,9 +351,12 @@ def _stress(profile: dict, th: dict) -> list[str]:
 
 
 def _tier_index(tiers: list[Tier], previous) -> int:
-    """Index of the previous decision's tier: the largest tier whose rank does not exceed its rank."""
+    """Index of the previous decision's tier: the largest tier whose rank does not exceed its rank
+    (the lowest training tier for a training rank below every tier's, e.g. a server's rank 2)."""
     prev = previous if isinstance(previous, TierDecision) else TierDecision.from_json(previous)
-    return max(i for i, t in enumerate(tiers) if t.rank <= max(prev.rank, 0))
+    if prev.rank <= 0:
+        return 0
+    return max([1] + [i for i, t in enumerate(tiers) if 0 < t.rank <= prev.rank])
 
 
 def _hysteresis(tiers, candidate: int, with_margin: int, prev: int, th: dict, reasons: list[str]) -> int:

@@ -119,14 +119,16 @@ class Coordinator:
         with self.lock, self.store.transaction():
             client = self._client(client_id)
             requested = requested_rank or client["requested_rank"]
-            rank = self._rank_for(profile, requested, client["pruned_rank"])
+            rank = self._rank_for(profile, requested, client["pruned_rank"], previous_rank=client["rank"])
             self.store.update("clients", {"client_id": client_id},
                               {"profile": profile, "requested_rank": requested, "rank": rank})
         log.info("profile of %s updated: rank %d -> %d", client_id, client["rank"], rank)
         return {"client_id": client_id, "rank": rank}
 
-    def _rank_for(self, profile: dict, requested_rank: int, pruned_rank: int | None) -> int:
-        rank = self.config.rule_rank(assign_rank(profile, requested_rank, self.config.ranks))
+    def _rank_for(self, profile: dict, requested_rank: int, pruned_rank: int | None,
+                  previous_rank: int | None = None) -> int:
+        rank = self.config.rule_rank(assign_rank(profile, requested_rank, self.config.ranks,
+                                                 previous_rank=previous_rank, spec=self.config.spec))
         return min(rank, pruned_rank) if pruned_rank else rank
 
     def _client(self, client_id: str) -> dict:

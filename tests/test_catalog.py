@@ -133,3 +133,42 @@ def test_server_assigns_the_policy_rank_to_a_registered_catalog_profile(tiny_ber
         reply = register(nano | {"memory": {"usable_bytes": "lots"}}, 16)
         assert reply.status_code == 400 and reply.json()["error"]["code"] == "bad_profile"
         assert "memory.usable_bytes" in reply.json()["error"]["message"]
+
+
+def test_server_rank_follows_fresh_profiles_with_hysteresis(tiny_bert_dir, tmp_path):
+    """POST /v1/profile: low battery moves down at once; back on the charger the rank only moves up again
+    when the higher tier fits with the policy's headroom (the server passes the client's current rank)."""
+    from test_server import LABELS, TARGETS, make_config, running_server
+
+    from edge_client.models import derive_spec
+    from profiles import cost
+    from profiles.memory_model import ModelShape
+    from profiles.policy import load_policy
+
+    spec = derive_spec(tiny_bert_dir, "classification", TARGETS, num_labels=len(LABELS))
+    config = make_config(spec, ranks=(4, 8, 16, 32, 64), global_rank=64, min_clients=10)
+    policy = load_policy()
+    th, minilm = policy["thresholds"], ModelShape.from_config(policy["model"]["config"])
+    # GFLOPS at which r64's local steps exactly fill the round budget: 5% above it r64 fits, without headroom.
+    g0 = (th["local_steps_per_round"] * cost.step_flops(minilm, 16, 128, spec.lora_parameter_count(64))
+          / (th["round_compute_budget_s"] * th["training_efficiency"] * 1e9))
+
+    def laptop(gflops, battery_percent=100.0, plugged=True):
+        doc = profile_for("thinkpad-t14-gen3-amd")
+        doc["compute"]["sustained_gflops"] = gflops
+        doc["battery"].update(percent=battery_percent, plugged=plugged)
+        return doc
+
+    with running_server(config, tmp_path / "state") as http:
+        reply = http.post("/v1/register", json={"profile": laptop(g0 * 1.05), "requested_rank": 64, "n_samples": 5})
+        auth = {"Authorization": f"Bearer {reply.json()['token']}"}
+        assert reply.json()["rank"] == 64
+
+        def report(profile):
+            reply = http.post("/v1/profile", json={"profile": profile}, headers=auth)
+            assert reply.status_code == 200, reply.text
+            return reply.json()["rank"]
+
+        assert report(laptop(g0 * 1.05, battery_percent=10.0, plugged=False)) == 32  # step down at once
+        assert report(laptop(g0 * 1.05)) == 32  # r64 fits, but not with headroom: stays
+        assert report(laptop(g0 * 1.5)) == 64  # fits with headroom: moves up
