@@ -185,3 +185,24 @@ def test_cli_tier_uses_the_policy(tmp_path, capsys):
     assert main(["profile", "--as", "raspberry-pi-4"]) == 0
     out = capsys.readouterr().out
     assert "raspberry-pi-4" in out and "Tier" in out
+
+
+def test_getprop_outside_termux_path_is_found_in_system_bin(tmp_path):
+    root, env = make_root("android-phone", tmp_path)
+    (root / "system/bin").mkdir(parents=True)
+    (tmp_path / "bin/getprop").rename(root / "system/bin/getprop")
+    identity = collect_profile(root, quick=True, env=env)["identity"]
+    assert (identity["model"], identity["vendor"]) == ("Pixel 7a", "Google")
+
+
+def test_commands_go_through_an_injectable_runner(tmp_path):
+    root, _ = make_root("raspberry-pi-4", tmp_path)
+    calls = []
+
+    def runner(argv):
+        calls.append(argv)
+        return "throttled=0x4\n" if argv == ["vcgencmd", "get_throttled"] else None
+
+    cpu = collect_profile(root, quick=True, env={}, runner=runner)["cpu"]
+    assert (cpu["throttled"], cpu["throttle_reasons"]) == (True, ["throttled now"])
+    assert ["vcgencmd", "get_throttled"] in calls

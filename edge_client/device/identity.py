@@ -35,8 +35,12 @@ def nvpmodel_mode(host: Host) -> str | None:
 
 
 def getprop(host: Host, name: str) -> str | None:
-    value = (host.run(["getprop", name]) or "").strip()
-    return value or None
+    """An Android system property; Termux's PATH may lack /system/bin, so that is tried too."""
+    for exe in ("getprop", str(host.path("/system/bin/getprop"))):
+        value = (host.run([exe, name]) or "").strip()
+        if value:
+            return value
+    return None
 
 
 def _arch(host: Host) -> str | None:
