@@ -7,6 +7,10 @@ uploads twice for a round. Network errors and server 5xx answers are retried wit
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from hetlora.errors import UserError
 
 BACKENDS = ("torch", "onnx", "executorch", "auto")
 
@@ -21,8 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="rank to ask for (default: the largest the server offers; "
                                             "the server's tier policy may assign less)")
     p.add_argument("--name", help="a human-readable name shown in the server status")
-    p.add_argument("--profile-as", metavar="CATALOG_ID",
-                   help="present a catalog device profile instead of profiling this machine (simulations)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--profile-as", metavar="CATALOG_ID",
+                     help="present a catalog device profile instead of profiling this machine (simulations)")
+    who.add_argument("--profile-file", metavar="FILE",
+                     help="present this profile JSON (from `hetlora profile --json`) instead of profiling")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", help="label column (default: 'label', or 'category')")
     p.add_argument("--max-rounds", type=int, help="stop after this many local rounds; a later run resumes")
@@ -38,16 +45,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float)
 
 
-def profile_source(catalog_id: str | None):
-    """A callable returning the profile the client reports: a catalog device's, or this machine's (quick)."""
+def profile_source(catalog_id: str | None, profile_file: str | None):
+    """A callable returning the profile the client reports: a catalog device's, a file's, or this machine's."""
     if catalog_id:
         from profiles.catalog import profile_for
 
         doc = profile_for(catalog_id)
         return lambda: doc
+    if profile_file:
+        doc = read_profile_file(profile_file)
+        return lambda: doc
     from edge_client.device.profile import collect_profile
 
     return lambda: collect_profile(quick=True)
+
+
+def read_profile_file(path: str) -> dict:
+    """A profile document from a JSON file, checked against the profile schema."""
+    from edge_client.device.profile import validate_profile
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read the profile {path}: {exc}") from None
+    problems = validate_profile(doc)
+    if problems:
+        raise UserError(f"{path} is not a device profile: {problems[0]}")
+    return doc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,4 +89,4 @@ def run(args: argparse.Namespace) -> int:
         label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
         progress=not args.no_progress, train_overrides=overrides, give_up_after=args.give_up_after,
     )
-    return EdgeClient(options, profile_source(args.profile_as)).run()
+    return EdgeClient(options, profile_source(args.profile_as, args.profile_file)).run()

@@ -1,0 +1,91 @@
+"""Simulate a heterogeneous fleet federating LoRA on real data, on this machine (the main job).
+
+Starts a real server and real client processes on loopback. The clients present device profiles
+drawn from the catalog (profiles/devices/), so the tier policy gives them different ranks; they
+train on a non-IID split of the data. Every global version is evaluated on the test set.
+Defaults: all-MiniLM-L6-v2 on BANKING77 intent classification, about 4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data" / "banking77"
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ranks must be comma-separated integers, got {text!r}") from None
+    if not ranks or ranks[0] < 1:
+        raise argparse.ArgumentTypeError("ranks must be positive")
+    return ranks
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model folder (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--data", default=str(DATA / "train.csv"), help="training data, split across the clients")
+    p.add_argument("--test", default=str(DATA / "test.csv"), help="test data for the global adapter")
+    p.add_argument("--labels", default=str(DATA / "categories.json"), help="label list (JSON list or lines)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", help="label column (default: 'label', or 'category')")
+    p.add_argument("--aggregator", choices=("hetlora", "hlora", "plora", "fedavg"), default="hetlora")
+    p.add_argument("--compare", action="store_true", help="run fedavg at the smallest and largest rank, hetlora, "
+                                                          "hlora, plora and centralized LoRA on the same split")
+    p.add_argument("--clients", type=int, default=8, help="simulated devices (default 8)")
+    p.add_argument("--clients-per-round", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--local-steps", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--ranks", type=_ranks, default=(4, 8, 16, 32), help="rank set (default 4,8,16,32)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
+    p.add_argument("--eval-rows", type=int, help="evaluate on this many test rows (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="run folder (default: runs/demo-<time>)")
+    p.add_argument("--json", action="store_true", help="print the result rows as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import logging
+    import time
+
+    from edge_client.demo import (DemoConfig, centralized_run, federated_run, format_table, methods_for,
+                                  plot_rows, prepare_fleet, rows_json)
+    from edge_client.models import check_model_dir, default_model_dir
+
+    log = logging.getLogger("hetlora.demo")
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    model_dir = str(check_model_dir(args.model or default_model_dir()))
+    cfg = DemoConfig(model_dir=model_dir, data=args.data, test=args.test, labels=args.labels, out=out,
+                     clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
+                     local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                     dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks, text_column=args.text_column,
+                     label_column=args.label_column)
+    t0 = time.monotonic()
+    fleet = prepare_fleet(cfg, eval_rows=args.eval_rows)
+    rows = []
+
+    def on_row(row):
+        rows.append(row)
+        log.info("%-12s round %d: accuracy %.3f, macro-F1 %.3f, mean rank %.1f (%.0f s)", row.method, row.round,
+                 row.accuracy, row.macro_f1, row.mean_rank, row.seconds)
+
+    for method in methods_for(args.aggregator, args.compare, cfg.ranks):
+        federated_run(cfg, method, fleet.parts, fleet.profiles, fleet.evaluate, on_row)
+    if args.compare:
+        centralized_run(cfg, fleet.labels, fleet.pooled, fleet.evaluate, on_row)
+    (out / "results.json").write_text(json.dumps(rows_json(rows), indent=2) + "\n")
+    plot = plot_rows(rows, out / "convergence.png")
+    if args.json:
+        print(json.dumps(rows_json(rows), indent=2))
+    else:
+        print(format_table(rows))
+        print(f"\nrun folder: {out}  (results.json{', convergence.png' if plot else ''}, server and client logs)")
+        print(f"total {time.monotonic() - t0:.0f} s; chance accuracy {1 / len(fleet.labels):.3f}")
+    return 0

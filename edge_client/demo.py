@@ -1,0 +1,248 @@
+"""The main job: a heterogeneous fleet federates LoRA on real data, on this machine.
+
+For each method a real `hetlora serve` and N real `hetlora client` processes run on loopback;
+the clients present device profiles from the catalog (so their ranks come from the tier
+policy), train on a non-IID Dirichlet split of the data, and the demo evaluates every global
+version on the test set as it appears. `compare` adds the FedAvg baselines at the smallest and
+largest rank and centralized LoRA on the pooled data with the same number of local steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from pathlib import Path
+
+from edge_client.fleet import start_client, start_server
+from edge_client.server_api import ServerAPI
+from edge_client.wire import decode
+from hetlora.errors import UserError
+
+log = logging.getLogger("hetlora.demo")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    model_dir: str
+    data: str
+    test: str
+    labels: str
+    out: Path
+    clients: int = 8
+    clients_per_round: int = 4
+    rounds: int = 5
+    local_steps: int = 15
+    batch_size: int = 16
+    seq_len: int = 32
+    lr: float = 2e-3
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    ranks: tuple[int, ...] = (4, 8, 16, 32)
+    prune_lambda: float = 0.01
+    round_deadline: float = 600.0
+    text_column: str = "text"
+    label_column: str | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row group of the comparison: an aggregation rule and the rank set it runs with."""
+
+    label: str
+    aggregator: str
+    ranks: tuple[int, ...]
+
+
+@dataclass
+class RoundRow:
+    method: str
+    round: int
+    accuracy: float
+    macro_f1: float
+    mean_rank: float
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Fleet:
+    """Everything the runs share: the label list, per-client data files and device profiles,
+    the pooled data (centralized baseline) and the test-set evaluation."""
+
+    labels: list[str]
+    parts: list[Path]
+    profiles: list[Path]
+    pooled: object
+    evaluate: Callable[[object], dict]
+
+
+def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
+    """Split the data non-IID (Dirichlet over labels), draw device profiles from the catalog, load the test set."""
+    import json
+
+    import numpy as np
+
+    from edge_client.data import label_column_of, load_examples, read_labels, read_rows
+    from edge_client.evaluate import Evaluator
+    from edge_client.partition import dirichlet_partition, summarize, write_rows
+    from profiles.catalog import simulated_fleet
+
+    labels = read_labels(cfg.labels)
+    columns, rows = read_rows(cfg.data)
+    column = label_column_of(columns, cfg.label_column, cfg.data)
+    row_labels = [str(r.get(column)) for r in rows]
+    split = dirichlet_partition(row_labels, cfg.clients, cfg.dirichlet_alpha, cfg.seed, min_per_client=cfg.batch_size)
+    suffix = ".jsonl" if Path(cfg.data).suffix.lower() == ".jsonl" else ".csv"
+    (cfg.out / "data").mkdir(parents=True, exist_ok=True)
+    (cfg.out / "fleet").mkdir(parents=True, exist_ok=True)
+    parts, profiles = [], []
+    for k, (idx, doc) in enumerate(zip(split, simulated_fleet(cfg.clients, cfg.seed))):
+        parts.append(cfg.out / "data" / f"client_{k:03d}{suffix}")
+        write_rows(parts[-1], columns, [rows[i] for i in idx])
+        profiles.append(cfg.out / "fleet" / f"{k:02d}-{doc['identity']['catalog_id']}.json")
+        profiles[-1].write_text(json.dumps(doc, indent=2) + "\n")
+    (cfg.out / "data" / "partition.json").write_text(json.dumps(summarize(split, row_labels), indent=2) + "\n")
+    columns_kw = {"text_column": cfg.text_column, "label_column": cfg.label_column}
+    pooled = load_examples(cfg.data, "classification", labels, **columns_kw)
+    test = load_examples(cfg.test, "classification", labels, **columns_kw)
+    if eval_rows and eval_rows < len(test):
+        test = test.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:eval_rows]))
+    evaluator = Evaluator(cfg.model_dir, "classification", labels)
+    log.info("%d clients, %d training rows split non-IID (alpha %.2f), %d test rows", cfg.clients, len(rows),
+             cfg.dirichlet_alpha, len(test))
+    return Fleet(labels, parts, profiles, pooled,
+                 lambda adapter: evaluator.evaluate(adapter, test, seq_len=cfg.seq_len, batch_size=256))
+
+
+def methods_for(aggregator: str, compare: bool, ranks: tuple[int, ...]) -> list[Method]:
+    if not compare:
+        return [Method(aggregator, aggregator, ranks)]
+    lo, hi = min(ranks), max(ranks)
+    return [Method(f"fedavg-r{lo}", "fedavg", (lo,)), Method(f"fedavg-r{hi}", "fedavg", (hi,)),
+            Method("hetlora", "hetlora", ranks), Method("hlora", "hlora", ranks), Method("plora", "plora", ranks)]
+
+
+def serve_args(cfg: DemoConfig, method: Method) -> list[str]:
+    return ["--model", cfg.model_dir, "--task", "classification", "--labels", cfg.labels,
+            "--aggregator", method.aggregator, "--ranks", ",".join(map(str, method.ranks)),
+            "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients_per_round),
+            "--min-clients", str(min(cfg.clients_per_round, cfg.clients)),
+            "--round-deadline", str(cfg.round_deadline), "--seed", str(cfg.seed),
+            "--local-steps", str(cfg.local_steps), "--batch-size", str(cfg.batch_size), "--seq-len", str(cfg.seq_len),
+            "--lr", str(cfg.lr), "--prune-lambda", str(cfg.prune_lambda if method.aggregator == "hetlora" else 0.0),
+            "--poll-seconds", "0.2"]
+
+
+def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: list[Path], evaluate,
+                  on_row) -> list[RoundRow]:
+    """Run one method end to end with real processes; evaluate each global version as it lands."""
+    run_dir = cfg.out / method.label
+    server, url = start_server(serve_args(cfg, method), run_dir / "server")
+    clients = []
+    try:
+        clients = [start_client(url, part, run_dir / "clients" / f"client_{i:03d}",
+                                ["--model", cfg.model_dir, "--profile-file", str(profile), "--name", profile.stem,
+                                 "--poll", "0.2", "--text-column", cfg.text_column]
+                                + (["--label-column", cfg.label_column] if cfg.label_column else []))
+                   for i, (part, profile) in enumerate(zip(parts, profiles))]
+        api = ServerAPI(url, give_up_after=60)
+        rows, seen, fleet_shown = [], 0, False
+        while True:
+            status = api.status()
+            if not fleet_shown and len(status["clients"]) == len(clients):
+                log.info("%s fleet: %s", method.label,
+                         ", ".join(f"{c['name']} r={c['rank']}" for c in status["clients"]))
+                fleet_shown = True
+            for entry in status["history"][seen:]:
+                row = _row(method.label, entry, api, evaluate)
+                rows.append(row)
+                on_row(row)
+                seen += 1
+            if status["finished"] and seen >= len(status["history"]):
+                break
+            dead = [c for c in clients if not c.alive() and c.wait() != 0]
+            if dead:
+                raise UserError(f"a client failed ({dead[0].log_path}):\n{dead[0].tail()}")
+            if not server.alive():
+                raise UserError(f"the server exited ({server.log_path}):\n{server.tail()}")
+            time.sleep(0.5)
+        for c in clients:
+            c.wait(timeout=120)
+        return rows
+    finally:
+        for c in clients:
+            c.stop()
+        server.stop()
+
+
+def _row(label: str, entry: dict, api: ServerAPI, evaluate) -> RoundRow:
+    """A table row for one aggregated round; seconds = the server's open-to-aggregated time."""
+    data = api.global_adapter(version=entry["round"])
+    metrics = evaluate(decode(data))
+    ranks = list(entry["effective_ranks"].values()) or [0]
+    stats = entry.get("statistics") or {}
+    return RoundRow(method=label, round=entry["round"], accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"],
+                    mean_rank=sum(ranks) / len(ranks), bytes_up=int(stats.get("bytes_up", 0)),
+                    bytes_down=int(stats.get("bytes_down", 0)),
+                    seconds=entry["aggregated_at"] - entry["opened_at"])
+
+
+def format_table(rows: list[RoundRow]) -> str:
+    header = f"{'method':<12} {'round':>5} {'accuracy':>8} {'macro-F1':>8} {'mean rank':>9} " \
+             f"{'MB up':>7} {'MB down':>7} {'seconds':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.method:<12} {r.round:>5} {r.accuracy:>8.3f} {r.macro_f1:>8.3f} {r.mean_rank:>9.1f} "
+                     f"{r.bytes_up / 1e6:>7.2f} {r.bytes_down / 1e6:>7.2f} {r.seconds:>7.1f}")
+    return "\n".join(lines)
+
+
+def rows_json(rows: list[RoundRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row) -> list[RoundRow]:
+    """LoRA at the largest rank on the pooled data, in process, from the same initial adapter as the
+    federated runs; per "round" as many steps as the selected fleet takes in one federated round
+    (clients_per_round x local_steps)."""
+    from dataclasses import replace
+
+    from edge_client.models import derive_spec
+    from edge_client.train_config import TrainConfig
+    from edge_client.training import TorchTrainer
+    from server_stub.aggregation import make_rule
+
+    rank = max(cfg.ranks)
+    spec = derive_spec(cfg.model_dir, "classification", num_labels=len(labels))
+    adapter = make_rule("fedavg").init_global(spec, rank, cfg.seed)
+    trainer = TorchTrainer(cfg.model_dir, "classification", labels=labels)
+    steps = TrainConfig(steps=cfg.clients_per_round * cfg.local_steps, batch_size=cfg.batch_size,
+                        seq_len=cfg.seq_len, lr=cfg.lr)
+    rows = []
+    for number in range(1, cfg.rounds + 1):
+        t0 = time.monotonic()
+        adapter = trainer.train_round(adapter, pooled, replace(steps, seed=cfg.seed + number), rank=rank).adapter
+        metrics = evaluate(adapter)
+        row = RoundRow("centralized", number, metrics["accuracy"], metrics["macro_f1"], rank, 0, 0,
+                       time.monotonic() - t0)
+        rows.append(row)
+        on_row(row)
+    return rows
+
+
+def plot_rows(rows: list[RoundRow], path: Path) -> Path | None:
+    """Accuracy and macro-F1 against the round, one line per method."""
+    from edge_client.plots import line_plot
+
+    series: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        xs, cols = series.setdefault(r.method, ([], [[], []]))
+        xs.append(r.round)
+        cols[0].append(r.accuracy)
+        cols[1].append(r.macro_f1)
+    return line_plot(path, series, panels=[("test accuracy", 0), ("test macro-F1", 1)], xlabel="round",
+                     title="Federated LoRA on heterogeneous devices")
