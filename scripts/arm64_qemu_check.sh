@@ -41,8 +41,12 @@ WORK=$APP/work
 
 say() { printf '\n=== %s  %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() { printf 'arm64_qemu_check: %s\n' "$*" >&2; exit 1; }
+# A command in the root with a clean environment; pip there trusts the host's CA bundle (copied
+# in by mount_root, so TLS-intercepting proxies work) and uses the host's proxy, if any.
 in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin \
-    LANG=C.UTF-8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$@"; }
+    LANG=C.UTF-8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_CERT=/etc/ssl/host-ca-bundle.crt \
+    ${https_proxy:+https_proxy=$https_proxy} ${http_proxy:+http_proxy=$http_proxy} \
+    ${no_proxy:+no_proxy=$no_proxy} "$@"; }
 done_marker() { [ -e "$ROOT/.hetlora-$1" ]; }
 mark_done() { touch "$ROOT/.hetlora-$1"; }
 
@@ -81,6 +85,7 @@ mount_root() {
         esac
     done
     cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+    cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$ROOT/etc/ssl/host-ca-bundle.crt"
 }
 
 unmount_root() {
