@@ -25,9 +25,11 @@ def discover_sources(host: Host | str | os.PathLike = "/") -> list[PowerSource]:
     return [*discover_jetson(host), *discover_pi_pmic(host), *discover_rapl(host), *discover_battery(host)]
 
 
-def estimate_source(host: Host, device_figure: dict | None = None, origin: str = "catalog") -> EstimateSource | None:
+def estimate_source(host: Host | str | os.PathLike, device_figure: dict | None = None,
+                    origin: str = "catalog") -> EstimateSource | None:
     """The fallback model: a device figure {"idle_w", "load_w"} if given, else the RAPL package
     power limit as TDP; None when neither is known."""
+    host = Host.of(host)
     try:
         if device_figure and device_figure.get("idle_w") is not None and device_figure.get("load_w") is not None:
             return EstimateSource.device_figure(host, device_figure["idle_w"], device_figure["load_w"], origin)

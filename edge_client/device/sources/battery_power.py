@@ -55,7 +55,6 @@ class TermuxBatterySource(PowerSource):
 
 def discover_battery(host: Host) -> list[PowerSource]:
     found: list[PowerSource] = [SysfsBatterySource(host, d) for d in battery.sysfs_batteries(host)]
-    termux = TermuxBatterySource(host)
     if battery.termux_status(host) is not None:
-        found.append(termux)
+        found.append(TermuxBatterySource(host))
     return found
