@@ -96,3 +96,22 @@ def test_evaluator_rejects_a_headless_or_foreign_adapter(tiny_bert_dir):
                              derive_spec(tiny_bert_dir, "classification", num_labels=3).dense.items()})
     with pytest.raises(UserError, match="not a linear layer"):
         evaluator.evaluate(foreign, data)
+
+
+def test_evaluate_command_prints_the_evaluator_metrics(tiny_bert_dir, tmp_path, capsys):
+    from edge_client.wire import encode
+    from hetlora.cli import main
+
+    adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=2, seed=4)
+    (tmp_path / "a.safetensors").write_bytes(encode(adapter))
+    (tmp_path / "labels.json").write_text(json.dumps(LABELS))
+    (tmp_path / "test.csv").write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in zip(TEXTS, "abb")))
+    args = ["evaluate", "--model", str(tiny_bert_dir), "--adapter", str(tmp_path / "a.safetensors"),
+            "--test", str(tmp_path / "test.csv"), "--seq-len", "32"]
+    assert main(args + ["--labels", str(tmp_path / "labels.json"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = Evaluator(tiny_bert_dir, "classification", LABELS).evaluate(
+        adapter, Examples("classification", tuple(TEXTS), (0, 1, 1)), seq_len=32)
+    assert printed == pytest.approx(expected)
+    assert main(args) == 2
+    assert "pass --labels FILE" in capsys.readouterr().err
