@@ -3,8 +3,8 @@
 # only while the battery is above a threshold or the phone is on power.
 #
 # Usage: bash android_demo/run.sh [--min-battery PCT] SERVER_URL [DATA_FILE]
-#   SERVER_URL     e.g. http://192.168.1.20:8000 (the laptop running `hetlora serve --host 0.0.0.0`)
-#   DATA_FILE      CSV or JSONL rows of text,label; default ~/hetlora/train.jsonl
+#   SERVER_URL     e.g. http://192.168.1.20:8080 (the laptop running `hetlora serve --host 0.0.0.0`)
+#   DATA_FILE      CSV or JSONL rows of text,label; default ~/hetlora/train.csv
 #   --min-battery  percent below which training pauses unless charging; default
 #                  $HETLORA_MIN_BATTERY or 30; 0 trains regardless and skips the battery check
 # Environment: HETLORA_STATE_DIR (default ~/.hetlora/state), HETLORA_MODEL (a model folder;
@@ -42,17 +42,17 @@ while [ $# -gt 0 ]; do
 done
 [ $# -ge 1 ] && [ $# -le 2 ] || usage
 SERVER_URL=$1
-DATA_FILE=${2:-$HOME/hetlora/train.jsonl}
+DATA_FILE=${2:-$HOME/hetlora/train.csv}
 
 case $SERVER_URL in
     http://?*|https://?*) ;;
-    *) fail "SERVER_URL must look like http://192.168.1.20:8000, got '$SERVER_URL'" ;;
+    *) fail "SERVER_URL must look like http://192.168.1.20:8080, got '$SERVER_URL'" ;;
 esac
 case $MIN_BATTERY in
     ''|*[!0-9]*) fail "--min-battery takes a whole percent 0-100, got '$MIN_BATTERY'" ;;
 esac
 [ "$MIN_BATTERY" -le 100 ] || fail "--min-battery takes a whole percent 0-100, got '$MIN_BATTERY'"
-[ -f "$DATA_FILE" ] || fail "no data file at $DATA_FILE: copy your train.jsonl there (see android_demo/README.md) or pass its path"
+[ -f "$DATA_FILE" ] || fail "no data file at $DATA_FILE: copy your train.csv there (see android_demo/README.md) or pass its path"
 
 # Prints why the battery allows training or not; succeeds when it does.
 # termux-battery-status JSON: percentage (0-100), plugged (UNPLUGGED, PLUGGED_AC, ...),
@@ -71,8 +71,8 @@ try:
 except (ValueError, KeyError, TypeError) as exc:
     print(f"unreadable termux-battery-status output ({exc})")
     sys.exit(2)
-plugged = battery.get("plugged", "UNPLUGGED")
-status = battery.get("status", "UNKNOWN")
+plugged = str(battery.get("plugged") or "UNPLUGGED")
+status = str(battery.get("status") or "UNKNOWN")
 on_power = plugged != "UNPLUGGED" or status == "CHARGING"
 state = f"battery {percent}%, {status.lower()}, {plugged.lower()}"
 if on_power:

@@ -56,4 +56,4 @@ Termux:API is not answering. run.sh needs it to read the battery and hold a wake
 EOF
 fi
 
-say "Done. Next: bash android_demo/run.sh http://LAPTOP_IP:8000 ~/hetlora/train.jsonl"
+say "Done. Next: bash android_demo/run.sh http://LAPTOP_IP:8080 ~/hetlora/train.csv"

@@ -22,7 +22,7 @@ import pytest
 PROJECT = Path(__file__).resolve().parent.parent
 SETUP = PROJECT / "android_demo" / "setup.sh"
 RUN = PROJECT / "android_demo" / "run.sh"
-SERVER = "http://192.168.1.20:8000"
+SERVER = "http://192.168.1.20:8080"
 EXIT_PAUSED = 75
 
 LOGGING_STANDIN = """#!/usr/bin/env bash
@@ -87,7 +87,7 @@ def phone(tmp_path):
     write_standin(bin_dir, "hetlora", HETLORA)
     home = tmp_path / "home"
     (home / "hetlora").mkdir(parents=True)
-    (home / "hetlora" / "train.jsonl").write_text('{"text": "activate my card", "label": "activate_my_card"}\n')
+    (home / "hetlora" / "train.csv").write_text("text,category\nactivate my card,activate_my_card\n")
 
     class Phone:
         log = tmp_path / "calls.log"
@@ -177,7 +177,7 @@ def test_run_profiles_then_trains_round_by_round_until_finished(phone):
     assert calls[1] == "hetlora profile --quick --json"
     assert json.loads((phone.state / "profile.json").read_text())["battery"]["percent"] == 80
     assert "battery 80%" in result.stdout  # the profile's one-line summary
-    data = Path(phone.env["HOME"]) / "hetlora" / "train.jsonl"
+    data = Path(phone.env["HOME"]) / "hetlora" / "train.csv"
     expected = (f"hetlora client --server {SERVER} --data {data} --state-dir {phone.state} "
                 "--backend torch --max-rounds 1")
     # Two rounds upload; the third call uploads nothing: the server said training is finished.
@@ -243,8 +243,12 @@ def test_run_unreadable_battery_is_a_clear_error(phone):
     result = phone.run(RUN, SERVER, BATTERY_FAILS="1")
     assert result.returncode == 2
     assert "termux-battery-status" in result.stderr and "Termux:API" in result.stderr
+    phone.set_battery('{"health": "GOOD", "plugged": "UNPLUGGED"}')
+    result = phone.run(RUN, SERVER)
+    assert result.returncode == 2
+    assert "unreadable termux-battery-status output" in result.stdout
     assert client_calls(phone) == []
-    assert_lock_released_last(phone)
+    assert phone.calls("termux-wake-unlock") == ["termux-wake-unlock"] * 2
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -267,7 +271,7 @@ def test_run_releases_the_wake_lock_when_interrupted(phone, sig, status):
 
 @pytest.mark.parametrize("args, message", [
     (["ftp://example.org"], "SERVER_URL must look like"),
-    ([SERVER, "/nonexistent/train.jsonl"], "no data file"),
+    ([SERVER, "/nonexistent/train.csv"], "no data file"),
     (["--min-battery", "high", SERVER], "whole percent"),
     (["--min-battery", "101", SERVER], "whole percent"),
     (["--frobnicate", SERVER], "unknown option"),
