@@ -45,7 +45,8 @@ def run(args) -> int:
 
         if not Path(args.root).is_dir():
             raise UserError(f"--root {args.root} is not a directory")
-        doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir)
+        doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir,
+                              policy_file=args.policy)
     policy = _tier_module("policy") if args.tier or args.as_device else None
     decision = policy.decide_tier(doc, policy=policy.load_policy(args.policy)) if policy else None
     if args.out:

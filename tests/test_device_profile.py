@@ -9,7 +9,7 @@ import sys
 import pytest
 from fakeroots import make_root
 
-from edge_client.device.profile import collect_profile, validate_profile
+from edge_client.device.profile import collect_profile, lowest_tier, validate_profile
 from hetlora.cli import main
 
 KB, GIB, MIB = 1024, 1 << 30, 1 << 20
@@ -206,3 +206,13 @@ def test_commands_go_through_an_injectable_runner(tmp_path):
     cpu = collect_profile(root, quick=True, env={}, runner=runner)["cpu"]
     assert (cpu["throttled"], cpu["throttle_reasons"]) == (True, ["throttled now"])
     assert ["vcgencmd", "get_throttled"] in calls
+
+
+def test_lora_step_runs_at_the_lowest_tier_of_the_policy_file(tmp_path):
+    policy = pytest.importorskip("profiles.policy")
+    doc = json.loads(policy.DEFAULT_POLICY_PATH.read_text())
+    first = next(t for t in doc["tiers"] if t["rank"] > 0)
+    first.update(batch_size=2, seq_len=32)
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps(doc))
+    assert lowest_tier(path) == {"rank": first["rank"], "batch_size": 2, "seq_len": 32}
