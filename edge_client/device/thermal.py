@@ -18,7 +18,7 @@ def read_thermal(host: Host, battery_c: float | None = None) -> dict:
     as on phones where SELinux hides the thermal zones from apps.
     """
     zones: dict[str, float] = {}
-    for zone in sorted(host.glob("/sys/class/thermal/thermal_zone*"), key=lambda p: int(p.name[12:] or 0)):
+    for zone in sorted(host.glob("/sys/class/thermal/thermal_zone[0-9]*"), key=lambda p: int(p.name[12:] or 0)):
         millidegrees = host.read_int(zone / "temp")
         if millidegrees is None:
             continue
