@@ -52,6 +52,12 @@ def update_digest(adapter: Adapter) -> str:
     return h.hexdigest()
 
 
+def _log_opened(row: dict | None) -> None:
+    if row is not None:
+        log.info("round %d open: selected %s", row["number"],
+                 ", ".join(f"{c}@r{row['ranks'][c]}" for c in row["selected"]))
+
+
 def jsonable(value):
     """numpy scalars/arrays (and containers of them) as plain JSON types."""
     if isinstance(value, dict):
@@ -77,7 +83,8 @@ class Coordinator:
             if self._global_row(0) is None:
                 self._commit_global(0, rule.init_global(config.spec, config.global_rank, config.seed))
             with self.store.transaction():
-                self._open_next_round_if_ready()
+                opened = self._open_next_round_if_ready()
+            _log_opened(opened)
             self.tick()  # a restart may find the deadline passed or every upload already in
 
     # --- clients -------------------------------------------------------------------------------
@@ -94,9 +101,10 @@ class Coordinator:
                 "requested_rank": requested_rank, "rank": rank, "pruned_rank": None, "n_samples": n_samples,
                 "registered_at": self.clock(),
             })
-            log.info("registered %s (%s): requested rank %d -> rank %d, %d samples",
-                     client_id, name or "unnamed", requested_rank, rank, n_samples)
-            self._open_next_round_if_ready()
+            opened = self._open_next_round_if_ready()
+        log.info("registered %s (%s): requested rank %d -> rank %d, %d samples",
+                 client_id, name or "unnamed", requested_rank, rank, n_samples)
+        _log_opened(opened)
         return {"client_id": client_id, "token": token, "rank": rank, "run": self.config.run_config()}
 
     def authenticate(self, authorization: str | None) -> str:
@@ -290,21 +298,24 @@ class Coordinator:
             self.store.insert("globals", {"version": number, "path": path, "sha256": digest, "created_at": self.clock()})
             self.store.update("rounds", {"number": number}, {"state": "aggregated", "aggregated_at": self.clock(),
                                                              "statistics": statistics})
-            self._open_next_round_if_ready()
+            opened = self._open_next_round_if_ready()
         self._cached_global = (number, new_global)
         log.info("round %d aggregated (%s) from %s: %s", number, self.config.aggregator,
-                 ", ".join(f"{c}@r{uploads[c]['effective_rank']}" for c in order), statistics)
+                 ", ".join(f"{c}@r{uploads[c]['effective_rank']}" for c in order), json.dumps(statistics))
         if number >= self.config.rounds:
             log.info("all %d rounds done; run finished", self.config.rounds)
+        _log_opened(opened)
 
-    def _open_next_round_if_ready(self) -> None:
-        """Inside a transaction: open round last+1 when none is open, rounds remain and min_clients registered."""
+    def _open_next_round_if_ready(self) -> dict | None:
+        """Inside a transaction: open round last+1 when none is open, rounds remain and min_clients registered.
+
+        Returns the new round's row (None when no round opened)."""
         if self._open_round() is not None:
-            return
+            return None
         number = self._last_round_number() + 1
         clients = self.store.select("SELECT client_id, rank FROM clients ORDER BY seq")
         if number > self.config.rounds or len(clients) < self.config.min_clients:
-            return
+            return None
         rank_of = {c["client_id"]: c["rank"] for c in clients}
         selected = select_clients(list(rank_of), self.config.clients_per_round, self.config.seed, number)
         ranks = {c: rank_of[c] for c in selected}
@@ -315,10 +326,10 @@ class Coordinator:
             if assigned is not None:
                 indices[c] = [int(i) for i in assigned]
         now = self.clock()
-        self.store.insert("rounds", {"number": number, "state": "open", "selected": selected, "ranks": ranks,
-                                     "indices": indices, "opened_at": now,
-                                     "deadline": now + self.config.round_deadline})
-        log.info("round %d open: selected %s", number, ", ".join(f"{c}@r{ranks[c]}" for c in selected))
+        row = {"number": number, "state": "open", "selected": selected, "ranks": ranks, "indices": indices,
+               "opened_at": now, "deadline": now + self.config.round_deadline}
+        self.store.insert("rounds", row)
+        return row
 
     def _require_open(self, round_number: int) -> dict:
         r = self._open_round()
