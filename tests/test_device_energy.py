@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from fakeroots import make_root
 
-from edge_client.device.energy import (EnergyMeter, EnergyResult, combine, integrate_power, interpolate, meter_for,
-                                       unwrap)
+from edge_client.device.energy import (EnergyMeter, EnergyResult, combine, counter_energy, integrate_power,
+                                       interpolate, meter_for, unwrap)
 from edge_client.device.host import Host
 from edge_client.device.sources import EstimateSource, discover_sources
 
@@ -67,6 +67,13 @@ def test_unwrap_adds_the_range_at_each_wrap():
     assert unwrap([90, 95, 3, 50, 1], wrap=100) == [90, 95, 103, 150, 201]
     with pytest.raises(ValueError, match="wrap value is unknown"):
         unwrap([90, 3], wrap=None)
+
+
+def test_counter_energy_sums_zones_each_with_its_own_wrap():
+    times = [0.0, 1.0, 2.0]
+    counters = [(90, 1000), (5, 1400), (20, 1800)]  # zone 0 wraps at 100, zone 1 never does
+    # zone 0: 90 -> 105 -> 120, zone 1: 1000 -> 1800; window [0.5, 2]: 22.5 + 600
+    assert counter_energy(times, counters, (100, 10_000), 0.5, 2.0) == pytest.approx(22.5 + 600)
 
 
 def jetson_hwmon(tmp_path) -> tuple[Host, object, Path]:
