@@ -9,6 +9,10 @@ maximum); one reading is taken just before the window opens and one just after i
 `measure_idle` records idle power first; results then carry idle_w and
 joules_above_idle = joules - idle_w * seconds in their own column.
 Every result is one of measured, estimated or unavailable; aggregates never mix them.
+
+    meter = meter_for("/")        # best source now, else a labelled estimate, else unavailable
+    meter.measure_idle(5.0)
+    meter.start(); work(); result = meter.stop()      # EnergyResult; result.to_json() for reports
 """
 
 from __future__ import annotations
