@@ -52,6 +52,14 @@ def update_digest(adapter: Adapter) -> str:
     return h.hexdigest()
 
 
+def _decode(body: bytes) -> Adapter:
+    """wire.decode with its errors as 400 ApiErrors."""
+    try:
+        return decode(body)
+    except WireFormatError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
+
+
 def _log_opened(row: dict | None) -> None:
     if row is not None:
         log.info("round %d open: selected %s", row["number"],
@@ -177,21 +185,22 @@ class Coordinator:
             return encode(Adapter(lora=view.lora, dense=view.dense, meta=meta))
 
     def accept_upload(self, client_id: str, round_number: int, body: bytes) -> dict:
-        """Validate and store one update; aggregate when it completes the round. Nothing is stored on error."""
+        """Validate and store one update; aggregate when it completes the round. Nothing is stored on error.
+
+        The identical update again (same `update_digest`) is answered 200 even after its round closed,
+        so a client may retry an upload whose reply it lost."""
         with self.lock:
+            previous = self._upload(round_number, client_id)
+            if previous is not None and previous["sha256"] == update_digest(_decode(body)):
+                state = self.store.select_one("SELECT state FROM rounds WHERE number = ?", (round_number,))["state"]
+                return self._upload_reply(previous, duplicate=True, round_state=state)
             r = self._require_open(round_number)
             self._require_selected(r, client_id)
-            try:
-                adapter = decode(body)
-            except WireFormatError as exc:
-                raise ApiError(400, exc.code, str(exc)) from None
-            digest = update_digest(adapter)
-            previous = self._upload(round_number, client_id)
             if previous is not None:
-                if previous["sha256"] != digest:
-                    raise ApiError(409, "duplicate_upload", f"round {round_number} already has a different update "
-                                   f"from {client_id} (sha256 {previous['sha256'][:12]}...); one update per round")
-                return self._upload_reply(r, previous, duplicate=True, round_state="open")
+                raise ApiError(409, "duplicate_upload", f"round {round_number} already has a different update "
+                               f"from {client_id} (sha256 {previous['sha256'][:12]}...); one update per round")
+            adapter = _decode(body)
+            digest = update_digest(adapter)
             assigned = r["ranks"][client_id]
             try:
                 rank, effective_rank, n_samples = self._check_meta(adapter.meta, round_number, client_id, assigned)
@@ -217,7 +226,7 @@ class Coordinator:
             if uploaded == len(r["selected"]):
                 self._aggregate(r)
                 state = "aggregated"
-            return self._upload_reply(r, row, duplicate=False, round_state=state)
+            return self._upload_reply(row, duplicate=False, round_state=state)
 
     def _check_meta(self, meta: dict, round_number: int, client_id: str, assigned: int) -> tuple[int, int, int]:
         if meta_int(meta, "round", minimum=1) != round_number:
@@ -247,9 +256,9 @@ class Coordinator:
             raise ApiError(400, "wrong_indices", f"metadata indices {meta.get('indices')!r} are not the indices "
                            f"assigned for round {r['number']}: {expected}")
 
-    def _upload_reply(self, r: dict, row: dict, *, duplicate: bool, round_state: str) -> dict:
+    def _upload_reply(self, row: dict, *, duplicate: bool, round_state: str) -> dict:
         client = self._client(row["client_id"])
-        return {"accepted": True, "round": r["number"], "sha256": row["sha256"], "rank": row["rank"],
+        return {"accepted": True, "round": row["round"], "sha256": row["sha256"], "rank": row["rank"],
                 "effective_rank": row["effective_rank"], "duplicate": duplicate, "next_rank": client["rank"],
                 "round_state": round_state}
 

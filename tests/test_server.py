@@ -526,7 +526,9 @@ def test_sigkill_and_restart_continue_the_open_round(spec, tiny_bert_dir, tmp_pa
             assert after["round"]["uploads"] == [c["client_id"] for c in clients[:2]]
             again = post_update(http, clients[0], 2, encode(updates[0]))  # the token survives; idempotent
             assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
-            late = post_update(http, clients[0], 1, encode(updates_for(clients, 1)[0]))
+            retry = post_update(http, clients[0], 1, encode(updates_for(clients, 1)[0]))  # reply lost, say
+            assert (retry.status_code, retry.json()["duplicate"], retry.json()["round_state"]) == (200, True, "aggregated")
+            late = post_update(http, clients[0], 1, encode(updates[0]))
             assert (late.status_code, error_code(late), late.json()["error"]["current_round"]) == (409, "round_closed", 2)
             assert post_update(http, clients[2], 2, encode(updates[2])).json()["round_state"] == "aggregated"
             status = http.get("/v1/status").json()
