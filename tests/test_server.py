@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import signal
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -47,27 +46,11 @@ def make_config(spec, **overrides):
 
 @contextlib.contextmanager
 def running_server(config, state_dir):
-    """create_app + uvicorn in a thread on a free loopback port; yields an httpx client on its URL."""
-    import uvicorn
+    """A real server in a background thread on a free loopback port; yields an httpx client on its URL."""
+    from server_stub.background import serve_in_background
 
-    from server_stub.app import create_app
-    from server_stub.cli import bind_socket
-
-    app = create_app(config, state_dir)
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "server thread died during startup"
-        time.sleep(0.02)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with serve_in_background(config, state_dir) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
 
 
 def register(http, requested_rank, n_samples=10, name=None):
