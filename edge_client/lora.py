@@ -45,10 +45,12 @@ class LoRALinear(nn.Module):
         return self.lora_A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.lora_A)
+        # The scale multiplies the r-wide activations, not the out-wide output: fewer flops, and the
+        # same bits, since s is a power of two.
+        z = F.linear(x, self.lora_A) * self.scale
         if self.keep_mask is not None:
             z = z * self.keep_mask
-        return self.base(x) + F.linear(z, self.lora_B) * self.scale
+        return self.base(x) + F.linear(z, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """Dense dW = s * B @ A (for tests and folding; never used in training)."""
