@@ -87,6 +87,7 @@ class Coordinator:
         self.clock = clock
         self.lock = threading.RLock()
         self._cached_global: tuple[int, Adapter] | None = None
+        self._closing: int | None = None  # the round being aggregated right now
         with self.lock:
             if self._global_row(0) is None:
                 self._commit_global(0, rule.init_global(config.spec, config.global_rank, config.seed))
@@ -222,11 +223,12 @@ class Coordinator:
             uploaded = len(self._uploads(round_number))
             log.info("round %d: upload from %s accepted (rank %d, effective rank %d, %d samples); %d of %d in",
                      round_number, client_id, rank, effective_rank, n_samples, uploaded, len(r["selected"]))
-            state = "open"
-            if uploaded == len(r["selected"]):
-                self._aggregate(r)
-                state = "aggregated"
-            return self._upload_reply(row, duplicate=False, round_state=state)
+            reply = self._upload_reply(row, duplicate=False, round_state="open")
+            due = self._due_round()
+        if due is not None:
+            self._aggregate(due)
+            reply["round_state"] = "aggregated"
+        return reply
 
     def _check_meta(self, meta: dict, round_number: int, client_id: str, assigned: int) -> tuple[int, int, int]:
         if meta_int(meta, "round", minimum=1) != round_number:
@@ -265,50 +267,70 @@ class Coordinator:
     def tick(self) -> None:
         """At the deadline: aggregate with >= min_clients uploads, else extend the deadline and say why."""
         with self.lock:
-            r = self._open_round()
-            if r is None:
-                return
-            uploads = self._uploads(r["number"])
-            if len(uploads) == len(r["selected"]):
-                self._aggregate(r)
-                return
-            now = self.clock()
-            if now < r["deadline"]:
-                return
-            required = min(self.config.min_clients, len(r["selected"]))
-            if len(uploads) >= required:
-                log.info("round %d: deadline reached with %d of %d uploads; aggregating",
-                         r["number"], len(uploads), len(r["selected"]))
-                self._aggregate(r)
-                return
-            reason = (f"only {len(uploads)} of the {required} required uploads arrived by the deadline; "
-                      f"extended by {self.config.round_deadline:g} s")
-            with self.store.transaction():
-                self.store.update("rounds", {"number": r["number"]}, {
-                    "deadline": now + self.config.round_deadline, "extensions": r["extensions"] + 1,
-                    "extension_reason": reason})
-            log.warning("round %d: %s", r["number"], reason)
+            due = self._due_round()
+        if due is not None:
+            self._aggregate(due)
+
+    def _due_round(self) -> dict | None:
+        """Under the lock: the open round, marked closing, when it should aggregate now; else None.
+
+        Extends the deadline (and records why) when it passed with fewer than min_clients uploads."""
+        r = self._open_round()
+        if r is None or self._closing is not None:
+            return None
+        uploads = self._uploads(r["number"])
+        if len(uploads) == len(r["selected"]):
+            return self._mark_closing(r)
+        now = self.clock()
+        if now < r["deadline"]:
+            return None
+        required = min(self.config.min_clients, len(r["selected"]))
+        if len(uploads) >= required:
+            log.info("round %d: deadline reached with %d of %d uploads; aggregating",
+                     r["number"], len(uploads), len(r["selected"]))
+            return self._mark_closing(r)
+        reason = (f"only {len(uploads)} of the {required} required uploads arrived by the deadline; "
+                  f"extended by {self.config.round_deadline:g} s")
+        with self.store.transaction():
+            self.store.update("rounds", {"number": r["number"]}, {
+                "deadline": now + self.config.round_deadline, "extensions": r["extensions"] + 1,
+                "extension_reason": reason})
+        log.warning("round %d: %s", r["number"], reason)
+        return None
+
+    def _mark_closing(self, r: dict) -> dict:
+        self._closing = r["number"]
+        return r
 
     def _aggregate(self, r: dict) -> None:
-        """Run the rule on the round's uploads; commit the new global blob, then (one transaction) its row,
-        the closed round and the next round."""
+        """Aggregate a round marked closing. The rule runs outside the lock, so other requests are answered
+        meanwhile (uploads for this round are refused); then the new global blob is written and, in one
+        transaction, its row, the closed round and the next round are committed."""
         number = r["number"]
-        uploads = {u["client_id"]: u for u in self._uploads(number)}
-        order = [c for c in r["selected"] if c in uploads]
-        results = [ClientResult(adapter=decode(self.store.read_blob(uploads[c]["path"])),
-                                n_samples=uploads[c]["n_samples"],
-                                indices=tuple(r["indices"][c]) if r["indices"].get(c) is not None else None)
-                   for c in order]
-        previous = self._global(number - 1)
-        new_global = self.rule.aggregate(previous, results)
-        statistics = jsonable(aggregate_statistics(new_global, results))
-        path, digest = self._write_global(number, new_global)
-        with self.store.transaction():
-            self.store.insert("globals", {"version": number, "path": path, "sha256": digest, "created_at": self.clock()})
-            self.store.update("rounds", {"number": number}, {"state": "aggregated", "aggregated_at": self.clock(),
-                                                             "statistics": statistics})
-            opened = self._open_next_round_if_ready()
-        self._cached_global = (number, new_global)
+        try:
+            with self.lock:
+                uploads = {u["client_id"]: u for u in self._uploads(number)}
+                previous = self._global(number - 1)
+            order = [c for c in r["selected"] if c in uploads]
+            results = [ClientResult(adapter=decode(self.store.read_blob(uploads[c]["path"])),
+                                    n_samples=uploads[c]["n_samples"],
+                                    indices=tuple(r["indices"][c]) if r["indices"].get(c) is not None else None)
+                       for c in order]
+            new_global = self.rule.aggregate(previous, results)
+            statistics = jsonable(aggregate_statistics(new_global, results))
+            path, digest = self._write_global(number, new_global)
+            with self.lock:
+                with self.store.transaction():
+                    self.store.insert("globals", {"version": number, "path": path, "sha256": digest,
+                                                  "created_at": self.clock()})
+                    self.store.update("rounds", {"number": number}, {"state": "aggregated",
+                                                                     "aggregated_at": self.clock(),
+                                                                     "statistics": statistics})
+                    opened = self._open_next_round_if_ready()
+                self._cached_global = (number, new_global)
+        finally:
+            with self.lock:
+                self._closing = None
         log.info("round %d aggregated (%s) from %s: %s", number, self.config.aggregator,
                  ", ".join(f"{c}@r{uploads[c]['effective_rank']}" for c in order), json.dumps(statistics))
         if number >= self.config.rounds:
@@ -343,6 +365,9 @@ class Coordinator:
     def _require_open(self, round_number: int) -> dict:
         r = self._open_round()
         if r is not None and r["number"] == round_number:
+            if self._closing == round_number:
+                raise ApiError(409, "round_closed", f"round {round_number} is closed: it is being aggregated now",
+                               current_round=round_number)
             return r
         last = self._last_round_number()
         if r is not None:
@@ -424,6 +449,7 @@ class Coordinator:
                 round_info = {k: shown[k] for k in ("number", "state", "opened_at", "deadline", "selected", "ranks",
                                                     "indices", "extensions", "extension_reason")}
                 round_info["uploads"] = [u["client_id"] for u in self._uploads(shown["number"])]
+                round_info["aggregating"] = self._closing == shown["number"]
             clients = self.store.select("SELECT client_id, name, rank, requested_rank, pruned_rank, n_samples, "
                                         "registered_at FROM clients ORDER BY seq")
             return {"round": round_info, "rounds": self.config.rounds, "finished": finished,

@@ -22,6 +22,7 @@ from safetensors.numpy import save as st_save
 
 from edge_client.wire import Adapter, decode, encode
 from hetlora.errors import UserError
+from server_stub.errors import ApiError
 from server_stub.rounds import update_digest
 
 LABELS = ("balance", "card", "transfer")
@@ -427,6 +428,50 @@ def test_crash_mid_aggregation_keeps_previous_state(spec, tmp_path):
     status = restarted.status()
     assert (status["global_version"], status["round"]["number"], len(status["history"])) == (1, 2, 1)
     restarted.store.close()
+
+
+def test_requests_are_answered_while_a_round_aggregates(spec, tmp_path):
+    """The rule runs outside the coordinator's lock: status and round polls answer, uploads for the round are refused."""
+    import threading
+
+    from server_stub.aggregation import make_rule
+    from server_stub.rounds import Coordinator
+    from server_stub.store import Store
+
+    class HeldRule:
+        """The real hetlora rule whose aggregate waits until the test releases it."""
+
+        def __init__(self):
+            self.inner, self.entered, self.release = make_rule("hetlora"), threading.Event(), threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def aggregate(self, global_, results):
+            self.entered.set()
+            assert self.release.wait(30)
+            return self.inner.aggregate(global_, results)
+
+    rule = HeldRule()
+    coordinator = Coordinator(make_config(spec, min_clients=2), Store(tmp_path), rule)
+    clients = [coordinator.register({}, r, 10) for r in (4, 8)]
+    bodies = [encode(make_update(spec, c["rank"], upload_meta(c, 1, c["rank"], 10), seed=k))
+              for k, c in enumerate(clients)]
+    coordinator.accept_upload(clients[0]["client_id"], 1, bodies[0])
+    closing = threading.Thread(target=coordinator.accept_upload, args=(clients[1]["client_id"], 1, bodies[1]))
+    closing.start()
+    assert rule.entered.wait(30)
+    assert coordinator.status()["round"]["aggregating"] is True
+    assert coordinator.round_for(clients[0]["client_id"])["uploaded"] is True
+    with pytest.raises(ApiError) as refused:
+        coordinator.accept_upload(clients[0]["client_id"], 1,
+                                  encode(make_update(spec, 4, upload_meta(clients[0], 1, 4, 10), seed=9)))
+    assert refused.value.code == "round_closed"
+    rule.release.set()
+    closing.join(30)
+    status = coordinator.status()
+    assert len(status["history"]) == 1 and status["round"]["number"] == 2 and not status["round"]["aggregating"]
+    coordinator.store.close()
 
 
 def test_state_dir_of_another_run_is_refused(spec, tmp_path):
