@@ -19,7 +19,7 @@ class HLoRARule(BaseRule):
 
     Factored, never the dense out x in matrix: dW = [sqrt(w_k) B_k]_k @ [sqrt(w_k) A_k]_k (the
     B's stacked side by side, the A's on top of each other), then QR of both stacks and an SVD
-    of the small core (see `linalg.truncated_svd_of_product`).
+    of the (sum r_k)-sized core (see `linalg.truncated_svd_of_product`).
     Components whose singular value is 0 (at rounding level; e.g. a zero update, or fewer than
     R independent directions) get B_j = 0 and keep the previous global's A_j: dW is unchanged
     and the component stays trainable (a pair B_j = A_j = 0 would get no gradient).

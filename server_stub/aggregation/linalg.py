@@ -21,9 +21,9 @@ def truncated_svd_of_product(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[n
     """The top `rank` nonzero singular triplets (U, S, V^T) of B @ A, B (out x m), A (m x in).
 
     With B = Q_b R_b and A^T = Q_a R_a (Q with orthonormal columns, see `_small_factor`),
-    B A = Q_b (R_b R_a^T) Q_a^T, so
-    the small core R_b R_a^T = U' S V'^T has the singular values of B A and U = Q_b U',
-    V = Q_a V'. Q_b and Q_a are never formed: since A Q_a = R_a^T and Q_b^T B = R_b,
+    B A = Q_b (R_b R_a^T) Q_a^T, so the core R_b R_a^T (min(out, m) x min(in, m)) = U' S V'^T
+    has the singular values of B A and U = Q_b U', V = Q_a V'. The core is small when m is;
+    once m >= out and m >= in it is as large as B A itself, and no factored form does better. Q_b and Q_a are never formed: since A Q_a = R_a^T and Q_b^T B = R_b,
         U = B (R_a^T V') S^-1,   V^T = S^-1 (U'^T R_b) A,
     which costs O((out + in) m rank) instead of O((out + in) m^2).
     Singular values at or below the rounding error of the product,
