@@ -7,7 +7,9 @@ The server runs in a background thread on loopback with SQLite state in a temp d
 with ranks cycling through 4, 8, 16, 32, 64 (fedavg: all 64) register, download their adapter,
 and upload random factors (numpy, no training). "round close" is the wall time of the last
 upload, which includes validating, storing, aggregating and committing the new global.
-One run per cell on a shared machine: compare rows, not absolute times.
+One run per cell on a shared machine: compare rows, not absolute times. Under a load of ~12 on
+2 cores, hlora's round close took 38.6 s with default OpenBLAS threads and 3.4 s with
+OPENBLAS_NUM_THREADS=1 (spin-waiting BLAS threads; see bench_aggregate.py).
 """
 
 from __future__ import annotations
