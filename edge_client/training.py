@@ -121,6 +121,28 @@ class TorchTrainer:
                            loss_after=self.mean_loss(eval_batches), tail_before=tail_before, tail_after=tail_after,
                            steps=steps, n_samples=len(encoded), seconds=0.0)
 
+    def stepper(self, start: Adapter, cfg: TrainConfig) -> Callable[[dict], float]:
+        """Load `start` (wire form) and return `step(batch) -> loss`: one forward, backward and optimizer
+        update of plain-mode training, for callers that time single steps (hetlora bench)."""
+        torch.manual_seed(cfg.seed)
+        self._load(start)
+        params = [p for layer in lora_layers(self.model).values() for p in (layer.lora_A, layer.lora_B)]
+        params += list(self.dense.values())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = make_optimizer(params, cfg)
+        self.model.train(cfg.dropout)
+
+        def step(batch: dict) -> float:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = batch_loss(logits, batch["labels"], self.task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+
+        return step
+
     def _load(self, adapter: Adapter) -> None:
         """Wire adapter -> training form; dense tensors it lacks get the fresh head."""
         for name, p in self.dense.items():

@@ -1,0 +1,123 @@
+"""One training step per backend, ready to time: `prepare(rank) -> (step, computed_rank)`.
+
+A step is forward + backward + optimizer update on one fixed, full-length synthetic batch:
+- torch: TorchTrainer.stepper (AdamW, plain mode, the code path of a real round);
+- onnx / executorch: the artifact engine's forward_backward + step, with the optimizer baked into
+  the artifact (AdamW for onnx, SGD for executorch). The artifact of the smallest exported rank
+  R >= r serves rank r (keep_mask silences the padding), so its kernels compute at R: `computed_rank`.
+`skip_reason` says why a backend cannot run here (missing runtime, no artifacts, wrong shape).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+
+import numpy as np
+
+from edge_client.backends.artifacts import Manifest
+from edge_client.train_config import TrainConfig
+from edge_client.wire import Adapter
+
+ARTIFACT_RUNTIMES = {
+    "onnx": ("onnxruntime.training", "onnxruntime-training (PyPI wheels: Linux x86_64, macOS, Windows; "
+                                     "pip install onnxruntime-training-cpu==1.19.2)"),
+    "executorch": ("executorch.extension.training", "executorch with its training bindings "
+                                                    "(pip install executorch==1.5.1)"),
+}
+BACKENDS = ("torch", *ARTIFACT_RUNTIMES)
+ARTIFACT_LR = 1e-4  # the learning rate does not change the step's cost
+
+
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def skip_reason(backend: str, manifest: Manifest | None, batch: int, seq_len: int) -> str | None:
+    """Why `backend` cannot be benchmarked on this platform with these artifacts, or None."""
+    if backend == "torch":
+        return None if importable("torch") else "torch is not installed"
+    module, package = ARTIFACT_RUNTIMES[backend]
+    if not importable(module):
+        return f"{package} is not installed on this {platform.machine()} platform"
+    if manifest is None:
+        return f"no --artifacts DIR given: the {backend} backend trains from artifacts made by `hetlora export`"
+    if not manifest.ranks(backend):
+        return f"{manifest.folder} holds no {backend} artifacts (exported: " \
+               f"{sorted({a['backend'] for a in manifest.doc['artifacts']})})"
+    if (manifest.batch, manifest.seq_len) != (batch, seq_len):
+        return (f"the artifacts were exported for batch {manifest.batch} x seq_len {manifest.seq_len}, the bench "
+                f"runs {batch} x {seq_len}: drop --batch/--seq-len or re-export at that shape")
+    return None
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Full-length rows (every position attended) of random token ids, and random class labels."""
+    rng = np.random.default_rng(seed)
+    low = 1000 if vocab > 2000 else 1  # skip BERT's special and unused ids
+    return {"input_ids": rng.integers(low, vocab, (batch, seq_len), dtype=np.int64),
+            "attention_mask": np.ones((batch, seq_len), np.int64),
+            "labels": rng.integers(0, num_labels, batch, dtype=np.int64)}
+
+
+class TorchStepper:
+    backend = "torch"
+
+    def __init__(self, model_dir, targets, num_labels: int, lora_alpha: float, batch: dict[str, np.ndarray]):
+        import torch
+
+        from edge_client.backends import make_trainer
+
+        self.trainer = make_trainer("torch", model_dir=model_dir, task="classification",
+                                    labels=[str(i) for i in range(num_labels)], targets=targets, lora_alpha=lora_alpha)
+        self.batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def start_adapter(self, rank: int) -> Adapter:
+        """A rank-`rank` adapter as a round starts it: A small random, B zero (wire form)."""
+        from edge_client.lora import extract_adapter, set_rank
+
+        set_rank(self.trainer.model, rank, self.trainer.lora_alpha)
+        zeros = extract_adapter(self.trainer.model, self.trainer.dense)
+        rng = np.random.default_rng(rank)
+        lora = {n: (rng.normal(0.0, 0.02, a.shape).astype(np.float32), b) for n, (a, b) in zeros.lora.items()}
+        return Adapter(lora=lora, dense=zeros.dense)
+
+    def prepare(self, rank: int):
+        step = self.trainer.stepper(self.start_adapter(rank), TrainConfig())
+        return (lambda: step(self.batch)), rank
+
+
+class ArtifactStepper:
+    def __init__(self, backend: str, model_dir, artifacts_dir, targets, lora_alpha: float,
+                 batch: dict[str, np.ndarray]):
+        from edge_client.backends import make_trainer
+
+        self.backend = backend
+        self.trainer = make_trainer(backend, model_dir=model_dir, task="classification", targets=targets,
+                                    lora_alpha=lora_alpha, artifacts_dir=artifacts_dir)
+        self.batch = batch
+
+    def prepare(self, rank: int):
+        """Raises UserError when no exported artifact covers `rank`."""
+        engine = self.trainer.engine_for(rank)
+        baked = self.trainer.artifact.optimizer
+        cfg = TrainConfig(optimizer=baked.get("name", "sgd"), lr=ARTIFACT_LR,
+                          weight_decay=float(baked.get("weight_decay", 0.0)))
+        self.trainer.check_config(self.trainer.artifact, cfg)
+        inputs = self.trainer.inputs(self.batch, rank, np.zeros(engine.rank, np.float32), 0.0)
+
+        def step() -> None:
+            engine.forward_backward(inputs)
+            engine.step(cfg)
+
+        return step, engine.rank
+
+
+def open_stepper(backend: str, *, model_dir, artifacts_dir, targets, num_labels: int, lora_alpha: float,
+                 batch: dict[str, np.ndarray]):
+    if backend == "torch":
+        return TorchStepper(model_dir, targets, num_labels, lora_alpha, batch)
+    return ArtifactStepper(backend, model_dir, artifacts_dir, targets, lora_alpha, batch)

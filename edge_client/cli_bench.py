@@ -1,0 +1,166 @@
+"""Per-rank training step benchmark: latency (p50/p90/p99, mean, std), tokens/s, peak RSS, energy per
+step and per token (measured, estimated or unavailable, always labelled), achieved GFLOPS and its
+fraction of the measured matmul peak, and upload bytes, for every backend x rank.
+
+Writes bench.json (versioned, with the device profile and settings), bench.csv, latency_vs_rank.png
+and energy_vs_rank.png into --out, and prints a table (--json prints the document instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+from hetlora.errors import UserError
+
+log = logging.getLogger("hetlora.bench")
+NUM_LABELS = 77  # the demo's banking77 head, unless the artifacts say otherwise
+DEVICE = {"steps": 20, "min_seconds": 10.0, "warmup": 2, "repetitions": 2, "idle_seconds": 5.0}
+QUICK = {"steps": 4, "min_seconds": 1.5, "warmup": 1, "repetitions": 2, "idle_seconds": 1.0}
+DEFAULT_SHAPE = (16, 64)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ranks", type=_int_list, default=(4, 8, 16, 32, 64), help="LoRA ranks (default 4,8,16,32,64)")
+    parser.add_argument("--backends", default="torch,onnx,executorch",
+                        help="comma-separated: torch, onnx, executorch (default all; unavailable ones are skipped)")
+    parser.add_argument("--model", metavar="DIR", help="model folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--out", metavar="DIR", default="bench-results", help="output folder (default bench-results)")
+    parser.add_argument("--artifacts", metavar="DIR", help="artifacts of `hetlora export` for the onnx/executorch backends")
+    parser.add_argument("--batch", type=int, help=f"batch size (default: the artifacts' or {DEFAULT_SHAPE[0]})")
+    parser.add_argument("--seq-len", type=int, help=f"tokens per row (default: the artifacts' or {DEFAULT_SHAPE[1]})")
+    parser.add_argument("--steps", type=int, help=f"timed steps per cell, at least (default {DEVICE['steps']})")
+    parser.add_argument("--min-seconds", type=float,
+                        help=f"timed seconds per cell, at least (default {DEVICE['min_seconds']})")
+    parser.add_argument("--warmup", type=int, help=f"untimed steps before each segment (default {DEVICE['warmup']})")
+    parser.add_argument("--repetitions", type=int,
+                        help=f"segments per cell, ranks interleaved between them (default {DEVICE['repetitions']})")
+    parser.add_argument("--quick", action="store_true", help="short settings: about a minute for MiniLM on a laptop")
+    parser.add_argument("--peak-gflops", type=float, help="the device's matmul peak (skip measuring it)")
+    parser.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
+    parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree
+
+
+def resolve_settings(args, manifest):
+    """Settings from the flags, the --quick or device defaults, and the artifacts' exported shape."""
+    from edge_client.bench.runner import Settings
+    from edge_client.bench.steppers import BACKENDS
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise UserError(f"unknown backend(s) {unknown or '(none given)'}; choose from {', '.join(BACKENDS)}")
+    base = QUICK if args.quick else DEVICE
+    shape = (manifest.batch, manifest.seq_len) if manifest else DEFAULT_SHAPE
+    values = {"batch": args.batch or shape[0], "seq_len": args.seq_len or shape[1],
+              **{k: base[k] if getattr(args, k) is None else getattr(args, k)
+                 for k in ("steps", "min_seconds", "warmup", "repetitions")}}
+    for name in ("batch", "seq_len", "steps", "repetitions"):
+        if values[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
+    if values["warmup"] < 0 or values["min_seconds"] < 0:
+        raise UserError("--warmup and --min-seconds must be >= 0")
+    if args.peak_gflops is not None and args.peak_gflops <= 0:
+        raise UserError(f"--peak-gflops must be positive, got {args.peak_gflops}")
+    return Settings(ranks=tuple(args.ranks), backends=backends, **values)
+
+
+def device_profile(root: str, peak_gflops: float | None, quick: bool) -> tuple[dict, dict]:
+    """(profile document, {"value", "source"}): the matmul peak is measured once unless given."""
+    from edge_client.device import compute
+    from edge_client.device.profile import collect_profile
+
+    profile = collect_profile(root, quick=True)
+    if peak_gflops is not None:
+        return profile, {"value": peak_gflops, "source": "--peak-gflops"}
+    timing = {"peak_s": 0.5, "sustained_s": 0.5} if quick else compute.SHORT
+    profile["compute"] = {**compute.matmul_gflops(**timing), "lora_step_s": None}
+    return profile, {"value": profile["compute"]["peak_gflops"],
+                     "source": "measured: best 1024x1024 float32 torch matmul burst"}
+
+
+def run(args) -> int:
+    from edge_client.backends.artifacts import load_manifest
+    from edge_client.bench import cost, report, runner, steppers
+    from edge_client.device.energy import meter_for
+    from edge_client.device.host import Host
+    from edge_client.models import check_model_dir, default_model_dir, default_targets, derive_spec, model_type
+    from profiles.memory_model import ModelShape
+
+    if not Path(args.root).is_dir():
+        raise UserError(f"--root {args.root} is not a directory")
+    model_dir = check_model_dir(args.model) if args.model else default_model_dir()
+    manifest = load_manifest(args.artifacts) if args.artifacts else None
+    settings = resolve_settings(args, manifest)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out}: {exc.strerror}") from None
+    targets = tuple(manifest.doc["targets"]) if manifest else default_targets(model_dir)
+    num_labels = int(manifest.doc.get("num_labels") or NUM_LABELS) if manifest else NUM_LABELS
+    lora_alpha = float(manifest.doc["lora_alpha"]) if manifest else 16.0
+    spec = derive_spec(model_dir, "classification", targets, num_labels)
+    shape = ModelShape.from_model_dir(model_dir)
+    skip = {b: steppers.skip_reason(b, manifest, settings.batch, settings.seq_len) for b in settings.backends}
+
+    host = Host.of(args.root)
+    log.info("profiling the device and measuring the matmul peak")
+    profile, peak = device_profile(args.root, args.peak_gflops, args.quick)
+    meter = meter_for(host)
+    idle_s = (QUICK if args.quick else DEVICE)["idle_seconds"]
+    log.info("measuring idle power for %.0f s (%s)", idle_s, meter.status)
+    meter.measure_idle(idle_s)
+
+    batch = steppers.synthetic_batch(settings.batch, settings.seq_len, shape.vocab, num_labels)
+
+    def open_stepper(backend: str):
+        return steppers.open_stepper(backend, model_dir=model_dir, artifacts_dir=args.artifacts, targets=targets,
+                                     num_labels=num_labels, lora_alpha=lora_alpha, batch=batch)
+
+    runs, skipped = runner.run_cells(settings, open_stepper, skip, meter, host)
+    cells = [runner.summarize_cell(
+        r, batch=settings.batch, seq_len=settings.seq_len, peak_gflops=peak["value"],
+        flops_per_step=cost.training_step_flops(shape, spec, r.computed_rank, settings.batch, settings.seq_len),
+        upload_bytes=cost.rank_upload_bytes(spec, r.rank)) for r in runs]
+    doc = {
+        "schema": report.SCHEMA, "version": report.VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "settings": {**settings.__dict__, "quick": args.quick, "idle_seconds": idle_s,
+                     "order": "ranks interleaved across repetitions (ABCABC), backends one after another",
+                     "torch_optimizer": "adamw", "artifact_optimizer": "as exported (onnx adamw, executorch sgd)",
+                     "data": "synthetic full-length rows (every position attended)"},
+        "model": {"dir": str(model_dir), "model_type": model_type(model_dir), "targets": list(targets),
+                  "num_labels": num_labels, "lora_alpha": lora_alpha, "model_hash": spec.model_hash},
+        "artifacts": str(args.artifacts) if args.artifacts else None,
+        "flops_formula": "4*P_mm*T + 6*P_lora(r)*T + 12*L*b*s^2*h, T = b*s (edge_client/bench/cost.py)",
+        "peak_gflops": peak,
+        "energy_meter": {"status": meter.status, "idle_w": meter.idle_w,
+                         "source": meter.source.name if meter.source else None,
+                         "scope": meter.source.scope if meter.source else None,
+                         "model": meter.source.model if meter.source else None,
+                         "note": None if meter.source else meter.unavailable_note},
+        "profile": profile,
+        "cells": cells,
+        "skipped": skipped,
+    }
+    doc["plots"] = report.write_plots(out, cells)
+    report.write_csv(out / "bench.csv", cells)
+    report.write_json(out / "bench.json", doc)
+    print(json.dumps(doc, indent=2, default=str) if args.json else report.table(doc))
+    if not args.json:
+        print(f"wrote {out / 'bench.json'}, {out / 'bench.csv'} and the PNG plots")
+    return 0
