@@ -184,10 +184,8 @@ def _row(label: str, entry: dict, api: ServerAPI, evaluate) -> RoundRow:
     data = api.global_adapter(version=entry["round"])
     metrics = evaluate(decode(data))
     ranks = list(entry["effective_ranks"].values()) or [0]
-    stats = entry.get("statistics") or {}
     return RoundRow(method=label, round=entry["round"], accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"],
-                    mean_rank=sum(ranks) / len(ranks), bytes_up=int(stats.get("bytes_up", 0)),
-                    bytes_down=int(stats.get("bytes_down", 0)),
+                    mean_rank=sum(ranks) / len(ranks), bytes_up=entry["bytes_up"], bytes_down=entry["bytes_down"],
                     seconds=entry["aggregated_at"] - entry["opened_at"])
 
 

@@ -183,7 +183,11 @@ class Coordinator:
             meta = {"round": round_number, "client_id": client_id, "rank": rank,
                     "indices": r["indices"].get(client_id), "aggregator": self.config.aggregator,
                     "global_version": round_number - 1, "spec_fingerprint": self.config.spec.fingerprint}
-            return encode(Adapter(lora=view.lora, dense=view.dense, meta=meta))
+            data = encode(Adapter(lora=view.lora, dense=view.dense, meta=meta))
+            with self.store.transaction():
+                self.store.insert("downloads", {"round": round_number, "client_id": client_id, "bytes": len(data),
+                                                "served_at": self.clock()})
+            return data
 
     def accept_upload(self, client_id: str, round_number: int, body: bytes) -> dict:
         """Validate and store one update; aggregate when it completes the round. Nothing is stored on error.
@@ -213,7 +217,8 @@ class Coordinator:
             path = f"uploads/r{round_number:04d}/{client_id}-{digest[:16]}.safetensors"
             self.store.write_blob(path, body)
             row = {"round": round_number, "client_id": client_id, "sha256": digest, "path": path, "rank": rank,
-                   "effective_rank": effective_rank, "n_samples": n_samples, "received_at": self.clock()}
+                   "effective_rank": effective_rank, "n_samples": n_samples, "bytes": len(body),
+                   "received_at": self.clock()}
             with self.store.transaction():
                 self.store.insert("uploads", row)
                 if effective_rank < assigned:
@@ -456,6 +461,12 @@ class Coordinator:
                     "aggregator": self.config.aggregator, "global_version": self._latest_global_version(),
                     "clients": clients, "history": self._history(), "run": self.config.run_config()}
 
+    def _bytes_down(self, round_number: int) -> int:
+        """Adapter bytes served for a round, every download counted (a client that restarts downloads again)."""
+        row = self.store.select_one("SELECT COALESCE(SUM(bytes), 0) AS total FROM downloads WHERE round = ?",
+                                    (round_number,))
+        return int(row["total"])
+
     def _history(self) -> list[dict]:
         history = []
         for r in self.store.select("SELECT * FROM rounds WHERE state = 'aggregated' ORDER BY number"):
@@ -465,6 +476,7 @@ class Coordinator:
                 "selected": r["selected"], "clients": [u["client_id"] for u in uploads],
                 "ranks": r["ranks"], "effective_ranks": {u["client_id"]: u["effective_rank"] for u in uploads},
                 "n_samples": {u["client_id"]: u["n_samples"] for u in uploads},
+                "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": self._bytes_down(r["number"]),
                 "extensions": r["extensions"], "extension_reason": r["extension_reason"],
                 "statistics": r["statistics"],
             })

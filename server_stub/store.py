@@ -51,8 +51,15 @@ CREATE TABLE IF NOT EXISTS uploads (
     rank INTEGER NOT NULL,
     effective_rank INTEGER NOT NULL,
     n_samples INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
     PRIMARY KEY (round, client_id)
+);
+CREATE TABLE IF NOT EXISTS downloads (
+    round INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    served_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 
 import pytest
@@ -72,9 +73,12 @@ def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_f
     assert sorted(c["rank"] for c in status["clients"]) == expected_ranks
     for h in status["history"]:
         assert len(h["clients"]) == 3
-    for i in range(3):
-        log = (tmp_path / f"c{i}.log").read_text()
+    logs = [(tmp_path / f"c{i}.log").read_text() for i in range(3)]
+    for log in logs:
         assert "training finished" in log and log.count("B up") == 2, log[-2000:]
+    # the bytes the server reports having moved are the bytes the clients logged
+    assert sum(h["bytes_down"] for h in status["history"]) == sum(int(x) for x in re.findall(r"(\d+) B down", "".join(logs)))
+    assert sum(h["bytes_up"] for h in status["history"]) == sum(int(x) for x in re.findall(r"(\d+) B up", "".join(logs)))
 
 
 def test_client_killed_mid_round_resumes_with_same_identity(tiny_bert_dir, labels_file, tmp_path):
@@ -106,3 +110,4 @@ def test_client_killed_mid_round_resumes_with_same_identity(tiny_bert_dir, label
     log = victim_log.read_text()
     assert f"resuming as client {identity}" in log
     assert "duplicate_upload" not in log and "Traceback" not in log
+
