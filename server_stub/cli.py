@@ -130,12 +130,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def write_server_info(state_dir: Path, host: str, port: int) -> str:
     """Write <state-dir>/server.json ({"url", "host", "port", "pid"}) atomically; return the URL."""
-    from server_stub.store import write_atomic
+    from edge_client.atomic import write_bytes
 
     url_host = f"[{host}]" if ":" in host else host
     url = f"http://{url_host}:{port}"
     info = {"url": url, "host": host, "port": port, "pid": os.getpid()}
-    write_atomic(state_dir / "server.json", json.dumps(info).encode())
+    write_bytes(state_dir / "server.json", json.dumps(info).encode())
     return url
 
 

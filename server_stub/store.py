@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from edge_client import atomic
 from hetlora.errors import UserError
 
 SCHEMA = """
@@ -72,22 +72,6 @@ CREATE TABLE IF NOT EXISTS globals (
 JSON_COLUMNS = ("profile", "selected", "ranks", "indices", "statistics")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent/old or complete: temp, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class Store:
     """One SQLite connection (serialised by the caller's lock) plus the blob directory."""
 
@@ -133,7 +117,7 @@ class Store:
 
     # --- blobs ---------------------------------------------------------------------------------
     def write_blob(self, relpath: str, data: bytes) -> None:
-        write_atomic(self.root / "blobs" / relpath, data)
+        atomic.write_bytes(self.root / "blobs" / relpath, data)
 
     def read_blob(self, relpath: str) -> bytes:
         return (self.root / "blobs" / relpath).read_bytes()
