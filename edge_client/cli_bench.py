@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"segments per cell, ranks interleaved between them (default {DEVICE['repetitions']})")
     parser.add_argument("--quick", action="store_true", help="short settings: about a minute for MiniLM on a laptop")
     parser.add_argument("--peak-gflops", type=float, help="the device's matmul peak (skip measuring it)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree
 
@@ -65,7 +66,8 @@ def resolve_settings(args, manifest):
         raise UserError(f"unknown backend(s) {unknown or '(none given)'}; choose from {', '.join(BACKENDS)}")
     base = QUICK if args.quick else DEVICE
     shape = (manifest.batch, manifest.seq_len) if manifest else DEFAULT_SHAPE
-    values = {"batch": args.batch or shape[0], "seq_len": args.seq_len or shape[1],
+    values = {"batch": shape[0] if args.batch is None else args.batch,
+              "seq_len": shape[1] if args.seq_len is None else args.seq_len,
               **{k: base[k] if getattr(args, k) is None else getattr(args, k)
                  for k in ("steps", "min_seconds", "warmup", "repetitions")}}
     for name in ("batch", "seq_len", "steps", "repetitions"):
@@ -73,6 +75,8 @@ def resolve_settings(args, manifest):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
     if values["warmup"] < 0 or values["min_seconds"] < 0:
         raise UserError("--warmup and --min-seconds must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.peak_gflops is not None and args.peak_gflops <= 0:
         raise UserError(f"--peak-gflops must be positive, got {args.peak_gflops}")
     return Settings(ranks=tuple(args.ranks), backends=backends, **values)
@@ -117,6 +121,10 @@ def run(args) -> int:
     shape = ModelShape.from_model_dir(model_dir)
     skip = {b: steppers.skip_reason(b, manifest, settings.batch, settings.seq_len) for b in settings.backends}
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     host = Host.of(args.root)
     log.info("profiling the device and measuring the matmul peak")
     profile, peak = device_profile(args.root, args.peak_gflops, args.quick)
@@ -140,6 +148,7 @@ def run(args) -> int:
         "schema": report.SCHEMA, "version": report.VERSION,
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "settings": {**settings.__dict__, "quick": args.quick, "idle_seconds": idle_s,
+                     "torch_threads": torch.get_num_threads(),
                      "order": "ranks interleaved across repetitions (ABCABC), backends one after another",
                      "torch_optimizer": "adamw", "artifact_optimizer": "as exported (onnx adamw, executorch sgd)",
                      "data": "synthetic full-length rows (every position attended)"},

@@ -184,7 +184,7 @@ def summarize_cell(run: CellRun, *, batch: int, seq_len: int, flops_per_step: fl
 
     return {
         "backend": run.backend, "rank": run.rank, "computed_rank": run.computed_rank,
-        "batch": batch, "seq_len": seq_len, "latency": latency,
+        "batch": batch, "seq_len": seq_len, "latency": {**latency, "samples_s": seconds},
         "tokens_per_s": batch * seq_len / latency["mean_s"],
         "peak_rss_mb": max(s.peak_rss_bytes for s in run.segments) / 2**20,
         "flops_per_step": flops_per_step, "achieved_gflops": achieved,
