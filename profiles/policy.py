@@ -25,6 +25,7 @@ from pathlib import Path
 
 from hetlora.errors import UserError
 from profiles import cost
+from profiles.catalog import device
 from profiles.memory_model import DTYPE_BYTES, OPTIMIZER_SLOTS, ModelShape, predict_peak_memory
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("tiers.json")
@@ -162,7 +163,7 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
     platform = profile["identity"].get("platform") or "other"
     factor = th["memory_safety_factor"].get(platform, th["memory_safety_factor"]["other"])
     usable = _usable_memory(profile)
-    speed = _speed(profile, tiers, model, spec, th)
+    speed = _speed(profile, tiers)
     upload_mbps = (profile.get("network") or {}).get("upload_mbps")
     costs = [None] + [_costs(t, model, spec, policy, speed, upload_mbps) for t in tiers[1:]]
 
@@ -255,7 +256,7 @@ class _Speed:
     source: str = ""
 
 
-def _speed(profile: dict, tiers: list[Tier], model: ModelShape, spec, th: dict) -> _Speed:
+def _speed(profile: dict, tiers: list[Tier]) -> _Speed:
     compute = profile.get("compute") or {}
     if compute.get("lora_step_s"):
         return _Speed(step_s=float(compute["lora_step_s"]), source=f"measured LoRA step at {tiers[1].name}")
@@ -264,8 +265,6 @@ def _speed(profile: dict, tiers: list[Tier], model: ModelShape, spec, th: dict) 
         return _Speed(gflops=float(compute["sustained_gflops"]), source=f"{where} sustained GFLOPS")
     catalog_id = profile["identity"].get("catalog_id")
     if catalog_id:
-        from profiles.catalog import device
-
         return _Speed(gflops=float(device(catalog_id)["compute"]["sustained_gflops"]),
                       source=f"catalog GFLOPS of {catalog_id}")
     return _Speed()
