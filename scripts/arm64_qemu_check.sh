@@ -16,10 +16,11 @@
 #
 # Environment:
 #   SUITE=bookworm  MIRROR=http://deb.debian.org/debian
-#   TORCH_VERSION=2.13.0   torch release to install (pyproject pins 2.13.0)
-#   TORCH_INDEX_URL=       empty: PyPI with --no-deps (PyPI's aarch64 torch >= 2.11 is a CUDA 13
-#                          build whose ~3 GB of NVIDIA wheels a CPU board never loads);
-#                          https://download.pytorch.org/whl/cpu: the CPU-only build (on a real Pi)
+#   TORCH_VERSION=2.13.0   torch release to install (pyproject pins 2.13.0). PyPI's aarch64 torch
+#                          >= 2.11 is a CUDA 13 build that needs ~3 GB of NVIDIA wheels even on a
+#                          CPU (it preloads libcublasLt at import); 2.10.0 is PyPI's last CPU-only
+#                          aarch64 build. docs/DEVICES.md, "Which torch wheel".
+#   TORCH_INDEX_URL=       empty: PyPI; https://download.pytorch.org/whl/cpu: the CPU-only builds
 #   PORT=8765              loopback port for the federated rounds
 #   WITH_EXECUTORCH=1      0 skips the executorch extra and its round
 set -euo pipefail
@@ -101,27 +102,16 @@ second_stage() {
     mark_done stage2
 }
 
+installed_torch() {
+    in_root "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true
+}
+
 install_torch() {
-    done_marker "torch-$TORCH_VERSION" && return
-    say "venv and torch==$TORCH_VERSION (index: ${TORCH_INDEX_URL:-PyPI, --no-deps})"
+    case $(installed_torch) in "$TORCH_VERSION"|"$TORCH_VERSION"+*) return ;; esac
+    say "venv and torch==$TORCH_VERSION from ${TORCH_INDEX_URL:-PyPI}"
     [ -x "$ROOT$VENV/bin/python" ] || in_root python3 -m venv "$VENV"
     in_root "$VENV/bin/pip" install -q --upgrade pip
-    if [ -n "$TORCH_INDEX_URL" ]; then
-        in_root "$VENV/bin/pip" install "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
-    else
-        in_root "$VENV/bin/pip" install --no-deps "torch==$TORCH_VERSION"
-        # torch's own pure-Python requirements, without the CUDA and triton wheels.
-        in_root "$VENV/bin/python" - <<'PY' > "$ROOT$APP/torch-deps.txt"
-import importlib.metadata
-for line in importlib.metadata.requires("torch"):
-    name, _, marker = line.partition(";")
-    if "extra ==" in marker or name.strip().startswith(("nvidia-", "cuda-", "triton")):
-        continue
-    print(name.strip())
-PY
-        in_root "$VENV/bin/pip" install -r "$APP/torch-deps.txt"
-    fi
-    mark_done "torch-$TORCH_VERSION"
+    in_root "$VENV/bin/pip" install "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 }
 
 copy_source() {
