@@ -8,9 +8,10 @@ transformers does: the logits at position t predict the label at t + 1.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from torch.nn import functional as F
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 
@@ -28,6 +29,8 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.T
 
 def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the non-IGNORE targets and their number (for exact means over many batches)."""
+    from torch.nn import functional as F  # torch stays out of imports of IGNORE and the pruning rule
+
     if task == "causal-lm":
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()
