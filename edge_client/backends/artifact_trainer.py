@@ -112,6 +112,9 @@ class ArtifactTrainer:
             raise UserError(f"examples are for {examples.task!r} but this trainer runs {self.task!r}")
         if start.rank < rank:
             raise UserError(f"the downloaded adapter has rank {start.rank}, below the assigned rank {rank}")
+        if cfg.dropout:
+            raise UserError(f"the {self.backend} artifacts are exported without dropout; turn dropout off or use "
+                            "--backend torch")
         work = adapter_ops.truncate(start, rank) if start.rank > rank else start
         engine = self.engine_for(rank)
         self.check_config(self.artifact, cfg)
