@@ -54,7 +54,11 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
         if delegate == "xnnpack":
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-            edge = to_edge_transform_and_lower(joint, partitioner=[XnnpackPartitioner()], compile_config=config)
+            # The default partitioner groups ops into subgraphs that pass a forward activation straight through
+            # to the backward ("Output node ... is already in the inputs"), which XNNPACK rejects; per-op
+            # partitions lower. Lowering is slow (minutes for a 2-layer model): see docs/EXPORT.md.
+            partitioner = XnnpackPartitioner(per_op_mode=True)
+            edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
         else:
             edge = to_edge(joint, compile_config=config)
         program = edge.to_executorch()
