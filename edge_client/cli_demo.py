@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "hlora, plora and centralized LoRA on the same split")
     p.add_argument("--clients", type=int, default=8, help="simulated devices (default 8)")
     p.add_argument("--clients-per-round", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -55,11 +55,16 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import time
 
+    import torch
+
     from edge_client.demo import (DemoConfig, centralized_run, federated_run, format_table, methods_for,
                                   plot_rows, prepare_fleet, rows_json)
     from edge_client.models import check_model_dir, default_model_dir
 
     log = logging.getLogger("hetlora.demo")
+    # Every client process trains on one thread; evaluation here runs beside them. More threads than
+    # cores make torch's OpenMP workers spin against each other (measured 10x slower steps here).
+    torch.set_num_threads(1)
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     model_dir = str(check_model_dir(args.model or default_model_dir()))
     cfg = DemoConfig(model_dir=model_dir, data=args.data, test=args.test, labels=args.labels, out=out,

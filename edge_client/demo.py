@@ -32,8 +32,8 @@ class DemoConfig:
     out: Path
     clients: int = 8
     clients_per_round: int = 4
-    rounds: int = 5
-    local_steps: int = 15
+    rounds: int = 6
+    local_steps: int = 20
     batch_size: int = 16
     seq_len: int = 32
     lr: float = 2e-3
