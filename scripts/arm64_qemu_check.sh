@@ -5,8 +5,8 @@
 # from PyPI, then inside the emulated root runs `hetlora profile --quick --json` and a few
 # local LoRA training steps of a tiny random-weight BERT, then federated rounds of `hetlora client`
 # against `hetlora serve` on the host loopback (the chroot shares the host's network namespace):
-# once with the torch backend, and once with the executorch extra and ExecuTorch artifacts
-# exported on the host.
+# with the torch backend, and with WITH_EXECUTORCH=1 also with the executorch extra and
+# ExecuTorch artifacts exported on the host.
 #
 # Not part of CI. Needs root on a Debian/Ubuntu x86_64 host, and network access to the
 # Debian mirror and PyPI. Idempotent: every finished stage leaves a marker in the root and
@@ -16,23 +16,25 @@
 #
 # Environment:
 #   SUITE=bookworm  MIRROR=http://deb.debian.org/debian
-#   TORCH_VERSION=2.13.0   torch release to install (pyproject pins 2.13.0). PyPI's aarch64 torch
-#                          >= 2.11 is a CUDA 13 build that needs ~3 GB of NVIDIA wheels even on a
-#                          CPU (it preloads libcublasLt at import); 2.10.0 is PyPI's last CPU-only
-#                          aarch64 build. docs/DEVICES.md, "Which torch wheel".
+#   TORCH_VERSION=2.10.0   torch release to install. The project pins 2.13.0, but PyPI's aarch64
+#                          torch >= 2.11 is a CUDA 13 build: --no-deps fails at import (it preloads
+#                          libcublasLt), and with its ~3 GB of NVIDIA wheels `import torch`
+#                          segfaults under qemu-user 7.2 (Debian 12). 2.10.0 is PyPI's last CPU-only
+#                          aarch64 build and runs here. docs/DEVICES.md, "Which torch wheel".
 #   TORCH_INDEX_URL=       empty: PyPI; https://download.pytorch.org/whl/cpu: the CPU-only builds
 #   PORT=8765              loopback port for the federated rounds
-#   WITH_EXECUTORCH=1      0 skips the executorch extra and its round
+#   WITH_EXECUTORCH=0      1 adds the executorch extra and an ExecuTorch round; executorch 1.5.1
+#                          needs torch 2.13 (with 2.10 its first forward_backward fails)
 set -euo pipefail
 
 PROJECT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=${1:-${ARM64_ROOT:-/var/tmp/hetlora-arm64}}
 SUITE=${SUITE:-bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCH_VERSION=${TORCH_VERSION:-2.10.0}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 PORT=${PORT:-8765}
-WITH_EXECUTORCH=${WITH_EXECUTORCH:-1}
+WITH_EXECUTORCH=${WITH_EXECUTORCH:-0}
 HOST_PYTHON=${HOST_PYTHON:-$PROJECT/.venv/bin/python}
 
 APP=/opt/hetlora                 # inside the root
