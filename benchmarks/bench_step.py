@@ -4,8 +4,10 @@ MiniLM-L6 (the default model) with a new 77-way head, batch 16, seq 64 (banking7
 to 64), AdamW, dropout off in both, LoRA on the project's default targets, ranks 4..64. Each
 (backend, rank) runs in a fresh subprocess so peak RSS belongs to that configuration alone.
 Prints median step time, ours / PEFT ratio, and peak RSS.
+`--interleaved` instead times both in one process, alternating step by step (a fair ratio on a
+busy shared machine; no per-configuration RSS).
 
-    .venv/bin/python benchmarks/bench_step.py [--ranks 4,8,16,32,64] [--steps 12]
+    .venv/bin/python benchmarks/bench_step.py [--ranks 4,8,16,32,64] [--steps 12] [--interleaved]
 """
 
 from __future__ import annotations
@@ -74,8 +76,56 @@ def worker(backend: str, rank: int, steps: int) -> dict:
             optimizer.step()
             if i >= WARMUP:
                 times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "steps": len(times),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"times_s": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def interleaved(rank: int, steps: int) -> tuple[float, float]:
+    """Median step seconds (ours, peft), the two models stepping alternately on the same batches."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edge_client.data import encode, load_examples, training_batches
+    from edge_client.lora import lora_layers
+    from edge_client.models import default_model_dir, default_targets, load_task_model
+    from edge_client.objective import batch_loss
+    from edge_client.training import TorchTrainer
+    from edge_client.wire import Adapter
+
+    torch.manual_seed(0)
+    model_dir = default_model_dir()
+    labels = json.loads((ROOT / "data/banking77/categories.json").read_text())
+    examples = load_examples(ROOT / "data/banking77/train.csv", "classification", labels).subset(range(0, 10000, 150))
+    ours = TorchTrainer(model_dir, "classification", labels, lora_alpha=16)
+    ours._load(Adapter(lora={n: (torch.randn(rank, m.in_features).mul_(0.02).numpy(),
+                                 torch.zeros(m.out_features, rank).numpy())
+                             for n, m in _spec(model_dir, labels).modules.items()}))
+    params = [p for layer in lora_layers(ours.model).values() for p in (layer.lora_A, layer.lora_B)]
+    params += list(ours.dense.values())
+    for p in params:
+        p.requires_grad_(True)
+    peft = get_peft_model(load_task_model(model_dir, "classification", len(labels)),
+                          LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0,
+                                     target_modules=list(default_targets(model_dir)), task_type="SEQ_CLS")).eval()
+    steppers = [(ours.model.eval(), torch.optim.AdamW(params, lr=LR), True),
+                (peft, torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=LR), False)]
+    times: list[list[float]] = [[], []]
+    for i, batch in enumerate(training_batches(encode(examples, ours.tokenizer, SEQ), BATCH, seed=0,
+                                               steps=steps + WARMUP)):
+        for k, (model, optimizer, is_ours) in enumerate(steppers):
+            t = time.perf_counter()
+            if is_ours:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = batch_loss(logits, batch["labels"], "classification")
+            else:
+                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if i >= WARMUP:
+                times[k].append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _spec(model_dir, labels):
@@ -84,26 +134,47 @@ def _spec(model_dir, labels):
     return derive_spec(model_dir, "classification", num_labels=len(labels))
 
 
-def measure(backend: str, rank: int, steps: int) -> dict:
+def run_worker(backend: str, rank: int, steps: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", backend, str(rank), str(steps)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(rank: int, steps: int, repeats: int) -> dict[str, dict]:
+    """Alternate the two backends' subprocesses (ours first on even repeats) so load drift hits both alike;
+    pool the step times (median) and keep the largest peak RSS."""
+    runs: dict[str, list[dict]] = {"ours": [], "peft": []}
+    for rep in range(repeats):
+        for backend in ("ours", "peft") if rep % 2 == 0 else ("peft", "ours"):
+            runs[backend].append(run_worker(backend, rank, steps))
+    return {b: {"median_s": statistics.median(t for r in rs for t in r["times_s"]),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)} for b, rs in runs.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="4,8,16,32,64")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration (after 2 warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="subprocess runs per backend and rank, alternating")
+    parser.add_argument("--interleaved", action="store_true", help="one process, alternating steps; no RSS")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         backend, rank, steps = args.worker
         print(json.dumps(worker(backend, int(rank), int(steps))))
         return
-    print(f"MiniLM-L6, batch {BATCH}, seq {SEQ}, AdamW, dropout off, default targets; median of {args.steps} steps")
+    if args.interleaved:
+        print(f"MiniLM-L6, batch {BATCH}, seq {SEQ}, AdamW, dropout off; interleaved steps, median of {args.steps}")
+        print(f"{'rank':>4} {'ours ms':>8} {'peft ms':>8} {'ratio':>6}")
+        for rank in [int(r) for r in args.ranks.split(",")]:
+            ours_s, peft_s = interleaved(rank, args.steps)
+            print(f"{rank:>4} {ours_s * 1e3:>8.0f} {peft_s * 1e3:>8.0f} {ours_s / peft_s:>6.2f}", flush=True)
+        return
+    print(f"MiniLM-L6, batch {BATCH}, seq {SEQ}, AdamW, dropout off, default targets; median of {args.repeats} x {args.steps} steps")
     print(f"{'rank':>4} {'ours ms':>8} {'peft ms':>8} {'ratio':>6} {'ours MB':>8} {'peft MB':>8}")
     for rank in [int(r) for r in args.ranks.split(",")]:
-        ours, peft = measure("ours", rank, args.steps), measure("peft", rank, args.steps)
+        result = measure(rank, args.steps, args.repeats)
+        ours, peft = result["ours"], result["peft"]
         print(f"{rank:>4} {ours['median_s'] * 1e3:>8.0f} {peft['median_s'] * 1e3:>8.0f} "
               f"{ours['median_s'] / peft['median_s']:>6.2f} {ours['peak_rss_mb']:>8.0f} {peft['peak_rss_mb']:>8.0f}",
               flush=True)
