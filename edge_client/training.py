@@ -92,24 +92,13 @@ class TorchTrainer:
         mask = tail_mask(rank, cfg.prune_gamma) if mode == "hetlora" and cfg.prune_lambda > 0 else None
         loss_before = self.mean_loss(eval_batches)
         tail_before = self._tail(mask)
-        params = [p for layer in lora_layers(self.model).values() for p in (layer.lora_A, layer.lora_B)]
-        params += list(self.dense.values())
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = make_optimizer(params, cfg)
-        self.model.train(cfg.dropout)
+        step = self._step_function(cfg, mask)
         steps = 0
         for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = batch_loss(logits, batch["labels"], self.task)
-            if mask is not None:
-                loss = loss + cfg.prune_lambda * tail_penalty(self.model, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = step(batch)
             steps += 1
             if on_step is not None:
-                on_step(steps, float(loss))
+                on_step(steps, loss)
         self.model.eval()
         tail_after = self._tail(mask)
         upload = extract_adapter(self.model, self.dense)
@@ -126,6 +115,11 @@ class TorchTrainer:
         update of plain-mode training, for callers that time single steps (hetlora bench)."""
         torch.manual_seed(cfg.seed)
         self._load(start)
+        return self._step_function(cfg, None)
+
+    def _step_function(self, cfg: TrainConfig, mask: torch.Tensor | None) -> Callable[[dict], float]:
+        """Make the LoRA factors and the head trainable and return one optimizer step:
+        loss = task loss (+ prune_lambda * tail_penalty when `mask` is given)."""
         params = [p for layer in lora_layers(self.model).values() for p in (layer.lora_A, layer.lora_B)]
         params += list(self.dense.values())
         for p in params:
@@ -136,6 +130,8 @@ class TorchTrainer:
         def step(batch: dict) -> float:
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = batch_loss(logits, batch["labels"], self.task)
+            if mask is not None:
+                loss = loss + cfg.prune_lambda * tail_penalty(self.model, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
