@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from edge_client.bench.schedule import interleaved
 from edge_client.bench.stats import summarize
 from edge_client.device.energy import EnergyMeter, EnergyResult, combine
 from edge_client.device.host import Host
+from edge_client.device.sampling import BackgroundSampler
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.bench")
@@ -56,34 +56,20 @@ class CellRun:
     segments: list[Segment] = field(default_factory=list)
 
 
-class RssHighWater:
+class RssHighWater(BackgroundSampler):
     """Highest resident set size of this process, sampled every `interval_s` while the block runs."""
+
+    thread_name = "rss-sampler"
 
     def __init__(self, interval_s: float = 0.02):
         import psutil
 
+        super().__init__(interval_s)
         self.process = psutil.Process()
-        self.interval_s = interval_s
         self.peak_bytes = 0
-        self._stop = threading.Event()
 
     def _sample(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.process.memory_info().rss)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> RssHighWater:
-        self._sample()
-        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 def conditions(host: Host) -> dict:

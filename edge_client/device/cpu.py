@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import threading
 
 from edge_client.device import cgroup
 from edge_client.device.host import Host
+from edge_client.device.sampling import BackgroundSampler
 
 THROTTLE_FRACTION = 0.9
 CPUFREQ = "/sys/devices/system/cpu/cpu[0-9]*/cpufreq"
@@ -78,31 +78,19 @@ def _freqs_khz(host: Host, name: str) -> dict[str, int]:
     return values
 
 
-class FrequencyWatcher:
+class FrequencyWatcher(BackgroundSampler):
     """Highest scaling_cur_freq per CPU seen while the `with` block runs (sampled in a thread)."""
 
+    thread_name = "cpufreq-watcher"
+
     def __init__(self, host: Host, interval_s: float = 0.1):
-        self.host, self.interval_s = host, interval_s
+        super().__init__(interval_s)
+        self.host = host
         self.peaks_khz: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="cpufreq-watcher", daemon=True)
 
     def _sample(self) -> None:
         for cpu, khz in _freqs_khz(self.host, "scaling_cur_freq").items():
             self.peaks_khz[cpu] = max(khz, self.peaks_khz.get(cpu, 0))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> FrequencyWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 def cpufreq_throttle_reasons(peaks_khz: dict[str, int], max_khz: dict[str, int]) -> list[str]:
