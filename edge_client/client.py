@@ -142,24 +142,27 @@ class EdgeClient:
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir)
 
-    def _refresh_rank(self) -> None:
-        """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""
+    def _refresh_rank(self) -> dict:
+        """Re-profile (quick) before training and tell the server; the reply is the rank for the next round.
+        Returns the fresh profile."""
+        profile = self.profile_source()
         try:
-            reply = self.api.report_profile(self.profile_source())
+            reply = self.api.report_profile(profile)
         except ServerError as exc:
             log.warning("profile report rejected: %s", exc)
-            return
+            return profile
         if reply.get("rank") != self.state.rank:
             log.info("server moved this device from rank %s to %s for later rounds", self.state.rank, reply.get("rank"))
             self.state.rank = reply.get("rank")
             self.state_dir.save(self.state)
+        return profile
 
     def _round(self, current: dict, run: dict, mode: str) -> bool:
         """One round: returns True when an update was accepted."""
         number = current["round"]
         pending = self.state_dir.pending(number)
         if pending is None:
-            self._refresh_rank()
+            profile = self._refresh_rank()
             t0 = time.perf_counter()
             try:
                 raw = self.api.download_adapter(number)
@@ -169,7 +172,8 @@ class EdgeClient:
                     return False
                 raise
             start = decode(raw)
-            cfg = train_config(run, self.options.train_overrides, seed=_seed(self.state.client_id, number))
+            cfg = within_tier(train_config(run, self.options.train_overrides, seed=_seed(self.state.client_id, number)),
+                              profile, current["rank"])
             log.info("round %d: training at rank %d (%d steps, batch %d, seq %d)", number, current["rank"],
                      cfg.steps or 0, cfg.batch_size, cfg.seq_len)
             result = self.trainer.train_round(start, self.examples, cfg, rank=current["rank"],
@@ -219,6 +223,27 @@ class EdgeClient:
                 bar.close()
 
         return on_step
+
+
+def within_tier(cfg: TrainConfig, profile: dict, rank: int) -> TrainConfig:
+    """Cap batch size and sequence length at what this device's tier implies (profiles/tiers.json), so a
+    device the policy sized for a small batch never trains with the run's larger one."""
+    if not isinstance(profile, dict) or profile.get("schema") != "hetlora-profile":
+        return cfg
+    from profiles.policy import decide_tier
+
+    try:
+        decision = decide_tier(profile, {"rank": rank})
+    except UserError as exc:
+        log.warning("tier limits not applied: %s", exc)
+        return cfg
+    if decision.rank == 0:
+        return cfg
+    capped = replace(cfg, batch_size=min(cfg.batch_size, decision.batch_size),
+                     seq_len=min(cfg.seq_len, decision.seq_len))
+    if capped != cfg:
+        log.info("tier %s limits training to batch %d, seq %d", decision.tier, capped.batch_size, capped.seq_len)
+    return capped
 
 
 def _seed(client_id: str, round_number: int) -> int:
