@@ -172,11 +172,22 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
             time.sleep(0.5)
         for c in clients:
             c.wait(timeout=120)
+        save_global(api.global_adapter(), run_dir, cfg.model_dir)
         return rows
     finally:
         for c in clients:
             c.stop()
         server.stop()
+
+
+def save_global(data: bytes, run_dir: Path, model_dir: str) -> None:
+    """The final global adapter in the wire format and in PEFT format (`PeftModel.from_pretrained`)."""
+    from edge_client.atomic import write_bytes
+    from edge_client.peft_format import save_peft
+
+    write_bytes(run_dir / "global.safetensors", data)
+    save_peft(decode(data), run_dir / "peft", "classification", base_model=model_dir)
+    log.info("final global adapter: %s (wire) and %s (PEFT)", run_dir / "global.safetensors", run_dir / "peft")
 
 
 def _row(label: str, entry: dict, api: ServerAPI, evaluate) -> RoundRow:
