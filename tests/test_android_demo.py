@@ -251,10 +251,18 @@ def test_run_unreadable_battery_is_a_clear_error(phone):
     assert phone.calls("termux-wake-unlock") == ["termux-wake-unlock"] * 2
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_run_releases_the_wake_lock_when_interrupted(phone, sig, status):
+    # A shell cannot trap a signal it inherited as ignored (a runner that starts the suite as a background
+    # job ignores SIGINT), so the script starts with the default dispositions, as in a Termux session.
     process = subprocess.Popen(["bash", str(RUN), SERVER], env={**phone.env, "CLIENT_MODE": "hang"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 30
         while not client_calls(phone) and time.monotonic() < deadline:
