@@ -215,6 +215,20 @@ def _causal_row(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[li
     return ids, labels
 
 
+class EncodingCache:
+    """`encode` that remembers its last result: a client trains on the same data every round."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._last: tuple[tuple, Encoded] | None = None
+
+    def __call__(self, examples: Examples, seq_len: int) -> Encoded:
+        key = (examples, seq_len)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, encode(examples, self.tokenizer, seq_len))
+        return self._last[1]
+
+
 def make_batches(encoded: Encoded, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True) -> list[dict]:
     """One epoch of batches: rows permuted by rng([seed, epoch]), cut into `batch_size`, last one filled."""
     import torch

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edge_client import adapter_ops
-from edge_client.data import Encoded, Examples, encode, load_tokenizer, make_batches, training_batches
+from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
 from edge_client.objective import batch_loss, loss_sum_and_count, pruned_rank, should_prune
@@ -46,14 +46,7 @@ class TorchTrainer:
         self._initial_dense = {n: p.detach().clone() for n, p in self.dense.items()}
         self.tokenizer = load_tokenizer(model_dir)
         self._w0: dict[str, torch.Tensor] | None = None
-        self._cache: tuple[tuple, Encoded] | None = None
-
-    def encode(self, examples: Examples, seq_len: int) -> Encoded:
-        """Tokenized examples (the last result is cached: a client trains on the same data every round)."""
-        key = (examples, seq_len)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, encode(examples, self.tokenizer, seq_len))
-        return self._cache[1]
+        self.encode = EncodingCache(self.tokenizer)
 
     def train_round(self, start: Adapter, examples: Examples, cfg: TrainConfig, *, rank: int, indices=None,
                     mode: str = "plain", on_step: Callable[[int, float], None] | None = None) -> RoundResult:

@@ -20,7 +20,7 @@ import numpy as np
 
 from edge_client import adapter_ops
 from edge_client.backends.artifacts import Artifact, load_manifest
-from edge_client.data import Encoded, Examples, encode, load_tokenizer, training_batches
+from edge_client.data import EncodingCache, Examples, load_tokenizer, training_batches
 from edge_client.lora import lora_scale
 from edge_client.models import model_hash
 from edge_client.objective import IGNORE, pruned_rank, should_prune
@@ -71,7 +71,7 @@ class ArtifactTrainer:
         self.tokenizer = load_tokenizer(model_dir)
         self.engine: Engine | None = None
         self._initial: dict[str, np.ndarray] = {}
-        self._cache: tuple[tuple, Encoded] | None = None
+        self.encode = EncodingCache(self.tokenizer)
 
     # --- subclasses -------------------------------------------------------------------------------------------
     def open_engine(self, artifact: Artifact) -> Engine:
@@ -90,12 +90,6 @@ class ArtifactTrainer:
             self.engine = self.open_engine(artifact)
             self._initial = {n: v.copy() for n, v in self.engine.read().items()}
         return self.engine
-
-    def encode(self, examples: Examples, seq_len: int) -> Encoded:
-        key = (examples, seq_len)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, encode(examples, self.tokenizer, seq_len))
-        return self._cache[1]
 
     def train_round(self, start: Adapter, examples: Examples, cfg: TrainConfig, *, rank: int, indices=None,
                     mode: str = "plain", on_step: Callable[[int, float], None] | None = None) -> RoundResult:
