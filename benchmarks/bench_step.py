@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH, SEQ, LR, WARMUP = 16, 64, 5e-4, 2
 
 
-def worker(backend: str, rank: int, steps: int) -> dict:
+def _setup(rank: int):
+    """Model folder, labels, a few banking77 rows and the rank-`rank` start adapter (B = 0)."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     from edge_client.data import load_examples
-    from edge_client.models import default_model_dir, default_targets
-    from edge_client.train_config import TrainConfig
+    from edge_client.models import default_model_dir, derive_spec
     from edge_client.wire import Adapter
 
     torch.manual_seed(0)
@@ -39,99 +39,73 @@ def worker(backend: str, rank: int, steps: int) -> dict:
     labels = json.loads((ROOT / "data/banking77/categories.json").read_text())
     examples = load_examples(ROOT / "data/banking77/train.csv", "classification", labels)
     examples = examples.subset(range(0, len(examples), len(examples) // (BATCH * 4)))
-    if backend == "ours":
-        from edge_client.training import TorchTrainer
+    spec = derive_spec(model_dir, "classification", num_labels=len(labels))
+    start = Adapter(lora={n: (torch.randn(rank, m.in_features).mul_(0.02).numpy(),
+                              torch.zeros(m.out_features, rank).numpy()) for n, m in spec.modules.items()})
+    return model_dir, labels, examples, start
 
-        trainer = TorchTrainer(model_dir, "classification", labels, lora_alpha=16)
-        start = Adapter(lora={n: (torch.randn(rank, m.in_features).mul_(0.02).numpy(),
-                                  torch.zeros(m.out_features, rank).numpy())
-                              for n, m in _spec(model_dir, labels).modules.items()})
-        stamps: list[float] = []
-        cfg = TrainConfig(steps=steps + WARMUP, batch_size=BATCH, seq_len=SEQ, lr=LR)
 
-        def on_step(step, loss):
-            stamps.append(time.perf_counter())
+def _ours_step(model_dir, labels, start):
+    """The torch backend's own training step (TorchTrainer.stepper), plain mode."""
+    from edge_client.train_config import TrainConfig
+    from edge_client.training import TorchTrainer
 
-        trainer.train_round(start, examples, cfg, rank=rank, on_step=on_step)
-        times = [b - a for a, b in zip(stamps[WARMUP - 1:], stamps[WARMUP:])]
-    else:
-        from peft import LoraConfig, get_peft_model
+    trainer = TorchTrainer(model_dir, "classification", labels, lora_alpha=16)
+    return trainer.stepper(start, TrainConfig(batch_size=BATCH, seq_len=SEQ, lr=LR))
 
-        from edge_client.data import encode, load_tokenizer, training_batches
-        from edge_client.models import load_task_model
 
-        model = load_task_model(model_dir, "classification", len(labels))
-        config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, target_modules=list(default_targets(model_dir)),
-                            task_type="SEQ_CLS")
-        model = get_peft_model(model, config).eval()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-        encoded = encode(examples, load_tokenizer(model_dir), SEQ)
-        times = []
-        for i, batch in enumerate(training_batches(encoded, BATCH, seed=0, steps=steps + WARMUP)):
-            t = time.perf_counter()
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if i >= WARMUP:
-                times.append(time.perf_counter() - t)
+def _peft_step(model_dir, labels, rank):
+    """One AdamW step of a PEFT LoRA model on the same targets, dropout off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edge_client.models import default_targets, load_task_model
+
+    config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, target_modules=list(default_targets(model_dir)),
+                        task_type="SEQ_CLS")
+    model = get_peft_model(load_task_model(model_dir, "classification", len(labels)), config).eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def step(batch: dict) -> float:
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _batches(model_dir, examples, steps: int):
+    from edge_client.data import encode, load_tokenizer, training_batches
+
+    return training_batches(encode(examples, load_tokenizer(model_dir), SEQ), BATCH, seed=0, steps=steps + WARMUP)
+
+
+def _timed(step, batch) -> float:
+    t = time.perf_counter()
+    step(batch)
+    return time.perf_counter() - t
+
+
+def worker(backend: str, rank: int, steps: int) -> dict:
+    model_dir, labels, examples, start = _setup(rank)
+    step = _ours_step(model_dir, labels, start) if backend == "ours" else _peft_step(model_dir, labels, rank)
+    times = [_timed(step, batch) for batch in _batches(model_dir, examples, steps)][WARMUP:]
     return {"times_s": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def interleaved(rank: int, steps: int) -> tuple[float, float]:
     """Median step seconds (ours, peft), the two models stepping alternately on the same batches."""
-    sys.path.insert(0, str(ROOT))
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from edge_client.data import encode, load_examples, training_batches
-    from edge_client.lora import lora_layers
-    from edge_client.models import default_model_dir, default_targets, load_task_model
-    from edge_client.objective import batch_loss
-    from edge_client.training import TorchTrainer
-    from edge_client.wire import Adapter
-
-    torch.manual_seed(0)
-    model_dir = default_model_dir()
-    labels = json.loads((ROOT / "data/banking77/categories.json").read_text())
-    examples = load_examples(ROOT / "data/banking77/train.csv", "classification", labels).subset(range(0, 10000, 150))
-    ours = TorchTrainer(model_dir, "classification", labels, lora_alpha=16)
-    ours._load(Adapter(lora={n: (torch.randn(rank, m.in_features).mul_(0.02).numpy(),
-                                 torch.zeros(m.out_features, rank).numpy())
-                             for n, m in _spec(model_dir, labels).modules.items()}))
-    params = [p for layer in lora_layers(ours.model).values() for p in (layer.lora_A, layer.lora_B)]
-    params += list(ours.dense.values())
-    for p in params:
-        p.requires_grad_(True)
-    peft = get_peft_model(load_task_model(model_dir, "classification", len(labels)),
-                          LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0,
-                                     target_modules=list(default_targets(model_dir)), task_type="SEQ_CLS")).eval()
-    steppers = [(ours.model.eval(), torch.optim.AdamW(params, lr=LR), True),
-                (peft, torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=LR), False)]
+    model_dir, labels, examples, start = _setup(rank)
+    step_fns = (_ours_step(model_dir, labels, start), _peft_step(model_dir, labels, rank))
     times: list[list[float]] = [[], []]
-    for i, batch in enumerate(training_batches(encode(examples, ours.tokenizer, SEQ), BATCH, seed=0,
-                                               steps=steps + WARMUP)):
-        for k, (model, optimizer, is_ours) in enumerate(steppers):
-            t = time.perf_counter()
-            if is_ours:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = batch_loss(logits, batch["labels"], "classification")
-            else:
-                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    for i, batch in enumerate(_batches(model_dir, examples, steps)):
+        for k, step in enumerate(step_fns):
+            elapsed = _timed(step, batch)
             if i >= WARMUP:
-                times[k].append(time.perf_counter() - t)
+                times[k].append(elapsed)
     return statistics.median(times[0]), statistics.median(times[1])
-
-
-def _spec(model_dir, labels):
-    from edge_client.models import derive_spec
-
-    return derive_spec(model_dir, "classification", num_labels=len(labels))
 
 
 def run_worker(backend: str, rank: int, steps: int) -> dict:
