@@ -68,7 +68,12 @@ class EdgeClient:
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
-        self._register()
+        from edge_client.data import load_examples
+
+        run = self.state.run if self.state.registered else self.api.run()
+        self.examples = load_examples(self.options.data, run["task"], run.get("labels"),
+                                      text_column=self.options.text_column, label_column=self.options.label_column)
+        self._register(run)
         run = self.state.run
         self._prepare(run)
         mode = MODE_FOR_AGGREGATOR[run["aggregator"]]
@@ -100,16 +105,14 @@ class EdgeClient:
             return "not selected this round; waiting for the next"
         return "update uploaded; waiting for the other clients"
 
-    def _register(self) -> None:
+    def _register(self, run: dict) -> None:
+        """Register once (identity saved in the state dir); a restarted client resumes instead."""
         if self.state.registered:
             log.info("resuming as client %s (rank %s) from %s", self.state.client_id, self.state.rank,
                      self.state_dir.path)
             return
-        from edge_client.data import load_examples  # noqa: F401  (fail fast on a missing data file)
-
-        run = self.api.run()
         requested = self.options.requested_rank or max(run["ranks"])
-        n_samples = self._count_samples(run)
+        n_samples = len(self.examples)
         reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name)
         self.state.client_id, self.state.token, self.state.rank = reply["client_id"], reply["token"], reply["rank"]
         self.state.run = reply["run"]
@@ -118,16 +121,9 @@ class EdgeClient:
         log.info("registered as %s: rank %d (asked for %d), %d samples, aggregator %s",
                  self.state.client_id, self.state.rank, requested, n_samples, self.state.run["aggregator"])
 
-    def _count_samples(self, run: dict) -> int:
-        from edge_client.data import load_examples
-
-        return len(load_examples(self.options.data, run["task"], run.get("labels"),
-                                 text_column=self.options.text_column, label_column=self.options.label_column))
-
     def _prepare(self, run: dict) -> None:
-        """Load data and the trainer, and check the local model agrees with the server's spec."""
+        """Load the trainer after checking the local model agrees with the server's spec."""
         from edge_client.backends import make_trainer
-        from edge_client.data import load_examples
         from edge_client.models import default_model_dir, derive_spec
 
         model_dir = self.options.model_dir or default_model_dir()
@@ -136,8 +132,6 @@ class EdgeClient:
         if spec.fingerprint != run["spec_fingerprint"]:
             raise UserError(f"the local model {model_dir} does not match the server's (spec {spec.fingerprint} != "
                             f"{run['spec_fingerprint']}); use the same base model folder and LoRA targets")
-        self.examples = load_examples(self.options.data, run["task"], labels, text_column=self.options.text_column,
-                                      label_column=self.options.label_column)
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir)
