@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_client.fleet import start_client, start_server
@@ -65,7 +65,6 @@ class RoundRow:
     bytes_up: int
     bytes_down: int
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
