@@ -96,13 +96,15 @@ def export(args, out: Path) -> None:
 
 
 def main() -> None:
+    from exporter import EXECUTORCH_DELEGATES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=lambda s: tuple(int(x) for x in s.split(",")), default=(4, 8, 16, 32, 64))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--backends", type=lambda s: tuple(s.split(",")), default=("torch", "onnx", "executorch"))
-    p.add_argument("--delegate", default="portable", choices=("portable", "xnnpack"))
+    p.add_argument("--delegate", default=EXECUTORCH_DELEGATES[0], choices=EXECUTORCH_DELEGATES)
     p.add_argument("--out", type=Path, default=Path("/tmp/hetlora-bench-artifacts"))
     p.add_argument("--worker", nargs=2, metavar=("BACKEND", "RANK"), help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -3,3 +3,5 @@
 Needs the `export` extra. Devices never import this package: they read the artifacts with
 `edge_client.backends`.
 """
+
+EXECUTORCH_DELEGATES = ("xnnpack", "portable")  # default first; see exporter/executorch_export.py

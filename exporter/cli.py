@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from exporter import EXECUTORCH_DELEGATES
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
@@ -33,8 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=_csv, help="LoRA target module names (default: the model type's defaults)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha of the run (default 16)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into ONNX (default 0)")
-    p.add_argument("--executorch-delegate", choices=("portable", "xnnpack"), default="portable",
-                   help="ExecuTorch kernels: portable, or delegate what XNNPACK takes (see docs/EXPORT.md)")
+    p.add_argument("--executorch-delegate", choices=EXECUTORCH_DELEGATES, default=EXECUTORCH_DELEGATES[0],
+                   help="xnnpack (default): frozen-weight matmuls and attention ops on XNNPACK; portable: "
+                        "ExecuTorch's CPU kernels only (see docs/EXPORT.md)")
     p.add_argument("--out", required=True, help="output folder (manifest.json + artifacts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -1,43 +1,53 @@
 """ExecuTorch training program for one rank: the joint forward + backward graph in a `.pte`.
 
 torch.export -> _export_forward_backward (gradients of output 0 for every parameter with
-requires_grad) -> edge dialect, optionally delegating to XNNPACK -> ExecuTorch program.
+requires_grad) -> graph rewrites (exporter/graph_passes.py) -> edge dialect, delegating to XNNPACK
+(default) or on ExecuTorch's CPU kernels alone ("portable") -> ExecuTorch program.
+
+XNNPACK takes the matmuls against frozen base weights (forward `linear(x, W)` and backward `mm(g, W)`,
+weights prepacked once at load) plus permute, bmm, gelu and softmax. It must never take a trainable
+weight as a static one: XNNPACK packs static weights at load, so SGD updates to them would be ignored.
+The matmuls against LoRA factors and the head stay on the CPU kernels. XNNPACK's full operator set
+fails to lower the joint graph ("Output node ... is already in the inputs": a partition passes a
+value straight through), so the operator set below is an explicit list.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from exporter.errors import export_error
+from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, split_addmm
 from exporter.training_graph import TrainingGraph
 
-DELEGATES = ("portable", "xnnpack")
+XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig")
 
 
-def rewrite_empty_permuted(program) -> None:
-    """Replace aten.empty_permuted (not core ATen; Llama's backward uses it) by empty + permute, in place.
+def frozen_weight_partitioner(frozen_names: set[str]):
+    """An XnnpackPartitioner for gemms whose weight (arg 1) is a frozen parameter, plus the operator configs."""
+    from executorch.backends.xnnpack.partition.config import generic_node_configs
+    from executorch.backends.xnnpack.partition.config.gemm_configs import GEMMConfig, LinearConfig, MMConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    empty_permuted(size, layout) allocates sizes in `layout` order and views them back in logical order:
-    empty([size[i] for i in layout]).permute(inverse(layout)).
-    """
-    aten = torch.ops.aten
-    graph = program.graph_module.graph
-    for node in list(graph.nodes):
-        if node.target != aten.empty_permuted.default:
-            continue
-        size, layout = node.args[0], list(node.args[1])
-        inverse = [layout.index(i) for i in range(len(layout))]
-        with graph.inserting_before(node):
-            physical = graph.call_function(aten.empty.memory_format, ([size[i] for i in layout],), dict(node.kwargs))
-            physical.meta = dict(node.meta)
-            logical = graph.call_function(aten.permute.default, (physical, inverse))
-            logical.meta = dict(node.meta)
-        node.replace_all_uses_with(logical)
-        graph.erase_node(node)
-    graph.lint()
-    program.graph_module.recompile()
+    def is_frozen_weight(node) -> bool:
+        weight = node.args[1]
+        return getattr(weight, "op", None) == "placeholder" and weight.name in frozen_names
+
+    class FrozenWeightLinearConfig(LinearConfig):
+        def check_constraints(self, node, ep) -> bool:
+            return is_frozen_weight(node) and super().check_constraints(node, ep)
+
+    class FrozenWeightMMConfig(MMConfig):
+        def check_constraints(self, node, ep) -> bool:
+            return is_frozen_weight(node) and super().check_constraints(node, ep)
+
+        def get_deps(self, node, ep):
+            # MMConfig looks for the nn.Linear source partition first; a backward mm(g, W) carries the
+            # linear's source metadata but is not that linear, so take the node as it is.
+            return GEMMConfig.get_deps(self, node, ep)
+
+    operators = [getattr(generic_node_configs, name) for name in XNNPACK_OPERATOR_CONFIGS]
+    return XnnpackPartitioner(configs=[FrozenWeightLinearConfig, FrozenWeightMMConfig, *operators])
 
 
 def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str) -> dict[str, Path]:
@@ -50,16 +60,15 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
     try:
         joint = _export_forward_backward(export(graph, inputs, strict=False))
         rewrite_empty_permuted(joint)
+        drop_inverse_permutes(joint)
         config = EdgeCompileConfig(_check_ir_validity=True)
         if delegate == "xnnpack":
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-            # The default partitioner groups ops into subgraphs that pass a forward activation straight through
-            # to the backward ("Output node ... is already in the inputs"), which XNNPACK rejects; per-op
-            # partitions lower. Lowering is slow (minutes for a 2-layer model): see docs/EXPORT.md.
-            partitioner = XnnpackPartitioner(per_op_mode=True)
+            frozen = frozen_parameters(joint)
+            split_addmm(joint, linearize=frozen)
+            partitioner = frozen_weight_partitioner({node.name for node in frozen})
             edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
         else:
+            split_addmm(joint)
             edge = to_edge(joint, compile_config=config)
         program = edge.to_executorch()
     except Exception as exc:  # torch.export / exir raise many types; all mean "cannot export"

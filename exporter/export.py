@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge_client.lora import set_rank
+from exporter import EXECUTORCH_DELEGATES
 from edge_client.models import default_targets, derive_spec, model_hash
 from exporter.manifest import artifact_entry, build_manifest, write_manifest
 from exporter.training_graph import build_training_graph, example_inputs, trainable_names
@@ -33,7 +34,7 @@ class ExportRequest:
     num_labels: int | None = None
     lora_alpha: float = 16.0
     weight_decay: float = 0.0
-    executorch_delegate: str = "portable"
+    executorch_delegate: str = EXECUTORCH_DELEGATES[0]
 
 
 def check_request(req: ExportRequest) -> None:

@@ -1,7 +1,9 @@
 """The onnx and executorch backends against the torch backend (the reference), on tiny real models.
 
 Artifacts are exported once per task (module fixture) at one rank with a larger fixed shape
-than the rounds use, so padding of batches and of ranks is exercised everywhere.
+than the rounds use, so padding of batches and of ranks is exercised everywhere. ExecuTorch is
+exported twice: XNNPACK-delegated (the default, "executorch") and CPU kernels only
+("executorch-portable").
 """
 
 from __future__ import annotations
@@ -54,24 +56,30 @@ def random_adapter(spec, rank: int, seed: int) -> Adapter:
 
 @pytest.fixture(scope="module", params=sorted(SETUPS))
 def setup(request, tmp_path_factory):
-    """(task, model_dir, targets, labels, artifacts folder) with both backends exported at ART_RANK."""
+    """(task, model_dir, targets, labels, {variant: artifacts folder}), everything exported at ART_RANK."""
     from exporter.export import ExportRequest, export_all
 
     task = request.param
     fixture, targets = SETUPS[task]
     model_dir = request.getfixturevalue(fixture)
     labels = LABELS if task == "classification" else None
-    out = tmp_path_factory.mktemp(f"artifacts-{task}")
-    export_all(ExportRequest(model_dir=model_dir, task=task, ranks=(ART_RANK,), batch=ART_BATCH, seq_len=ART_SEQ,
-                             backends=("executorch", "onnx"), out=out, targets=targets,
-                             labels=tuple(labels) if labels else None, lora_alpha=ALPHA), progress=False)
-    return task, model_dir, targets, labels, out
+    folders = {}
+    for variant, backends, delegate in [("default", ("executorch", "onnx"), "xnnpack"),
+                                        ("executorch-portable", ("executorch",), "portable")]:
+        folders[variant] = tmp_path_factory.mktemp(f"artifacts-{task}-{variant}")
+        export_all(ExportRequest(model_dir=model_dir, task=task, ranks=(ART_RANK,), batch=ART_BATCH, seq_len=ART_SEQ,
+                                 backends=backends, out=folders[variant], targets=targets,
+                                 labels=tuple(labels) if labels else None, lora_alpha=ALPHA,
+                                 executorch_delegate=delegate), progress=False)
+    return task, model_dir, targets, labels, folders
 
 
-def trainers(setup, backend: str):
-    task, model_dir, targets, labels, out = setup
+def trainers(setup, variant: str):
+    """(torch reference, trainer of `variant`: onnx, executorch (XNNPACK) or executorch-portable)."""
+    task, model_dir, targets, labels, folders = setup
     kwargs = dict(model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA)
-    return make_trainer("torch", **kwargs), make_trainer(backend, artifacts_dir=out, **kwargs)
+    backend, folder = ("executorch", folders[variant]) if variant in folders else (variant, folders["default"])
+    return make_trainer("torch", **kwargs), make_trainer(backend, artifacts_dir=folder, **kwargs)
 
 
 def spec_of(setup):
@@ -79,7 +87,7 @@ def spec_of(setup):
     return derive_spec(model_dir, task, targets, len(labels) if labels else None)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "executorch"])
+@pytest.mark.parametrize("backend", ["onnx", "executorch", "executorch-portable"])
 def test_first_step_loss_and_gradients_equal_torch(setup, backend):
     task = setup[0]
     reference, trainer = trainers(setup, backend)
@@ -129,7 +137,8 @@ def assert_same_adapter(got: Adapter, want: Adapter, atol: float) -> None:
         np.testing.assert_allclose(got.dense[name], t, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("backend, optimizer", [("executorch", "sgd"), ("onnx", "adamw")])
+@pytest.mark.parametrize("backend, optimizer", [("executorch", "sgd"), ("executorch-portable", "sgd"),
+                                                ("onnx", "adamw")])
 def test_round_with_self_pruning_matches_torch(setup, backend, optimizer):
     """Six steps at rank 3 in an artifact of rank 4 (padding silenced by the keep mask), then pruning to 2.
 
@@ -157,9 +166,12 @@ def test_round_with_self_pruning_matches_torch(setup, backend, optimizer):
             assert not current[name][:, 2:].any(), "pruned or padded ranks must hold exact zeros"
 
 
-def test_plain_round_without_pruning_keeps_rank(setup):
+@pytest.mark.parametrize("backend", ["executorch", "executorch-portable"])
+def test_plain_round_without_pruning_keeps_rank(setup, backend):
+    """Full rank, two SGD steps: every trainable weight's update must reach the program (XNNPACK may hold
+    only frozen weights as static)."""
     task = setup[0]
-    reference, trainer = trainers(setup, "executorch")
+    reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), ART_RANK, seed=3)
     cfg = TrainConfig(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lr=0.05, optimizer="sgd", lora_alpha=ALPHA)
     want = reference.train_round(start, examples_for(task), cfg, rank=ART_RANK)
@@ -169,7 +181,8 @@ def test_plain_round_without_pruning_keeps_rank(setup):
 
 
 def test_user_errors(setup):
-    task, model_dir, targets, labels, out = setup
+    task, model_dir, targets, labels, folders = setup
+    out = folders["default"]
     _, trainer = trainers(setup, "executorch")
     start = random_adapter(spec_of(setup), 2, seed=4)
     with pytest.raises(UserError, match="--backend torch"):
@@ -191,9 +204,9 @@ def test_user_errors(setup):
 
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_artifact_sha256_is_verified(setup, tmp_path, damage):
-    task, model_dir, targets, labels, out = setup
+    task, model_dir, targets, labels, folders = setup
     copy = tmp_path / "artifacts"
-    shutil.copytree(out, copy)
+    shutil.copytree(folders["default"], copy)
     target = copy / "onnx" / f"r{ART_RANK}" / "training_model.onnx"
     if damage == "flip":
         data = bytearray(target.read_bytes())
@@ -220,3 +233,14 @@ def test_auto_backend_choice(machine, termux, have, expected):
 
 def test_auto_without_artifacts_is_torch():
     assert choose_backend(has_artifacts=False, machine="x86_64", termux=False, have=lambda m: True)[0] == "torch"
+
+
+def test_default_executorch_artifact_is_xnnpack_delegated(setup):
+    from edge_client.backends.artifacts import load_manifest
+
+    for variant, delegated in [("default", True), ("executorch-portable", False)]:
+        manifest = load_manifest(setup[4][variant])
+        entry = next(a for a in manifest.doc["artifacts"] if a["backend"] == "executorch")
+        assert entry["optimizer"]["delegate"] == ("xnnpack" if delegated else "portable")
+        program = manifest.artifact("executorch", ART_RANK).files["program"].read_bytes()
+        assert (b"XnnpackBackend" in program) == delegated

@@ -1,0 +1,84 @@
+"""exporter.graph_passes on a joint forward + backward graph: same outputs and gradients, rewritten ops.
+
+Reference: the unmodified joint program run on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, split_addmm
+
+aten = torch.ops.aten
+
+
+class TwoLinears(nn.Module):
+    """A frozen linear then a trainable one; returns the loss first, as the exporter requires."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.frozen = nn.Linear(6, 5).requires_grad_(False)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.head(torch.tanh(self.frozen(x)))
+        return (y * y).mean(), y.detach()
+
+
+def joint_program():
+    from torch.export import export
+    from torch.export.experimental import _export_forward_backward
+
+    return _export_forward_backward(export(TwoLinears(), (torch.randn(4, 6),), strict=False))
+
+
+def targets(program) -> list:
+    return [n.target for n in program.graph.nodes if n.op == "call_function"]
+
+
+def run(program, x):
+    """Every output of the joint graph (loss, outputs, gradients), called with its parameters and `x`."""
+    from torch.export.graph_signature import InputKind
+
+    args = [program.state_dict[spec.target] if spec.kind == InputKind.PARAMETER else x
+            for spec in program.graph_signature.input_specs]
+    return [t.detach() for t in program.graph_module(*args)]
+
+
+def test_passes_keep_loss_and_gradients():
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    reference = joint_program()
+    want = run(reference, x)
+    program = joint_program()
+    frozen = frozen_parameters(program)
+    assert {program.graph_signature.inputs_to_parameters[n.name] for n in frozen} == {"frozen.weight", "frozen.bias"}
+    assert split_addmm(program, linearize=frozen) == 2  # the frozen addmm -> linear, the head's -> mm + add
+    drop_inverse_permutes(program)
+    ops = targets(program)
+    assert aten.addmm.default not in ops and ops.count(aten.linear.default) == 1
+    got = run(program, x)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_drop_inverse_permutes_only_drops_identities():
+    program = joint_program()
+    before = targets(program).count(aten.permute.default)
+    dropped = drop_inverse_permutes(program)
+    after = targets(program).count(aten.permute.default)
+    assert dropped >= 1 and after <= before - dropped  # an inner permute left unused is removed too
+    for node in program.graph.nodes:  # no permute of a permute that undoes it is left
+        if node.target == aten.permute.default and getattr(node.args[0], "target", None) == aten.permute.default:
+            p, q = list(node.args[0].args[1]), list(node.args[1])
+            assert [p[i] for i in q] != list(range(len(p)))
+
+
+@pytest.mark.parametrize("linearize", [False, True])
+def test_split_without_frozen_weights_leaves_no_linear(linearize):
+    program = joint_program()
+    split_addmm(program, linearize=frozen_parameters(program) if linearize else set())
+    assert (aten.linear.default in targets(program)) == linearize
