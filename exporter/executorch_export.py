@@ -7,20 +7,29 @@ requires_grad) -> graph rewrites (exporter/graph_passes.py) -> edge dialect, del
 XNNPACK takes the matmuls against frozen base weights (forward `linear(x, W)` and backward `mm(g, W)`,
 weights prepacked once at load) plus permute, bmm, gelu and softmax. It must never take a trainable
 weight as a static one: XNNPACK packs static weights at load, so SGD updates to them would be ignored.
-The matmuls against LoRA factors and the head stay on the CPU kernels. XNNPACK's full operator set
+The matmuls against LoRA factors and the head stay on the CPU kernels.
+
+Frozen base weights go to one external data file, `executorch/frozen_weights.ptd`, shared by every
+rank's program: their tensors and keys do not depend on the rank (XNNPACK keys its data by sha256,
+ExecuTorch by parameter name), so each rank's export writes a byte-identical file and only the first
+is kept. The `.pte` keeps the graph, the trainable LoRA factors and head, and the small buffers. XNNPACK's full operator set
 fails to lower the joint graph ("Output node ... is already in the inputs": a partition passes a
 value straight through), so the operator set below is an explicit list.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from exporter.errors import export_error
 from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, split_addmm
 from exporter.training_graph import TrainingGraph
+from hetlora.errors import UserError
 
 XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig")
+WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 
 def frozen_weight_partitioner(frozen_names: set[str]):
@@ -50,9 +59,14 @@ def frozen_weight_partitioner(frozen_names: set[str]):
     return XnnpackPartitioner(configs=[FrozenWeightLinearConfig, FrozenWeightMMConfig, *operators])
 
 
-def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str) -> dict[str, Path]:
-    """Write the `.pte` for `graph` at `path`; returns {"program": path}."""
-    from executorch.exir import EdgeCompileConfig, to_edge, to_edge_transform_and_lower
+def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str,
+                      first: bool) -> dict[str, Path]:
+    """Write the `.pte` for `graph` at `path` and the frozen weights beside it, shared by the ranks of one export.
+
+    `first`: this is the export's first rank, so an older frozen_weights.ptd is replaced, not compared.
+    Returns {"program": path, "weights": path.parent / "frozen_weights.ptd"}.
+    """
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
     from torch.export import export
     from torch.export.experimental import _export_forward_backward
 
@@ -61,17 +75,35 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
         joint = _export_forward_backward(export(graph, inputs, strict=False))
         rewrite_empty_permuted(joint)
         drop_inverse_permutes(joint)
+        frozen = frozen_parameters(joint)
+        frozen_names = {node.name for node in frozen}
+        for node in frozen:  # XNNPACK writes the constants it packs under this tag
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
         config = EdgeCompileConfig(_check_ir_validity=True)
         if delegate == "xnnpack":
-            frozen = frozen_parameters(joint)
             split_addmm(joint, linearize=frozen)
-            partitioner = frozen_weight_partitioner({node.name for node in frozen})
+            partitioner = frozen_weight_partitioner(frozen_names)
             edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
         else:
             split_addmm(joint)
             edge = to_edge(joint, compile_config=config)
-        program = edge.to_executorch()
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            external_constants=lambda node: WEIGHTS_TAG if node.name in frozen_names else None))
     except Exception as exc:  # torch.export / exir raise many types; all mean "cannot export"
         raise export_error("ExecuTorch", what, exc) from None
     path.write_bytes(program.buffer)
-    return {"program": path}
+    return {"program": path, "weights": keep_shared_weights(program, path.parent, first=first)}
+
+
+def keep_shared_weights(program, folder: Path, *, first: bool) -> Path:
+    """Write the program's frozen_weights.ptd into `folder` (first rank) or check it equals the one there."""
+    shared = folder / f"{WEIGHTS_TAG}.ptd"
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        program.write_tensor_data_to_file(tmp)
+        fresh = Path(tmp) / shared.name
+        if first or not shared.exists():
+            os.replace(fresh, shared)
+        elif fresh.read_bytes() != shared.read_bytes():
+            raise UserError(f"this rank's frozen weights differ from {shared} written for an earlier rank, so they "
+                            f"cannot be shared; please report this, and export one rank per --out meanwhile")
+    return shared

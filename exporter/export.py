@@ -76,7 +76,7 @@ def export_all(req: ExportRequest, *, progress: bool = True) -> dict:
             from exporter.executorch_export import export_executorch
 
             files = export_executorch(graph, inputs, req.out / "executorch" / f"r{rank}.pte",
-                                      delegate=req.executorch_delegate, what=what)
+                                      delegate=req.executorch_delegate, what=what, first=rank == jobs[0][0])
             optimizer = {"name": "sgd", "delegate": req.executorch_delegate}
         seconds = time.perf_counter() - t0
         entries.append(artifact_entry(req.out, backend, rank, optimizer, files, seconds))

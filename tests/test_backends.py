@@ -244,3 +244,31 @@ def test_default_executorch_artifact_is_xnnpack_delegated(setup):
         assert entry["optimizer"]["delegate"] == ("xnnpack" if delegated else "portable")
         program = manifest.artifact("executorch", ART_RANK).files["program"].read_bytes()
         assert (b"XnnpackBackend" in program) == delegated
+
+
+def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tmp_path):
+    """Frozen base weights live once, in frozen_weights.ptd, not in each rank's program; each rank trains from it."""
+    from safetensors.numpy import load_file
+
+    from edge_client.backends.artifacts import load_manifest
+    from exporter.export import ExportRequest, export_all
+
+    export_all(ExportRequest(model_dir=tiny_bert_dir, task="classification", ranks=(2, 3), batch=2, seq_len=8,
+                             backends=("executorch",), out=tmp_path, targets=("query",), num_labels=3,
+                             lora_alpha=ALPHA), progress=False)
+    entries = load_manifest(tmp_path).doc["artifacts"]
+    assert len({e["files"]["weights"]["path"] for e in entries}) == 1
+    weights = (tmp_path / entries[0]["files"]["weights"]["path"]).read_bytes()
+    embedding = load_file(str(tiny_bert_dir / "model.safetensors"))["embeddings.word_embeddings.weight"]
+    probe = embedding[1000].tobytes()  # one row of the largest frozen tensor
+    assert probe in weights
+    for entry in entries:
+        program = (tmp_path / entry["files"]["program"]["path"]).read_bytes()
+        assert probe not in program and len(program) < len(weights) / 4
+    kwargs = dict(model_dir=tiny_bert_dir, task="classification", labels=LABELS, targets=("query",), lora_alpha=ALPHA)
+    reference, trainer = make_trainer("torch", **kwargs), make_trainer("executorch", artifacts_dir=tmp_path, **kwargs)
+    start = random_adapter(derive_spec(tiny_bert_dir, "classification", ("query",), 3), 2, seed=6)
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=8, lr=0.05, optimizer="sgd", lora_alpha=ALPHA)
+    want = reference.train_round(start, examples_for("classification"), cfg, rank=2)
+    got = trainer.train_round(start, examples_for("classification"), cfg, rank=2)
+    assert_same_adapter(got.adapter, want.adapter, atol=2e-5)

@@ -1,4 +1,5 @@
-"""ExecuTorch backend: trains from a `.pte` holding the joint forward + backward graph of one rank.
+"""ExecuTorch backend: trains from a `.pte` holding the joint forward + backward graph of one rank,
+with the frozen base weights in the `.ptd` file that all ranks share.
 
 ExecuTorch's training runtime offers SGD only (`get_sgd_optimizer`); the parameters it returns
 share memory with the program, so loading weights is an in-place copy.
@@ -19,10 +20,13 @@ METHOD = "forward"
 class ExecuTorchEngine:
     def __init__(self, artifact: Artifact):
         import torch
-        from executorch.extension.training import _load_for_executorch_for_training
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch
+        from executorch.extension.training import TrainingModule
 
         self.rank = artifact.rank
-        self.module = _load_for_executorch_for_training(str(artifact.files["program"]))
+        weights = artifact.files.get("weights")  # frozen weights shared by all ranks (absent in older exports)
+        self.module = TrainingModule(_load_for_executorch(str(artifact.files["program"]),
+                                                          data_path=str(weights) if weights else None))
         self._optimizer = None
         self._lr = None
         # named_parameters() exists only after a first forward_backward: run one on zero inputs
