@@ -272,3 +272,17 @@ def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tmp_path):
     want = reference.train_round(start, examples_for("classification"), cfg, rank=2)
     got = trainer.train_round(start, examples_for("classification"), cfg, rank=2)
     assert_same_adapter(got.adapter, want.adapter, atol=2e-5)
+
+
+def test_executorch_runtime_failure_is_a_user_error(setup, tmp_path):
+    """A weights file the runtime cannot read (sha256 passed, e.g. from another exporter version) -> one line."""
+    import dataclasses
+
+    from edge_client.backends.artifacts import load_manifest
+    from edge_client.backends.executorch_backend import ExecuTorchEngine
+
+    artifact = load_manifest(setup[4]["default"]).artifact("executorch", ART_RANK)
+    unreadable = tmp_path / "frozen_weights.ptd"
+    unreadable.write_bytes(b"not a flat tensor file" * 10)
+    with pytest.raises(UserError, match=r"ExecuTorch runtime failed to load r4\.pte: .*--backend torch"):
+        ExecuTorchEngine(dataclasses.replace(artifact, files={**artifact.files, "weights": unreadable}))

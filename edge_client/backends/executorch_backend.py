@@ -7,6 +7,8 @@ share memory with the program, so loading weights is an in-place copy.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from edge_client.backends.artifact_trainer import ArtifactTrainer
@@ -24,16 +26,29 @@ class ExecuTorchEngine:
         from executorch.extension.training import TrainingModule
 
         self.rank = artifact.rank
+        self.program = artifact.files["program"]
         weights = artifact.files.get("weights")  # frozen weights shared by all ranks (absent in older exports)
-        self.module = TrainingModule(_load_for_executorch(str(artifact.files["program"]),
-                                                          data_path=str(weights) if weights else None))
         self._optimizer = None
         self._lr = None
-        # named_parameters() exists only after a first forward_backward: run one on zero inputs
-        # with prune_lambda 0 (gradients are discarded, weights untouched).
         self._torch = torch
-        self.module.forward_backward(METHOD, self._zeros(artifact))
+        with self._runtime("load"):
+            self.module = TrainingModule(_load_for_executorch(str(self.program),
+                                                              data_path=str(weights) if weights else None))
+            # named_parameters() exists only after a first forward_backward: run one on zero inputs
+            # with prune_lambda 0 (gradients are discarded, weights untouched).
+            self.module.forward_backward(METHOD, self._zeros(artifact))
         self.params = self.module.named_parameters()
+
+    @contextlib.contextmanager
+    def _runtime(self, action: str):
+        """The runtime's own errors (a kernel missing on this platform, a version mismatch) as one line."""
+        try:
+            yield
+        except RuntimeError as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UserError(f"the ExecuTorch runtime failed to {action} {self.program.name}: {first.strip()[:300]}; "
+                            f"the executorch package must match the exporter's (executorch 1.5.1 with torch "
+                            f"2.13.0), or train with --backend torch") from None
 
     def _zeros(self, artifact: Artifact):
         torch = self._torch
@@ -50,7 +65,8 @@ class ExecuTorchEngine:
             self.params[name].copy_(self._torch.from_numpy(np.ascontiguousarray(value, np.float32)))
 
     def _run(self, inputs):
-        outs = self.module.forward_backward(METHOD, [self._torch.from_numpy(np.asarray(x)) for x in inputs])
+        with self._runtime("run"):
+            outs = self.module.forward_backward(METHOD, [self._torch.from_numpy(np.asarray(x)) for x in inputs])
         return [float(x) for x in outs]
 
     def forward_backward(self, inputs: list[np.ndarray]) -> list[float]:

@@ -4,7 +4,8 @@ Order (from benchmarks/bench_backends.py on x86_64; see docs/EXPORT.md):
   x86_64 / AMD64  onnx when onnxruntime-training imports and artifacts exist (about torch speed,
                   lower memory), else torch
   aarch64 (Pi, Jetson)  torch; executorch only when torch is missing and artifacts exist
-                  (ExecuTorch's training kernels are far slower than torch eager, see the benchmark)
+                  (ExecuTorch trains with SGD only, runs default to AdamW, and its aarch64
+                  training is unproven here: docs/DEVICES.md)
   Termux (Android)  torch (the only backend with a Termux build)
 """
 
@@ -44,7 +45,7 @@ def choose_backend(*, has_artifacts: bool, machine: str | None = None, termux: b
         return "torch", "x86_64 without onnxruntime-training: torch"
     if machine in ("aarch64", "arm64"):
         if have("torch"):
-            return "torch", (f"{machine}: torch eager (ExecuTorch training measured slower than torch; "
+            return "torch", (f"{machine}: torch eager (ExecuTorch trains with SGD only, runs default to AdamW; "
                              "onnxruntime-training has no aarch64 wheel)")
         if has_artifacts and have("executorch"):
             return "executorch", f"{machine} without torch: ExecuTorch from the exported artifacts"
