@@ -4,10 +4,10 @@ torch.export -> _export_forward_backward (gradients of output 0 for every parame
 requires_grad) -> graph rewrites (exporter/graph_passes.py) -> edge dialect, delegating to XNNPACK
 (default) or on ExecuTorch's CPU kernels alone ("portable") -> ExecuTorch program.
 
-XNNPACK takes the matmuls against frozen base weights (forward `linear(x, W)` and backward `mm(g, W)`,
-weights prepacked once at load) plus permute, bmm, gelu and softmax. It must never take a trainable
-weight as a static one: XNNPACK packs static weights at load, so SGD updates to them would be ignored.
-The matmuls against LoRA factors and the head stay on the CPU kernels.
+XNNPACK takes every matmul plus permute, bmm, gelu and softmax. Frozen base weights (forward
+`linear(x, W)`, backward `mm(g, W)`) are static operands, packed once at load. Every other right
+operand (LoRA factors, activations in weight gradients) is a run-time input: XNNPACK must never take
+a trainable weight as static, since SGD updates to a weight packed at load would be ignored.
 
 Frozen base weights go to one external data file, `executorch/frozen_weights.ptd`, shared by every
 rank's program: their tensors and keys do not depend on the rank (XNNPACK keys its data by sha256,
@@ -32,8 +32,8 @@ XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "Softmax
 WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 
-def frozen_weight_partitioner(frozen_names: set[str]):
-    """An XnnpackPartitioner for gemms whose weight (arg 1) is a frozen parameter, plus the operator configs."""
+def training_partitioner(frozen_names: set[str]):
+    """An XnnpackPartitioner: linears on frozen weights, every mm (frozen weights static), the operator configs."""
     from executorch.backends.xnnpack.partition.config import generic_node_configs
     from executorch.backends.xnnpack.partition.config.gemm_configs import GEMMConfig, LinearConfig, MMConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -46,17 +46,17 @@ def frozen_weight_partitioner(frozen_names: set[str]):
         def check_constraints(self, node, ep) -> bool:
             return is_frozen_weight(node) and super().check_constraints(node, ep)
 
-    class FrozenWeightMMConfig(MMConfig):
-        def check_constraints(self, node, ep) -> bool:
-            return is_frozen_weight(node) and super().check_constraints(node, ep)
-
+    class AnyWeightMMConfig(MMConfig):
         def get_deps(self, node, ep):
+            # A frozen weight is packed into the delegate once; any other right operand (a LoRA factor,
+            # an activation in a weight gradient) is passed at run time, so updates to it are seen.
+            self.force_non_static_weights_for_f32_linear = not is_frozen_weight(node)
             # MMConfig looks for the nn.Linear source partition first; a backward mm(g, W) carries the
             # linear's source metadata but is not that linear, so take the node as it is.
             return GEMMConfig.get_deps(self, node, ep)
 
     operators = [getattr(generic_node_configs, name) for name in XNNPACK_OPERATOR_CONFIGS]
-    return XnnpackPartitioner(configs=[FrozenWeightLinearConfig, FrozenWeightMMConfig, *operators])
+    return XnnpackPartitioner(configs=[FrozenWeightLinearConfig, AnyWeightMMConfig, *operators])
 
 
 def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str,
@@ -82,7 +82,7 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
         config = EdgeCompileConfig(_check_ir_validity=True)
         if delegate == "xnnpack":
             split_addmm(joint, linearize=frozen)
-            partitioner = frozen_weight_partitioner(frozen_names)
+            partitioner = training_partitioner(frozen_names)
             edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
         else:
             split_addmm(joint)
