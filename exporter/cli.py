@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha of the run (default 16)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into ONNX (default 0)")
     p.add_argument("--executorch-delegate", choices=EXECUTORCH_DELEGATES, default=EXECUTORCH_DELEGATES[0],
-                   help="xnnpack (default): frozen-weight matmuls and attention ops on XNNPACK; portable: "
+                   help="xnnpack (default): matmuls and attention ops on XNNPACK; portable: "
                         "ExecuTorch's CPU kernels only (see docs/EXPORT.md)")
     p.add_argument("--out", required=True, help="output folder (manifest.json + artifacts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
