@@ -15,9 +15,9 @@ import argparse
 import json
 import statistics
 import subprocess
-from collections import Counter
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

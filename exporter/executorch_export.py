@@ -47,10 +47,14 @@ def training_partitioner(frozen_names: set[str]):
             return is_frozen_weight(node) and super().check_constraints(node, ep)
 
     class AnyWeightMMConfig(MMConfig):
-        def get_deps(self, node, ep):
+        def _get_weight_deps(self, node, ep, precision):
             # A frozen weight is packed into the delegate once; any other right operand (a LoRA factor,
             # an activation in a weight gradient) is passed at run time, so updates to it are seen.
-            self.force_non_static_weights_for_f32_linear = not is_frozen_weight(node)
+            if is_frozen_weight(node):
+                return GEMMConfig._get_weight_deps(self, node, ep, precision)
+            return True, []
+
+        def get_deps(self, node, ep):
             # MMConfig looks for the nn.Linear source partition first; a backward mm(g, W) carries the
             # linear's source metadata but is not that linear, so take the node as it is.
             return GEMMConfig.get_deps(self, node, ep)
