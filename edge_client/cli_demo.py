@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edge_client.demo import DemoConfig
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "banking77"
 
@@ -41,7 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=DemoConfig.lr, help="learning rate of the LoRA factors")
+    p.add_argument("--head-lr", type=float, default=DemoConfig.head_lr, help="learning rate of the head")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=DemoConfig.schedule,
+                   help="learning-rate schedule over each round's local steps")
+    p.add_argument("--warmup-steps", type=int, default=DemoConfig.warmup_steps)
+    p.add_argument("--head-init", choices=("none", "ncm", "lda"), default=DemoConfig.head_init,
+                   help="round 0 sets the head from the clients' class statistics (default lda; none = random head)")
+    p.add_argument("--validation-fraction", type=float, default=0.0,
+                   help="hold out this share of the training rows and evaluate on it instead of --test "
+                        "(for choosing hyperparameters without looking at the test set)")
     p.add_argument("--ranks", type=_ranks, default=(4, 8, 16, 32), help="rank set (default 4,8,16,32)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     p.add_argument("--eval-rows", type=int, help="evaluate on this many test rows (default: all)")
@@ -70,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(model_dir=model_dir, data=args.data, test=args.test, labels=args.labels, out=out,
                      clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
                      local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                     dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks, text_column=args.text_column,
-                     label_column=args.label_column)
+                     head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                     head_init=args.head_init, dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks,
+                     text_column=args.text_column, label_column=args.label_column,
+                     validation_fraction=args.validation_fraction)
     t0 = time.monotonic()
     fleet = prepare_fleet(cfg, eval_rows=args.eval_rows)
     rows = []

@@ -49,8 +49,9 @@ def train_config(run: dict, overrides: dict | None, seed: int) -> TrainConfig:
     hints = dict(run.get("training") or {})
     fields = {
         "steps": hints.get("local_steps"), "batch_size": hints.get("batch_size"), "seq_len": hints.get("seq_len"),
-        "lr": hints.get("lr"), "prune_gamma": hints.get("prune_gamma"), "prune_lambda": hints.get("prune_lambda"),
-        "min_rank": hints.get("min_rank"), "lora_alpha": run.get("lora_alpha"),
+        "lr": hints.get("lr"), "head_lr": hints.get("head_lr"), "schedule": hints.get("schedule"),
+        "warmup_steps": hints.get("warmup_steps"), "prune_gamma": hints.get("prune_gamma"),
+        "prune_lambda": hints.get("prune_lambda"), "min_rank": hints.get("min_rank"), "lora_alpha": run.get("lora_alpha"),
     }
     cfg = replace(TrainConfig(seed=seed), **{k: v for k, v in fields.items() if v is not None})
     return replace(cfg, **(overrides or {}))
@@ -128,13 +129,14 @@ class EdgeClient:
 
         model_dir = self.options.model_dir or default_model_dir()
         labels = run.get("labels")
-        spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None)
+        spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None,
+                           pooling=run.get("pooling"))
         if spec.fingerprint != run["spec_fingerprint"]:
             raise UserError(f"the local model {model_dir} does not match the server's (spec {spec.fingerprint} != "
                             f"{run['spec_fingerprint']}); use the same base model folder and LoRA targets")
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
-                                    artifacts_dir=self.options.artifacts_dir)
+                                    artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
 
     def _refresh_rank(self) -> dict:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round.
@@ -155,7 +157,9 @@ class EdgeClient:
         """One round: returns True when an update was accepted."""
         number = current["round"]
         pending = self.state_dir.pending(number)
-        if pending is None:
+        if pending is None and current.get("stage") == "head":
+            pending, summary, elapsed = self._head_statistics(number, run)
+        elif pending is None:
             profile = self._refresh_rank()
             t0 = time.perf_counter()
             try:
@@ -166,8 +170,8 @@ class EdgeClient:
                     return False
                 raise
             start = decode(raw)
-            cfg = within_tier(train_config(run, self.options.train_overrides, seed=_seed(self.state.client_id, number)),
-                              profile, current["rank"])
+            seed = current.get("seed", _seed(self.state.client_id, number))
+            cfg = within_tier(train_config(run, self.options.train_overrides, seed=seed), profile, current["rank"])
             log.info("round %d: training at rank %d (%d steps, batch %d, seq %d)", number, current["rank"],
                      cfg.steps or 0, cfg.batch_size, cfg.seq_len)
             result = self.trainer.train_round(start, self.examples, cfg, rank=current["rank"],
@@ -197,6 +201,23 @@ class EdgeClient:
             self.state_dir.save(self.state)
         log.info("round %d: %s, %d B up, %.1f s", number, summary, len(pending), elapsed)
         return True
+
+    def _head_statistics(self, number: int, run: dict) -> tuple[bytes, str, float]:
+        """Round 0: per-class feature statistics of the local data under the frozen base model, saved as pending."""
+        from edge_client.head_stats import encode_statistics
+
+        if not hasattr(self.trainer, "head_statistics"):
+            raise UserError(f"the {self.options.backend} backend cannot compute head statistics (round 0 of this run); "
+                            "use --backend torch")
+        t0 = time.perf_counter()
+        cfg = train_config(run, self.options.train_overrides, seed=0)
+        stats = self.trainer.head_statistics(self.examples, cfg.seq_len)
+        stats.meta = {"round": number, "client_id": self.state.client_id, "n_samples": stats.n_samples}
+        pending = encode_statistics(stats)
+        self.state_dir.save_pending(pending)
+        classes = int((stats.class_counts > 0).sum())
+        log.info("round %d: head statistics of %d samples over %d classes", number, stats.n_samples, classes)
+        return pending, f"head statistics ({stats.n_samples} samples, {classes} classes)", time.perf_counter() - t0
 
     def _finish_round(self, number: int) -> None:
         self.state.last_uploaded_round = max(self.state.last_uploaded_round, number)

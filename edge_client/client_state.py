@@ -2,7 +2,7 @@
 
   state.json            identity (server URL, client id, token), run config, rank,
                         the last round uploaded
-  pending.safetensors   a trained update not yet acknowledged by the server, with its round
+  pending.safetensors   a trained update (or round-0 head statistics) not yet acknowledged, with its round
                         in the metadata: after a crash it is uploaded as is, never retrained
 """
 
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_client import atomic
-from edge_client.wire import Adapter, WireFormatError, decode
+from edge_client.wire import WireFormatError, read_header
 from hetlora.errors import UserError
 
 STATE_FILE = "state.json"
@@ -27,7 +27,7 @@ class ClientState:
     token: str | None = None
     rank: int | None = None
     run: dict = field(default_factory=dict)
-    last_uploaded_round: int = 0
+    last_uploaded_round: int = -1  # round 0 is the head-statistics round
 
     @property
     def registered(self) -> bool:
@@ -68,9 +68,9 @@ class StateDir:
             return None
         data = file.read_bytes()
         try:
-            if decode(data).meta.get("round") == round_number:
+            if json.loads(read_header(data)["__metadata__"]["meta"]).get("round") == round_number:
                 return data
-        except WireFormatError:
+        except (WireFormatError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
             pass
         file.unlink()
         return None

@@ -250,10 +250,18 @@ def make_batches(encoded: Encoded, batch_size: int, *, seed: int, epoch: int = 0
 
 
 def training_batches(encoded: Encoded, batch_size: int, *, seed: int, steps: int | None = None,
-                     epochs: int | None = None) -> Iterator[dict]:
-    """`steps` batches (cycling through seeded epochs), or else `epochs` full epochs (default 1)."""
+                     epochs: int | None = None, trim: bool = False) -> Iterator[dict]:
+    """`steps` batches (cycling through seeded epochs), or else `epochs` full epochs (default 1).
+
+    `trim`: cut each batch to its longest row (`trim_batch`); otherwise every batch is seq_len wide."""
     if len(encoded) == 0:
         raise UserError("no training examples")
+    batches = _seeded_batches(encoded, batch_size, seed, steps, epochs)
+    yield from (trim_batch(b) for b in batches) if trim else batches
+
+
+def _seeded_batches(encoded: Encoded, batch_size: int, seed: int, steps: int | None,
+                    epochs: int | None) -> Iterator[dict]:
     if steps is not None:
         produced, epoch = 0, 0
         while produced < steps:
@@ -266,6 +274,16 @@ def training_batches(encoded: Encoded, batch_size: int, *, seed: int, steps: int
         return
     for epoch in range(epochs or 1):
         yield from make_batches(encoded, batch_size, seed=seed, epoch=epoch)
+
+
+def trim_batch(batch: dict) -> dict:
+    """The batch without its trailing all-padding columns (at least 2 are kept). Padding is masked, so
+    the loss is the full-width batch's up to float rounding; only less work (none for left padding)."""
+    used = batch["attention_mask"].any(dim=0).nonzero()
+    width = max(int(used.max()) + 1 if len(used) else 0, 2)
+    labels = batch["labels"]
+    return {"input_ids": batch["input_ids"][:, :width], "attention_mask": batch["attention_mask"][:, :width],
+            "labels": labels[:, :width] if labels.dim() == 2 else labels}
 
 
 def trimmed_batches(encoded: Encoded, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edge_client.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
 from edge_client.wire import decode
@@ -37,6 +39,10 @@ class DemoConfig:
     batch_size: int = 16
     seq_len: int = 32
     lr: float = 2e-3
+    head_lr: float = 2e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 2
+    head_init: str = "lda"
     dirichlet_alpha: float = 0.5
     seed: int = 0
     ranks: tuple[int, ...] = (4, 8, 16, 32)
@@ -44,6 +50,7 @@ class DemoConfig:
     round_deadline: float = 600.0
     text_column: str = "text"
     label_column: str | None = None
+    validation_fraction: float = 0.0  # > 0: hold out this share of the training rows and evaluate on it
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,6 @@ def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
     """Split the data non-IID (Dirichlet over labels), draw device profiles from the catalog, load the test set."""
     import json
 
-    import numpy as np
 
     from edge_client.data import label_column_of, load_examples, read_labels, read_rows
     from edge_client.evaluate import Evaluator
@@ -93,6 +99,7 @@ def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
     labels = read_labels(cfg.labels)
     columns, rows = read_rows(cfg.data)
     column = label_column_of(columns, cfg.label_column, cfg.data)
+    rows, held_out = split_validation(rows, cfg.validation_fraction, cfg.seed)
     row_labels = [str(r.get(column)) for r in rows]
     split = dirichlet_partition(row_labels, cfg.clients, cfg.dirichlet_alpha, cfg.seed, min_per_client=cfg.batch_size)
     suffix = ".jsonl" if Path(cfg.data).suffix.lower() == ".jsonl" else ".csv"
@@ -106,15 +113,31 @@ def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
         profiles[-1].write_text(json.dumps(doc, indent=2) + "\n")
     (cfg.out / "data" / "partition.json").write_text(json.dumps(summarize(split, row_labels), indent=2) + "\n")
     columns_kw = {"text_column": cfg.text_column, "label_column": cfg.label_column}
-    pooled = load_examples(cfg.data, "classification", labels, **columns_kw)
-    test = load_examples(cfg.test, "classification", labels, **columns_kw)
+    write_rows(cfg.out / "data" / f"pooled{suffix}", columns, rows)
+    pooled = load_examples(cfg.out / "data" / f"pooled{suffix}", "classification", labels, **columns_kw)
+    test_file = cfg.test
+    if held_out:
+        test_file = cfg.out / "data" / f"validation{suffix}"
+        write_rows(test_file, columns, held_out)
+    test = load_examples(test_file, "classification", labels, **columns_kw)
     if eval_rows and eval_rows < len(test):
         test = test.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:eval_rows]))
     evaluator = Evaluator(cfg.model_dir, "classification", labels)
-    log.info("%d clients, %d training rows split non-IID (alpha %.2f), %d test rows", cfg.clients, len(rows),
-             cfg.dirichlet_alpha, len(test))
+    log.info("%d clients, %d training rows split non-IID (alpha %.2f), %d %s rows", cfg.clients, len(rows),
+             cfg.dirichlet_alpha, len(test), "validation (held out of the training data)" if held_out else "test")
     return Fleet(labels, parts, profiles, pooled,
                  lambda adapter: evaluator.evaluate(adapter, test, seq_len=cfg.seq_len, batch_size=256))
+
+
+def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training rows, held-out validation rows): a seeded random `fraction` of the rows is held out."""
+    if fraction <= 0:
+        return rows, []
+    if fraction >= 1:
+        raise UserError(f"the validation fraction must be below 1, got {fraction}")
+    order = np.random.default_rng([seed, 7]).permutation(len(rows))
+    cut = int(round(fraction * len(rows)))
+    return [rows[i] for i in np.sort(order[cut:])], [rows[i] for i in np.sort(order[:cut])]
 
 
 def methods_for(aggregator: str, compare: bool, ranks: tuple[int, ...]) -> list[Method]:
@@ -132,7 +155,9 @@ def serve_args(cfg: DemoConfig, method: Method) -> list[str]:
             "--min-clients", str(min(cfg.clients_per_round, cfg.clients)),
             "--round-deadline", str(cfg.round_deadline), "--seed", str(cfg.seed),
             "--local-steps", str(cfg.local_steps), "--batch-size", str(cfg.batch_size), "--seq-len", str(cfg.seq_len),
-            "--lr", str(cfg.lr), "--prune-lambda", str(cfg.prune_lambda if method.aggregator == "hetlora" else 0.0),
+            "--lr", str(cfg.lr), "--head-lr", str(cfg.head_lr), "--schedule", cfg.schedule,
+            "--warmup-steps", str(cfg.warmup_steps), "--head-init", cfg.head_init, "--head-clients", str(cfg.clients),
+            "--prune-lambda", str(cfg.prune_lambda if method.aggregator == "hetlora" else 0.0),
             "--poll-seconds", "0.2"]
 
 
@@ -214,26 +239,38 @@ def rows_json(rows: list[RoundRow]) -> list[dict]:
 
 
 def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row) -> list[RoundRow]:
-    """LoRA at the largest rank on the pooled data, in process, from the same initial adapter as the
-    federated runs; per "round" as many steps as the selected fleet takes in one federated round
-    (clients_per_round x local_steps)."""
+    """LoRA at the largest rank on the pooled data, in process, with the federated runs' settings: the
+    same initial factors, the same head initialisation (from the pooled data's statistics), the same
+    learning rates and schedule; per "round" as many steps as the selected fleet takes in one
+    federated round (clients_per_round x local_steps). Round 0 is the initial head."""
     from dataclasses import replace
 
     from edge_client.models import derive_spec
     from edge_client.train_config import TrainConfig
     from edge_client.training import TorchTrainer
     from server_stub.aggregation import make_rule
+    from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, class_head
+    from server_stub.head_round import head_shapes
 
     rank = max(cfg.ranks)
     spec = derive_spec(cfg.model_dir, "classification", num_labels=len(labels))
     adapter = make_rule("fedavg").init_global(spec, rank, cfg.seed)
     trainer = TorchTrainer(cfg.model_dir, "classification", labels=labels)
     steps = TrainConfig(steps=cfg.clients_per_round * cfg.local_steps, batch_size=cfg.batch_size,
-                        seq_len=cfg.seq_len, lr=cfg.lr)
-    rows = []
-    for number in range(1, cfg.rounds + 1):
+                        seq_len=cfg.seq_len, lr=cfg.lr, head_lr=cfg.head_lr, schedule=cfg.schedule,
+                        warmup_steps=cfg.warmup_steps)
+    rows, first = [], 1
+    if cfg.head_init != "none":
         t0 = time.monotonic()
-        adapter = trainer.train_round(adapter, pooled, replace(steps, seed=cfg.seed + number), rank=rank).adapter
+        weight_name, bias_name, _, _ = head_shapes(spec)
+        weight, bias = class_head(trainer.head_statistics(pooled, cfg.seq_len), cfg.head_init,
+                                  shrinkage=DEFAULT_SHRINKAGE, temperature=DEFAULT_TEMPERATURE)
+        adapter.dense.update({weight_name: weight, bias_name: bias})
+        first = 0
+    for number in range(first, cfg.rounds + 1):
+        if number > 0:
+            t0 = time.monotonic()
+            adapter = trainer.train_round(adapter, pooled, replace(steps, seed=cfg.seed + number), rank=rank).adapter
         metrics = evaluate(adapter)
         row = RoundRow("centralized", number, metrics["accuracy"], metrics["macro_f1"], rank, 0, 0,
                        time.monotonic() - t0)

@@ -33,11 +33,11 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 class Evaluator:
     """A base task model kept in memory; `evaluate` merges one adapter at a time into it."""
 
-    def __init__(self, model_dir, task: str, labels: list[str] | None = None):
+    def __init__(self, model_dir, task: str, labels: list[str] | None = None, pooling: str | None = None):
         torch.manual_seed(0)
         self.task = task
         self.labels = labels
-        self.model = load_task_model(model_dir, task, len(labels) if labels else None).eval()
+        self.model = load_task_model(model_dir, task, len(labels) if labels else None, pooling=pooling).eval()
         self.dense_names = dense_parameter_names(self.model, task)
         self.tokenizer = load_tokenizer(model_dir)
         self._w0: dict[str, torch.Tensor] = {}

@@ -78,33 +78,56 @@ def model_hash(model_dir: str | os.PathLike) -> str:
     return _fingerprint(str(path), stamp)
 
 
-def load_task_model(model_dir, task: str, num_labels: int | None = None, *, meta_device: bool = False):
+def default_pooling(model_dir, task: str) -> str | None:
+    """The pooling a classification model uses unless told otherwise: what the checkpoint declares."""
+    from edge_client.pooling import declared_pooling
+
+    return declared_pooling(check_model_dir(model_dir)) if task == "classification" else None
+
+
+def load_task_model(model_dir, task: str, num_labels: int | None = None, *, meta_device: bool = False,
+                    pooling: str | None = None):
     """The transformers task model for `task` with pretrained base weights from `model_dir`.
 
-    classification: AutoModelForSequenceClassification with a new head of `num_labels`.
+    classification: a new head of `num_labels` over the base model, pooled per `pooling`
+    (edge_client.pooling; default: what the checkpoint declares): `native` is
+    AutoModelForSequenceClassification, `mean` a MeanPoolingClassifier over AutoModel.
     causal-lm: AutoModelForCausalLM. With `meta_device` only shapes are built (no weights).
     """
     import torch
     import transformers
+
+    from edge_client.pooling import POOLINGS, MeanPoolingClassifier
 
     path = check_model_dir(model_dir)
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if task == "classification" and not num_labels:
         raise UserError("classification needs the number of labels")
+    pooling = pooling or default_pooling(path, task)
+    if task == "classification" and pooling not in POOLINGS:
+        raise UserError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    cls = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
-    kwargs = {"num_labels": num_labels} if task == "classification" else {}
+    if pooling == "mean":
+        cls, kwargs = transformers.AutoModel, {}
+    elif task == "classification":
+        cls, kwargs = transformers.AutoModelForSequenceClassification, {"num_labels": num_labels}
+    else:
+        cls, kwargs = transformers.AutoModelForCausalLM, {}
     if meta_device:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
         with torch.device("meta"):
-            return cls.from_config(config)
-    try:
-        model = cls.from_pretrained(path, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a {task} model from {path}: {exc}") from None
-    if task == "classification" and model.config.pad_token_id is None:
+            model = cls.from_config(config)
+    else:
+        try:
+            model = cls.from_pretrained(path, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load a {task} model from {path}: {exc}") from None
+    if pooling == "mean":
+        with torch.device("meta" if meta_device else "cpu"):
+            model = MeanPoolingClassifier(model, num_labels)
+    elif task == "classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
 
@@ -117,12 +140,14 @@ def dense_parameter_names(model, task: str) -> list[str]:
     return [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
 
 
-def derive_spec(model_dir, task: str, targets=None, num_labels: int | None = None) -> AdapterSpec:
-    """The AdapterSpec for (model, task, targets), built on the meta device (no weights loaded)."""
+def derive_spec(model_dir, task: str, targets=None, num_labels: int | None = None,
+                pooling: str | None = None) -> AdapterSpec:
+    """The AdapterSpec for (model, task, targets, pooling), built on the meta device (no weights loaded)."""
     from torch import nn
 
     targets = tuple(targets or default_targets(model_dir))
-    model = load_task_model(model_dir, task, num_labels, meta_device=True)
+    pooling = pooling or default_pooling(model_dir, task)
+    model = load_task_model(model_dir, task, num_labels, meta_device=True, pooling=pooling)
     modules = {
         name: LoRAModule(name, m.in_features, m.out_features)
         for name, m in model.named_modules()
@@ -132,4 +157,5 @@ def derive_spec(model_dir, task: str, targets=None, num_labels: int | None = Non
         raise UserError(f"no linear layer of {model_dir} matches the LoRA targets {list(targets)}")
     params = dict(model.named_parameters())
     dense = {n: tuple(params[n].shape) for n in dense_parameter_names(model, task)}
-    return AdapterSpec(model_hash=model_hash(model_dir), task=task, targets=targets, modules=modules, dense=dense)
+    return AdapterSpec(model_hash=model_hash(model_dir), task=task, targets=targets, modules=modules, dense=dense,
+                       pooling=pooling)

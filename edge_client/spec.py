@@ -28,6 +28,7 @@ class AdapterSpec:
     `modules`: adapted linear layers, keyed by their module name in the task model.
     `dense`: trainable tensors that are not LoRA (a new classification head), name -> shape.
     `model_hash`: fingerprint of the base model (config and weights) both sides must share.
+    `pooling`: classification only: how the head's features are pooled (edge_client.pooling).
     """
 
     model_hash: str
@@ -35,9 +36,11 @@ class AdapterSpec:
     targets: tuple[str, ...]
     modules: dict[str, LoRAModule]
     dense: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    pooling: str | None = None
 
     def to_json(self) -> dict:
-        return {
+        pooling = {"pooling": self.pooling} if self.pooling else {}
+        return pooling | {
             "model_hash": self.model_hash,
             "task": self.task,
             "targets": list(self.targets),
@@ -53,6 +56,7 @@ class AdapterSpec:
             targets=tuple(doc["targets"]),
             modules={name: LoRAModule(name, int(i), int(o)) for name, (i, o) in doc["modules"].items()},
             dense={k: tuple(int(d) for d in v) for k, v in doc["dense"].items()},
+            pooling=doc.get("pooling"),
         )
 
     @property

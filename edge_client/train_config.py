@@ -14,6 +14,11 @@ class TrainConfig:
     Self-pruning (HetLoRA): loss = task loss + prune_lambda * sum_layers ||B[:, p:r]||_F ||A[p:r, :]||_F,
     p = floor(prune_gamma * r); after the round, if that tail term fell, r <- max(min_rank, floor(gamma r)).
     `prune_lambda = 0` disables the regulariser and pruning.
+
+    Learning rates: `lr` for the LoRA factors, `head_lr` for the dense head (None: `lr`); both follow
+    `schedule` over the round's steps: "constant", or "cosine" (linear warm-up over `warmup_steps`,
+    then lr_t = lr * (1 + cos(pi * t' / T')) / 2 over the remaining T' steps).
+    `trim_padding`: cut each batch to its longest row (torch backend; artifacts keep fixed shapes).
     """
 
     steps: int | None = 20
@@ -21,6 +26,10 @@ class TrainConfig:
     batch_size: int = 16
     seq_len: int = 64
     lr: float = 5e-4
+    head_lr: float | None = None
+    schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    trim_padding: bool = True
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (ExecuTorch offers only sgd)
     seed: int = 0

@@ -11,6 +11,8 @@ The classification head (dense tensors) trains and uploads in every mode.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -20,7 +22,9 @@ import torch
 
 from edge_client import adapter_ops
 from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches
-from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, tail_mask, tail_penalty
+from edge_client.head_features import feature_statistics
+from edge_client.head_stats import HeadStatistics
+from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
 from edge_client.objective import batch_loss, loss_sum_and_count, pruned_rank, should_prune
 from edge_client.train_config import RoundResult, TrainConfig
@@ -34,11 +38,13 @@ EVAL_ROWS = 64  # rows of the fixed local evaluation set behind loss_before / lo
 class TorchTrainer:
     """A frozen base model with LoRA layers, kept in memory across rounds of one client."""
 
-    def __init__(self, model_dir, task: str, labels: list[str] | None = None, targets=None, lora_alpha: float = 16.0):
+    def __init__(self, model_dir, task: str, labels: list[str] | None = None, targets=None, lora_alpha: float = 16.0,
+                 pooling: str | None = None):
         torch.manual_seed(0)  # the fresh head is the same on every client
         self.task = task
+        self.labels = labels
         self.lora_alpha = lora_alpha
-        self.model = load_task_model(model_dir, task, len(labels) if labels else None)
+        self.model = load_task_model(model_dir, task, len(labels) if labels else None, pooling=pooling)
         dense_names = set(dense_parameter_names(self.model, task))
         self.targets = tuple(targets or default_targets(model_dir))
         inject_lora(self.model, self.targets, rank=1, alpha=lora_alpha)
@@ -68,6 +74,16 @@ class TorchTrainer:
         result.seconds = time.perf_counter() - t0
         return result
 
+    def head_statistics(self, examples: Examples, seq_len: int) -> HeadStatistics:
+        """Per-class sums, counts and the Gram matrix of the frozen base model's pooled features."""
+        if self.task != "classification":
+            raise UserError("head initialisation is for classification runs only")
+        set_rank(self.model, 1, self.lora_alpha)  # zero factors: the frozen base model's features
+        try:
+            return feature_statistics(self.model, self.dense, self.encode(examples, seq_len), len(self.labels))
+        except ValueError as exc:
+            raise UserError(f"cannot compute head statistics: {exc}") from None
+
     def _working_adapter(self, start: Adapter, rank: int, indices, mode: str) -> Adapter:
         if mode == "plora":
             if indices is None or len(indices) != rank:
@@ -87,7 +103,8 @@ class TorchTrainer:
         tail_before = self._tail(mask)
         step = self._step_function(cfg, mask)
         steps = 0
-        for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs):
+        for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs,
+                                      trim=cfg.trim_padding):
             loss = step(batch)
             steps += 1
             if on_step is not None:
@@ -113,11 +130,12 @@ class TorchTrainer:
     def _step_function(self, cfg: TrainConfig, mask: torch.Tensor | None) -> Callable[[dict], float]:
         """Make the LoRA factors and the head trainable and return one optimizer step:
         loss = task loss (+ prune_lambda * tail_penalty when `mask` is given)."""
-        params = [p for layer in lora_layers(self.model).values() for p in (layer.lora_A, layer.lora_B)]
-        params += list(self.dense.values())
-        for p in params:
+        factors = [p for layer in lora_layers(self.model).values() for p in (layer.lora_A, layer.lora_B)]
+        head = list(self.dense.values())
+        for p in factors + head:
             p.requires_grad_(True)
-        optimizer = make_optimizer(params, cfg)
+        optimizer = make_optimizer(factors, head, cfg)
+        schedule = make_schedule(optimizer, cfg)
         self.model.train(cfg.dropout)
 
         def step(batch: dict) -> float:
@@ -128,6 +146,7 @@ class TorchTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             return float(loss.detach())
 
         return step
@@ -193,10 +212,31 @@ def evaluation_batches(encoded: Encoded, batch_size: int) -> list[dict]:
     return make_batches(subset, batch_size, seed=0, shuffle=False)
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(factors, head, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """One optimizer, two parameter groups: LoRA factors at `lr`, the dense head at `head_lr` (default `lr`)."""
+    groups = [{"params": factors, "lr": cfg.lr}]
+    if head:
+        groups.append({"params": head, "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr})
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, weight_decay=cfg.weight_decay)
     raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step multiplier of every group's lr (TrainConfig.schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at 0-based `step`: 1 (constant), or linear warm-up then cosine decay to 0."""
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule != "cosine":
+        raise UserError(f"unknown schedule {cfg.schedule!r}; choose constant or cosine")
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    total = max((cfg.steps or 1) - cfg.warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - cfg.warmup_steps, total) / total))
 

@@ -75,7 +75,7 @@ def encode(adapter: Adapter) -> bytes:
     return st_save(tensors, metadata=metadata)
 
 
-def _read_header(data: bytes) -> dict:
+def read_header(data: bytes) -> dict:
     if len(data) < 8:
         raise WireFormatError("not_safetensors", "body is too short to be a safetensors file")
     n = int.from_bytes(data[:8], "little")
@@ -92,7 +92,7 @@ def _read_header(data: bytes) -> dict:
 
 def decode(data: bytes) -> Adapter:
     """Parse safetensors bytes into an Adapter. Raises WireFormatError on anything malformed."""
-    header = _read_header(data)
+    header = read_header(data)
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT:
         raise WireFormatError("bad_metadata", f"header metadata 'format' must be {FORMAT!r}")

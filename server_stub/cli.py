@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 from hetlora.errors import UserError
+from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 
 log = logging.getLogger("hetlora.server")
 BANKING77_LABELS = Path(__file__).resolve().parents[1] / "data" / "banking77" / "categories.json"
@@ -59,11 +60,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rounds.add_argument("--round-deadline", type=float, default=600.0, metavar="SECONDS")
     rounds.add_argument("--seed", type=int, default=0)
 
+    head = p.add_argument_group("head initialisation (classification): round 0 before the LoRA rounds")
+    head.add_argument("--head-init", choices=("none", "ncm", "lda"), default="none",
+                      help="set the head from pooled per-class feature statistics of the clients: nearest class "
+                           "mean (ncm) or a shrunk linear discriminant (lda); none = a random head")
+    head.add_argument("--head-shrinkage", type=float, default=DEFAULT_SHRINKAGE,
+                      help=f"lda covariance shrinkage in [0, 1] (default {DEFAULT_SHRINKAGE})")
+    head.add_argument("--head-temperature", type=float, default=DEFAULT_TEMPERATURE,
+                      help=f"scale of the initial head's logits (default {DEFAULT_TEMPERATURE})")
+    head.add_argument("--head-clients", type=int, default=0,
+                      help="clients to wait for before round 0 opens (default: --min-clients)")
+
     hints = p.add_argument_group("training hints sent to clients")
     hints.add_argument("--local-steps", type=int, default=20)
     hints.add_argument("--batch-size", type=int, default=16)
     hints.add_argument("--seq-len", type=int, default=64)
-    hints.add_argument("--lr", type=float, default=5e-4)
+    hints.add_argument("--lr", type=float, default=5e-4, help="learning rate of the LoRA factors")
+    hints.add_argument("--head-lr", type=float, help="learning rate of the classification head (default: --lr)")
+    hints.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                       help="learning-rate schedule over a round's local steps")
+    hints.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps of the cosine schedule")
     hints.add_argument("--prune-gamma", type=float, default=0.99)
     hints.add_argument("--prune-lambda", type=float,
                        help="self-pruning regulariser weight (default: 0.01 for hetlora, 0 otherwise)")
@@ -93,12 +109,14 @@ def build_config(args: argparse.Namespace):
     global_rank = args.hlora_rank or args.global_rank or max(args.ranks)
     prune_lambda = args.prune_lambda if args.prune_lambda is not None else (0.01 if args.aggregator == "hetlora" else 0.0)
     hints = TrainingHints(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                          head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
                           prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank)
     return ServerConfig(
         spec=spec, aggregator=args.aggregator, labels=labels, rule_options=rule_options, ranks=tuple(args.ranks),
         global_rank=global_rank, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
         round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed, lora_alpha=args.lora_alpha,
-        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints,
+        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints, head_init=args.head_init,
+        head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
     )
 
 

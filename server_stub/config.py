@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_client.spec import AdapterSpec
+from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from hetlora.errors import UserError
 
 AGGREGATORS = ("fedavg", "hetlora", "hlora", "plora")
@@ -21,6 +22,9 @@ class TrainingHints:
     batch_size: int = 16
     seq_len: int = 64
     lr: float = 5e-4
+    head_lr: float | None = None
+    schedule: str = "constant"
+    warmup_steps: int = 0
     prune_gamma: float = 0.99
     prune_lambda: float = 0.0
     min_rank: int = 4
@@ -45,6 +49,10 @@ class ServerConfig:
     max_upload_mb: float = 64.0
     poll_seconds: float = 1.0
     hints: TrainingHints = TrainingHints()
+    head_init: str = "none"  # none | ncm | lda: round 0 sets the head from class statistics
+    head_shrinkage: float = DEFAULT_SHRINKAGE
+    head_temperature: float = DEFAULT_TEMPERATURE
+    head_clients: int = 0  # clients registered before round 0 opens (0: min_clients)
 
     def __post_init__(self):
         if self.aggregator not in AGGREGATORS:
@@ -64,6 +72,17 @@ class ServerConfig:
             raise UserError("classification needs a label list: pass --labels FILE")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise UserError("the label list has duplicates; every label must appear once")
+        if self.head_init not in ("none", "ncm", "lda"):
+            raise UserError(f"unknown --head-init {self.head_init!r}; choose none, ncm or lda")
+        if self.head_round and self.spec.task != "classification":
+            raise UserError("--head-init is for classification runs; use --head-init none")
+        if not 0.0 <= self.head_shrinkage <= 1.0 or self.head_temperature <= 0 or self.head_clients < 0:
+            raise UserError("--head-shrinkage must be in [0, 1], --head-temperature positive, --head-clients >= 0")
+
+    @property
+    def head_round(self) -> bool:
+        """Whether round 0 (per-class feature statistics -> the head of global version 0) runs."""
+        return self.head_init != "none"
 
     @property
     def max_upload_bytes(self) -> int:
@@ -83,6 +102,7 @@ class ServerConfig:
             "global_rank": self.global_rank,
             "labels": list(self.labels) if self.labels is not None else None,
             "seed": self.seed,
+            "head_init": self.head_init,
         }
 
     def run_config(self) -> dict:
@@ -105,6 +125,8 @@ class ServerConfig:
             "max_upload_mb": self.max_upload_mb,
             "poll_seconds": self.poll_seconds,
             "training": asdict(self.hints),
+            "pooling": self.spec.pooling,
+            "head_init": self.head_init,
         }
 
 

@@ -20,6 +20,7 @@ from edge_client.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, e
 from server_stub.aggregation import ClientResult, aggregate_statistics
 from server_stub.config import ServerConfig
 from server_stub.errors import ApiError
+from server_stub.head_round import HEAD_ROUND, check_statistics, initial_global, load_statistics
 from server_stub.ranks import assign_rank
 from server_stub.store import Store
 
@@ -32,6 +33,23 @@ def select_clients(client_ids: list[str], k: int, seed: int, round_number: int) 
         return list(client_ids)
     picked = np.random.default_rng([seed, round_number]).choice(len(client_ids), size=k, replace=False)
     return [client_ids[i] for i in sorted(picked)]
+
+
+def client_key(client: dict) -> str:
+    """What seeds and orders a client: its name when it gave one (stable across re-registrations and
+    identical runs), else its id."""
+    return client["name"] or client["client_id"]
+
+
+def client_order(client: dict) -> tuple:
+    """Named clients first, by name, then by id: registration order (a race) never matters."""
+    return (client["name"] is None, client["name"] or "", client["client_id"])
+
+
+def training_seed(seed: int, round_number: int, key: str) -> int:
+    """The seed of one client's local round: sha256 of (run seed, round, client key), 32 bits."""
+    digest = hashlib.sha256(json.dumps([seed, round_number, key]).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def token_digest(token: str) -> str:
@@ -89,7 +107,7 @@ class Coordinator:
         self._cached_global: tuple[int, Adapter] | None = None
         self._closing: int | None = None  # the round being aggregated right now
         with self.lock:
-            if self._global_row(0) is None:
+            if self._global_row(0) is None and not config.head_round:
                 self._commit_global(0, rule.init_global(config.spec, config.global_rank, config.seed))
             with self.store.transaction():
                 opened = self._open_next_round_if_ready()
@@ -161,8 +179,10 @@ class Coordinator:
                 selected = client_id in r["selected"]
                 return {
                     "round": r["number"], "state": "open", "deadline": r["deadline"], "selected": selected,
+                    "stage": "head" if r["number"] == HEAD_ROUND and self.config.head_round else "lora",
                     "rank": r["ranks"][client_id] if selected else client["rank"],
                     "indices": r["indices"].get(client_id), "uploaded": self._upload(r["number"], client_id) is not None,
+                    "seed": training_seed(self.config.seed, r["number"], client_key(client)),
                     "rounds": self.config.rounds, "global_version": r["number"] - 1,
                 }
             last = self._last_round_number()
@@ -178,6 +198,8 @@ class Coordinator:
         with self.lock:
             r = self._require_open(round_number)
             self._require_selected(r, client_id)
+            if self._is_head_round(round_number):
+                raise ApiError(409, "head_round", "round 0 collects head statistics; there is no adapter to download")
             rank = r["ranks"][client_id]
             view = self.rule.client_view(self._global(round_number - 1), rank)
             meta = {"round": round_number, "client_id": client_id, "rank": rank,
@@ -196,7 +218,7 @@ class Coordinator:
         so a client may retry an upload whose reply it lost."""
         with self.lock:
             previous = self._upload(round_number, client_id)
-            if previous is not None and previous["sha256"] == update_digest(_decode(body)):
+            if previous is not None and previous["sha256"] == self._digest(round_number, body):
                 state = self.store.select_one("SELECT state FROM rounds WHERE number = ?", (round_number,))["state"]
                 return self._upload_reply(previous, duplicate=True, round_state=state)
             r = self._require_open(round_number)
@@ -204,6 +226,8 @@ class Coordinator:
             if previous is not None:
                 raise ApiError(409, "duplicate_upload", f"round {round_number} already has a different update "
                                f"from {client_id} (sha256 {previous['sha256'][:12]}...); one update per round")
+            if self._is_head_round(round_number):
+                return self._accept_statistics(r, client_id, body)
             adapter = _decode(body)
             digest = update_digest(adapter)
             assigned = r["ranks"][client_id]
@@ -230,6 +254,32 @@ class Coordinator:
                      round_number, client_id, rank, effective_rank, n_samples, uploaded, len(r["selected"]))
             reply = self._upload_reply(row, duplicate=False, round_state="open")
             due = self._due_round()
+        if due is not None:
+            self._aggregate(due)
+            reply["round_state"] = "aggregated"
+        return reply
+
+    def _is_head_round(self, round_number: int) -> bool:
+        return round_number == HEAD_ROUND and self.config.head_round
+
+    def _digest(self, round_number: int, body: bytes) -> str:
+        """What identifies an upload: the content digest of an adapter, the sha256 of statistics bytes."""
+        return hashlib.sha256(body).hexdigest() if self._is_head_round(round_number) else update_digest(_decode(body))
+
+    def _accept_statistics(self, r: dict, client_id: str, body: bytes) -> dict:
+        """Round 0: check and store one client's head statistics (under the lock, round open, selected)."""
+        stats = check_statistics(self.config, client_id, body)
+        digest = hashlib.sha256(body).hexdigest()
+        path = f"uploads/r0000/{client_id}-{digest[:16]}.safetensors"
+        self.store.write_blob(path, body)
+        row = {"round": HEAD_ROUND, "client_id": client_id, "sha256": digest, "path": path, "rank": 0,
+               "effective_rank": 0, "n_samples": stats.n_samples, "bytes": len(body), "received_at": self.clock()}
+        with self.store.transaction():
+            self.store.insert("uploads", row)
+        log.info("round 0: head statistics from %s accepted (%d samples); %d of %d in", client_id, stats.n_samples,
+                 len(self._uploads(HEAD_ROUND)), len(r["selected"]))
+        reply = self._upload_reply(row, duplicate=False, round_state="open")
+        due = self._due_round()
         if due is not None:
             self._aggregate(due)
             reply["round_state"] = "aggregated"
@@ -315,14 +365,8 @@ class Coordinator:
         try:
             with self.lock:
                 uploads = {u["client_id"]: u for u in self._uploads(number)}
-                previous = self._global(number - 1)
             order = [c for c in r["selected"] if c in uploads]
-            results = [ClientResult(adapter=decode(self.store.read_blob(uploads[c]["path"])),
-                                    n_samples=uploads[c]["n_samples"],
-                                    indices=tuple(r["indices"][c]) if r["indices"].get(c) is not None else None)
-                       for c in order]
-            new_global = self.rule.aggregate(previous, results)
-            statistics = jsonable(aggregate_statistics(new_global, results))
+            new_global, statistics = self._combine(number, r, [uploads[c] for c in order])
             path, digest = self._write_global(number, new_global)
             with self.lock:
                 with self.store.transaction():
@@ -342,24 +386,43 @@ class Coordinator:
             log.info("all %d rounds done; run finished", self.config.rounds)
         _log_opened(opened)
 
-    def _open_next_round_if_ready(self) -> dict | None:
-        """Inside a transaction: open round last+1 when none is open, rounds remain and min_clients registered.
+    def _combine(self, number: int, r: dict, uploads: list[dict]) -> tuple[Adapter, dict]:
+        """The new global and its statistics from a closing round's uploads (in selection order)."""
+        if self._is_head_round(number):
+            statistics = [load_statistics(self.config, self.store.read_blob(u["path"])) for u in uploads]
+            new_global, summary = initial_global(self.rule, self.config, statistics)
+            return new_global, jsonable(summary)
+        with self.lock:
+            previous = self._global(number - 1)
+        results = [ClientResult(adapter=decode(self.store.read_blob(u["path"])), n_samples=u["n_samples"],
+                                indices=tuple(r["indices"][u["client_id"]]) if r["indices"].get(u["client_id"])
+                                is not None else None)
+                   for u in uploads]
+        new_global = self.rule.aggregate(previous, results)
+        return new_global, jsonable(aggregate_statistics(new_global, results))
 
-        Returns the new round's row (None when no round opened)."""
+    def _open_next_round_if_ready(self) -> dict | None:
+        """Inside a transaction: open the next round when none is open, rounds remain and enough clients
+        registered: round 0 (head statistics, every registered client) first when the run has one, then
+        round last+1 with `clients_per_round` selected. Returns the new round's row (None when none opened)."""
         if self._open_round() is not None:
             return None
-        number = self._last_round_number() + 1
-        clients = self.store.select("SELECT client_id, rank FROM clients ORDER BY seq")
-        if number > self.config.rounds or len(clients) < self.config.min_clients:
+        clients = sorted(self.store.select("SELECT client_id, name, rank FROM clients"), key=client_order)
+        head_first = self.config.head_round and self._global_row(0) is None
+        number = HEAD_ROUND if head_first else self._last_round_number() + 1
+        needed = max(self.config.head_clients, self.config.min_clients) if head_first else self.config.min_clients
+        if number > self.config.rounds or len(clients) < needed:
             return None
         rank_of = {c["client_id"]: c["rank"] for c in clients}
-        selected = select_clients(list(rank_of), self.config.clients_per_round, self.config.seed, number)
+        key_of = {c["client_id"]: client_key(c) for c in clients}
+        k = 0 if head_first else self.config.clients_per_round
+        selected = select_clients(list(rank_of), k, self.config.seed, number)
         ranks = {c: rank_of[c] for c in selected}
         indices = {}
         for c in selected:
             assigned = self.rule.assign_indices(global_rank=self.config.global_rank, rank=ranks[c],
-                                                round_number=number, client_id=c, seed=self.config.seed)
-            if assigned is not None:
+                                                round_number=number, client_id=key_of[c], seed=self.config.seed)
+            if assigned is not None and not head_first:
                 indices[c] = [int(i) for i in assigned]
         now = self.clock()
         row = {"number": number, "state": "open", "selected": selected, "ranks": ranks, "indices": indices,
@@ -411,6 +474,9 @@ class Coordinator:
         """The wire bytes of a global version (the latest when None)."""
         with self.lock:
             version = self._latest_global_version() if version is None else version
+            if version is None:
+                raise ApiError(404, "no_such_version", "there is no global adapter yet: round 0 (head statistics) "
+                               "has not finished")
             row = self._global_row(version)
             if row is None:
                 raise ApiError(404, "no_such_version", f"global version {version} does not exist; the latest is "

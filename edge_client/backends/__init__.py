@@ -15,10 +15,11 @@ BACKENDS = ("torch", "onnx", "executorch", "auto")
 
 
 def make_trainer(backend: str, *, model_dir, task: str, labels=None, targets=None, lora_alpha: float = 16.0,
-                 artifacts_dir=None, rank: int | None = None):
+                 artifacts_dir=None, rank: int | None = None, pooling: str | None = None):
     """The trainer for `backend`; `auto` picks one with edge_client.backends.select and logs why.
 
     `rank` (optional) loads and verifies the artifact of that rank now instead of at the first round.
+    `pooling` (torch): the run's classification pooling; artifacts carry theirs in their spec fingerprint.
     """
     if backend == "auto":
         from edge_client.backends.select import choose_backend
@@ -28,7 +29,7 @@ def make_trainer(backend: str, *, model_dir, task: str, labels=None, targets=Non
     if backend == "torch":
         from edge_client.training import TorchTrainer
 
-        return TorchTrainer(model_dir, task, labels=labels, targets=targets, lora_alpha=lora_alpha)
+        return TorchTrainer(model_dir, task, labels=labels, targets=targets, lora_alpha=lora_alpha, pooling=pooling)
     if backend == "onnx":
         from edge_client.backends.onnx_backend import OnnxTrainer as cls
     elif backend == "executorch":

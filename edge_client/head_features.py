@@ -1,0 +1,43 @@
+"""A client's per-class feature statistics for the head-initialisation round (torch backend).
+
+The features are what the classification head reads (edge_client.pooling), computed by the
+frozen base model with no LoRA update; batches are length-sorted and trimmed (padding is masked,
+so the features equal those of fixed-length batches).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge_client.data import Encoded, trimmed_batches
+from edge_client.head_stats import HeadStatistics
+from edge_client.pooling import head_module
+
+
+@torch.no_grad()
+def feature_statistics(model: torch.nn.Module, dense_names, encoded: Encoded, num_labels: int,
+                       batch_size: int = 64) -> HeadStatistics:
+    """S_c, n_c and G (edge_client.head_stats) of `encoded` under `model` in eval mode."""
+    head = head_module(model, dense_names)
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        features = np.zeros((len(encoded), head.in_features), dtype=np.float64)
+        for rows, batch in trimmed_batches(encoded, batch_size):
+            captured.clear()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if len(captured) != 1 or captured[0].shape != (len(rows), head.in_features):
+                raise ValueError("the head does not read one pooled feature vector per example; "
+                                 "head initialisation needs a pooled classification model")
+            features[rows] = captured[0].double().numpy()
+    finally:
+        hook.remove()
+        model.train(was_training)
+    labels = np.asarray(encoded.labels, dtype=np.int64)
+    sums = np.zeros((num_labels, head.in_features))
+    np.add.at(sums, labels, features)
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    return HeadStatistics(class_sums=sums, class_counts=counts, feature_gram=features.T @ features)

@@ -1,0 +1,63 @@
+"""Round 0, the head-initialisation round: checks of a statistics upload and the initial global.
+
+Enabled by `ServerConfig.head_init` (ncm | lda) for classification runs. Every client registered
+when round 0 opens uploads its per-class feature statistics (edge_client.head_stats) instead of an
+adapter; the server pools them and sets the head of global version 0 in closed form
+(server_stub.aggregation.head_init); the LoRA factors are the rule's usual initial ones.
+"""
+
+from __future__ import annotations
+
+from edge_client.head_stats import HeadStatistics, decode_statistics
+from edge_client.wire import Adapter, WireFormatError
+from server_stub.aggregation.head_init import class_head, pool
+from server_stub.errors import ApiError
+
+HEAD_ROUND = 0
+# Pooled features a head may read, and the longest such a feature can be (None: no bound).
+FEATURE_NORM_BOUND = {"mean": 1.0}
+
+
+def head_shapes(spec) -> tuple[str, str, int, int]:
+    """(weight name, bias name, C, d) of the spec's linear head."""
+    weights = [n for n, s in spec.dense.items() if len(s) == 2]
+    biases = [n for n, s in spec.dense.items() if len(s) == 1]
+    if len(weights) != 1 or len(biases) != 1:
+        raise ValueError(f"head initialisation needs one linear head (a weight and a bias), the spec has "
+                         f"{sorted(spec.dense)}")
+    num_labels, dim = spec.dense[weights[0]]
+    return weights[0], biases[0], num_labels, dim
+
+
+def load_statistics(config, body: bytes) -> HeadStatistics:
+    """Statistics bytes decoded and checked against the run's head shapes and pooling (WireFormatError)."""
+    _, _, num_labels, dim = head_shapes(config.spec)
+    return decode_statistics(body, num_labels=num_labels, dim=dim,
+                             max_feature_norm=FEATURE_NORM_BOUND.get(config.spec.pooling))
+
+
+def check_statistics(config, client_id: str, body: bytes) -> HeadStatistics:
+    """A round-0 upload decoded and checked (400 ApiError with the wire code otherwise)."""
+    try:
+        stats = load_statistics(config, body)
+    except WireFormatError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
+    if stats.meta.get("client_id") != client_id:
+        raise ApiError(400, "client_mismatch", f"metadata client_id {stats.meta.get('client_id')!r} is not the client "
+                       f"of this token ({client_id})")
+    if stats.meta.get("round") != HEAD_ROUND:
+        raise ApiError(400, "bad_metadata", f"head statistics must say round {HEAD_ROUND}")
+    return stats
+
+
+def initial_global(rule, config, statistics: list[HeadStatistics]) -> tuple[Adapter, dict]:
+    """Global version 0: the rule's initial factors and the closed-form head; plus summary numbers."""
+    weight_name, bias_name, _, _ = head_shapes(config.spec)
+    pooled = pool(statistics)
+    weight, bias = class_head(pooled, config.head_init, shrinkage=config.head_shrinkage,
+                              temperature=config.head_temperature)
+    start = rule.init_global(config.spec, config.global_rank, config.seed)
+    dense = dict(start.dense) | {weight_name: weight, bias_name: bias}
+    summary = {"clients": len(statistics), "total_samples": pooled.n_samples, "head": config.head_init,
+               "classes_seen": int((pooled.class_counts > 0).sum()), "classes": int(len(pooled.class_counts))}
+    return Adapter(lora=start.lora, dense=dense, meta=start.meta), summary
