@@ -69,3 +69,19 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
                          pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mean_bert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT as a sentence-transformers checkpoint that declares mean pooling (like all-MiniLM-L6-v2)."""
+    import json
+
+    path = tmp_path_factory.mktemp("tiny-mean-bert")
+    shutil.copytree(tiny_bert_dir, path, dirs_exist_ok=True)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                               "pooling_mode_mean_tokens": True}))
+    return path

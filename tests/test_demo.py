@@ -1,30 +1,65 @@
-"""`hetlora demo` end to end on a tiny model: processes, table, results.json, PNG, final adapters."""
+"""`hetlora demo` end to end on a tiny model: processes, table, results.json, PNG, final adapters,
+and reproducibility: the same seed gives the same run, another seed another one."""
 
 import json
 import subprocess
 import sys
 
+import pytest
+
+from edge_client.wire import decode
+from server_stub.rounds import update_digest
 from tests.test_client_e2e import LABELS, write_data
 
 
-def test_demo_runs_a_fleet_and_writes_its_results(tiny_bert_dir, tmp_path):
+def run_demo(model_dir, tmp_path, out_name, seed=0):
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps(LABELS))
     train = write_data(tmp_path / "train.csv", 60)
     test = write_data(tmp_path / "test.csv", 15, offset=1)
-    out = tmp_path / "run"
+    out = tmp_path / out_name
     proc = subprocess.run(
-        [sys.executable, "-m", "hetlora.cli", "demo", "--model", str(tiny_bert_dir), "--data", str(train),
-         "--test", str(test), "--labels", str(labels), "--clients", "3", "--clients-per-round", "3", "--rounds", "2",
-         "--local-steps", "2", "--batch-size", "4", "--seq-len", "16", "--ranks", "2,4", "--out", str(out)],
+        [sys.executable, "-m", "hetlora.cli", "demo", "--model", str(model_dir), "--data", str(train),
+         "--test", str(test), "--labels", str(labels), "--clients", "3", "--clients-per-round", "2", "--rounds", "2",
+         "--local-steps", "2", "--batch-size", "4", "--seq-len", "16", "--ranks", "2,4", "--out", str(out),
+         "--seed", str(seed)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_mean_bert_dir, tmp_path_factory):
+    return run_demo(tiny_mean_bert_dir, tmp_path_factory.mktemp("demo"), "run")
+
+
+def test_demo_runs_a_fleet_and_writes_its_results(first_run):
+    out, stdout = first_run
     rows = json.loads((out / "results.json").read_text())
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
-    assert all(2 <= r["mean_rank"] <= 4 for r in rows)
+    assert [r["round"] for r in rows] == [0, 1, 2]  # round 0: the closed-form head, before any LoRA training
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert all(r["bytes_up"] > 0 for r in rows) and all(r["bytes_down"] > 0 for r in rows[1:])
+    assert rows[0]["mean_rank"] == 0 and all(2 <= r["mean_rank"] <= 4 for r in rows[1:])
     assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "hetlora" / "global.safetensors").exists()
     peft_config = json.loads((out / "hetlora" / "peft" / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "LORA"
-    assert "hetlora" in proc.stdout and "accuracy" in proc.stdout
+    assert "hetlora" in stdout and "accuracy" in stdout
+
+
+def test_the_same_seed_gives_the_same_run_and_another_seed_another(first_run, tiny_mean_bert_dir, tmp_path):
+    out, _ = first_run
+    again, _ = run_demo(tiny_mean_bert_dir, tmp_path, "again")
+    other, _ = run_demo(tiny_mean_bert_dir, tmp_path, "other", seed=1)
+
+    def numbers(run):
+        return [(r["round"], r["accuracy"], r["macro_f1"], r["mean_rank"], r["bytes_up"])
+                for r in json.loads((run / "results.json").read_text())]
+
+    def content(run):  # the safetensors header's key order is not fixed; the numbers and metadata are
+        return update_digest(decode((run / "hetlora" / "global.safetensors").read_bytes()))
+
+    assert numbers(again) == numbers(out)
+    assert content(again) == content(out)  # every tensor bit-identical
+    assert (other / "data" / "partition.json").read_text() != (out / "data" / "partition.json").read_text()
+    assert content(other) != content(out)

@@ -115,3 +115,32 @@ def test_evaluate_command_prints_the_evaluator_metrics(tiny_bert_dir, tmp_path, 
     assert printed == pytest.approx(expected)
     assert main(args) == 2
     assert "pass --labels FILE" in capsys.readouterr().err
+
+
+def test_mean_pooling_model_and_its_peft_export(tiny_mean_bert_dir, tmp_path):
+    """A checkpoint declaring mean pooling gets it (recorded in the spec); its features are the
+    L2-normalised masked mean of the encoder's states; PEFT loads the export onto the same model exactly."""
+    from peft import PeftModel
+
+    from edge_client.data import load_tokenizer
+
+    spec = derive_spec(tiny_mean_bert_dir, "classification", num_labels=3)
+    assert spec.pooling == "mean" and derive_spec(tiny_mean_bert_dir, "classification", num_labels=3,
+                                                  pooling="native").fingerprint != spec.fingerprint
+    model = load_task_model(tiny_mean_bert_dir, "classification", 3).eval()
+    enc = load_tokenizer(tiny_mean_bert_dir)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.bert(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        mean = (hidden * mask).sum(1) / mask.sum(1)
+        expected_features = mean / mean.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(model(**enc).logits, model.classifier(expected_features))
+
+    adapter = random_adapter(spec, rank=4, seed=2)
+    expected, enc = our_logits(tiny_mean_bert_dir, "classification", adapter, 3)
+    save_peft(adapter, tmp_path / "peft", "classification")
+    peft_model = PeftModel.from_pretrained(load_task_model(tiny_mean_bert_dir, "classification", 3),
+                                           tmp_path / "peft").eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
