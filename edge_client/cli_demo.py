@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=DemoConfig.warmup_steps)
     p.add_argument("--head-init", choices=("none", "ncm", "lda"), default=DemoConfig.head_init,
                    help="round 0 sets the head from the clients' class statistics (default lda; none = random head)")
+    p.add_argument("--server-opt", choices=("none", "momentum", "adam", "yogi"), default=DemoConfig.server_opt,
+                   help="server optimiser on each round's aggregated update (hlora: momentum only)")
+    p.add_argument("--server-lr", type=float, default=DemoConfig.server_lr)
     p.add_argument("--validation-fraction", type=float, default=0.0,
                    help="hold out this share of the training rows and evaluate on it instead of --test "
                         "(for choosing hyperparameters without looking at the test set)")
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                      clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
                      local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                     head_init=args.head_init, dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks,
+                     head_init=args.head_init, server_opt=args.server_opt, server_lr=args.server_lr,
+                     dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks,
                      text_column=args.text_column, label_column=args.label_column,
                      validation_fraction=args.validation_fraction)
     t0 = time.monotonic()

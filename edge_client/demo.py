@@ -43,6 +43,8 @@ class DemoConfig:
     schedule: str = "cosine"
     warmup_steps: int = 2
     head_init: str = "lda"
+    server_opt: str = "none"
+    server_lr: float = 1.0
     dirichlet_alpha: float = 0.5
     seed: int = 0
     ranks: tuple[int, ...] = (4, 8, 16, 32)
@@ -55,11 +57,13 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """One row group of the comparison: an aggregation rule and the rank set it runs with."""
+    """One row group of the comparison: an aggregation rule, the rank set it runs with, and extra
+    `hetlora serve` options (later flags override the demo's)."""
 
     label: str
     aggregator: str
     ranks: tuple[int, ...]
+    options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -77,12 +81,13 @@ class RoundRow:
 @dataclass
 class Fleet:
     """Everything the runs share: the label list, per-client data files and device profiles,
-    the pooled data (centralized baseline) and the test-set evaluation."""
+    the pooled data (centralized baseline), the test (or validation) examples and their evaluation."""
 
     labels: list[str]
     parts: list[Path]
     profiles: list[Path]
     pooled: object
+    test: object
     evaluate: Callable[[object], dict]
 
 
@@ -125,7 +130,7 @@ def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
     evaluator = Evaluator(cfg.model_dir, "classification", labels)
     log.info("%d clients, %d training rows split non-IID (alpha %.2f), %d %s rows", cfg.clients, len(rows),
              cfg.dirichlet_alpha, len(test), "validation (held out of the training data)" if held_out else "test")
-    return Fleet(labels, parts, profiles, pooled,
+    return Fleet(labels, parts, profiles, pooled, test,
                  lambda adapter: evaluator.evaluate(adapter, test, seq_len=cfg.seq_len, batch_size=256))
 
 
@@ -157,8 +162,9 @@ def serve_args(cfg: DemoConfig, method: Method) -> list[str]:
             "--local-steps", str(cfg.local_steps), "--batch-size", str(cfg.batch_size), "--seq-len", str(cfg.seq_len),
             "--lr", str(cfg.lr), "--head-lr", str(cfg.head_lr), "--schedule", cfg.schedule,
             "--warmup-steps", str(cfg.warmup_steps), "--head-init", cfg.head_init, "--head-clients", str(cfg.clients),
+            "--server-opt", cfg.server_opt, "--server-lr", str(cfg.server_lr),
             "--prune-lambda", str(cfg.prune_lambda if method.aggregator == "hetlora" else 0.0),
-            "--poll-seconds", "0.2"]
+            "--poll-seconds", "0.2", *method.options]
 
 
 def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: list[Path], evaluate,

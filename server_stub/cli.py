@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hetlora.errors import UserError
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
+from server_stub.aggregation.server_opt import OPTIMIZERS
 
 log = logging.getLogger("hetlora.server")
 BANKING77_LABELS = Path(__file__).resolve().parents[1] / "data" / "banking77" / "categories.json"
@@ -50,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     agg.add_argument("--hlora-rank", type=int, help="hlora: rank of the global adapter (default: --global-rank)")
     agg.add_argument("--ranks", type=_int_list, default=(4, 8, 16, 32, 64), help="the rank set (default 4,8,16,32,64)")
     agg.add_argument("--global-rank", type=int, help="global adapter rank (default: the largest of --ranks)")
+    agg.add_argument("--server-opt", choices=OPTIMIZERS, default="none",
+                     help="server optimiser on the aggregated update (docs/ARCHITECTURE.md): momentum, adam, yogi")
+    agg.add_argument("--server-lr", type=float, default=1.0, help="server optimiser learning rate (default 1)")
+    agg.add_argument("--server-beta1", type=float, default=0.9)
+    agg.add_argument("--server-beta2", type=float, default=0.99)
+    agg.add_argument("--server-tau", type=float, default=1e-3, help="adam/yogi adaptivity (default 1e-3)")
     agg.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha clients train with (default 16)")
 
     rounds = p.add_argument_group("rounds")
@@ -117,7 +124,18 @@ def build_config(args: argparse.Namespace):
         round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed, lora_alpha=args.lora_alpha,
         max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints, head_init=args.head_init,
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
+        server_opt=_server_optimizer(args),
     )
+
+
+def _server_optimizer(args: argparse.Namespace):
+    from server_stub.aggregation.server_opt import ServerOptimizer
+
+    try:
+        return ServerOptimizer(args.server_opt, lr=args.server_lr, beta1=args.server_beta1, beta2=args.server_beta2,
+                               tau=args.server_tau)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _rule_options(args: argparse.Namespace) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edge_client.spec import AdapterSpec
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
+from server_stub.aggregation.server_opt import ServerOptimizer
 from hetlora.errors import UserError
 
 AGGREGATORS = ("fedavg", "hetlora", "hlora", "plora")
@@ -53,6 +54,7 @@ class ServerConfig:
     head_shrinkage: float = DEFAULT_SHRINKAGE
     head_temperature: float = DEFAULT_TEMPERATURE
     head_clients: int = 0  # clients registered before round 0 opens (0: min_clients)
+    server_opt: ServerOptimizer = ServerOptimizer()
 
     def __post_init__(self):
         if self.aggregator not in AGGREGATORS:
@@ -76,6 +78,10 @@ class ServerConfig:
             raise UserError(f"unknown --head-init {self.head_init!r}; choose none, ncm or lda")
         if self.head_round and self.spec.task != "classification":
             raise UserError("--head-init is for classification runs; use --head-init none")
+        try:
+            self.server_opt.check_rule(self.aggregator)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         if not 0.0 <= self.head_shrinkage <= 1.0 or self.head_temperature <= 0 or self.head_clients < 0:
             raise UserError("--head-shrinkage must be in [0, 1], --head-temperature positive, --head-clients >= 0")
 
@@ -103,6 +109,7 @@ class ServerConfig:
             "labels": list(self.labels) if self.labels is not None else None,
             "seed": self.seed,
             "head_init": self.head_init,
+            "server_opt": asdict(self.server_opt),
         }
 
     def run_config(self) -> dict:

@@ -15,6 +15,8 @@ import threading
 import time
 
 import numpy as np
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
 
 from edge_client.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, encode, meta_int, validate
 from server_stub.aggregation import ClientResult, aggregate_statistics
@@ -399,7 +401,19 @@ class Coordinator:
                                 is not None else None)
                    for u in uploads]
         new_global = self.rule.aggregate(previous, results)
+        if self.config.server_opt.name != "none":
+            new_global = self._optimizer_step(number, previous, new_global)
         return new_global, jsonable(aggregate_statistics(new_global, results))
+
+    def _optimizer_step(self, number: int, previous: Adapter, aggregated: Adapter) -> Adapter:
+        """The server optimiser's step; its state for version n is written (atomically) before global n is
+        committed, so a crash in between re-runs the step from the state of version n-1."""
+        state_path = f"optimizer/v{number - 1:04d}.safetensors"
+        state = load_arrays(self.store.read_blob(state_path)) if self.store.blob_exists(state_path) else {}
+        new_global, new_state = self.config.server_opt.step(previous, aggregated, state,
+                                                            product_space=self.rule.name == "hlora")
+        self.store.write_blob(f"optimizer/v{number:04d}.safetensors", save_arrays(new_state))
+        return new_global
 
     def _open_next_round_if_ready(self) -> dict | None:
         """Inside a transaction: open the next round when none is open, rounds remain and enough clients

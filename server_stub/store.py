@@ -122,6 +122,9 @@ class Store:
     def read_blob(self, relpath: str) -> bytes:
         return (self.root / "blobs" / relpath).read_bytes()
 
+    def blob_exists(self, relpath: str) -> bool:
+        return (self.root / "blobs" / relpath).is_file()
+
     # --- rows ----------------------------------------------------------------------------------
     def insert(self, table: str, row: dict) -> None:
         values = [json.dumps(v) if k in JSON_COLUMNS else v for k, v in row.items()]

@@ -1,0 +1,180 @@
+"""Learning quality: the demo's fleet per aggregation rule, over seeds, against centralized LoRA,
+head-only federated training and a frozen-feature linear probe. Prints a table; --results appends it
+(with the exact command) to a Markdown file.
+
+    .venv/bin/python benchmarks/bench_quality.py --rounds 20 --seeds 0,1,2           # BANKING77, every method
+    .venv/bin/python benchmarks/bench_quality.py --methods hetlora,fedavg-rmin --rounds 20 \\
+        --results docs/RESULTS.md
+    .venv/bin/python benchmarks/bench_quality.py --data my.csv --test my_test.csv --labels labels.json \\
+        --text-column text --label-column intent
+
+Methods: fedavg-rmin / fedavg-rmax (homogeneous FedAvg at the smallest / largest rank), hetlora,
+hetlora-seg (segment averaging), hlora, plora, head-only (federated, LoRA learning rate 0),
+centralized (LoRA at the largest rank on the pooled data, same settings and total steps), probe
+(logistic regression on the frozen model's pooled features; C chosen on a validation split carved
+from the training rows). Each federated run is a real `hetlora demo` fleet (server + client processes).
+`--validation-fraction` evaluates on held-out training rows instead of the test set (for tuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edge_client.demo import DemoConfig, Method, centralized_run, federated_run, prepare_fleet  # noqa: E402
+
+DATA = REPO / "data" / "banking77"
+METHODS = ("fedavg-rmin", "fedavg-rmax", "hetlora", "hetlora-seg", "hlora", "plora", "head-only", "centralized",
+           "probe")
+TARGETS = (0.80, 0.85)
+
+
+def method_for(name: str, ranks: tuple[int, ...]) -> Method:
+    lo, hi = min(ranks), max(ranks)
+    return {"fedavg-rmin": Method(name, "fedavg", (lo,)), "fedavg-rmax": Method(name, "fedavg", (hi,)),
+            "hetlora": Method(name, "hetlora", ranks),
+            "hetlora-seg": Method(name, "hetlora", ranks, ("--segment-average",)),
+            "hlora": Method(name, "hlora", ranks), "plora": Method(name, "plora", ranks),
+            "head-only": Method(name, "fedavg", (lo,), ("--lr", "0"))}[name]
+
+
+def run_method(name: str, cfg: DemoConfig, fleet) -> list:
+    rows = []
+    if name == "centralized":
+        return centralized_run(cfg, fleet.labels, fleet.pooled, fleet.evaluate, rows.append)
+    return federated_run(cfg, method_for(name, cfg.ranks), fleet.parts, fleet.profiles, fleet.evaluate, rows.append)
+
+
+def summarize_run(rows: list) -> dict:
+    """Final and best accuracy, final macro-F1, and the first round / cumulative seconds at each target."""
+    acc = [r.accuracy for r in rows]
+    seconds = np.cumsum([r.seconds for r in rows])
+    reach = {}
+    for target in TARGETS:
+        hit = next((i for i, a in enumerate(acc) if a >= target), None)
+        reach[target] = (rows[hit].round, float(seconds[hit])) if hit is not None else (None, None)
+    return {"final": acc[-1], "best": max(acc), "f1": rows[-1].macro_f1, "reach": reach}
+
+
+def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
+    """Logistic regression on the frozen model's pooled features (the head's input)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from edge_client.evaluate import macro_f1
+    from edge_client.training import TorchTrainer
+
+    trainer = TorchTrainer(cfg.model_dir, "classification", labels=fleet.labels)
+    train_x, train_y = pooled_features(trainer, fleet.pooled, cfg.seq_len)
+    test_x, test_y = pooled_features(trainer, fleet.test, cfg.seq_len)
+    order = np.random.default_rng(seed).permutation(len(train_y))
+    val, fit = order[: len(order) // 10], order[len(order) // 10:]
+    scores = {c: LogisticRegression(C=c, max_iter=2000).fit(train_x[fit], train_y[fit]).score(train_x[val], train_y[val])
+              for c in (1.0, 10.0, 100.0)}
+    model = LogisticRegression(C=max(scores, key=scores.get), max_iter=2000).fit(train_x, train_y)
+    predicted = model.predict(test_x)
+    return {"final": float(np.mean(predicted == test_y)), "best": float(np.mean(predicted == test_y)),
+            "f1": macro_f1(test_y, predicted), "reach": {t: (None, None) for t in TARGETS}}
+
+
+def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from edge_client.data import trimmed_batches
+    from edge_client.pooling import head_module
+
+    encoded = trainer.encode(examples, seq_len)
+    head = head_module(trainer.model, trainer.dense)
+    out = np.zeros((len(encoded), head.in_features), dtype=np.float32)
+    captured = []
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            for rows, batch in trimmed_batches(encoded, 128):
+                captured.clear()
+                trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                out[rows] = captured[0].numpy()
+    finally:
+        hook.remove()
+    return out, np.asarray(encoded.labels)
+
+
+def table(results: dict[str, list[dict]], rounds: int) -> str:
+    def mean_std(values):
+        values = [v for v in values if v is not None]
+        return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-"
+
+    def reach(runs, target, k):
+        hits = [r["reach"][target][k] for r in runs]
+        done = [h for h in hits if h is not None]
+        if not done:
+            return "never"
+        text = f"{np.mean(done):.1f}" if k == 0 else f"{np.mean(done):.0f}"
+        return text + ("" if len(done) == len(hits) else f" ({len(done)}/{len(hits)})")
+
+    head = ("| method | final accuracy | final macro-F1 | best round accuracy | rounds to 80% | s to 80% "
+            "| rounds to 85% | s to 85% |")
+    lines = [head, "|" + "---|" * 8]
+    for name, runs in results.items():
+        lines.append(f"| {name} | {mean_std([r['final'] for r in runs])} | {mean_std([r['f1'] for r in runs])} "
+                     f"| {mean_std([r['best'] for r in runs])} | {reach(runs, 0.80, 0)} | {reach(runs, 0.80, 1)} "
+                     f"| {reach(runs, 0.85, 0)} | {reach(runs, 0.85, 1)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="base model folder (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--data", default=str(DATA / "train.csv"))
+    p.add_argument("--test", default=str(DATA / "test.csv"))
+    p.add_argument("--labels", default=str(DATA / "categories.json"))
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--validation-fraction", type=float, default=0.0)
+    p.add_argument("--out", default="runs/bench-quality")
+    p.add_argument("--results", help="append the table and the command to this Markdown file")
+    args = p.parse_args()
+    from edge_client.models import default_model_dir
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    base = DemoConfig(model_dir=str(args.model or default_model_dir()), data=args.data, test=args.test,
+                      labels=args.labels, out=Path(args.out), rounds=args.rounds, text_column=args.text_column,
+                      label_column=args.label_column, validation_fraction=args.validation_fraction)
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    t0 = time.monotonic()
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        cfg = replace(base, seed=seed, out=Path(args.out) / f"seed{seed}")
+        fleet = prepare_fleet(cfg)
+        for name in methods:
+            summary = linear_probe(cfg, fleet, seed) if name == "probe" else summarize_run(run_method(name, cfg, fleet))
+            results[name].append(summary)
+            print(f"seed {seed} {name}: final {summary['final']:.3f}, best {summary['best']:.3f}, "
+                  f"macro-F1 {summary['f1']:.3f}", flush=True)
+            (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    text = table(results, args.rounds)
+    print(text)
+    print(f"total {time.monotonic() - t0:.0f} s")
+    if args.results:
+        command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        with open(args.results, "a") as fh:
+            fh.write(f"\n```\n{command}\n```\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
