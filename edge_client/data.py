@@ -26,6 +26,7 @@ from edge_client.objective import IGNORE
 from hetlora.errors import UserError
 
 LABEL_COLUMN_FALLBACKS = ("label", "category")
+GROUP_BATCHES = 8  # batches per length-sorted megabatch (make_batches(group_by_length=True))
 
 
 @dataclass(frozen=True)
@@ -229,14 +230,27 @@ class EncodingCache:
         return self._last[1]
 
 
-def make_batches(encoded: Encoded, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True) -> list[dict]:
-    """One epoch of batches: rows permuted by rng([seed, epoch]), cut into `batch_size`, last one filled."""
+def make_batches(encoded: Encoded, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True,
+                 group_by_length: bool = False) -> list[dict]:
+    """One epoch of batches: rows permuted by rng([seed, epoch]), cut into `batch_size`, last one filled.
+
+    `group_by_length`: the permutation is cut into megabatches of GROUP_BATCHES batches, each sorted by
+    row length before it is cut, and the batches are then shuffled by the same rng: every row still
+    comes once per epoch, but a batch holds rows of similar length, so trimming it saves padding."""
     import torch
 
     n = len(encoded)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if group_by_length:
+        mega = batch_size * GROUP_BATCHES
+        order = np.concatenate([chunk[np.argsort(-encoded.lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(mega, n, mega))])
+    starts = list(range(0, n, batch_size))
+    if group_by_length and shuffle:
+        starts = [starts[i] for i in rng.permutation(len(starts))]
     batches = []
-    for start in range(0, n, batch_size):
+    for start in starts:
         rows = order[start : start + batch_size]
         fill = batch_size - len(rows)
         take = np.concatenate([rows, np.full(fill, rows[0])])
@@ -253,19 +267,20 @@ def training_batches(encoded: Encoded, batch_size: int, *, seed: int, steps: int
                      epochs: int | None = None, trim: bool = False) -> Iterator[dict]:
     """`steps` batches (cycling through seeded epochs), or else `epochs` full epochs (default 1).
 
-    `trim`: cut each batch to its longest row (`trim_batch`); otherwise every batch is seq_len wide."""
+    `trim`: length-grouped batches (make_batches) cut to their longest row (`trim_batch`); otherwise
+    uniformly shuffled batches, every one seq_len wide (the fixed shapes of exported artifacts)."""
     if len(encoded) == 0:
         raise UserError("no training examples")
-    batches = _seeded_batches(encoded, batch_size, seed, steps, epochs)
+    batches = _seeded_batches(encoded, batch_size, seed, steps, epochs, trim)
     yield from (trim_batch(b) for b in batches) if trim else batches
 
 
 def _seeded_batches(encoded: Encoded, batch_size: int, seed: int, steps: int | None,
-                    epochs: int | None) -> Iterator[dict]:
+                    epochs: int | None, group: bool) -> Iterator[dict]:
     if steps is not None:
         produced, epoch = 0, 0
         while produced < steps:
-            for batch in make_batches(encoded, batch_size, seed=seed, epoch=epoch):
+            for batch in make_batches(encoded, batch_size, seed=seed, epoch=epoch, group_by_length=group):
                 if produced == steps:
                     return
                 produced += 1
@@ -273,7 +288,7 @@ def _seeded_batches(encoded: Encoded, batch_size: int, seed: int, steps: int | N
             epoch += 1
         return
     for epoch in range(epochs or 1):
-        yield from make_batches(encoded, batch_size, seed=seed, epoch=epoch)
+        yield from make_batches(encoded, batch_size, seed=seed, epoch=epoch, group_by_length=group)
 
 
 def trim_batch(batch: dict) -> dict:

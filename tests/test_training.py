@@ -172,3 +172,65 @@ def test_plora_round_uploads_only_the_selected_components_and_restores_w0(traine
     assert not np.array_equal(result.adapter.lora[next(iter(start.lora))][0], frozen.lora[next(iter(start.lora))][0])
     for name, layer in lora_layers(trainer.model).items():
         assert torch.equal(layer.base.weight, w0[name])
+
+
+def test_trimmed_batches_give_the_full_width_loss(trainer, spec):
+    from edge_client.data import make_batches, trim_batch
+    from edge_client.objective import batch_loss
+
+    trainer._load(random_adapter(spec, 4, seed=5))
+    trainer.model.eval()
+    for batch in make_batches(trainer.encode(CLS, 32), 4, seed=0):
+        trimmed = trim_batch(batch)
+        assert trimmed["input_ids"].shape[1] < 32
+        with torch.no_grad():
+            full = batch_loss(trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["labels"], "classification")
+            cut = batch_loss(trainer.model(input_ids=trimmed["input_ids"],
+                                           attention_mask=trimmed["attention_mask"]).logits,
+                             trimmed["labels"], "classification")
+        torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
+
+
+def test_length_grouped_batches_cover_every_row_once_and_hold_similar_lengths():
+    from edge_client.data import Encoded, make_batches
+
+    rng = np.random.default_rng(0)
+    n, width = 300, 40
+    lengths = rng.integers(2, width, n)
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    encoded = Encoded("classification", np.arange(n)[:, None] * mask, mask, np.arange(n), lengths)
+    plain = make_batches(encoded, 16, seed=1)
+    grouped = make_batches(encoded, 16, seed=1, group_by_length=True)
+    assert sorted(int(i) for b in grouped for i, lab in zip(b["labels"], b["labels"]) if lab >= 0) == list(range(n))
+
+    def padding(batches):
+        return sum(int(b["attention_mask"].sum(1).max()) * 16 - int(b["attention_mask"].sum()) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 3
+    again = make_batches(encoded, 16, seed=1, group_by_length=True)
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(grouped, again))
+
+
+@pytest.mark.parametrize("step,expected", [(0, 1 / 3), (2, 1.0), (3, 1.0), (4, 0.5 * (1 + np.cos(np.pi / 7))), (10, 0.0)])
+def test_cosine_schedule_warms_up_then_decays_to_zero(step, expected):
+    from edge_client.training import lr_factor
+
+    cfg = TrainConfig(steps=10, schedule="cosine", warmup_steps=3)
+    assert lr_factor(step, cfg) == pytest.approx(expected)
+    assert lr_factor(step, replace(cfg, schedule="constant")) == 1.0
+
+
+def test_head_and_factors_train_at_their_own_learning_rates(trainer, spec):
+    """With a zero LoRA lr only the head moves; with a zero head lr the head stays put."""
+    start = random_adapter(spec, 4, seed=6)
+    head_only = trainer.train_round(start, CLS, replace(CFG, lr=0.0, head_lr=1e-2), rank=4).adapter
+    factors_only = trainer.train_round(start, CLS, replace(CFG, lr=1e-2, head_lr=0.0), rank=4).adapter
+    initial_head = trainer._initial_dense
+    for name, (a, b) in head_only.lora.items():
+        np.testing.assert_array_equal(a, start.lora[name][0])
+        np.testing.assert_array_equal(b, start.lora[name][1])
+    assert any(not np.array_equal(head_only.dense[n], initial_head[n].numpy()) for n in head_only.dense)
+    for n, t in factors_only.dense.items():
+        np.testing.assert_array_equal(t, initial_head[n].numpy())
+    assert any(not np.array_equal(a, start.lora[name][0]) for name, (a, _) in factors_only.lora.items())
