@@ -68,9 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rounds.add_argument("--seed", type=int, default=0)
 
     head = p.add_argument_group("head initialisation (classification): round 0 before the LoRA rounds")
-    head.add_argument("--head-init", choices=("none", "ncm", "lda"), default="none",
+    head.add_argument("--head-init", choices=("none", "ncm", "lda"),
                       help="set the head from pooled per-class feature statistics of the clients: nearest class "
-                           "mean (ncm) or a shrunk linear discriminant (lda); none = a random head")
+                           "mean (ncm) or a shrunk linear discriminant (lda); none = a random head "
+                           "(default: lda for classification, none for causal-lm)")
     head.add_argument("--head-shrinkage", type=float, default=DEFAULT_SHRINKAGE,
                       help=f"lda covariance shrinkage in [0, 1] (default {DEFAULT_SHRINKAGE})")
     head.add_argument("--head-temperature", type=float, default=DEFAULT_TEMPERATURE,
@@ -122,7 +123,8 @@ def build_config(args: argparse.Namespace):
         spec=spec, aggregator=args.aggregator, labels=labels, rule_options=rule_options, ranks=tuple(args.ranks),
         global_rank=global_rank, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
         round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed, lora_alpha=args.lora_alpha,
-        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints, head_init=args.head_init,
+        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints,
+        head_init=args.head_init or ("lda" if args.task == "classification" else "none"),
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
         server_opt=_server_optimizer(args),
     )
