@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_client.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, encode, meta_int, validate
 from server_stub.aggregation import ClientResult, aggregate_statistics
+from server_stub.aggregation.bounds import bound_influence, check_values
 from server_stub.config import ServerConfig
 from server_stub.errors import ApiError
 from server_stub.ranks import assign_rank
@@ -67,13 +68,15 @@ def _log_opened(row: dict | None) -> None:
 
 
 def jsonable(value):
-    """numpy scalars/arrays (and containers of them) as plain JSON types."""
+    """numpy scalars/arrays (and containers of them) as plain JSON types; NaN and +-Inf as None (strict JSON)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
+        return jsonable(value.tolist())
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
     return value
 
 
@@ -210,6 +213,7 @@ class Coordinator:
             try:
                 rank, effective_rank, n_samples = self._check_meta(adapter.meta, round_number, client_id, assigned)
                 tensor_rank = validate(adapter, self.config.spec, max_rank=self.rule.upload_rank_limit(assigned))
+                check_values(adapter)
             except WireFormatError as exc:
                 raise ApiError(400, exc.code, str(exc)) from None
             self._check_ranks(r, client_id, adapter.meta, effective_rank, tensor_rank)
@@ -321,8 +325,10 @@ class Coordinator:
                                     n_samples=uploads[c]["n_samples"],
                                     indices=tuple(r["indices"][c]) if r["indices"].get(c) is not None else None)
                        for c in order]
+            results, clipped = bound_influence(previous, results)
             new_global = self.rule.aggregate(previous, results)
-            statistics = jsonable(aggregate_statistics(new_global, results))
+            statistics = jsonable(aggregate_statistics(new_global, results)
+                                  | {"clipped": {order[k]: what for k, what in clipped.items()}})
             path, digest = self._write_global(number, new_global)
             with self.lock:
                 with self.store.transaction():
@@ -478,6 +484,6 @@ class Coordinator:
                 "n_samples": {u["client_id"]: u["n_samples"] for u in uploads},
                 "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": self._bytes_down(r["number"]),
                 "extensions": r["extensions"], "extension_reason": r["extension_reason"],
-                "statistics": r["statistics"],
+                "statistics": jsonable(r["statistics"]),  # rows stored before NaN was mapped to None
             })
         return history
