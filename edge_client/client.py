@@ -73,9 +73,9 @@ class EdgeClient:
         run = self.state.run if self.state.registered else self.api.run()
         self.examples = load_examples(self.options.data, run["task"], run.get("labels"),
                                       text_column=self.options.text_column, label_column=self.options.label_column)
+        self._prepare(run)  # model, data and backend load first: a client that cannot train never registers
         self._register(run)
         run = self.state.run
-        self._prepare(run)
         mode = MODE_FOR_AGGREGATOR[run["aggregator"]]
         poll = self.options.poll_seconds or float(run.get("poll_seconds", 1.0))
         done = 0

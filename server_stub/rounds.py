@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from edge_client.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, encode, meta_int, validate
+from server_stub import liveness
 from server_stub.aggregation import ClientResult, aggregate_statistics
 from server_stub.aggregation.bounds import bound_influence, check_values
 from server_stub.config import ServerConfig
@@ -158,6 +159,7 @@ class Coordinator:
     def round_for(self, client_id: str) -> dict:
         """The current round as one client sees it (GET /v1/round)."""
         with self.lock:
+            liveness.seen(self.store, client_id)
             client = self._client(client_id)
             r = self._open_round()
             if r is not None:
@@ -179,6 +181,7 @@ class Coordinator:
     def download(self, client_id: str, round_number: int) -> bytes:
         """The rule's client view of global version n-1 at the client's rank for round n (wire bytes)."""
         with self.lock:
+            liveness.seen(self.store, client_id)
             r = self._require_open(round_number)
             self._require_selected(r, client_id)
             rank = r["ranks"][client_id]
@@ -198,6 +201,7 @@ class Coordinator:
         The identical update again (same `update_digest`) is answered 200 even after its round closed,
         so a client may retry an upload whose reply it lost."""
         with self.lock:
+            liveness.seen(self.store, client_id)
             previous = self._upload(round_number, client_id)
             if previous is not None and previous["sha256"] == update_digest(_decode(body)):
                 state = self.store.select_one("SELECT state FROM rounds WHERE number = ?", (round_number,))["state"]
@@ -287,23 +291,34 @@ class Coordinator:
         r = self._open_round()
         if r is None or self._closing is not None:
             return None
-        uploads = self._uploads(r["number"])
-        if len(uploads) == len(r["selected"]):
+        uploaded = {u["client_id"] for u in self._uploads(r["number"])}
+        dropped = liveness.dropped(self.store, r["number"])
+        silent = [c for c in r["selected"] if c not in uploaded and c not in dropped]
+        required = min(self.config.min_clients, len(r["selected"]))
+        if not silent and (not dropped or len(uploaded) >= required):
             return self._mark_closing(r)
         now = self.clock()
         if now < r["deadline"]:
             return None
-        required = min(self.config.min_clients, len(r["selected"]))
-        if len(uploads) >= required:
+        with self.store.transaction():
+            liveness.drop(self.store, r["number"], silent)
+        if silent:
+            log.warning("round %d: dropped %s (no upload by the deadline)", r["number"], ", ".join(silent))
+        if len(uploaded) >= required:
             log.info("round %d: deadline reached with %d of %d uploads; aggregating",
-                     r["number"], len(uploads), len(r["selected"]))
+                     r["number"], len(uploaded), len(r["selected"]))
             return self._mark_closing(r)
-        reason = (f"only {len(uploads)} of the {required} required uploads arrived by the deadline; "
-                  f"extended by {self.config.round_deadline:g} s")
+        extra = liveness.replacements(self.store, r, required - len(uploaded))
+        ranks, indices = self._assign(extra, r["number"])
+        reason = (f"only {len(uploaded)} of the {required} required uploads arrived by the deadline"
+                  + (f"; dropped {len(dropped) + len(silent)} silent client(s)" if dropped or silent else "")
+                  + (f"; selected {len(extra)} replacement(s)" if extra else "")
+                  + f"; extended by {self.config.round_deadline:g} s")
         with self.store.transaction():
             self.store.update("rounds", {"number": r["number"]}, {
                 "deadline": now + self.config.round_deadline, "extensions": r["extensions"] + 1,
-                "extension_reason": reason})
+                "extension_reason": reason, "selected": r["selected"] + extra, "ranks": r["ranks"] | ranks,
+                "indices": r["indices"] | indices})
         log.warning("round %d: %s", r["number"], reason)
         return None
 
@@ -355,23 +370,30 @@ class Coordinator:
         if self._open_round() is not None:
             return None
         number = self._last_round_number() + 1
-        clients = self.store.select("SELECT client_id, rank FROM clients ORDER BY seq")
+        gone = liveness.absent(self.store)
+        clients = [c for c in self.store.select("SELECT client_id FROM clients ORDER BY seq") if c["client_id"] not in gone]
         if number > self.config.rounds or len(clients) < self.config.min_clients:
             return None
-        rank_of = {c["client_id"]: c["rank"] for c in clients}
-        selected = select_clients(list(rank_of), self.config.clients_per_round, self.config.seed, number)
-        ranks = {c: rank_of[c] for c in selected}
-        indices = {}
-        for c in selected:
-            assigned = self.rule.assign_indices(global_rank=self.config.global_rank, rank=ranks[c],
-                                                round_number=number, client_id=c, seed=self.config.seed)
-            if assigned is not None:
-                indices[c] = [int(i) for i in assigned]
+        selected = select_clients([c["client_id"] for c in clients], self.config.clients_per_round, self.config.seed,
+                                  number)
+        ranks, indices = self._assign(selected, number)
         now = self.clock()
         row = {"number": number, "state": "open", "selected": selected, "ranks": ranks, "indices": indices,
                "opened_at": now, "deadline": now + self.config.round_deadline}
         self.store.insert("rounds", row)
         return row
+
+    def _assign(self, client_ids: list[str], number: int) -> tuple[dict, dict]:
+        """The round's rank per client (its current rank) and, for plora, its indices."""
+        rank_of = {c["client_id"]: c["rank"] for c in self.store.select("SELECT client_id, rank FROM clients")}
+        ranks = {c: rank_of[c] for c in client_ids}
+        indices = {}
+        for c in client_ids:
+            assigned = self.rule.assign_indices(global_rank=self.config.global_rank, rank=ranks[c],
+                                                round_number=number, client_id=c, seed=self.config.seed)
+            if assigned is not None:
+                indices[c] = [int(i) for i in assigned]
+        return ranks, indices
 
     def _require_open(self, round_number: int) -> dict:
         r = self._open_round()
@@ -460,6 +482,7 @@ class Coordinator:
                 round_info = {k: shown[k] for k in ("number", "state", "opened_at", "deadline", "selected", "ranks",
                                                     "indices", "extensions", "extension_reason")}
                 round_info["uploads"] = [u["client_id"] for u in self._uploads(shown["number"])]
+                round_info["dropped"] = liveness.dropped(self.store, shown["number"])
                 round_info["aggregating"] = self._closing == shown["number"]
             clients = self.store.select("SELECT client_id, name, rank, requested_rank, pruned_rank, n_samples, "
                                         "registered_at FROM clients ORDER BY seq")
@@ -480,6 +503,7 @@ class Coordinator:
             history.append({
                 "round": r["number"], "opened_at": r["opened_at"], "aggregated_at": r["aggregated_at"],
                 "selected": r["selected"], "clients": [u["client_id"] for u in uploads],
+                "dropped": liveness.dropped(self.store, r["number"]),
                 "ranks": r["ranks"], "effective_ranks": {u["client_id"]: u["effective_rank"] for u in uploads},
                 "n_samples": {u["client_id"]: u["n_samples"] for u in uploads},
                 "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": self._bytes_down(r["number"]),

@@ -61,6 +61,15 @@ CREATE TABLE IF NOT EXISTS downloads (
     bytes INTEGER NOT NULL,
     served_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dropped (
+    round INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    PRIMARY KEY (round, client_id)
+);
+CREATE TABLE IF NOT EXISTS liveness (
+    client_id TEXT PRIMARY KEY,
+    missed INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY,
     path TEXT NOT NULL,
