@@ -42,6 +42,7 @@ class ClientOptions:
     progress: bool = True
     train_overrides: dict | None = None  # TrainConfig fields that override the server's hints
     give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
+    enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
 
 
 def train_config(run: dict, overrides: dict | None, seed: int) -> TrainConfig:
@@ -113,7 +114,8 @@ class EdgeClient:
             return
         requested = self.options.requested_rank or max(run["ranks"])
         n_samples = len(self.examples)
-        reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name)
+        reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name,
+                                  self.options.enroll_secret)
         self.state.client_id, self.state.token, self.state.rank = reply["client_id"], reply["token"], reply["rank"]
         self.state.run = reply["run"]
         self.state_dir.save(self.state)

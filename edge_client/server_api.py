@@ -68,10 +68,13 @@ class ServerAPI:
                               error.get("message", response.text[:200]), body)
         return response
 
-    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None) -> dict:
+    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None,
+                 enroll_secret: str | None = None) -> dict:
         body = {"profile": profile, "requested_rank": requested_rank, "n_samples": n_samples}
         if name:
             body["name"] = name
+        if enroll_secret:
+            body["enroll_secret"] = enroll_secret
         return self._request("POST", "/v1/register", json=body).json()
 
     def run(self) -> dict:

@@ -19,6 +19,7 @@ from edge_client.wire import MAX_INT
 from hetlora.errors import UserError
 from server_stub.aggregation import make_rule
 from server_stub.config import ServerConfig
+from server_stub.enrollment import Enrollment
 from server_stub.errors import ApiError
 from server_stub.limits import BodyLimit
 from server_stub.rounds import Coordinator
@@ -34,6 +35,8 @@ class RegisterRequest(BaseModel):
     requested_rank: int = Field(le=MAX_INT, description="the LoRA rank the device asks for")
     n_samples: int = Field(le=MAX_INT, description="local training samples")
     name: str | None = Field(default=None, max_length=200, description="a human-readable device name")
+    enroll_secret: str | None = Field(default=None, max_length=1000,
+                                      description="the server's enrollment secret, when it requires one")
 
 
 class ProfileRequest(BaseModel):
@@ -59,9 +62,12 @@ def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinato
         raise
 
 
-def create_app(config: ServerConfig, state_dir: str | Path) -> FastAPI:
-    """The FastAPI app for one run; state lives in `state_dir` (reused on restart)."""
+def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollment | None = None) -> FastAPI:
+    """The FastAPI app for one run; state lives in `state_dir` (reused on restart).
+
+    `enrollment`: who may register (default: anyone, 30 registrations a minute per non-loopback address)."""
     coordinator = build_coordinator(config, state_dir)
+    enrollment = enrollment or Enrollment()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -82,7 +88,7 @@ def create_app(config: ServerConfig, state_dir: str | Path) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError):
@@ -108,7 +114,8 @@ def create_app(config: ServerConfig, state_dir: str | Path) -> FastAPI:
         return coordinator.authenticate(authorization)
 
     @app.post("/v1/register", status_code=201, summary="register a client; returns id, token, rank and run config")
-    def register(body: RegisterRequest):
+    def register(body: RegisterRequest, request: Request):
+        enrollment.check(request.client.host if request.client else None, body.name, body.enroll_secret)
         return coordinator.register(body.profile, body.requested_rank, body.n_samples, body.name)
 
     @app.get("/v1/run", summary="the run config every client receives at registration")

@@ -76,6 +76,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--max-upload-mb", type=float, default=64.0)
     srv.add_argument("--poll-seconds", type=float, default=1.0, help="how often clients should poll the round")
 
+    enroll = p.add_argument_group("enrollment (who may register; docs/PROTOCOL.md section 2)")
+    secret = enroll.add_mutually_exclusive_group()
+    secret.add_argument("--enroll-secret-file", metavar="FILE", help="require the secret in FILE to register")
+    secret.add_argument("--enroll-secret", metavar="SECRET",
+                        help="require SECRET to register (visible in the process list: prefer --enroll-secret-file)")
+    enroll.add_argument("--allow-names", metavar="FILE", help="only these client names may register (one per line)")
+    enroll.add_argument("--register-rate", type=int, default=30, metavar="N",
+                        help="registrations per minute per client address; loopback exempt; 0 = no limit (default 30)")
+
 
 def build_config(args: argparse.Namespace):
     """ServerConfig from parsed arguments (derives the AdapterSpec from the model folder)."""
@@ -139,6 +148,24 @@ def write_server_info(state_dir: Path, host: str, port: int) -> str:
     return url
 
 
+def build_enrollment(args: argparse.Namespace):
+    """Enrollment from the arguments; warns loudly when an open server listens beyond loopback."""
+    from edge_client.cli_client import read_secret
+    from server_stub.enrollment import Enrollment, is_loopback, read_names
+
+    secret = read_secret(args.enroll_secret_file) if args.enroll_secret_file else args.enroll_secret
+    if secret is not None and not secret.strip():
+        raise UserError("--enroll-secret must not be empty")
+    enrollment = Enrollment(secret=secret, allowed_names=read_names(args.allow_names) if args.allow_names else None,
+                            per_minute=args.register_rate)
+    if enrollment.open and not is_loopback(args.host):
+        log.warning("OPEN REGISTRATION on %s: anyone who reaches this address can register and upload updates. "
+                    "Start with --enroll-secret-file FILE and/or --allow-names FILE (docs/PROTOCOL.md section 2), "
+                    "and with --ssl-certfile/--ssl-keyfile so tokens do not cross the network in clear text.",
+                    args.host)
+    return enrollment
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -147,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     (state_dir / "server.json").unlink(missing_ok=True)
     config = build_config(args)
-    app = create_app(config, state_dir)
+    app = create_app(config, state_dir, build_enrollment(args))
     sock = bind_socket(args.host, args.port)
     url = write_server_info(state_dir, args.host, sock.getsockname()[1])
     log.info("serving %s run (%s, spec %s, %d modules, ranks %s, global rank %d, %d rounds) at %s; state in %s",
