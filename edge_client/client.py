@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir
 from edge_client.server_api import ServerAPI, ServerError
 from edge_client.train_config import TrainConfig
-from edge_client.wire import decode, encode
+from edge_client.wire import WireFormatError, decode, encode, validate
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.client")
@@ -66,6 +67,7 @@ class EdgeClient:
         self.api = ServerAPI(options.server, self.state.token, give_up_after=options.give_up_after)
         self.trainer = None
         self.examples = None
+        self.spec = None
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -126,14 +128,17 @@ class EdgeClient:
     def _prepare(self, run: dict) -> None:
         """Load the trainer after checking the local model agrees with the server's spec."""
         from edge_client.backends import make_trainer
+        from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
 
         model_dir = self.options.model_dir or default_model_dir()
         labels = run.get("labels")
+        check_head(model_dir, run["task"], len(labels) if labels else None)
         spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None)
         if spec.fingerprint != run["spec_fingerprint"]:
             raise UserError(f"the local model {model_dir} does not match the server's (spec {spec.fingerprint} != "
                             f"{run['spec_fingerprint']}); use the same base model folder and LoRA targets")
+        self.spec = spec
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir)
@@ -167,7 +172,7 @@ class EdgeClient:
                     log.info("round %d: %s; waiting for the next round", number, exc)
                     return False
                 raise
-            start = decode(raw)
+            start = self._checked_download(raw, number, run)
             cfg = within_tier(train_config(run, self.options.train_overrides, seed=_seed(self.state.client_id, number)),
                               profile, current["rank"])
             log.info("round %d: training at rank %d (%d steps, batch %d, seq %d)", number, current["rank"],
@@ -192,6 +197,11 @@ class EdgeClient:
                 log.warning("round %d: upload not taken (%s)", number, exc)
                 self._finish_round(number)
                 return False
+            if exc.status == 400:  # the update itself is invalid: keep it for inspection, never re-send it
+                kept = self.state_dir.reject_pending(number, exc.code)
+                log.error("round %d: the server refused the update as invalid (%s); moved it to %s", number, exc, kept)
+                self._finish_round(number)
+                return False
             raise
         self._finish_round(number)
         if reply.get("next_rank") is not None and reply["next_rank"] != self.state.rank:
@@ -199,6 +209,15 @@ class EdgeClient:
             self.state_dir.save(self.state)
         log.info("round %d: %s, %d B up, %.1f s", number, summary, len(pending), elapsed)
         return True
+
+    def _checked_download(self, raw: bytes, number: int, run: dict):
+        """The downloaded adapter, checked against the local spec (BadServerAnswer when it does not fit)."""
+        try:
+            start = decode(raw)
+            validate(start, self.spec, max_rank=int(run.get("global_rank") or max(run["ranks"])))
+        except WireFormatError as exc:
+            raise BadServerAnswer(f"round {number}: the server's adapter does not fit this run: {exc}") from None
+        return start
 
     def _finish_round(self, number: int) -> None:
         self.state.last_uploaded_round = max(self.state.last_uploaded_round, number)

@@ -12,20 +12,24 @@ import time
 
 import requests
 
-from hetlora.errors import UserError
+from edge_client.answers import PROFILE_FIELDS, REGISTER_FIELDS, ROUND_FIELDS, check_run, json_object, require
+from hetlora.errors import ServerProblem
 
 log = logging.getLogger("hetlora.client")
+# Refusals only the device's configuration can fix (exit status 2; every other refusal exits 3).
+CONFIG_CODES = ("enrollment_required", "bad_enroll_secret", "name_not_allowed", "bad_rank", "bad_request")
 
 
-class ServerError(UserError):
+class ServerError(ServerProblem):
     """The server rejected a request (4xx); `code` is the protocol's error code."""
 
     def __init__(self, status: int, code: str, message: str, body: dict):
         super().__init__(f"server said {status} {code}: {message}")
         self.status, self.code, self.body = status, code, body
+        self.exit_code = 2 if code in CONFIG_CODES else ServerProblem.exit_code
 
 
-class ServerUnreachable(UserError):
+class ServerUnreachable(ServerProblem):
     """Retries ran out (only when a retry limit was set)."""
 
 
@@ -61,11 +65,13 @@ class ServerAPI:
         if response.status_code >= 400:
             try:
                 body = response.json()
-                error = body.get("error", {})
             except ValueError:
-                body, error = {}, {}
-            raise ServerError(response.status_code, error.get("code", "http_error"),
-                              error.get("message", response.text[:200]), body)
+                body = {}
+            error = body.get("error") if isinstance(body, dict) else None
+            error = error if isinstance(error, dict) else {}
+            raise ServerError(response.status_code, str(error.get("code", "http_error")),
+                              str(error.get("message", " ".join(response.text[:200].split()))),
+                              body if isinstance(body, dict) else {})
         return response
 
     def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None,
@@ -75,30 +81,34 @@ class ServerAPI:
             body["name"] = name
         if enroll_secret:
             body["enroll_secret"] = enroll_secret
-        return self._request("POST", "/v1/register", json=body).json()
+        reply = require(json_object(self._request("POST", "/v1/register", json=body), "register"), REGISTER_FIELDS,
+                        "register")
+        check_run(reply["run"])
+        return reply
 
     def run(self) -> dict:
-        return self._request("GET", "/v1/run").json()
+        return check_run(json_object(self._request("GET", "/v1/run"), "run config"))
 
     def current_round(self) -> dict:
-        return self._request("GET", "/v1/round").json()
+        return require(json_object(self._request("GET", "/v1/round"), "round"), ROUND_FIELDS, "round")
 
     def report_profile(self, profile: dict, requested_rank: int | None = None) -> dict:
         body = {"profile": profile}
         if requested_rank is not None:
             body["requested_rank"] = requested_rank
-        return self._request("POST", "/v1/profile", json=body).json()
+        return require(json_object(self._request("POST", "/v1/profile", json=body), "profile"), PROFILE_FIELDS,
+                       "profile")
 
     def download_adapter(self, round_number: int) -> bytes:
         return self._request("GET", f"/v1/rounds/{round_number}/adapter").content
 
     def upload_update(self, round_number: int, data: bytes) -> dict:
-        return self._request("POST", f"/v1/rounds/{round_number}/update", data=data,
-                             headers={"Content-Type": "application/octet-stream"}).json()
+        return json_object(self._request("POST", f"/v1/rounds/{round_number}/update", data=data,
+                                         headers={"Content-Type": "application/octet-stream"}), "upload")
 
     def global_adapter(self, version: int | None = None) -> bytes:
         params = {"version": version} if version is not None else None
         return self._request("GET", "/v1/global", params=params).content
 
     def status(self) -> dict:
-        return self._request("GET", "/v1/status").json()
+        return json_object(self._request("GET", "/v1/status"), "status")
