@@ -56,6 +56,7 @@ def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinato
     store = Store(state_dir)
     try:
         store.bind_identity(config.identity())
+        store.sweep()
         return Coordinator(config, store, rule)
     except BaseException:
         store.close()

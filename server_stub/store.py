@@ -1,13 +1,14 @@
 """Durable server state: SQLite (WAL) for clients, rounds, uploads and global versions; blobs as files.
 
 A blob is written to a temp file, fsynced and renamed before the row that names it is
-committed, so after a crash every row points to a complete file. A file without a row is
-ignored (and overwritten by the next write of the same name).
+committed, so after a crash every row points to a complete file. What a crash can leave
+behind, temp files and blobs whose row was never committed, `sweep` removes at start-up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -79,6 +80,7 @@ CREATE TABLE IF NOT EXISTS globals (
 """
 
 JSON_COLUMNS = ("profile", "selected", "ranks", "indices", "statistics")
+log = logging.getLogger("hetlora.server")
 
 
 class Store:
@@ -125,6 +127,22 @@ class Store:
                             "or start with the same model, targets, labels, aggregator options, global rank and seed")
 
     # --- blobs ---------------------------------------------------------------------------------
+    def sweep(self) -> list[str]:
+        """Delete crash leftovers (call before serving): atomic-write temp files (`.<name>.*.tmp`) anywhere in
+        the state dir, and blobs no `uploads` or `globals` row names. Returns the removed paths (logged)."""
+        named = {row[0] for row in self.db.execute("SELECT path FROM uploads UNION SELECT path FROM globals")}
+        blobs = self.root / "blobs"
+        removed = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        removed += [p for p in blobs.rglob("*") if p.is_file() and not p.name.endswith(".tmp")
+                    and p.relative_to(blobs).as_posix() not in named]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        names = [p.relative_to(self.root).as_posix() for p in removed]
+        if names:
+            log.warning("start-up cleanup in %s: removed %d crash leftover(s): %s", self.root, len(names),
+                        ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+        return names
+
     def write_blob(self, relpath: str, data: bytes) -> None:
         atomic.write_bytes(self.root / "blobs" / relpath, data)
 
