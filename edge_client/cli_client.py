@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="rank to ask for (default: the largest the server offers; "
                                             "the server's tier policy may assign less)")
     p.add_argument("--name", help="a human-readable name shown in the server status")
+    p.add_argument("--ca-file", metavar="PEM", help="CA certificate(s) to verify an https:// server "
+                                                   "(default: the CA bundle of requests)")
     secret = p.add_mutually_exclusive_group()
     secret.add_argument("--enroll-secret-file", metavar="FILE",
                         help="the server's enrollment secret, read from FILE (when the server requires one)")
@@ -106,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
         artifacts_dir=args.artifacts, requested_rank=args.rank, name=args.name, text_column=args.text_column,
         label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
         progress=not args.no_progress, train_overrides=overrides, give_up_after=args.give_up_after,
-        enroll_secret=args.enroll_secret,
+        enroll_secret=args.enroll_secret, ca_file=args.ca_file,
     )
     return EdgeClient(options, profile_source(args.profile_as, args.profile_file)).run()

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir
@@ -44,6 +45,7 @@ class ClientOptions:
     train_overrides: dict | None = None  # TrainConfig fields that override the server's hints
     give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
     enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
+    ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
 
 
 def train_config(run: dict, overrides: dict | None, seed: int) -> TrainConfig:
@@ -64,7 +66,13 @@ class EdgeClient:
         self.profile_source = profile_source
         self.state_dir = StateDir(options.state_dir)
         self.state = self.state_dir.load(options.server)
-        self.api = ServerAPI(options.server, self.state.token, give_up_after=options.give_up_after)
+        self.api = ServerAPI(options.server, self.state.token, give_up_after=options.give_up_after,
+                             ca_file=options.ca_file)
+        host = urlsplit(options.server).hostname
+        if urlsplit(options.server).scheme == "http" and host not in ("localhost", None) \
+                and not host.startswith(("127.", "::1")):
+            log.warning("plain HTTP to %s: the token and updates cross the network in clear text; ask for an "
+                        "https:// server (docs/DEVICES.md, TLS)", options.server)
         self.trainer = None
         self.examples = None
         self.spec = None

@@ -2,7 +2,9 @@
 
 Network failures and 5xx answers are retried with exponential backoff (1 s, 2 s, 4 s ... capped
 at `max_backoff`) and a log line per retry; 4xx answers raise `ServerError` with the server's
-error code at once, because repeating a rejected request cannot help.
+error code at once, because repeating a rejected request cannot help. An https:// server is verified
+against `ca_file` or, by default, the CA bundle of requests; a certificate that does not verify is a
+configuration error (UserError), not retried.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 import requests
 
 from edge_client.answers import PROFILE_FIELDS, REGISTER_FIELDS, ROUND_FIELDS, check_run, json_object, require
-from hetlora.errors import ServerProblem
+from hetlora.errors import ServerProblem, UserError
 
 log = logging.getLogger("hetlora.client")
 # Refusals only the device's configuration can fix (exit status 2; every other refusal exits 3).
@@ -35,13 +37,14 @@ class ServerUnreachable(ServerProblem):
 
 class ServerAPI:
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 60.0, max_backoff: float = 60.0,
-                 give_up_after: float | None = None):
+                 give_up_after: float | None = None, ca_file: str | None = None):
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.give_up_after = give_up_after
         self.session = requests.Session()
+        self.verify = ca_file or True  # per request: a session setting loses to REQUESTS_CA_BUNDLE
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         headers = kwargs.pop("headers", {})
@@ -51,10 +54,14 @@ class ServerAPI:
         while True:
             attempt += 1
             try:
-                response = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout, **kwargs)
+                response = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout,
+                                                verify=self.verify, **kwargs)
                 if response.status_code < 500:
                     break
                 problem = f"server error {response.status_code}"
+            except requests.exceptions.SSLError as exc:
+                raise UserError(f"TLS with {self.url} failed: {exc}; if the server's certificate is signed by your "
+                                "own CA, pass its certificate with --ca-file") from None
             except requests.RequestException as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if self.give_up_after is not None and time.monotonic() - started + delay > self.give_up_after:
