@@ -87,36 +87,73 @@ def _factor_bound(uploads, rule_name):
     return bounds
 
 
+def at_limit(poison, honest):
+    """Every value at the limit, B of the opposite sign, a huge sample count."""
+    for name, (a, b) in poison.lora.items():
+        poison.lora[name] = (np.full_like(a, MAX_ABS_VALUE), np.full_like(b, -MAX_ABS_VALUE))
+    poison.dense = {k: np.full_like(v, MAX_ABS_VALUE) for k, v in poison.dense.items()}
+    return 2**31 - 1
+
+
+def unbalanced(poison, honest):
+    """B at the limit, A tiny: an ordinary B A, but factors that a factor average (fedavg, hetlora) multiplies
+    with the honest clients' A."""
+    for name, (a, b) in poison.lora.items():
+        poison.lora[name] = (a * 1e-4, np.sign(b) * MAX_ABS_VALUE)
+    return 10
+
+
+def scaled_flip(poison, honest):
+    """The honest mean update reversed and scaled up 1000x (values stay under the limit)."""
+    for name in poison.lora:
+        poison.lora[name] = (honest[0].lora[name][0] * 1000, -honest[0].lora[name][1] * 1000)
+    poison.dense = {k: -1000 * v for k, v in honest[0].dense.items()}
+    return 10
+
+
+def sample_count(poison, honest):
+    """An ordinary-looking update claiming 2^31 - 1 samples, to take the n-weighted share."""
+    return 2**31 - 1
+
+
+ATTACKS = {f.__name__: f for f in (at_limit, unbalanced, scaled_flip, sample_count)}
+
+
 @pytest.mark.parametrize("rule_name", RULES)
-def test_poisoning_one_client_cannot_blow_up_the_global(spec, tmp_path, rule_name):
+def test_float32_max_factors_are_refused_at_upload(spec, tmp_path, rule_name):
+    state = tmp_path / "state"
+    config = make_config(spec, aggregator=rule_name, ranks=(RANK,), global_rank=RANK, min_clients=2)
+    with running_server(config, state) as http:
+        clients = [register(http, RANK) for _ in range(2)]
+        meta = upload_meta(clients[1], 1, RANK, 10, indices=list(range(RANK)) if rule_name == "plora" else None)
+        poison = make_update(spec, RANK, meta, seed=5)
+        for name, (a, b) in poison.lora.items():
+            poison.lora[name] = (np.full_like(a, np.finfo(np.float32).max), np.full_like(b, np.finfo(np.float32).max))
+        before = snapshot(http, state)
+        reply = post_update(http, clients[1], 1, encode(poison))
+        assert (reply.status_code, error_code(reply)) == (400, "value_too_large"), reply.text
+        assert snapshot(http, state) == before
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize("rule_name", RULES)
+def test_one_poisoner_cannot_move_the_global_beyond_the_bound(spec, tmp_path, rule_name, attack):
     state = tmp_path / "state"
     config = make_config(spec, aggregator=rule_name, ranks=(RANK,), global_rank=RANK, min_clients=4, rounds=2)
     with running_server(config, state) as http:
         clients = [register(http, RANK) for _ in range(4)]
         indices = list(range(RANK)) if rule_name == "plora" else None
-        metas = [upload_meta(c, 1, RANK, 10, indices=indices) for c in clients]
+        metas = [upload_meta(c, 1, RANK, 10 * (k + 1), indices=indices) for k, c in enumerate(clients)]
         honest = [make_update(spec, RANK, meta, seed=k) for k, meta in enumerate(metas[:3])]
-
-        # float32 max (finite): refused at upload, nothing stored
-        before = snapshot(http, state)
         poison = make_update(spec, RANK, metas[3], seed=5)
-        for name, (a, b) in poison.lora.items():
-            poison.lora[name] = (np.full_like(a, np.finfo(np.float32).max), np.full_like(b, np.finfo(np.float32).max))
-        reply = post_update(http, clients[3], 1, encode(poison))
-        assert (reply.status_code, error_code(reply)) == (400, "value_too_large"), reply.text
-        assert snapshot(http, state) == before
-
-        # at the absolute limit, with a huge sample count: accepted, then clipped
-        for name, (a, b) in poison.lora.items():
-            poison.lora[name] = (np.full_like(a, MAX_ABS_VALUE), np.full_like(b, -MAX_ABS_VALUE))
-        poison.dense = {k: np.full_like(v, MAX_ABS_VALUE) for k, v in poison.dense.items()}
-        poison.meta = {**metas[3], "n_samples": 2**31 - 1}
+        poison.meta = {**metas[3], "n_samples": ATTACKS[attack](poison, honest)}
         for client, update in zip(clients, honest + [poison]):
             assert post_update(http, client, 1, encode(update)).status_code == 201
         status = http.get("/v1/status")
         assert status.status_code == 200
-        entry = status.json()["history"][0]
-        assert list(entry["statistics"]["clipped"]) == [clients[3]["client_id"]]
+        statistics = status.json()["history"][0]["statistics"]
+        assert list(statistics["clipped"]) == [clients[3]["client_id"]]
+        assert statistics["sample_weights"][3] <= CLIP_FACTOR / (CLIP_FACTOR + 3)  # n_4 <= c x lower median
         new = global_adapter(http)
         for name, bound in _factor_bound(honest, rule_name).items():
             a, b = new.lora[name]
