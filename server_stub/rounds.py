@@ -227,12 +227,16 @@ class Coordinator:
             row = {"round": round_number, "client_id": client_id, "sha256": digest, "path": path, "rank": rank,
                    "effective_rank": effective_rank, "n_samples": n_samples, "bytes": len(body),
                    "received_at": self.clock()}
-            with self.store.transaction():
-                self.store.insert("uploads", row)
-                if effective_rank < assigned:
-                    client = self._client(client_id)
-                    self.store.update("clients", {"client_id": client_id},
-                                      {"pruned_rank": effective_rank, "rank": min(client["rank"], effective_rank)})
+            try:
+                with self.store.transaction():
+                    self.store.insert("uploads", row)
+                    if effective_rank < assigned:
+                        client = self._client(client_id)
+                        self.store.update("clients", {"client_id": client_id},
+                                          {"pruned_rank": effective_rank, "rank": min(client["rank"], effective_rank)})
+            except BaseException:  # no blob without a row
+                self.store.delete_blob(path)
+                raise
             uploaded = len(self._uploads(round_number))
             log.info("round %d: upload from %s accepted (rank %d, effective rank %d, %d samples); %d of %d in",
                      round_number, client_id, rank, effective_rank, n_samples, uploaded, len(r["selected"]))

@@ -146,6 +146,9 @@ class Store:
     def write_blob(self, relpath: str, data: bytes) -> None:
         atomic.write_bytes(self.root / "blobs" / relpath, data)
 
+    def delete_blob(self, relpath: str) -> None:
+        (self.root / "blobs" / relpath).unlink(missing_ok=True)
+
     def read_blob(self, relpath: str) -> bytes:
         return (self.root / "blobs" / relpath).read_bytes()
 

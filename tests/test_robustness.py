@@ -4,9 +4,11 @@ then bounded property-based fuzzing (hypothesis) of every route of the server's 
 from __future__ import annotations
 
 import json
+import sqlite3
 from urllib.parse import quote
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
@@ -169,4 +171,25 @@ def test_fuzz_every_openapi_route_never_answers_5xx(spec, tmp_path):
         for path, method, op in routes:
             body_schema = (op.get("requestBody") or {}).get("content", {}).get("application/json", {}).get("schema")
             fuzz(path, method, body_for(body_schema, components) if method == "POST" else st.just(b""))
+        print(f"fuzzing: {len(seen)} requests over {len(routes)} routes, statuses {sorted(set(seen))}")
         assert len(seen) >= 8 * 30 and max(seen) < 500
+
+
+def test_an_upload_whose_row_fails_leaves_no_blob(spec, tmp_path):
+    from server_stub.app import build_coordinator
+
+    coordinator = build_coordinator(make_config(spec, min_clients=2), tmp_path)
+    client, _ = coordinator.register({}, 2, 10), coordinator.register({}, 4, 10)
+    real_insert = coordinator.store.insert
+
+    def failing_insert(table, row):
+        if table == "uploads":
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+        real_insert(table, row)
+
+    coordinator.store.insert = failing_insert
+    update = make_update(spec, 2, upload_meta(client, 1, 2, 10), seed=0)
+    with pytest.raises(sqlite3.OperationalError):
+        coordinator.accept_upload(client["client_id"], 1, encode(update))
+    assert not [p for p in (tmp_path / "blobs" / "uploads").rglob("*") if p.is_file()]
+    coordinator.store.close()
