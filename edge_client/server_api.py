@@ -1,8 +1,9 @@
 """HTTP calls of the v1 protocol (docs/PROTOCOL.md), with retries on network errors and 5xx.
 
 Network failures and 5xx answers are retried with exponential backoff (1 s, 2 s, 4 s ... capped
-at `max_backoff`) and a log line per retry; 4xx answers raise `ServerError` with the server's
-error code at once, because repeating a rejected request cannot help. An https:// server is verified
+at `max_backoff`) and a log line per retry, 429 answers after their Retry-After; other 4xx answers
+raise `ServerError` with the server's error code at once, because repeating a rejected request
+cannot help. An https:// server is verified
 against `ca_file` or, by default, the CA bundle of requests; a certificate that does not verify is a
 configuration error (UserError), not retried.
 """
@@ -56,9 +57,14 @@ class ServerAPI:
             try:
                 response = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout,
                                                 verify=self.verify, **kwargs)
-                if response.status_code < 500:
+                retry_after = response.headers.get("Retry-After", "")
+                if response.status_code == 429 and retry_after.isdigit():  # rate limited: wait as told
+                    delay = max(delay, min(float(retry_after), self.max_backoff))
+                    problem = "rate limited"
+                elif response.status_code < 500:
                     break
-                problem = f"server error {response.status_code}"
+                else:
+                    problem = f"server error {response.status_code}"
             except requests.exceptions.SSLError as exc:
                 raise UserError(f"TLS with {self.url} failed: {exc}; if the server's certificate is signed by your "
                                 "own CA, pass its certificate with --ca-file") from None

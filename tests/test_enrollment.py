@@ -8,7 +8,7 @@ import logging
 import httpx
 import pytest
 
-from edge_client.server_api import ServerAPI, ServerError
+from edge_client.server_api import ServerAPI, ServerUnreachable
 from server_stub.enrollment import Enrollment
 from server_stub.errors import ApiError
 from tests.test_server import error_code, make_config, snapshot, spec
@@ -40,8 +40,8 @@ def test_registration_needs_the_secret_and_an_allowed_name_and_is_rate_limited(s
             limited = http.post("/v1/register", json=BODY | {"name": "pi-kitchen", "enroll_secret": "s3cret-42"})
             assert (limited.status_code, error_code(limited)) == (429, "rate_limited")
             assert 1 <= int(limited.headers["Retry-After"]) <= 60
-            with pytest.raises(ServerError, match="rate_limited"):
-                ServerAPI(url).register({}, 4, 1, name="pi-kitchen", enroll_secret="s3cret-42")
+            with pytest.raises(ServerUnreachable, match="rate limited"):  # the client waits Retry-After, here too long
+                ServerAPI(url, give_up_after=0.5).register({}, 4, 1, name="pi-kitchen", enroll_secret="s3cret-42")
             assert len(http.get("/v1/status").json()["clients"]) == 1
 
 
@@ -77,3 +77,20 @@ def test_open_server_beyond_loopback_warns_loudly(tmp_path, caplog, host, secret
         gate = build_enrollment(args)
     assert ("OPEN REGISTRATION" in caplog.text) is warned
     assert gate.secret == ("s3cret" if secret else None)
+
+
+def test_client_waits_out_a_rate_limit_and_registers(spec, tmp_path, caplog):
+    """The rate limit's clock runs 61x fast, so the client's one wait (Retry-After capped at max_backoff = 1 s)
+    outlasts the 60 s window."""
+    import time
+
+    from server_stub.background import serve_in_background
+
+    gate = Enrollment(per_minute=1, exempt_loopback=False, clock=lambda: time.monotonic() * 61)
+    with serve_in_background(make_config(spec), tmp_path / "state", enrollment=gate) as url:
+        api = ServerAPI(url, max_backoff=1.0)
+        first = api.register({}, 4, 1)
+        with caplog.at_level(logging.WARNING, logger="hetlora.client"):
+            second = api.register({}, 4, 1)
+        assert first["client_id"] != second["client_id"]
+        assert "rate limited" in caplog.text
