@@ -103,7 +103,15 @@ def test_kill_loop_loses_no_acknowledged_upload(spec, tiny_bert_dir, tmp_path):
             stop = threading.Event()
             driver = threading.Thread(target=drive, args=(url, clients, spec, acked, stop))
             driver.start()
-            time.sleep(float(rng.uniform(0.3, 1.2)) if kill < KILLS else 1.0)
+            if kill < KILLS:
+                time.sleep(float(rng.uniform(0.3, 1.2)))
+            else:  # the last run: until a round has aggregated since the last kill (bounded)
+                with httpx.Client(base_url=url, timeout=10) as http:
+                    last = len(http.get("/v1/status").json()["history"])
+                    for _ in range(600):
+                        if len(http.get("/v1/status").json()["history"]) > last:
+                            break
+                        time.sleep(0.1)
         finally:
             if kill < KILLS:
                 sigkill(proc)  # mid-upload or mid-aggregation: wherever the driver is
