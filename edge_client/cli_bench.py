@@ -101,6 +101,7 @@ def run(args) -> int:
     from edge_client.bench import cost, report, runner, steppers
     from edge_client.device.energy import meter_for
     from edge_client.device.host import Host
+    from edge_client.model_check import check_head
     from edge_client.models import check_model_dir, default_model_dir, default_targets, derive_spec, model_type
     from profiles.memory_model import ModelShape
 
@@ -117,6 +118,7 @@ def run(args) -> int:
     targets = tuple(manifest.doc["targets"]) if manifest else default_targets(model_dir)
     num_labels = int(manifest.doc.get("num_labels") or NUM_LABELS) if manifest else NUM_LABELS
     lora_alpha = float(manifest.doc["lora_alpha"]) if manifest else 16.0
+    check_head(model_dir, "classification", num_labels)
     spec = derive_spec(model_dir, "classification", targets, num_labels)
     shape = ModelShape.from_model_dir(model_dir)
     skip = {b: steppers.skip_reason(b, manifest, settings.batch, settings.seq_len) for b in settings.backends}

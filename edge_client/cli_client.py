@@ -25,6 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="rank to ask for (default: the largest the server offers; "
                                             "the server's tier policy may assign less)")
     p.add_argument("--name", help="a human-readable name shown in the server status")
+    p.add_argument("--ca-file", metavar="PEM", help="CA certificate(s) to verify an https:// server "
+                                                   "(default: the CA bundle of requests)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--enroll-secret-file", metavar="FILE",
+                        help="the server's enrollment secret, read from FILE (when the server requires one)")
+    secret.add_argument("--enroll-secret", metavar="SECRET",
+                        help="the server's enrollment secret (visible in the process list: prefer the file)")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--profile-as", metavar="CATALOG_ID",
                      help="present a catalog device profile instead of profiling this machine (simulations)")
@@ -74,6 +81,17 @@ def read_profile_file(path: str) -> dict:
     return doc
 
 
+def read_secret(path: str) -> str:
+    """The enrollment secret in a file, surrounding whitespace stripped."""
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read the enrollment secret file {path}: {exc.strerror}") from None
+    if not secret:
+        raise UserError(f"the enrollment secret file {path} is empty")
+    return secret
+
+
 def run(args: argparse.Namespace) -> int:
     from edge_client.client import ClientOptions, EdgeClient
 
@@ -83,10 +101,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                                    "lr": args.lr}.items() if v is not None}
+    if args.enroll_secret_file:
+        args.enroll_secret = read_secret(args.enroll_secret_file)
     options = ClientOptions(
         server=args.server, data=args.data, state_dir=args.state_dir, model_dir=args.model, backend=args.backend,
         artifacts_dir=args.artifacts, requested_rank=args.rank, name=args.name, text_column=args.text_column,
         label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
         progress=not args.no_progress, train_overrides=overrides, give_up_after=args.give_up_after,
+        enroll_secret=args.enroll_secret, ca_file=args.ca_file,
     )
     return EdgeClient(options, profile_source(args.profile_as, args.profile_file)).run()

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edge_client.data import load_examples, read_labels
     from edge_client.evaluate import Evaluator
+    from edge_client.model_check import check_head
     from edge_client.models import default_model_dir
     from edge_client.wire import decode
     from hetlora.errors import UserError
@@ -39,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("the adapter carries no label list; pass --labels FILE (e.g. data/banking77/categories.json)")
     examples = load_examples(args.test, args.task, labels, text_column=args.text_column,
                              label_column=args.label_column)
-    evaluator = Evaluator(args.model or default_model_dir(), args.task, labels)
+    model_dir = args.model or default_model_dir()
+    check_head(model_dir, args.task, len(labels) if labels else None)
+    evaluator = Evaluator(model_dir, args.task, labels)
     metrics = evaluator.evaluate(adapter, examples, seq_len=args.seq_len, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -12,11 +12,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
+from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir
 from edge_client.server_api import ServerAPI, ServerError
 from edge_client.train_config import TrainConfig
-from edge_client.wire import decode, encode
+from edge_client.wire import WireFormatError, decode, encode, validate
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.client")
@@ -42,6 +44,8 @@ class ClientOptions:
     progress: bool = True
     train_overrides: dict | None = None  # TrainConfig fields that override the server's hints
     give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
+    enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
+    ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
 
 
 def train_config(run: dict, overrides: dict | None, seed: int) -> TrainConfig:
@@ -63,9 +67,16 @@ class EdgeClient:
         self.profile_source = profile_source
         self.state_dir = StateDir(options.state_dir)
         self.state = self.state_dir.load(options.server)
-        self.api = ServerAPI(options.server, self.state.token, give_up_after=options.give_up_after)
+        self.api = ServerAPI(options.server, self.state.token, give_up_after=options.give_up_after,
+                             ca_file=options.ca_file)
+        host = urlsplit(options.server).hostname
+        if urlsplit(options.server).scheme == "http" and host not in ("localhost", None) \
+                and not host.startswith(("127.", "::1")):
+            log.warning("plain HTTP to %s: the token and updates cross the network in clear text; ask for an "
+                        "https:// server (docs/DEVICES.md, TLS)", options.server)
         self.trainer = None
         self.examples = None
+        self.spec = None
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -74,9 +85,9 @@ class EdgeClient:
         run = self.state.run if self.state.registered else self.api.run()
         self.examples = load_examples(self.options.data, run["task"], run.get("labels"),
                                       text_column=self.options.text_column, label_column=self.options.label_column)
+        self._prepare(run)  # model, data and backend load first: a client that cannot train never registers
         self._register(run)
         run = self.state.run
-        self._prepare(run)
         mode = MODE_FOR_AGGREGATOR[run["aggregator"]]
         poll = self.options.poll_seconds or float(run.get("poll_seconds", 1.0))
         done = 0
@@ -114,7 +125,8 @@ class EdgeClient:
             return
         requested = self.options.requested_rank or max(run["ranks"])
         n_samples = len(self.examples)
-        reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name)
+        reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name,
+                                  self.options.enroll_secret)
         self.state.client_id, self.state.token, self.state.rank = reply["client_id"], reply["token"], reply["rank"]
         self.state.run = reply["run"]
         self.state_dir.save(self.state)
@@ -125,15 +137,18 @@ class EdgeClient:
     def _prepare(self, run: dict) -> None:
         """Load the trainer after checking the local model agrees with the server's spec."""
         from edge_client.backends import make_trainer
+        from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
 
         model_dir = self.options.model_dir or default_model_dir()
         labels = run.get("labels")
+        check_head(model_dir, run["task"], len(labels) if labels else None)
         spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None,
                            pooling=run.get("pooling"))
         if spec.fingerprint != run["spec_fingerprint"]:
             raise UserError(f"the local model {model_dir} does not match the server's (spec {spec.fingerprint} != "
                             f"{run['spec_fingerprint']}); use the same base model folder and LoRA targets")
+        self.spec = spec
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
@@ -169,7 +184,7 @@ class EdgeClient:
                     log.info("round %d: %s; waiting for the next round", number, exc)
                     return False
                 raise
-            start = decode(raw)
+            start = self._checked_download(raw, number, run)
             seed = current.get("seed", _seed(self.state.client_id, number))
             cfg = within_tier(train_config(run, self.options.train_overrides, seed=seed), profile, current["rank"])
             log.info("round %d: training at rank %d (%d steps, batch %d, seq %d)", number, current["rank"],
@@ -192,6 +207,11 @@ class EdgeClient:
         except ServerError as exc:
             if exc.code in ("round_closed", "duplicate_upload"):
                 log.warning("round %d: upload not taken (%s)", number, exc)
+                self._finish_round(number)
+                return False
+            if exc.status == 400:  # the update itself is invalid: keep it for inspection, never re-send it
+                kept = self.state_dir.reject_pending(number, exc.code)
+                log.error("round %d: the server refused the update as invalid (%s); moved it to %s", number, exc, kept)
                 self._finish_round(number)
                 return False
             raise
@@ -218,6 +238,15 @@ class EdgeClient:
         classes = int((stats.class_counts > 0).sum())
         log.info("round %d: head statistics of %d samples over %d classes", number, stats.n_samples, classes)
         return pending, f"head statistics ({stats.n_samples} samples, {classes} classes)", time.perf_counter() - t0
+
+    def _checked_download(self, raw: bytes, number: int, run: dict):
+        """The downloaded adapter, checked against the local spec (BadServerAnswer when it does not fit)."""
+        try:
+            start = decode(raw)
+            validate(start, self.spec, max_rank=int(run.get("global_rank") or max(run["ranks"])))
+        except WireFormatError as exc:
+            raise BadServerAnswer(f"round {number}: the server's adapter does not fit this run: {exc}") from None
+        return start
 
     def _finish_round(self, number: int) -> None:
         self.state.last_uploaded_round = max(self.state.last_uploaded_round, number)

@@ -4,6 +4,7 @@
                         the last round uploaded
   pending.safetensors   a trained update (or round-0 head statistics) not yet acknowledged, with its round
                         in the metadata: after a crash it is uploaded as is, never retrained
+  rejected/             updates the server refused as invalid (400), kept for inspection, never re-sent
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class StateDir:
             pass
         file.unlink()
         return None
+
+    def reject_pending(self, round_number: int, code: str) -> Path:
+        """Move the pending update to rejected/round-NNNN-<code>.safetensors (atomic rename); return its path."""
+        target = self.path / "rejected" / f"round-{round_number:04d}-{''.join(c for c in code if c.isalnum() or c == '_')}.safetensors"
+        target.parent.mkdir(exist_ok=True)
+        (self.path / PENDING_FILE).replace(target)
+        return target
 
     def clear_pending(self) -> None:
         (self.path / PENDING_FILE).unlink(missing_ok=True)

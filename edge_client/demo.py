@@ -255,7 +255,7 @@ def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row
     from edge_client.train_config import TrainConfig
     from edge_client.training import TorchTrainer
     from server_stub.aggregation import make_rule
-    from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, class_head
+    from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, safe_class_head
     from server_stub.head_round import head_shapes
 
     rank = max(cfg.ranks)
@@ -269,8 +269,8 @@ def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row
     if cfg.head_init != "none":
         t0 = time.monotonic()
         weight_name, bias_name, _, _ = head_shapes(spec)
-        weight, bias = class_head(trainer.head_statistics(pooled, cfg.seq_len), cfg.head_init,
-                                  shrinkage=DEFAULT_SHRINKAGE, temperature=DEFAULT_TEMPERATURE)
+        weight, bias, _ = safe_class_head(trainer.head_statistics(pooled, cfg.seq_len), cfg.head_init,
+                                          shrinkage=DEFAULT_SHRINKAGE, temperature=DEFAULT_TEMPERATURE)
         adapter.dense.update({weight_name: weight, bias_name: bias})
         first = 0
     for number in range(first, cfg.rounds + 1):

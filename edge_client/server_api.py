@@ -1,8 +1,11 @@
 """HTTP calls of the v1 protocol (docs/PROTOCOL.md), with retries on network errors and 5xx.
 
 Network failures and 5xx answers are retried with exponential backoff (1 s, 2 s, 4 s ... capped
-at `max_backoff`) and a log line per retry; 4xx answers raise `ServerError` with the server's
-error code at once, because repeating a rejected request cannot help.
+at `max_backoff`) and a log line per retry, 429 answers after their Retry-After; other 4xx answers
+raise `ServerError` with the server's error code at once, because repeating a rejected request
+cannot help. An https:// server is verified
+against `ca_file` or, by default, the CA bundle of requests; a certificate that does not verify is a
+configuration error (UserError), not retried.
 """
 
 from __future__ import annotations
@@ -12,32 +15,37 @@ import time
 
 import requests
 
-from hetlora.errors import UserError
+from edge_client.answers import PROFILE_FIELDS, REGISTER_FIELDS, ROUND_FIELDS, check_run, json_object, require
+from hetlora.errors import ServerProblem, UserError
 
 log = logging.getLogger("hetlora.client")
+# Refusals only the device's configuration can fix (exit status 2; every other refusal exits 3).
+CONFIG_CODES = ("enrollment_required", "bad_enroll_secret", "name_not_allowed", "bad_rank", "bad_request")
 
 
-class ServerError(UserError):
+class ServerError(ServerProblem):
     """The server rejected a request (4xx); `code` is the protocol's error code."""
 
     def __init__(self, status: int, code: str, message: str, body: dict):
         super().__init__(f"server said {status} {code}: {message}")
         self.status, self.code, self.body = status, code, body
+        self.exit_code = 2 if code in CONFIG_CODES else ServerProblem.exit_code
 
 
-class ServerUnreachable(UserError):
+class ServerUnreachable(ServerProblem):
     """Retries ran out (only when a retry limit was set)."""
 
 
 class ServerAPI:
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 60.0, max_backoff: float = 60.0,
-                 give_up_after: float | None = None):
+                 give_up_after: float | None = None, ca_file: str | None = None):
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.give_up_after = give_up_after
         self.session = requests.Session()
+        self.verify = ca_file or True  # per request: a session setting loses to REQUESTS_CA_BUNDLE
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         headers = kwargs.pop("headers", {})
@@ -47,10 +55,19 @@ class ServerAPI:
         while True:
             attempt += 1
             try:
-                response = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout, **kwargs)
-                if response.status_code < 500:
+                response = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout,
+                                                verify=self.verify, **kwargs)
+                retry_after = response.headers.get("Retry-After", "")
+                if response.status_code == 429 and retry_after.isdigit():  # rate limited: wait as told
+                    delay = max(delay, min(float(retry_after), self.max_backoff))
+                    problem = "rate limited"
+                elif response.status_code < 500:
                     break
-                problem = f"server error {response.status_code}"
+                else:
+                    problem = f"server error {response.status_code}"
+            except requests.exceptions.SSLError as exc:
+                raise UserError(f"TLS with {self.url} failed: {exc}; if the server's certificate is signed by your "
+                                "own CA, pass its certificate with --ca-file") from None
             except requests.RequestException as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if self.give_up_after is not None and time.monotonic() - started + delay > self.give_up_after:
@@ -61,41 +78,50 @@ class ServerAPI:
         if response.status_code >= 400:
             try:
                 body = response.json()
-                error = body.get("error", {})
             except ValueError:
-                body, error = {}, {}
-            raise ServerError(response.status_code, error.get("code", "http_error"),
-                              error.get("message", response.text[:200]), body)
+                body = {}
+            error = body.get("error") if isinstance(body, dict) else None
+            error = error if isinstance(error, dict) else {}
+            raise ServerError(response.status_code, str(error.get("code", "http_error")),
+                              str(error.get("message", " ".join(response.text[:200].split()))),
+                              body if isinstance(body, dict) else {})
         return response
 
-    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None) -> dict:
+    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None,
+                 enroll_secret: str | None = None) -> dict:
         body = {"profile": profile, "requested_rank": requested_rank, "n_samples": n_samples}
         if name:
             body["name"] = name
-        return self._request("POST", "/v1/register", json=body).json()
+        if enroll_secret:
+            body["enroll_secret"] = enroll_secret
+        reply = require(json_object(self._request("POST", "/v1/register", json=body), "register"), REGISTER_FIELDS,
+                        "register")
+        check_run(reply["run"])
+        return reply
 
     def run(self) -> dict:
-        return self._request("GET", "/v1/run").json()
+        return check_run(json_object(self._request("GET", "/v1/run"), "run config"))
 
     def current_round(self) -> dict:
-        return self._request("GET", "/v1/round").json()
+        return require(json_object(self._request("GET", "/v1/round"), "round"), ROUND_FIELDS, "round")
 
     def report_profile(self, profile: dict, requested_rank: int | None = None) -> dict:
         body = {"profile": profile}
         if requested_rank is not None:
             body["requested_rank"] = requested_rank
-        return self._request("POST", "/v1/profile", json=body).json()
+        return require(json_object(self._request("POST", "/v1/profile", json=body), "profile"), PROFILE_FIELDS,
+                       "profile")
 
     def download_adapter(self, round_number: int) -> bytes:
         return self._request("GET", f"/v1/rounds/{round_number}/adapter").content
 
     def upload_update(self, round_number: int, data: bytes) -> dict:
-        return self._request("POST", f"/v1/rounds/{round_number}/update", data=data,
-                             headers={"Content-Type": "application/octet-stream"}).json()
+        return json_object(self._request("POST", f"/v1/rounds/{round_number}/update", data=data,
+                                         headers={"Content-Type": "application/octet-stream"}), "upload")
 
     def global_adapter(self, version: int | None = None) -> bytes:
         params = {"version": version} if version is not None else None
         return self._request("GET", "/v1/global", params=params).content
 
     def status(self) -> dict:
-        return self._request("GET", "/v1/status").json()
+        return json_object(self._request("GET", "/v1/status"), "status")

@@ -18,7 +18,9 @@ class TrainConfig:
     Learning rates: `lr` for the LoRA factors, `head_lr` for the dense head (None: `lr`); both follow
     `schedule` over the round's steps: "constant", or "cosine" (linear warm-up over `warmup_steps`,
     then lr_t = lr * (1 + cos(pi * t' / T')) / 2 over the remaining T' steps).
-    `trim_padding`: cut each batch to its longest row (torch backend; artifacts keep fixed shapes).
+    `trim_padding`: length-grouped batches cut to their longest row (torch backend only; the artifact
+    backends keep fixed shapes and uniformly shuffled batches, which the torch backend reproduces
+    exactly with trim_padding=False).
     """
 
     steps: int | None = 20

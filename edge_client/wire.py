@@ -83,7 +83,7 @@ def read_header(data: bytes) -> dict:
         raise WireFormatError("not_safetensors", "body is not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise WireFormatError("not_safetensors", "body is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise WireFormatError("not_safetensors", "body is not a safetensors file (header is not an object)")
@@ -94,15 +94,19 @@ def decode(data: bytes) -> Adapter:
     """Parse safetensors bytes into an Adapter. Raises WireFormatError on anything malformed."""
     header = read_header(data)
     metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise WireFormatError("bad_metadata", "header '__metadata__' must be an object of strings")
     if metadata.get("format") != FORMAT:
         raise WireFormatError("bad_metadata", f"header metadata 'format' must be {FORMAT!r}")
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise WireFormatError(
             "bad_version", f"format_version {metadata.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
         )
+    if not isinstance(metadata.get("meta", "{}"), str):
+        raise WireFormatError("bad_metadata", "header metadata 'meta' must be a string holding a JSON object")
     try:
         meta = json.loads(metadata.get("meta", "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise WireFormatError("bad_metadata", "header metadata 'meta' is not valid JSON") from None
     if not isinstance(meta, dict):
         raise WireFormatError("bad_metadata", "header metadata 'meta' must be a JSON object")
@@ -143,7 +147,6 @@ def validate(adapter: Adapter, spec: AdapterSpec, *, max_rank: int, require_all_
     if missing_dense:
         raise WireFormatError("missing_tensor", f"dense tensor {missing_dense[0]!r} is missing")
 
-    rank = adapter.rank
     for name, (a, b) in adapter.lora.items():
         m = spec.modules[name]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != m.in_features or b.shape[0] != m.out_features:
@@ -151,6 +154,7 @@ def validate(adapter: Adapter, spec: AdapterSpec, *, max_rank: int, require_all_
                                   f"(r, {m.in_features}) / ({m.out_features}, r)")
         if b.shape[1] != a.shape[0]:
             raise WireFormatError("bad_shape", f"{name}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}")
+    rank = adapter.rank
     if rank > max_rank:
         raise WireFormatError("rank_too_high", f"rank {rank} exceeds the assigned rank {max_rank}")
     for name, t in adapter.dense.items():
@@ -169,9 +173,13 @@ def _all_tensors(adapter: Adapter):
     yield from adapter.dense.items()
 
 
+MAX_INT = 2**31 - 1  # the largest count (round, rank, n_samples) either side accepts
+
+
 def meta_int(meta: dict, key: str, *, minimum: int = 0) -> int:
-    """An integer metadata field, or a WireFormatError naming it."""
+    """An integer metadata field in minimum..MAX_INT, or a WireFormatError naming it."""
     value = meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise WireFormatError("bad_metadata", f"metadata field {key!r} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
+        raise WireFormatError("bad_metadata", f"metadata field {key!r} must be an integer in {minimum}..{MAX_INT}, "
+                              f"got {str(value)[:40]}")
     return value

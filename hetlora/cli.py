@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UserError as exc:
         print(f"hetlora {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"hetlora {args.command}: interrupted", file=sys.stderr)
         return 130

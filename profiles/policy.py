@@ -223,10 +223,18 @@ def _check_profile(doc) -> dict:
         value = (doc.get(section) or {}).get(key)
         if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
             raise UserError(f"device profile field {dotted} must be {' or '.join(k.__name__ for k in kinds)} "
-                            f"or null, got {value!r}")
+                            f"or null, got {str(value)[:40]}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= _MAX_NUMBER:
+            raise UserError(f"device profile field {dotted} must be a finite number of magnitude at most "
+                            f"{_MAX_NUMBER:g}, got {str(value)[:40]}")
+    reasons = (doc.get("cpu") or {}).get("throttle_reasons")
+    if reasons is not None and not (isinstance(reasons, list) and all(isinstance(r, str) for r in reasons)):
+        raise UserError(f"device profile field cpu.throttle_reasons must be a list of strings or null, "
+                        f"got {str(reasons)[:40]}")
     return {**doc, "identity": doc.get("identity") or {}}
 
 
+_MAX_NUMBER = 1e18  # no measured quantity comes near it; NaN and +-Inf fail `abs(v) <= _MAX_NUMBER` too
 # The profile fields the policy reads, and the JSON types each may have besides null.
 _PROFILE_FIELDS = {
     "identity.platform": (str,), "identity.catalog_id": (str,),

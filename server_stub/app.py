@@ -8,17 +8,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Path as PathParam, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from edge_client.wire import MAX_INT
 from hetlora.errors import UserError
 from server_stub.aggregation import make_rule
 from server_stub.config import ServerConfig
+from server_stub.enrollment import Enrollment
 from server_stub.errors import ApiError
+from server_stub.limits import BodyLimit
 from server_stub.rounds import Coordinator
 from server_stub.store import Store
 
@@ -29,14 +32,19 @@ TICK_SECONDS = 0.25
 
 class RegisterRequest(BaseModel):
     profile: dict[str, Any] = Field(description="the device profile (any JSON object)")
-    requested_rank: int = Field(description="the LoRA rank the device asks for")
-    n_samples: int = Field(description="local training samples")
-    name: str | None = Field(default=None, description="a human-readable device name")
+    requested_rank: int = Field(le=MAX_INT, description="the LoRA rank the device asks for")
+    n_samples: int = Field(le=MAX_INT, description="local training samples")
+    name: str | None = Field(default=None, max_length=200, description="a human-readable device name")
+    enroll_secret: str | None = Field(default=None, max_length=1000,
+                                      description="the server's enrollment secret, when it requires one")
 
 
 class ProfileRequest(BaseModel):
     profile: dict[str, Any]
-    requested_rank: int | None = None
+    requested_rank: int | None = Field(default=None, le=MAX_INT)
+
+
+RoundNumber = PathParam(ge=0, le=MAX_INT, description="the round number")
 
 
 def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinator:
@@ -48,31 +56,19 @@ def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinato
     store = Store(state_dir)
     try:
         store.bind_identity(config.identity())
+        store.sweep()
         return Coordinator(config, store, rule)
     except BaseException:
         store.close()
         raise
 
 
-async def read_body_limited(request: Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as Content-Length or the streamed size exceeds `limit` bytes."""
-    too_large = ApiError(413, "too_large", f"the upload is larger than the server's limit of {limit} bytes "
-                                           f"({limit / 2**20:g} MB); lower the rank or ask for a larger --max-upload-mb")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollment | None = None) -> FastAPI:
+    """The FastAPI app for one run; state lives in `state_dir` (reused on restart).
 
-
-def create_app(config: ServerConfig, state_dir: str | Path) -> FastAPI:
-    """The FastAPI app for one run; state lives in `state_dir` (reused on restart)."""
+    `enrollment`: who may register (default: anyone, 30 registrations a minute per non-loopback address)."""
     coordinator = build_coordinator(config, state_dir)
+    enrollment = enrollment or Enrollment()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -89,10 +85,11 @@ def create_app(config: ServerConfig, state_dir: str | Path) -> FastAPI:
                   description="Federated LoRA rounds with heterogeneous ranks. Protocol: docs/PROTOCOL.md.",
                   lifespan=lifespan)
     app.state.coordinator = coordinator
+    app.add_middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError):
@@ -103,14 +100,23 @@ def create_app(config: ServerConfig, state_dir: str | Path) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_bug(_request: Request, exc: Exception):
+        log.error("internal error", exc_info=exc)
+        return JSONResponse({"error": {"code": "internal_error", "message": "internal server error (see the server "
+                                       "log); please report it"}}, status_code=500)
 
     def client_id(authorization: str | None = Header(default=None)) -> str:
         return coordinator.authenticate(authorization)
 
     @app.post("/v1/register", status_code=201, summary="register a client; returns id, token, rank and run config")
-    def register(body: RegisterRequest):
+    def register(body: RegisterRequest, request: Request):
+        enrollment.check(request.client.host if request.client else None, body.name, body.enroll_secret)
         return coordinator.register(body.profile, body.requested_rank, body.n_samples, body.name)
 
     @app.get("/v1/run", summary="the run config every client receives at registration")
@@ -127,19 +133,19 @@ def create_app(config: ServerConfig, state_dir: str | Path) -> FastAPI:
 
     @app.get("/v1/rounds/{n}/adapter", summary="download this client's adapter for round n (wire safetensors)",
              response_class=Response)
-    def download(n: int, cid: str = Depends(client_id)):
+    def download(n: int = RoundNumber, cid: str = Depends(client_id)):
         data = coordinator.download(cid, n)
         return Response(data, media_type=ADAPTER, headers={"X-Round": str(n)})
 
     @app.post("/v1/rounds/{n}/update", summary="upload this client's update for round n (wire safetensors body)")
-    async def upload(n: int, request: Request, cid: str = Depends(client_id)):
-        body = await read_body_limited(request, config.max_upload_bytes)
+    async def upload(request: Request, n: int = RoundNumber, cid: str = Depends(client_id)):
+        body = await request.body()  # at most --max-upload-mb: BodyLimit
         reply = await run_in_threadpool(coordinator.accept_upload, cid, n, body)
         return JSONResponse(reply, status_code=200 if reply["duplicate"] else 201)
 
     @app.get("/v1/global", summary="the current (or ?version=v) global adapter (wire safetensors)",
              response_class=Response)
-    def global_adapter(version: int | None = None):
+    def global_adapter(version: int | None = Query(default=None, ge=0, le=MAX_INT)):
         return Response(coordinator.global_bytes(version), media_type=ADAPTER)
 
     @app.get("/v1/status", summary="round, clients, uploads and the history of aggregated rounds")

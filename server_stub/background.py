@@ -11,14 +11,17 @@ from server_stub.config import ServerConfig
 
 
 @contextlib.contextmanager
-def serve_in_background(config: ServerConfig, state_dir: str | Path, host: str = "127.0.0.1", port: int = 0):
-    """Yield the base URL of a running server (create_app + uvicorn on host:port, 0 = a free port); stop it on exit."""
+def serve_in_background(config: ServerConfig, state_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
+                        enrollment=None):
+    """Yield the base URL of a running server (create_app + uvicorn on host:port, 0 = a free port); stop it on exit.
+
+    `enrollment`: a server_stub.enrollment.Enrollment (default: open, loopback exempt from the rate limit)."""
     import uvicorn
 
     from server_stub.app import create_app
     from server_stub.cli import bind_socket
 
-    app = create_app(config, state_dir)
+    app = create_app(config, state_dir, enrollment)
     sock = bind_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hetlora-server", daemon=True)

@@ -99,6 +99,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--port", type=int, default=8080, help="0 picks a free port (written to <state-dir>/server.json)")
     srv.add_argument("--max-upload-mb", type=float, default=64.0)
     srv.add_argument("--poll-seconds", type=float, default=1.0, help="how often clients should poll the round")
+    srv.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate (chain) file")
+    srv.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key (with --ssl-certfile)")
+
+    enroll = p.add_argument_group("enrollment (who may register; docs/PROTOCOL.md section 2)")
+    secret = enroll.add_mutually_exclusive_group()
+    secret.add_argument("--enroll-secret-file", metavar="FILE", help="require the secret in FILE to register")
+    secret.add_argument("--enroll-secret", metavar="SECRET",
+                        help="require SECRET to register (visible in the process list: prefer --enroll-secret-file)")
+    enroll.add_argument("--allow-names", metavar="FILE", help="only these client names may register (one per line)")
+    enroll.add_argument("--register-rate", type=int, default=30, metavar="N",
+                        help="registrations per minute per client address; loopback exempt; 0 = no limit (default 30)")
 
 
 def build_config(args: argparse.Namespace):
@@ -166,32 +177,71 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def write_server_info(state_dir: Path, host: str, port: int) -> str:
+def check_tls(certfile: str | None, keyfile: str | None) -> bool:
+    """True when serving HTTPS; UserError unless both files are given and load as a certificate and its key."""
+    if not certfile and not keyfile:
+        return False
+    if not (certfile and keyfile):
+        raise UserError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"cannot use the certificate {certfile} with the key {keyfile}: {exc}") from None
+    return True
+
+
+def write_server_info(state_dir: Path, host: str, port: int, tls: bool = False) -> str:
     """Write <state-dir>/server.json ({"url", "host", "port", "pid"}) atomically; return the URL."""
     from edge_client.atomic import write_bytes
 
     url_host = f"[{host}]" if ":" in host else host
-    url = f"http://{url_host}:{port}"
+    url = f"{'https' if tls else 'http'}://{url_host}:{port}"
     info = {"url": url, "host": host, "port": port, "pid": os.getpid()}
     write_bytes(state_dir / "server.json", json.dumps(info).encode())
     return url
+
+
+def build_enrollment(args: argparse.Namespace):
+    """Enrollment from the arguments; warns loudly when an open server listens beyond loopback."""
+    from edge_client.cli_client import read_secret
+    from server_stub.enrollment import Enrollment, is_loopback, read_names
+
+    secret = read_secret(args.enroll_secret_file) if args.enroll_secret_file else args.enroll_secret
+    if secret is not None and not secret.strip():
+        raise UserError("--enroll-secret must not be empty")
+    enrollment = Enrollment(secret=secret, allowed_names=read_names(args.allow_names) if args.allow_names else None,
+                            per_minute=args.register_rate)
+    if enrollment.open and not is_loopback(args.host):
+        log.warning("OPEN REGISTRATION on %s: anyone who reaches this address can register and upload updates. "
+                    "Start with --enroll-secret-file FILE and/or --allow-names FILE (docs/PROTOCOL.md section 2), "
+                    "and with --ssl-certfile/--ssl-keyfile so tokens do not cross the network in clear text.",
+                    args.host)
+    return enrollment
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server_stub.app import create_app
+    from server_stub.enrollment import is_loopback
 
     state_dir = Path(args.state_dir)
     (state_dir / "server.json").unlink(missing_ok=True)
     config = build_config(args)
-    app = create_app(config, state_dir)
+    tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
+    app = create_app(config, state_dir, build_enrollment(args))
     sock = bind_socket(args.host, args.port)
-    url = write_server_info(state_dir, args.host, sock.getsockname()[1])
+    url = write_server_info(state_dir, args.host, sock.getsockname()[1], tls)
     log.info("serving %s run (%s, spec %s, %d modules, ranks %s, global rank %d, %d rounds) at %s; state in %s",
              config.aggregator, config.spec.task, config.spec.fingerprint, len(config.spec.modules),
              list(config.ranks), config.global_rank, config.rounds, url, state_dir)
     print(f"hetlora serve: listening on {url} (API docs: {url}/docs)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=args.verbose, timeout_graceful_shutdown=2))
+    if not tls and not is_loopback(args.host):
+        log.warning("plain HTTP on %s: bearer tokens and updates cross the network in clear text; serve HTTPS with "
+                    "--ssl-certfile/--ssl-keyfile (docs/DEVICES.md, TLS)", args.host)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=args.verbose, timeout_graceful_shutdown=2,
+                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile))
     server.run(sockets=[sock])
     return 0

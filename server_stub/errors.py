@@ -4,13 +4,14 @@ from __future__ import annotations
 
 
 class ApiError(Exception):
-    """`{"error": {"code": code, "message": message, **extra}}` with HTTP `status`."""
+    """`{"error": {"code": code, "message": message, **extra}}` with HTTP `status` (and response `headers`)."""
 
-    def __init__(self, status: int, code: str, message: str, **extra):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
         self.extra = extra
 
     def body(self) -> dict:

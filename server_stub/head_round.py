@@ -8,11 +8,14 @@ adapter; the server pools them and sets the head of global version 0 in closed f
 
 from __future__ import annotations
 
+import logging
+
 from edge_client.head_stats import HeadStatistics, decode_statistics
 from edge_client.wire import Adapter, WireFormatError
-from server_stub.aggregation.head_init import class_head, pool
+from server_stub.aggregation.head_init import LOGIT_LIMIT, pool, safe_class_head
 from server_stub.errors import ApiError
 
+log = logging.getLogger("hetlora.server")
 HEAD_ROUND = 0
 # Pooled features a head may read, and the longest such a feature can be (None: no bound).
 FEATURE_NORM_BOUND = {"mean": 1.0}
@@ -54,10 +57,13 @@ def initial_global(rule, config, statistics: list[HeadStatistics]) -> tuple[Adap
     """Global version 0: the rule's initial factors and the closed-form head; plus summary numbers."""
     weight_name, bias_name, _, _ = head_shapes(config.spec)
     pooled = pool(statistics)
-    weight, bias = class_head(pooled, config.head_init, shrinkage=config.head_shrinkage,
-                              temperature=config.head_temperature)
+    weight, bias, used = safe_class_head(pooled, config.head_init, shrinkage=config.head_shrinkage,
+                                         temperature=config.head_temperature)
+    if used != config.head_init:
+        log.warning("round 0: the %s head is ill-conditioned on these features (logits above %g); using %s",
+                    config.head_init, LOGIT_LIMIT, used)
     start = rule.init_global(config.spec, config.global_rank, config.seed)
     dense = dict(start.dense) | {weight_name: weight, bias_name: bias}
-    summary = {"clients": len(statistics), "total_samples": pooled.n_samples, "head": config.head_init,
+    summary = {"clients": len(statistics), "total_samples": pooled.n_samples, "head": used,
                "classes_seen": int((pooled.class_counts > 0).sum()), "classes": int(len(pooled.class_counts))}
     return Adapter(lora=start.lora, dense=dense, meta=start.meta), summary

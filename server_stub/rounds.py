@@ -19,7 +19,9 @@ from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
 from edge_client.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, encode, meta_int, validate
+from server_stub import liveness
 from server_stub.aggregation import ClientResult, aggregate_statistics
+from server_stub.aggregation.bounds import bound_influence, check_values
 from server_stub.config import ServerConfig
 from server_stub.errors import ApiError
 from server_stub.head_round import HEAD_ROUND, check_statistics, initial_global, load_statistics
@@ -87,13 +89,15 @@ def _log_opened(row: dict | None) -> None:
 
 
 def jsonable(value):
-    """numpy scalars/arrays (and containers of them) as plain JSON types."""
+    """numpy scalars/arrays (and containers of them) as plain JSON types; NaN and +-Inf as None (strict JSON)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
+        return jsonable(value.tolist())
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
     return value
 
 
@@ -175,6 +179,7 @@ class Coordinator:
     def round_for(self, client_id: str) -> dict:
         """The current round as one client sees it (GET /v1/round)."""
         with self.lock:
+            liveness.seen(self.store, client_id)
             client = self._client(client_id)
             r = self._open_round()
             if r is not None:
@@ -198,6 +203,7 @@ class Coordinator:
     def download(self, client_id: str, round_number: int) -> bytes:
         """The rule's client view of global version n-1 at the client's rank for round n (wire bytes)."""
         with self.lock:
+            liveness.seen(self.store, client_id)
             r = self._require_open(round_number)
             self._require_selected(r, client_id)
             if self._is_head_round(round_number):
@@ -219,6 +225,7 @@ class Coordinator:
         The identical update again (same `update_digest`) is answered 200 even after its round closed,
         so a client may retry an upload whose reply it lost."""
         with self.lock:
+            liveness.seen(self.store, client_id)
             previous = self._upload(round_number, client_id)
             if previous is not None and previous["sha256"] == self._digest(round_number, body):
                 state = self.store.select_one("SELECT state FROM rounds WHERE number = ?", (round_number,))["state"]
@@ -229,37 +236,48 @@ class Coordinator:
                 raise ApiError(409, "duplicate_upload", f"round {round_number} already has a different update "
                                f"from {client_id} (sha256 {previous['sha256'][:12]}...); one update per round")
             if self._is_head_round(round_number):
-                return self._accept_statistics(r, client_id, body)
-            adapter = _decode(body)
-            digest = update_digest(adapter)
-            assigned = r["ranks"][client_id]
-            try:
-                rank, effective_rank, n_samples = self._check_meta(adapter.meta, round_number, client_id, assigned)
-                tensor_rank = validate(adapter, self.config.spec, max_rank=self.rule.upload_rank_limit(assigned))
-            except WireFormatError as exc:
-                raise ApiError(400, exc.code, str(exc)) from None
-            self._check_ranks(r, client_id, adapter.meta, effective_rank, tensor_rank)
-
-            path = f"uploads/r{round_number:04d}/{client_id}-{digest[:16]}.safetensors"
-            self.store.write_blob(path, body)
-            row = {"round": round_number, "client_id": client_id, "sha256": digest, "path": path, "rank": rank,
-                   "effective_rank": effective_rank, "n_samples": n_samples, "bytes": len(body),
-                   "received_at": self.clock()}
-            with self.store.transaction():
-                self.store.insert("uploads", row)
-                if effective_rank < assigned:
-                    client = self._client(client_id)
-                    self.store.update("clients", {"client_id": client_id},
-                                      {"pruned_rank": effective_rank, "rank": min(client["rank"], effective_rank)})
-            uploaded = len(self._uploads(round_number))
-            log.info("round %d: upload from %s accepted (rank %d, effective rank %d, %d samples); %d of %d in",
-                     round_number, client_id, rank, effective_rank, n_samples, uploaded, len(r["selected"]))
+                row = self._store_statistics(r, client_id, body)
+            else:
+                row = self._store_update(r, client_id, round_number, body)
             reply = self._upload_reply(row, duplicate=False, round_state="open")
             due = self._due_round()
         if due is not None:
             self._aggregate(due)
             reply["round_state"] = "aggregated"
         return reply
+
+    def _store_update(self, r: dict, client_id: str, round_number: int, body: bytes) -> dict:
+        """Under the lock: check one adapter upload and store it (blob, then row); returns the row."""
+        adapter = _decode(body)
+        digest = update_digest(adapter)
+        assigned = r["ranks"][client_id]
+        try:
+            rank, effective_rank, n_samples = self._check_meta(adapter.meta, round_number, client_id, assigned)
+            tensor_rank = validate(adapter, self.config.spec, max_rank=self.rule.upload_rank_limit(assigned))
+            check_values(adapter)
+        except WireFormatError as exc:
+            raise ApiError(400, exc.code, str(exc)) from None
+        self._check_ranks(r, client_id, adapter.meta, effective_rank, tensor_rank)
+
+        path = f"uploads/r{round_number:04d}/{client_id}-{digest[:16]}.safetensors"
+        self.store.write_blob(path, body)
+        row = {"round": round_number, "client_id": client_id, "sha256": digest, "path": path, "rank": rank,
+               "effective_rank": effective_rank, "n_samples": n_samples, "bytes": len(body),
+               "received_at": self.clock()}
+        try:
+            with self.store.transaction():
+                self.store.insert("uploads", row)
+                if effective_rank < assigned:
+                    client = self._client(client_id)
+                    self.store.update("clients", {"client_id": client_id},
+                                      {"pruned_rank": effective_rank, "rank": min(client["rank"], effective_rank)})
+        except BaseException:  # no blob without a row
+            self.store.delete_blob(path)
+            raise
+        uploaded = len(self._uploads(round_number))
+        log.info("round %d: upload from %s accepted (rank %d, effective rank %d, %d samples); %d of %d in",
+                 round_number, client_id, rank, effective_rank, n_samples, uploaded, len(r["selected"]))
+        return row
 
     def _is_head_round(self, round_number: int) -> bool:
         return round_number == HEAD_ROUND and self.config.head_round
@@ -268,24 +286,23 @@ class Coordinator:
         """What identifies an upload: the content digest of an adapter, the sha256 of statistics bytes."""
         return hashlib.sha256(body).hexdigest() if self._is_head_round(round_number) else update_digest(_decode(body))
 
-    def _accept_statistics(self, r: dict, client_id: str, body: bytes) -> dict:
-        """Round 0: check and store one client's head statistics (under the lock, round open, selected)."""
+    def _store_statistics(self, r: dict, client_id: str, body: bytes) -> dict:
+        """Under the lock: check one round-0 statistics upload and store it (blob, then row); returns the row."""
         stats = check_statistics(self.config, client_id, body)
         digest = hashlib.sha256(body).hexdigest()
         path = f"uploads/r0000/{client_id}-{digest[:16]}.safetensors"
         self.store.write_blob(path, body)
         row = {"round": HEAD_ROUND, "client_id": client_id, "sha256": digest, "path": path, "rank": 0,
                "effective_rank": 0, "n_samples": stats.n_samples, "bytes": len(body), "received_at": self.clock()}
-        with self.store.transaction():
-            self.store.insert("uploads", row)
+        try:
+            with self.store.transaction():
+                self.store.insert("uploads", row)
+        except BaseException:  # no blob without a row
+            self.store.delete_blob(path)
+            raise
         log.info("round 0: head statistics from %s accepted (%d samples); %d of %d in", client_id, stats.n_samples,
                  len(self._uploads(HEAD_ROUND)), len(r["selected"]))
-        reply = self._upload_reply(row, duplicate=False, round_state="open")
-        due = self._due_round()
-        if due is not None:
-            self._aggregate(due)
-            reply["round_state"] = "aggregated"
-        return reply
+        return row
 
     def _check_meta(self, meta: dict, round_number: int, client_id: str, assigned: int) -> tuple[int, int, int]:
         if meta_int(meta, "round", minimum=1) != round_number:
@@ -335,23 +352,34 @@ class Coordinator:
         r = self._open_round()
         if r is None or self._closing is not None:
             return None
-        uploads = self._uploads(r["number"])
-        if len(uploads) == len(r["selected"]):
+        uploaded = {u["client_id"] for u in self._uploads(r["number"])}
+        dropped = liveness.dropped(self.store, r["number"])
+        silent = [c for c in r["selected"] if c not in uploaded and c not in dropped]
+        required = min(self.config.min_clients, len(r["selected"]))
+        if not silent and (not dropped or len(uploaded) >= required):
             return self._mark_closing(r)
         now = self.clock()
         if now < r["deadline"]:
             return None
-        required = min(self.config.min_clients, len(r["selected"]))
-        if len(uploads) >= required:
+        with self.store.transaction():
+            liveness.drop(self.store, r["number"], silent)
+        if silent:
+            log.warning("round %d: dropped %s (no upload by the deadline)", r["number"], ", ".join(silent))
+        if len(uploaded) >= required:
             log.info("round %d: deadline reached with %d of %d uploads; aggregating",
-                     r["number"], len(uploads), len(r["selected"]))
+                     r["number"], len(uploaded), len(r["selected"]))
             return self._mark_closing(r)
-        reason = (f"only {len(uploads)} of the {required} required uploads arrived by the deadline; "
-                  f"extended by {self.config.round_deadline:g} s")
+        extra = liveness.replacements(self.store, r, required - len(uploaded))
+        ranks, indices = self._assign(extra, r["number"])
+        reason = (f"only {len(uploaded)} of the {required} required uploads arrived by the deadline"
+                  + (f"; dropped {len(dropped) + len(silent)} silent client(s)" if dropped or silent else "")
+                  + (f"; selected {len(extra)} replacement(s)" if extra else "")
+                  + f"; extended by {self.config.round_deadline:g} s")
         with self.store.transaction():
             self.store.update("rounds", {"number": r["number"]}, {
                 "deadline": now + self.config.round_deadline, "extensions": r["extensions"] + 1,
-                "extension_reason": reason})
+                "extension_reason": reason, "selected": r["selected"] + extra, "ranks": r["ranks"] | ranks,
+                "indices": r["indices"] | indices})
         log.warning("round %d: %s", r["number"], reason)
         return None
 
@@ -400,10 +428,13 @@ class Coordinator:
                                 indices=tuple(r["indices"][u["client_id"]]) if r["indices"].get(u["client_id"])
                                 is not None else None)
                    for u in uploads]
+        results, clipped = bound_influence(previous, results)
         new_global = self.rule.aggregate(previous, results)
         if self.config.server_opt.name != "none":
             new_global = self._optimizer_step(number, previous, new_global)
-        return new_global, jsonable(aggregate_statistics(new_global, results))
+        statistics = aggregate_statistics(new_global, results)
+        statistics["clipped"] = {uploads[k]["client_id"]: what for k, what in clipped.items()}
+        return new_global, jsonable(statistics)
 
     def _optimizer_step(self, number: int, previous: Adapter, aggregated: Adapter) -> Adapter:
         """The server optimiser's step; its state for version n is written (atomically) before global n is
@@ -421,28 +452,36 @@ class Coordinator:
         round last+1 with `clients_per_round` selected. Returns the new round's row (None when none opened)."""
         if self._open_round() is not None:
             return None
-        clients = sorted(self.store.select("SELECT client_id, name, rank FROM clients"), key=client_order)
+        gone = liveness.absent(self.store)
+        clients = sorted((c for c in self.store.select("SELECT client_id, name FROM clients") if c["client_id"] not in gone),
+                         key=client_order)
         head_first = self.config.head_round and self._global_row(0) is None
         number = HEAD_ROUND if head_first else self._last_round_number() + 1
         needed = max(self.config.head_clients, self.config.min_clients) if head_first else self.config.min_clients
         if number > self.config.rounds or len(clients) < needed:
             return None
-        rank_of = {c["client_id"]: c["rank"] for c in clients}
-        key_of = {c["client_id"]: client_key(c) for c in clients}
         k = 0 if head_first else self.config.clients_per_round
-        selected = select_clients(list(rank_of), k, self.config.seed, number)
-        ranks = {c: rank_of[c] for c in selected}
-        indices = {}
-        for c in selected:
-            assigned = self.rule.assign_indices(global_rank=self.config.global_rank, rank=ranks[c],
-                                                round_number=number, client_id=key_of[c], seed=self.config.seed)
-            if assigned is not None and not head_first:
-                indices[c] = [int(i) for i in assigned]
+        selected = select_clients([c["client_id"] for c in clients], k, self.config.seed, number)
+        ranks, indices = self._assign(selected, number)
         now = self.clock()
         row = {"number": number, "state": "open", "selected": selected, "ranks": ranks, "indices": indices,
                "opened_at": now, "deadline": now + self.config.round_deadline}
         self.store.insert("rounds", row)
         return row
+
+    def _assign(self, client_ids: list[str], number: int) -> tuple[dict, dict]:
+        """The round's rank per client (its current rank) and, for plora, its indices (drawn from the
+        client's key; none in the head round)."""
+        rows = {c["client_id"]: c for c in self.store.select("SELECT client_id, name, rank FROM clients")}
+        ranks = {c: rows[c]["rank"] for c in client_ids}
+        indices = {}
+        for c in client_ids if not self._is_head_round(number) else ():
+            assigned = self.rule.assign_indices(global_rank=self.config.global_rank, rank=ranks[c],
+                                                round_number=number, client_id=client_key(rows[c]),
+                                                seed=self.config.seed)
+            if assigned is not None:
+                indices[c] = [int(i) for i in assigned]
+        return ranks, indices
 
     def _require_open(self, round_number: int) -> dict:
         r = self._open_round()
@@ -534,6 +573,7 @@ class Coordinator:
                 round_info = {k: shown[k] for k in ("number", "state", "opened_at", "deadline", "selected", "ranks",
                                                     "indices", "extensions", "extension_reason")}
                 round_info["uploads"] = [u["client_id"] for u in self._uploads(shown["number"])]
+                round_info["dropped"] = liveness.dropped(self.store, shown["number"])
                 round_info["aggregating"] = self._closing == shown["number"]
             clients = self.store.select("SELECT client_id, name, rank, requested_rank, pruned_rank, n_samples, "
                                         "registered_at FROM clients ORDER BY seq")
@@ -554,10 +594,11 @@ class Coordinator:
             history.append({
                 "round": r["number"], "opened_at": r["opened_at"], "aggregated_at": r["aggregated_at"],
                 "selected": r["selected"], "clients": [u["client_id"] for u in uploads],
+                "dropped": liveness.dropped(self.store, r["number"]),
                 "ranks": r["ranks"], "effective_ranks": {u["client_id"]: u["effective_rank"] for u in uploads},
                 "n_samples": {u["client_id"]: u["n_samples"] for u in uploads},
                 "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": self._bytes_down(r["number"]),
                 "extensions": r["extensions"], "extension_reason": r["extension_reason"],
-                "statistics": r["statistics"],
+                "statistics": jsonable(r["statistics"]),  # rows stored before NaN was mapped to None
             })
         return history

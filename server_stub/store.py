@@ -1,13 +1,14 @@
 """Durable server state: SQLite (WAL) for clients, rounds, uploads and global versions; blobs as files.
 
 A blob is written to a temp file, fsynced and renamed before the row that names it is
-committed, so after a crash every row points to a complete file. A file without a row is
-ignored (and overwritten by the next write of the same name).
+committed, so after a crash every row points to a complete file. What a crash can leave
+behind, temp files and blobs whose row was never committed, `sweep` removes at start-up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -61,6 +62,15 @@ CREATE TABLE IF NOT EXISTS downloads (
     bytes INTEGER NOT NULL,
     served_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dropped (
+    round INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    PRIMARY KEY (round, client_id)
+);
+CREATE TABLE IF NOT EXISTS liveness (
+    client_id TEXT PRIMARY KEY,
+    missed INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY,
     path TEXT NOT NULL,
@@ -70,6 +80,7 @@ CREATE TABLE IF NOT EXISTS globals (
 """
 
 JSON_COLUMNS = ("profile", "selected", "ranks", "indices", "statistics")
+log = logging.getLogger("hetlora.server")
 
 
 class Store:
@@ -116,8 +127,30 @@ class Store:
                             "or start with the same model, targets, labels, aggregator options, global rank and seed")
 
     # --- blobs ---------------------------------------------------------------------------------
+    def sweep(self) -> list[str]:
+        """Delete crash leftovers (call before serving): atomic-write temp files (`.<name>.*.tmp`) anywhere in
+        the state dir, and blobs no `uploads` or `globals` row names (a server optimiser's state
+        `optimizer/vNNNN.safetensors` belongs to the row of `globals/vNNNN.safetensors`). Returns the removed
+        paths (logged)."""
+        named = {row[0] for row in self.db.execute("SELECT path FROM uploads UNION SELECT path FROM globals")}
+        named |= {"optimizer/" + p.partition("/")[2] for p in named if p.startswith("globals/")}
+        blobs = self.root / "blobs"
+        removed = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        removed += [p for p in blobs.rglob("*") if p.is_file() and not p.name.endswith(".tmp")
+                    and p.relative_to(blobs).as_posix() not in named]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        names = [p.relative_to(self.root).as_posix() for p in removed]
+        if names:
+            log.warning("start-up cleanup in %s: removed %d crash leftover(s): %s", self.root, len(names),
+                        ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+        return names
+
     def write_blob(self, relpath: str, data: bytes) -> None:
         atomic.write_bytes(self.root / "blobs" / relpath, data)
+
+    def delete_blob(self, relpath: str) -> None:
+        (self.root / "blobs" / relpath).unlink(missing_ok=True)
 
     def read_blob(self, relpath: str) -> bytes:
         return (self.root / "blobs" / relpath).read_bytes()

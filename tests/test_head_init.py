@@ -153,3 +153,18 @@ def test_round_zero_over_http_sets_the_head_of_global_zero_then_lora_rounds_open
         status = http.get("/v1/status").json()
         assert status["history"][0]["round"] == 0 and status["history"][0]["statistics"]["total_samples"] == 36
         assert status["round"]["number"] == 1 and status["round"]["state"] == "open"
+
+
+def test_an_ill_conditioned_lda_head_falls_back_to_class_means():
+    """Features with almost no spread inside a class (a random-weight model's pooler) make the lda
+    weights explode; the server then uses the ncm head, whose weights are bounded by the temperature."""
+    from server_stub.aggregation.head_init import safe_class_head
+
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, C, 60)
+    features = rng.normal(0, 1, (C, D))[labels] + rng.normal(0, 1e-7, (60, D))
+    stats = statistics_of(features, labels)
+    weight, bias, used = safe_class_head(stats, "lda", shrinkage=0.01, temperature=0.1)
+    assert used == "ncm" and np.abs(weight).max() <= 0.1 + 1e-6 and not bias.any()
+    well = statistics_of(*raw_features(9))
+    assert safe_class_head(well, "lda", shrinkage=0.01, temperature=0.1)[2] == "lda"

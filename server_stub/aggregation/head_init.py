@@ -29,6 +29,9 @@ HEADS = ("ncm", "lda")
 # the lda head's validation cross-entropy was lowest at t = 0.1 (3.44 at t = 1), accuracy best at a = 0.01.
 DEFAULT_SHRINKAGE = 0.01
 DEFAULT_TEMPERATURE = 0.1
+# An lda head whose logits on the class means exceed this is ill-conditioned (features with almost no
+# within-class spread, e.g. a random-weight model); all-MiniLM-L6-v2 on BANKING77 gives 32.
+LOGIT_LIMIT = 1e3
 
 
 def pool(statistics: Sequence[HeadStatistics]) -> HeadStatistics:
@@ -62,6 +65,20 @@ def class_head(stats: HeadStatistics, method: str, *, shrinkage: float, temperat
         weight, bias = _lda(sums, counts, means, np.asarray(stats.feature_gram, dtype=np.float64), shrinkage)
     bias[~present] = bias[present].min()
     return (temperature * weight).astype(np.float32), (temperature * bias).astype(np.float32)
+
+
+def safe_class_head(stats: HeadStatistics, method: str, *, shrinkage: float,
+                    temperature: float) -> tuple[np.ndarray, np.ndarray, str]:
+    """`class_head`, except that an ill-conditioned lda head (max |W mu_c + b| > LOGIT_LIMIT) is replaced by
+    the ncm head. Returns (W, b, the method used)."""
+    weight, bias = class_head(stats, method, shrinkage=shrinkage, temperature=temperature)
+    counts = np.asarray(stats.class_counts, dtype=np.float64)
+    present = counts > 0
+    means = np.asarray(stats.class_sums, dtype=np.float64)[present] / counts[present, None]
+    if method == "lda" and not np.abs(means @ weight.T.astype(np.float64) + bias).max() <= LOGIT_LIMIT:
+        weight, bias = class_head(stats, "ncm", shrinkage=shrinkage, temperature=temperature)
+        return weight, bias, "ncm"
+    return weight, bias, method
 
 
 def _lda(sums, counts, means, gram, shrinkage):

@@ -1,0 +1,28 @@
+"""Checks of a local model folder against a run, before transformers loads it (its errors are tracebacks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hetlora.errors import UserError
+
+
+def check_head(model_dir, task: str, num_labels: int | None) -> None:
+    """UserError when `model_dir` holds a classification head for another number of labels than `num_labels`.
+
+    A base model folder (no `*ForSequenceClassification` architecture) gets a new head and always fits."""
+    if task != "classification" or not num_labels:
+        return
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable config: the model loader says what is wrong with the folder
+    if not isinstance(config, dict) or not any(str(a).endswith("ForSequenceClassification")
+                                               for a in config.get("architectures") or []):
+        return
+    head = len(config.get("id2label") or {}) or config.get("num_labels")
+    if head and head != num_labels:
+        raise UserError(f"the model folder {model_dir} has a classification head for {head} labels, but this run "
+                        f"has {num_labels} labels; use the base model folder (without a head) or one trained for "
+                        "these labels")

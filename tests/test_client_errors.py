@@ -1,0 +1,168 @@
+"""The client against bad server answers and bad local folders: one error line and a documented exit status,
+never a traceback; an update the server refused as invalid is moved aside instead of re-sent forever."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from edge_client.wire import encode
+from hetlora.cli import main
+from tests.test_server import LABELS, make_config, make_update, register, running_server, spec, upload_meta
+
+__all__ = ["spec"]  # the module-scoped fixture, shared with test_server
+
+
+@contextlib.contextmanager
+def fake_server(routes: dict):
+    """A loopback HTTP server answering (method, path) -> (status, content type, body bytes); records requests."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self):
+            seen.append((self.command, self.path))
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            status, kind, body = routes.get((self.command, self.path.split("?")[0]), (404, "text/plain", b"nope"))
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_data(path, rows: int):
+    path.write_text("text,label\n" + "".join(f"my {LABELS[i % 3]} question {i},{LABELS[i % 3]}\n" for i in range(rows)))
+    return path
+
+
+def as_json(doc) -> tuple:
+    return 200, "application/json", json.dumps(doc).encode()
+
+
+def run_client(capsys, url, tmp_path, model_dir=None):
+    data = write_data(tmp_path / "data.csv", 12)
+    argv = ["client", "--server", url, "--data", str(data), "--state-dir", str(tmp_path / "state"), "--no-progress",
+            "--poll", "0.1"] + (["--model", str(model_dir)] if model_dir else [])
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    return code, err[-1]
+
+
+@pytest.fixture(scope="module")
+def run_config(spec):
+    return make_config(spec).run_config()
+
+
+def open_round_routes(run_config, adapter_bytes: bytes) -> dict:
+    return {("GET", "/v1/run"): as_json(run_config),
+            ("POST", "/v1/register"): as_json({"client_id": "c-1", "token": "t", "rank": 2, "run": run_config}),
+            ("GET", "/v1/round"): as_json({"round": 1, "state": "open", "selected": True, "uploaded": False, "rank": 2,
+                                          "indices": None, "deadline": 0, "rounds": 2, "global_version": 0}),
+            ("POST", "/v1/profile"): as_json({"client_id": "c-1", "rank": 2}),
+            ("GET", "/v1/rounds/1/adapter"): (200, "application/octet-stream", adapter_bytes)}
+
+
+def test_html_with_200_is_one_error_line_and_exit_3(capsys, tmp_path):
+    page = (200, "text/html", b"<html><body>Welcome to nginx!</body></html>")
+    with fake_server({("GET", "/v1/run"): page, ("POST", "/v1/register"): page}) as (url, _):
+        code, line = run_client(capsys, url, tmp_path)
+    assert code == 3, line
+    assert line.startswith("hetlora client: error: run config: the server answered 200 with text/html")
+    assert "Welcome to nginx" in line
+
+
+def test_empty_run_config_is_one_error_line_and_exit_3(capsys, tmp_path):
+    with fake_server({("GET", "/v1/run"): as_json({})}) as (url, _):
+        code, line = run_client(capsys, url, tmp_path)
+    assert code == 3 and "no valid 'task'" in line
+
+
+def test_adapter_of_the_wrong_shape_is_one_error_line(capsys, tmp_path, spec, run_config, tiny_bert_dir):
+    wrong = make_update(spec, 2, {"round": 1}, seed=0)
+    name = next(iter(wrong.lora))
+    a, b = wrong.lora[name]
+    wrong.lora[name] = (a[:, :-3], b)
+    with fake_server(open_round_routes(run_config, encode(wrong))) as (url, _):
+        code, line = run_client(capsys, url, tmp_path, tiny_bert_dir)
+    assert code == 3, line
+    assert "the server's adapter does not fit this run" in line and name in line
+
+
+@pytest.fixture(scope="module")
+def five_label_model(tmp_path_factory, tiny_bert_dir):
+    """The tiny BERT saved with a 5-label classification head (the run has 3 labels)."""
+    import shutil
+
+    from transformers import BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("five-labels")
+    BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=5).save_pretrained(path)
+    for f in tiny_bert_dir.iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def test_model_with_another_label_count_is_a_clear_error_before_registering(capsys, tmp_path, run_config,
+                                                                             five_label_model, spec):
+    with fake_server(open_round_routes(run_config, b"")) as (url, seen):
+        code, line = run_client(capsys, url, tmp_path, five_label_model)
+    assert code == 2 and "classification head for 5 labels, but this run has 3 labels" in line
+    assert ("POST", "/v1/register") not in seen  # the client registers only once its model has loaded
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(list(LABELS)))
+    adapter = tmp_path / "global.safetensors"
+    adapter.write_bytes(encode(make_update(spec, 2, {}, seed=0)))
+    test = write_data(tmp_path / "test.csv", 6)
+    for argv in (["evaluate", "--model", str(five_label_model), "--adapter", str(adapter), "--test", str(test),
+                  "--labels", str(labels)],
+                 ["bench", "--model", str(five_label_model), "--ranks", "2", "--backends", "torch",
+                  "--out", str(tmp_path / "bench")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "classification head for 5 labels" in err.strip().splitlines()[-1]
+
+
+def test_update_refused_as_invalid_is_moved_aside_not_resent(spec, tmp_path):
+    from edge_client.client import ClientOptions, EdgeClient
+    from edge_client.client_state import ClientState, StateDir
+
+    with running_server(make_config(spec, min_clients=2), tmp_path / "server") as http:
+        me, _ = register(http, 2), register(http, 4)
+        url = str(http.base_url).rstrip("/")
+        state = StateDir(tmp_path / "client")
+        state.save(ClientState(server=url, client_id=me["client_id"], token=me["token"], rank=2, run=me["run"]))
+        bad = make_update(spec, 2, upload_meta(me, 1, 2, 10), seed=0)
+        bad.lora[next(iter(bad.lora))][0][0, 0] = np.nan
+        body = encode(bad)
+        state.save_pending(body)
+
+        client = EdgeClient(ClientOptions(server=url, data="unused", state_dir=str(state.path)), lambda: {})
+        assert client._round({"round": 1, "rank": 2, "indices": None}, me["run"], "hetlora") is False
+        kept = state.path / "rejected" / "round-0001-not_finite.safetensors"
+        assert kept.read_bytes() == body
+        assert state.pending(1) is None
+        assert StateDir(state.path).load(url).last_uploaded_round == 1  # the loop moves on to later rounds
+        assert http.get("/v1/status").json()["round"]["uploads"] == []
