@@ -3,6 +3,8 @@
 Uploads (`POST /v1/rounds/{n}/update`) may carry up to `--max-upload-mb`; every other body (JSON:
 register, profile) up to MAX_JSON_BYTES. A declared Content-Length over the limit is refused at once,
 a streamed body as soon as it passes the limit; an accepted body is handed to the app in one piece.
+Before a 413 the rest of the body is read and dropped up to DRAIN_BYTES more, so a client that is still
+sending gets the answer instead of a connection reset; a larger body is cut off.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import re
 
 MAX_JSON_BYTES = 256 * 1024
+DRAIN_BYTES = 4 * 1024 * 1024
 UPLOAD_PATH = re.compile(r"^/v1/rounds/[^/]+/update$")
 
 
@@ -35,6 +38,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or ())
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > limit:
+            await _drain(receive, 0)
             return await _too_large(send, message)
         chunks, size, more = [], 0, True
         while more:
@@ -43,9 +47,11 @@ class BodyLimit:
                 return
             chunks.append(message_in.get("body", b""))
             size += len(chunks[-1])
-            if size > limit:
-                return await _too_large(send, message)
             more = message_in.get("more_body", False)
+            if size > limit:
+                if more:
+                    await _drain(receive, size)
+                return await _too_large(send, message)
         body, replayed = b"".join(chunks), False
 
         async def replay():
@@ -56,6 +62,17 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+async def _drain(receive, received: int) -> None:
+    """Read and drop the rest of a refused body, up to DRAIN_BYTES in all."""
+    while received < DRAIN_BYTES:
+        message_in = await receive()
+        if message_in["type"] != "http.request":
+            return
+        received += len(message_in.get("body", b""))
+        if not message_in.get("more_body", False):
+            return
 
 
 async def _too_large(send, message: str) -> None:
