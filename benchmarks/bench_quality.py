@@ -83,7 +83,7 @@ def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
     model = LogisticRegression(C=max(scores, key=scores.get), max_iter=2000).fit(train_x, train_y)
     predicted = model.predict(test_x)
     return {"final": float(np.mean(predicted == test_y)), "best": float(np.mean(predicted == test_y)),
-            "f1": macro_f1(test_y, predicted), "reach": {t: (None, None) for t in TARGETS}}
+            "f1": macro_f1(test_y, predicted), "reach": None}  # no rounds: a reference, not a run
 
 
 def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +114,8 @@ def table(results: dict[str, list[dict]], rounds: int) -> str:
         return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-"
 
     def reach(runs, target, k):
+        if any(r["reach"] is None for r in runs):
+            return "-"
         hits = [r["reach"][target][k] for r in runs]
         done = [h for h in hits if h is not None]
         if not done:
