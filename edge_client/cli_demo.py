@@ -3,7 +3,7 @@
 Starts a real server and real client processes on loopback. The clients present device profiles
 drawn from the catalog (profiles/devices/), so the tier policy gives them different ranks; they
 train on a non-IID split of the data. Every global version is evaluated on the test set.
-Defaults: all-MiniLM-L6-v2 on BANKING77 intent classification, about 5 minutes on 2 cores.
+Defaults: all-MiniLM-L6-v2 on BANKING77 intent classification, about 4 minutes on 2 cores.
 """
 
 from __future__ import annotations
