@@ -87,25 +87,10 @@ def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
 
 
 def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    from edge_client.data import trimmed_batches
-    from edge_client.pooling import head_module
+    from edge_client.head_features import pooled_features as head_inputs
 
     encoded = trainer.encode(examples, seq_len)
-    head = head_module(trainer.model, trainer.dense)
-    out = np.zeros((len(encoded), head.in_features), dtype=np.float32)
-    captured = []
-    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        with torch.no_grad():
-            for rows, batch in trimmed_batches(encoded, 128):
-                captured.clear()
-                trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                out[rows] = captured[0].numpy()
-    finally:
-        hook.remove()
-    return out, np.asarray(encoded.labels)
+    return head_inputs(trainer.model, trainer.dense, encoded, batch_size=128), np.asarray(encoded.labels)
 
 
 def table(results: dict[str, list[dict]], rounds: int) -> str:

@@ -16,9 +16,8 @@ from edge_client.pooling import head_module
 
 
 @torch.no_grad()
-def feature_statistics(model: torch.nn.Module, dense_names, encoded: Encoded, num_labels: int,
-                       batch_size: int = 64) -> HeadStatistics:
-    """S_c, n_c and G (edge_client.head_stats) of `encoded` under `model` in eval mode."""
+def pooled_features(model: torch.nn.Module, dense_names, encoded: Encoded, batch_size: int = 64) -> np.ndarray:
+    """(n, d) float64: what the linear head reads for each row of `encoded`, `model` in eval mode."""
     head = head_module(model, dense_names)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
@@ -36,8 +35,15 @@ def feature_statistics(model: torch.nn.Module, dense_names, encoded: Encoded, nu
     finally:
         hook.remove()
         model.train(was_training)
+    return features
+
+
+def feature_statistics(model: torch.nn.Module, dense_names, encoded: Encoded, num_labels: int,
+                       batch_size: int = 64) -> HeadStatistics:
+    """S_c, n_c and G (edge_client.head_stats) of `encoded` under `model` in eval mode."""
+    features = pooled_features(model, dense_names, encoded, batch_size)
     labels = np.asarray(encoded.labels, dtype=np.int64)
-    sums = np.zeros((num_labels, head.in_features))
+    sums = np.zeros((num_labels, features.shape[1]))
     np.add.at(sums, labels, features)
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
     return HeadStatistics(class_sums=sums, class_counts=counts, feature_gram=features.T @ features)
