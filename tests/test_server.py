@@ -1,7 +1,8 @@
 """The aggregation server over real HTTP (uvicorn on loopback) with real SQLite state.
 
 Uploads are built with numpy (no training). Aggregated globals are checked against dense
-references written here from the formulas in GUIDE.md, not against the rule code.
+references written here from the papers' formulas (docs/PROTOCOL.md, the rule docstrings), not
+against the rule code.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def global_adapter(http) -> Adapter:
     return decode(reply.content)
 
 
-# --- dense references (GUIDE.md section 1) ---------------------------------------------------------
+# --- dense references (the papers' formulas) -------------------------------------------------------
 def pad(a, b, rank):
     a_pad = np.zeros((rank, a.shape[1]))
     b_pad = np.zeros((b.shape[0], rank))

@@ -2,7 +2,8 @@
 
 `make_root(name, dest)` writes tree `name` under `dest/root` and its commands (shell scripts
 that print recorded output) under `dest/bin`, and returns (root, env) with env PATH = that bin
-only. File contents follow the kernel's formats and units (see ../shared/GUIDE.md section 4).
+only. File contents follow the kernel's formats and units (INA3221 hwmon: mV and mA; power_supply:
+uA, uV, uW; RAPL energy_uj: cumulative uJ that wraps at max_energy_range_uj).
 Tests may rewrite files afterwards (advance counters, change power).
 """
 
