@@ -1,0 +1,62 @@
+"""The Flower ClientApp: the device client behind Flower messages.
+
+  query  the ServerApp's introduction request -> {name, profile, n_samples, requested_rank}
+  train  a plan (stage "head": round-0 head statistics; stage "lora": a LoRA round on the adapter in
+         the message) -> the wire bytes it produced and a report (fresh profile, losses, ranks)
+A user mistake (no data, a model that does not fit the run) becomes a Flower error reply with its
+one-line message; the ServerApp logs it and goes on without the node.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from hetlora.errors import UserError
+from hetlora_flower.device import LocalNode, node_settings
+from hetlora_flower.plans import HEAD
+from hetlora_flower.records import INTRO, PLAN, REPORT, message_content, read_content
+
+log = logging.getLogger("hetlora.flower")
+USER_ERROR = 1000  # the Flower error code of a reply that carries a UserError's message
+app = ClientApp()
+_nodes: dict[tuple, LocalNode] = {}  # simulation: one actor process serves many nodes in turn
+
+
+def _local_node(context: Context, run: dict) -> LocalNode:
+    settings = node_settings(dict(context.node_config), dict(context.run_config), context.node_id)
+    key = (settings, run["spec_fingerprint"], run.get("training", {}).get("seq_len"))
+    if key not in _nodes:
+        if len(_nodes) >= 4:  # bounded: a simulation actor meets many partitions
+            _nodes.pop(next(iter(_nodes)))
+        _nodes[key] = LocalNode(settings, run)
+    return _nodes[key]
+
+
+def _answer(message: Message, work) -> Message:
+    try:
+        payload, report = work()
+    except UserError as exc:
+        log.error("%s", exc)
+        return Message(Error(code=USER_ERROR, reason=str(exc)), reply_to=message)
+    return Message(message_content(payload, REPORT, report), reply_to=message)
+
+
+@app.query()
+def introduce(message: Message, context: Context) -> Message:
+    _, doc = read_content(message.content, INTRO)
+    return _answer(message, lambda: (None, _local_node(context, doc["run"]).introduction()))
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    payload, doc = read_content(message.content, PLAN)
+    plan = doc["plan"]
+
+    def work():
+        node = _local_node(context, doc["run"])
+        return node.head_statistics(plan) if plan["stage"] == HEAD else node.train(payload, plan)
+
+    return _answer(message, work)

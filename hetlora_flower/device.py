@@ -1,0 +1,160 @@
+"""The device side of a Flower node: its settings, model, data and one planned round.
+
+Node config (`flower-supernode --node-config "..."`), all optional except `data`:
+  data           the node's CSV/JSONL training file
+  name           the name that orders and seeds the node (default: node-<Flower node id>)
+  state-dir      where the node keeps every update it sent (uploads/rNNNN.safetensors)
+  model-dir      the base model folder (default: the installed all-MiniLM-L6-v2)
+  backend        torch | onnx | executorch | auto (default torch); artifacts-dir for the artifact backends
+  device         a catalog id: report that device's profile instead of measuring this machine
+  profile-file   report the profile in this JSON file instead
+  requested-rank the largest rank this node asks for
+Under Flower's simulation runtime a node has only `partition-id` and `num-partitions`; it then trains on
+file `partition-id` of the run config's `partition-dir` (written by `hetlora partition`) as device
+`partition-id` of `profiles.catalog.simulated_fleet(num-partitions, seed)`.
+
+A round runs the HTTP client's pieces: the plan's rank, indices and mode, the server's training hints
+capped by the device's tier (`within_tier`), the same trainer (`make_trainer`), self-pruning and
+Select-N-Fold inside `train_round`, and the same metadata on the update.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_client import atomic
+from edge_client.client import train_config, within_tier
+from edge_client.wire import WireFormatError, decode, encode, validate
+from hetlora.errors import UserError
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    name: str
+    data: str
+    state_dir: str | None = None
+    model_dir: str | None = None
+    backend: str = "torch"
+    artifacts_dir: str | None = None
+    device: str | None = None
+    profile_file: str | None = None
+    fleet_seed: int | None = None  # simulation: index into simulated_fleet(num-partitions, fleet_seed)
+    fleet_size: int = 0
+    fleet_index: int = 0
+    requested_rank: int | None = None
+
+    def profile(self) -> dict:
+        """The device profile this node reports: simulated, catalog, file, or measured (quick)."""
+        if self.fleet_seed is not None:
+            return _fleet(self.fleet_size, self.fleet_seed)[self.fleet_index]
+        if self.device:
+            from profiles.catalog import profile_for
+
+            return profile_for(self.device)
+        if self.profile_file:
+            from edge_client.cli_client import read_profile_file
+
+            return read_profile_file(self.profile_file)
+        from edge_client.device.profile import collect_profile
+
+        return collect_profile(quick=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _fleet(size: int, seed: int) -> list[dict]:
+    from profiles.catalog import simulated_fleet
+
+    return simulated_fleet(size, seed)
+
+
+def node_settings(node_config: dict, run_config: dict, node_id: int) -> NodeSettings:
+    """NodeSettings from a node config (deployment) or a simulation partition (UserError when incomplete)."""
+    def text(key):
+        value = node_config.get(key)
+        return str(value) if value not in (None, "") else None
+
+    if "data" not in node_config and "partition-id" in node_config:
+        index, size = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        part_dir = Path(str(run_config.get("partition-dir") or ""))
+        try:
+            files = json.loads((part_dir / "partition.json").read_text())["clients"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"simulation node {index}: run config partition-dir {str(part_dir)!r} holds no "
+                            f"partition.json from `hetlora partition` ({exc})") from None
+        return NodeSettings(name=f"sim-{index:04d}", data=str(part_dir / files[index % len(files)]["file"]),
+                            model_dir=text("model-dir") or str(run_config.get("model") or "") or None,
+                            fleet_seed=int(run_config.get("seed", 0)), fleet_size=size, fleet_index=index)
+    if text("data") is None:
+        raise UserError("this SuperNode has no training data: start it with --node-config \"data='FILE'\"")
+    requested = node_config.get("requested-rank")
+    return NodeSettings(name=text("name") or f"node-{node_id}", data=text("data"), state_dir=text("state-dir"),
+                        model_dir=text("model-dir"), backend=text("backend") or "torch",
+                        artifacts_dir=text("artifacts-dir"), device=text("device"), profile_file=text("profile-file"),
+                        requested_rank=int(requested) if requested else None)
+
+
+class LocalNode:
+    """One node's model, data and trainer for a run (kept while the process lives)."""
+
+    def __init__(self, settings: NodeSettings, run: dict):
+        from edge_client.backends import make_trainer
+        from edge_client.data import load_examples
+        from edge_client.model_check import check_head
+        from edge_client.models import default_model_dir, derive_spec
+
+        self.settings, self.run = settings, run
+        model_dir = settings.model_dir or default_model_dir()
+        labels = run.get("labels")
+        self.examples = load_examples(settings.data, run["task"], labels)
+        check_head(model_dir, run["task"], len(labels) if labels else None)
+        self.spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None,
+                                pooling=run.get("pooling"))
+        if self.spec.fingerprint != run["spec_fingerprint"]:
+            raise UserError(f"the local model {model_dir} does not match the server's (spec {self.spec.fingerprint} "
+                            f"!= {run['spec_fingerprint']}); use the same base model folder and LoRA targets")
+        self.trainer = make_trainer(settings.backend, model_dir=model_dir, task=run["task"], labels=labels,
+                                    targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
+                                    artifacts_dir=settings.artifacts_dir, pooling=run.get("pooling"))
+
+    def introduction(self) -> dict:
+        """What the server needs to plan for this node (the HTTP registration's fields)."""
+        return {"name": self.settings.name, "profile": self.settings.profile(), "n_samples": len(self.examples),
+                "requested_rank": self.settings.requested_rank or max(self.run["ranks"])}
+
+    def train(self, payload: bytes, plan: dict) -> tuple[bytes, dict]:
+        """One planned LoRA round: (update wire bytes, report {profile, losses, ranks})."""
+        try:
+            start = decode(payload)
+            validate(start, self.spec, max_rank=int(self.run["global_rank"]))
+        except WireFormatError as exc:
+            raise UserError(f"round {plan['round']}: the server's adapter does not fit this run: {exc}") from None
+        profile = self.settings.profile()
+        cfg = within_tier(train_config(self.run, None, seed=plan["seed"]), profile, plan["rank"])
+        result = self.trainer.train_round(start, self.examples, cfg, rank=plan["rank"], indices=plan["indices"],
+                                          mode=plan["mode"])
+        result.adapter.meta.update(round=plan["round"], client_id=plan["client_id"], rank=plan["rank"])
+        body = encode(result.adapter)
+        self._keep(plan["round"], body)
+        return body, {"profile": profile, "rank_before": result.rank_before, "rank_after": result.rank_after,
+                      "loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
+                      "n_samples": result.n_samples}
+
+    def head_statistics(self, plan: dict) -> tuple[bytes, dict]:
+        """Round 0: per-class feature statistics of the local data under the frozen base model."""
+        from edge_client.head_stats import encode_statistics
+
+        if not hasattr(self.trainer, "head_statistics"):
+            raise UserError(f"the {self.settings.backend} backend cannot compute head statistics; use backend torch")
+        stats = self.trainer.head_statistics(self.examples, train_config(self.run, None, seed=0).seq_len)
+        stats.meta = {"round": plan["round"], "client_id": plan["client_id"], "n_samples": stats.n_samples}
+        body = encode_statistics(stats)
+        self._keep(plan["round"], body)
+        return body, {"n_samples": stats.n_samples}
+
+    def _keep(self, round_number: int, body: bytes) -> None:
+        """The bytes sent for a round, in state-dir/uploads/ (for audit and for the deployment test)."""
+        if self.settings.state_dir:
+            atomic.write_bytes(Path(self.settings.state_dir) / "uploads" / f"r{round_number:04d}.safetensors", body)

@@ -1,0 +1,139 @@
+"""RuleStrategy: a Flower Strategy whose rounds are the project's rules.
+
+configure_train: selects nodes as the HTTP server does (`select_clients` over the names in order),
+makes each one its own plan (`plans.plan_for`) and sends it, with the rule's view of the global at
+the plan's rank, in one message per node.
+aggregate_train: checks every reply with the HTTP server's upload checks (`plans.check_update`), then
+runs the same pipeline as the HTTP server: bounded influence, the pure rule, the server optimiser.
+The global travels between rounds as wire bytes (records.payload_record).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from edge_client.wire import Adapter, decode, encode
+from hetlora.errors import UserError
+from hetlora_flower import nodes as node_book
+from hetlora_flower.plans import check_update, download, plan_for
+from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
+from server_stub.aggregation import aggregate_statistics
+from server_stub.aggregation.bounds import bound_influence
+from server_stub.rounds import jsonable, select_clients
+
+log = logging.getLogger("hetlora.flower")
+
+
+def global_record(config, adapter: Adapter, version: int) -> ArrayRecord:
+    """Global version n as wire bytes with the metadata the HTTP server stores."""
+    meta = {"global_version": version, "round": version, "rank": adapter.rank, "aggregator": config.aggregator,
+            "spec_fingerprint": config.spec.fingerprint}
+    return payload_record(encode(Adapter(lora=adapter.lora, dense=adapter.dense, meta=meta)))
+
+
+class RuleStrategy(Strategy):
+    """Per-node plans out, the project's checks and rule in. `nodes`: node id -> nodes.Node."""
+
+    def __init__(self, config, rule, nodes: dict):
+        self.config, self.rule, self.nodes = config, rule, nodes
+        self.optimizer_state: dict = {}
+        self.history: list[dict] = []
+        self._plans: dict[int, dict] = {}
+        self._previous: Adapter | None = None
+
+    def summary(self) -> None:
+        log.info("RuleStrategy: rule %s %s, ranks %s, global rank %d, %d nodes, server optimiser %s",
+                 self.config.aggregator, self.config.rule_options, list(self.config.ranks), self.config.global_rank,
+                 len(self.nodes), self.config.server_opt.name)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._previous = decode(payload_bytes(arrays))
+        live = set(grid.get_node_ids())
+        eligible = sorted((n for n in self.nodes.values() if n.rank and n.node_id in live), key=lambda n: n.name)
+        chosen = set(select_clients([n.name for n in eligible], self.config.clients_per_round, self.config.seed,
+                                    server_round))
+        self._plans, messages = {}, []
+        for node in (n for n in eligible if n.name in chosen):
+            plan = plan_for(self.config, self.rule, name=node.name, rank=node.rank, round_number=server_round)
+            self._plans[node.node_id] = plan
+            body = encode(download(self.config, self.rule, self._previous, plan))
+            content = message_content(body, PLAN, {"plan": plan, "run": self.config.run_config()})
+            messages.append(Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
+        log.info("round %d: %s", server_round, ", ".join(f"{p['client_id']}@r{p['rank']}" for p in self._plans.values()))
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self._accepted(server_round, replies)
+        order = [node_id for node_id in self._plans if node_id in accepted]  # selection (name) order
+        required = min(self.config.min_clients, len(self._plans))
+        if not order or len(order) < required:
+            log.warning("round %d: %d of the %d required updates arrived; the global stays as it was",
+                        server_round, len(order), required)
+            return None, None
+        results = [accepted[node_id][0] for node_id in order]
+        results, clipped = bound_influence(self._previous, results)
+        new_global = self.rule.aggregate(self._previous, results)
+        if self.config.server_opt.name != "none":
+            new_global, self.optimizer_state = self.config.server_opt.step(
+                self._previous, new_global, self.optimizer_state, product_space=self.rule.name == "hlora")
+        reports = [accepted[node_id][1] for node_id in order]
+        for node_id, res, report in zip(order, results, reports):
+            node_book.report(self.config, self.nodes[node_id], report.get("profile"), res.adapter.rank)
+        self._record(server_round, order, results, reports, new_global, clipped)
+        return global_record(self.config, new_global, server_round), _metrics(results, reports)
+
+    def _accepted(self, server_round: int, replies: Iterable[Message]) -> dict:
+        """node id -> (ClientResult, report) of every reply that passes the checks; the others are logged."""
+        accepted = {}
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            plan = self._plans.get(node_id)
+            who = plan["client_id"] if plan else f"node {node_id}"
+            if plan is None or reply.has_error():
+                log.warning("round %d: no update from %s: %s", server_round, who,
+                            reply.error.reason if reply.has_error() else "it was not planned this round")
+                continue
+            try:
+                body, report = read_content(reply.content, REPORT)
+                accepted[node_id] = (check_update(self.config, self.rule, plan, body or b""), report)
+            except (UserError, ValueError) as exc:
+                log.warning("round %d: update from %s refused: %s", server_round, who, exc)
+        return accepted
+
+    def _record(self, server_round, order, results, reports, new_global, clipped) -> None:
+        names = [self._plans[node_id]["client_id"] for node_id in order]
+        stats = aggregate_statistics(new_global, results)
+        stats["clipped"] = {names[k]: what for k, what in clipped.items()}
+        self.history.append(jsonable({
+            "round": server_round, "clients": names,
+            "ranks": {self._plans[n]["client_id"]: self._plans[n]["rank"] for n in self._plans},
+            "indices": {self._plans[n]["client_id"]: self._plans[n]["indices"] for n in self._plans},
+            "effective_ranks": dict(zip(names, (res.adapter.rank for res in results))),
+            "n_samples": dict(zip(names, (res.n_samples for res in results))),
+            "loss_after": dict(zip(names, (r.get("loss_after") for r in reports))), "statistics": stats}))
+        log.info("round %d aggregated (%s) from %s", server_round, self.config.aggregator,
+                 ", ".join(f"{n}@r{res.adapter.rank}" for n, res in zip(names, results)))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is offline (`hetlora evaluate` on the final global)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+
+def _metrics(results, reports) -> MetricRecord:
+    """n-weighted mean local losses before and after training, and the round's totals."""
+    n = [res.n_samples for res in results]
+    total = float(sum(n))
+    mean = lambda key: sum(k * float(r.get(key) or 0.0) for k, r in zip(n, reports)) / total  # noqa: E731
+    return MetricRecord({"clients": len(results), "num-examples": int(total),
+                         "loss-before": mean("loss_before"), "loss-after": mean("loss_after")})
