@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_client.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
-from edge_client.wire import decode
+from hetlora.protocol.wire import decode
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.demo")
@@ -212,7 +212,7 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
 
 def save_global(data: bytes, run_dir: Path, model_dir: str) -> None:
     """The final global adapter in the wire format and in PEFT format (`PeftModel.from_pretrained`)."""
-    from edge_client.atomic import write_bytes
+    from hetlora.protocol.atomic import write_bytes
     from edge_client.peft_format import save_peft
 
     write_bytes(run_dir / "global.safetensors", data)
@@ -252,7 +252,7 @@ def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row
     from dataclasses import replace
 
     from edge_client.models import derive_spec
-    from edge_client.train_config import TrainConfig
+    from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
     from server_stub.aggregation import make_rule
     from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, safe_class_head
@@ -262,7 +262,7 @@ def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row
     spec = derive_spec(cfg.model_dir, "classification", num_labels=len(labels))
     adapter = make_rule("fedavg").init_global(spec, rank, cfg.seed)
     trainer = TorchTrainer(cfg.model_dir, "classification", labels=labels)
-    steps = TrainConfig(steps=cfg.clients_per_round * cfg.local_steps, batch_size=cfg.batch_size,
+    steps = TrainingSettings(steps=cfg.clients_per_round * cfg.local_steps, batch_size=cfg.batch_size,
                         seq_len=cfg.seq_len, lr=cfg.lr, head_lr=cfg.head_lr, schedule=cfg.schedule,
                         warmup_steps=cfg.warmup_steps)
     rows, first = [], 1

@@ -1,7 +1,7 @@
 """Round 0, the head-initialisation round: checks of a statistics upload and the initial global.
 
 Enabled by `ServerConfig.head_init` (ncm | lda) for classification runs. Every client registered
-when round 0 opens uploads its per-class feature statistics (edge_client.head_stats) instead of an
+when round 0 opens uploads its per-class feature statistics (hetlora.protocol.head_stats) instead of an
 adapter; the server pools them and sets the head of global version 0 in closed form
 (server_stub.aggregation.head_init); the LoRA factors are the rule's usual initial ones.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from edge_client.head_stats import HeadStatistics, decode_statistics
-from edge_client.wire import Adapter, WireFormatError
+from hetlora.protocol.head_stats import HeadStatistics, decode_statistics
+from hetlora.protocol.wire import Adapter, WireFormatError
 from server_stub.aggregation.head_init import LOGIT_LIMIT, pool, safe_class_head
 from server_stub.errors import ApiError
 

@@ -18,14 +18,15 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from edge_client.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, encode, meta_int, validate
+from hetlora.protocol.plan import Tier
+from hetlora.protocol.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, encode, meta_int, validate
 from server_stub import liveness
 from server_stub.aggregation import ClientResult, aggregate_statistics
 from server_stub.aggregation.bounds import bound_influence, check_values
 from server_stub.config import ServerConfig
 from server_stub.errors import ApiError
 from server_stub.head_round import HEAD_ROUND, check_statistics, initial_global, load_statistics
-from server_stub.ranks import assign_rank
+from server_stub.tiers import tier_for
 from server_stub.store import Store
 
 log = logging.getLogger("hetlora.server")
@@ -48,12 +49,6 @@ def client_key(client: dict) -> str:
 def client_order(client: dict) -> tuple:
     """Named clients first, by name, then by id: registration order (a race) never matters."""
     return (client["name"] is None, client["name"] or "", client["client_id"])
-
-
-def training_seed(seed: int, round_number: int, key: str) -> int:
-    """The seed of one client's local round: sha256 of (run seed, round, client key), 32 bits."""
-    digest = hashlib.sha256(json.dumps([seed, round_number, key]).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def token_digest(token: str) -> str:
@@ -85,7 +80,18 @@ def _decode(body: bytes) -> Adapter:
 def _log_opened(row: dict | None) -> None:
     if row is not None:
         log.info("round %d open: selected %s", row["number"],
-                 ", ".join(f"{c}@r{row['ranks'][c]}" for c in row["selected"]))
+                 ", ".join(f"{c}@r{row['plans'][c]['rank']}" for c in row["selected"]))
+
+
+def _caps(tier: Tier) -> dict:
+    """A tier's batch and sequence caps as stored with the client (its rank has a column of its own)."""
+    return {"batch_size": tier.batch_size, "seq_len": tier.seq_len}
+
+
+def _ranks_and_indices(plans: dict) -> dict:
+    """The round's planned rank and (plora) indices per client, as status and history show them."""
+    return {"ranks": {c: p["rank"] for c, p in plans.items()},
+            "indices": {c: p["indices"] for c, p in plans.items() if p["indices"] is not None}}
 
 
 def jsonable(value):
@@ -126,15 +132,17 @@ class Coordinator:
             raise ApiError(400, "bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
         if n_samples < 0:
             raise ApiError(400, "bad_request", f"n_samples must be >= 0, got {n_samples}")
-        rank = self._rank_for(profile, requested_rank, pruned_rank=None)
+        tier = self._tier_for(profile, requested_rank, pruned_rank=None)
         client_id, token = "c-" + secrets.token_hex(6), secrets.token_urlsafe(32)
         with self.lock, self.store.transaction():
             self.store.insert("clients", {
                 "client_id": client_id, "token_sha256": token_digest(token), "name": name, "profile": profile,
-                "requested_rank": requested_rank, "rank": rank, "pruned_rank": None, "n_samples": n_samples,
+                "requested_rank": requested_rank, "rank": tier.rank, "caps": _caps(tier), "pruned_rank": None,
+                "n_samples": n_samples,
                 "registered_at": self.clock(),
             })
             opened = self._open_next_round_if_ready()
+        rank = self.rule.planned_rank(tier.rank, self.config.global_rank)
         log.info("registered %s (%s): requested rank %d -> rank %d, %d samples",
                  client_id, name or "unnamed", requested_rank, rank, n_samples)
         _log_opened(opened)
@@ -160,17 +168,18 @@ class Coordinator:
         with self.lock, self.store.transaction():
             client = self._client(client_id)
             requested = requested_rank or client["requested_rank"]
-            rank = self._rank_for(profile, requested, client["pruned_rank"], previous_rank=client["rank"])
+            tier = self._tier_for(profile, requested, client["pruned_rank"], previous_rank=client["rank"])
             self.store.update("clients", {"client_id": client_id},
-                              {"profile": profile, "requested_rank": requested, "rank": rank})
+                              {"profile": profile, "requested_rank": requested, "rank": tier.rank, "caps": _caps(tier)})
+        rank = self.rule.planned_rank(tier.rank, self.config.global_rank)
         log.info("profile of %s updated: rank %d -> %d", client_id, client["rank"], rank)
         return {"client_id": client_id, "rank": rank}
 
-    def _rank_for(self, profile: dict, requested_rank: int, pruned_rank: int | None,
-                  previous_rank: int | None = None) -> int:
-        rank = self.config.rule_rank(assign_rank(profile, requested_rank, self.config.ranks,
-                                                 previous_rank=previous_rank, spec=self.config.spec))
-        return min(rank, pruned_rank) if pruned_rank else rank
+    def _tier_for(self, profile: dict, requested_rank: int, pruned_rank: int | None,
+                  previous_rank: int | None = None) -> Tier:
+        tier = tier_for(profile, requested_rank, self.config.ranks, previous_rank=previous_rank,
+                        spec=self.config.spec, policy=self.config.policy)
+        return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
 
     def _client(self, client_id: str) -> dict:
         return self.store.select_one("SELECT * FROM clients WHERE client_id = ?", (client_id,))
@@ -183,20 +192,21 @@ class Coordinator:
             client = self._client(client_id)
             r = self._open_round()
             if r is not None:
-                selected = client_id in r["selected"]
+                plan = r["plans"].get(client_id)
                 return {
-                    "round": r["number"], "state": "open", "deadline": r["deadline"], "selected": selected,
-                    "stage": "head" if r["number"] == HEAD_ROUND and self.config.head_round else "lora",
-                    "rank": r["ranks"][client_id] if selected else client["rank"],
-                    "indices": r["indices"].get(client_id), "uploaded": self._upload(r["number"], client_id) is not None,
-                    "seed": training_seed(self.config.seed, r["number"], client_key(client)),
+                    "round": r["number"], "state": "open", "deadline": r["deadline"], "selected": plan is not None,
+                    "stage": "head" if self._is_head_round(r["number"]) else "lora", "plan": plan,
+                    "rank": plan["rank"] if plan else self.rule.planned_rank(client["rank"], self.config.global_rank),
+                    "indices": plan["indices"] if plan else None, "seed": plan["training"]["seed"] if plan else None,
+                    "uploaded": self._upload(r["number"], client_id) is not None,
                     "rounds": self.config.rounds, "global_version": r["number"] - 1,
                 }
             last = self._last_round_number()
             finished = last >= self.config.rounds
             return {
                 "round": last if finished else last + 1, "state": "finished" if finished else "waiting",
-                "deadline": None, "selected": False, "rank": client["rank"], "indices": None, "uploaded": False,
+                "deadline": None, "selected": False, "plan": None, "indices": None, "uploaded": False,
+                "rank": self.rule.planned_rank(client["rank"], self.config.global_rank),
                 "rounds": self.config.rounds, "global_version": self._latest_global_version(),
             }
 
@@ -208,10 +218,10 @@ class Coordinator:
             self._require_selected(r, client_id)
             if self._is_head_round(round_number):
                 raise ApiError(409, "head_round", "round 0 collects head statistics; there is no adapter to download")
-            rank = r["ranks"][client_id]
-            view = self.rule.client_view(self._global(round_number - 1), rank)
-            meta = {"round": round_number, "client_id": client_id, "rank": rank,
-                    "indices": r["indices"].get(client_id), "aggregator": self.config.aggregator,
+            plan = r["plans"][client_id]
+            view = self.rule.client_view(self._global(round_number - 1), plan["rank"])
+            meta = {"round": round_number, "client_id": client_id, "rank": plan["rank"],
+                    "indices": plan["indices"], "aggregator": self.config.aggregator,
                     "global_version": round_number - 1, "spec_fingerprint": self.config.spec.fingerprint}
             data = encode(Adapter(lora=view.lora, dense=view.dense, meta=meta))
             with self.store.transaction():
@@ -250,10 +260,10 @@ class Coordinator:
         """Under the lock: check one adapter upload and store it (blob, then row); returns the row."""
         adapter = _decode(body)
         digest = update_digest(adapter)
-        assigned = r["ranks"][client_id]
+        assigned = r["plans"][client_id]["rank"]
         try:
             rank, effective_rank, n_samples = self._check_meta(adapter.meta, round_number, client_id, assigned)
-            tensor_rank = validate(adapter, self.config.spec, max_rank=self.rule.upload_rank_limit(assigned))
+            tensor_rank = validate(adapter, self.config.spec, max_rank=assigned)
             check_values(adapter)
         except WireFormatError as exc:
             raise ApiError(400, exc.code, str(exc)) from None
@@ -320,14 +330,14 @@ class Coordinator:
         return rank, effective_rank, n_samples
 
     def _check_ranks(self, r: dict, client_id: str, meta: dict, effective_rank: int, tensor_rank: int) -> None:
-        assigned = r["ranks"][client_id]
+        plan = r["plans"][client_id]
         if tensor_rank != effective_rank:
             raise ApiError(400, "rank_mismatch", f"the tensors have rank {tensor_rank} but metadata effective_rank "
                            f"is {effective_rank}")
-        if self.config.aggregator == "fedavg" and effective_rank != assigned:
-            raise ApiError(400, "rank_mismatch", f"fedavg is homogeneous: upload rank {effective_rank} must equal "
-                           f"the assigned rank {assigned}")
-        expected = r["indices"].get(client_id)
+        if effective_rank < plan["min_upload_rank"]:
+            raise ApiError(400, "rank_mismatch", f"upload rank {effective_rank} is below {plan['min_upload_rank']}, "
+                           f"the lowest rank the {self.config.aggregator} plan for this round allows")
+        expected = plan["indices"]
         if expected is not None and meta.get("indices") != expected:
             raise ApiError(400, "wrong_indices", f"metadata indices {meta.get('indices')!r} are not the indices "
                            f"assigned for round {r['number']}: {expected}")
@@ -370,7 +380,7 @@ class Coordinator:
                      r["number"], len(uploaded), len(r["selected"]))
             return self._mark_closing(r)
         extra = liveness.replacements(self.store, r, required - len(uploaded))
-        ranks, indices = self._assign(extra, r["number"])
+        plans = self._plans(extra, r["number"])
         reason = (f"only {len(uploaded)} of the {required} required uploads arrived by the deadline"
                   + (f"; dropped {len(dropped) + len(silent)} silent client(s)" if dropped or silent else "")
                   + (f"; selected {len(extra)} replacement(s)" if extra else "")
@@ -378,8 +388,7 @@ class Coordinator:
         with self.store.transaction():
             self.store.update("rounds", {"number": r["number"]}, {
                 "deadline": now + self.config.round_deadline, "extensions": r["extensions"] + 1,
-                "extension_reason": reason, "selected": r["selected"] + extra, "ranks": r["ranks"] | ranks,
-                "indices": r["indices"] | indices})
+                "extension_reason": reason, "selected": r["selected"] + extra, "plans": r["plans"] | plans})
         log.warning("round %d: %s", r["number"], reason)
         return None
 
@@ -424,9 +433,9 @@ class Coordinator:
             return new_global, jsonable(summary)
         with self.lock:
             previous = self._global(number - 1)
+        indices = {c: plan["indices"] for c, plan in r["plans"].items()}
         results = [ClientResult(adapter=decode(self.store.read_blob(u["path"])), n_samples=u["n_samples"],
-                                indices=tuple(r["indices"][u["client_id"]]) if r["indices"].get(u["client_id"])
-                                is not None else None)
+                                indices=tuple(indices[u["client_id"]]) if indices[u["client_id"]] is not None else None)
                    for u in uploads]
         results, clipped = bound_influence(previous, results)
         new_global = self.rule.aggregate(previous, results)
@@ -462,26 +471,20 @@ class Coordinator:
             return None
         k = 0 if head_first else self.config.clients_per_round
         selected = select_clients([c["client_id"] for c in clients], k, self.config.seed, number)
-        ranks, indices = self._assign(selected, number)
         now = self.clock()
-        row = {"number": number, "state": "open", "selected": selected, "ranks": ranks, "indices": indices,
+        row = {"number": number, "state": "open", "selected": selected, "plans": self._plans(selected, number),
                "opened_at": now, "deadline": now + self.config.round_deadline}
         self.store.insert("rounds", row)
         return row
 
-    def _assign(self, client_ids: list[str], number: int) -> tuple[dict, dict]:
-        """The round's rank per client (its current rank) and, for plora, its indices (drawn from the
-        client's key; none in the head round)."""
-        rows = {c["client_id"]: c for c in self.store.select("SELECT client_id, name, rank FROM clients")}
-        ranks = {c: rows[c]["rank"] for c in client_ids}
-        indices = {}
-        for c in client_ids if not self._is_head_round(number) else ():
-            assigned = self.rule.assign_indices(global_rank=self.config.global_rank, rank=ranks[c],
-                                                round_number=number, client_id=client_key(rows[c]),
-                                                seed=self.config.seed)
-            if assigned is not None:
-                indices[c] = [int(i) for i in assigned]
-        return ranks, indices
+    def _plans(self, client_ids: list[str], number: int) -> dict[str, dict]:
+        """The configure step: each client's plan for round `number` (JSON), from the rule, its tier and the run."""
+        rows = {c["client_id"]: c for c in self.store.select("SELECT client_id, name, rank, caps FROM clients")}
+        return {c: self.rule.configure(round_number=number, client_key=client_key(rows[c]),
+                                       tier=Tier(rows[c]["rank"], **rows[c]["caps"]),
+                                       global_rank=self.config.global_rank, seed=self.config.seed,
+                                       training=self.config.training, head_round=self._is_head_round(number)).to_json()
+                for c in client_ids}
 
     def _require_open(self, round_number: int) -> dict:
         r = self._open_round()
@@ -570,13 +573,16 @@ class Coordinator:
                 round_info = {"number": last + 1, "state": "waiting"}
             else:
                 shown = r or self.store.select_one("SELECT * FROM rounds WHERE number = ?", (last,))
-                round_info = {k: shown[k] for k in ("number", "state", "opened_at", "deadline", "selected", "ranks",
-                                                    "indices", "extensions", "extension_reason")}
+                round_info = {k: shown[k] for k in ("number", "state", "opened_at", "deadline", "selected",
+                                                    "extensions", "extension_reason")}
+                round_info |= _ranks_and_indices(shown["plans"])
                 round_info["uploads"] = [u["client_id"] for u in self._uploads(shown["number"])]
                 round_info["dropped"] = liveness.dropped(self.store, shown["number"])
                 round_info["aggregating"] = self._closing == shown["number"]
             clients = self.store.select("SELECT client_id, name, rank, requested_rank, pruned_rank, n_samples, "
                                         "registered_at FROM clients ORDER BY seq")
+            for c in clients:  # the rank it trains at under this rule
+                c["rank"] = self.rule.planned_rank(c["rank"], self.config.global_rank)
             return {"round": round_info, "rounds": self.config.rounds, "finished": finished,
                     "aggregator": self.config.aggregator, "global_version": self._latest_global_version(),
                     "clients": clients, "history": self._history(), "run": self.config.run_config()}
@@ -595,7 +601,7 @@ class Coordinator:
                 "round": r["number"], "opened_at": r["opened_at"], "aggregated_at": r["aggregated_at"],
                 "selected": r["selected"], "clients": [u["client_id"] for u in uploads],
                 "dropped": liveness.dropped(self.store, r["number"]),
-                "ranks": r["ranks"], "effective_ranks": {u["client_id"]: u["effective_rank"] for u in uploads},
+                "ranks": _ranks_and_indices(r["plans"])["ranks"], "effective_ranks": {u["client_id"]: u["effective_rank"] for u in uploads},
                 "n_samples": {u["client_id"]: u["n_samples"] for u in uploads},
                 "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": self._bytes_down(r["number"]),
                 "extensions": r["extensions"], "extension_reason": r["extension_reason"],

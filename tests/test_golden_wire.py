@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.head_stats import decode_statistics, encode_statistics
-from edge_client.wire import decode, encode
+from hetlora.protocol.head_stats import decode_statistics, encode_statistics
+from hetlora.protocol.wire import decode, encode
 
 GOLDEN = Path(__file__).parent / "golden"
 

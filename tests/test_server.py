@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from edge_client.wire import Adapter, decode, encode
+from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora.errors import UserError
 from server_stub.errors import ApiError
 from server_stub.rounds import update_digest
