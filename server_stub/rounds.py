@@ -311,7 +311,10 @@ class Coordinator:
         """The new global and its statistics from a closing round's uploads (in selection order)."""
         if self._is_head_round(number):
             statistics = [load_statistics(self.config, self.store.read_blob(u["path"])) for u in uploads]
-            new_global, summary = initial_global(self.rule, self.config, statistics)
+            new_global, summary = initial_global(self.rule, self.config.spec, statistics,
+                                                 head_init=self.config.head_init, global_rank=self.config.global_rank,
+                                                 seed=self.config.seed, shrinkage=self.config.head_shrinkage,
+                                                 temperature=self.config.head_temperature)
             return new_global, history.jsonable(summary)
         with self.lock:
             previous = self.globals.adapter(number - 1)
