@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from edge_client.demo import DemoConfig, Method, centralized_run, federated_run, prepare_fleet  # noqa: E402
+from simulation.demo import DemoConfig, Method, centralized_run, federated_run, prepare_fleet  # noqa: E402
 
 DATA = REPO / "data" / "banking77"
 METHODS = ("fedavg-rmin", "fedavg-rmax", "hetlora", "hetlora-seg", "hlora", "plora", "head-only", "centralized",
@@ -74,8 +74,8 @@ def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
     from edge_client.training import TorchTrainer
 
     trainer = TorchTrainer(cfg.model_dir, "classification", labels=fleet.labels)
-    train_x, train_y = pooled_features(trainer, fleet.pooled, cfg.seq_len)
-    test_x, test_y = pooled_features(trainer, fleet.test, cfg.seq_len)
+    train_x, train_y = pooled_features(trainer, fleet.pooled, cfg.training.seq_len)
+    test_x, test_y = pooled_features(trainer, fleet.test, cfg.training.seq_len)
     order = np.random.default_rng(seed).permutation(len(train_y))
     val, fit = order[: len(order) // 10], order[len(order) // 10:]
     scores = {c: LogisticRegression(C=c, max_iter=2000).fit(train_x[fit], train_y[fit]).score(train_x[val], train_y[val])

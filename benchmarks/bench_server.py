@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 from edge_client.models import default_model_dir, derive_spec
-from edge_client.wire import Adapter, encode
+from hetlora.protocol.wire import Adapter, encode
 from server_stub.background import serve_in_background
 from server_stub.cli import BANKING77_LABELS
 from server_stub.config import ServerConfig, load_labels

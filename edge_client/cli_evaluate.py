@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_client.evaluate import Evaluator
     from edge_client.model_check import check_head
     from edge_client.models import default_model_dir
-    from edge_client.wire import decode
+    from hetlora.protocol.wire import decode
     from hetlora.errors import UserError
 
     path = Path(args.adapter)

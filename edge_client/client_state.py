@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge_client import atomic
-from edge_client.wire import WireFormatError, read_header
+from hetlora.protocol import atomic
+from hetlora.protocol.wire import WireFormatError, read_header
 from hetlora.errors import UserError
 
 STATE_FILE = "state.json"

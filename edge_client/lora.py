@@ -16,12 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edge_client.wire import Adapter
-
-
-def lora_scale(alpha: float, rank: int) -> float:
-    """Training scale: alpha / rank rounded to the nearest power of two (exact to fold)."""
-    return float(2.0 ** round(math.log2(alpha / rank)))
+from hetlora.protocol.lora_rules import lora_scale
+from hetlora.protocol.wire import Adapter
 
 
 class LoRALinear(nn.Module):

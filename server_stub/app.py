@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from edge_client.wire import MAX_INT
+from hetlora.protocol.wire import MAX_INT
 from hetlora.errors import UserError
 from server_stub.aggregation import make_rule
 from server_stub.config import ServerConfig

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 from hetlora.errors import UserError
+from server_stub.aggregation import RULES
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import OPTIMIZERS
 
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--targets", type=_name_list, help="LoRA target modules, comma-separated (default: by model type)")
 
     agg = p.add_argument_group("aggregation")
-    agg.add_argument("--aggregator", choices=("fedavg", "hetlora", "hlora", "plora"), default="hetlora")
+    agg.add_argument("--aggregator", choices=RULES, default="hetlora")
     agg.add_argument("--weighting", choices=("sparsity", "sparsity_n", "n"),
                      help="hetlora client weights (default: sparsity)")
     agg.add_argument("--segment-average", action="store_true",
@@ -80,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="clients to wait for before round 0 opens (default: --min-clients)")
 
     hints = p.add_argument_group("training hints sent to clients")
+    hints.add_argument("--policy", metavar="FILE", help="the tier policy that sizes each client (default: the "
+                       "packaged profiles/tiers.json); pass the same file to `hetlora profile --policy`")
     hints.add_argument("--local-steps", type=int, default=20)
     hints.add_argument("--batch-size", type=int, default=16)
     hints.add_argument("--seq-len", type=int, default=64)
@@ -115,7 +118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     """ServerConfig from parsed arguments (derives the AdapterSpec from the model folder)."""
     from edge_client.models import default_model_dir, derive_spec
-    from server_stub.config import ServerConfig, TrainingHints, load_labels
+    from hetlora.protocol.settings import TrainingSettings
+    from profiles.policy import load_policy
+    from server_stub.config import ServerConfig, load_labels
 
     rule_options = _rule_options(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
@@ -127,14 +132,16 @@ def build_config(args: argparse.Namespace):
     spec = derive_spec(model_dir, args.task, args.targets, num_labels=len(labels) if labels else None)
     global_rank = args.hlora_rank or args.global_rank or max(args.ranks)
     prune_lambda = args.prune_lambda if args.prune_lambda is not None else (0.01 if args.aggregator == "hetlora" else 0.0)
-    hints = TrainingHints(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                          head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                          prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank)
+    training = TrainingSettings(steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                                prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank,
+                                lora_alpha=args.lora_alpha)
     return ServerConfig(
         spec=spec, aggregator=args.aggregator, labels=labels, rule_options=rule_options, ranks=tuple(args.ranks),
         global_rank=global_rank, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
-        round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed, lora_alpha=args.lora_alpha,
-        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints,
+        round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed,
+        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, training=training,
+        policy=load_policy(args.policy) if args.policy else None,
         head_init=args.head_init or ("lda" if args.task == "classification" else "none"),
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
         server_opt=_server_optimizer(args),
@@ -194,7 +201,7 @@ def check_tls(certfile: str | None, keyfile: str | None) -> bool:
 
 def write_server_info(state_dir: Path, host: str, port: int, tls: bool = False) -> str:
     """Write <state-dir>/server.json ({"url", "host", "port", "pid"}) atomically; return the URL."""
-    from edge_client.atomic import write_bytes
+    from hetlora.protocol.atomic import write_bytes
 
     url_host = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{url_host}:{port}"

@@ -21,9 +21,9 @@ from edge_client.data import Examples
 from edge_client.lora import load_adapter, lora_layers, tail_mask, tail_penalty
 from edge_client.models import derive_spec
 from edge_client.objective import batch_loss
-from edge_client.train_config import TrainConfig
+from hetlora.protocol.settings import TrainingSettings
 from edge_client.training import TorchTrainer
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 pytest.importorskip("executorch")
@@ -148,7 +148,7 @@ def test_round_with_self_pruning_matches_torch(setup, backend, optimizer):
     task = setup[0]
     reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), 3, seed=2)
-    cfg = TrainConfig(steps=6, batch_size=3, seq_len=12, lr=0.05 if optimizer == "sgd" else 0.01,
+    cfg = TrainingSettings(steps=6, batch_size=3, seq_len=12, lr=0.05 if optimizer == "sgd" else 0.01,
                       optimizer=optimizer, prune_lambda=0.5, prune_gamma=0.7, min_rank=1, lora_alpha=ALPHA,
                       trim_padding=False)  # artifacts train on fixed-shape, uniformly shuffled batches
     want = reference.train_round(start, examples_for(task), cfg, rank=3, mode="hetlora")
@@ -174,7 +174,7 @@ def test_plain_round_without_pruning_keeps_rank(setup, backend):
     task = setup[0]
     reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), ART_RANK, seed=3)
-    cfg = TrainConfig(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lr=0.05, optimizer="sgd", lora_alpha=ALPHA,
+    cfg = TrainingSettings(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lr=0.05, optimizer="sgd", lora_alpha=ALPHA,
                       trim_padding=False)
     want = reference.train_round(start, examples_for(task), cfg, rank=ART_RANK)
     got = trainer.train_round(start, examples_for(task), cfg, rank=ART_RANK)
@@ -188,15 +188,15 @@ def test_user_errors(setup):
     _, trainer = trainers(setup, "executorch")
     start = random_adapter(spec_of(setup), 2, seed=4)
     with pytest.raises(UserError, match="--backend torch"):
-        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="sgd"), rank=2, indices=[0, 1],
+        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="sgd"), rank=2, indices=[0, 1],
                             mode="plora")
     with pytest.raises(UserError, match="SGD only"):
-        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="adamw", batch_size=2, seq_len=8), rank=2)
+        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="adamw", batch_size=2, seq_len=8), rank=2)
     with pytest.raises(UserError, match="batch 4 x seq_len 16"):
-        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="sgd", seq_len=64), rank=2)
+        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="sgd", seq_len=64), rank=2)
     big = random_adapter(spec_of(setup), 8, seed=5)
     with pytest.raises(UserError, match="no executorch artifact for rank 8"):
-        trainer.train_round(big, examples_for(task), TrainConfig(optimizer="sgd"), rank=8)
+        trainer.train_round(big, examples_for(task), TrainingSettings(optimizer="sgd"), rank=8)
     with pytest.raises(UserError, match="--artifacts"):
         make_trainer("onnx", model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA)
     with pytest.raises(UserError, match="lora_alpha"):
@@ -270,7 +270,7 @@ def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tmp_path):
     kwargs = dict(model_dir=tiny_bert_dir, task="classification", labels=LABELS, targets=("query",), lora_alpha=ALPHA)
     reference, trainer = make_trainer("torch", **kwargs), make_trainer("executorch", artifacts_dir=tmp_path, **kwargs)
     start = random_adapter(derive_spec(tiny_bert_dir, "classification", ("query",), 3), 2, seed=6)
-    cfg = TrainConfig(steps=2, batch_size=2, seq_len=8, lr=0.05, optimizer="sgd", lora_alpha=ALPHA, trim_padding=False)
+    cfg = TrainingSettings(steps=2, batch_size=2, seq_len=8, lr=0.05, optimizer="sgd", lora_alpha=ALPHA, trim_padding=False)
     want = reference.train_round(start, examples_for("classification"), cfg, rank=2)
     got = trainer.train_round(start, examples_for("classification"), cfg, rank=2)
     assert_same_adapter(got.adapter, want.adapter, atol=2e-5)

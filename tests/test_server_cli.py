@@ -39,7 +39,7 @@ def test_run_config_carries_labels_rule_options_and_hints(tiny_bert_dir, labels_
 
 def test_hlora_rank_sets_the_global_rank_and_other_rules_do_not_prune(tiny_bert_dir, labels_file):
     config = config_for(tiny_bert_dir, labels_file, "--aggregator", "hlora", "--hlora-rank", "96")
-    assert config.global_rank == 96 and config.rule_options == {} and config.hints.prune_lambda == 0.0
+    assert config.global_rank == 96 and config.rule_options == {} and config.training.prune_lambda == 0.0
 
 
 def test_label_file_with_one_label_per_line(tiny_bert_dir, tmp_path):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from edge_client.adapter_ops import select
+from hetlora.protocol.adapter_ops import select
 from edge_client.data import Examples
 from edge_client.lora import lora_layers
 from edge_client.models import derive_spec
-from edge_client.train_config import TrainConfig
+from hetlora.protocol.settings import TrainingSettings
 from edge_client.training import TorchTrainer
-from edge_client.wire import Adapter, decode, encode
+from hetlora.protocol.wire import Adapter, decode, encode
 
 LABELS = ["card", "rate", "other"]
 TEXTS = ["how do I activate my new card", "my card payment was declined at the shop",
@@ -20,7 +20,7 @@ TEXTS = ["how do I activate my new card", "my card payment was declined at the s
          "federated learning keeps private data on the device", "card arrived broken",
          "euro rate today", "nothing to see here"]
 CLS = Examples("classification", tuple(TEXTS), (0, 0, 1, 2, 2, 0, 1, 2))
-CFG = TrainConfig(steps=4, batch_size=4, seq_len=16, lr=1e-2, seed=3)
+CFG = TrainingSettings(steps=4, batch_size=4, seq_len=16, lr=1e-2, seed=3)
 
 
 def random_adapter(spec, rank: int, seed: int, b_scale: float = 0.05) -> Adapter:
@@ -216,7 +216,7 @@ def test_length_grouped_batches_cover_every_row_once_and_hold_similar_lengths():
 def test_cosine_schedule_warms_up_then_decays_to_zero(step, expected):
     from edge_client.training import lr_factor
 
-    cfg = TrainConfig(steps=10, schedule="cosine", warmup_steps=3)
+    cfg = TrainingSettings(steps=10, schedule="cosine", warmup_steps=3)
     assert lr_factor(step, cfg) == pytest.approx(expected)
     assert lr_factor(step, replace(cfg, schedule="constant")) == 1.0
 

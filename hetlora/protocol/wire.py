@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from edge_client.spec import AdapterSpec
+from hetlora.protocol.spec import AdapterSpec
 from hetlora.errors import UserError
 
 FORMAT = "hetlora-adapter"
