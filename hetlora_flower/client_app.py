@@ -15,24 +15,17 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from hetlora.errors import UserError
+from hetlora.protocol.plan import ClientPlan
 from hetlora_flower.device import LocalNode, node_settings
-from hetlora_flower.plans import HEAD
 from hetlora_flower.records import INTRO, PLAN, REPORT, message_content, read_content
 
 log = logging.getLogger("hetlora.flower")
 USER_ERROR = 1000  # the Flower error code of a reply that carries a UserError's message
 app = ClientApp()
-_nodes: dict[tuple, LocalNode] = {}  # simulation: one actor process serves many nodes in turn
 
 
 def _local_node(context: Context, run: dict) -> LocalNode:
-    settings = node_settings(dict(context.node_config), dict(context.run_config), context.node_id)
-    key = (settings, run["spec_fingerprint"], run.get("training", {}).get("seq_len"))
-    if key not in _nodes:
-        if len(_nodes) >= 4:  # bounded: a simulation actor meets many partitions
-            _nodes.pop(next(iter(_nodes)))
-        _nodes[key] = LocalNode(settings, run)
-    return _nodes[key]
+    return LocalNode(node_settings(dict(context.node_config), dict(context.run_config), context.node_id), run)
 
 
 def _answer(message: Message, work) -> Message:
@@ -53,10 +46,15 @@ def introduce(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     payload, doc = read_content(message.content, PLAN)
-    plan = doc["plan"]
 
     def work():
+        try:
+            plan = ClientPlan.from_json(doc.get("plan"))
+        except ValueError as exc:
+            raise UserError(f"the server's plan is malformed: {exc}") from None
         node = _local_node(context, doc["run"])
-        return node.head_statistics(plan) if plan["stage"] == HEAD else node.train(payload, plan)
+        if plan.mode == "head-statistics":
+            return node.head_statistics(plan, doc["client_id"])
+        return node.train(payload, plan, doc["client_id"])
 
     return _answer(message, work)

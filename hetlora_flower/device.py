@@ -13,9 +13,10 @@ Under Flower's simulation runtime a node has only `partition-id` and `num-partit
 file `partition-id` of the run config's `partition-dir` (written by `hetlora partition`) as device
 `partition-id` of `profiles.catalog.simulated_fleet(num-partitions, seed)`.
 
-A round runs the HTTP client's pieces: the plan's rank, indices and mode, the server's training hints
-capped by the device's tier (`within_tier`), the same trainer (`make_trainer`), self-pruning and
-Select-N-Fold inside `train_round`, and the same metadata on the update.
+A round runs the HTTP client's pieces: the plan (hetlora.protocol.plan.ClientPlan: rank, indices, mode,
+training settings already within the device's tier), the same trainer (`make_trainer`), self-pruning and
+Select-N-Fold inside `train_round`, and the same metadata on the update. The node reports a fresh
+device profile with every update; the server re-decides its tier from it for the next round.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client import atomic
-from edge_client.client import train_config, within_tier
-from edge_client.wire import WireFormatError, decode, encode, validate
 from hetlora.errors import UserError
+from hetlora.protocol import atomic
+from hetlora.protocol.plan import ClientPlan
+from hetlora.protocol.wire import WireFormatError, decode, encode, validate
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,28 @@ def node_settings(node_config: dict, run_config: dict, node_id: int) -> NodeSett
                         requested_rank=int(requested) if requested else None)
 
 
+_trainers: dict[tuple, object] = {}  # one per process and run: a simulation actor serves many nodes in turn
+
+
+def _trainer(settings: NodeSettings, model_dir, run: dict):
+    """The trainer for this model, backend and run. `train_round` loads everything it trains from the round's
+    adapter and reseeds, so nodes that share a process share it."""
+    from edge_client.backends import make_trainer
+
+    key = (str(model_dir), settings.backend, settings.artifacts_dir, run["spec_fingerprint"], run["lora_alpha"])
+    if key not in _trainers:
+        _trainers.clear()
+        labels = run.get("labels")
+        _trainers[key] = make_trainer(settings.backend, model_dir=model_dir, task=run["task"], labels=labels,
+                                      targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
+                                      artifacts_dir=settings.artifacts_dir, pooling=run.get("pooling"))
+    return _trainers[key]
+
+
 class LocalNode:
-    """One node's model, data and trainer for a run (kept while the process lives)."""
+    """One node's data, model check and trainer for a message."""
 
     def __init__(self, settings: NodeSettings, run: dict):
-        from edge_client.backends import make_trainer
         from edge_client.data import load_examples
         from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
@@ -115,43 +133,40 @@ class LocalNode:
         if self.spec.fingerprint != run["spec_fingerprint"]:
             raise UserError(f"the local model {model_dir} does not match the server's (spec {self.spec.fingerprint} "
                             f"!= {run['spec_fingerprint']}); use the same base model folder and LoRA targets")
-        self.trainer = make_trainer(settings.backend, model_dir=model_dir, task=run["task"], labels=labels,
-                                    targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
-                                    artifacts_dir=settings.artifacts_dir, pooling=run.get("pooling"))
+        self.trainer = _trainer(settings, model_dir, run)
 
     def introduction(self) -> dict:
         """What the server needs to plan for this node (the HTTP registration's fields)."""
         return {"name": self.settings.name, "profile": self.settings.profile(), "n_samples": len(self.examples),
                 "requested_rank": self.settings.requested_rank or max(self.run["ranks"])}
 
-    def train(self, payload: bytes, plan: dict) -> tuple[bytes, dict]:
+    def train(self, payload: bytes, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
         """One planned LoRA round: (update wire bytes, report {profile, losses, ranks})."""
         try:
             start = decode(payload)
             validate(start, self.spec, max_rank=int(self.run["global_rank"]))
         except WireFormatError as exc:
-            raise UserError(f"round {plan['round']}: the server's adapter does not fit this run: {exc}") from None
-        profile = self.settings.profile()
-        cfg = within_tier(train_config(self.run, None, seed=plan["seed"]), profile, plan["rank"])
-        result = self.trainer.train_round(start, self.examples, cfg, rank=plan["rank"], indices=plan["indices"],
-                                          mode=plan["mode"])
-        result.adapter.meta.update(round=plan["round"], client_id=plan["client_id"], rank=plan["rank"])
+            raise UserError(f"round {plan.round}: the server's adapter does not fit this run: {exc}") from None
+        result = self.trainer.train_round(start, self.examples, plan.training, rank=plan.rank, mode=plan.mode,
+                                          indices=list(plan.indices) if plan.indices is not None else None)
+        result.adapter.meta.update(round=plan.round, client_id=client_id, rank=plan.rank)
         body = encode(result.adapter)
-        self._keep(plan["round"], body)
+        self._keep(plan.round, body)
+        profile = self.settings.profile()
         return body, {"profile": profile, "rank_before": result.rank_before, "rank_after": result.rank_after,
                       "loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
                       "n_samples": result.n_samples}
 
-    def head_statistics(self, plan: dict) -> tuple[bytes, dict]:
+    def head_statistics(self, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
         """Round 0: per-class feature statistics of the local data under the frozen base model."""
-        from edge_client.head_stats import encode_statistics
+        from hetlora.protocol.head_stats import encode_statistics
 
         if not hasattr(self.trainer, "head_statistics"):
             raise UserError(f"the {self.settings.backend} backend cannot compute head statistics; use backend torch")
-        stats = self.trainer.head_statistics(self.examples, train_config(self.run, None, seed=0).seq_len)
-        stats.meta = {"round": plan["round"], "client_id": plan["client_id"], "n_samples": stats.n_samples}
+        stats = self.trainer.head_statistics(self.examples, plan.training.seq_len)
+        stats.meta = {"round": plan.round, "client_id": client_id, "n_samples": stats.n_samples}
         body = encode_statistics(stats)
-        self._keep(plan["round"], body)
+        self._keep(plan.round, body)
         return body, {"n_samples": stats.n_samples}
 
     def _keep(self, round_number: int, body: bytes) -> None:

@@ -8,6 +8,7 @@ takes the `flower-superexec`, ServerApp and ClientApp processes they spawned alo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr: the same environment's scripts
 
@@ -88,8 +91,20 @@ class LocalFederation:
             return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
                                   timeout=timeout, check=False)
 
+    def members(self) -> list:
+        """Every live process of this federation: those started here and all they spawned, found by this
+        federation's FLWR_HOME in their environment (Ray's daemons leave the process groups)."""
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get("FLWR_HOME") == self.env["FLWR_HOME"]:
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
     def stop(self) -> None:
-        """End every process group started here: SIGTERM, up to 10 s, then SIGKILL."""
+        """End every process group started here (SIGTERM, up to 10 s, then SIGKILL), then any member left."""
         for proc in self.processes:
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -101,6 +116,9 @@ class LocalFederation:
             _signal_group(proc, signal.SIGKILL)  # children of an exited leader may still run
             proc.wait()
         self.processes = []
+        for member in self.members():
+            with contextlib.suppress(psutil.Error):
+                member.kill()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -1,9 +1,9 @@
-"""What the ServerApp knows about each SuperNode: its name, device profile, sample count and rank.
+"""What the ServerApp knows about each SuperNode: its name, device profile, sample count and tier.
 
 A node introduces itself once (a `query` message answered by the ClientApp, like the HTTP client's
-registration) and reports a fresh profile with every update; its rank follows the tier policy exactly
-as on the HTTP server (`server_stub.ranks.assign_rank`, the run's rank set, fedavg's single rank, and
-never above the rank it pruned itself to).
+registration) and reports a fresh profile with every update; its tier follows the run's tier policy
+exactly as on the HTTP server (`server_stub.registration.client_tier`: the policy, the request, the
+rank set, never above the rank the node pruned itself to).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from hetlora.protocol.plan import Tier
 from server_stub.errors import ApiError
-from server_stub.ranks import assign_rank
+from server_stub.registration import client_tier
 
 log = logging.getLogger("hetlora.flower")
 
@@ -24,21 +25,19 @@ class Node:
     profile: dict
     requested_rank: int
     n_samples: int
-    rank: int = 0  # 0: the tier policy rules the device out of training now
+    tier: Tier | None = None  # None: the tier policy rules the device out of training now
     pruned_rank: int | None = None
     why_not: str = ""
 
 
-def rank_for(config, node: Node, previous_rank: int | None = None) -> int:
-    """The node's training rank under the run's policy (0 when the policy says it cannot train)."""
+def retier(config, node: Node) -> None:
+    """Re-decide the node's tier from its profile (hysteresis from its current rank)."""
+    previous = node.tier.rank if node.tier else None
     try:
-        rank = config.rule_rank(assign_rank(node.profile, node.requested_rank, config.ranks,
-                                            previous_rank=previous_rank, spec=config.spec))
+        node.tier = client_tier(config, node.profile, node.requested_rank, node.pruned_rank, previous)
+        node.why_not = ""
     except ApiError as exc:
-        node.why_not = exc.message
-        return 0
-    node.why_not = ""
-    return min(rank, node.pruned_rank) if node.pruned_rank else rank
+        node.tier, node.why_not = None, exc.message
 
 
 def introduce(config, node_id: int, doc: dict) -> Node:
@@ -50,16 +49,16 @@ def introduce(config, node_id: int, doc: dict) -> Node:
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"node {node_id}: n_samples must be a positive integer, got {n_samples!r}")
     node = Node(node_id=node_id, name=str(name), profile=profile, requested_rank=requested, n_samples=n_samples)
-    node.rank = rank_for(config, node)
-    log.info("node %s (%d): rank %s, %d samples%s", node.name, node_id, node.rank, n_samples,
-             f" (not training: {node.why_not})" if not node.rank else "")
+    retier(config, node)
+    log.info("node %s (%d): tier rank %s, %d samples%s", node.name, node_id, node.tier.rank if node.tier else 0,
+             n_samples, f" (not training: {node.why_not})" if node.tier is None else "")
     return node
 
 
-def report(config, node: Node, profile, effective_rank: int) -> None:
-    """After an accepted update: keep a pruned rank, take the fresh profile, re-decide the next rank."""
-    if effective_rank < node.rank:
+def report(config, node: Node, profile, effective_rank: int, planned_rank: int) -> None:
+    """After an accepted update: keep a pruned rank, take the fresh profile, re-decide the tier."""
+    if effective_rank < planned_rank:
         node.pruned_rank = effective_rank
     if isinstance(profile, dict):
         node.profile = profile
-    node.rank = rank_for(config, node, previous_rank=node.rank)
+    retier(config, node)

@@ -18,8 +18,8 @@ from pathlib import Path
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from edge_client import atomic
-from edge_client.wire import Adapter
+from hetlora.protocol import atomic
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 from hetlora_flower.nodes import introduce
 from hetlora_flower.plans import plan_for
@@ -102,23 +102,26 @@ def introduce_nodes(grid: Grid, config) -> dict:
 
 def head_round(grid: Grid, config, rule, nodes: dict) -> Adapter:
     """Round 0: every node's class statistics, checked and pooled -> global version 0."""
-    plans = {node_id: plan_for(config, rule, name=node.name, rank=node.rank, round_number=0)
-             for node_id, node in nodes.items()}
-    messages = [Message(message_content(None, PLAN, {"plan": plan, "run": config.run_config()}), dst_node_id=node_id,
-                        message_type=MessageType.TRAIN, group_id="0") for node_id, plan in plans.items()]
+    trained = {node_id: node for node_id, node in nodes.items() if node.tier}
+    messages = [Message(message_content(None, PLAN, {"plan": plan_for(config, rule, node, 0).to_json(),
+                                                      "client_id": node.name, "run": config.run_config()}),
+                        dst_node_id=node_id, message_type=MessageType.TRAIN, group_id="0")
+                for node_id, node in trained.items()]
     statistics = {}
     for reply in grid.send_and_receive(messages, timeout=config.round_deadline):
-        plan = plans.get(reply.metadata.src_node_id)
+        node = trained.get(reply.metadata.src_node_id)
         try:
-            if plan is None or reply.has_error():
+            if node is None or reply.has_error():
                 raise ValueError(reply.error.reason if reply.has_error() else "unplanned reply")
             body, _ = read_content(reply.content, REPORT)
-            statistics[plan["client_id"]] = check_statistics(config, plan["client_id"], body or b"")
+            statistics[node.name] = check_statistics(config, node.name, body or b"")
         except (ValueError, ApiError) as exc:
             log.warning("round 0: no head statistics from node %d: %s", reply.metadata.src_node_id, exc)
-    if len(statistics) < min(config.min_clients, len(plans)):
+    if len(statistics) < min(config.min_clients, len(trained)):
         raise UserError(f"round 0: {len(statistics)} nodes sent head statistics, min-clients is {config.min_clients}")
-    initial, summary = initial_global(rule, config, [statistics[name] for name in sorted(statistics)])
+    initial, summary = initial_global(rule, config.spec, [statistics[name] for name in sorted(statistics)],
+                                      head_init=config.head_init, global_rank=config.global_rank, seed=config.seed,
+                                      shrinkage=config.head_shrinkage, temperature=config.head_temperature)
     log.info("round 0 (head %s): %s", config.head_init, json.dumps(summary))
     return initial
 
@@ -128,5 +131,5 @@ def write_outputs(out: Path, final: bytes, strategy: RuleStrategy, nodes: dict) 
     atomic.write_bytes(out / "global-final.safetensors", final)
     atomic.write_json(out / "history.json", {
         "rounds": strategy.history,
-        "nodes": {n.name: {"rank": n.rank, "pruned_rank": n.pruned_rank, "n_samples": n.n_samples,
-                           "not_training": n.why_not or None} for n in nodes.values()}})
+        "nodes": {n.name: {"tier": n.tier.to_json() if n.tier else None, "pruned_rank": n.pruned_rank,
+                           "n_samples": n.n_samples, "not_training": n.why_not or None} for n in nodes.values()}})

@@ -17,14 +17,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from edge_client.wire import Adapter, decode, encode
+from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora.errors import UserError
 from hetlora_flower import nodes as node_book
 from hetlora_flower.plans import check_update, download, plan_for
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
 from server_stub.aggregation import aggregate_statistics
 from server_stub.aggregation.bounds import bound_influence
-from server_stub.rounds import jsonable, select_clients
+from server_stub.history import jsonable
+from server_stub.selection import select_clients
 
 log = logging.getLogger("hetlora.flower")
 
@@ -43,7 +44,8 @@ class RuleStrategy(Strategy):
         self.config, self.rule, self.nodes = config, rule, nodes
         self.optimizer_state: dict = {}
         self.history: list[dict] = []
-        self._plans: dict[int, dict] = {}
+        self._plans: dict[int, dict] = {}  # node id -> this round's plan (JSON)
+        self._names: dict[int, str] = {}
         self._previous: Adapter | None = None
 
     def summary(self) -> None:
@@ -53,20 +55,24 @@ class RuleStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        return self.plan_round(server_round, arrays, set(grid.get_node_ids()))
+
+    def plan_round(self, server_round: int, arrays: ArrayRecord, live: set[int]) -> list[Message]:
+        """One message per selected node among the `live` ones: its plan and the rule's view of the global."""
         self._previous = decode(payload_bytes(arrays))
-        live = set(grid.get_node_ids())
-        eligible = sorted((n for n in self.nodes.values() if n.rank and n.node_id in live), key=lambda n: n.name)
+        eligible = sorted((n for n in self.nodes.values() if n.tier and n.node_id in live), key=lambda n: n.name)
         chosen = set(select_clients([n.name for n in eligible], self.config.clients_per_round, self.config.seed,
                                     server_round))
-        self._plans, messages = {}, []
+        self._plans, self._names, messages = {}, {}, []
         for node in (n for n in eligible if n.name in chosen):
-            plan = plan_for(self.config, self.rule, name=node.name, rank=node.rank, round_number=server_round)
-            self._plans[node.node_id] = plan
-            body = encode(download(self.config, self.rule, self._previous, plan))
-            content = message_content(body, PLAN, {"plan": plan, "run": self.config.run_config()})
-            messages.append(Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN,
-                                    group_id=str(server_round)))
-        log.info("round %d: %s", server_round, ", ".join(f"{p['client_id']}@r{p['rank']}" for p in self._plans.values()))
+            plan = plan_for(self.config, self.rule, node, server_round).to_json()
+            self._plans[node.node_id], self._names[node.node_id] = plan, node.name
+            body = encode(download(self.config, self.rule, self._previous, plan, node.name))
+            doc = {"plan": plan, "client_id": node.name, "run": self.config.run_config()}
+            messages.append(Message(message_content(body, PLAN, doc), dst_node_id=node.node_id,
+                                    message_type=MessageType.TRAIN, group_id=str(server_round)))
+        log.info("round %d: %s", server_round,
+                 ", ".join(f"{self._names[n]}@r{p['rank']}" for n, p in self._plans.items()))
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -86,7 +92,8 @@ class RuleStrategy(Strategy):
                 self._previous, new_global, self.optimizer_state, product_space=self.rule.name == "hlora")
         reports = [accepted[node_id][1] for node_id in order]
         for node_id, res, report in zip(order, results, reports):
-            node_book.report(self.config, self.nodes[node_id], report.get("profile"), res.adapter.rank)
+            node_book.report(self.config, self.nodes[node_id], report.get("profile"), res.adapter.rank,
+                             self._plans[node_id]["rank"])
         self._record(server_round, order, results, reports, new_global, clipped)
         return global_record(self.config, new_global, server_round), _metrics(results, reports)
 
@@ -96,26 +103,26 @@ class RuleStrategy(Strategy):
         for reply in replies:
             node_id = reply.metadata.src_node_id
             plan = self._plans.get(node_id)
-            who = plan["client_id"] if plan else f"node {node_id}"
+            who = self._names.get(node_id, f"node {node_id}")
             if plan is None or reply.has_error():
                 log.warning("round %d: no update from %s: %s", server_round, who,
                             reply.error.reason if reply.has_error() else "it was not planned this round")
                 continue
             try:
                 body, report = read_content(reply.content, REPORT)
-                accepted[node_id] = (check_update(self.config, self.rule, plan, body or b""), report)
+                accepted[node_id] = (check_update(self.config, plan, self._names[node_id], body or b""), report)
             except (UserError, ValueError) as exc:
                 log.warning("round %d: update from %s refused: %s", server_round, who, exc)
         return accepted
 
     def _record(self, server_round, order, results, reports, new_global, clipped) -> None:
-        names = [self._plans[node_id]["client_id"] for node_id in order]
+        names = [self._names[node_id] for node_id in order]
         stats = aggregate_statistics(new_global, results)
         stats["clipped"] = {names[k]: what for k, what in clipped.items()}
         self.history.append(jsonable({
             "round": server_round, "clients": names,
-            "ranks": {self._plans[n]["client_id"]: self._plans[n]["rank"] for n in self._plans},
-            "indices": {self._plans[n]["client_id"]: self._plans[n]["indices"] for n in self._plans},
+            "ranks": {self._names[n]: plan["rank"] for n, plan in self._plans.items()},
+            "indices": {self._names[n]: plan["indices"] for n, plan in self._plans.items()},
             "effective_ranks": dict(zip(names, (res.adapter.rank for res in results))),
             "n_samples": dict(zip(names, (res.n_samples for res in results))),
             "loss_after": dict(zip(names, (r.get("loss_after") for r in reports))), "statistics": stats}))

@@ -81,10 +81,16 @@ class Registration:
 
     def _tier(self, profile: dict, requested_rank: int, pruned_rank: int | None,
               previous_rank: int | None = None) -> Tier:
-        """The tier policy's tier, its rank never above a rank the client self-pruned to."""
-        tier = tier_for(profile, requested_rank, self.config.ranks, previous_rank=previous_rank,
-                        spec=self.config.spec, policy=self.config.policy)
-        return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
+        return client_tier(self.config, profile, requested_rank, pruned_rank, previous_rank)
+
+
+def client_tier(config: ServerConfig, profile: dict, requested_rank: int, pruned_rank: int | None,
+                previous_rank: int | None = None) -> Tier:
+    """The run's tier policy's tier for a client, its rank never above a rank the client self-pruned to
+    (ApiError 422 `cannot_train` / 400 `bad_profile` from `tier_for`)."""
+    tier = tier_for(profile, requested_rank, config.ranks, previous_rank=previous_rank, spec=config.spec,
+                    policy=config.policy)
+    return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
 
 
 def caps(tier: Tier) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.wire import decode
+from hetlora.protocol.wire import decode
 from hetlora_flower.local import LocalFederation
 from hetlora_flower.settings import server_config
 from server_stub.aggregation import ClientResult, make_rule
@@ -61,7 +61,8 @@ def test_final_global_is_the_rule_applied_to_what_the_nodes_sent(federation_run)
     config = server_config(run_config)
     rule = make_rule("hetlora")
     stats = [load_statistics(config, body) for _, body in sorted(_uploads(work, 0).items())]
-    expected, _ = initial_global(rule, config, stats)
+    expected, _ = initial_global(rule, config.spec, stats, head_init="ncm", global_rank=8, seed=config.seed,
+                                 shrinkage=config.head_shrinkage, temperature=config.head_temperature)
     history = json.loads((work / "out" / "history.json").read_text())
     for round_number in (1, 2):
         uploads = _uploads(work, round_number)

@@ -1,0 +1,118 @@
+"""The Flower pieces in one process: run config, records, the ClientApp on real messages, the strategy's checks.
+
+The ClientApp is called the way a SuperNode calls it (a Message and a Context); its replies go into
+RuleStrategy.aggregate_train unchanged, or tampered with to show the HTTP server's checks refuse them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+
+from hetlora.errors import UserError
+from hetlora.protocol.wire import decode, encode
+from hetlora_flower import client_app
+from hetlora_flower.nodes import introduce
+from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
+from hetlora_flower.settings import serve_arguments, server_config
+from hetlora_flower.strategy import RuleStrategy, global_record
+from server_stub.aggregation import ClientResult, make_rule
+from server_stub.aggregation.bounds import bound_influence
+
+LABELS = ["card", "payment", "exchange"]
+ROWS = [("how do I activate my new card", "card"), ("my card was declined at the shop", "payment"),
+        ("what is the exchange rate for euros", "exchange"), ("convert pounds to euros for me", "exchange")]
+
+
+def test_run_config_keys_are_serve_flags():
+    argv = serve_arguments({"rule": "plora", "num-server-rounds": 3, "segment-average": True, "head-lr": "",
+                            "weighting": "", "output-dir": "/tmp/x", "local-steps": 5})
+    assert argv == ["--local-steps", "5", "--rounds", "3", "--aggregator", "plora", "--segment-average"]
+    with pytest.raises(UserError, match="'port' is an option of the HTTP server"):
+        serve_arguments({"port": 8080})
+    with pytest.raises(UserError, match="invalid choice: 'nope'"):
+        server_config({"rule": "nope"})
+
+
+def test_wire_bytes_cross_an_array_record_exactly():
+    data = bytes(range(256)) * 3
+    assert payload_bytes(payload_record(data)) == data
+    body, doc = read_content(message_content(data, PLAN, {"plan": {"rank": 4}, "indices": None}), PLAN)
+    assert body == data and doc == {"plan": {"rank": 4}, "indices": None}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert_dir):
+    work = tmp_path_factory.mktemp("flower-apps")
+    (work / "labels.json").write_text(json.dumps(LABELS))
+    with (work / "data.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows([("text", "label")] + ROWS * 2)
+    run_config = {"rule": "plora", "num-server-rounds": 1, "ranks": "2,4", "global-rank": 4, "min-clients": 2,
+                  "local-steps": 2, "batch-size": 4, "seq-len": 16, "model": str(tiny_bert_dir),
+                  "labels": str(work / "labels.json"), "head-init": "none"}
+    config = server_config(run_config)
+    node_config = {"data": str(work / "data.csv"), "model-dir": str(tiny_bert_dir), "device": "jetson-agx-orin"}
+    contexts = {node_id: Context(run_id=1, node_id=node_id, node_config=node_config | {"name": name,
+                "requested-rank": rank}, state=RecordDict(), run_config=run_config)
+                for node_id, name, rank in ((11, "a", 2), (12, "b", 4))}
+    return config, contexts
+
+
+def _round_one(config, contexts):
+    """The strategy's messages for round 1, each answered by the ClientApp as its SuperNode would."""
+    nodes = {}
+    for node_id, context in contexts.items():
+        doc = client_app._local_node(context, config.run_config()).introduction()
+        nodes[node_id] = introduce(config, node_id, doc)
+    rule = make_rule(config.aggregator)
+    strategy = RuleStrategy(config, rule, nodes)
+    start = rule.init_global(config.spec, config.global_rank, config.seed)
+    messages = strategy.plan_round(1, global_record(config, start, 0), set(contexts))
+    replies = [client_app.app(message, contexts[message.metadata.dst_node_id]) for message in messages]
+    return strategy, start, replies
+
+
+def test_the_strategy_aggregates_exactly_what_the_client_app_sent(setup):
+    config, contexts = setup
+    strategy, start, replies = _round_one(config, contexts)
+    assert [strategy._plans[r.metadata.src_node_id]["rank"] for r in replies] == [2, 4]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    sent = [decode(read_content(r.content, REPORT)[0]) for r in replies]
+    results = [ClientResult(adapter=a, n_samples=a.meta["n_samples"], indices=tuple(a.meta["indices"])) for a in sent]
+    expected = make_rule("plora").aggregate(start, bound_influence(start, results)[0])
+    final = decode(payload_bytes(arrays))
+    for name, (a, b) in expected.lora.items():
+        np.testing.assert_array_equal(final.lora[name][0], a)
+        np.testing.assert_array_equal(final.lora[name][1], b)
+    assert metrics["clients"] == 2 and metrics["num-examples"] == 16
+
+
+def test_an_update_that_breaks_its_plan_is_refused(setup, caplog):
+    config, contexts = setup
+    strategy, _, replies = _round_one(config, contexts)
+    body, report = read_content(replies[1].content, REPORT)
+    forged = decode(body)
+    forged.meta["indices"] = [0, 1, 2, 3][: len(forged.meta["indices"])][::-1]  # not the planned indices
+    replies[1] = Message(message_content(encode(forged), REPORT, report), reply_to=_instruction(replies[1]))
+    assert strategy.aggregate_train(1, replies) == (None, None)  # 1 of the 2 required updates
+    assert "refused: metadata indices" in caplog.text
+
+
+def _instruction(reply: Message) -> Message:
+    """An instruction message from the reply's node, to address a replacement reply."""
+    return Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type="train")
+
+
+def test_a_node_without_data_answers_a_one_line_error(setup):
+    config, contexts = setup
+    context = contexts[11]
+    bare = Context(run_id=1, node_id=13, node_config={"name": "c"}, state=RecordDict(), run_config=context.run_config)
+    message = Message(message_content(None, "intro", {"run": config.run_config()}), dst_node_id=13,
+                      message_type="query")
+    reply = client_app.app(message, bare)
+    assert reply.has_error() and reply.error.code == client_app.USER_ERROR
+    assert reply.error.reason.startswith("this SuperNode has no training data") and "\n" not in reply.error.reason
