@@ -23,7 +23,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,32 @@ def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.nda
     return head_inputs(trainer.model, trainer.dense, encoded, batch_size=128), np.asarray(encoded.labels)
 
 
+def run_settings(cfg: DemoConfig, name: str) -> dict:
+    """What a run's result depends on: every setting but the output folder, and the method."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    return json.loads(json.dumps({**settings, "method": name}, default=str))
+
+
+def store_summary(cfg: DemoConfig, name: str, summary: dict) -> None:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    record = {"settings": run_settings(cfg, name), "summary": summary}
+    (cfg.out / f"{name}.summary.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+
+def stored_summary(cfg: DemoConfig, name: str) -> dict | None:
+    """A finished run's summary, if one was stored with exactly these settings."""
+    path = cfg.out / f"{name}.summary.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != run_settings(cfg, name):
+        return None
+    summary = record["summary"]
+    if summary.get("reach") is not None:  # JSON keys are strings; the table looks targets up as floats
+        summary["reach"] = {float(k): v for k, v in summary["reach"].items()}
+    return summary
+
+
 def table(results: dict[str, list[dict]], rounds: int) -> str:
     def mean_std(values):
         values = [v for v in values if v is not None]
@@ -132,6 +158,8 @@ def main() -> int:
     p.add_argument("--validation-fraction", type=float, default=0.0)
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--results", help="append the table and the command to this Markdown file")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished (seed, method) runs stored under --out with the same settings")
     args = p.parse_args()
     from edge_client.models import default_model_dir
 
@@ -146,9 +174,13 @@ def main() -> int:
     t0 = time.monotonic()
     for seed in [int(s) for s in args.seeds.split(",")]:
         cfg = replace(base, seed=seed, out=Path(args.out) / f"seed{seed}")
-        fleet = prepare_fleet(cfg)
+        fleet = None
         for name in methods:
-            summary = linear_probe(cfg, fleet, seed) if name == "probe" else summarize_run(run_method(name, cfg, fleet))
+            summary = stored_summary(cfg, name) if args.resume else None
+            if summary is None:
+                fleet = fleet or prepare_fleet(cfg)
+                summary = linear_probe(cfg, fleet, seed) if name == "probe" else summarize_run(run_method(name, cfg, fleet))
+                store_summary(cfg, name, summary)
             results[name].append(summary)
             print(f"seed {seed} {name}: final {summary['final']:.3f}, best {summary['best']:.3f}, "
                   f"macro-F1 {summary['f1']:.3f}", flush=True)
