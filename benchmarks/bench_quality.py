@@ -119,6 +119,17 @@ def stored_summary(cfg: DemoConfig, name: str) -> dict | None:
     return summary
 
 
+def versus(runs: list[dict], baseline: list[dict] | None) -> str:
+    """Difference of mean final accuracy to the baseline's, in points and in pooled standard deviations
+    sqrt((s_a^2 + s_b^2) / 2)."""
+    if not baseline or runs is baseline:
+        return "-"
+    a, b = [r["final"] for r in runs], [r["final"] for r in baseline]
+    diff = np.mean(a) - np.mean(b)
+    spread = np.sqrt((np.var(a) + np.var(b)) / 2)
+    return f"{100 * diff:+.1f} pt" + (f" ({diff / spread:+.1f} sd)" if spread > 0 else "")
+
+
 def table(results: dict[str, list[dict]], rounds: int) -> str:
     def mean_std(values):
         values = [v for v in values if v is not None]
@@ -134,12 +145,14 @@ def table(results: dict[str, list[dict]], rounds: int) -> str:
         text = f"{np.mean(done):.1f}" if k == 0 else f"{np.mean(done):.0f}"
         return text + ("" if len(done) == len(hits) else f" ({len(done)}/{len(hits)})")
 
-    head = ("| method | final accuracy | final macro-F1 | best round accuracy | rounds to 80% | s to 80% "
-            "| rounds to 85% | s to 85% |")
-    lines = [head, "|" + "---|" * 8]
+    head = ("| method | seeds | final accuracy | final macro-F1 | best round accuracy | vs fedavg-rmin "
+            "| rounds to 80% | s to 80% | rounds to 85% | s to 85% |")
+    lines = [head, "|" + "---|" * 10]
     for name, runs in results.items():
-        lines.append(f"| {name} | {mean_std([r['final'] for r in runs])} | {mean_std([r['f1'] for r in runs])} "
-                     f"| {mean_std([r['best'] for r in runs])} | {reach(runs, 0.80, 0)} | {reach(runs, 0.80, 1)} "
+        if not runs:
+            continue
+        lines.append(f"| {name} | {len(runs)} | {mean_std([r['final'] for r in runs])} | {mean_std([r['f1'] for r in runs])} "
+                     f"| {mean_std([r['best'] for r in runs])} | {versus(runs, results.get('fedavg-rmin'))} | {reach(runs, 0.80, 0)} | {reach(runs, 0.80, 1)} "
                      f"| {reach(runs, 0.85, 0)} | {reach(runs, 0.85, 1)} |")
     return "\n".join(lines)
 
@@ -160,6 +173,8 @@ def main() -> int:
     p.add_argument("--results", help="append the table and the command to this Markdown file")
     p.add_argument("--resume", action="store_true",
                    help="reuse finished (seed, method) runs stored under --out with the same settings")
+    p.add_argument("--stored-only", action="store_true",
+                   help="run nothing: print the table of the runs stored under --out with these settings")
     args = p.parse_args()
     from edge_client.models import default_model_dir
 
@@ -176,7 +191,9 @@ def main() -> int:
         cfg = replace(base, seed=seed, out=Path(args.out) / f"seed{seed}")
         fleet = None
         for name in methods:
-            summary = stored_summary(cfg, name) if args.resume else None
+            summary = stored_summary(cfg, name) if args.resume or args.stored_only else None
+            if summary is None and args.stored_only:
+                continue
             if summary is None:
                 fleet = fleet or prepare_fleet(cfg)
                 summary = linear_probe(cfg, fleet, seed) if name == "probe" else summarize_run(run_method(name, cfg, fleet))
