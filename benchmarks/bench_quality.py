@@ -19,6 +19,7 @@ from the training rows). Each federated run is a real `hetlora demo` fleet (serv
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -94,9 +95,11 @@ def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.nda
 
 
 def run_settings(cfg: DemoConfig, name: str) -> dict:
-    """What a run's result depends on: every setting but the output folder, and the method."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
-    return json.loads(json.dumps({**settings, "method": name}, default=str))
+    """What a run's result depends on: every setting but the output folder, the data files by content
+    (so a run stored from another checkout still counts), and the method."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "test", "labels")}
+    files = {k: hashlib.sha256(Path(getattr(cfg, k)).read_bytes()).hexdigest() for k in ("data", "test", "labels")}
+    return json.loads(json.dumps({**settings, **files, "method": name}, default=str))
 
 
 def store_summary(cfg: DemoConfig, name: str, summary: dict) -> None:
