@@ -97,7 +97,11 @@ def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.nda
 def run_settings(cfg: DemoConfig, name: str) -> dict:
     """What a run's result depends on: every setting but the output folder, the data files by content
     (so a run stored from another checkout still counts), and the method."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "test", "labels")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "test", "labels", "training")}
+    t = cfg.training  # flat, under the names runs were stored with before DemoConfig carried TrainingSettings
+    settings |= {"local_steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr,
+                 "head_lr": t.head_lr, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
+                 "prune_lambda": t.prune_lambda}
     files = {k: hashlib.sha256(Path(getattr(cfg, k)).read_bytes()).hexdigest() for k in ("data", "test", "labels")}
     return json.loads(json.dumps({**settings, **files, "method": name}, default=str))
 
