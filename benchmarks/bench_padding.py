@@ -32,7 +32,8 @@ def main() -> int:
 
     import torch
 
-    from edge_client.data import load_examples, read_labels
+    from edge_client.data import load_examples
+    from hetlora.labels import read_labels
     from edge_client.models import default_model_dir, derive_spec
     from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir
 from edge_client.server_api import ServerAPI, ServerError
+from edge_client.train_config import RoundResult
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import WireFormatError, decode, encode, validate
@@ -51,6 +52,15 @@ def plan_of(current: dict) -> ClientPlan:
         return ClientPlan.from_json(current.get("plan"))
     except (ValueError, TypeError, KeyError) as exc:
         raise BadServerAnswer(f"round {current.get('round')}: the server's plan is not valid: {exc}") from None
+
+
+def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
+    """The update's wire metadata (docs/PROTOCOL.md section 1), built here and nowhere else: the plan's round,
+    rank and indices, the client, what the round produced (effective rank after pruning, samples, losses)."""
+    meta = {"round": plan.round, "client_id": client_id, "rank": plan.rank, "effective_rank": result.rank_after,
+            "n_samples": result.n_samples, "mode": plan.mode, "loss_before": result.loss_before,
+            "loss_after": result.loss_after}
+    return meta | ({"indices": list(plan.indices)} if plan.indices is not None else {})
 
 
 class EdgeClient:
@@ -180,7 +190,7 @@ class EdgeClient:
             result = self.trainer.train_round(start, self.examples, cfg, rank=plan.rank,
                                               indices=list(plan.indices) if plan.indices is not None else None,
                                               mode=plan.mode, on_step=self._progress(number, cfg))
-            result.adapter.meta.update(round=number, client_id=self.state.client_id, rank=plan.rank)
+            result.adapter.meta = upload_meta(plan, self.state.client_id, result)
             pending = encode(result.adapter)
             self.state_dir.save_pending(pending)
             summary = (f"rank {result.rank_before}" + (f" -> {result.rank_after} (pruned)" if result.rank_after !=

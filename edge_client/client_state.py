@@ -85,8 +85,3 @@ class StateDir:
 
     def clear_pending(self) -> None:
         (self.path / PENDING_FILE).unlink(missing_ok=True)
-
-    def save_global(self, data: bytes) -> Path:
-        path = self.path / "global.safetensors"
-        atomic.write_bytes(path, data)
-        return path

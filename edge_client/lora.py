@@ -48,10 +48,6 @@ class LoRALinear(nn.Module):
             z = z * self.keep_mask
         return self.base(x) + F.linear(z, self.lora_B)
 
-    def delta_weight(self) -> torch.Tensor:
-        """Dense dW = s * B @ A (for tests and folding; never used in training)."""
-        return (self.lora_B * self.scale) @ self.lora_A
-
     def resize(self, rank: int, scale: float) -> None:
         """Set a new rank (zeros) and scale; call before loading factors of that rank."""
         dtype, device = self.lora_A.dtype, self.lora_A.device

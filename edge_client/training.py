@@ -69,10 +69,6 @@ class TorchTrainer:
         with self._folded(start, indices) if mode == "plora" else nullcontext():
             result = self._train(work, encoded, cfg, mode, on_step)
         result.n_samples = len(examples)
-        result.adapter.meta.update(rank=result.rank_after, effective_rank=result.rank_after, n_samples=len(examples),
-                                   mode=mode, loss_before=result.loss_before, loss_after=result.loss_after)
-        if mode == "plora":
-            result.adapter.meta["indices"] = [int(i) for i in indices]
         result.seconds = time.perf_counter() - t0
         return result
 

@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 
+from hetlora.argtypes import positive_int_list
 from hetlora.errors import UserError
 from server_stub.aggregation import RULES
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
@@ -19,16 +20,6 @@ from server_stub.aggregation.server_opt import OPTIMIZERS
 
 log = logging.getLogger("hetlora.server")
 BANKING77_LABELS = Path(__file__).resolve().parents[1] / "data" / "banking77" / "categories.json"
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -50,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     agg.add_argument("--segment-average", action="store_true",
                      help="hetlora: average each rank segment only over the clients that have it")
     agg.add_argument("--hlora-rank", type=int, help="hlora: rank of the global adapter (default: --global-rank)")
-    agg.add_argument("--ranks", type=_int_list, default=(4, 8, 16, 32, 64), help="the rank set (default 4,8,16,32,64)")
+    agg.add_argument("--ranks", type=positive_int_list, default=(4, 8, 16, 32, 64), help="the rank set (default 4,8,16,32,64)")
     agg.add_argument("--global-rank", type=int, help="global adapter rank (default: the largest of --ranks)")
     agg.add_argument("--server-opt", choices=OPTIMIZERS, default="none",
                      help="server optimiser on the aggregated update (docs/ARCHITECTURE.md): momentum, adam, yogi")
@@ -60,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     agg.add_argument("--server-tau", type=float, default=1e-3, help="adam/yogi adaptivity (default 1e-3)")
     agg.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha clients train with (default 16)")
 
+    _add_round_arguments(p)
+    _add_training_arguments(p)
+    _add_server_arguments(p)
+
+
+def _add_round_arguments(p: argparse.ArgumentParser) -> None:
     rounds = p.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, default=5)
     rounds.add_argument("--clients-per-round", type=int, default=0, help="clients selected per round (0 = all)")
@@ -80,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     head.add_argument("--head-clients", type=int, default=0,
                       help="clients to wait for before round 0 opens (default: --min-clients)")
 
+
+
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     hints = p.add_argument_group("training hints sent to clients")
     hints.add_argument("--policy", metavar="FILE", help="the tier policy that sizes each client (default: the "
                        "packaged profiles/tiers.json); pass the same file to `hetlora profile --policy`")
@@ -96,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="self-pruning regulariser weight (default: 0.01 for hetlora, 0 otherwise)")
     hints.add_argument("--min-rank", type=int, default=4, help="self-pruning never goes below this rank")
 
+
+
+def _add_server_arguments(p: argparse.ArgumentParser) -> None:
     srv = p.add_argument_group("server")
     srv.add_argument("--state-dir", default="runs/server", help="SQLite state and blobs; reused on restart")
     srv.add_argument("--host", default="127.0.0.1")
@@ -120,7 +123,8 @@ def build_config(args: argparse.Namespace):
     from edge_client.models import default_model_dir, derive_spec
     from hetlora.protocol.settings import TrainingSettings
     from profiles.policy import load_policy
-    from server_stub.config import ServerConfig, load_labels
+    from hetlora.labels import read_labels
+    from server_stub.config import ServerConfig
 
     rule_options = _rule_options(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
@@ -128,7 +132,7 @@ def build_config(args: argparse.Namespace):
     if args.task == "classification":
         if args.labels is None and not BANKING77_LABELS.is_file():
             raise UserError("classification needs a label list: pass --labels FILE")
-        labels = load_labels(args.labels or BANKING77_LABELS)
+        labels = read_labels(args.labels or BANKING77_LABELS)
     spec = derive_spec(model_dir, args.task, args.targets, num_labels=len(labels) if labels else None)
     global_rank = args.hlora_rank or args.global_rank or max(args.ranks)
     prune_lambda = args.prune_lambda if args.prune_lambda is not None else (0.01 if args.aggregator == "hetlora" else 0.0)
@@ -212,7 +216,7 @@ def write_server_info(state_dir: Path, host: str, port: int, tls: bool = False) 
 
 def build_enrollment(args: argparse.Namespace):
     """Enrollment from the arguments; warns loudly when an open server listens beyond loopback."""
-    from edge_client.cli_client import read_secret
+    from hetlora.secret_file import read_secret
     from server_stub.enrollment import Enrollment, is_loopback, read_names
 
     secret = read_secret(args.enroll_secret_file) if args.enroll_secret_file else args.enroll_secret

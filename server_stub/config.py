@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.spec import AdapterSpec
@@ -116,24 +114,3 @@ class ServerConfig:
             "pooling": self.spec.pooling,
             "head_init": self.head_init,
         }
-
-
-def load_labels(path: str | Path) -> tuple[str, ...]:
-    """A label list from a JSON list of strings or a text file with one label per line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read the label file {path}: {exc.strerror}") from None
-    if text.lstrip().startswith("["):
-        try:
-            labels = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not a valid JSON list: {exc}") from None
-        if not all(isinstance(x, str) for x in labels):
-            raise UserError(f"{path}: every label in the JSON list must be a string")
-    else:
-        labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(labels) < 2:
-        raise UserError(f"{path} has {len(labels)} labels; classification needs at least 2")
-    return tuple(labels)

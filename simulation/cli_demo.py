@@ -12,21 +12,12 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from hetlora.argtypes import positive_int_list
 from server_stub.aggregation import RULES
 from simulation.demo import DEMO_TRAINING, DemoConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "banking77"
-
-
-def _ranks(text: str) -> tuple[int, ...]:
-    try:
-        ranks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ranks must be comma-separated integers, got {text!r}") from None
-    if not ranks or ranks[0] < 1:
-        raise argparse.ArgumentTypeError("ranks must be positive")
-    return ranks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.0,
                    help="hold out this share of the training rows and evaluate on it instead of --test "
                         "(for choosing hyperparameters without looking at the test set)")
-    p.add_argument("--ranks", type=_ranks, default=(4, 8, 16, 32), help="rank set (default 4,8,16,32)")
+    p.add_argument("--ranks", type=positive_int_list, default=(4, 8, 16, 32), help="rank set (default 4,8,16,32)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     p.add_argument("--eval-rows", type=int, help="evaluate on this many test rows (default: all)")
     p.add_argument("--seed", type=int, default=0)

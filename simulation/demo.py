@@ -93,7 +93,8 @@ def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
     import json
 
 
-    from edge_client.data import label_column_of, load_examples, read_labels, read_rows
+    from edge_client.data import label_column_of, load_examples, read_rows
+    from hetlora.labels import read_labels
     from edge_client.evaluate import Evaluator
     from edge_client.partition import dirichlet_partition, summarize, write_rows
     from profiles.catalog import simulated_fleet

@@ -9,6 +9,8 @@ exported twice: XNNPACK-delegated (the default, "executorch") and CPU kernels on
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -225,12 +227,29 @@ def test_artifact_sha256_is_verified(setup, tmp_path, damage):
     ("x86_64", False, {"onnxruntime.training", "torch"}, "onnx"),
     ("x86_64", False, {"torch"}, "torch"),
     ("aarch64", False, {"torch", "executorch"}, "torch"),
-    ("aarch64", False, {"executorch"}, "executorch"),
     ("aarch64", True, {"torch", "executorch"}, "torch"),
 ])
 def test_auto_backend_choice(machine, termux, have, expected):
     backend, reason = choose_backend(has_artifacts=True, machine=machine, termux=termux, have=have.__contains__)
     assert backend == expected and reason
+
+
+def test_auto_without_torch_is_a_user_error():
+    with pytest.raises(UserError, match="no training backend without torch"):
+        choose_backend(has_artifacts=True, machine="aarch64", termux=False, have={"executorch"}.__contains__)
+
+
+def test_executorch_training_runtime_itself_needs_torch():
+    """Why `auto` cannot offer ExecuTorch without torch: its Python training runtime imports torch."""
+    blocker = ("import sys\n"
+               "class Blocked:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'torch':\n"
+               "            raise ImportError('blocked: ' + name)\n"
+               "sys.meta_path.insert(0, Blocked())\n"
+               "import executorch.extension.training\n")
+    out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True)
+    assert out.returncode != 0 and "blocked: torch" in out.stderr
 
 
 def test_auto_without_artifacts_is_torch():

@@ -80,3 +80,21 @@ def test_serve_refuses_a_state_dir_of_another_run_with_one_line(tiny_bert_dir, l
     assert code == 2
     assert 'aggregator: "plora" there, "hetlora" now' in capsys.readouterr().err
     assert not (state / "server.json").exists()
+
+
+def test_the_policy_file_sizes_the_clients(tiny_bert_dir, labels_file, tmp_path):
+    from profiles.catalog import profile_for
+    from profiles.policy import DEFAULT_POLICY_PATH
+    from server_stub.tiers import tier_for
+
+    policy = json.loads(DEFAULT_POLICY_PATH.read_text())
+    for tier in policy["tiers"]:
+        tier["batch_size"] = 2 if tier["rank"] else tier["batch_size"]
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps(policy))
+    config = config_for(tiny_bert_dir, labels_file, "--policy", str(path))
+    phone = profile_for("samsung-galaxy-a54")
+    assert tier_for(phone, 64, config.ranks, policy=config.policy).batch_size == 2
+    assert tier_for(phone, 64, config.ranks).batch_size > 2  # the packaged policy
+    with pytest.raises(UserError, match="cannot read the tier policy"):
+        config_for(tiny_bert_dir, labels_file, "--policy", str(tmp_path / "missing.json"))

@@ -137,8 +137,6 @@ class ArtifactTrainer:
             upload = adapter_ops.truncate(upload, pruned_rank(rank, cfg.prune_gamma, cfg.min_rank))
             self.load(upload)
         loss_after = self.mean_loss(eval_batches, upload.rank)
-        upload.meta.update(rank=upload.rank, effective_rank=upload.rank, n_samples=len(examples), mode=mode,
-                           loss_before=loss_before, loss_after=loss_after, backend=self.backend)
         return RoundResult(adapter=upload, rank_before=rank, rank_after=upload.rank, loss_before=loss_before,
                            loss_after=loss_after, tail_before=tail_before, tail_after=tail_after, steps=steps,
                            n_samples=len(examples), seconds=time.perf_counter() - t0,

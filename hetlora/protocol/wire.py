@@ -57,9 +57,6 @@ class Adapter:
             raise WireFormatError("mixed_rank", f"modules have different ranks {sorted(ranks)}; all must share one rank")
         return ranks.pop() if ranks else 0
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.lora.values()) + sum(t.nbytes for t in self.dense.values())
-
 
 def encode(adapter: Adapter) -> bytes:
     """Serialise to safetensors bytes (float32)."""
