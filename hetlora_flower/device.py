@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_client.client import upload_meta
 from hetlora.errors import UserError
 from hetlora.protocol import atomic
 from hetlora.protocol.plan import ClientPlan
@@ -149,7 +150,7 @@ class LocalNode:
             raise UserError(f"round {plan.round}: the server's adapter does not fit this run: {exc}") from None
         result = self.trainer.train_round(start, self.examples, plan.training, rank=plan.rank, mode=plan.mode,
                                           indices=list(plan.indices) if plan.indices is not None else None)
-        result.adapter.meta.update(round=plan.round, client_id=client_id, rank=plan.rank)
+        result.adapter.meta = upload_meta(plan, client_id, result)
         body = encode(result.adapter)
         self._keep(plan.round, body)
         profile = self.settings.profile()

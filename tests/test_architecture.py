@@ -1,7 +1,8 @@
 """The layout's rules, checked on the source: which package may import which, and size limits.
 
 Layers (docs/ARCHITECTURE.md): hetlora.protocol at the bottom (both sides import it, it imports neither),
-edge_client (the device) and server_stub + profiles (the server side) beside each other, simulation on top.
+edge_client (the device) and server_stub + profiles (the server side) beside each other, simulation and
+hetlora_flower (the Flower apps) on top.
 """
 
 import ast
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PRODUCT = ("hetlora", "edge_client", "server_stub", "profiles", "exporter", "simulation")
+PRODUCT = ("hetlora", "edge_client", "server_stub", "profiles", "exporter", "simulation", "hetlora_flower")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
 # The one allowed crossing: the server derives the adapter spec from the model folder with transformers.
 ALLOWED = {("server_stub/cli.py", "edge_client.models")}
@@ -42,8 +43,8 @@ def crossings(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str
 
 
 @pytest.mark.parametrize("packages, forbidden", [
-    (("server_stub", "profiles"), ("edge_client", "simulation")),
-    (("edge_client",), ("server_stub", "simulation")),
+    (("server_stub", "profiles"), ("edge_client", "simulation", "hetlora_flower")),
+    (("edge_client",), ("server_stub", "simulation", "hetlora_flower")),
     (("hetlora/protocol",), ("edge_client", "server_stub", "profiles", "simulation", "exporter", "torch",
                              "transformers", "fastapi")),
 ])

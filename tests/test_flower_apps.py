@@ -45,6 +45,17 @@ def test_wire_bytes_cross_an_array_record_exactly():
     assert body == data and doc == {"plan": {"rank": 4}, "indices": None}
 
 
+@pytest.fixture(autouse=True)
+def task_identity():
+    """What a ServerApp process has set when it builds messages: its run, node (the SuperLink's, 1) and task."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_bert_dir):
     work = tmp_path_factory.mktemp("flower-apps")
