@@ -121,7 +121,8 @@ def print_report(args, history: dict, wall: float, memory: PeakMemory, as_json: 
     if as_json:
         print(json.dumps(row, indent=2))
         return
-    print("| virtual nodes | rounds | rule | steps | updates per round | ranks | wall (s) | peak RSS (MiB) | procs | cores |")
+    print("| virtual nodes | rounds | rule | steps | updates per round | ranks | wall (s) | peak RSS (MiB) "
+          "| procs | cores |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {row['virtual_nodes']} | {row['rounds']} | {row['rule']} | {row['local_steps']} | "
           f"{','.join(map(str, row['clients_per_round']))} | {','.join(map(str, ranks))} | {row['wall_s']} | "

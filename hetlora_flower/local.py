@@ -84,7 +84,8 @@ class LocalFederation:
     def run(self, app_dir: str | os.PathLike, run_config: dict, timeout: float,
             federation_config: dict | None = None) -> subprocess.CompletedProcess:
         """`flwr run APP local --stream` with run-config overrides; returns when the run ends (or at timeout)."""
-        argv = [str(BIN / "flwr"), "run", str(app_dir), "local", "--stream", "--run-config", node_config_arg(run_config)]
+        argv = [str(BIN / "flwr"), "run", str(app_dir), "local", "--stream",
+                "--run-config", node_config_arg(run_config)]
         if federation_config:
             argv += ["--federation-config", node_config_arg(federation_config)]
         with open(self.workdir / "flwr-run.log", "wb") as log:
