@@ -127,3 +127,19 @@ def test_a_node_without_data_answers_a_one_line_error(setup):
     reply = client_app.app(message, bare)
     assert reply.has_error() and reply.error.code == client_app.USER_ERROR
     assert reply.error.reason.startswith("this SuperNode has no training data") and "\n" not in reply.error.reason
+
+
+def test_the_server_optimiser_steps_on_the_rules_aggregate(setup):
+    config, contexts = setup
+    config = server_config(dict(contexts[11].run_config) | {"server-opt": "adam", "server-lr": 0.1})
+    strategy, start, replies = _round_one(config, contexts)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    sent = [decode(read_content(r.content, REPORT)[0]) for r in replies]
+    results = [ClientResult(adapter=a, n_samples=a.meta["n_samples"], indices=tuple(a.meta["indices"])) for a in sent]
+    aggregated = make_rule("plora").aggregate(start, bound_influence(start, results)[0])
+    expected, state = config.server_opt.step(start, aggregated, {}, product_space=False)
+    final = decode(payload_bytes(arrays))
+    name = sorted(expected.lora)[0]
+    np.testing.assert_array_equal(final.lora[name][1], expected.lora[name][1])
+    assert not np.array_equal(final.lora[name][1], aggregated.lora[name][1])
+    assert strategy.optimizer_state.keys() == state.keys()
