@@ -35,6 +35,7 @@ def test_verbosity_flags_work_before_and_after_the_subcommand(flags, level, wher
         assert output.verbosity() == level
         hetlora_level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[level]
         assert logging.getLogger("hetlora").level == hetlora_level
+        assert logging.getLogger("edge_client.backends").getEffectiveLevel() == hetlora_level
         assert logging.getLogger().level == (logging.DEBUG if level > 0 else logging.WARNING)
         assert logging.getLogger("torchao").level == (logging.NOTSET if level > 0 else logging.ERROR)
         assert output.show_progress() == (level >= 0)
