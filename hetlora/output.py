@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 
-PROJECT_LOGGERS = ("hetlora", "edge_client", "server_stub", "exporter", "profiles")
+PROJECT_LOGGERS = ("hetlora", "edge_client", "server_stub", "exporter", "profiles", "simulation")
 # logger name -> why it is silenced by default
 QUIET = {
     "torchao": "warns that its CUDA kernels fail to load in a CPU build of torch",
