@@ -1,8 +1,8 @@
 """What a command prints: one line per meaningful event, third-party chatter silenced at its source.
 
 Verbosity -1 (-q): warnings and errors only, no progress bars. 0 (default): the project's loggers
-(PROJECT_LOGGERS: `hetlora.*` and the packages' `__name__` loggers) at INFO; every other logger, the root included, at WARNING (executorch logs its export
-steps on the root logger at INFO); the loggers in QUIET at ERROR; the Python warnings in WARNINGS
+(PROJECT_LOGGERS: `hetlora.*` and the packages' `__name__` loggers) at INFO; every other logger,
+the root included, at WARNING (executorch logs its export steps on the root logger at INFO); the loggers in QUIET at ERROR; the Python warnings in WARNINGS
 ignored; ONNX Runtime's C++ log at ERROR; transformers' own progress bars off. The project's progress
 bars (export, rounds, bench) stay. 1 (-v): everything at DEBUG, nothing silenced.
 """
@@ -61,7 +61,8 @@ def configure(level: int) -> None:
     logging.basicConfig(level=root_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(root_level)  # also when a host (pytest) configured logging first
     for name in PROJECT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING)
+        own = logging.DEBUG if level > 0 else logging.INFO if level == 0 else logging.WARNING
+        logging.getLogger(name).setLevel(own)
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.NOTSET if level > 0 else logging.ERROR)
     if level <= 0:
