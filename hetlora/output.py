@@ -1,10 +1,12 @@
 """What a command prints: one line per meaningful event, third-party chatter silenced at its source.
 
-Verbosity -1 (-q): warnings and errors only, no progress bars. 0 (default): the project's loggers
-(PROJECT_LOGGERS: `hetlora.*` and the packages' `__name__` loggers) at INFO; every other logger,
-the root included, at WARNING (executorch logs its export steps on the root logger at INFO); the
-loggers in QUIET at ERROR; the Python warnings in WARNINGS ignored; ONNX Runtime's C++ log at ERROR; transformers' own progress bars off. The project's progress
-bars (export, rounds, bench) stay. 1 (-v): everything at DEBUG, nothing silenced.
+Verbosity -1 (-q): warnings and errors only, no progress bars.
+Verbosity 0 (default): the project's loggers (PROJECT_LOGGERS: `hetlora.*` and the packages'
+`__name__` loggers) at INFO; every other logger, the root included, at WARNING (executorch logs its
+export steps on the root logger at INFO); the loggers in QUIET at ERROR; the Python warnings in
+WARNINGS ignored; ONNX Runtime's C++ log at ERROR; transformers' own progress bars off. The
+project's progress bars (export, rounds, bench) stay.
+Verbosity 1 (-v): everything at DEBUG, nothing silenced.
 """
 
 from __future__ import annotations
