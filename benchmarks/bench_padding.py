@@ -40,7 +40,7 @@ def main() -> int:
     from server_stub.aggregation import make_rule
 
     torch.set_num_threads(args.threads)
-    data = REPO / "data" / "banking77"
+    data = REPO / "hetlora" / "data" / "banking77"
     labels = read_labels(data / "categories.json")
     examples = load_examples(data / "train.csv", "classification", labels)
     model_dir = default_model_dir()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from simulation.demo import DemoConfig, Method, centralized_run, federated_run, prepare_fleet  # noqa: E402
 
-DATA = REPO / "data" / "banking77"
+DATA = REPO / "hetlora" / "data" / "banking77"
 METHODS = ("fedavg-rmin", "fedavg-rmax", "hetlora", "hetlora-seg", "hlora", "plora", "head-only", "centralized",
            "probe")
 TARGETS = (0.80, 0.85)

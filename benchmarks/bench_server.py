@@ -25,7 +25,7 @@ import numpy as np
 from edge_client.models import default_model_dir, derive_spec
 from hetlora.protocol.wire import Adapter, encode
 from server_stub.background import serve_in_background
-from server_stub.cli import BANKING77_LABELS
+from hetlora.demo_data import banking77
 from hetlora.labels import read_labels
 from server_stub.config import ServerConfig
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--targets", help="LoRA targets, comma-separated (default: the model type's)")
     args = parser.parse_args()
-    labels = read_labels(BANKING77_LABELS)
+    labels = read_labels(banking77("categories.json", "--labels"))
     targets = tuple(args.targets.split(",")) if args.targets else None
     spec = derive_spec(default_model_dir(), "classification", targets, num_labels=len(labels))
     print(f"all-MiniLM-L6-v2, {len(spec.modules)} LoRA modules, {len(labels)} labels, K = {args.clients}, "

@@ -36,8 +36,8 @@ def _setup(rank: int):
 
     torch.manual_seed(0)
     model_dir = default_model_dir()
-    labels = json.loads((ROOT / "data/banking77/categories.json").read_text())
-    examples = load_examples(ROOT / "data/banking77/train.csv", "classification", labels)
+    labels = json.loads((ROOT / "hetlora/data/banking77/categories.json").read_text())
+    examples = load_examples(ROOT / "hetlora/data/banking77/train.csv", "classification", labels)
     examples = examples.subset(range(0, len(examples), len(examples) // (BATCH * 4)))
     spec = derive_spec(model_dir, "classification", num_labels=len(labels))
     start = Adapter(lora={n: (torch.randn(rank, m.in_features).mul_(0.02).numpy(),

@@ -1,6 +1,11 @@
-"""Per-rank training step benchmark: latency (p50/p90/p99, mean, std), tokens/s, peak RSS, energy per
-step and per token (measured, estimated or unavailable, always labelled), achieved GFLOPS and its
-fraction of the measured matmul peak, and upload bytes, for every backend x rank.
+"""Per-rank training step benchmark: latency (p50/p90/p99, mean, std), tokens/s (all and non-pad), peak
+RSS, energy per step and per token (measured, estimated or unavailable, always labelled), achieved GFLOPS
+and its fraction of the matmul peak, and upload bytes, for every backend x rank.
+
+The peak is measured before and after the cells (the higher counts) on the step's own linear-map GEMMs
+at the step's torch threads; a fraction above 100% is shown as 100% and flagged "peak underestimated".
+Without a power meter, energy is estimated from CPU utilisation and the catalog's figure for the
+device, or --watts (its full-load power); else it is unavailable.
 
 Writes bench.json (versioned, with the device profile and settings), bench.csv, latency_vs_rank.png
 and energy_vs_rank.png into --out, and prints a table (--json prints the document instead).
@@ -41,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"segments per cell, ranks interleaved between them (default {DEVICE['repetitions']})")
     parser.add_argument("--quick", action="store_true", help="short settings: about a minute for MiniLM on a laptop")
     parser.add_argument("--peak-gflops", type=float, help="the device's matmul peak (skip measuring it)")
+    parser.add_argument("--watts", type=float, help="the device's full-load power in watts: without a power meter, "
+                                                    "energy is estimated as this x CPU utilisation (labelled estimated)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree
@@ -70,28 +77,51 @@ def resolve_settings(args, manifest):
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.peak_gflops is not None and args.peak_gflops <= 0:
         raise UserError(f"--peak-gflops must be positive, got {args.peak_gflops}")
+    if args.watts is not None and args.watts <= 0:
+        raise UserError(f"--watts must be positive, got {args.watts}")
     return Settings(ranks=tuple(args.ranks), backends=backends, **values)
 
 
-def device_profile(root: str, peak_gflops: float | None, quick: bool) -> tuple[dict, dict]:
-    """(profile document, {"value", "source"}): the matmul peak is measured once unless given."""
-    from edge_client.device import compute
-    from edge_client.device.profile import collect_profile
+def measure_peak(shape, settings, quick: bool) -> dict:
+    """The matmul peak of the step's GEMM shapes at the current torch threads (edge_client/bench/peak.py)."""
+    from edge_client.bench.peak import step_peak
 
-    profile = collect_profile(root, quick=True)
-    if peak_gflops is not None:
-        return profile, {"value": peak_gflops, "source": "--peak-gflops"}
-    timing = {"peak_s": 0.5, "sustained_s": 0.5} if quick else compute.SHORT
-    profile["compute"] = {**compute.matmul_gflops(**timing), "lora_step_s": None}
-    return profile, {"value": profile["compute"]["peak_gflops"],
-                     "source": "measured: best 1024x1024 float32 torch matmul burst"}
+    return step_peak(shape, settings.batch, settings.seq_len, seconds_per_shape=0.2 if quick else 0.5)
+
+
+def output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out}: {exc.strerror}") from None
+    return out
+
+
+def head_and_alpha(manifest) -> tuple[int, float]:
+    """(num_labels, lora_alpha): the artifacts' if given, else the demo's banking77 head and alpha 16."""
+    if manifest is None:
+        return NUM_LABELS, 16.0
+    return int(manifest.doc.get("num_labels") or NUM_LABELS), float(manifest.doc["lora_alpha"])
+
+
+def idle_measured_meter(host, args):
+    """(energy meter, idle seconds): the best source, or an estimate from the catalog or --watts, idle power known."""
+    from edge_client.device.energy import meter_for
+
+    meter = meter_for(host, user_watts=args.watts)
+    idle_s = (QUICK if args.quick else DEVICE)["idle_seconds"]
+    log.info("measuring idle power for %.0f s (%s)", idle_s, meter.status)
+    meter.measure_idle(idle_s)
+    return meter, idle_s
 
 
 def run(args) -> int:
     from edge_client.backends.artifacts import load_manifest
     from edge_client.bench import cost, report, runner, steppers
-    from edge_client.device.energy import meter_for
+    from edge_client.bench.peak import best_of
     from edge_client.device.host import Host
+    from edge_client.device.profile import collect_profile
     from edge_client.model_check import check_head
     from edge_client.models import check_model_dir, default_model_dir, default_targets, derive_spec, model_type
     from profiles.memory_model import ModelShape
@@ -101,14 +131,9 @@ def run(args) -> int:
     model_dir = check_model_dir(args.model) if args.model else default_model_dir()
     manifest = load_manifest(args.artifacts) if args.artifacts else None
     settings = resolve_settings(args, manifest)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out {out}: {exc.strerror}") from None
+    out = output_dir(args.out)
     targets = tuple(manifest.doc["targets"]) if manifest else default_targets(model_dir)
-    num_labels = int(manifest.doc.get("num_labels") or NUM_LABELS) if manifest else NUM_LABELS
-    lora_alpha = float(manifest.doc["lora_alpha"]) if manifest else 16.0
+    num_labels, lora_alpha = head_and_alpha(manifest)
     check_head(model_dir, "classification", num_labels)
     spec = derive_spec(model_dir, "classification", targets, num_labels)
     shape = ModelShape.from_model_dir(model_dir)
@@ -119,22 +144,24 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     host = Host.of(args.root)
-    log.info("profiling the device and measuring the matmul peak")
-    profile, peak = device_profile(args.root, args.peak_gflops, args.quick)
-    meter = meter_for(host)
-    idle_s = (QUICK if args.quick else DEVICE)["idle_seconds"]
-    log.info("measuring idle power for %.0f s (%s)", idle_s, meter.status)
-    meter.measure_idle(idle_s)
+    log.info("profiling the device and measuring the matmul peak of the step's GEMM shapes")
+    profile = collect_profile(args.root, quick=True)
+    given = {"value": args.peak_gflops, "source": "--peak-gflops"} if args.peak_gflops else None
+    peak = given or measure_peak(shape, settings, args.quick)
+    meter, idle_s = idle_measured_meter(host, args)
 
     batch = steppers.synthetic_batch(settings.batch, settings.seq_len, shape.vocab, num_labels)
+    real_tokens = int(batch["attention_mask"].sum())
 
     def open_stepper(backend: str):
         return steppers.open_stepper(backend, model_dir=model_dir, artifacts_dir=args.artifacts, targets=targets,
                                      num_labels=num_labels, lora_alpha=lora_alpha, batch=batch)
 
     runs, skipped = runner.run_cells(settings, open_stepper, skip, meter, host)
+    if not given:
+        peak = best_of(peak, measure_peak(shape, settings, args.quick))
     cells = [runner.summarize_cell(
-        r, batch=settings.batch, seq_len=settings.seq_len, peak_gflops=peak["value"],
+        r, batch=settings.batch, seq_len=settings.seq_len, peak_gflops=peak["value"], real_tokens=real_tokens,
         flops_per_step=cost.training_step_flops(shape, spec, r.computed_rank, settings.batch, settings.seq_len),
         upload_bytes=cost.rank_upload_bytes(spec, r.rank)) for r in runs]
     model = {"dir": str(model_dir), "model_type": model_type(model_dir), "targets": list(targets),

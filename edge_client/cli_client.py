@@ -84,6 +84,7 @@ def read_profile_file(path: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from edge_client.client import ClientOptions, EdgeClient
+    from hetlora.output import show_progress
 
     if args.threads:
         import torch
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         server=args.server, data=args.data, state_dir=args.state_dir, model_dir=args.model, backend=args.backend,
         artifacts_dir=args.artifacts, requested_rank=args.rank, name=args.name, text_column=args.text_column,
         label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
-        progress=not args.no_progress, train_overrides=overrides, give_up_after=args.give_up_after,
+        progress=not args.no_progress and show_progress(), train_overrides=overrides, give_up_after=args.give_up_after,
         enroll_secret=args.enroll_secret, ca_file=args.ca_file,
     )
     return EdgeClient(options, profile_source(args.profile_as, args.profile_file)).run()

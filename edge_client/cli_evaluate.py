@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "classification":
         labels = read_labels(args.labels) if args.labels else adapter.meta.get("labels")
         if not labels:
-            raise UserError("the adapter carries no label list; pass --labels FILE (e.g. data/banking77/categories.json)")
+            raise UserError("the adapter carries no label list; pass --labels FILE (e.g. hetlora/data/banking77/categories.json)")
     examples = load_examples(args.test, args.task, labels, text_column=args.text_column,
                              label_column=args.label_column)
     model_dir = args.model or default_model_dir()

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from hetlora.labels import read_labels
     from edge_client.models import check_model_dir, default_model_dir
     from exporter.export import ExportRequest, export_all
+    from hetlora.output import show_progress
 
     model_dir = check_model_dir(args.model) if args.model else default_model_dir()
     req = ExportRequest(model_dir=Path(model_dir), task=args.task, ranks=args.ranks, batch=args.batch,
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                         labels=tuple(read_labels(args.labels)) if args.labels else None, num_labels=args.num_labels,
                         lora_alpha=args.lora_alpha, weight_decay=args.weight_decay,
                         executorch_delegate=args.executorch_delegate)
-    doc = export_all(req, progress=not args.no_progress)
+    doc = export_all(req, progress=not args.no_progress and show_progress())
     total = sum(f["bytes"] for a in doc["artifacts"] for f in a["files"].values())
     print(f"wrote {len(doc['artifacts'])} artifacts ({total / 1e6:.1f} MB) and manifest.json to {args.out}")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from exporter.errors import export_error
+from hetlora.output import native_stderr_filtered, quiet_onnxruntime
 from exporter.training_graph import INPUT_NAMES, OUTPUT_NAMES, TrainingGraph, trainable_names
 
 OPSET = 14
@@ -59,7 +60,7 @@ def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, weight_de
     from onnxruntime.training import artifacts
     from onnxruntime.training.onnxblock.optim import AdamW
 
-    onnxruntime.set_default_logger_severity(3)
+    quiet_onnxruntime()
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = out_dir / "model.onnx"
     try:
@@ -73,7 +74,7 @@ def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, weight_de
         if missing:
             raise RuntimeError(f"trainable parameters were folded away by the ONNX exporter: {missing[:3]}")
         settings = adamw_settings(weight_decay)
-        with quiet_root_logger():
+        with quiet_root_logger(), native_stderr_filtered():
             artifacts.generate_artifacts(
                 model, requires_grad=trainable, frozen_params=[n for n in initializers if n not in set(trainable)],
                 loss=None, optimizer=AdamW(betas=tuple(settings["betas"]), eps=settings["eps"],

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
+import os
 import sys
 
-from hetlora import __version__
+from hetlora import __version__, output
 from hetlora.errors import UserError
+from hetlora.extras import missing_extra_message
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,21 +35,33 @@ def _available_commands() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0].split(".")[0]) is not None}
 
 
+def _verbosity_flags() -> argparse.ArgumentParser:
+    """-v / -q, accepted before and after the subcommand (SUPPRESS: a subcommand never resets them)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=argparse.SUPPRESS,
+                       help="debug logging, third-party messages included")
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                       default=argparse.SUPPRESS, help="warnings and errors only, no progress bars")
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
+    flags = _verbosity_flags()
     parser = argparse.ArgumentParser(
-        prog="hetlora", description="hetlora-edge: federated LoRA fine-tuning on heterogeneous edge devices.")
+        prog="hetlora", description="hetlora-edge: federated LoRA fine-tuning on heterogeneous edge devices.",
+        parents=[flags])
     parser.add_argument("--version", action="version", version=f"hetlora-edge {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in _available_commands().items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             # The part exists but its optional dependency is missing: keep --help working.
-            p = sub.add_parser(name, help=f"{help_text} (unavailable: {exc.name} not installed)")
+            p = sub.add_parser(name, help=f"{help_text} (unavailable: {exc.name} not installed)", parents=[flags])
             p.set_defaults(_unavailable=exc.name)
             continue
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(), parents=[flags])
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -57,20 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    output.configure(getattr(args, "verbosity", 0))
+    args.verbose = output.verbosity() > 0
     if args.command is None:
         parser.print_help()
         return 2
     if getattr(args, "_unavailable", None):
-        print(f"hetlora {args.command}: needs the Python package '{args._unavailable}'; "
-              f"install the matching extra, e.g. pip install 'hetlora-edge[server]'", file=sys.stderr)
+        print(missing_extra_message(args.command, args._unavailable)
+              or f"hetlora {args.command}: needs the Python package '{args._unavailable}'", file=sys.stderr)
         return 2
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`hetlora ... | head`): stop quietly, like a program killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(args.command, exc.name)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
     except UserError as exc:
         print(f"hetlora {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

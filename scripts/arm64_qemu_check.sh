@@ -204,7 +204,7 @@ run_federated_round() {
     local name=$1 status=0 server
     shift
     say "federated rounds ($name): hetlora serve on the host at 127.0.0.1:$PORT, hetlora client emulated"
-    head -n 65 "$PROJECT/data/banking77/train.csv" > "$ROOT$WORK/train.csv"
+    head -n 65 "$PROJECT/hetlora/data/banking77/train.csv" > "$ROOT$WORK/train.csv"
     rm -rf "$ROOT$WORK/server-$name" "$ROOT$WORK/client-$name"
     (cd "$PROJECT" && exec "$HOST_PYTHON" -m hetlora.cli serve --host 127.0.0.1 --port "$PORT" \
         --model "$ROOT$WORK/tiny-bert" --state-dir "$ROOT$WORK/server-$name" --rounds 2 --min-clients 1 \
@@ -236,7 +236,7 @@ export_artifacts() {
     say "hetlora export on the host: ExecuTorch training artifacts of the tiny BERT, ranks 4 and 8"
     rm -rf "$ROOT$WORK/artifacts"
     (cd "$PROJECT" && "$HOST_PYTHON" -m hetlora.cli export --model "$ROOT$WORK/tiny-bert" --task classification \
-        --labels "$PROJECT/data/banking77/categories.json" --ranks 4,8 --batch 8 --seq-len 16 \
+        --labels "$PROJECT/hetlora/data/banking77/categories.json" --ranks 4,8 --batch 8 --seq-len 16 \
         --backends executorch --out "$ROOT$WORK/artifacts" --no-progress)
 }
 

@@ -1,6 +1,6 @@
 """Run the aggregation server: federated LoRA rounds over HTTP (docs/PROTOCOL.md).
 
-Example: hetlora serve --aggregator hetlora --labels data/banking77/categories.json --state-dir runs/server --port 0
+Example: hetlora serve --aggregator hetlora --labels hetlora/data/banking77/categories.json --state-dir runs/server --port 0
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import socket
 from pathlib import Path
 
 from hetlora.argtypes import positive_int_list
+from hetlora.demo_data import banking77
 from hetlora.errors import UserError
 from server_stub.aggregation import RULES
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import OPTIMIZERS
 
 log = logging.getLogger("hetlora.server")
-BANKING77_LABELS = Path(__file__).resolve().parents[1] / "data" / "banking77" / "categories.json"
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2)")
     run.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
     run.add_argument("--labels", help="classification labels: a JSON list or one label per line "
-                                      "(default: data/banking77/categories.json)")
+                                      "(default: the bundled BANKING77 intents)")
     run.add_argument("--targets", type=_name_list, help="LoRA target modules, comma-separated (default: by model type)")
 
     agg = p.add_argument_group("aggregation")
@@ -130,9 +130,7 @@ def build_config(args: argparse.Namespace):
     model_dir = Path(args.model) if args.model else default_model_dir()
     labels = None
     if args.task == "classification":
-        if args.labels is None and not BANKING77_LABELS.is_file():
-            raise UserError("classification needs a label list: pass --labels FILE")
-        labels = read_labels(args.labels or BANKING77_LABELS)
+        labels = read_labels(args.labels or banking77("categories.json", "--labels"))
     spec = derive_spec(model_dir, args.task, args.targets, num_labels=len(labels) if labels else None)
     global_rank = args.hlora_rank or args.global_rank or max(args.ranks)
     prune_lambda = args.prune_lambda if args.prune_lambda is not None else (0.01 if args.aggregator == "hetlora" else 0.0)

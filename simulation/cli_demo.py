@@ -13,18 +13,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from hetlora.argtypes import positive_int_list
+from hetlora.demo_data import banking77
 from server_stub.aggregation import RULES
 from simulation.demo import DEMO_TRAINING, DemoConfig
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data" / "banking77"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model folder (default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--data", default=str(DATA / "train.csv"), help="training data, split across the clients")
-    p.add_argument("--test", default=str(DATA / "test.csv"), help="test data for the global adapter")
-    p.add_argument("--labels", default=str(DATA / "categories.json"), help="label list (JSON list or lines)")
+    p.add_argument("--data", help="training data, split across the clients (default: the bundled BANKING77 train split)")
+    p.add_argument("--test", help="test data for the global adapter (default: the bundled BANKING77 test split)")
+    p.add_argument("--labels", help="label list, JSON list or lines (default: the bundled BANKING77 intents)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", help="label column (default: 'label', or 'category')")
     p.add_argument("--aggregator", choices=RULES, default="hetlora")
@@ -74,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     model_dir = str(check_model_dir(args.model or default_model_dir()))
-    cfg = DemoConfig(model_dir=model_dir, data=args.data, test=args.test, labels=args.labels, out=out,
+    data = str(args.data or banking77("train.csv", "--data"))
+    test = str(args.test or banking77("test.csv", "--test"))
+    labels = str(args.labels or banking77("categories.json", "--labels"))
+    cfg = DemoConfig(model_dir=model_dir, data=data, test=test, labels=labels, out=out,
                      clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
                      training=replace(DEMO_TRAINING, steps=args.local_steps, batch_size=args.batch_size,
                                       seq_len=args.seq_len, lr=args.lr, head_lr=args.head_lr, schedule=args.schedule,

@@ -232,6 +232,7 @@ def test_quick_bench_lists_unavailable_backends_with_reasons(tiny_bert_dir, tmp_
     (["--backends", "torch,tflite"], "unknown backend"),
     (["--batch", "0"], "--batch must be >= 1"),
     (["--peak-gflops", "-3"], "--peak-gflops must be positive"),
+    (["--watts", "0"], "--watts must be positive"),
     (["--artifacts", "/nonexistent"], "manifest.json"),
 ])
 def test_bad_flags_are_clear_errors(tiny_bert_dir, tmp_path, capsys, flags, message):

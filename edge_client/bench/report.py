@@ -15,7 +15,8 @@ from hetlora.plots import line_plot
 SCHEMA, VERSION = "hetlora-bench", 1
 CSV_COLUMNS = (
     "backend", "rank", "computed_rank", "batch", "seq_len", "steps", "p50_s", "p90_s", "p99_s", "mean_s", "std_s",
-    "tokens_per_s", "peak_rss_mb", "flops_per_step", "achieved_gflops", "peak_fraction", "upload_bytes",
+    "tokens_per_s", "real_tokens_per_s", "peak_rss_mb", "flops_per_step", "achieved_gflops", "peak_fraction",
+    "peak_fraction_raw", "peak_underestimated", "upload_bytes",
     "energy_status", "energy_scope", "energy_source", "energy_model", "energy_sample_rate_hz", "energy_sample_count",
     "joules_per_step", "joules_per_token", "joules_above_idle_per_step", "idle_w",
     "temp_start_c", "temp_end_c", "freq_start_mhz", "freq_end_mhz", "throttled_start", "throttled_end",
@@ -25,8 +26,9 @@ CSV_COLUMNS = (
 def csv_row(cell: dict) -> dict:
     lat, energy, cond = cell["latency"], cell["energy"], cell["conditions"]
     return {
-        **{k: cell[k] for k in ("backend", "rank", "computed_rank", "batch", "seq_len", "tokens_per_s", "peak_rss_mb",
-                                "flops_per_step", "achieved_gflops", "peak_fraction", "upload_bytes",
+        **{k: cell[k] for k in ("backend", "rank", "computed_rank", "batch", "seq_len", "tokens_per_s",
+                                "real_tokens_per_s", "peak_rss_mb", "flops_per_step", "achieved_gflops",
+                                "peak_fraction", "peak_fraction_raw", "peak_underestimated", "upload_bytes",
                                 "joules_per_step", "joules_per_token", "joules_above_idle_per_step")},
         "steps": lat["n"], **{k: lat[k] for k in ("p50_s", "p90_s", "p99_s", "mean_s", "std_s")},
         "energy_status": energy["energy_status"], "energy_scope": energy["scope"], "energy_source": energy["source"],
@@ -90,10 +92,17 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _percent(cell: dict) -> str:
+    """The clamped fraction of peak in percent, starred when the raw fraction exceeded 100%."""
+    if cell["peak_fraction"] is None:
+        return "-"
+    return f"{100 * cell['peak_fraction']:.1f}" + ("*" if cell["peak_underestimated"] else "")
+
+
 def table(doc: dict) -> str:
     """The printed summary: one line per cell, the energy label set below, then the skipped backends."""
     head = (f"{'backend':<10} {'rank':>4} {'n':>4} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'mean s':>7} {'std s':>6} "
-            f"{'tok/s':>7} {'RSS MB':>7} {'GFLOPS':>7} {'%peak':>6} {'upload KB':>9} {'J/step':>7} {'mJ/tok':>7} "
+            f"{'tok/s':>7} {'real/s':>7} {'RSS MB':>7} {'GFLOPS':>7} {'%peak':>6} {'upload KB':>9} {'J/step':>7} {'mJ/tok':>7} "
             f"{'energy':<11} {'T start/end C':>13}")
     lines = [head, "-" * len(head)]
     labels = []
@@ -105,14 +114,18 @@ def table(doc: dict) -> str:
         rank = f"{c['rank']}" + ("" if c["computed_rank"] == c["rank"] else f"({c['computed_rank']})")
         lines.append(
             f"{c['backend']:<10} {rank:>4} {lat['n']:>4} {lat['p50_s']:7.3f} {lat['p90_s']:7.3f} {lat['p99_s']:7.3f} "
-            f"{lat['mean_s']:7.3f} {lat['std_s']:6.3f} {c['tokens_per_s']:7.0f} {c['peak_rss_mb']:7.0f} "
-            f"{c['achieved_gflops']:7.1f} {_fmt(c['peak_fraction'] and 100 * c['peak_fraction'], '6.1f'):>6} "
+            f"{lat['mean_s']:7.3f} {lat['std_s']:6.3f} {c['tokens_per_s']:7.0f} {c['real_tokens_per_s']:7.0f} "
+            f"{c['peak_rss_mb']:7.0f} "
+            f"{c['achieved_gflops']:7.1f} {_percent(c):>6} "
             f"{c['upload_bytes'] / 1024:9.1f} {_fmt(c['joules_per_step'], '7.2f'):>7} "
             f"{_fmt(c['joules_per_token'] and 1000 * c['joules_per_token'], '7.2f'):>7} "
             f"{c['energy']['energy_status']:<11} {temps:>13}")
     peak = doc["peak_gflops"]
     lines.append(f"matmul peak {_fmt(peak['value'], '.1f')} GFLOPS ({peak['source']}); batch {doc['settings']['batch']}"
                  f" x seq_len {doc['settings']['seq_len']}; rank(R): artifact of rank R computes rank r")
+    if any(c["peak_underestimated"] for c in doc["cells"]):
+        lines.append("* the step ran faster than the measured peak (shown as 100%; raw fractions in bench.json): "
+                     "the peak is underestimated, most likely other load while it was measured")
     lines += [f"energy {label}" for label in labels]
     notes = {c["energy"]["note"] for c in doc["cells"] if c["energy"].get("note")}
     lines += [f"energy note: {n}" for n in sorted(notes)]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edge_client.bench.peak import fraction
 from edge_client.bench.schedule import interleaved
 from edge_client.bench.stats import summarize
 from edge_client.device.energy import EnergyMeter, EnergyResult, combine
@@ -99,8 +100,10 @@ def run_segment(step: Callable[[], object], *, warmup: int, min_steps: int, min_
     return Segment(seconds, energy, rss.peak_bytes, start, conditions(host))
 
 
-def run_backend(stepper, settings: Settings, meter: EnergyMeter, host: Host) -> tuple[list[CellRun], list[dict]]:
-    """Every rank of one backend, interleaved; ranks it cannot serve are skipped with the reason."""
+def run_backend(stepper, settings: Settings, meter: EnergyMeter, host: Host,
+                on_segment: Callable[[str], None] = lambda text: None) -> tuple[list[CellRun], list[dict]]:
+    """Every rank of one backend, interleaved; ranks it cannot serve are skipped with the reason.
+    `on_segment` hears one line per finished (or skipped) segment."""
     cells: dict[int, CellRun] = {}
     skipped: dict[int, str] = {}
     min_steps = math.ceil(settings.steps / settings.repetitions)
@@ -112,36 +115,51 @@ def run_backend(stepper, settings: Settings, meter: EnergyMeter, host: Host) -> 
             step, computed = stepper.prepare(rank)
         except UserError as exc:
             skipped[rank] = str(exc)
+            on_segment(f"{stepper.backend} r={rank} skipped")
             continue
         segment = run_segment(step, warmup=settings.warmup, min_steps=min_steps, min_seconds=min_seconds,
                               meter=meter, host=host)
         cell = cells.setdefault(rank, CellRun(stepper.backend, rank, computed))
         cell.segments.append(segment)
-        log.info("%s r=%d repetition %d: %d steps, median %.3f s", stepper.backend, rank, rep + 1,
-                 len(segment.seconds), sorted(segment.seconds)[len(segment.seconds) // 2])
+        line = f"{stepper.backend} r={rank} repetition {rep + 1}: {len(segment.seconds)} steps, " \
+               f"median {sorted(segment.seconds)[len(segment.seconds) // 2]:.3f} s"
+        log.debug(line)
+        on_segment(line)
     return [cells[r] for r in settings.ranks if r in cells], \
         [{"backend": stepper.backend, "rank": r, "reason": why} for r, why in skipped.items()]
 
 
 def run_cells(settings: Settings, open_stepper: Callable[[str], object], skip_reasons: dict[str, str | None],
               meter: EnergyMeter, host: Host) -> tuple[list[CellRun], list[dict]]:
-    """All backends in turn (each one's model released before the next loads); skipped ones with reasons."""
+    """All backends in turn (each one's model released before the next loads); skipped ones with reasons.
+    A progress bar counts the segments (unless -q)."""
+    from tqdm import tqdm
+
+    from hetlora.output import show_progress
+
     runs: list[CellRun] = []
     skipped: list[dict] = []
+    per_backend = len(settings.ranks) * settings.repetitions
+    bar = tqdm(total=len(settings.backends) * per_backend, desc="bench", unit="segment", leave=False,
+               disable=not show_progress())
     for backend in settings.backends:
-        if skip_reasons.get(backend):
-            skipped.append({"backend": backend, "rank": None, "reason": skip_reasons[backend]})
-            continue
+        done = bar.n
         try:
+            if skip_reasons.get(backend):
+                raise UserError(skip_reasons[backend])
             stepper = open_stepper(backend)
         except UserError as exc:
             skipped.append({"backend": backend, "rank": None, "reason": str(exc)})
+            bar.update(per_backend)
             continue
-        backend_runs, backend_skipped = run_backend(stepper, settings, meter, host)
+        backend_runs, backend_skipped = run_backend(
+            stepper, settings, meter, host, on_segment=lambda text: (bar.set_postfix_str(text), bar.update()))
+        bar.update(done + per_backend - bar.n)
         runs += backend_runs
         skipped += backend_skipped
         del stepper
         gc.collect()
+    bar.close()
     return runs, skipped
 
 
@@ -156,8 +174,12 @@ def cell_energy(segments: list[Segment]) -> EnergyResult:
 
 
 def summarize_cell(run: CellRun, *, batch: int, seq_len: int, flops_per_step: float, peak_gflops: float | None,
-                   upload_bytes: int) -> dict:
-    """The cell's row: latency statistics, throughput, memory, energy (with its labels), GFLOPS, upload."""
+                   upload_bytes: int, real_tokens: int | None = None) -> dict:
+    """The cell's row: latency statistics, throughput, memory, energy (with its labels), GFLOPS, upload.
+
+    tokens_per_s counts every position of the batch; real_tokens_per_s only the attended (non-pad) ones,
+    `real_tokens` per step (default: all of them). peak_fraction is clamped to 1 (edge_client/bench/peak.py).
+    """
     seconds = [t for s in run.segments for t in s.seconds]
     latency = summarize(seconds)
     steps = latency["n"]
@@ -172,9 +194,10 @@ def summarize_cell(run: CellRun, *, batch: int, seq_len: int, flops_per_step: fl
         "backend": run.backend, "rank": run.rank, "computed_rank": run.computed_rank,
         "batch": batch, "seq_len": seq_len, "latency": {**latency, "samples_s": seconds},
         "tokens_per_s": batch * seq_len / latency["mean_s"],
+        "real_tokens_per_s": (batch * seq_len if real_tokens is None else real_tokens) / latency["mean_s"],
         "peak_rss_mb": max(s.peak_rss_bytes for s in run.segments) / 2**20,
         "flops_per_step": flops_per_step, "achieved_gflops": achieved,
-        "peak_fraction": achieved / peak_gflops if peak_gflops else None,
+        **fraction(achieved, peak_gflops),
         "upload_bytes": upload_bytes,
         "energy": energy.to_json(),
         "joules_per_step": per(energy.joules, steps), "joules_per_token": per(energy.joules, tokens),

@@ -220,18 +220,23 @@ class EnergyMeter:
 
 
 def meter_for(host: Host | str | os.PathLike = "/", *, catalog_id: str | None = None,
-              rate_hz: float = 10.0) -> EnergyMeter:
-    """A meter on the best source this device can measure with now; else an estimate from the
-    catalog's figure for the device (matched by identity unless `catalog_id` is given) or the
-    RAPL power limit; else an always-unavailable meter whose note says why."""
+              rate_hz: float = 10.0, user_watts: float | None = None) -> EnergyMeter:
+    """A meter on the best source this device can measure with now; else an estimate from the user's
+    full-load figure (`user_watts`, P = user_watts x CPU utilisation), the catalog's figure for the
+    device (matched by identity unless `catalog_id` is given) or the RAPL power limit; else an
+    always-unavailable meter whose note says why."""
     from edge_client.device.identity import read_identity
     from edge_client.device.profile import catalog_power_figure, match_catalog
 
     host = Host.of(host)
-    catalog_id = catalog_id or match_catalog(read_identity(host))
-    estimate = estimate_source(host, catalog_power_figure(catalog_id), f"catalog:{catalog_id}")
+    if user_watts is not None:
+        estimate = estimate_source(host, {"idle_w": 0.0, "load_w": user_watts}, "--watts")
+    else:
+        catalog_id = catalog_id or match_catalog(read_identity(host))
+        estimate = estimate_source(host, catalog_power_figure(catalog_id), f"catalog:{catalog_id}")
     source, passed_over = choose_source(discover_sources(host), estimate)
-    note = "no power source can measure this device and no estimate figure is known"
+    note = ("no power source can measure this device and no estimate figure is known; pass --watts W "
+            "(its full-load power) for an estimate")
     if passed_over:
         note += f" ({'; '.join(passed_over)})"
     return EnergyMeter(source, rate_hz, unavailable_note=note)
