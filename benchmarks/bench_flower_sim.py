@@ -87,12 +87,12 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-flower-sim-"))
     model = tiny_model(work / "tiny-bert")
-    subprocess.run([sys.executable, "-m", "hetlora.cli", "partition", "--data", str(ROOT / "data/banking77/train.csv"),
+    subprocess.run([sys.executable, "-m", "hetlora.cli", "partition", "--data", str(ROOT / "hetlora/data/banking77/train.csv"),
                     "--clients", str(args.nodes), "--alpha", "0.5", "--out", str(work / "parts")], check=True,
                    stdout=subprocess.DEVNULL)
     run_config = {"rule": args.rule, "num-server-rounds": args.rounds, "ranks": "4,8,16", "global-rank": 16,
                   "min-clients": args.nodes, "local-steps": args.steps, "batch-size": 8, "seq-len": 32,
-                  "model": str(model), "labels": str(ROOT / "data/banking77/categories.json"),
+                  "model": str(model), "labels": str(ROOT / "hetlora/data/banking77/categories.json"),
                   "head-init": args.head_init, "partition-dir": str(work / "parts"), "output-dir": str(work / "out")}
     with LocalFederation(work / "federation") as fed:
         fed.superlink(simulation=True)

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 
-PROJECT_LOGGERS = ("hetlora", "edge_client", "server_stub", "exporter", "profiles", "simulation")
+PROJECT_LOGGERS = ("hetlora", "edge_client", "server_stub", "exporter", "profiles", "simulation", "hetlora_flower")
 # logger name -> why it is silenced by default
 QUIET = {
     "torchao": "warns that its CUDA kernels fail to load in a CPU build of torch",
