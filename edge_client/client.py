@@ -46,6 +46,7 @@ class ClientOptions:
     give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
     enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
     ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
+    optimizer: str | None = None  # None: the artifacts' own, adamw for the torch backend
 
 
 def train_config(run: dict, overrides: dict | None, seed: int) -> TrainConfig:
@@ -77,6 +78,7 @@ class EdgeClient:
         self.trainer = None
         self.examples = None
         self.spec = None
+        self.overrides = dict(options.train_overrides or {})  # TrainConfig fields over the server's hints
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -136,7 +138,7 @@ class EdgeClient:
 
     def _prepare(self, run: dict) -> None:
         """Load the trainer after checking the local model agrees with the server's spec."""
-        from edge_client.backends import make_trainer
+        from edge_client.backends import make_trainer, resolve_optimizer
         from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
 
@@ -152,6 +154,7 @@ class EdgeClient:
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
+        self.overrides["optimizer"] = resolve_optimizer(self.options.optimizer, self.trainer)
 
     def _refresh_rank(self) -> dict:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round.
@@ -186,9 +189,9 @@ class EdgeClient:
                 raise
             start = self._checked_download(raw, number, run)
             seed = current.get("seed", _seed(self.state.client_id, number))
-            cfg = within_tier(train_config(run, self.options.train_overrides, seed=seed), profile, current["rank"])
-            log.info("round %d: training at rank %d (%d steps, batch %d, seq %d)", number, current["rank"],
-                     cfg.steps or 0, cfg.batch_size, cfg.seq_len)
+            cfg = within_tier(train_config(run, self.overrides, seed=seed), profile, current["rank"])
+            log.info("round %d: training at rank %d (%d steps, batch %d, seq %d, %s lr %g)", number, current["rank"],
+                     cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr)
             result = self.trainer.train_round(start, self.examples, cfg, rank=current["rank"],
                                               indices=current.get("indices"), mode=mode,
                                               on_step=self._progress(number, cfg))
@@ -226,11 +229,8 @@ class EdgeClient:
         """Round 0: per-class feature statistics of the local data under the frozen base model, saved as pending."""
         from edge_client.head_stats import encode_statistics
 
-        if not hasattr(self.trainer, "head_statistics"):
-            raise UserError(f"the {self.options.backend} backend cannot compute head statistics (round 0 of this run); "
-                            "use --backend torch")
         t0 = time.perf_counter()
-        cfg = train_config(run, self.options.train_overrides, seed=0)
+        cfg = train_config(run, self.overrides, seed=0)
         stats = self.trainer.head_statistics(self.examples, cfg.seq_len)
         stats.meta = {"round": number, "client_id": self.state.client_id, "n_samples": stats.n_samples}
         pending = encode_statistics(stats)

@@ -73,6 +73,18 @@ class Manifest:
     def ranks(self, backend: str) -> list[int]:
         return sorted(int(a["rank"]) for a in self.doc["artifacts"] if a["backend"] == backend)
 
+    def optimizer(self, backend: str) -> str:
+        """The optimiser every `backend` artifact was exported with (its `optimizer.name`); UserError when the
+        folder has none of that backend or its artifacts disagree."""
+        names = {a.get("optimizer", {}).get("name") for a in self.doc["artifacts"] if a["backend"] == backend}
+        if not names:
+            raise UserError(f"{self.folder} has no {backend} artifacts; export them with "
+                            f"`hetlora export --backends {backend}` or pick another --backend")
+        if len(names) > 1 or None in names:
+            raise UserError(f"the {backend} artifacts in {self.folder} do not agree on one optimizer "
+                            f"({sorted(map(str, names))}); re-export them together")
+        return names.pop()
+
     def artifact(self, backend: str, rank: int) -> Artifact:
         """The smallest exported rank >= `rank` for `backend` (keep masks cover the ranks in between)."""
         fitting = [r for r in self.ranks(backend) if r >= rank]
