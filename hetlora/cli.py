@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("edge_client.cli_demo", "simulate a heterogeneous fleet on loopback (the main job)"),
     "partition": ("edge_client.cli_partition", "split a dataset non-IID across clients"),
     "evaluate": ("edge_client.cli_evaluate", "evaluate a global adapter on a test file"),
+    "peft": ("edge_client.cli_peft", "convert adapters to and from Hugging Face PEFT"),
     "profile": ("edge_client.cli_profile", "profile this device and pick its LoRA rank tier"),
     "bench": ("edge_client.cli_bench", "per-rank latency and energy benchmark"),
     "export": ("exporter.cli", "export trainable ExecuTorch / ONNX Runtime artifacts per rank"),

@@ -14,6 +14,7 @@ from edge_client.head_stats import HeadStatistics, decode_statistics
 from edge_client.wire import Adapter, WireFormatError
 from server_stub.aggregation.head_init import LOGIT_LIMIT, pool, safe_class_head
 from server_stub.errors import ApiError
+from server_stub.init_adapter import start_global
 
 log = logging.getLogger("hetlora.server")
 HEAD_ROUND = 0
@@ -54,7 +55,7 @@ def check_statistics(config, client_id: str, body: bytes) -> HeadStatistics:
 
 
 def initial_global(rule, config, statistics: list[HeadStatistics]) -> tuple[Adapter, dict]:
-    """Global version 0: the rule's initial factors and the closed-form head; plus summary numbers."""
+    """Global version 0: the starting factors (server_stub.init_adapter) and the closed-form head; plus summary numbers."""
     weight_name, bias_name, _, _ = head_shapes(config.spec)
     pooled = pool(statistics)
     weight, bias, used = safe_class_head(pooled, config.head_init, shrinkage=config.head_shrinkage,
@@ -62,7 +63,7 @@ def initial_global(rule, config, statistics: list[HeadStatistics]) -> tuple[Adap
     if used != config.head_init:
         log.warning("round 0: the %s head is ill-conditioned on these features (logits above %g); using %s",
                     config.head_init, LOGIT_LIMIT, used)
-    start = rule.init_global(config.spec, config.global_rank, config.seed)
+    start = start_global(rule, config)
     dense = dict(start.dense) | {weight_name: weight, bias_name: bias}
     summary = {"clients": len(statistics), "total_samples": pooled.n_samples, "head": used,
                "classes_seen": int((pooled.class_counts > 0).sum()), "classes": int(len(pooled.class_counts))}

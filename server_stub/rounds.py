@@ -24,6 +24,7 @@ from server_stub.aggregation import ClientResult, aggregate_statistics
 from server_stub.aggregation.bounds import bound_influence, check_values
 from server_stub.config import ServerConfig
 from server_stub.errors import ApiError
+from server_stub.init_adapter import start_global
 from server_stub.head_round import HEAD_ROUND, check_statistics, initial_global, load_statistics
 from server_stub.ranks import assign_rank
 from server_stub.store import Store
@@ -114,7 +115,7 @@ class Coordinator:
         self._closing: int | None = None  # the round being aggregated right now
         with self.lock:
             if self._global_row(0) is None and not config.head_round:
-                self._commit_global(0, rule.init_global(config.spec, config.global_rank, config.seed))
+                self._commit_global(0, start_global(rule, config))
             with self.store.transaction():
                 opened = self._open_next_round_if_ready()
             _log_opened(opened)

@@ -1,0 +1,71 @@
+"""A run's starting global from an existing adapter (`hetlora serve --init-adapter`).
+
+The adapter is a PEFT LoRA folder (its scale folded into B, edge_client.peft_format) or a
+wire-format file. It must fit the run's spec: the same modules and shapes, rank r at most the
+global rank R. Global version 0 is the rule's usual start with the first r components replaced:
+A[:r] = A_init, B[:, :r] = B_init; the remaining R - r components keep the rule's random A and
+zero B, so dW = B_init @ A_init exactly (the model computes what the adapter computes) and the
+extra components can still learn. Dense tensors (the head) are the adapter's when it has them;
+without them the head comes from round 0 (head statistics), which must then be enabled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.wire import Adapter, WireFormatError, decode, encode, validate
+from hetlora.errors import UserError
+
+
+def read_init_adapter(path: str | Path) -> Adapter:
+    """A PEFT folder or a wire-format file as a wire adapter; UserError when it is neither."""
+    from edge_client.peft_format import load_peft
+
+    path = Path(path)
+    if path.is_dir():
+        return load_peft(path)
+    if not path.is_file():
+        raise UserError(f"--init-adapter {path} does not exist; pass a PEFT adapter folder or a wire .safetensors file")
+    return decode(path.read_bytes())
+
+
+def check_init_adapter(adapter: Adapter, spec, global_rank: int, head_round: bool) -> None:
+    """UserError unless `adapter` fits the run: spec modules and shapes, rank <= global rank, a head unless
+    round 0 sets one."""
+    if spec.dense and not adapter.dense and not head_round:
+        raise UserError("--init-adapter has no classification head (PEFT modules_to_save); let round 0 set it with "
+                        "--head-init lda (or ncm), or import an adapter that carries the head")
+    checked = adapter if adapter.dense else Adapter(
+        lora=adapter.lora, dense={n: np.zeros(s, np.float32) for n, s in spec.dense.items()})
+    try:
+        validate(checked, spec, max_rank=global_rank)
+    except WireFormatError as exc:
+        if exc.code == "rank_too_high":
+            raise UserError(f"--init-adapter has rank {adapter.rank}, above the run's global rank {global_rank}; "
+                            "raise --global-rank (or --ranks)") from None
+        raise UserError(f"--init-adapter does not fit this run: {exc}; it must be trained on the same base model with "
+                        "the run's --targets (and, for classification, the same number of labels)") from None
+
+
+def init_digest(adapter: Adapter) -> str:
+    """sha256 of the adapter's tensors in the wire format (what a state dir is bound to)."""
+    return hashlib.sha256(encode(Adapter(lora=adapter.lora, dense=adapter.dense))).hexdigest()
+
+
+def start_global(rule, config) -> Adapter:
+    """Global version 0 before any head round: the rule's start, overlaid with `config.init_adapter`."""
+    start = rule.init_global(config.spec, config.global_rank, config.seed)
+    init = config.init_adapter
+    if init is None:
+        return start
+    r = init.rank
+    lora = {}
+    for name, (a, b) in start.lora.items():
+        a, b = a.copy(), b.copy()
+        a[:r], b[:, :r] = init.lora[name]
+        lora[name] = (a, b)
+    return Adapter(lora=lora, dense={n: t.copy() for n, t in (init.dense or start.dense).items()},
+                   meta=start.meta | {"init_adapter": init_digest(init)})
