@@ -10,12 +10,14 @@ import argparse
 import json
 from pathlib import Path
 
+from hetlora.config_file import add_config_option
 from hetlora.errors import UserError
 
 BACKENDS = ("torch", "onnx", "executorch", "auto")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_option(p)
     p.add_argument("--server", required=True, help="server URL, e.g. http://192.168.1.20:8080")
     p.add_argument("--data", required=True, help="local training data (CSV or JSONL)")
     p.add_argument("--state-dir", required=True, help="folder for identity, progress and pending uploads")

@@ -15,6 +15,7 @@ import logging
 import sys
 
 from hetlora import __version__
+from hetlora.config_file import expand as expand_config
 from hetlora.errors import UserError
 
 # name -> (module, one-line help)
@@ -55,8 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = expand_config(argv, _subparsers(parser))
+    except UserError as exc:
+        print(f"hetlora: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

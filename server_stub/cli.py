@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 
+from hetlora.config_file import add_config_option
 from hetlora.errors import UserError
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import OPTIMIZERS
@@ -35,6 +36,7 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_option(p)
     run = p.add_argument_group("model and task")
     run.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2)")
     run.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
