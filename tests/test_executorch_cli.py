@@ -46,10 +46,14 @@ def test_executorch_clients_train_a_run_from_the_command_line(tiny_bert_dir, lab
     server, url = start_server(args, tmp_path / "server")
     clients = []
     try:
-        clients = [start_client(url, write_data(tmp_path / f"d{i}.csv", 16, i), tmp_path / f"c{i}",
-                                ["--model", str(tiny_bert_dir), "--backend", "executorch",
-                                 "--artifacts", str(executorch_artifacts), "--lr", "0.5", "--poll", "0.2"])
-                   for i in range(2)]
+        flags = ["--model", str(tiny_bert_dir), "--backend", "executorch", "--artifacts", str(executorch_artifacts),
+                 "--lr", "0.5", "--poll", "0.2"]
+        clients = [start_client(url, write_data(tmp_path / "d0.csv", 16, 0), tmp_path / "c0", flags)]
+        # the second device is configured by one file, as a service would be; its --lr flag overrides the file's
+        (tmp_path / "c1.toml").write_text(f'model = "{tiny_bert_dir}"\nbackend = "executorch"\n'
+                                          f'artifacts = "{executorch_artifacts}"\nlr = 0.001\npoll = 0.2\n')
+        clients.append(start_client(url, write_data(tmp_path / "d1.csv", 16, 1), tmp_path / "c1",
+                                    ["--config", str(tmp_path / "c1.toml"), "--lr", "0.5"]))
         status = wait_finished(ServerAPI(url), clients)
         for c in clients:
             assert c.wait(timeout=60) == 0, c.tail()
