@@ -19,11 +19,12 @@ from the training rows). Each federated run is a real `hetlora demo` fleet (serv
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,45 @@ def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.nda
     return head_inputs(trainer.model, trainer.dense, encoded, batch_size=128), np.asarray(encoded.labels)
 
 
+def run_settings(cfg: DemoConfig, name: str) -> dict:
+    """What a run's result depends on: every setting but the output folder, the data files by content
+    (so a run stored from another checkout still counts), and the method."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "test", "labels")}
+    files = {k: hashlib.sha256(Path(getattr(cfg, k)).read_bytes()).hexdigest() for k in ("data", "test", "labels")}
+    return json.loads(json.dumps({**settings, **files, "method": name}, default=str))
+
+
+def store_summary(cfg: DemoConfig, name: str, summary: dict) -> None:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    record = {"settings": run_settings(cfg, name), "summary": summary}
+    (cfg.out / f"{name}.summary.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+
+def stored_summary(cfg: DemoConfig, name: str) -> dict | None:
+    """A finished run's summary, if one was stored with exactly these settings."""
+    path = cfg.out / f"{name}.summary.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != run_settings(cfg, name):
+        return None
+    summary = record["summary"]
+    if summary.get("reach") is not None:  # JSON keys are strings; the table looks targets up as floats
+        summary["reach"] = {float(k): v for k, v in summary["reach"].items()}
+    return summary
+
+
+def versus(runs: list[dict], baseline: list[dict] | None) -> str:
+    """Difference of mean final accuracy to the baseline's, in points and in pooled standard deviations
+    sqrt((s_a^2 + s_b^2) / 2)."""
+    if not baseline or runs is baseline:
+        return "-"
+    a, b = [r["final"] for r in runs], [r["final"] for r in baseline]
+    diff = np.mean(a) - np.mean(b)
+    spread = np.sqrt((np.var(a) + np.var(b)) / 2)
+    return f"{100 * diff:+.1f} pt" + (f" ({diff / spread:+.1f} sd)" if spread > 0 else "")
+
+
 def table(results: dict[str, list[dict]], rounds: int) -> str:
     def mean_std(values):
         values = [v for v in values if v is not None]
@@ -108,12 +148,14 @@ def table(results: dict[str, list[dict]], rounds: int) -> str:
         text = f"{np.mean(done):.1f}" if k == 0 else f"{np.mean(done):.0f}"
         return text + ("" if len(done) == len(hits) else f" ({len(done)}/{len(hits)})")
 
-    head = ("| method | final accuracy | final macro-F1 | best round accuracy | rounds to 80% | s to 80% "
-            "| rounds to 85% | s to 85% |")
-    lines = [head, "|" + "---|" * 8]
+    head = ("| method | seeds | final accuracy | final macro-F1 | best round accuracy | vs fedavg-rmin "
+            "| rounds to 80% | s to 80% | rounds to 85% | s to 85% |")
+    lines = [head, "|" + "---|" * 10]
     for name, runs in results.items():
-        lines.append(f"| {name} | {mean_std([r['final'] for r in runs])} | {mean_std([r['f1'] for r in runs])} "
-                     f"| {mean_std([r['best'] for r in runs])} | {reach(runs, 0.80, 0)} | {reach(runs, 0.80, 1)} "
+        if not runs:
+            continue
+        lines.append(f"| {name} | {len(runs)} | {mean_std([r['final'] for r in runs])} | {mean_std([r['f1'] for r in runs])} "
+                     f"| {mean_std([r['best'] for r in runs])} | {versus(runs, results.get('fedavg-rmin'))} | {reach(runs, 0.80, 0)} | {reach(runs, 0.80, 1)} "
                      f"| {reach(runs, 0.85, 0)} | {reach(runs, 0.85, 1)} |")
     return "\n".join(lines)
 
@@ -132,6 +174,10 @@ def main() -> int:
     p.add_argument("--validation-fraction", type=float, default=0.0)
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--results", help="append the table and the command to this Markdown file")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished (seed, method) runs stored under --out with the same settings")
+    p.add_argument("--stored-only", action="store_true",
+                   help="run nothing: print the table of the runs stored under --out with these settings")
     args = p.parse_args()
     from edge_client.models import default_model_dir
 
@@ -146,9 +192,15 @@ def main() -> int:
     t0 = time.monotonic()
     for seed in [int(s) for s in args.seeds.split(",")]:
         cfg = replace(base, seed=seed, out=Path(args.out) / f"seed{seed}")
-        fleet = prepare_fleet(cfg)
+        fleet = None
         for name in methods:
-            summary = linear_probe(cfg, fleet, seed) if name == "probe" else summarize_run(run_method(name, cfg, fleet))
+            summary = stored_summary(cfg, name) if args.resume or args.stored_only else None
+            if summary is None and args.stored_only:
+                continue
+            if summary is None:
+                fleet = fleet or prepare_fleet(cfg)
+                summary = linear_probe(cfg, fleet, seed) if name == "probe" else summarize_run(run_method(name, cfg, fleet))
+                store_summary(cfg, name, summary)
             results[name].append(summary)
             print(f"seed {seed} {name}: final {summary['final']:.3f}, best {summary['best']:.3f}, "
                   f"macro-F1 {summary['f1']:.3f}", flush=True)
