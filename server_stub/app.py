@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Header, Path as PathParam, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -22,6 +23,7 @@ from server_stub.config import ServerConfig
 from server_stub.enrollment import Enrollment
 from server_stub.errors import ApiError
 from server_stub.limits import BodyLimit
+from server_stub.metrics import RejectionCounter, ServerMetrics
 from server_stub.rounds import Coordinator
 from server_stub.store import Store
 
@@ -86,6 +88,8 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
                   lifespan=lifespan)
     app.state.coordinator = coordinator
     app.add_middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
+    metrics = ServerMetrics(coordinator)
+    app.add_middleware(RejectionCounter, metrics=metrics)  # added last: outermost, sees BodyLimit's 413
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
@@ -151,6 +155,11 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
     @app.get("/v1/status", summary="round, clients, uploads and the history of aggregated rounds")
     def status():
         return coordinator.status()
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format; server_stub.metrics)",
+             response_class=Response)
+    def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

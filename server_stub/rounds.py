@@ -113,6 +113,7 @@ class Coordinator:
         self.lock = threading.RLock()
         self._cached_global: tuple[int, Adapter] | None = None
         self._closing: int | None = None  # the round being aggregated right now
+        self.on_aggregated = lambda seconds: None  # told each aggregation's duration (server_stub.metrics)
         with self.lock:
             if self._global_row(0) is None and not config.head_round:
                 self._commit_global(0, start_global(rule, config))
@@ -397,7 +398,9 @@ class Coordinator:
             with self.lock:
                 uploads = {u["client_id"]: u for u in self._uploads(number)}
             order = [c for c in r["selected"] if c in uploads]
+            started = time.perf_counter()
             new_global, statistics = self._combine(number, r, [uploads[c] for c in order])
+            self.on_aggregated(time.perf_counter() - started)
             path, digest = self._write_global(number, new_global)
             with self.lock:
                 with self.store.transaction():
