@@ -145,3 +145,14 @@ def test_init_adapter_is_checked_against_the_run(tiny_bert_dir, labels_file, tmp
     with pytest.raises(UserError, match="has no classification head"):
         build(serve_args(tiny_bert_dir, labels_file, tmp_path / "headless.safetensors") + ["--head-init", "none"])
     assert build(serve_args(tiny_bert_dir, labels_file, tmp_path / "headless.safetensors")).head_init == "lda"
+
+
+def test_a_state_dir_is_bound_to_its_init_adapter(tiny_bert_dir, labels_file, tmp_path):
+    from server_stub.app import build_coordinator
+
+    peft_adapter(tiny_bert_dir, tmp_path / "a", r=4, alpha=8, seed=1)
+    peft_adapter(tiny_bert_dir, tmp_path / "b", r=4, alpha=8, seed=2)
+    build_coordinator(build(serve_args(tiny_bert_dir, labels_file, tmp_path / "a")), tmp_path / "state").store.close()
+    build_coordinator(build(serve_args(tiny_bert_dir, labels_file, tmp_path / "a")), tmp_path / "state").store.close()
+    with pytest.raises(UserError, match="belongs to another run .*init_adapter"):
+        build_coordinator(build(serve_args(tiny_bert_dir, labels_file, tmp_path / "b")), tmp_path / "state")
