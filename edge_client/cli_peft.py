@@ -1,11 +1,7 @@
-"""Convert adapters between the wire format and Hugging Face PEFT.
-
-  hetlora peft export --adapter global.safetensors --labels labels.json --out peft/
-      a folder that AutoPeftModelForSequenceClassification / ForCausalLM.from_pretrained(folder) loads
-  hetlora peft import --peft my-adapter/ --out start.safetensors
-      a PEFT LoRA adapter (any r and lora_alpha) as a wire adapter; `hetlora serve --init-adapter`
-      takes the PEFT folder or this file as the run's starting global
-"""
+"""Convert adapters between the wire format and Hugging Face PEFT. `export` writes a folder that
+AutoPeftModelForSequenceClassification / ForCausalLM.from_pretrained(folder) loads on its own; `import` reads a
+PEFT LoRA adapter (any r and lora_alpha) into the wire format (`hetlora serve --init-adapter` also takes the
+PEFT folder directly)."""
 
 from __future__ import annotations
 
