@@ -138,7 +138,7 @@ class EdgeClient:
 
     def _prepare(self, run: dict) -> None:
         """Load the trainer after checking the local model agrees with the server's spec."""
-        from edge_client.backends import make_trainer, resolve_optimizer
+        from edge_client.backends import make_trainer, optimizer_settings
         from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
 
@@ -154,7 +154,7 @@ class EdgeClient:
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
-        self.overrides["optimizer"] = resolve_optimizer(self.options.optimizer, self.trainer)
+        self.overrides.update(optimizer_settings(self.options.optimizer, self.trainer))
 
     def _refresh_rank(self) -> dict:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round.

@@ -39,7 +39,7 @@ class TorchTrainer:
     """A frozen base model with LoRA layers, kept in memory across rounds of one client."""
 
     backend = "torch"
-    optimizer = None  # any TrainConfig.optimizer (artifact trainers have the one they were exported with)
+    exported_optimizer = None  # any optimiser (artifact trainers train with what they were exported with)
 
     def __init__(self, model_dir, task: str, labels: list[str] | None = None, targets=None, lora_alpha: float = 16.0,
                  pooling: str | None = None):

@@ -206,18 +206,19 @@ def test_user_errors(setup):
 
 @pytest.mark.parametrize("backend", ["onnx", "executorch"])
 def test_artifact_trainers_optimizer_and_head_statistics(setup, backend):
-    """The manifest decides the optimiser (resolve_optimizer refuses another one); round-0 statistics equal
-    the torch trainer's."""
-    from edge_client.backends import resolve_optimizer
+    """The manifest decides the optimiser and a baked-in weight decay (optimizer_settings refuses another
+    optimiser); round-0 statistics equal the torch trainer's."""
+    from edge_client.backends import optimizer_settings
 
     task = setup[0]
     reference, trainer = trainers(setup, backend)
-    fixed = {"onnx": "adamw", "executorch": "sgd"}[backend]
-    assert trainer.optimizer == fixed and resolve_optimizer(None, trainer) == fixed == resolve_optimizer(fixed, trainer)
-    other = {"adamw": "sgd", "sgd": "adamw"}[fixed]
+    fixed = {"onnx": {"optimizer": "adamw", "weight_decay": 0.0}, "executorch": {"optimizer": "sgd"}}[backend]
+    assert optimizer_settings(None, trainer) == fixed == optimizer_settings(fixed["optimizer"], trainer)
+    other = {"adamw": "sgd", "sgd": "adamw"}[fixed["optimizer"]]
     with pytest.raises(UserError, match=f"--optimizer {other}: the {backend} artifacts were exported to train with"):
-        resolve_optimizer(other, trainer)
-    assert resolve_optimizer(None, reference) == "adamw" and resolve_optimizer("sgd", reference) == "sgd"
+        optimizer_settings(other, trainer)
+    assert optimizer_settings(None, reference) == {"optimizer": "adamw"}
+    assert optimizer_settings("sgd", reference) == {"optimizer": "sgd"}
     if task != "classification":
         with pytest.raises(UserError, match="classification runs only"):
             trainer.head_statistics(examples_for(task), 12)

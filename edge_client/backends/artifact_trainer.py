@@ -64,7 +64,7 @@ class ArtifactTrainer:
         self.model_dir, self.task, self.labels, self.pooling = model_dir, task, labels, pooling
         self.lora_alpha = float(lora_alpha)
         self.manifest = load_manifest(artifacts_dir)
-        self.optimizer = self.manifest.optimizer(self.backend)  # what the artifacts train with; rounds must agree
+        self.exported_optimizer = self.manifest.optimizer(self.backend)  # what the artifacts train with
         self.manifest.check_compatible(model_hash=model_hash(model_dir), task=task, targets=targets,
                                        lora_alpha=self.lora_alpha)
         if labels and int(self.manifest.doc.get("num_labels") or 0) != len(labels):
