@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from hetlora.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> dict:
     from edge_client.data import read_labels
-    from edge_client.models import default_model_dir
+    from edge_client.models import default_model_dir, default_pooling
     from edge_client.peft_export import export_peft
     from edge_client.wire import decode
 
@@ -53,8 +56,13 @@ def export(args: argparse.Namespace) -> dict:
         raise UserError(f"adapter file {path} does not exist")
     adapter = decode(path.read_bytes())
     labels = read_labels(args.labels) if args.labels else adapter.meta.get("labels")
-    out = export_peft(adapter, args.out, model_dir=args.model or default_model_dir(), task=args.task, labels=labels,
-                      base_path=args.base_path)
+    model_dir = args.model or default_model_dir()
+    out = export_peft(adapter, args.out, model_dir=model_dir, task=args.task, labels=labels, base_path=args.base_path)
+    pooling = default_pooling(model_dir, args.task)
+    if pooling not in (None, "native"):
+        log.warning("this adapter was trained with %s pooling; AutoPeftModelForSequenceClassification builds the "
+                    "model type's own pooling, so its logits differ: load it onto hetlora's model "
+                    "(edge_client.models.load_task_model) with PeftModel.from_pretrained", pooling)
     return _summary(out, adapter)
 
 

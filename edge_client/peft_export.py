@@ -5,13 +5,14 @@ The folder holds the adapter (edge_client.peft_format), the tokenizer, and for c
 `config.json` that records `num_labels`, `id2label` and `label2id`, since transformers builds the
 head from the base config. `base_model_name_or_path` is the path the user gives (`base_path`),
 by default `<out>/base` (classification) or the base model folder (causal LM) exactly as given,
-never resolved to an absolute path.
+never resolved to an absolute path. Transformers' Auto classes build the model type's own pooling:
+for a mean-pooling model (edge_client.pooling) load the adapter onto edge_client.models.load_task_model
+with PeftModel.from_pretrained instead.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,6 @@ from edge_client.peft_format import save_peft
 from edge_client.wire import Adapter
 from hetlora.errors import UserError
 
-log = logging.getLogger(__name__)
 BASE = "base"
 
 
@@ -54,7 +54,6 @@ def export_peft(adapter: Adapter, out: str | os.PathLike, *, model_dir: str | os
                 labels: list[str] | None = None, base_path: str | None = None) -> Path:
     """Write the PEFT folder `out` for `adapter` (wire form) trained on `model_dir`; returns `out`."""
     from edge_client.data import load_tokenizer
-    from edge_client.models import default_pooling
 
     out = Path(out)
     if task == "classification":
@@ -65,12 +64,7 @@ def export_peft(adapter: Adapter, out: str | os.PathLike, *, model_dir: str | os
         if not labels or len(labels) != heads[0].shape[0]:
             raise UserError(f"the head has {heads[0].shape[0]} classes: pass the run's label list (--labels FILE)")
         write_labelled_base(Path(model_dir), out, list(labels))
-        default_base = str(Path(str(out)) / BASE)
-        pooling = default_pooling(model_dir, task)
-        if pooling != "native":
-            log.warning("this adapter was trained with %s pooling; AutoPeftModelForSequenceClassification builds the "
-                        "model type's own pooling, so its logits differ: load the adapter onto hetlora's model "
-                        "(edge_client.models.load_task_model) with PeftModel.from_pretrained instead", pooling)
+        default_base = str(out / BASE)
     else:
         default_base = str(model_dir)
     save_peft(adapter, out, task, base_model=base_path or default_base)

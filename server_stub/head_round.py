@@ -55,7 +55,7 @@ def check_statistics(config, client_id: str, body: bytes) -> HeadStatistics:
 
 
 def initial_global(rule, config, statistics: list[HeadStatistics]) -> tuple[Adapter, dict]:
-    """Global version 0: the starting factors (server_stub.init_adapter) and the closed-form head; plus summary numbers."""
+    """Global version 0: the starting factors (server_stub.init_adapter), the closed-form head, summary numbers."""
     weight_name, bias_name, _, _ = head_shapes(config.spec)
     pooled = pool(statistics)
     weight, bias, used = safe_class_head(pooled, config.head_init, shrinkage=config.head_shrinkage,

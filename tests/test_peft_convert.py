@@ -156,3 +156,16 @@ def test_a_state_dir_is_bound_to_its_init_adapter(tiny_bert_dir, labels_file, tm
     build_coordinator(build(serve_args(tiny_bert_dir, labels_file, tmp_path / "a")), tmp_path / "state").store.close()
     with pytest.raises(UserError, match="belongs to another run .*init_adapter"):
         build_coordinator(build(serve_args(tiny_bert_dir, labels_file, tmp_path / "b")), tmp_path / "state")
+
+
+def test_export_of_a_mean_pooling_model_warns_about_auto_classes(tiny_mean_bert_dir, labels_file, tmp_path, caplog):
+    adapter = random_adapter(derive_spec(tiny_mean_bert_dir, "classification", num_labels=3), rank=2, seed=9)
+    (tmp_path / "g.safetensors").write_bytes(encode(adapter))
+    assert main(["peft", "export", "--adapter", str(tmp_path / "g.safetensors"), "--model", str(tiny_mean_bert_dir),
+                 "--labels", str(labels_file), "--out", str(tmp_path / "peft")]) == 0
+    assert "trained with mean pooling" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["peft", "export", "--adapter", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "x"),
+              "--model", str(tiny_mean_bert_dir), "--task", "regression"])
+    assert main(["peft", "export", "--adapter", str(tmp_path / "g.safetensors"), "--model", str(tiny_mean_bert_dir),
+                 "--out", str(tmp_path / "nolabels")]) == 2
