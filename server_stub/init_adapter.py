@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.wire import Adapter, WireFormatError, decode, encode, validate
+from edge_client.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, validate
 from hetlora.errors import UserError
 
 
@@ -51,8 +51,16 @@ def check_init_adapter(adapter: Adapter, spec, global_rank: int, head_round: boo
 
 
 def init_digest(adapter: Adapter) -> str:
-    """sha256 of the adapter's tensors in the wire format (what a state dir is bound to)."""
-    return hashlib.sha256(encode(Adapter(lora=adapter.lora, dense=adapter.dense))).hexdigest()
+    """sha256 over the adapter's tensors (name, shape, float32 bytes) in name order: what a state dir is bound to.
+    Not over encode()'s bytes, whose header order is not fixed."""
+    h = hashlib.sha256()
+    tensors = {n + LORA_A: a for n, (a, _) in adapter.lora.items()} | \
+        {n + LORA_B: b for n, (_, b) in adapter.lora.items()} | adapter.dense
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name], np.float32)
+        h.update(f"{name}:{t.shape};".encode())
+        h.update(t.tobytes())
+    return h.hexdigest()
 
 
 def start_global(rule, config) -> Adapter:
