@@ -22,8 +22,10 @@ import time
 
 import numpy as np
 
-from edge_client.spec import AdapterSpec, LoRAModule
-from edge_client.wire import Adapter
+from hetlora.protocol.plan import Tier
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.spec import AdapterSpec, LoRAModule
+from hetlora.protocol.wire import Adapter
 from server_stub.aggregation import RULES, ClientResult, make_rule
 
 GLOBAL_RANK = 64
@@ -57,7 +59,8 @@ def make_round(rule, spec: AdapterSpec, ranks: list[int], rng: np.random.Generat
         lora = {name: (rng.normal(scale=m.in_features ** -0.5, size=(rank, m.in_features)).astype(np.float32),
                        rng.normal(scale=0.01, size=(m.out_features, rank)).astype(np.float32))
                 for name, m in spec.modules.items()}
-        indices = rule.assign_indices(global_rank=GLOBAL_RANK, rank=rank, round_number=1, client_id=f"c{k}", seed=0)
+        indices = rule.configure(round_number=1, client_key=f"c{k}", tier=Tier(rank), global_rank=GLOBAL_RANK, seed=0,
+                                 training=TrainingSettings()).indices
         results.append(ClientResult(Adapter(lora=lora), int(rng.integers(50, 500)), indices))
     return global_, results
 

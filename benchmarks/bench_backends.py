@@ -32,7 +32,7 @@ def worker(backend: str, rank: int, out: Path, steps: int) -> dict:
     from edge_client.backends.artifacts import load_manifest
     from edge_client.lora import lora_scale
     from edge_client.models import default_model_dir
-    from edge_client.train_config import TrainConfig
+    from hetlora.protocol.settings import TrainingSettings
 
     manifest = load_manifest(out)
     b, t = manifest.batch, manifest.seq_len
@@ -42,7 +42,7 @@ def worker(backend: str, rank: int, out: Path, steps: int) -> dict:
     inputs = [ids, np.ones((b, t), np.int64), rng.integers(0, NUM_LABELS, b).astype(np.int64),
               np.ones(rank, np.float32), np.zeros(rank, np.float32), np.array(0.0, np.float32),
               np.array(lora_scale(manifest.doc["lora_alpha"], rank), np.float32)]
-    cfg = TrainConfig(lr=1e-4, optimizer="sgd" if backend == "executorch" else "adamw")
+    cfg = TrainingSettings(lr=1e-4, optimizer="sgd" if backend == "executorch" else "adamw")
     if backend == "torch":
         import torch
 

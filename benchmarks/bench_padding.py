@@ -1,5 +1,5 @@
 """Real (non-pad) tokens per second of the torch backend's local training: uniformly shuffled
-full-width batches vs length-grouped batches trimmed to their longest row (TrainConfig.trim_padding),
+full-width batches vs length-grouped batches trimmed to their longest row (TrainingSettings.trim_padding),
 same seeds, one process,
 rounds interleaved (ratio = median of same-round ratios; the machine is shared and noisy).
 
@@ -32,9 +32,10 @@ def main() -> int:
 
     import torch
 
-    from edge_client.data import load_examples, read_labels
+    from edge_client.data import load_examples
+    from hetlora.labels import read_labels
     from edge_client.models import default_model_dir, derive_spec
-    from edge_client.train_config import TrainConfig
+    from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
     from server_stub.aggregation import make_rule
 
@@ -47,7 +48,7 @@ def main() -> int:
     start = make_rule("hetlora").init_global(derive_spec(model_dir, "classification", num_labels=len(labels)),
                                              args.rank, 0)
     encoded = trainer.encode(examples, args.seq_len)
-    base = TrainConfig(steps=args.steps, batch_size=16, seq_len=args.seq_len, lr=1e-3)
+    base = TrainingSettings(steps=args.steps, batch_size=16, seq_len=args.seq_len, lr=1e-3)
     seconds = {True: [], False: []}
     tokens, cells = {}, {}
     for repeat in range(args.repeats):

@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from edge_client.demo import DemoConfig, Method, centralized_run, federated_run, prepare_fleet  # noqa: E402
+from simulation.demo import DemoConfig, Method, centralized_run, federated_run, prepare_fleet  # noqa: E402
 
 DATA = REPO / "data" / "banking77"
 METHODS = ("fedavg-rmin", "fedavg-rmax", "hetlora", "hetlora-seg", "hlora", "plora", "head-only", "centralized",
@@ -75,8 +75,8 @@ def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
     from edge_client.training import TorchTrainer
 
     trainer = TorchTrainer(cfg.model_dir, "classification", labels=fleet.labels)
-    train_x, train_y = pooled_features(trainer, fleet.pooled, cfg.seq_len)
-    test_x, test_y = pooled_features(trainer, fleet.test, cfg.seq_len)
+    train_x, train_y = pooled_features(trainer, fleet.pooled, cfg.training.seq_len)
+    test_x, test_y = pooled_features(trainer, fleet.test, cfg.training.seq_len)
     order = np.random.default_rng(seed).permutation(len(train_y))
     val, fit = order[: len(order) // 10], order[len(order) // 10:]
     scores = {c: LogisticRegression(C=c, max_iter=2000).fit(train_x[fit], train_y[fit]).score(train_x[val], train_y[val])
@@ -97,7 +97,11 @@ def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.nda
 def run_settings(cfg: DemoConfig, name: str) -> dict:
     """What a run's result depends on: every setting but the output folder, the data files by content
     (so a run stored from another checkout still counts), and the method."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "test", "labels")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "test", "labels", "training")}
+    t = cfg.training  # flat, under the names runs were stored with before DemoConfig carried TrainingSettings
+    settings |= {"local_steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr,
+                 "head_lr": t.head_lr, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
+                 "prune_lambda": t.prune_lambda}
     files = {k: hashlib.sha256(Path(getattr(cfg, k)).read_bytes()).hexdigest() for k in ("data", "test", "labels")}
     return json.loads(json.dumps({**settings, **files, "method": name}, default=str))
 

@@ -23,10 +23,11 @@ import httpx
 import numpy as np
 
 from edge_client.models import default_model_dir, derive_spec
-from edge_client.wire import Adapter, encode
+from hetlora.protocol.wire import Adapter, encode
 from server_stub.background import serve_in_background
 from server_stub.cli import BANKING77_LABELS
-from server_stub.config import ServerConfig, load_labels
+from hetlora.labels import read_labels
+from server_stub.config import ServerConfig
 
 RANKS = (4, 8, 16, 32, 64)
 
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--targets", help="LoRA targets, comma-separated (default: the model type's)")
     args = parser.parse_args()
-    labels = load_labels(BANKING77_LABELS)
+    labels = read_labels(BANKING77_LABELS)
     targets = tuple(args.targets.split(",")) if args.targets else None
     spec = derive_spec(default_model_dir(), "classification", targets, num_labels=len(labels))
     print(f"all-MiniLM-L6-v2, {len(spec.modules)} LoRA modules, {len(labels)} labels, K = {args.clients}, "

@@ -32,7 +32,7 @@ def _setup(rank: int):
 
     from edge_client.data import load_examples
     from edge_client.models import default_model_dir, derive_spec
-    from edge_client.wire import Adapter
+    from hetlora.protocol.wire import Adapter
 
     torch.manual_seed(0)
     model_dir = default_model_dir()
@@ -47,11 +47,11 @@ def _setup(rank: int):
 
 def _ours_step(model_dir, labels, start):
     """The torch backend's own training step (TorchTrainer.stepper), plain mode."""
-    from edge_client.train_config import TrainConfig
+    from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
 
     trainer = TorchTrainer(model_dir, "classification", labels, lora_alpha=16)
-    return trainer.stepper(start, TrainConfig(batch_size=BATCH, seq_len=SEQ, lr=LR))
+    return trainer.stepper(start, TrainingSettings(batch_size=BATCH, seq_len=SEQ, lr=LR))
 
 
 def _peft_step(model_dir, labels, rank):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from hetlora.errors import ServerProblem
 
-AGGREGATORS = ("fedavg", "hetlora", "hlora", "plora")
 RUN_FIELDS = {"task": str, "targets": list, "spec_fingerprint": str, "aggregator": str, "ranks": list,
               "lora_alpha": (int, float)}
 REGISTER_FIELDS = {"client_id": str, "token": str, "rank": int, "run": dict}
@@ -47,9 +46,6 @@ def require(body: dict, fields: dict, what: str) -> dict:
 def check_run(run: dict, what: str = "run config") -> dict:
     """The run config's fields the client uses (section 5, `GET /v1/run`)."""
     require(run, RUN_FIELDS, what)
-    if run["aggregator"] not in AGGREGATORS:
-        raise BadServerAnswer(f"{what}: unknown aggregator {run['aggregator']!r}; this client knows "
-                              f"{', '.join(AGGREGATORS)}")
     if not run["ranks"] or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in run["ranks"]):
         raise BadServerAnswer(f"{what}: 'ranks' must be a non-empty list of positive integers, got {run['ranks']!r}")
     labels = run.get("labels")

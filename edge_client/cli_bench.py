@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from hetlora.argtypes import positive_int_list
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.bench")
@@ -23,18 +24,8 @@ QUICK = {"steps": 4, "min_seconds": 1.5, "warmup": 1, "repetitions": 2, "idle_se
 DEFAULT_SHAPE = (16, 64)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ranks", type=_int_list, default=(4, 8, 16, 32, 64), help="LoRA ranks (default 4,8,16,32,64)")
+    parser.add_argument("--ranks", type=positive_int_list, default=(4, 8, 16, 32, 64), help="LoRA ranks (default 4,8,16,32,64)")
     parser.add_argument("--backends", default="torch,onnx,executorch",
                         help="comma-separated: torch, onnx, executorch (default all; unavailable ones are skipped)")
     parser.add_argument("--model", metavar="DIR", help="model folder (default: all-MiniLM-L6-v2)")
@@ -146,7 +137,24 @@ def run(args) -> int:
         r, batch=settings.batch, seq_len=settings.seq_len, peak_gflops=peak["value"],
         flops_per_step=cost.training_step_flops(shape, spec, r.computed_rank, settings.batch, settings.seq_len),
         upload_bytes=cost.rank_upload_bytes(spec, r.rank)) for r in runs]
-    doc = {
+    model = {"dir": str(model_dir), "model_type": model_type(model_dir), "targets": list(targets),
+             "num_labels": num_labels, "lora_alpha": lora_alpha, "model_hash": spec.model_hash}
+    doc = _report_doc(args, settings, idle_s, model, peak, meter, profile) | {"cells": cells, "skipped": skipped}
+    doc["plots"] = report.write_plots(out, cells)
+    report.write_csv(out / "bench.csv", cells)
+    report.write_json(out / "bench.json", doc)
+    print(json.dumps(doc, indent=2, default=str) if args.json else report.table(doc))
+    if not args.json:
+        print(f"wrote {out / 'bench.json'}, {out / 'bench.csv'} and the PNG plots")
+    return 0
+
+
+def _report_doc(args, settings, idle_s: float, model: dict, peak: dict, meter, profile: dict) -> dict:
+    """bench.json without its cells: when, with which settings, model, peak, energy meter and device profile."""
+    import torch
+    from edge_client.bench import report
+
+    return {
         "schema": report.SCHEMA, "version": report.VERSION,
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "settings": {**settings.__dict__, "quick": args.quick, "idle_seconds": idle_s,
@@ -155,8 +163,7 @@ def run(args) -> int:
                      "torch_optimizer": "adamw", "artifact_optimizer": "as exported (onnx adamw, executorch sgd)",
                      "data": "synthetic full-length rows (every position attended)",
                      "peak_rss": "process RSS high-water over the timed steps (model, runtime and activations)"},
-        "model": {"dir": str(model_dir), "model_type": model_type(model_dir), "targets": list(targets),
-                  "num_labels": num_labels, "lora_alpha": lora_alpha, "model_hash": spec.model_hash},
+        "model": model,
         "artifacts": str(args.artifacts) if args.artifacts else None,
         "flops_formula": "4*P_mm*T + 6*P_lora(r)*T + 12*L*b*s^2*h, T = b*s (edge_client/bench/cost.py)",
         "peak_gflops": peak,
@@ -166,13 +173,4 @@ def run(args) -> int:
                          "model": meter.source.model if meter.source else None,
                          "note": None if meter.source else meter.unavailable_note},
         "profile": profile,
-        "cells": cells,
-        "skipped": skipped,
     }
-    doc["plots"] = report.write_plots(out, cells)
-    report.write_csv(out / "bench.csv", cells)
-    report.write_json(out / "bench.json", doc)
-    print(json.dumps(doc, indent=2, default=str) if args.json else report.table(doc))
-    if not args.json:
-        print(f"wrote {out / 'bench.json'}, {out / 'bench.csv'} and the PNG plots")
-    return 0

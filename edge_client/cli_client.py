@@ -10,10 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
+from edge_client.backends import BACKENDS
 from hetlora.config_file import add_config_option
 from hetlora.errors import UserError
+from hetlora.secret_file import read_secret
 
-BACKENDS = ("torch", "onnx", "executorch", "auto")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,17 +85,6 @@ def read_profile_file(path: str) -> dict:
     if problems:
         raise UserError(f"{path} is not a device profile: {problems[0]}")
     return doc
-
-
-def read_secret(path: str) -> str:
-    """The enrollment secret in a file, surrounding whitespace stripped."""
-    try:
-        secret = Path(path).read_text().strip()
-    except OSError as exc:
-        raise UserError(f"cannot read the enrollment secret file {path}: {exc.strerror}") from None
-    if not secret:
-        raise UserError(f"the enrollment secret file {path} is empty")
-    return secret
 
 
 def run(args: argparse.Namespace) -> int:

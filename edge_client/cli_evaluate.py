@@ -22,11 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_client.data import load_examples, read_labels
+    from edge_client.data import load_examples
+    from hetlora.labels import read_labels
     from edge_client.evaluate import Evaluator
     from edge_client.model_check import check_head
     from edge_client.models import default_model_dir
-    from edge_client.wire import decode
+    from hetlora.protocol.wire import decode
     from hetlora.errors import UserError
 
     path = Path(args.adapter)

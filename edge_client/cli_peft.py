@@ -49,7 +49,7 @@ def export(args: argparse.Namespace) -> dict:
     from edge_client.data import read_labels
     from edge_client.models import default_model_dir, default_pooling
     from edge_client.peft_export import export_peft
-    from edge_client.wire import decode
+    from hetlora.protocol.wire import decode
 
     path = Path(args.adapter)
     if not path.is_file():
@@ -67,9 +67,9 @@ def export(args: argparse.Namespace) -> dict:
 
 
 def import_(args: argparse.Namespace) -> dict:
-    from edge_client.atomic import write_bytes
-    from edge_client.peft_format import load_peft
-    from edge_client.wire import encode
+    from hetlora.protocol.atomic import write_bytes
+    from hetlora.protocol.peft_format import load_peft
+    from hetlora.protocol.wire import encode
 
     adapter = load_peft(args.peft)
     write_bytes(Path(args.out), encode(adapter))

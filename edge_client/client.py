@@ -11,21 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir
 from edge_client.server_api import ServerAPI, ServerError
-from edge_client.train_config import TrainConfig
-from edge_client.wire import WireFormatError, decode, encode, validate
+from edge_client.train_config import RoundResult
+from hetlora.protocol.plan import ClientPlan
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.wire import WireFormatError, decode, encode, validate
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.client")
-
-# The local training mode each aggregation rule needs.
-MODE_FOR_AGGREGATOR = {"hetlora": "hetlora", "plora": "plora", "hlora": "plain", "fedavg": "plain"}
-
 
 @dataclass
 class ClientOptions:
@@ -42,24 +40,28 @@ class ClientOptions:
     max_rounds: int | None = None  # stop after this many local rounds (the next run resumes)
     poll_seconds: float | None = None  # None: the server's hint
     progress: bool = True
-    train_overrides: dict | None = None  # TrainConfig fields that override the server's hints
+    train_overrides: dict | None = None  # TrainingSettings fields that override the plan's settings
     give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
     enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
     ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
     optimizer: str | None = None  # None: the artifacts' own, adamw for the torch backend
 
 
-def train_config(run: dict, overrides: dict | None, seed: int) -> TrainConfig:
-    """TrainConfig from the server's training hints, then the client's own overrides."""
-    hints = dict(run.get("training") or {})
-    fields = {
-        "steps": hints.get("local_steps"), "batch_size": hints.get("batch_size"), "seq_len": hints.get("seq_len"),
-        "lr": hints.get("lr"), "head_lr": hints.get("head_lr"), "schedule": hints.get("schedule"),
-        "warmup_steps": hints.get("warmup_steps"), "prune_gamma": hints.get("prune_gamma"),
-        "prune_lambda": hints.get("prune_lambda"), "min_rank": hints.get("min_rank"), "lora_alpha": run.get("lora_alpha"),
-    }
-    cfg = replace(TrainConfig(seed=seed), **{k: v for k, v in fields.items() if v is not None})
-    return replace(cfg, **(overrides or {}))
+def plan_of(current: dict) -> ClientPlan:
+    """The plan in a `GET /v1/round` answer for a selected client (BadServerAnswer when it is not one)."""
+    try:
+        return ClientPlan.from_json(current.get("plan"))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadServerAnswer(f"round {current.get('round')}: the server's plan is not valid: {exc}") from None
+
+
+def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
+    """The update's wire metadata (docs/PROTOCOL.md section 1), built here and nowhere else: the plan's round,
+    rank and indices, the client, what the round produced (effective rank after pruning, samples, losses)."""
+    meta = {"round": plan.round, "client_id": client_id, "rank": plan.rank, "effective_rank": result.rank_after,
+            "n_samples": result.n_samples, "mode": plan.mode, "loss_before": result.loss_before,
+            "loss_after": result.loss_after}
+    return meta | ({"indices": list(plan.indices)} if plan.indices is not None else {})
 
 
 class EdgeClient:
@@ -78,7 +80,7 @@ class EdgeClient:
         self.trainer = None
         self.examples = None
         self.spec = None
-        self.overrides = dict(options.train_overrides or {})  # TrainConfig fields over the server's hints
+        self.overrides = dict(options.train_overrides or {})  # TrainingSettings fields over the plan
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -90,7 +92,6 @@ class EdgeClient:
         self._prepare(run)  # model, data and backend load first: a client that cannot train never registers
         self._register(run)
         run = self.state.run
-        mode = MODE_FOR_AGGREGATOR[run["aggregator"]]
         poll = self.options.poll_seconds or float(run.get("poll_seconds", 1.0))
         done = 0
         waiting_logged = None
@@ -107,7 +108,7 @@ class EdgeClient:
                     waiting_logged = (number, current["state"])
                 time.sleep(poll)
                 continue
-            if self._round(current, run, mode):
+            if self._round(current, run):
                 done += 1
         log.info("stopping after %d local rounds (--max-rounds); restart to continue", done)
         return 0
@@ -156,29 +157,28 @@ class EdgeClient:
                                     artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
         self.overrides.update(optimizer_settings(self.options.optimizer, self.trainer))
 
-    def _refresh_rank(self) -> dict:
-        """Re-profile (quick) before training and tell the server; the reply is the rank for the next round.
-        Returns the fresh profile."""
-        profile = self.profile_source()
+    def _refresh_rank(self) -> None:
+        """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""
         try:
-            reply = self.api.report_profile(profile)
+            reply = self.api.report_profile(self.profile_source())
         except ServerError as exc:
             log.warning("profile report rejected: %s", exc)
-            return profile
+            return
         if reply.get("rank") != self.state.rank:
             log.info("server moved this device from rank %s to %s for later rounds", self.state.rank, reply.get("rank"))
             self.state.rank = reply.get("rank")
             self.state_dir.save(self.state)
-        return profile
 
-    def _round(self, current: dict, run: dict, mode: str) -> bool:
-        """One round: returns True when an update was accepted."""
+    def _round(self, current: dict, run: dict) -> bool:
+        """One round, as the server's plan for it says: returns True when an update was accepted."""
         number = current["round"]
+        plan = plan_of(current)
+        cfg = plan.training.updated(self.overrides)
         pending = self.state_dir.pending(number)
-        if pending is None and current.get("stage") == "head":
-            pending, summary, elapsed = self._head_statistics(number, run)
+        if pending is None and plan.mode == "head-statistics":
+            pending, summary, elapsed = self._head_statistics(number, cfg)
         elif pending is None:
-            profile = self._refresh_rank()
+            self._refresh_rank()
             t0 = time.perf_counter()
             try:
                 raw = self.api.download_adapter(number)
@@ -188,14 +188,12 @@ class EdgeClient:
                     return False
                 raise
             start = self._checked_download(raw, number, run)
-            seed = current.get("seed", _seed(self.state.client_id, number))
-            cfg = within_tier(train_config(run, self.overrides, seed=seed), profile, current["rank"])
-            log.info("round %d: training at rank %d (%d steps, batch %d, seq %d, %s lr %g)", number, current["rank"],
-                     cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr)
-            result = self.trainer.train_round(start, self.examples, cfg, rank=current["rank"],
-                                              indices=current.get("indices"), mode=mode,
-                                              on_step=self._progress(number, cfg))
-            result.adapter.meta.update(round=number, client_id=self.state.client_id, rank=current["rank"])
+            log.info("round %d: training %s at rank %d (%d steps, batch %d, seq %d, %s lr %g)", number, plan.mode,
+                     plan.rank, cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr)
+            result = self.trainer.train_round(start, self.examples, cfg, rank=plan.rank,
+                                              indices=list(plan.indices) if plan.indices is not None else None,
+                                              mode=plan.mode, on_step=self._progress(number, cfg))
+            result.adapter.meta = upload_meta(plan, self.state.client_id, result)
             pending = encode(result.adapter)
             self.state_dir.save_pending(pending)
             summary = (f"rank {result.rank_before}" + (f" -> {result.rank_after} (pruned)" if result.rank_after !=
@@ -225,12 +223,11 @@ class EdgeClient:
         log.info("round %d: %s, %d B up, %.1f s", number, summary, len(pending), elapsed)
         return True
 
-    def _head_statistics(self, number: int, run: dict) -> tuple[bytes, str, float]:
+    def _head_statistics(self, number: int, cfg: TrainingSettings) -> tuple[bytes, str, float]:
         """Round 0: per-class feature statistics of the local data under the frozen base model, saved as pending."""
-        from edge_client.head_stats import encode_statistics
+        from hetlora.protocol.head_stats import encode_statistics
 
         t0 = time.perf_counter()
-        cfg = train_config(run, self.overrides, seed=0)
         stats = self.trainer.head_statistics(self.examples, cfg.seq_len)
         stats.meta = {"round": number, "client_id": self.state.client_id, "n_samples": stats.n_samples}
         pending = encode_statistics(stats)
@@ -253,7 +250,7 @@ class EdgeClient:
         self.state_dir.save(self.state)
         self.state_dir.clear_pending()
 
-    def _progress(self, number: int, cfg: TrainConfig):
+    def _progress(self, number: int, cfg: TrainingSettings):
         if not self.options.progress:
             return None
         from tqdm import tqdm
@@ -267,31 +264,3 @@ class EdgeClient:
                 bar.close()
 
         return on_step
-
-
-def within_tier(cfg: TrainConfig, profile: dict, rank: int) -> TrainConfig:
-    """Cap batch size and sequence length at what this device's tier implies (profiles/tiers.json), so a
-    device the policy sized for a small batch never trains with the run's larger one."""
-    if not isinstance(profile, dict) or profile.get("schema") != "hetlora-profile":
-        return cfg
-    from profiles.policy import decide_tier
-
-    try:
-        decision = decide_tier(profile, {"rank": rank})
-    except UserError as exc:
-        log.warning("tier limits not applied: %s", exc)
-        return cfg
-    if decision.rank == 0:
-        return cfg
-    capped = replace(cfg, batch_size=min(cfg.batch_size, decision.batch_size),
-                     seq_len=min(cfg.seq_len, decision.seq_len))
-    if capped != cfg:
-        log.info("tier %s limits training to batch %d, seq %d", decision.tier, capped.batch_size, capped.seq_len)
-    return capped
-
-
-def _seed(client_id: str, round_number: int) -> int:
-    """A per-client, per-round seed: reproducible, different across clients."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{client_id}/{round_number}".encode()).digest()[:4], "little")

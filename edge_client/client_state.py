@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge_client import atomic
-from edge_client.wire import WireFormatError, read_header
+from hetlora.protocol import atomic
+from hetlora.protocol.wire import WireFormatError, read_header
 from hetlora.errors import UserError
 
 STATE_FILE = "state.json"
@@ -85,8 +85,3 @@ class StateDir:
 
     def clear_pending(self) -> None:
         (self.path / PENDING_FILE).unlink(missing_ok=True)
-
-    def save_global(self, data: bytes) -> Path:
-        path = self.path / "global.safetensors"
-        atomic.write_bytes(path, data)
-        return path

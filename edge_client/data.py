@@ -115,26 +115,6 @@ def _require_column(columns: list[str], name: str, path, flag: str) -> None:
         raise UserError(f"{path} has no column {name!r} (columns: {columns}); pass {flag} NAME")
 
 
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """A label list from a JSON array file or a text file with one label per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"label file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            labels = [str(x) for x in json.loads(text)]
-        except json.JSONDecodeError as exc:
-            raise UserError(f"label file {path} is not a valid JSON array: {exc.msg}") from None
-    else:
-        labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if not labels:
-        raise UserError(f"label file {path} lists no labels")
-    if len(set(labels)) != len(labels):
-        raise UserError(f"label file {path} lists a label twice")
-    return labels
-
-
 def load_examples(path, task: str, labels: list[str] | None = None, *, text_column: str = "text",
                   label_column: str | None = None) -> Examples:
     """Read a data file into Examples; classification labels map through `labels` (the server's list)."""

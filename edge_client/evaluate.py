@@ -14,7 +14,7 @@ import torch
 from edge_client.data import Examples, encode, load_tokenizer, trimmed_batches
 from edge_client.models import dense_parameter_names, load_task_model
 from edge_client.objective import loss_sum_and_count
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edge_client.data import Encoded, trimmed_batches
-from edge_client.head_stats import HeadStatistics
+from hetlora.protocol.head_stats import HeadStatistics
 from edge_client.pooling import head_module
 
 
@@ -40,7 +40,7 @@ def pooled_features(model: torch.nn.Module, dense_names, encoded: Encoded, batch
 
 def feature_statistics(model: torch.nn.Module, dense_names, encoded: Encoded, num_labels: int,
                        batch_size: int = 64) -> HeadStatistics:
-    """S_c, n_c and G (edge_client.head_stats) of `encoded` under `model` in eval mode."""
+    """S_c, n_c and G (hetlora.protocol.head_stats) of `encoded` under `model` in eval mode."""
     features = pooled_features(model, dense_names, encoded, batch_size)
     labels = np.asarray(encoded.labels, dtype=np.int64)
     sums = np.zeros((num_labels, features.shape[1]))

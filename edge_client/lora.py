@@ -16,12 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edge_client.wire import Adapter
-
-
-def lora_scale(alpha: float, rank: int) -> float:
-    """Training scale: alpha / rank rounded to the nearest power of two (exact to fold)."""
-    return float(2.0 ** round(math.log2(alpha / rank)))
+from hetlora.protocol.lora_rules import lora_scale
+from hetlora.protocol.wire import Adapter
 
 
 class LoRALinear(nn.Module):
@@ -51,10 +47,6 @@ class LoRALinear(nn.Module):
         if self.keep_mask is not None:
             z = z * self.keep_mask
         return self.base(x) + F.linear(z, self.lora_B)
-
-    def delta_weight(self) -> torch.Tensor:
-        """Dense dW = s * B @ A (for tests and folding; never used in training)."""
-        return (self.lora_B * self.scale) @ self.lora_A
 
     def resize(self, rank: int, scale: float) -> None:
         """Set a new rank (zeros) and scale; call before loading factors of that rank."""

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from edge_client.lora import matches_target  # noqa: E402
-from edge_client.spec import AdapterSpec, LoRAModule  # noqa: E402
+from hetlora.protocol.spec import AdapterSpec, LoRAModule  # noqa: E402
 from hetlora.errors import UserError  # noqa: E402
 
 TASKS = ("classification", "causal-lm")

@@ -1,4 +1,4 @@
-"""The local training objective and the HetLoRA pruning rule, shared by every training backend.
+"""The local training objective, shared by every training backend (the pruning rule: hetlora.protocol.lora_rules).
 
 Batch labels use -100 for "no target" (prompt tokens, padding, filler rows of a last partial
 batch). Causal-LM labels are aligned with `input_ids` (not shifted); the loss shifts them, as
@@ -7,7 +7,6 @@ transformers does: the logits at position t predict the label at t + 1.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,7 +28,7 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.T
 
 def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the non-IGNORE targets and their number (for exact means over many batches)."""
-    from torch.nn import functional as F  # torch stays out of imports of IGNORE and the pruning rule
+    from torch.nn import functional as F  # torch stays out of imports of IGNORE
 
     if task == "causal-lm":
         logits, labels = logits[:, :-1, :], labels[:, 1:]
@@ -37,14 +36,3 @@ def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor, task: str) ->
     flat_labels = labels.reshape(-1)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum")
     return total, (flat_labels != IGNORE).sum()
-
-
-def pruned_rank(rank: int, gamma: float, min_rank: int) -> int:
-    """HetLoRA's rank after pruning: max(min_rank, floor(gamma * rank)), never above `rank`."""
-    return min(rank, max(min_rank, math.floor(gamma * rank)))
-
-
-def should_prune(rank: int, *, prune_lambda: float, gamma: float, min_rank: int,
-                 tail_before: float, tail_after: float) -> bool:
-    """Prune when the regulariser is on, the tail term fell during the round and the rule lowers the rank."""
-    return prune_lambda > 0 and tail_after < tail_before and pruned_rank(rank, gamma, min_rank) < rank

@@ -1,6 +1,6 @@
 """A PEFT export that `AutoPeftModelFor...from_pretrained(folder)` loads with no further arguments.
 
-The folder holds the adapter (edge_client.peft_format), the tokenizer, and for classification a
+The folder holds the adapter (hetlora.protocol.peft_format), the tokenizer, and for classification a
 `base/` folder: the base model's files (hard links, copies across file systems) with a
 `config.json` that records `num_labels`, `id2label` and `label2id`, since transformers builds the
 head from the base config. `base_model_name_or_path` is the path the user gives (`base_path`),
@@ -17,8 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from edge_client.peft_format import save_peft
-from edge_client.wire import Adapter
+from hetlora.protocol.peft_format import save_peft
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 BASE = "base"

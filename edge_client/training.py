@@ -20,15 +20,17 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from edge_client import adapter_ops
+from hetlora.protocol import adapter_ops
 from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches
 from edge_client.head_features import feature_statistics
-from edge_client.head_stats import HeadStatistics
+from hetlora.protocol.head_stats import HeadStatistics
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
-from edge_client.objective import batch_loss, loss_sum_and_count, pruned_rank, should_prune
-from edge_client.train_config import RoundResult, TrainConfig
-from edge_client.wire import Adapter
+from edge_client.objective import batch_loss, loss_sum_and_count
+from hetlora.protocol.lora_rules import pruned_rank, should_prune
+from edge_client.train_config import RoundResult
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 MODES = ("plain", "hetlora", "plora")
@@ -57,7 +59,7 @@ class TorchTrainer:
         self._w0: dict[str, torch.Tensor] | None = None
         self.encode = EncodingCache(self.tokenizer)
 
-    def train_round(self, start: Adapter, examples: Examples, cfg: TrainConfig, *, rank: int, indices=None,
+    def train_round(self, start: Adapter, examples: Examples, cfg: TrainingSettings, *, rank: int, indices=None,
                     mode: str = "plain", on_step: Callable[[int, float], None] | None = None) -> RoundResult:
         """Load `start`, train on `examples`, return the adapter to upload (wire form) and the round's numbers."""
         t0 = time.perf_counter()
@@ -70,10 +72,6 @@ class TorchTrainer:
         with self._folded(start, indices) if mode == "plora" else nullcontext():
             result = self._train(work, encoded, cfg, mode, on_step)
         result.n_samples = len(examples)
-        result.adapter.meta.update(rank=result.rank_after, effective_rank=result.rank_after, n_samples=len(examples),
-                                   mode=mode, loss_before=result.loss_before, loss_after=result.loss_after)
-        if mode == "plora":
-            result.adapter.meta["indices"] = [int(i) for i in indices]
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -96,7 +94,7 @@ class TorchTrainer:
             raise UserError(f"the downloaded adapter has rank {start.rank}, below the assigned rank {rank}")
         return adapter_ops.truncate(start, rank) if start.rank > rank else start
 
-    def _train(self, work: Adapter, encoded: Encoded, cfg: TrainConfig, mode: str, on_step) -> RoundResult:
+    def _train(self, work: Adapter, encoded: Encoded, cfg: TrainingSettings, mode: str, on_step) -> RoundResult:
         torch.manual_seed(cfg.seed)
         self._load(work)
         rank = work.rank
@@ -123,14 +121,14 @@ class TorchTrainer:
                            loss_after=self.mean_loss(eval_batches), tail_before=tail_before, tail_after=tail_after,
                            steps=steps, n_samples=len(encoded), seconds=0.0)
 
-    def stepper(self, start: Adapter, cfg: TrainConfig) -> Callable[[dict], float]:
+    def stepper(self, start: Adapter, cfg: TrainingSettings) -> Callable[[dict], float]:
         """Load `start` (wire form) and return `step(batch) -> loss`: one forward, backward and optimizer
         update of plain-mode training, for callers that time single steps (hetlora bench)."""
         torch.manual_seed(cfg.seed)
         self._load(start)
         return self._step_function(cfg, None)
 
-    def _step_function(self, cfg: TrainConfig, mask: torch.Tensor | None) -> Callable[[dict], float]:
+    def _step_function(self, cfg: TrainingSettings, mask: torch.Tensor | None) -> Callable[[dict], float]:
         """Make the LoRA factors and the head trainable and return one optimizer step:
         loss = task loss (+ prune_lambda * tail_penalty when `mask` is given)."""
         factors = [p for layer in lora_layers(self.model).values() for p in (layer.lora_A, layer.lora_B)]
@@ -215,7 +213,7 @@ def evaluation_batches(encoded: Encoded, batch_size: int) -> list[dict]:
     return make_batches(subset, batch_size, seed=0, shuffle=False)
 
 
-def make_optimizer(factors, head, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(factors, head, cfg: TrainingSettings) -> torch.optim.Optimizer:
     """One optimizer, two parameter groups: LoRA factors at `lr`, the dense head at `head_lr` (default `lr`)."""
     groups = [{"params": factors, "lr": cfg.lr}]
     if head:
@@ -227,12 +225,12 @@ def make_optimizer(factors, head, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """The per-step multiplier of every group's lr (TrainConfig.schedule)."""
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainingSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step multiplier of every group's lr (TrainingSettings.schedule)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainingSettings) -> float:
     """Multiplier of the base lr at 0-based `step`: 1 (constant), or linear warm-up then cosine decay to 0."""
     if cfg.schedule == "constant":
         return 1.0

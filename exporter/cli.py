@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_client.data import read_labels
+    from hetlora.labels import read_labels
     from edge_client.models import check_model_dir, default_model_dir
     from exporter.export import ExportRequest, export_all
 

@@ -22,7 +22,7 @@ from hetlora.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server_stub.cli", "run the aggregation server"),
     "client": ("edge_client.cli_client", "run the edge client against a server"),
-    "demo": ("edge_client.cli_demo", "simulate a heterogeneous fleet on loopback (the main job)"),
+    "demo": ("simulation.cli_demo", "simulate a heterogeneous fleet on loopback (the main job)"),
     "partition": ("edge_client.cli_partition", "split a dataset non-IID across clients"),
     "evaluate": ("edge_client.cli_evaluate", "evaluate a global adapter on a test file"),
     "peft": ("edge_client.cli_peft", "convert adapters to and from Hugging Face PEFT"),

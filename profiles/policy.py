@@ -19,6 +19,7 @@ feasible tiers are a prefix of the list:
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +79,12 @@ def load_policy(path: str | Path | None = None) -> dict:
     except json.JSONDecodeError as exc:
         raise UserError(f"the tier policy {path} is not valid JSON: {exc}") from None
     return validate_policy(doc, str(path))
+
+
+@functools.cache
+def packaged_policy() -> dict:
+    """profiles/tiers.json, read and checked once per process (callers must not modify it)."""
+    return load_policy(DEFAULT_POLICY_PATH)
 
 
 def validate_policy(doc, source: str = "policy") -> dict:
@@ -153,7 +160,7 @@ class _Costs:
 def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = None, *, spec=None,
                 policy: dict | None = None, model: ModelShape | None = None) -> TierDecision:
     """The tier for this device (see the module docstring); `spec` an AdapterSpec, `model` its base model shape."""
-    policy = policy if policy is not None else load_policy()
+    policy = policy if policy is not None else packaged_policy()
     profile = _check_profile(profile_doc)
     tiers = tiers_of(policy)
     th = policy["thresholds"]

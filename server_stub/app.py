@@ -12,18 +12,18 @@ from fastapi import Depends, FastAPI, Header, Path as PathParam, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from edge_client.wire import MAX_INT
+from hetlora.protocol.wire import MAX_INT
 from hetlora.errors import UserError
 from server_stub.aggregation import make_rule
 from server_stub.config import ServerConfig
 from server_stub.enrollment import Enrollment
 from server_stub.errors import ApiError
 from server_stub.limits import BodyLimit
-from server_stub.metrics import RejectionCounter, ServerMetrics
+from server_stub.init_adapter import StartsFromAdapter
+from server_stub.metrics import install_metrics
 from server_stub.rounds import Coordinator
 from server_stub.store import Store
 
@@ -55,6 +55,8 @@ def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinato
         rule = make_rule(config.aggregator, **config.rule_options)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if config.init_adapter is not None:
+        rule = StartsFromAdapter(rule, config.init_adapter)
     store = Store(state_dir)
     try:
         store.bind_identity(config.identity())
@@ -72,48 +74,14 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
     coordinator = build_coordinator(config, state_dir)
     enrollment = enrollment or Enrollment()
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        ticker = asyncio.create_task(_tick_forever(coordinator))
-        try:
-            yield
-        finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            coordinator.store.close()
-
     app = FastAPI(title="hetlora-edge aggregation server", version="1",
                   description="Federated LoRA rounds with heterogeneous ranks. Protocol: docs/PROTOCOL.md.",
-                  lifespan=lifespan)
+                  lifespan=_lifespan(coordinator))
     app.state.coordinator = coordinator
     app.add_middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
-    metrics = ServerMetrics(coordinator)
-    app.add_middleware(RejectionCounter, metrics=metrics)  # added last: outermost, sees BodyLimit's 413
+    install_metrics(app, coordinator)  # after BodyLimit: its middleware is outermost and sees the 413s
 
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where or 'body'}: {first.get('msg', 'invalid request')}; see docs/PROTOCOL.md"
-        return JSONResponse({"error": {"code": "bad_request", "message": message}}, status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException):
-        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
-            exc.status_code, "http_error")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def server_bug(_request: Request, exc: Exception):
-        log.error("internal error", exc_info=exc)
-        return JSONResponse({"error": {"code": "internal_error", "message": "internal server error (see the server "
-                                       "log); please report it"}}, status_code=500)
+    _add_error_handlers(app)
 
     def client_id(authorization: str | None = Header(default=None)) -> str:
         return coordinator.authenticate(authorization)
@@ -156,12 +124,52 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
     def status():
         return coordinator.status()
 
-    @app.get("/metrics", summary="Prometheus metrics (text exposition format; server_stub.metrics)",
-             response_class=Response)
-    def prometheus_metrics():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     return app
+
+
+def _lifespan(coordinator: Coordinator):
+    """Run the deadline ticker while the app serves; close the store when it stops."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ticker = asyncio.create_task(_tick_forever(coordinator))
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            coordinator.store.close()
+
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as the JSON body of docs/PROTOCOL.md: {"error": {"code", "message"}}."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where or 'body'}: {first.get('msg', 'invalid request')}; see docs/PROTOCOL.md"
+        return JSONResponse({"error": {"code": "bad_request", "message": message}}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_bug(_request: Request, exc: Exception):
+        log.error("internal error", exc_info=exc)
+        return JSONResponse({"error": {"code": "internal_error", "message": "internal server error (see the server "
+                                       "log); please report it"}}, status_code=500)
 
 
 async def _tick_forever(coordinator: Coordinator) -> None:

@@ -12,23 +12,15 @@ import os
 import socket
 from pathlib import Path
 
+from hetlora.argtypes import positive_int_list
 from hetlora.config_file import add_config_option
 from hetlora.errors import UserError
+from server_stub.aggregation import RULES
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import OPTIMIZERS
 
 log = logging.getLogger("hetlora.server")
 BANKING77_LABELS = Path(__file__).resolve().parents[1] / "data" / "banking77" / "categories.json"
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -48,13 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "wire .safetensors file; it must fit the model, --targets and labels, rank <= --global-rank")
 
     agg = p.add_argument_group("aggregation")
-    agg.add_argument("--aggregator", choices=("fedavg", "hetlora", "hlora", "plora"), default="hetlora")
+    agg.add_argument("--aggregator", choices=RULES, default="hetlora")
     agg.add_argument("--weighting", choices=("sparsity", "sparsity_n", "n"),
                      help="hetlora client weights (default: sparsity)")
     agg.add_argument("--segment-average", action="store_true",
                      help="hetlora: average each rank segment only over the clients that have it")
     agg.add_argument("--hlora-rank", type=int, help="hlora: rank of the global adapter (default: --global-rank)")
-    agg.add_argument("--ranks", type=_int_list, default=(4, 8, 16, 32, 64), help="the rank set (default 4,8,16,32,64)")
+    agg.add_argument("--ranks", type=positive_int_list, default=(4, 8, 16, 32, 64), help="the rank set (default 4,8,16,32,64)")
     agg.add_argument("--global-rank", type=int, help="global adapter rank (default: the largest of --ranks)")
     agg.add_argument("--server-opt", choices=OPTIMIZERS, default="none",
                      help="server optimiser on the aggregated update (docs/ARCHITECTURE.md): momentum, adam, yogi")
@@ -64,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     agg.add_argument("--server-tau", type=float, default=1e-3, help="adam/yogi adaptivity (default 1e-3)")
     agg.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha clients train with (default 16)")
 
+    _add_round_arguments(p)
+    _add_training_arguments(p)
+    _add_server_arguments(p)
+
+
+def _add_round_arguments(p: argparse.ArgumentParser) -> None:
     rounds = p.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, default=5)
     rounds.add_argument("--clients-per-round", type=int, default=0, help="clients selected per round (0 = all)")
@@ -84,7 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     head.add_argument("--head-clients", type=int, default=0,
                       help="clients to wait for before round 0 opens (default: --min-clients)")
 
+
+
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     hints = p.add_argument_group("training hints sent to clients")
+    hints.add_argument("--policy", metavar="FILE", help="the tier policy that sizes each client (default: the "
+                       "packaged profiles/tiers.json); pass the same file to `hetlora profile --policy`")
     hints.add_argument("--local-steps", type=int, default=20)
     hints.add_argument("--batch-size", type=int, default=16)
     hints.add_argument("--seq-len", type=int, default=64)
@@ -98,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="self-pruning regulariser weight (default: 0.01 for hetlora, 0 otherwise)")
     hints.add_argument("--min-rank", type=int, default=4, help="self-pruning never goes below this rank")
 
+
+
+def _add_server_arguments(p: argparse.ArgumentParser) -> None:
     srv = p.add_argument_group("server")
     srv.add_argument("--state-dir", default="runs/server", help="SQLite state and blobs; reused on restart")
     srv.add_argument("--host", default="127.0.0.1")
@@ -120,7 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     """ServerConfig from parsed arguments (derives the AdapterSpec from the model folder)."""
     from edge_client.models import default_model_dir, derive_spec
-    from server_stub.config import ServerConfig, TrainingHints, load_labels
+    from hetlora.protocol.settings import TrainingSettings
+    from profiles.policy import load_policy
+    from hetlora.labels import read_labels
+    from server_stub.config import ServerConfig
     from server_stub.init_adapter import read_init_adapter
 
     rule_options = _rule_options(args)
@@ -129,21 +138,23 @@ def build_config(args: argparse.Namespace):
     if args.task == "classification":
         if args.labels is None and not BANKING77_LABELS.is_file():
             raise UserError("classification needs a label list: pass --labels FILE")
-        labels = load_labels(args.labels or BANKING77_LABELS)
+        labels = read_labels(args.labels or BANKING77_LABELS)
     spec = derive_spec(model_dir, args.task, args.targets, num_labels=len(labels) if labels else None)
     global_rank = args.hlora_rank or args.global_rank or max(args.ranks)
     prune_lambda = args.prune_lambda if args.prune_lambda is not None else (0.01 if args.aggregator == "hetlora" else 0.0)
     init_adapter = read_init_adapter(args.init_adapter) if args.init_adapter else None
     head_init = args.head_init or ("lda" if args.task == "classification" and not (init_adapter and init_adapter.dense)
                                    else "none")
-    hints = TrainingHints(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                          head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                          prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank)
+    training = TrainingSettings(steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                                prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank,
+                                lora_alpha=args.lora_alpha)
     return ServerConfig(
         spec=spec, aggregator=args.aggregator, labels=labels, rule_options=rule_options, ranks=tuple(args.ranks),
         global_rank=global_rank, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
-        round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed, lora_alpha=args.lora_alpha,
-        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, hints=hints,
+        round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed,
+        max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, training=training,
+        policy=load_policy(args.policy) if args.policy else None,
         head_init=head_init, init_adapter=init_adapter,
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
         server_opt=_server_optimizer(args),
@@ -203,7 +214,7 @@ def check_tls(certfile: str | None, keyfile: str | None) -> bool:
 
 def write_server_info(state_dir: Path, host: str, port: int, tls: bool = False) -> str:
     """Write <state-dir>/server.json ({"url", "host", "port", "pid"}) atomically; return the URL."""
-    from edge_client.atomic import write_bytes
+    from hetlora.protocol.atomic import write_bytes
 
     url_host = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{url_host}:{port}"
@@ -214,7 +225,7 @@ def write_server_info(state_dir: Path, host: str, port: int, tls: bool = False) 
 
 def build_enrollment(args: argparse.Namespace):
     """Enrollment from the arguments; warns loudly when an open server listens beyond loopback."""
-    from edge_client.cli_client import read_secret
+    from hetlora.secret_file import read_secret
     from server_stub.enrollment import Enrollment, is_loopback, read_names
 
     secret = read_secret(args.enroll_secret_file) if args.enroll_secret_file else args.enroll_secret

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from edge_client.spec import AdapterSpec
-from edge_client.wire import Adapter
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.spec import AdapterSpec
+from hetlora.protocol.wire import Adapter
+from server_stub.aggregation import RULES
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import ServerOptimizer
 from hetlora.errors import UserError
 
-AGGREGATORS = ("fedavg", "hetlora", "hlora", "plora")
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
-
-
-@dataclass(frozen=True)
-class TrainingHints:
-    """Local training settings the server suggests to every client (edge_client.train_config.TrainConfig)."""
-
-    local_steps: int = 20
-    batch_size: int = 16
-    seq_len: int = 64
-    lr: float = 5e-4
-    head_lr: float | None = None
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    prune_gamma: float = 0.99
-    prune_lambda: float = 0.0
-    min_rank: int = 4
 
 
 @dataclass(frozen=True)
@@ -47,10 +30,10 @@ class ServerConfig:
     round_deadline: float = 600.0
     rounds: int = 5
     seed: int = 0
-    lora_alpha: float = 16.0
     max_upload_mb: float = 64.0
     poll_seconds: float = 1.0
-    hints: TrainingHints = TrainingHints()
+    training: TrainingSettings = TrainingSettings()  # sent to clients; each plan seeds and caps it
+    policy: dict | None = None  # the tier policy document (None: the packaged profiles/tiers.json)
     head_init: str = "none"  # none | ncm | lda: round 0 sets the head from class statistics
     head_shrinkage: float = DEFAULT_SHRINKAGE
     head_temperature: float = DEFAULT_TEMPERATURE
@@ -59,8 +42,8 @@ class ServerConfig:
     init_adapter: Adapter | None = field(default=None, compare=False, repr=False)  # server_stub.init_adapter
 
     def __post_init__(self):
-        if self.aggregator not in AGGREGATORS:
-            raise UserError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}")
+        if self.aggregator not in RULES:
+            raise UserError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(RULES)}")
         if not self.ranks or min(self.ranks) < 1:
             raise UserError(f"--ranks must be positive integers, got {list(self.ranks)}")
         if max(self.ranks) > self.global_rank:
@@ -100,10 +83,6 @@ class ServerConfig:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
-    def rule_rank(self, rank: int) -> int:
-        """The rank a client trains at under this run's rule: fedavg (homogeneous) puts everyone at the global rank."""
-        return self.global_rank if self.aggregator == "fedavg" else rank
-
     def identity(self) -> dict:
         """What a state dir is bound to: restarting with anything else here is refused."""
         from server_stub.init_adapter import init_digest
@@ -133,35 +112,14 @@ class ServerConfig:
             "rule_options": dict(self.rule_options),
             "ranks": list(self.ranks),
             "global_rank": self.global_rank,
-            "lora_alpha": self.lora_alpha,
+            "lora_alpha": self.training.lora_alpha,
             "rounds": self.rounds,
             "min_clients": self.min_clients,
             "clients_per_round": self.clients_per_round,
             "round_deadline": self.round_deadline,
             "max_upload_mb": self.max_upload_mb,
             "poll_seconds": self.poll_seconds,
-            "training": asdict(self.hints),
+            "training": self.training.to_json(),
             "pooling": self.spec.pooling,
             "head_init": self.head_init,
         }
-
-
-def load_labels(path: str | Path) -> tuple[str, ...]:
-    """A label list from a JSON list of strings or a text file with one label per line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read the label file {path}: {exc.strerror}") from None
-    if text.lstrip().startswith("["):
-        try:
-            labels = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not a valid JSON list: {exc}") from None
-        if not all(isinstance(x, str) for x in labels):
-            raise UserError(f"{path}: every label in the JSON list must be a string")
-    else:
-        labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(labels) < 2:
-        raise UserError(f"{path} has {len(labels)} labels; classification needs at least 2")
-    return tuple(labels)

@@ -1,7 +1,7 @@
 """Round 0, the head-initialisation round: checks of a statistics upload and the initial global.
 
 Enabled by `ServerConfig.head_init` (ncm | lda) for classification runs. Every client registered
-when round 0 opens uploads its per-class feature statistics (edge_client.head_stats) instead of an
+when round 0 opens uploads its per-class feature statistics (hetlora.protocol.head_stats) instead of an
 adapter; the server pools them and sets the head of global version 0 in closed form
 (server_stub.aggregation.head_init); the LoRA factors are the rule's usual initial ones.
 """
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from edge_client.head_stats import HeadStatistics, decode_statistics
-from edge_client.wire import Adapter, WireFormatError
-from server_stub.aggregation.head_init import LOGIT_LIMIT, pool, safe_class_head
+from hetlora.protocol.head_stats import HeadStatistics, decode_statistics
+from hetlora.protocol.wire import Adapter, WireFormatError
+from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, LOGIT_LIMIT, pool, safe_class_head
 from server_stub.errors import ApiError
-from server_stub.init_adapter import start_global
 
 log = logging.getLogger("hetlora.server")
 HEAD_ROUND = 0
@@ -54,16 +53,18 @@ def check_statistics(config, client_id: str, body: bytes) -> HeadStatistics:
     return stats
 
 
-def initial_global(rule, config, statistics: list[HeadStatistics]) -> tuple[Adapter, dict]:
-    """Global version 0: the starting factors (server_stub.init_adapter), the closed-form head, summary numbers."""
-    weight_name, bias_name, _, _ = head_shapes(config.spec)
+def initial_global(rule, spec, statistics: list[HeadStatistics], *, head_init: str, global_rank: int, seed: int,
+                   shrinkage: float = DEFAULT_SHRINKAGE, temperature: float = DEFAULT_TEMPERATURE) -> tuple[Adapter, dict]:
+    """Global version 0: the rule's initial factors (`init_global(spec, global_rank, seed)`) and the closed-form
+    `head_init` head (ncm | lda) from the pooled statistics; plus summary numbers. Pure: the server's round 0
+    and the simulation's centralized baseline both start here."""
+    weight_name, bias_name, _, _ = head_shapes(spec)
     pooled = pool(statistics)
-    weight, bias, used = safe_class_head(pooled, config.head_init, shrinkage=config.head_shrinkage,
-                                         temperature=config.head_temperature)
-    if used != config.head_init:
+    weight, bias, used = safe_class_head(pooled, head_init, shrinkage=shrinkage, temperature=temperature)
+    if used != head_init:
         log.warning("round 0: the %s head is ill-conditioned on these features (logits above %g); using %s",
-                    config.head_init, LOGIT_LIMIT, used)
-    start = start_global(rule, config)
+                    head_init, LOGIT_LIMIT, used)
+    start = rule.init_global(spec, global_rank, seed)
     dense = dict(start.dense) | {weight_name: weight, bias_name: bias}
     summary = {"clients": len(statistics), "total_samples": pooled.n_samples, "head": used,
                "classes_seen": int((pooled.class_counts > 0).sum()), "classes": int(len(pooled.class_counts))}

@@ -1,12 +1,14 @@
 """A run's starting global from an existing adapter (`hetlora serve --init-adapter`).
 
-The adapter is a PEFT LoRA folder (its scale folded into B, edge_client.peft_format) or a
+The adapter is a PEFT LoRA folder (its scale folded into B, hetlora.protocol.peft_format) or a
 wire-format file. It must fit the run's spec: the same modules and shapes, rank r at most the
 global rank R. Global version 0 is the rule's usual start with the first r components replaced:
 A[:r] = A_init, B[:, :r] = B_init; the remaining R - r components keep the rule's random A and
 zero B, so dW = B_init @ A_init exactly (the model computes what the adapter computes) and the
 extra components can still learn. Dense tensors (the head) are the adapter's when it has them;
-without them the head comes from round 0 (head statistics), which must then be enabled.
+without them the head comes from round 0 (head statistics), which must then be enabled; round 0
+also replaces an adapter's head when it runs. The run's rule is wrapped (`StartsFromAdapter`), so
+every place that starts a global starts from the adapter.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, validate
+from hetlora.protocol.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, validate
 from hetlora.errors import UserError
 
 
 def read_init_adapter(path: str | Path) -> Adapter:
     """A PEFT folder or a wire-format file as a wire adapter; UserError when it is neither."""
-    from edge_client.peft_format import load_peft
+    from hetlora.protocol.peft_format import load_peft
 
     path = Path(path)
     if path.is_dir():
@@ -63,17 +65,28 @@ def init_digest(adapter: Adapter) -> str:
     return h.hexdigest()
 
 
-def start_global(rule, config) -> Adapter:
-    """Global version 0 before any head round: the rule's start, overlaid with `config.init_adapter`."""
-    start = rule.init_global(config.spec, config.global_rank, config.seed)
-    init = config.init_adapter
-    if init is None:
-        return start
+def start_global(start: Adapter, init: Adapter) -> Adapter:
+    """The rule's start with `init`'s components in front and its dense tensors, if it has any."""
     r = init.rank
     lora = {}
     for name, (a, b) in start.lora.items():
         a, b = a.copy(), b.copy()
         a[:r], b[:, :r] = init.lora[name]
         lora[name] = (a, b)
-    return Adapter(lora=lora, dense={n: t.copy() for n, t in (init.dense or start.dense).items()},
+    dense = init.dense or start.dense
+    return Adapter(lora=lora, dense={n: t.copy() for n, t in dense.items()},
                    meta=start.meta | {"init_adapter": init_digest(init)})
+
+
+class StartsFromAdapter:
+    """An aggregation rule whose `init_global` (global version 0, also under round 0's head) is the wrapped
+    rule's with the init adapter overlaid (`start_global`); everything else is the wrapped rule's."""
+
+    def __init__(self, rule, init: Adapter):
+        self.rule, self.init = rule, init
+
+    def __getattr__(self, name):
+        return getattr(self.rule, name)
+
+    def init_global(self, spec, global_rank: int, seed: int) -> Adapter:
+        return start_global(self.rule.init_global(spec, global_rank, seed), self.init)

@@ -12,15 +12,17 @@ Read from the state store at scrape time (so they agree with /v1/status and surv
 Counted by this process (reset on restart, as Prometheus counters may):
   hetlora_upload_rejections_total{reason}  counter    refused POST .../update, by error code
                                                       (docs/PROTOCOL.md; e.g. round_closed, too_large)
-  hetlora_aggregation_seconds              histogram  time to aggregate one round
+  hetlora_aggregation_seconds              histogram  time the rule takes to aggregate one round's
+                                                      updates (round 0's closed-form head is not counted)
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 UPDATE_PATH = re.compile(r"/v1/rounds/[^/]+/update")
@@ -72,7 +74,24 @@ class ServerMetrics:
                                   registry=self.registry)
         self.aggregation = Histogram("hetlora_aggregation_seconds", "time to aggregate one round",
                                      buckets=AGGREGATION_BUCKETS, registry=self.registry)
-        coordinator.on_aggregated = self.aggregation.observe
+        coordinator.rule = TimedRule(coordinator.rule, self.aggregation.observe)
+
+
+class TimedRule:
+    """The coordinator's aggregation rule with each `aggregate` call's seconds passed to `observe`."""
+
+    def __init__(self, rule, observe):
+        self.rule, self.observe = rule, observe
+
+    def __getattr__(self, name):
+        return getattr(self.rule, name)
+
+    def aggregate(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.rule.aggregate(*args, **kwargs)
+        finally:
+            self.observe(time.perf_counter() - started)
 
 
 class RejectionCounter:
@@ -107,3 +126,18 @@ def error_code(body: bytes, status: int) -> str:
     except (ValueError, KeyError, TypeError):
         return f"http_{status}"
     return code if isinstance(code, str) and re.fullmatch(r"[a-z_]{1,40}", code) else f"http_{status}"
+
+
+def install_metrics(app, coordinator) -> ServerMetrics:
+    """Add `GET /metrics` and the rejection counter (outermost middleware) to a FastAPI app."""
+    from fastapi.responses import Response
+
+    metrics = ServerMetrics(coordinator)
+    app.add_middleware(RejectionCounter, metrics=metrics)
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format; server_stub.metrics)",
+             response_class=Response)
+    def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

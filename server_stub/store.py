@@ -14,7 +14,7 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge_client import atomic
+from hetlora.protocol import atomic
 from hetlora.errors import UserError
 
 SCHEMA = """
@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS clients (
     profile TEXT NOT NULL,
     requested_rank INTEGER NOT NULL,
     rank INTEGER NOT NULL,
+    caps TEXT NOT NULL,
     pruned_rank INTEGER,
     n_samples INTEGER NOT NULL,
     registered_at REAL NOT NULL
@@ -35,8 +36,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     number INTEGER PRIMARY KEY,
     state TEXT NOT NULL CHECK (state IN ('open', 'aggregated')),
     selected TEXT NOT NULL,
-    ranks TEXT NOT NULL,
-    indices TEXT NOT NULL,
+    plans TEXT NOT NULL,
     opened_at REAL NOT NULL,
     deadline REAL NOT NULL,
     extensions INTEGER NOT NULL DEFAULT 0,
@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS globals (
 );
 """
 
-JSON_COLUMNS = ("profile", "selected", "ranks", "indices", "statistics")
+JSON_COLUMNS = ("profile", "caps", "selected", "plans", "statistics")
 log = logging.getLogger("hetlora.server")
 
 
@@ -97,6 +97,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(rounds)")}
+        if "plans" not in columns:
+            raise UserError(f"the state dir {self.root} was written by an older hetlora (rounds without client "
+                            "plans); finish that run with the older version or use a new --state-dir")
 
     def close(self) -> None:
         self.db.close()

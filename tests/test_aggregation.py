@@ -10,8 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from edge_client.spec import AdapterSpec, LoRAModule
-from edge_client.wire import Adapter
+from hetlora.protocol.plan import Tier
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.spec import AdapterSpec, LoRAModule
+from hetlora.protocol.wire import Adapter
 from server_stub.aggregation import RULES, ClientResult, aggregate_statistics, make_rule
 from server_stub.aggregation.linalg import truncated_svd_of_product, update_norm
 
@@ -26,6 +28,12 @@ SPEC = AdapterSpec(
 )
 ATOL = 1e-5
 
+
+
+def plan_indices(rule, *, global_rank, rank, round_number, client_id, seed):
+    """The component indices of a client's plan (plora; None for the other rules)."""
+    return rule.configure(round_number=round_number, client_key=client_id, tier=Tier(rank), global_rank=global_rank,
+                          seed=seed, training=TrainingSettings()).indices
 
 def upload(rng: np.random.Generator, rank: int, client_id: str = "c") -> Adapter:
     lora = {name: (rng.normal(size=(rank, m.in_features)).astype(np.float32),
@@ -249,25 +257,26 @@ def test_hlora_client_view_is_best_rank_r_approximation():
 # ---------------------------------------------------------------- plora
 
 
-def test_plora_assign_indices_is_reproducible_sorted_distinct_and_in_range():
+def test_plora_plan_indices_is_reproducible_sorted_distinct_and_in_range():
     rule = make_rule("plora")
     args = dict(global_rank=16, rank=5, round_number=3, client_id="phone-1", seed=42)
-    indices = rule.assign_indices(**args)
-    assert indices == rule.assign_indices(**args)
+    indices = plan_indices(rule, **args)
+    assert indices == plan_indices(rule, **args)
     assert len(indices) == 5 and len(set(indices)) == 5 and list(indices) == sorted(indices)
     assert all(isinstance(j, int) and 0 <= j < 16 for j in indices)
-    draws = {rule.assign_indices(**{**args, "client_id": f"phone-{k}"}) for k in range(20)}
-    draws |= {rule.assign_indices(**{**args, "round_number": k}) for k in range(20)}
+    draws = {plan_indices(rule, **{**args, "client_id": f"phone-{k}"}) for k in range(20)}
+    draws |= {plan_indices(rule, **{**args, "round_number": k}) for k in range(20)}
     assert len(draws) > 30  # different clients and rounds get different sets
-    assert rule.assign_indices(**{**args, "rank": 16}) == tuple(range(16))
+    assert plan_indices(rule, **{**args, "rank": 16}) == tuple(range(16))
 
 
-def test_plora_assign_indices_is_the_same_in_another_process():
-    code = ("from server_stub.aggregation import make_rule; print(make_rule('plora').assign_indices("
-            "global_rank=64, rank=8, round_number=7, client_id='pi-4', seed=3))")
+def test_plora_plan_indices_is_the_same_in_another_process():
+    code = ("from hetlora.protocol.plan import Tier; from hetlora.protocol.settings import TrainingSettings; "
+            "from server_stub.aggregation import make_rule; print(make_rule('plora').configure(round_number=7, "
+            "client_key='pi-4', tier=Tier(8), global_rank=64, seed=3, training=TrainingSettings()).indices)")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout  # str hashes differ from ours
-    expected = str(make_rule("plora").assign_indices(global_rank=64, rank=8, round_number=7, client_id="pi-4", seed=3))
+    expected = str(plan_indices(make_rule("plora"), global_rank=64, rank=8, round_number=7, client_id="pi-4", seed=3))
     assert output == expected + "\n"
 
 
@@ -301,7 +310,6 @@ def test_plora_client_view_is_the_full_global():
     for name, (a, b) in global_.lora.items():
         np.testing.assert_array_equal(view.lora[name][0], a)
         np.testing.assert_array_equal(view.lora[name][1], b)
-    assert rule.upload_rank_limit(2) == 2
 
 
 # ---------------------------------------------------------------- fedavg
@@ -338,7 +346,7 @@ def results_for(rule_name, rng):
     if rule_name == "plora":
         rule = make_rule("plora")
         return [ClientResult(upload(rng, r, f"c{k}"), n_k,
-                             rule.assign_indices(global_rank=R, rank=r, round_number=1, client_id=f"c{k}", seed=0))
+                             plan_indices(rule, global_rank=R, rank=r, round_number=1, client_id=f"c{k}", seed=0))
                 for k, (r, n_k) in enumerate(zip(RANKS, N_SAMPLES))]
     return mixed_results(rng)
 
@@ -471,4 +479,4 @@ def test_rank_arguments_are_checked():
     with pytest.raises(ValueError, match="positive integer"):
         rule.init_global(SPEC, 0, seed=0)
     with pytest.raises(ValueError, match="exceeds the global rank 4"):
-        make_rule("plora").assign_indices(global_rank=4, rank=5, round_number=0, client_id="x", seed=0)
+        plan_indices(make_rule("plora"), global_rank=4, rank=5, round_number=0, client_id="x", seed=0)

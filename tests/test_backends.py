@@ -9,6 +9,8 @@ exported twice: XNNPACK-delegated (the default, "executorch") and CPU kernels on
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,9 +23,9 @@ from edge_client.data import Examples
 from edge_client.lora import load_adapter, lora_layers, tail_mask, tail_penalty
 from edge_client.models import derive_spec
 from edge_client.objective import batch_loss
-from edge_client.train_config import TrainConfig
+from hetlora.protocol.settings import TrainingSettings
 from edge_client.training import TorchTrainer
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 pytest.importorskip("executorch")
@@ -148,7 +150,7 @@ def test_round_with_self_pruning_matches_torch(setup, backend, optimizer):
     task = setup[0]
     reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), 3, seed=2)
-    cfg = TrainConfig(steps=6, batch_size=3, seq_len=12, lr=0.05 if optimizer == "sgd" else 0.01,
+    cfg = TrainingSettings(steps=6, batch_size=3, seq_len=12, lr=0.05 if optimizer == "sgd" else 0.01,
                       optimizer=optimizer, prune_lambda=0.5, prune_gamma=0.7, min_rank=1, lora_alpha=ALPHA,
                       trim_padding=False)  # artifacts train on fixed-shape, uniformly shuffled batches
     want = reference.train_round(start, examples_for(task), cfg, rank=3, mode="hetlora")
@@ -174,7 +176,7 @@ def test_plain_round_without_pruning_keeps_rank(setup, backend):
     task = setup[0]
     reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), ART_RANK, seed=3)
-    cfg = TrainConfig(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lr=0.05, optimizer="sgd", lora_alpha=ALPHA,
+    cfg = TrainingSettings(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lr=0.05, optimizer="sgd", lora_alpha=ALPHA,
                       trim_padding=False)
     want = reference.train_round(start, examples_for(task), cfg, rank=ART_RANK)
     got = trainer.train_round(start, examples_for(task), cfg, rank=ART_RANK)
@@ -188,15 +190,15 @@ def test_user_errors(setup):
     _, trainer = trainers(setup, "executorch")
     start = random_adapter(spec_of(setup), 2, seed=4)
     with pytest.raises(UserError, match="--backend torch"):
-        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="sgd"), rank=2, indices=[0, 1],
+        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="sgd"), rank=2, indices=[0, 1],
                             mode="plora")
     with pytest.raises(UserError, match="SGD only"):
-        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="adamw", batch_size=2, seq_len=8), rank=2)
+        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="adamw", batch_size=2, seq_len=8), rank=2)
     with pytest.raises(UserError, match="batch 4 x seq_len 16"):
-        trainer.train_round(start, examples_for(task), TrainConfig(optimizer="sgd", seq_len=64), rank=2)
+        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="sgd", seq_len=64), rank=2)
     big = random_adapter(spec_of(setup), 8, seed=5)
     with pytest.raises(UserError, match="no executorch artifact for rank 8"):
-        trainer.train_round(big, examples_for(task), TrainConfig(optimizer="sgd"), rank=8)
+        trainer.train_round(big, examples_for(task), TrainingSettings(optimizer="sgd"), rank=8)
     with pytest.raises(UserError, match="--artifacts"):
         make_trainer("onnx", model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA)
     with pytest.raises(UserError, match="lora_alpha"):
@@ -250,12 +252,29 @@ def test_artifact_sha256_is_verified(setup, tmp_path, damage):
     ("x86_64", False, {"onnxruntime.training", "torch"}, "onnx"),
     ("x86_64", False, {"torch"}, "torch"),
     ("aarch64", False, {"torch", "executorch"}, "torch"),
-    ("aarch64", False, {"executorch"}, "executorch"),
     ("aarch64", True, {"torch", "executorch"}, "torch"),
 ])
 def test_auto_backend_choice(machine, termux, have, expected):
     backend, reason = choose_backend(has_artifacts=True, machine=machine, termux=termux, have=have.__contains__)
     assert backend == expected and reason
+
+
+def test_auto_without_torch_is_a_user_error():
+    with pytest.raises(UserError, match="no training backend without torch"):
+        choose_backend(has_artifacts=True, machine="aarch64", termux=False, have={"executorch"}.__contains__)
+
+
+def test_executorch_training_runtime_itself_needs_torch():
+    """Why `auto` cannot offer ExecuTorch without torch: its Python training runtime imports torch."""
+    blocker = ("import sys\n"
+               "class Blocked:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'torch':\n"
+               "            raise ImportError('blocked: ' + name)\n"
+               "sys.meta_path.insert(0, Blocked())\n"
+               "import executorch.extension.training\n")
+    out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True)
+    assert out.returncode != 0 and "blocked: torch" in out.stderr
 
 
 def test_auto_without_artifacts_is_torch():
@@ -295,7 +314,7 @@ def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tmp_path):
     kwargs = dict(model_dir=tiny_bert_dir, task="classification", labels=LABELS, targets=("query",), lora_alpha=ALPHA)
     reference, trainer = make_trainer("torch", **kwargs), make_trainer("executorch", artifacts_dir=tmp_path, **kwargs)
     start = random_adapter(derive_spec(tiny_bert_dir, "classification", ("query",), 3), 2, seed=6)
-    cfg = TrainConfig(steps=2, batch_size=2, seq_len=8, lr=0.05, optimizer="sgd", lora_alpha=ALPHA, trim_padding=False)
+    cfg = TrainingSettings(steps=2, batch_size=2, seq_len=8, lr=0.05, optimizer="sgd", lora_alpha=ALPHA, trim_padding=False)
     want = reference.train_round(start, examples_for("classification"), cfg, rank=2)
     got = trainer.train_round(start, examples_for("classification"), cfg, rank=2)
     assert_same_adapter(got.adapter, want.adapter, atol=2e-5)

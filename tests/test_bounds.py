@@ -13,7 +13,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from edge_client.wire import decode, encode
+from hetlora.protocol.wire import decode, encode
 from server_stub.aggregation import RULES, ClientResult, make_rule
 from server_stub.aggregation.bounds import CLIP_FACTOR, MAX_ABS_VALUE, bound_influence
 from server_stub.aggregation.linalg import update_norm

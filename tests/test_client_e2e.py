@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from edge_client.fleet import start_client, start_server
+from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
 
 LABELS = ["card", "transfer", "rate"]

@@ -11,7 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from edge_client.wire import encode
+from hetlora.protocol.plan import ClientPlan
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.wire import encode
 from hetlora.cli import main
 from tests.test_server import LABELS, make_config, make_update, register, running_server, spec, upload_meta
 
@@ -74,11 +76,14 @@ def run_config(spec):
     return make_config(spec).run_config()
 
 
-def open_round_routes(run_config, adapter_bytes: bytes) -> dict:
+def open_round_routes(run_config, adapter_bytes: bytes, plan: dict | None = None) -> dict:
+    plan = plan or ClientPlan(round=1, rank=2, mode="plain", training=TrainingSettings(steps=1, batch_size=2,
+                                                                                       seq_len=8)).to_json()
     return {("GET", "/v1/run"): as_json(run_config),
             ("POST", "/v1/register"): as_json({"client_id": "c-1", "token": "t", "rank": 2, "run": run_config}),
             ("GET", "/v1/round"): as_json({"round": 1, "state": "open", "selected": True, "uploaded": False, "rank": 2,
-                                          "indices": None, "deadline": 0, "rounds": 2, "global_version": 0}),
+                                          "indices": None, "deadline": 0, "rounds": 2, "global_version": 0,
+                                          "plan": plan}),
             ("POST", "/v1/profile"): as_json({"client_id": "c-1", "rank": 2}),
             ("GET", "/v1/rounds/1/adapter"): (200, "application/octet-stream", adapter_bytes)}
 
@@ -96,6 +101,15 @@ def test_empty_run_config_is_one_error_line_and_exit_3(capsys, tmp_path):
     with fake_server({("GET", "/v1/run"): as_json({})}) as (url, _):
         code, line = run_client(capsys, url, tmp_path)
     assert code == 3 and "no valid 'task'" in line
+
+
+def test_a_malformed_plan_is_one_error_line(capsys, tmp_path, spec, run_config, tiny_bert_dir):
+    update = make_update(spec, 2, {"round": 1}, seed=0)
+    with fake_server(open_round_routes(run_config, encode(update), plan={"round": 1, "rank": "two"})) as (url, _):
+        code, line = run_client(capsys, url, tmp_path, tiny_bert_dir)
+    assert code == 3, line
+    assert line == ("hetlora client: error: round 1: the server's plan is not valid: plan field 'rank' must be an "
+                    "integer, got two")
 
 
 def test_adapter_of_the_wrong_shape_is_one_error_line(capsys, tmp_path, spec, run_config, tiny_bert_dir):
@@ -160,7 +174,8 @@ def test_update_refused_as_invalid_is_moved_aside_not_resent(spec, tmp_path):
         state.save_pending(body)
 
         client = EdgeClient(ClientOptions(server=url, data="unused", state_dir=str(state.path)), lambda: {})
-        assert client._round({"round": 1, "rank": 2, "indices": None}, me["run"], "hetlora") is False
+        plan = ClientPlan(round=1, rank=2, mode="hetlora", training=TrainingSettings())
+        assert client._round({"round": 1, "plan": plan.to_json()}, me["run"]) is False
         kept = state.path / "rejected" / "round-0001-not_finite.safetensors"
         assert kept.read_bytes() == body
         assert state.pending(1) is None

@@ -15,8 +15,8 @@ import time
 import httpx
 import numpy as np
 
-from edge_client.wire import encode
-from server_stub.rounds import update_digest
+from hetlora.protocol.wire import encode
+from server_stub.upload_checks import update_digest
 from tests.test_server import (LABELS, TARGETS, _serve, make_config, make_update, register, sigkill, spec,
                                upload_meta)
 

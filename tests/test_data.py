@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from edge_client.data import (Examples, encode, load_examples, load_tokenizer, make_batches, read_labels,
+from edge_client.data import (Examples, encode, load_examples, load_tokenizer, make_batches,
                               training_batches, trimmed_batches)
 from edge_client.evaluate import macro_f1
 from edge_client.objective import IGNORE, batch_loss
 from hetlora.errors import UserError
+from hetlora.labels import read_labels
 
 LABELS = ["card", "rate"]
 
@@ -60,10 +61,16 @@ def test_bad_jsonl_line_and_missing_labels(tmp_path):
 
 
 def test_label_files_json_or_lines(tmp_path):
-    assert read_labels(write(tmp_path / "l.json", json.dumps(["a", "b"]))) == ["a", "b"]
-    assert read_labels(write(tmp_path / "l.txt", "a\n\nb\n")) == ["a", "b"]
+    assert read_labels(write(tmp_path / "l.json", json.dumps(["a", "b"]))) == ("a", "b")
+    assert read_labels(write(tmp_path / "l.txt", "a\n\nb\n")) == ("a", "b")
     with pytest.raises(UserError, match="twice"):
         read_labels(write(tmp_path / "d.txt", "a\na\n"))
+    with pytest.raises(UserError, match="must be a string"):
+        read_labels(write(tmp_path / "n.json", "[1, 2]"))
+    with pytest.raises(UserError, match="has 1 labels; classification needs at least 2"):
+        read_labels(write(tmp_path / "one.txt", "a\n"))
+    with pytest.raises(UserError, match="cannot read the label file"):
+        read_labels(tmp_path / "missing.json")
 
 
 def test_prompt_response_labels_cover_only_the_response(tiny_llama_dir, tmp_path):

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from edge_client.wire import decode
-from server_stub.rounds import update_digest
+from hetlora.protocol.wire import decode
+from server_stub.upload_checks import update_digest
 from tests.test_client_e2e import LABELS, write_data
 
 

@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from edge_client.fleet import start_client, start_server
+from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
-from edge_client.wire import decode
+from hetlora.protocol.wire import decode
 from hetlora.cli import main
 from tests.test_client_e2e import LABELS, serve_args, wait_finished, write_data
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_client.head_stats import HeadStatistics, decode_statistics, encode_statistics
-from edge_client.wire import WireFormatError
+from hetlora.protocol.head_stats import HeadStatistics, decode_statistics, encode_statistics
+from hetlora.protocol.wire import WireFormatError
 from server_stub.aggregation.head_init import class_head, pool
 from tests.test_server import spec  # noqa: F401  (fixture)
 
@@ -111,7 +111,7 @@ def test_trainer_statistics_are_those_of_the_frozen_models_features(tiny_bert_di
 
 
 def test_round_zero_over_http_sets_the_head_of_global_zero_then_lora_rounds_open(spec, tmp_path):
-    from edge_client.wire import decode
+    from hetlora.protocol.wire import decode
     from server_stub.aggregation import make_rule
     from tests.test_server import make_config, register, running_server
 

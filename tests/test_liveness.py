@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from edge_client.wire import encode
+from hetlora.protocol.wire import encode
 from server_stub.liveness import MISS_LIMIT
 from tests.test_server import (make_config, make_update, post_update, register, running_server, spec, upload_meta,
                                wait_for)

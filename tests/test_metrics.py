@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_client.wire import encode
+from hetlora.protocol.wire import encode
 from tests.test_server import (error_code, make_config, make_update, post_update, register, running_server,
                                spec, upload_meta)  # noqa: F401 (spec: the module's fixture)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_client.fleet import start_server
+from simulation.fleet import start_server
 from edge_client.models import derive_spec
 from edge_client.server_api import ServerAPI
-from edge_client.wire import decode, encode
+from hetlora.protocol.wire import decode, encode
 from hetlora.cli import build_parser, main
 from hetlora.errors import UserError
 from tests.test_peft_format import our_logits, random_adapter

@@ -10,8 +10,8 @@ from edge_client.data import Examples
 from edge_client.evaluate import Evaluator, macro_f1
 from edge_client.lora import inject_lora, load_adapter
 from edge_client.models import derive_spec, load_task_model
-from edge_client.peft_format import save_peft
-from edge_client.wire import Adapter
+from hetlora.protocol.peft_format import save_peft
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 TEXTS = ["how do I activate my new card", "what is the exchange rate for euros", "the quick brown fox"]
@@ -99,7 +99,7 @@ def test_evaluator_rejects_a_headless_or_foreign_adapter(tiny_bert_dir):
 
 
 def test_evaluate_command_prints_the_evaluator_metrics(tiny_bert_dir, tmp_path, capsys):
-    from edge_client.wire import encode
+    from hetlora.protocol.wire import encode
     from hetlora.cli import main
 
     adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=2, seed=4)

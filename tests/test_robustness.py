@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
-from edge_client.wire import encode
+from hetlora.protocol.wire import encode
 from tests.test_server import (error_code, make_config, make_update, post_update, register, running_server, snapshot,
                                spec, upload_meta)
 

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from edge_client.wire import Adapter, decode, encode
+from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora.errors import UserError
 from server_stub.errors import ApiError
-from server_stub.rounds import update_digest
+from server_stub.upload_checks import update_digest
 
 LABELS = ("balance", "card", "transfer")
 TARGETS = ("query", "value")
@@ -305,7 +305,7 @@ def test_plora_upload_must_carry_the_assigned_indices(spec, tmp_path):
 
 # --- selection, self-pruning, profile, finish ------------------------------------------------------
 def test_selection_pruning_profile_and_finish(spec, tmp_path):
-    from server_stub.rounds import select_clients
+    from server_stub.selection import select_clients
 
     config = make_config(spec, min_clients=2, clients_per_round=2, rounds=2, ranks=(2, 4, 8))
     with running_server(config, tmp_path / "state") as http:

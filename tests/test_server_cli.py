@@ -39,7 +39,7 @@ def test_run_config_carries_labels_rule_options_and_hints(tiny_bert_dir, labels_
 
 def test_hlora_rank_sets_the_global_rank_and_other_rules_do_not_prune(tiny_bert_dir, labels_file):
     config = config_for(tiny_bert_dir, labels_file, "--aggregator", "hlora", "--hlora-rank", "96")
-    assert config.global_rank == 96 and config.rule_options == {} and config.hints.prune_lambda == 0.0
+    assert config.global_rank == 96 and config.rule_options == {} and config.training.prune_lambda == 0.0
 
 
 def test_label_file_with_one_label_per_line(tiny_bert_dir, tmp_path):
@@ -80,3 +80,21 @@ def test_serve_refuses_a_state_dir_of_another_run_with_one_line(tiny_bert_dir, l
     assert code == 2
     assert 'aggregator: "plora" there, "hetlora" now' in capsys.readouterr().err
     assert not (state / "server.json").exists()
+
+
+def test_the_policy_file_sizes_the_clients(tiny_bert_dir, labels_file, tmp_path):
+    from profiles.catalog import profile_for
+    from profiles.policy import DEFAULT_POLICY_PATH
+    from server_stub.tiers import tier_for
+
+    policy = json.loads(DEFAULT_POLICY_PATH.read_text())
+    for tier in policy["tiers"]:
+        tier["batch_size"] = 2 if tier["rank"] else tier["batch_size"]
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps(policy))
+    config = config_for(tiny_bert_dir, labels_file, "--policy", str(path))
+    phone = profile_for("samsung-galaxy-a54")
+    assert tier_for(phone, 64, config.ranks, policy=config.policy).batch_size == 2
+    assert tier_for(phone, 64, config.ranks).batch_size > 2  # the packaged policy
+    with pytest.raises(UserError, match="cannot read the tier policy"):
+        config_for(tiny_bert_dir, labels_file, "--policy", str(tmp_path / "missing.json"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from server_stub.aggregation.server_opt import ServerOptimizer
 from tests.test_server import spec  # noqa: F401  (fixture)
 
@@ -79,7 +79,7 @@ def test_hlora_refuses_adaptive_server_optimisers():
 def test_server_runs_the_optimiser_and_its_state_survives_a_restart(spec, tmp_path):
     """Two rounds of hetlora with server momentum, the server restarted between them: global 2 equals the
     optimiser applied by hand to the rule's aggregates (so the round-1 momentum was read back from disk)."""
-    from edge_client.wire import decode, encode
+    from hetlora.protocol.wire import decode, encode
     from server_stub.aggregation import ClientResult, make_rule
     from tests.test_server import make_config, make_update, post_update, register, running_server, upload_meta
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from edge_client.spec import AdapterSpec, LoRAModule
+from hetlora.protocol.spec import AdapterSpec, LoRAModule
 from hetlora.errors import UserError
 from profiles import cost
 from profiles.catalog import list_devices, profile_for

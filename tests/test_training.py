@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from edge_client.adapter_ops import select
+from hetlora.protocol.adapter_ops import select
 from edge_client.data import Examples
 from edge_client.lora import lora_layers
 from edge_client.models import derive_spec
-from edge_client.train_config import TrainConfig
+from hetlora.protocol.settings import TrainingSettings
 from edge_client.training import TorchTrainer
-from edge_client.wire import Adapter, decode, encode
+from hetlora.protocol.wire import Adapter, decode, encode
 
 LABELS = ["card", "rate", "other"]
 TEXTS = ["how do I activate my new card", "my card payment was declined at the shop",
@@ -20,7 +20,7 @@ TEXTS = ["how do I activate my new card", "my card payment was declined at the s
          "federated learning keeps private data on the device", "card arrived broken",
          "euro rate today", "nothing to see here"]
 CLS = Examples("classification", tuple(TEXTS), (0, 0, 1, 2, 2, 0, 1, 2))
-CFG = TrainConfig(steps=4, batch_size=4, seq_len=16, lr=1e-2, seed=3)
+CFG = TrainingSettings(steps=4, batch_size=4, seq_len=16, lr=1e-2, seed=3)
 
 
 def random_adapter(spec, rank: int, seed: int, b_scale: float = 0.05) -> Adapter:
@@ -53,14 +53,14 @@ def test_effective_weights_equal_those_rebuilt_from_the_wire(trainer, spec, tiny
     wire = decode(encode(result.adapter))
     for name, layer in lora_layers(trainer.model).items():
         a, b = wire.lora[name]
-        assert torch.equal(layer.delta_weight(), torch.from_numpy(b) @ torch.from_numpy(a))
+        assert torch.equal((layer.lora_B * layer.scale) @ layer.lora_A, torch.from_numpy(b) @ torch.from_numpy(a))
     for name, p in trainer.dense.items():
         assert torch.equal(p, torch.from_numpy(wire.dense[name]))
     trained = logits(trainer)
     fresh = TorchTrainer(tiny_bert_dir, "classification", LABELS)
     fresh._load(wire)
     torch.testing.assert_close(logits(fresh), trained, rtol=0, atol=1e-6)
-    assert result.adapter.meta["n_samples"] == len(CLS) and result.steps == CFG.steps
+    assert result.n_samples == len(CLS) and result.steps == CFG.steps
 
 
 def test_same_seed_gives_identical_adapters_and_another_seed_does_not(trainer, spec):
@@ -123,7 +123,7 @@ def test_strong_regulariser_shrinks_the_tail_and_prunes_to_floor_gamma_r(trainer
     result = trainer.train_round(start, CLS, PRUNE, rank=8, mode="hetlora")
     assert result.tail_after < result.tail_before
     assert (result.rank_before, result.rank_after, result.adapter.rank) == (8, 4, 4)
-    assert result.adapter.meta["effective_rank"] == 4
+    assert result.rank_after == result.adapter.rank == 4
     unpruned = trainer.train_round(start, CLS, replace(PRUNE, prune_lambda=0.0), rank=8, mode="hetlora").adapter
     assert tail_norm(unpruned, 4) > tail_norm(start, 4) * 0.5  # without the regulariser the tail stays
 
@@ -168,7 +168,7 @@ def test_plora_round_uploads_only_the_selected_components_and_restores_w0(traine
     for name, (a, b) in frozen.lora.items():
         assert np.array_equal(a, start.lora[name][0][indices]) and np.array_equal(b, start.lora[name][1][:, indices])
     result = trainer.train_round(start, CLS, CFG, rank=2, indices=indices, mode="plora")
-    assert result.adapter.rank == 2 and result.adapter.meta["indices"] == indices
+    assert result.adapter.rank == 2
     assert not np.array_equal(result.adapter.lora[next(iter(start.lora))][0], frozen.lora[next(iter(start.lora))][0])
     for name, layer in lora_layers(trainer.model).items():
         assert torch.equal(layer.base.weight, w0[name])
@@ -216,7 +216,7 @@ def test_length_grouped_batches_cover_every_row_once_and_hold_similar_lengths():
 def test_cosine_schedule_warms_up_then_decays_to_zero(step, expected):
     from edge_client.training import lr_factor
 
-    cfg = TrainConfig(steps=10, schedule="cosine", warmup_steps=3)
+    cfg = TrainingSettings(steps=10, schedule="cosine", warmup_steps=3)
     assert lr_factor(step, cfg) == pytest.approx(expected)
     assert lr_factor(step, replace(cfg, schedule="constant")) == 1.0
 

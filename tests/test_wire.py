@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from edge_client.spec import AdapterSpec, LoRAModule
-from edge_client.wire import Adapter, WireFormatError, decode, encode, validate
+from hetlora.protocol.spec import AdapterSpec, LoRAModule
+from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode, validate
 
 SPEC = AdapterSpec(
     model_hash="h", task="classification", targets=("q", "v"),

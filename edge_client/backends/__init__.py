@@ -44,7 +44,7 @@ def make_trainer(backend: str, *, model_dir, task: str, labels=None, targets=Non
 
 
 def optimizer_settings(requested: str | None, trainer) -> dict:
-    """The TrainConfig optimiser fields of local rounds: an artifact trainer's own (`trainer.exported_optimizer`:
+    """The TrainingSettings optimiser fields of local rounds: an artifact trainer's own (`trainer.exported_optimizer`:
     the optimiser its artifacts were exported with and a baked-in weight decay) or, for the torch trainer (None),
     `requested` or adamw. UserError when `requested` is one the artifacts cannot run, so a client finds out
     before it registers."""

@@ -5,7 +5,7 @@ zero-padded to R, `keep_mask` = [1]*r + [0]*(R-r) silences the padding (it gets 
 stays exactly zero), `lora_scale` = lora_scale(alpha, r) and the tail mask marks floor(gamma r)..r-1,
 so training equals the torch backend at rank r. Batches come from edge_client.data (the torch
 backend's batching) and are padded to the exported (batch, seq_len) with ignored targets.
-Pruning uses edge_client.objective.should_prune / pruned_rank, as the torch backend does.
+Pruning uses hetlora.protocol.lora_rules.should_prune / pruned_rank, as the torch backend does.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from typing import Protocol
 
 import numpy as np
 
-from edge_client import adapter_ops
+from hetlora.protocol import adapter_ops
 from edge_client.backends.artifacts import Artifact, load_manifest
 from edge_client.data import EncodingCache, Examples, load_tokenizer, training_batches
-from edge_client.head_stats import HeadStatistics
-from edge_client.lora import lora_scale
 from edge_client.models import model_hash
-from edge_client.objective import IGNORE, pruned_rank, should_prune
-from edge_client.train_config import RoundResult, TrainConfig
-from edge_client.wire import LORA_A, LORA_B, Adapter
+from edge_client.objective import IGNORE
+from hetlora.protocol.lora_rules import lora_scale, pruned_rank, should_prune
+from edge_client.train_config import RoundResult
+from hetlora.protocol.head_stats import HeadStatistics
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
 from hetlora.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Engine(Protocol):
 
     def gradients(self) -> dict[str, np.ndarray]: ...
 
-    def step(self, cfg: TrainConfig) -> None: ...  # one optimizer update from the last gradients
+    def step(self, cfg: TrainingSettings) -> None: ...  # one optimizer update from the last gradients
 
     def evaluate(self, inputs: list[np.ndarray]) -> list[float]: ...
 
@@ -79,7 +80,7 @@ class ArtifactTrainer:
     def open_engine(self, artifact: Artifact) -> Engine:
         raise NotImplementedError
 
-    def check_config(self, artifact: Artifact, cfg: TrainConfig) -> None:
+    def check_config(self, artifact: Artifact, cfg: TrainingSettings) -> None:
         """Raise UserError when the artifact's optimizer cannot run `cfg`."""
 
     # --- round 0 ------------------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class ArtifactTrainer:
             self._initial = {n: v.copy() for n, v in self.engine.read().items()}
         return self.engine
 
-    def train_round(self, start: Adapter, examples: Examples, cfg: TrainConfig, *, rank: int, indices=None,
+    def train_round(self, start: Adapter, examples: Examples, cfg: TrainingSettings, *, rank: int, indices=None,
                     mode: str = "plain", on_step: Callable[[int, float], None] | None = None) -> RoundResult:
         """Load `start` (wire form), train, prune (hetlora), return the upload in wire form; see TorchTrainer."""
         from edge_client.training import evaluation_batches
@@ -154,14 +155,12 @@ class ArtifactTrainer:
             upload = adapter_ops.truncate(upload, pruned_rank(rank, cfg.prune_gamma, cfg.min_rank))
             self.load(upload)
         loss_after = self.mean_loss(eval_batches, upload.rank)
-        upload.meta.update(rank=upload.rank, effective_rank=upload.rank, n_samples=len(examples), mode=mode,
-                           loss_before=loss_before, loss_after=loss_after, backend=self.backend)
         return RoundResult(adapter=upload, rank_before=rank, rank_after=upload.rank, loss_before=loss_before,
                            loss_after=loss_after, tail_before=tail_before, tail_after=tail_after, steps=steps,
                            n_samples=len(examples), seconds=time.perf_counter() - t0,
                            extra={"backend": self.backend, "artifact_rank": engine.rank})
 
-    def _check_shape(self, cfg: TrainConfig) -> None:
+    def _check_shape(self, cfg: TrainingSettings) -> None:
         b, t = self.manifest.batch, self.manifest.seq_len
         if cfg.batch_size > b or cfg.seq_len > t:
             raise UserError(f"the artifacts were exported for batch {b} x seq_len {t}; this round asks for "

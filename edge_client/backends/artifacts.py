@@ -75,7 +75,7 @@ class Manifest:
 
     def optimizer(self, backend: str) -> dict:
         """What every `backend` artifact trains with: {"optimizer": name} plus "weight_decay" where it is baked
-        in (TrainConfig fields); UserError when the folder has none of that backend or its artifacts disagree."""
+        in (TrainingSettings fields); UserError when the folder has none of that backend or its artifacts disagree."""
         found = {json.dumps({k: v for k, v in (("optimizer", a.get("optimizer", {}).get("name")),
                                                 ("weight_decay", a.get("optimizer", {}).get("weight_decay")))
                              if v is not None}, sort_keys=True)

@@ -13,7 +13,7 @@ import numpy as np
 
 from edge_client.backends.artifact_trainer import ArtifactTrainer
 from edge_client.backends.artifacts import Artifact
-from edge_client.train_config import TrainConfig
+from hetlora.protocol.settings import TrainingSettings
 from hetlora.errors import UserError
 
 METHOD = "forward"
@@ -75,7 +75,7 @@ class ExecuTorchEngine:
     def gradients(self) -> dict[str, np.ndarray]:
         return {n: g.numpy().copy() for n, g in self.module.named_gradients().items()}
 
-    def step(self, cfg: TrainConfig) -> None:
+    def step(self, cfg: TrainingSettings) -> None:
         from executorch.extension.training import get_sgd_optimizer
 
         if self._optimizer is None or self._lr != (cfg.lr, cfg.weight_decay):
@@ -98,7 +98,7 @@ class ExecuTorchTrainer(ArtifactTrainer):
             raise UserError("--backend executorch needs the executorch package (pip install executorch==1.5.1); "
                             "use --backend torch") from None
 
-    def check_config(self, artifact: Artifact, cfg: TrainConfig) -> None:
+    def check_config(self, artifact: Artifact, cfg: TrainingSettings) -> None:
         if cfg.optimizer != "sgd":
             raise UserError(f"the executorch backend trains with SGD only (ExecuTorch's training runtime has no "
                             f"{cfg.optimizer}); set the optimizer to sgd or use --backend torch/onnx")

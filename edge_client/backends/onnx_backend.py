@@ -1,7 +1,7 @@
 """ONNX Runtime training backend: trains from `training_model.onnx` / `optimizer_model.onnx` / `checkpoint`.
 
 AdamW with the hyperparameters baked into the optimizer model at export (the manifest lists them);
-the learning rate is set per round from TrainConfig. Needs `onnxruntime-training` (x86_64, macOS,
+the learning rate is set per round from TrainingSettings. Needs `onnxruntime-training` (x86_64, macOS,
 Windows; Android apps embed the Maven package with the same files).
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from edge_client.backends.artifact_trainer import ArtifactTrainer
 from edge_client.backends.artifacts import Artifact
-from edge_client.train_config import TrainConfig
+from hetlora.protocol.settings import TrainingSettings
 from hetlora.errors import UserError
 
 
@@ -45,7 +45,7 @@ class OnnxEngine:
     def gradients(self) -> dict[str, np.ndarray]:
         return {n: np.array(self.state.parameters[n].grad, copy=True) for n in self.trainable}
 
-    def step(self, cfg: TrainConfig) -> None:
+    def step(self, cfg: TrainingSettings) -> None:
         self.optimizer.set_learning_rate(cfg.lr)
         self.optimizer.step()
 
@@ -67,7 +67,7 @@ class OnnxTrainer(ArtifactTrainer):
             raise UserError("--backend onnx needs onnxruntime-training (pip install onnxruntime-training-cpu==1.19.2, "
                             "x86_64 only); use --backend torch or executorch") from None
 
-    def check_config(self, artifact: Artifact, cfg: TrainConfig) -> None:
+    def check_config(self, artifact: Artifact, cfg: TrainingSettings) -> None:
         baked = artifact.optimizer
         if cfg.optimizer != baked.get("name"):
             raise UserError(f"the onnx artifacts train with {baked.get('name')}, the run asks for {cfg.optimizer}; "

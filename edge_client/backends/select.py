@@ -3,9 +3,10 @@
 Order (from benchmarks/bench_backends.py on x86_64; see docs/EXPORT.md):
   x86_64 / AMD64  onnx when onnxruntime-training imports and artifacts exist (about torch speed,
                   lower memory), else torch
-  aarch64 (Pi, Jetson)  torch; executorch only when torch is missing and artifacts exist
-                  (ExecuTorch trains with SGD only, runs default to AdamW, and its aarch64
+  aarch64 (Pi, Jetson)  torch (ExecuTorch trains with SGD only, runs default to AdamW, and its aarch64
                   training is unproven here: docs/DEVICES.md)
+No backend trains without torch: ExecuTorch's Python runtime (its pybindings and TrainingModule) imports
+torch itself, and so do the trainers' LoRA and objective code; without torch `auto` is a UserError.
   Termux (Android)  torch (the only backend with a Termux build)
 """
 
@@ -15,6 +16,8 @@ import importlib.util
 import logging
 import os
 import platform
+
+from hetlora.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ def choose_backend(*, has_artifacts: bool, machine: str | None = None, termux: b
                    have=available) -> tuple[str, str]:
     """(backend, reason) for this platform; `machine`, `termux` and `have` are injectable for tests."""
     machine = (machine or platform.machine()).lower()
+    if not have("torch"):
+        raise UserError("no training backend without torch: torch, ONNX Runtime and ExecuTorch training all "
+                        "need it here (ExecuTorch's Python runtime imports torch itself); install the client "
+                        "extra: pip install 'hetlora-edge[client]'")
     termux = is_termux() if termux is None else termux
     if termux:
         return "torch", "Termux: torch is the only training backend with an Android/Termux build"
@@ -47,6 +54,4 @@ def choose_backend(*, has_artifacts: bool, machine: str | None = None, termux: b
         if have("torch"):
             return "torch", (f"{machine}: torch eager (ExecuTorch trains with SGD only, runs default to AdamW; "
                              "onnxruntime-training has no aarch64 wheel)")
-        if has_artifacts and have("executorch"):
-            return "executorch", f"{machine} without torch: ExecuTorch from the exported artifacts"
     return "torch", f"{machine}: torch (no faster backend known for this platform)"

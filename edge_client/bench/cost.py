@@ -19,7 +19,7 @@ Upload bytes at rank r: 4 * (P_lora(r) + P_dense), float32 on the wire.
 
 from __future__ import annotations
 
-from edge_client.spec import AdapterSpec
+from hetlora.protocol.spec import AdapterSpec
 from profiles.cost import step_flops, upload_bytes
 from profiles.memory_model import ModelShape
 

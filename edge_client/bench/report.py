@@ -10,7 +10,7 @@ import csv
 import json
 from pathlib import Path
 
-from edge_client.plots import line_plot
+from hetlora.plots import line_plot
 
 SCHEMA, VERSION = "hetlora-bench", 1
 CSV_COLUMNS = (

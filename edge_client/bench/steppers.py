@@ -16,8 +16,8 @@ import platform
 import numpy as np
 
 from edge_client.backends.artifacts import Manifest
-from edge_client.train_config import TrainConfig
-from edge_client.wire import Adapter
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.wire import Adapter
 
 ARTIFACT_RUNTIMES = {
     "onnx": ("onnxruntime.training", "onnxruntime-training (PyPI wheels: Linux x86_64, macOS, Windows; "
@@ -86,7 +86,7 @@ class TorchStepper:
         return Adapter(lora=lora, dense=zeros.dense)
 
     def prepare(self, rank: int):
-        step = self.trainer.stepper(self.start_adapter(rank), TrainConfig())
+        step = self.trainer.stepper(self.start_adapter(rank), TrainingSettings())
         return (lambda: step(self.batch)), rank
 
 
@@ -104,7 +104,7 @@ class ArtifactStepper:
         """Raises UserError when no exported artifact covers `rank`."""
         engine = self.trainer.engine_for(rank)
         baked = self.trainer.artifact.optimizer
-        cfg = TrainConfig(optimizer=baked.get("name", "sgd"), lr=ARTIFACT_LR,
+        cfg = TrainingSettings(optimizer=baked.get("name", "sgd"), lr=ARTIFACT_LR,
                           weight_decay=float(baked.get("weight_decay", 0.0)))
         self.trainer.check_config(self.trainer.artifact, cfg)
         inputs = self.trainer.inputs(self.batch, rank, np.zeros(engine.rank, np.float32), 0.0)

@@ -53,7 +53,7 @@ def lora_step_seconds(model_dir=None, *, rank: int = 4, batch_size: int = 8, seq
     from edge_client.data import Examples
     from edge_client.lora import extract_adapter, set_rank
     from edge_client.models import default_model_dir
-    from edge_client.train_config import TrainConfig
+    from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
 
     if steps < 2:
@@ -65,6 +65,6 @@ def lora_step_seconds(model_dir=None, *, rank: int = 4, batch_size: int = 8, seq
     text = " ".join(["device profile measures one training step"] * seq_len)
     examples = Examples("classification", (text,) * rows, tuple(i % 2 for i in range(rows)))
     stamps: list[float] = []
-    trainer.train_round(start, examples, TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len),
+    trainer.train_round(start, examples, TrainingSettings(steps=steps, batch_size=batch_size, seq_len=seq_len),
                         rank=rank, on_step=lambda step, loss: stamps.append(time.perf_counter()))
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))

@@ -6,12 +6,17 @@ inputs, runs it per module in float64 and returns float32.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import replace
 from typing import ClassVar
 
 import numpy as np
 
-from edge_client.spec import AdapterSpec
-from edge_client.wire import Adapter
+from hetlora.protocol.spec import AdapterSpec
+from hetlora.protocol.plan import ClientPlan, Tier
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.wire import Adapter
 from server_stub.aggregation.contract import ClientResult
 from server_stub.aggregation.mixing import Part
 
@@ -19,9 +24,10 @@ DENSE_INIT_STD = 0.02
 
 
 class BaseRule:
-    """Defaults: distribution by top-r truncation, no indices, uploads up to the assigned rank."""
+    """Defaults: distribution by top-r truncation, plans without indices, uploads up to the planned rank."""
 
     name: ClassVar[str]
+    mode: ClassVar[str] = "plain"  # the local training mode of a LoRA round (hetlora.protocol.plan.MODES)
 
     def init_global(self, spec: AdapterSpec, global_rank: int, seed: int) -> Adapter:
         """Deterministic from `seed`: A ~ U(-1/sqrt(in), 1/sqrt(in)) (R x in), B = 0 (out x R), so dW = 0.
@@ -50,13 +56,34 @@ class BaseRule:
         lora = {name: (a[:rank].copy(), b[:, :rank].copy()) for name, (a, b) in global_.lora.items()}
         return Adapter(lora=lora, dense=_copy_dense(global_), meta={**global_.meta, "rank": rank})
 
-    def assign_indices(
-        self, *, global_rank: int, rank: int, round_number: int, client_id: str, seed: int
-    ) -> tuple[int, ...] | None:
+    def configure(self, *, round_number: int, client_key: str, tier: Tier, global_rank: int, seed: int,
+                  training: TrainingSettings, head_round: bool = False) -> ClientPlan:
+        """One client's plan for a round: `planned_rank` of its tier, this rule's `mode` and `planned_indices`,
+        the run's training settings within the tier's caps and seeded by `training_seed(seed, round, client_key)`.
+        The head round (round 0 with head initialisation) collects statistics instead of training."""
+        rank = self.planned_rank(tier.rank, global_rank)
+        check_rank("rank", rank, maximum=global_rank)
+        settings = replace(training.capped(tier.batch_size, tier.seq_len),
+                           seed=training_seed(seed, round_number, client_key))
+        if head_round:
+            return ClientPlan(round=round_number, rank=rank, mode="head-statistics", training=settings)
+        indices = self.planned_indices(global_rank=global_rank, rank=rank, round_number=round_number,
+                                       client_key=client_key, seed=seed)
+        return ClientPlan(round=round_number, rank=rank, mode=self.mode, training=settings, indices=indices,
+                          min_upload_rank=self.min_upload_rank(rank))
+
+    def planned_rank(self, tier_rank: int, global_rank: int) -> int:
+        """The rank a client of this tier rank trains at: the tier's."""
+        return tier_rank
+
+    def planned_indices(self, *, global_rank: int, rank: int, round_number: int, client_key: str,
+                        seed: int) -> tuple[int, ...] | None:
+        """The global components a client trains: none named (top-r truncation)."""
         return None
 
-    def upload_rank_limit(self, assigned_rank: int) -> int:
-        return assigned_rank
+    def min_upload_rank(self, rank: int) -> int:
+        """The lowest effective rank an upload of a rank-r plan may have: 1 (self-pruning may lower it)."""
+        return 1
 
     def aggregate(self, global_: Adapter, results: list[ClientResult]) -> Adapter:
         """Validate, then per module `aggregate_module` in float64; dense: sum (n_k/n) D_k. Returns float32."""
@@ -86,6 +113,12 @@ class BaseRule:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The new (A, B) of one module at rank R from the previous global and the client parts."""
         raise NotImplementedError
+
+
+def training_seed(seed: int, round_number: int, key: str) -> int:
+    """The seed of one client's local round: sha256 of (run seed, round, client key), 32 bits."""
+    digest = hashlib.sha256(json.dumps([seed, round_number, key]).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def rank_of(global_: Adapter) -> int:

@@ -27,7 +27,7 @@ import statistics
 
 import numpy as np
 
-from edge_client.wire import Adapter, WireFormatError
+from hetlora.protocol.wire import Adapter, WireFormatError
 from server_stub.aggregation.contract import ClientResult
 from server_stub.aggregation.linalg import update_norm
 

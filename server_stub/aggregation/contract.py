@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from edge_client.spec import AdapterSpec
-from edge_client.wire import Adapter
+from hetlora.protocol.plan import ClientPlan, Tier
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.spec import AdapterSpec
+from hetlora.protocol.wire import Adapter
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,9 @@ class AggregationRule(Protocol):
     def client_view(self, global_: Adapter, rank: int) -> Adapter:
         """What a client of rank r downloads."""
 
-    def assign_indices(
-        self, *, global_rank: int, rank: int, round_number: int, client_id: str, seed: int
-    ) -> tuple[int, ...] | None:
-        """plora: the r global indices a client trains this round; other rules: None."""
+    def configure(self, *, round_number: int, client_key: str, tier: Tier, global_rank: int, seed: int,
+                  training: TrainingSettings, head_round: bool = False) -> ClientPlan:
+        """One client's plan for a round (rank, mode, training settings, plora's indices), from its tier."""
 
     def aggregate(self, global_: Adapter, results: list[ClientResult]) -> Adapter:
         """The new global at the global rank R."""
-
-    def upload_rank_limit(self, assigned_rank: int) -> int:
-        """The largest rank an upload from a client with this assigned rank may have."""

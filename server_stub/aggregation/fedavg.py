@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from server_stub.aggregation.base import BaseRule, check_rank, rank_of
 from server_stub.aggregation.contract import ClientResult
 from server_stub.aggregation.mixing import Part, mix_components
@@ -21,6 +21,13 @@ class FedAvgRule(BaseRule):
     """
 
     name = "fedavg"
+
+    def planned_rank(self, tier_rank: int, global_rank: int) -> int:
+        """Every client at the global rank, whatever its tier allows (homogeneous)."""
+        return global_rank
+
+    def min_upload_rank(self, rank: int) -> int:
+        return rank
 
     def client_view(self, global_: Adapter, rank: int) -> Adapter:
         """The full global; `rank` must equal the global rank."""

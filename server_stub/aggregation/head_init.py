@@ -1,6 +1,6 @@
 """Closed-form classification heads from pooled per-class feature statistics (round 0).
 
-With the statistics summed over clients (exact: S_c, n_c, G; see edge_client.head_stats),
+With the statistics summed over clients (exact: S_c, n_c, G; see hetlora.protocol.head_stats),
 n = sum_c n_c and class means mu_c = S_c / n_c:
 
   ncm  nearest class mean (FedNCM, Legate et al., NeurIPS 2023):
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge_client.head_stats import HeadStatistics
+from hetlora.protocol.head_stats import HeadStatistics
 
 HEADS = ("ncm", "lda")
 # Chosen on a validation split carved from BANKING77's training rows (all-MiniLM-L6-v2, mean pooling):

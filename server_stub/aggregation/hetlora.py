@@ -35,6 +35,7 @@ class HetLoRARule(BaseRule):
     weighting: str = "sparsity"
     segment_average: bool = False
     name = "hetlora"
+    mode = "hetlora"
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from server_stub.aggregation.base import BaseRule, check_rank, rank_of
 from server_stub.aggregation.contract import ClientResult
 from server_stub.aggregation.mixing import Part, mix_components, per_component_shares
@@ -33,14 +33,19 @@ class PLoRARule(BaseRule):
         check_rank("rank", rank, maximum=rank_of(global_))
         return super().client_view(global_, rank_of(global_))
 
-    def assign_indices(
-        self, *, global_rank: int, rank: int, round_number: int, client_id: str, seed: int
-    ) -> tuple[int, ...]:
-        """r distinct sorted indices in [0, R), drawn by a Generator seeded from sha256 of (seed, round, client_id)."""
+    mode = "plora"
+
+    def planned_indices(self, *, global_rank: int, rank: int, round_number: int, client_key: str,
+                        seed: int) -> tuple[int, ...]:
+        """r distinct sorted indices in [0, R), drawn by a Generator seeded from sha256 of (seed, round, client key)."""
         check_rank("rank", rank, maximum=global_rank)
-        digest = hashlib.sha256(json.dumps([seed, round_number, client_id]).encode()).digest()
+        digest = hashlib.sha256(json.dumps([seed, round_number, client_key]).encode()).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
         return tuple(sorted(int(j) for j in rng.choice(global_rank, size=rank, replace=False)))
+
+    def min_upload_rank(self, rank: int) -> int:
+        """Exactly the planned components come back."""
+        return rank
 
     def component_indices(self, result: ClientResult, upload_rank: int, global_rank: int) -> tuple[int, ...]:
         """The client's `indices`: r_k distinct integers in [0, R)."""
@@ -59,3 +64,4 @@ class PLoRARule(BaseRule):
     def aggregate_module(self, previous, parts: list[Part], n: np.ndarray):
         weights = per_component_shares([idx for _, _, idx in parts], n, n, previous[0].shape[0])
         return mix_components(parts, weights, previous, keep_uncovered=True)
+

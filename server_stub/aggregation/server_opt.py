@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_client.wire import LORA_A, LORA_B, Adapter
+from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
 from server_stub.aggregation.linalg import truncated_svd_of_product
 
 OPTIMIZERS = ("none", "momentum", "adam", "yogi")

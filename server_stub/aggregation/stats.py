@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from server_stub.aggregation.contract import ClientResult
 from server_stub.aggregation.linalg import update_norm
 

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}

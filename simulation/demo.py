@@ -12,17 +12,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from edge_client.fleet import start_client, start_server
+from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
-from edge_client.wire import decode
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.wire import decode
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.demo")
+# The demo's local training: short cosine rounds with a warm-up, the head at the factors' rate.
+DEMO_TRAINING = TrainingSettings(steps=20, batch_size=16, seq_len=32, lr=2e-3, head_lr=2e-3, schedule="cosine",
+                                 warmup_steps=2, prune_lambda=0.01)
 
 
 @dataclass(frozen=True)
@@ -35,20 +39,13 @@ class DemoConfig:
     clients: int = 8
     clients_per_round: int = 4
     rounds: int = 6
-    local_steps: int = 20
-    batch_size: int = 16
-    seq_len: int = 32
-    lr: float = 2e-3
-    head_lr: float = 2e-3
-    schedule: str = "cosine"
-    warmup_steps: int = 2
+    training: TrainingSettings = DEMO_TRAINING  # sent by each run's server; prune_lambda: hetlora runs only
     head_init: str = "lda"
     server_opt: str = "none"
     server_lr: float = 1.0
     dirichlet_alpha: float = 0.5
     seed: int = 0
     ranks: tuple[int, ...] = (4, 8, 16, 32)
-    prune_lambda: float = 0.01
     round_deadline: float = 600.0
     text_column: str = "text"
     label_column: str | None = None
@@ -96,7 +93,8 @@ def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
     import json
 
 
-    from edge_client.data import label_column_of, load_examples, read_labels, read_rows
+    from edge_client.data import label_column_of, load_examples, read_rows
+    from hetlora.labels import read_labels
     from edge_client.evaluate import Evaluator
     from edge_client.partition import dirichlet_partition, summarize, write_rows
     from profiles.catalog import simulated_fleet
@@ -106,7 +104,7 @@ def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
     column = label_column_of(columns, cfg.label_column, cfg.data)
     rows, held_out = split_validation(rows, cfg.validation_fraction, cfg.seed)
     row_labels = [str(r.get(column)) for r in rows]
-    split = dirichlet_partition(row_labels, cfg.clients, cfg.dirichlet_alpha, cfg.seed, min_per_client=cfg.batch_size)
+    split = dirichlet_partition(row_labels, cfg.clients, cfg.dirichlet_alpha, cfg.seed, min_per_client=cfg.training.batch_size)
     suffix = ".jsonl" if Path(cfg.data).suffix.lower() == ".jsonl" else ".csv"
     (cfg.out / "data").mkdir(parents=True, exist_ok=True)
     (cfg.out / "fleet").mkdir(parents=True, exist_ok=True)
@@ -131,7 +129,7 @@ def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
     log.info("%d clients, %d training rows split non-IID (alpha %.2f), %d %s rows", cfg.clients, len(rows),
              cfg.dirichlet_alpha, len(test), "validation (held out of the training data)" if held_out else "test")
     return Fleet(labels, parts, profiles, pooled, test,
-                 lambda adapter: evaluator.evaluate(adapter, test, seq_len=cfg.seq_len, batch_size=256))
+                 lambda adapter: evaluator.evaluate(adapter, test, seq_len=cfg.training.seq_len, batch_size=256))
 
 
 def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -159,12 +157,20 @@ def serve_args(cfg: DemoConfig, method: Method) -> list[str]:
             "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients_per_round),
             "--min-clients", str(min(cfg.clients_per_round, cfg.clients)),
             "--round-deadline", str(cfg.round_deadline), "--seed", str(cfg.seed),
-            "--local-steps", str(cfg.local_steps), "--batch-size", str(cfg.batch_size), "--seq-len", str(cfg.seq_len),
-            "--lr", str(cfg.lr), "--head-lr", str(cfg.head_lr), "--schedule", cfg.schedule,
-            "--warmup-steps", str(cfg.warmup_steps), "--head-init", cfg.head_init, "--head-clients", str(cfg.clients),
+            *training_args(cfg.training, prune=method.aggregator == "hetlora"),
+            "--head-init", cfg.head_init, "--head-clients", str(cfg.clients),
             "--server-opt", cfg.server_opt, "--server-lr", str(cfg.server_lr),
-            "--prune-lambda", str(cfg.prune_lambda if method.aggregator == "hetlora" else 0.0),
             "--poll-seconds", "0.2", *method.options]
+
+
+def training_args(training: TrainingSettings, *, prune: bool) -> list[str]:
+    """`hetlora serve` options that send these training settings (self-pruning only when `prune`)."""
+    head_lr = ["--head-lr", str(training.head_lr)] if training.head_lr is not None else []
+    return ["--local-steps", str(training.steps), "--batch-size", str(training.batch_size),
+            "--seq-len", str(training.seq_len), "--lr", str(training.lr), *head_lr, "--schedule", training.schedule,
+            "--warmup-steps", str(training.warmup_steps), "--lora-alpha", str(training.lora_alpha),
+            "--prune-gamma", str(training.prune_gamma), "--min-rank", str(training.min_rank),
+            "--prune-lambda", str(training.prune_lambda if prune else 0.0)]
 
 
 def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: list[Path], evaluate,
@@ -212,8 +218,8 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
 
 def save_global(data: bytes, run_dir: Path, model_dir: str, labels: list[str]) -> None:
     """The final global adapter in the wire format and as a PEFT folder (edge_client.peft_export)."""
-    from edge_client.atomic import write_bytes
     from edge_client.peft_export import export_peft
+    from hetlora.protocol.atomic import write_bytes
 
     write_bytes(run_dir / "global.safetensors", data)
     export_peft(decode(data), run_dir / "peft", model_dir=model_dir, task="classification", labels=labels)
@@ -246,33 +252,26 @@ def rows_json(rows: list[RoundRow]) -> list[dict]:
 
 def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row) -> list[RoundRow]:
     """LoRA at the largest rank on the pooled data, in process, with the federated runs' settings: the
-    same initial factors, the same head initialisation (from the pooled data's statistics), the same
-    learning rates and schedule; per "round" as many steps as the selected fleet takes in one
-    federated round (clients_per_round x local_steps). Round 0 is the initial head."""
-    from dataclasses import replace
-
+    same initial global (the server's `initial_global`, its head from the pooled data's statistics), the
+    same learning rates and schedule; per "round" as many steps as the selected fleet takes in one
+    federated round (clients_per_round x steps). Round 0 is the initial head."""
     from edge_client.models import derive_spec
-    from edge_client.train_config import TrainConfig
     from edge_client.training import TorchTrainer
     from server_stub.aggregation import make_rule
-    from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, safe_class_head
-    from server_stub.head_round import head_shapes
+    from server_stub.head_round import initial_global
 
     rank = max(cfg.ranks)
     spec = derive_spec(cfg.model_dir, "classification", num_labels=len(labels))
-    adapter = make_rule("fedavg").init_global(spec, rank, cfg.seed)
     trainer = TorchTrainer(cfg.model_dir, "classification", labels=labels)
-    steps = TrainConfig(steps=cfg.clients_per_round * cfg.local_steps, batch_size=cfg.batch_size,
-                        seq_len=cfg.seq_len, lr=cfg.lr, head_lr=cfg.head_lr, schedule=cfg.schedule,
-                        warmup_steps=cfg.warmup_steps)
-    rows, first = [], 1
+    rule = make_rule("fedavg")
+    steps = replace(cfg.training, steps=cfg.clients_per_round * cfg.training.steps, prune_lambda=0.0)
+    rows, first, t0 = [], 1, time.monotonic()
     if cfg.head_init != "none":
-        t0 = time.monotonic()
-        weight_name, bias_name, _, _ = head_shapes(spec)
-        weight, bias, _ = safe_class_head(trainer.head_statistics(pooled, cfg.seq_len), cfg.head_init,
-                                          shrinkage=DEFAULT_SHRINKAGE, temperature=DEFAULT_TEMPERATURE)
-        adapter.dense.update({weight_name: weight, bias_name: bias})
+        stats = trainer.head_statistics(pooled, cfg.training.seq_len)
+        adapter, _ = initial_global(rule, spec, [stats], head_init=cfg.head_init, global_rank=rank, seed=cfg.seed)
         first = 0
+    else:
+        adapter = rule.init_global(spec, rank, cfg.seed)
     for number in range(first, cfg.rounds + 1):
         if number > 0:
             t0 = time.monotonic()
@@ -287,7 +286,7 @@ def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row
 
 def plot_rows(rows: list[RoundRow], path: Path) -> Path | None:
     """Accuracy and macro-F1 against the round, one line per method."""
-    from edge_client.plots import line_plot
+    from hetlora.plots import line_plot
 
     series: dict[str, tuple[list, list]] = {}
     for r in rows:

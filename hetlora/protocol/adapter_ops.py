@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_client.wire import Adapter
+from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 

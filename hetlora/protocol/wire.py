@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from edge_client.spec import AdapterSpec
+from hetlora.protocol.spec import AdapterSpec
 from hetlora.errors import UserError
 
 FORMAT = "hetlora-adapter"
@@ -56,9 +56,6 @@ class Adapter:
         if len(ranks) > 1:
             raise WireFormatError("mixed_rank", f"modules have different ranks {sorted(ranks)}; all must share one rank")
         return ranks.pop() if ranks else 0
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.lora.values()) + sum(t.nbytes for t in self.dense.values())
 
 
 def encode(adapter: Adapter) -> bytes:

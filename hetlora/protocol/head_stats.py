@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from edge_client.wire import WireFormatError, meta_int, read_header
+from hetlora.protocol.wire import WireFormatError, meta_int, read_header
 
 FORMAT = "hetlora-head-statistics"
 FORMAT_VERSION = 1

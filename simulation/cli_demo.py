@@ -9,22 +9,15 @@ Defaults: all-MiniLM-L6-v2 on BANKING77 intent classification, about 4 minutes o
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
-from edge_client.demo import DemoConfig
+from hetlora.argtypes import positive_int_list
+from server_stub.aggregation import RULES
+from simulation.demo import DEMO_TRAINING, DemoConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "banking77"
-
-
-def _ranks(text: str) -> tuple[int, ...]:
-    try:
-        ranks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ranks must be comma-separated integers, got {text!r}") from None
-    if not ranks or ranks[0] < 1:
-        raise argparse.ArgumentTypeError("ranks must be positive")
-    return ranks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,20 +27,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default=str(DATA / "categories.json"), help="label list (JSON list or lines)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", help="label column (default: 'label', or 'category')")
-    p.add_argument("--aggregator", choices=("hetlora", "hlora", "plora", "fedavg"), default="hetlora")
+    p.add_argument("--aggregator", choices=RULES, default="hetlora")
     p.add_argument("--compare", action="store_true", help="run fedavg at the smallest and largest rank, hetlora, "
                                                           "hlora, plora and centralized LoRA on the same split")
     p.add_argument("--clients", type=int, default=8, help="simulated devices (default 8)")
     p.add_argument("--clients-per-round", type=int, default=4)
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--local-steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--lr", type=float, default=DemoConfig.lr, help="learning rate of the LoRA factors")
-    p.add_argument("--head-lr", type=float, default=DemoConfig.head_lr, help="learning rate of the head")
-    p.add_argument("--schedule", choices=("constant", "cosine"), default=DemoConfig.schedule,
+    p.add_argument("--local-steps", type=int, default=DEMO_TRAINING.steps)
+    p.add_argument("--batch-size", type=int, default=DEMO_TRAINING.batch_size)
+    p.add_argument("--seq-len", type=int, default=DEMO_TRAINING.seq_len)
+    p.add_argument("--lr", type=float, default=DEMO_TRAINING.lr, help="learning rate of the LoRA factors")
+    p.add_argument("--head-lr", type=float, default=DEMO_TRAINING.head_lr, help="learning rate of the head")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=DEMO_TRAINING.schedule,
                    help="learning-rate schedule over each round's local steps")
-    p.add_argument("--warmup-steps", type=int, default=DemoConfig.warmup_steps)
+    p.add_argument("--warmup-steps", type=int, default=DEMO_TRAINING.warmup_steps)
     p.add_argument("--head-init", choices=("none", "ncm", "lda"), default=DemoConfig.head_init,
                    help="round 0 sets the head from the clients' class statistics (default lda; none = random head)")
     p.add_argument("--server-opt", choices=("none", "momentum", "adam", "yogi"), default=DemoConfig.server_opt,
@@ -56,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.0,
                    help="hold out this share of the training rows and evaluate on it instead of --test "
                         "(for choosing hyperparameters without looking at the test set)")
-    p.add_argument("--ranks", type=_ranks, default=(4, 8, 16, 32), help="rank set (default 4,8,16,32)")
+    p.add_argument("--ranks", type=positive_int_list, default=(4, 8, 16, 32), help="rank set (default 4,8,16,32)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     p.add_argument("--eval-rows", type=int, help="evaluate on this many test rows (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from edge_client.demo import (DemoConfig, centralized_run, federated_run, format_table, methods_for,
+    from simulation.demo import (DemoConfig, centralized_run, federated_run, format_table, methods_for,
                                   plot_rows, prepare_fleet, rows_json)
     from edge_client.models import check_model_dir, default_model_dir
 
@@ -83,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
     model_dir = str(check_model_dir(args.model or default_model_dir()))
     cfg = DemoConfig(model_dir=model_dir, data=args.data, test=args.test, labels=args.labels, out=out,
                      clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
-                     local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                     head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                     training=replace(DEMO_TRAINING, steps=args.local_steps, batch_size=args.batch_size,
+                                      seq_len=args.seq_len, lr=args.lr, head_lr=args.head_lr, schedule=args.schedule,
+                                      warmup_steps=args.warmup_steps),
                      head_init=args.head_init, server_opt=args.server_opt, server_lr=args.server_lr,
                      dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks,
                      text_column=args.text_column, label_column=args.label_column,

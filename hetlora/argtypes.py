@@ -1,0 +1,16 @@
+"""argparse value types shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int_list(text: str) -> tuple[int, ...]:
+    """"4,8,16" -> (4, 8, 16); argparse's one-line error for anything else (a non-integer, a value below 1)."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values

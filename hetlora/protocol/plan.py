@@ -1,0 +1,76 @@
+"""A client's plan for one round: what the server's configure step decides and the client follows.
+
+The server (its aggregation rule's `configure`) fixes the plan when the round opens, from the round, the
+client and the client's tier; `GET /v1/round` carries it as `plan` (docs/PROTOCOL.md). The client trains
+`mode` at `rank` (on the global components `indices` for plora) with `training`, and uploads an update
+whose effective rank lies in `min_upload_rank..rank`.
+
+Modes: `plain` (train the factors at `rank`), `hetlora` (plus self-pruning: the upload may have a lower
+rank), `plora` (Select-N-Fold: train the components `indices`, fold the others), `head-statistics`
+(round 0: per-class feature statistics instead of an adapter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetlora.protocol.settings import TrainingSettings
+
+MODES = ("plain", "hetlora", "plora", "head-statistics")
+
+
+@dataclass(frozen=True)
+class Tier:
+    """What a device may do now: the rank the tier policy allows (capped by the client's request and
+    rounded to the server's rank set) and the tier's batch-size and sequence-length caps (None: no cap)."""
+
+    rank: int
+    batch_size: int | None = None
+    seq_len: int | None = None
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "batch_size": self.batch_size, "seq_len": self.seq_len}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Tier":
+        return cls(rank=int(doc["rank"]), batch_size=doc.get("batch_size"), seq_len=doc.get("seq_len"))
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """One client's round: `rank` it trains (and downloads) at, `mode`, `training` (seeded for this client
+    and round, within its tier), plora's `indices`, and the lowest effective rank its upload may have."""
+
+    round: int
+    rank: int
+    mode: str
+    training: TrainingSettings
+    indices: tuple[int, ...] | None = None
+    min_upload_rank: int = 1
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown plan mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.mode == "plora" and (self.indices is None or len(self.indices) != self.rank):
+            raise ValueError(f"a plora plan needs {self.rank} indices, got {self.indices!r}")
+
+    def to_json(self) -> dict:
+        return {"round": self.round, "rank": self.rank, "mode": self.mode, "training": self.training.to_json(),
+                "indices": list(self.indices) if self.indices is not None else None,
+                "min_upload_rank": self.min_upload_rank}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "ClientPlan":
+        """A plan from its JSON form; ValueError (one line) for anything missing or of the wrong type."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"a plan must be a JSON object, got {str(doc)[:40]}")
+        for key in ("round", "rank", "min_upload_rank"):
+            if isinstance(doc.get(key), bool) or not isinstance(doc.get(key), int):
+                raise ValueError(f"plan field {key!r} must be an integer, got {str(doc.get(key))[:40]}")
+        indices = doc.get("indices")
+        if indices is not None and not (isinstance(indices, list)
+                                        and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+            raise ValueError(f"plan field 'indices' must be a list of integers, got {str(indices)[:40]}")
+        return cls(round=doc["round"], rank=doc["rank"], mode=str(doc.get("mode")),
+                   training=TrainingSettings.from_json(doc.get("training")),
+                   indices=tuple(indices) if indices is not None else None, min_upload_rank=doc["min_upload_rank"])

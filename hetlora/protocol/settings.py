@@ -1,0 +1,87 @@
+"""The local training settings: one type, carried by the server's run config and a client's round plan,
+taken by every training backend. JSON form: the field names and values (`to_json` / `from_json`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+FLOATS = {"lr", "head_lr", "weight_decay", "lora_alpha", "prune_gamma", "prune_lambda"}
+STRINGS = {"schedule", "optimizer"}
+BOOLS = {"trim_padding", "dropout"}
+OPTIONAL = {"steps", "epochs", "head_lr"}
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Local training settings (what the server's run config carries and every backend takes).
+    `steps` wins over `epochs` when both are set.
+
+    Self-pruning (HetLoRA): loss = task loss + prune_lambda * sum_layers ||B[:, p:r]||_F ||A[p:r, :]||_F,
+    p = floor(prune_gamma * r); after the round, if that tail term fell, r <- max(min_rank, floor(gamma r)).
+    `prune_lambda = 0` disables the regulariser and pruning.
+
+    Learning rates: `lr` for the LoRA factors, `head_lr` for the dense head (None: `lr`); both follow
+    `schedule` over the round's steps: "constant", or "cosine" (linear warm-up over `warmup_steps`,
+    then lr_t = lr * (1 + cos(pi * t' / T')) / 2 over the remaining T' steps).
+    `trim_padding`: length-grouped batches cut to their longest row (torch backend only; the artifact
+    backends keep fixed shapes and uniformly shuffled batches, which the torch backend reproduces
+    exactly with trim_padding=False).
+    """
+
+    steps: int | None = 20
+    epochs: int | None = None
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 5e-4
+    head_lr: float | None = None
+    schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    trim_padding: bool = True
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (ExecuTorch offers only sgd)
+    seed: int = 0
+    lora_alpha: float = 16.0
+    prune_gamma: float = 0.99
+    prune_lambda: float = 0.0
+    min_rank: int = 4
+    dropout: bool = False  # the base model's own dropout during local training
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "TrainingSettings":
+        """Settings from their JSON form; fields it leaves out keep their defaults. ValueError names an
+        unknown field or a value of the wrong type."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"training settings must be a JSON object, got {str(doc)[:40]}")
+        return cls().updated(doc)
+
+    def updated(self, changes: dict) -> "TrainingSettings":
+        """These settings with `changes` (field -> value) applied; ValueError for an unknown field or a bad type."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        for name, value in changes.items():
+            if not _fits(name, value):
+                raise ValueError(f"training setting {name!r} has the wrong type: {str(value)[:40]}")
+        return replace(self, **changes)
+
+    def capped(self, batch_size: int | None, seq_len: int | None) -> "TrainingSettings":
+        """Batch size and sequence length at most the given limits (a device tier's); None: no limit."""
+        return replace(self, batch_size=min(self.batch_size, batch_size or self.batch_size),
+                       seq_len=min(self.seq_len, seq_len or self.seq_len))
+
+
+def _fits(name: str, value) -> bool:
+    """Whether `value` has the JSON type of setting `name` (bool is not a number; an int is a float)."""
+    if value is None:
+        return name in OPTIONAL
+    if name in BOOLS:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if name in STRINGS:
+        return isinstance(value, str)
+    return isinstance(value, (int, float) if name in FLOATS else int)

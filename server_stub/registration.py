@@ -1,0 +1,92 @@
+"""Who the clients are: registration (with the client's tier), bearer-token authentication, profile reports.
+
+A client's tier (rank and batch / sequence caps) is stored with it; the rule's configure step turns it into
+the client's plan when a round opens. The caller passes the coordinator's lock and a function that opens
+the next round when enough clients registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+
+from hetlora.protocol.plan import Tier
+from server_stub import queries
+from server_stub.config import ServerConfig
+from server_stub.errors import ApiError
+from server_stub.store import Store
+from server_stub.tiers import tier_for
+
+log = logging.getLogger("hetlora.server")
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Registration:
+    def __init__(self, config: ServerConfig, store: Store, rule, lock, clock,
+                 open_next_round: Callable[[], dict | None]):
+        self.config, self.store, self.rule, self.lock, self.clock = config, store, rule, lock, clock
+        self.open_next_round = open_next_round
+
+    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None) -> tuple[dict, dict | None]:
+        """A new client (id, token, the rank it trains at, the run config) and the round its arrival opened."""
+        if requested_rank < 1:
+            raise ApiError(400, "bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
+        if n_samples < 0:
+            raise ApiError(400, "bad_request", f"n_samples must be >= 0, got {n_samples}")
+        tier = self._tier(profile, requested_rank, pruned_rank=None)
+        client_id, token = "c-" + secrets.token_hex(6), secrets.token_urlsafe(32)
+        with self.lock, self.store.transaction():
+            self.store.insert("clients", {
+                "client_id": client_id, "token_sha256": token_digest(token), "name": name, "profile": profile,
+                "requested_rank": requested_rank, "rank": tier.rank, "caps": caps(tier), "pruned_rank": None,
+                "n_samples": n_samples, "registered_at": self.clock(),
+            })
+            opened = self.open_next_round()
+        rank = self.rule.planned_rank(tier.rank, self.config.global_rank)
+        log.info("registered %s (%s): requested rank %d -> rank %d, %d samples",
+                 client_id, name or "unnamed", requested_rank, rank, n_samples)
+        return {"client_id": client_id, "token": token, "rank": rank, "run": self.config.run_config()}, opened
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The client id of an `Authorization: Bearer <token>` header value."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing_token", "send the header 'Authorization: Bearer <token>' with the token "
+                                                 "from POST /v1/register")
+        with self.lock:
+            row = self.store.select_one("SELECT client_id FROM clients WHERE token_sha256 = ?",
+                                        (token_digest(token.strip()),))
+        if row is None:
+            raise ApiError(401, "bad_token", "unknown token; register again with POST /v1/register")
+        return row["client_id"]
+
+    def report_profile(self, client_id: str, profile: dict, requested_rank: int | None = None) -> dict:
+        """A fresh device profile: returns the rank for the next round the client is selected in."""
+        if requested_rank is not None and requested_rank < 1:
+            raise ApiError(400, "bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
+        with self.lock, self.store.transaction():
+            client = queries.client(self.store, client_id)
+            requested = requested_rank or client["requested_rank"]
+            tier = self._tier(profile, requested, client["pruned_rank"], previous_rank=client["rank"])
+            self.store.update("clients", {"client_id": client_id},
+                              {"profile": profile, "requested_rank": requested, "rank": tier.rank, "caps": caps(tier)})
+        rank = self.rule.planned_rank(tier.rank, self.config.global_rank)
+        log.info("profile of %s updated: rank %d -> %d", client_id, client["rank"], rank)
+        return {"client_id": client_id, "rank": rank}
+
+    def _tier(self, profile: dict, requested_rank: int, pruned_rank: int | None,
+              previous_rank: int | None = None) -> Tier:
+        """The tier policy's tier, its rank never above a rank the client self-pruned to."""
+        tier = tier_for(profile, requested_rank, self.config.ranks, previous_rank=previous_rank,
+                        spec=self.config.spec, policy=self.config.policy)
+        return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
+
+
+def caps(tier: Tier) -> dict:
+    """A tier's batch and sequence caps as stored with the client (its rank has a column of its own)."""
+    return {"batch_size": tier.batch_size, "seq_len": tier.seq_len}

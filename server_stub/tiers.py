@@ -1,0 +1,46 @@
+"""A client's tier: the rank it may train at and its batch / sequence caps, from its device profile and request.
+
+A "hetlora-profile" document goes through the tier policy (profiles.policy.decide_tier, the same code
+`hetlora profile --tier` runs on the device, with the server's `--policy` file); the policy's rank is then
+capped by the client's request and rounded down to the server's rank set, and its batch size and sequence
+length become the tier's caps. Any other JSON object (a profile of unknown shape) gets the largest server
+rank not above the request and no caps. The aggregation rule turns the tier into the round's plan.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hetlora.errors import UserError
+from hetlora.protocol.plan import Tier
+from server_stub.errors import ApiError
+
+log = logging.getLogger("hetlora.server")
+
+
+def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, previous_rank: int | None = None,
+             spec=None, policy=None) -> Tier:
+    """Tier(min(policy rank, requested_rank) rounded down to a rank of `ranks` (the smallest one if all are
+    above), the policy's batch size, the policy's sequence length).
+
+    `previous_rank`: the client's current rank, for the policy's hysteresis; `spec`: the run's AdapterSpec,
+    for exact LoRA parameter counts; `policy`: the tier policy document (None: the packaged tiers.json).
+    A device the policy rules out of training gets 422 `cannot_train` with the policy's reasons; a malformed
+    profile 400 `bad_profile`.
+    """
+    cap, batch_size, seq_len = requested_rank, None, None
+    if isinstance(profile, dict) and profile.get("schema") == "hetlora-profile":
+        from profiles.policy import decide_tier
+
+        previous = {"rank": previous_rank} if previous_rank else None
+        try:
+            decision = decide_tier(profile, previous, spec=spec, policy=policy)
+        except UserError as exc:
+            raise ApiError(400, "bad_profile", str(exc)) from None
+        if decision.rank == 0:
+            raise ApiError(422, "cannot_train", "the tier policy rules this device out of training now: "
+                           + "; ".join(decision.reasons), reasons=decision.reasons)
+        log.info("tier policy: %s (rank %d): %s", decision.tier, decision.rank, "; ".join(decision.reasons))
+        cap, batch_size, seq_len = min(cap, decision.rank), decision.batch_size, decision.seq_len
+    fitting = [r for r in ranks if r <= cap]
+    return Tier(rank=max(fitting) if fitting else min(ranks), batch_size=batch_size, seq_len=seq_len)
