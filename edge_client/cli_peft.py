@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> dict:
-    from edge_client.data import read_labels
+    from hetlora.labels import read_labels
     from edge_client.models import default_model_dir, default_pooling
     from edge_client.peft_export import export_peft
     from hetlora.protocol.wire import decode
