@@ -32,8 +32,9 @@ def requirement_name(requirement: str) -> str:
 def select(requirements: list[str], extra: str, without: set[str]) -> list[str]:
     """Requirements without a marker or with exactly `extra == "<extra>"`, minus `without`.
 
-    Requirements of other extras are skipped. Any other marker on a wanted requirement is
-    refused rather than guessed, so a new platform-specific pin is noticed.
+    Requirements of other extras are skipped; `python_version < "X.Y"` / `>= "X.Y"` markers are
+    evaluated for this Python. Any other marker on a wanted requirement is refused rather than
+    guessed, so a new platform-specific pin is noticed.
     """
     excluded = {requirement_name(name) for name in without}
     chosen = []
@@ -42,7 +43,12 @@ def select(requirements: list[str], extra: str, without: set[str]) -> list[str]:
         extras = re.findall(r"extra\s*==\s*[\"']([^\"']+)[\"']", marker)
         if extras and extra not in extras:
             continue
-        if marker and re.fullmatch(r"extra\s*==\s*[\"'][^\"']+[\"']", marker) is None:
+        version_test = re.fullmatch(r"python_version\s*(<|>=)\s*[\"'](\d+)\.(\d+)[\"']", marker)
+        if version_test:
+            op, major, minor = version_test.groups()
+            if (sys.version_info[:2] < (int(major), int(minor))) != (op == "<"):
+                continue
+        elif marker and re.fullmatch(r"extra\s*==\s*[\"'][^\"']+[\"']", marker) is None:
             raise ValueError(f"cannot evaluate marker {marker!r} of {requirement!r}")
         if requirement_name(requirement) not in excluded:
             chosen.append(requirement)

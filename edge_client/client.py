@@ -44,6 +44,7 @@ class ClientOptions:
     give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
     enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
     ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
+    optimizer: str | None = None  # None: the artifacts' own, adamw for the torch backend
 
 
 def plan_of(current: dict) -> ClientPlan:
@@ -79,6 +80,7 @@ class EdgeClient:
         self.trainer = None
         self.examples = None
         self.spec = None
+        self.overrides = dict(options.train_overrides or {})  # TrainingSettings fields over the plan
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -137,7 +139,7 @@ class EdgeClient:
 
     def _prepare(self, run: dict) -> None:
         """Load the trainer after checking the local model agrees with the server's spec."""
-        from edge_client.backends import make_trainer
+        from edge_client.backends import make_trainer, optimizer_settings
         from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
 
@@ -153,6 +155,7 @@ class EdgeClient:
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
+        self.overrides.update(optimizer_settings(self.options.optimizer, self.trainer))
 
     def _refresh_rank(self) -> None:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""
@@ -170,7 +173,7 @@ class EdgeClient:
         """One round, as the server's plan for it says: returns True when an update was accepted."""
         number = current["round"]
         plan = plan_of(current)
-        cfg = plan.training.updated(self.options.train_overrides or {})
+        cfg = plan.training.updated(self.overrides)
         pending = self.state_dir.pending(number)
         if pending is None and plan.mode == "head-statistics":
             pending, summary, elapsed = self._head_statistics(number, cfg)
@@ -185,8 +188,8 @@ class EdgeClient:
                     return False
                 raise
             start = self._checked_download(raw, number, run)
-            log.info("round %d: training %s at rank %d (%d steps, batch %d, seq %d)", number, plan.mode, plan.rank,
-                     cfg.steps or 0, cfg.batch_size, cfg.seq_len)
+            log.info("round %d: training %s at rank %d (%d steps, batch %d, seq %d, %s lr %g)", number, plan.mode,
+                     plan.rank, cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr)
             result = self.trainer.train_round(start, self.examples, cfg, rank=plan.rank,
                                               indices=list(plan.indices) if plan.indices is not None else None,
                                               mode=plan.mode, on_step=self._progress(number, cfg))
@@ -224,9 +227,6 @@ class EdgeClient:
         """Round 0: per-class feature statistics of the local data under the frozen base model, saved as pending."""
         from hetlora.protocol.head_stats import encode_statistics
 
-        if not hasattr(self.trainer, "head_statistics"):
-            raise UserError(f"the {self.options.backend} backend cannot compute head statistics (round 0 of this run); "
-                            "use --backend torch")
         t0 = time.perf_counter()
         stats = self.trainer.head_statistics(self.examples, cfg.seq_len)
         stats.meta = {"round": number, "client_id": self.state.client_id, "n_samples": stats.n_samples}

@@ -40,6 +40,9 @@ EVAL_ROWS = 64  # rows of the fixed local evaluation set behind loss_before / lo
 class TorchTrainer:
     """A frozen base model with LoRA layers, kept in memory across rounds of one client."""
 
+    backend = "torch"
+    exported_optimizer = None  # any optimiser (artifact trainers train with what they were exported with)
+
     def __init__(self, model_dir, task: str, labels: list[str] | None = None, targets=None, lora_alpha: float = 16.0,
                  pooling: str | None = None):
         torch.manual_seed(0)  # the fresh head is the same on every client

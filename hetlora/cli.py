@@ -15,6 +15,7 @@ import os
 import sys
 
 from hetlora import __version__, output
+from hetlora.config_file import expand as expand_config
 from hetlora.errors import UserError
 from hetlora.extras import missing_extra_message
 
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("simulation.cli_demo", "simulate a heterogeneous fleet on loopback (the main job)"),
     "partition": ("edge_client.cli_partition", "split a dataset non-IID across clients"),
     "evaluate": ("edge_client.cli_evaluate", "evaluate a global adapter on a test file"),
+    "peft": ("edge_client.cli_peft", "convert adapters to and from Hugging Face PEFT"),
     "profile": ("edge_client.cli_profile", "profile this device and pick its LoRA rank tier"),
     "bench": ("edge_client.cli_bench", "per-rank latency and energy benchmark"),
     "export": ("exporter.cli", "export trainable ExecuTorch / ONNX Runtime artifacts per rank"),
@@ -67,8 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = expand_config(argv, _subparsers(parser))
+    except UserError as exc:
+        print(f"hetlora: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     output.configure(getattr(args, "verbosity", 0))
     args.verbose = output.verbosity() > 0

@@ -22,6 +22,8 @@ from server_stub.config import ServerConfig
 from server_stub.enrollment import Enrollment
 from server_stub.errors import ApiError
 from server_stub.limits import BodyLimit
+from server_stub.init_adapter import StartsFromAdapter
+from server_stub.metrics import install_metrics
 from server_stub.rounds import Coordinator
 from server_stub.store import Store
 
@@ -53,6 +55,8 @@ def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinato
         rule = make_rule(config.aggregator, **config.rule_options)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if config.init_adapter is not None:
+        rule = StartsFromAdapter(rule, config.init_adapter)
     store = Store(state_dir)
     try:
         store.bind_identity(config.identity())
@@ -75,6 +79,7 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
                   lifespan=_lifespan(coordinator))
     app.state.coordinator = coordinator
     app.add_middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
+    install_metrics(app, coordinator)  # after BodyLimit: its middleware is outermost and sees the 413s
 
     _add_error_handlers(app)
 

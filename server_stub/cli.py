@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 from hetlora.argtypes import positive_int_list
+from hetlora.config_file import add_config_option
 from hetlora.demo_data import banking77
 from hetlora.errors import UserError
 from server_stub.aggregation import RULES
@@ -27,12 +28,16 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_option(p)
     run = p.add_argument_group("model and task")
     run.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2)")
     run.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
     run.add_argument("--labels", help="classification labels: a JSON list or one label per line "
                                       "(default: the bundled BANKING77 intents)")
     run.add_argument("--targets", type=_name_list, help="LoRA target modules, comma-separated (default: by model type)")
+    run.add_argument("--init-adapter", metavar="PATH",
+                     help="start from this adapter instead of a fresh one: a PEFT LoRA folder (any r, lora_alpha) or a "
+                          "wire .safetensors file; it must fit the model, --targets and labels, rank <= --global-rank")
 
     agg = p.add_argument_group("aggregation")
     agg.add_argument("--aggregator", choices=RULES, default="hetlora")
@@ -69,7 +74,7 @@ def _add_round_arguments(p: argparse.ArgumentParser) -> None:
     head.add_argument("--head-init", choices=("none", "ncm", "lda"),
                       help="set the head from pooled per-class feature statistics of the clients: nearest class "
                            "mean (ncm) or a shrunk linear discriminant (lda); none = a random head "
-                           "(default: lda for classification, none for causal-lm)")
+                           "(default: lda for classification, none for causal-lm or an --init-adapter with a head)")
     head.add_argument("--head-shrinkage", type=float, default=DEFAULT_SHRINKAGE,
                       help=f"lda covariance shrinkage in [0, 1] (default {DEFAULT_SHRINKAGE})")
     head.add_argument("--head-temperature", type=float, default=DEFAULT_TEMPERATURE,
@@ -125,6 +130,7 @@ def build_config(args: argparse.Namespace):
     from profiles.policy import load_policy
     from hetlora.labels import read_labels
     from server_stub.config import ServerConfig
+    from server_stub.init_adapter import read_init_adapter
 
     rule_options = _rule_options(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
@@ -134,6 +140,9 @@ def build_config(args: argparse.Namespace):
     spec = derive_spec(model_dir, args.task, args.targets, num_labels=len(labels) if labels else None)
     global_rank = args.hlora_rank or args.global_rank or max(args.ranks)
     prune_lambda = args.prune_lambda if args.prune_lambda is not None else (0.01 if args.aggregator == "hetlora" else 0.0)
+    init_adapter = read_init_adapter(args.init_adapter) if args.init_adapter else None
+    head_init = args.head_init or ("lda" if args.task == "classification" and not (init_adapter and init_adapter.dense)
+                                   else "none")
     training = TrainingSettings(steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                 head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
                                 prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank,
@@ -144,7 +153,7 @@ def build_config(args: argparse.Namespace):
         round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed,
         max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, training=training,
         policy=load_policy(args.policy) if args.policy else None,
-        head_init=args.head_init or ("lda" if args.task == "classification" else "none"),
+        head_init=head_init, init_adapter=init_adapter,
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
         server_opt=_server_optimizer(args),
     )

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.spec import AdapterSpec
+from hetlora.protocol.wire import Adapter
 from server_stub.aggregation import RULES
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import ServerOptimizer
@@ -38,6 +39,7 @@ class ServerConfig:
     head_temperature: float = DEFAULT_TEMPERATURE
     head_clients: int = 0  # clients registered before round 0 opens (0: min_clients)
     server_opt: ServerOptimizer = ServerOptimizer()
+    init_adapter: Adapter | None = field(default=None, compare=False, repr=False)  # server_stub.init_adapter
 
     def __post_init__(self):
         if self.aggregator not in RULES:
@@ -67,6 +69,10 @@ class ServerConfig:
             raise UserError(str(exc)) from None
         if not 0.0 <= self.head_shrinkage <= 1.0 or self.head_temperature <= 0 or self.head_clients < 0:
             raise UserError("--head-shrinkage must be in [0, 1], --head-temperature positive, --head-clients >= 0")
+        if self.init_adapter is not None:
+            from server_stub.init_adapter import check_init_adapter
+
+            check_init_adapter(self.init_adapter, self.spec, self.global_rank, self.head_round)
 
     @property
     def head_round(self) -> bool:
@@ -79,7 +85,10 @@ class ServerConfig:
 
     def identity(self) -> dict:
         """What a state dir is bound to: restarting with anything else here is refused."""
-        return {
+        from server_stub.init_adapter import init_digest
+
+        started_from = {"init_adapter": init_digest(self.init_adapter)} if self.init_adapter is not None else {}
+        return started_from | {
             "model_hash": self.spec.model_hash,
             "spec_fingerprint": self.spec.fingerprint,
             "aggregator": self.aggregator,

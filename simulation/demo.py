@@ -208,7 +208,7 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
             time.sleep(0.5)
         for c in clients:
             c.wait(timeout=120)
-        save_global(api.global_adapter(), run_dir, cfg.model_dir)
+        save_global(api.global_adapter(), run_dir, cfg.model_dir, status["run"]["labels"])
         return rows
     finally:
         for c in clients:
@@ -216,13 +216,13 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
         server.stop()
 
 
-def save_global(data: bytes, run_dir: Path, model_dir: str) -> None:
-    """The final global adapter in the wire format and in PEFT format (`PeftModel.from_pretrained`)."""
+def save_global(data: bytes, run_dir: Path, model_dir: str, labels: list[str]) -> None:
+    """The final global adapter in the wire format and as a PEFT folder (edge_client.peft_export)."""
+    from edge_client.peft_export import export_peft
     from hetlora.protocol.atomic import write_bytes
-    from edge_client.peft_format import save_peft
 
     write_bytes(run_dir / "global.safetensors", data)
-    save_peft(decode(data), run_dir / "peft", "classification", base_model=model_dir)
+    export_peft(decode(data), run_dir / "peft", model_dir=model_dir, task="classification", labels=labels)
     log.info("final global adapter: %s (wire) and %s (PEFT)", run_dir / "global.safetensors", run_dir / "peft")
 
 

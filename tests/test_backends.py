@@ -206,6 +206,31 @@ def test_user_errors(setup):
                      artifacts_dir=out)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "executorch"])
+def test_artifact_trainers_optimizer_and_head_statistics(setup, backend):
+    """The manifest decides the optimiser and a baked-in weight decay (optimizer_settings refuses another
+    optimiser); round-0 statistics equal the torch trainer's."""
+    from edge_client.backends import optimizer_settings
+
+    task = setup[0]
+    reference, trainer = trainers(setup, backend)
+    fixed = {"onnx": {"optimizer": "adamw", "weight_decay": 0.0}, "executorch": {"optimizer": "sgd"}}[backend]
+    assert optimizer_settings(None, trainer) == fixed == optimizer_settings(fixed["optimizer"], trainer)
+    other = {"adamw": "sgd", "sgd": "adamw"}[fixed["optimizer"]]
+    with pytest.raises(UserError, match=f"--optimizer {other}: the {backend} artifacts were exported to train with"):
+        optimizer_settings(other, trainer)
+    assert optimizer_settings(None, reference) == {"optimizer": "adamw"}
+    assert optimizer_settings("sgd", reference) == {"optimizer": "sgd"}
+    if task != "classification":
+        with pytest.raises(UserError, match="classification runs only"):
+            trainer.head_statistics(examples_for(task), 12)
+        return
+    want, got = reference.head_statistics(examples_for(task), 12), trainer.head_statistics(examples_for(task), 12)
+    np.testing.assert_array_equal(got.class_counts, want.class_counts)
+    np.testing.assert_allclose(got.class_sums, want.class_sums, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.feature_gram, want.feature_gram, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_artifact_sha256_is_verified(setup, tmp_path, damage):
     task, model_dir, targets, labels, folders = setup

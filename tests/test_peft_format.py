@@ -10,7 +10,7 @@ from edge_client.data import Examples
 from edge_client.evaluate import Evaluator, macro_f1
 from edge_client.lora import inject_lora, load_adapter
 from edge_client.models import derive_spec, load_task_model
-from edge_client.peft_format import save_peft
+from hetlora.protocol.peft_format import save_peft
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 

@@ -19,7 +19,7 @@ def make_trainer(backend: str, *, model_dir, task: str, labels=None, targets=Non
     """The trainer for `backend`; `auto` picks one with edge_client.backends.select and logs why.
 
     `rank` (optional) loads and verifies the artifact of that rank now instead of at the first round.
-    `pooling` (torch): the run's classification pooling; artifacts carry theirs in their spec fingerprint.
+    `pooling`: the run's classification pooling (artifacts also carry theirs in their spec fingerprint).
     """
     if backend == "auto":
         from edge_client.backends.select import choose_backend
@@ -36,7 +36,22 @@ def make_trainer(backend: str, *, model_dir, task: str, labels=None, targets=Non
         from edge_client.backends.executorch_backend import ExecuTorchTrainer as cls
     else:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    trainer = cls(model_dir, task, labels=labels, targets=targets, lora_alpha=lora_alpha, artifacts_dir=artifacts_dir)
+    trainer = cls(model_dir, task, labels=labels, targets=targets, lora_alpha=lora_alpha, artifacts_dir=artifacts_dir,
+                  pooling=pooling)
     if rank is not None:
         trainer.engine_for(rank)
     return trainer
+
+
+def optimizer_settings(requested: str | None, trainer) -> dict:
+    """The TrainingSettings optimiser fields of local rounds: an artifact trainer's own (`trainer.exported_optimizer`:
+    the optimiser its artifacts were exported with and a baked-in weight decay) or, for the torch trainer (None),
+    `requested` or adamw. UserError when `requested` is one the artifacts cannot run, so a client finds out
+    before it registers."""
+    fixed = trainer.exported_optimizer
+    if fixed is None:
+        return {"optimizer": requested or "adamw"}
+    if requested not in (None, fixed["optimizer"]):
+        raise UserError(f"--optimizer {requested}: the {trainer.backend} artifacts were exported to train with "
+                        f"{fixed['optimizer']}; drop --optimizer, re-export, or use --backend torch")
+    return dict(fixed)

@@ -25,6 +25,7 @@ from edge_client.models import model_hash
 from edge_client.objective import IGNORE
 from hetlora.protocol.lora_rules import lora_scale, pruned_rank, should_prune
 from edge_client.train_config import RoundResult
+from hetlora.protocol.head_stats import HeadStatistics
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
 from hetlora.errors import UserError
@@ -57,13 +58,14 @@ class ArtifactTrainer:
     backend = ""
 
     def __init__(self, model_dir, task: str, labels: list[str] | None = None, targets=None, lora_alpha: float = 16.0,
-                 *, artifacts_dir=None):
+                 *, artifacts_dir=None, pooling: str | None = None):
         if artifacts_dir is None:
             raise UserError(f"--backend {self.backend} trains from exported artifacts: pass --artifacts DIR "
                             "(the folder written by `hetlora export`, copied to this device)")
-        self.task = task
+        self.model_dir, self.task, self.labels, self.pooling = model_dir, task, labels, pooling
         self.lora_alpha = float(lora_alpha)
         self.manifest = load_manifest(artifacts_dir)
+        self.exported_optimizer = self.manifest.optimizer(self.backend)  # what the artifacts train with
         self.manifest.check_compatible(model_hash=model_hash(model_dir), task=task, targets=targets,
                                        lora_alpha=self.lora_alpha)
         if labels and int(self.manifest.doc.get("num_labels") or 0) != len(labels):
@@ -80,6 +82,22 @@ class ArtifactTrainer:
 
     def check_config(self, artifact: Artifact, cfg: TrainingSettings) -> None:
         """Raise UserError when the artifact's optimizer cannot run `cfg`."""
+
+    # --- round 0 ------------------------------------------------------------------------------------------------
+    def head_statistics(self, examples: Examples, seq_len: int) -> HeadStatistics:
+        """Per-class feature statistics under the frozen base model, computed with torch (an artifact has no
+        features output); the model is loaded for this once-per-run call and dropped after."""
+        from edge_client.head_features import feature_statistics
+        from edge_client.models import dense_parameter_names, load_task_model
+
+        if self.task != "classification":
+            raise UserError("head initialisation is for classification runs only")
+        model = load_task_model(self.model_dir, self.task, len(self.labels), pooling=self.pooling)
+        try:
+            return feature_statistics(model, dense_parameter_names(model, self.task), self.encode(examples, seq_len),
+                                      len(self.labels))
+        except ValueError as exc:
+            raise UserError(f"cannot compute head statistics: {exc}") from None
 
     # --- the round ----------------------------------------------------------------------------------------------
     def engine_for(self, rank: int) -> Engine:

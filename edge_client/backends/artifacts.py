@@ -73,6 +73,22 @@ class Manifest:
     def ranks(self, backend: str) -> list[int]:
         return sorted(int(a["rank"]) for a in self.doc["artifacts"] if a["backend"] == backend)
 
+    def optimizer(self, backend: str) -> dict:
+        """What every `backend` artifact trains with: {"optimizer": name} plus "weight_decay" where it is baked
+        in (TrainingSettings fields); UserError when the folder has none of that backend or its artifacts disagree."""
+        found = {json.dumps({k: v for k, v in (("optimizer", a.get("optimizer", {}).get("name")),
+                                                ("weight_decay", a.get("optimizer", {}).get("weight_decay")))
+                             if v is not None}, sort_keys=True)
+                 for a in self.doc["artifacts"] if a["backend"] == backend}
+        if not found:
+            raise UserError(f"{self.folder} has no {backend} artifacts; export them with "
+                            f"`hetlora export --backends {backend}` or pick another --backend")
+        settings = [json.loads(f) for f in sorted(found)]
+        if len(settings) > 1 or "optimizer" not in settings[0]:
+            raise UserError(f"the {backend} artifacts in {self.folder} do not agree on one optimizer ({settings}); "
+                            "re-export them together")
+        return settings[0]
+
     def artifact(self, backend: str, rank: int) -> Artifact:
         """The smallest exported rank >= `rank` for `backend` (keep masks cover the ranks in between)."""
         fitting = [r for r in self.ranks(backend) if r >= rank]

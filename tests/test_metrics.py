@@ -1,0 +1,64 @@
+"""GET /metrics on a real server on loopback, parsed with prometheus_client's own parser and checked
+against the HTTP answers the test received and the server's /v1/status."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hetlora.protocol.wire import encode
+from tests.test_server import (error_code, make_config, make_update, post_update, register, running_server,
+                               spec, upload_meta)  # noqa: F401 (spec: the module's fixture)
+
+
+def scrape(http) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of one scrape."""
+    reply = http.get("/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(reply.text) for s in family.samples}
+
+
+def value(samples, name, **labels) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_metrics_follow_a_round(spec, tmp_path):
+    config = make_config(spec, rounds=2, min_clients=2, max_upload_mb=0.25)
+    with running_server(config, tmp_path / "state") as http:
+        before = scrape(http)
+        assert value(before, "hetlora_clients_registered") == 0 and value(before, "hetlora_rounds_total") == 2
+        assert value(before, "hetlora_rounds_completed") == 0
+        assert value(before, "hetlora_aggregation_seconds_count") == 0
+        clients = [register(http, rank) for rank in (2, 4)]
+        opened = scrape(http)
+        assert (value(opened, "hetlora_round"), value(opened, "hetlora_clients_selected"),
+                value(opened, "hetlora_clients_registered")) == (1, 2, 2)
+
+        refused = [http.post("/v1/rounds/1/update", content=b"x"),  # no token
+                   post_update(http, clients[0], 1, b"not safetensors"),
+                   post_update(http, clients[0], 1, b"\0" * 400_000),  # over --max-upload-mb
+                   post_update(http, clients[0], 7, encode(make_update(spec, 2, upload_meta(clients[0], 7, 2, 10),
+                                                                       seed=1)))]
+        assert all(400 <= r.status_code < 500 for r in refused)
+        codes = [error_code(r) for r in refused]
+        assert "too_large" in codes and len(set(codes)) >= 3
+        for k, client in enumerate(clients):
+            rank = http.get("/v1/round", headers=client["auth"]).json()["rank"]
+            http.get("/v1/rounds/1/adapter", headers=client["auth"])
+            update = make_update(spec, rank, upload_meta(client, 1, rank, 10), seed=k)
+            assert post_update(http, client, 1, encode(update)).status_code == 201
+        after = scrape(http)
+        status = http.get("/v1/status").json()
+
+    (entry,) = status["history"]
+    assert value(after, "hetlora_rounds_completed") == 1 and value(after, "hetlora_round") == 2
+    assert value(after, "hetlora_uploads_accepted_total") == 2
+    assert value(after, "hetlora_upload_bytes_total") == entry["bytes_up"] > 0
+    assert value(after, "hetlora_download_bytes_total") == entry["bytes_down"] > 0
+    assert value(after, "hetlora_aggregation_seconds_count") == 1
+    assert 0 < value(after, "hetlora_aggregation_seconds_sum") < 600
+    assert value(after, "hetlora_aggregation_seconds_bucket", le="+Inf") == 1
+    rejections = {dict(labels)["reason"]: v for (name, labels), v in after.items()
+                  if name == "hetlora_upload_rejections_total"}
+    assert rejections == {code: pytest.approx(codes.count(code)) for code in set(codes)}
