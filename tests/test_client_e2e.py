@@ -53,21 +53,29 @@ def wait_finished(api: ServerAPI, procs, timeout=240):
     raise AssertionError("run did not finish: " + json.dumps(api.status()["round"]))
 
 
-@pytest.mark.parametrize("aggregator", ["hetlora", "hlora", "plora", "fedavg"])
-def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_file, tmp_path, aggregator):
-    server, url = start_server(serve_args(tiny_bert_dir, labels_file, aggregator), tmp_path / "server")
+def run_to_end(server, url, start_clients) -> dict:
+    """Start the clients, wait until the run finishes and every client exits 0; stop everything started.
+    Returns the final status."""
     clients = []
     try:
-        clients = [start_client(url, write_data(tmp_path / f"d{i}.csv", 12 + 4 * i, i), tmp_path / f"c{i}",
-                                ["--model", str(tiny_bert_dir), "--rank", str(rank), "--poll", "0.2"])
-                   for i, rank in enumerate((2, 4, 8))]
+        clients = start_clients()
         status = wait_finished(ServerAPI(url), clients)
         for c in clients:
             assert c.wait(timeout=60) == 0, c.tail()
+        return status
     finally:
         for c in clients:
             c.stop()
         server.stop()
+
+
+@pytest.mark.parametrize("aggregator", ["hetlora", "hlora", "plora", "fedavg"])
+def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_file, tmp_path, aggregator):
+    server, url = start_server(serve_args(tiny_bert_dir, labels_file, aggregator), tmp_path / "server")
+    status = run_to_end(server, url, lambda: [
+        start_client(url, write_data(tmp_path / f"d{i}.csv", 12 + 4 * i, i), tmp_path / f"c{i}",
+                     ["--model", str(tiny_bert_dir), "--rank", str(rank), "--poll", "0.2"])
+        for i, rank in enumerate((2, 4, 8))])
     assert [h["round"] for h in status["history"]] == [0, 1, 2]  # round 0: head statistics (serve's default)
     assert status["history"][0]["statistics"]["head"] in ("lda", "ncm")
     expected_ranks = [8, 8, 8] if aggregator == "fedavg" else [2, 4, 8]

@@ -16,7 +16,7 @@ from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
 from hetlora.protocol.wire import decode
 from hetlora.cli import main
-from tests.test_client_e2e import LABELS, serve_args, wait_finished, write_data
+from tests.test_client_e2e import LABELS, run_to_end, serve_args, write_data
 
 pytest.importorskip("executorch")
 
@@ -44,23 +44,15 @@ def test_executorch_clients_train_a_run_from_the_command_line(tiny_bert_dir, lab
     args[args.index("--ranks") + 1] = "4"
     args[args.index("--min-clients") + 1] = "2"
     server, url = start_server(args, tmp_path / "server")
-    clients = []
-    try:
-        flags = ["--model", str(tiny_bert_dir), "--backend", "executorch", "--artifacts", str(executorch_artifacts),
-                 "--lr", "0.5", "--poll", "0.2"]
-        clients = [start_client(url, write_data(tmp_path / "d0.csv", 16, 0), tmp_path / "c0", flags)]
-        # the second device is configured by one file, as a service would be; its --lr flag overrides the file's
-        (tmp_path / "c1.toml").write_text(f'model = "{tiny_bert_dir}"\nbackend = "executorch"\n'
-                                          f'artifacts = "{executorch_artifacts}"\nlr = 0.001\npoll = 0.2\n')
-        clients.append(start_client(url, write_data(tmp_path / "d1.csv", 16, 1), tmp_path / "c1",
-                                    ["--config", str(tmp_path / "c1.toml"), "--lr", "0.5"]))
-        status = wait_finished(ServerAPI(url), clients)
-        for c in clients:
-            assert c.wait(timeout=60) == 0, c.tail()
-    finally:
-        for c in clients:
-            c.stop()
-        server.stop()
+    flags = ["--model", str(tiny_bert_dir), "--backend", "executorch", "--artifacts", str(executorch_artifacts),
+             "--lr", "0.5", "--poll", "0.2"]
+    # the second device is configured by one file, as a service would be; its --lr flag overrides the file's
+    (tmp_path / "c1.toml").write_text(f'model = "{tiny_bert_dir}"\nbackend = "executorch"\n'
+                                      f'artifacts = "{executorch_artifacts}"\nlr = 0.001\npoll = 0.2\n')
+    status = run_to_end(server, url, lambda: [
+        start_client(url, write_data(tmp_path / "d0.csv", 16, 0), tmp_path / "c0", flags),
+        start_client(url, write_data(tmp_path / "d1.csv", 16, 1), tmp_path / "c1",
+                     ["--config", str(tmp_path / "c1.toml"), "--lr", "0.5"])])
     assert [h["round"] for h in status["history"]] == [0, 1]
     assert status["history"][0]["statistics"]["head"] in ("lda", "ncm")
     for i in range(2):
