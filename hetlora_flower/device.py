@@ -148,7 +148,11 @@ class LocalNode:
             validate(start, self.spec, max_rank=int(self.run["global_rank"]))
         except WireFormatError as exc:
             raise UserError(f"round {plan.round}: the server's adapter does not fit this run: {exc}") from None
-        result = self.trainer.train_round(start, self.examples, plan.training, rank=plan.rank, mode=plan.mode,
+        from edge_client.backends import optimizer_settings
+
+        # artifact backends train with the optimiser they were exported with (as `hetlora client` does)
+        settings = plan.training.updated(optimizer_settings(None, self.trainer))
+        result = self.trainer.train_round(start, self.examples, settings, rank=plan.rank, mode=plan.mode,
                                           indices=list(plan.indices) if plan.indices is not None else None)
         result.adapter.meta = upload_meta(plan, client_id, result)
         body = encode(result.adapter)

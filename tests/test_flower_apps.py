@@ -56,21 +56,39 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_bert_dir):
-    work = tmp_path_factory.mktemp("flower-apps")
+def _setup(work, tiny_bert_dir, node_settings: dict, rule: str = "plora"):
     (work / "labels.json").write_text(json.dumps(LABELS))
     with (work / "data.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows([("text", "label")] + ROWS * 2)
-    run_config = {"rule": "plora", "num-server-rounds": 1, "ranks": "2,4", "global-rank": 4, "min-clients": 2,
+    run_config = {"rule": rule, "num-server-rounds": 1, "ranks": "2,4", "global-rank": 4, "min-clients": 2,
                   "local-steps": 2, "batch-size": 4, "seq-len": 16, "model": str(tiny_bert_dir),
                   "labels": str(work / "labels.json"), "head-init": "none"}
     config = server_config(run_config)
-    node_config = {"data": str(work / "data.csv"), "model-dir": str(tiny_bert_dir), "device": "jetson-agx-orin"}
+    node_config = {"data": str(work / "data.csv"), "model-dir": str(tiny_bert_dir), "device": "jetson-agx-orin",
+                   **node_settings}
     contexts = {node_id: Context(run_id=1, node_id=node_id, node_config=node_config | {"name": name,
                 "requested-rank": rank}, state=RecordDict(), run_config=run_config)
                 for node_id, name, rank in ((11, "a", 2), (12, "b", 4))}
     return config, contexts
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert_dir):
+    return _setup(tmp_path_factory.mktemp("flower-apps"), tiny_bert_dir, {})
+
+
+@pytest.fixture(scope="module")
+def executorch_setup(tmp_path_factory, tiny_bert_dir):
+    """The same two nodes training from real ExecuTorch artifacts (exported to train with SGD), with hetlora:
+    Select-N-Fold (plora) changes frozen weights, which an exported artifact cannot."""
+    from hetlora.cli import main
+
+    work = tmp_path_factory.mktemp("flower-executorch")
+    (work / "labels.json").write_text(json.dumps(LABELS))
+    assert main(["export", "--model", str(tiny_bert_dir), "--task", "classification", "--labels",
+                 str(work / "labels.json"), "--ranks", "2,4", "--batch", "4", "--seq-len", "16",
+                 "--backends", "executorch", "--out", str(work / "artifacts"), "--no-progress"]) == 0
+    return _setup(work, tiny_bert_dir, {"backend": "executorch", "artifacts-dir": str(work / "artifacts")}, "hetlora")
 
 
 def _round_one(config, contexts):
@@ -87,19 +105,23 @@ def _round_one(config, contexts):
     return strategy, start, replies
 
 
-def test_the_strategy_aggregates_exactly_what_the_client_app_sent(setup):
-    config, contexts = setup
+@pytest.mark.parametrize("nodes", ["setup", "executorch_setup"])
+def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request):
+    config, contexts = request.getfixturevalue(nodes)
     strategy, start, replies = _round_one(config, contexts)
     assert [strategy._plans[r.metadata.src_node_id]["rank"] for r in replies] == [2, 4]
     arrays, metrics = strategy.aggregate_train(1, replies)
     sent = [decode(read_content(r.content, REPORT)[0]) for r in replies]
-    results = [ClientResult(adapter=a, n_samples=a.meta["n_samples"], indices=tuple(a.meta["indices"])) for a in sent]
-    expected = make_rule("plora").aggregate(start, bound_influence(start, results)[0])
+    results = [ClientResult(adapter=a, n_samples=a.meta["n_samples"],
+                            indices=tuple(a.meta["indices"]) if a.meta.get("indices") is not None else None)
+               for a in sent]
+    expected = make_rule(config.aggregator).aggregate(start, bound_influence(start, results)[0])
     final = decode(payload_bytes(arrays))
     for name, (a, b) in expected.lora.items():
         np.testing.assert_array_equal(final.lora[name][0], a)
         np.testing.assert_array_equal(final.lora[name][1], b)
     assert metrics["clients"] == 2 and metrics["num-examples"] == 16
+    assert all(np.abs(b).max() > 0 for a in sent for _, b in a.lora.values())  # every node trained (B left 0)
 
 
 def test_an_update_that_breaks_its_plan_is_refused(setup, caplog):
