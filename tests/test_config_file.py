@@ -30,8 +30,8 @@ def test_serve_config_equals_the_same_flags_and_the_command_line_wins(tmp_path):
     assert vars(from_file) | {"config": None} == vars(from_flags) | {"config": None}
     assert from_file.ranks == (2, 4, 8) and from_file.targets == ("query", "value") and from_file.segment_average
     overridden = parse(["-v", "serve", "--rounds", "3", f"--config={tmp_path / 'serve.toml'}", "--host", "127.0.0.1"])
-    assert (overridden.rounds, overridden.host, overridden.aggregator, overridden.verbose) == (3, "127.0.0.1",
-                                                                                              "hlora", True)
+    assert (overridden.rounds, overridden.host, overridden.aggregator, overridden.verbosity) == (3, "127.0.0.1",
+                                                                                              "hlora", 1)
 
 
 def test_client_config_supplies_required_flags(tmp_path):
