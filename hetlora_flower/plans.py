@@ -7,7 +7,7 @@ through `server_stub.upload_checks.check_update` against that plan. Pure: no Flo
 from __future__ import annotations
 
 from hetlora.protocol.plan import ClientPlan
-from hetlora.protocol.wire import Adapter, decode
+from hetlora.protocol.wire import decode
 from server_stub.aggregation import ClientResult
 from server_stub.head_round import HEAD_ROUND
 from server_stub.upload_checks import check_update as check_against_plan
@@ -28,11 +28,3 @@ def check_update(config, plan: dict, client_id: str, body: bytes) -> ClientResul
     return ClientResult(adapter=adapter, n_samples=checked.n_samples,
                         indices=tuple(plan["indices"]) if plan["indices"] is not None else None)
 
-
-def download(config, rule, global_: Adapter, plan: dict, client_id: str) -> Adapter:
-    """The rule's view of the global at the plan's rank, with the metadata the HTTP download carries."""
-    view = rule.client_view(global_, plan["rank"])
-    meta = {"round": plan["round"], "client_id": client_id, "rank": plan["rank"], "indices": plan["indices"],
-            "aggregator": config.aggregator, "global_version": plan["round"] - 1,
-            "spec_fingerprint": config.spec.fingerprint}
-    return Adapter(lora=view.lora, dense=view.dense, meta=meta)

@@ -20,10 +20,11 @@ from flwr.serverapp.strategy import Strategy
 from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora.errors import UserError
 from hetlora_flower import nodes as node_book
-from hetlora_flower.plans import check_update, download, plan_for
+from hetlora_flower.plans import check_update, plan_for
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
 from server_stub.aggregation import aggregate_statistics
 from server_stub.aggregation.bounds import bound_influence
+from server_stub.global_versions import client_download, global_with_meta
 from server_stub.history import jsonable
 from server_stub.selection import select_clients
 
@@ -32,9 +33,7 @@ log = logging.getLogger("hetlora.flower")
 
 def global_record(config, adapter: Adapter, version: int) -> ArrayRecord:
     """Global version n as wire bytes with the metadata the HTTP server stores."""
-    meta = {"global_version": version, "round": version, "rank": adapter.rank, "aggregator": config.aggregator,
-            "spec_fingerprint": config.spec.fingerprint}
-    return payload_record(encode(Adapter(lora=adapter.lora, dense=adapter.dense, meta=meta)))
+    return payload_record(encode(global_with_meta(adapter, version, config)))
 
 
 class RuleStrategy(Strategy):
@@ -67,7 +66,7 @@ class RuleStrategy(Strategy):
         for node in (n for n in eligible if n.name in chosen):
             plan = plan_for(self.config, self.rule, node, server_round).to_json()
             self._plans[node.node_id], self._names[node.node_id] = plan, node.name
-            body = encode(download(self.config, self.rule, self._previous, plan, node.name))
+            body = encode(client_download(self.rule, self._previous, plan, node.name, self.config))
             doc = {"plan": plan, "client_id": node.name, "run": self.config.run_config()}
             messages.append(Message(message_content(body, PLAN, doc), dst_node_id=node.node_id,
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))

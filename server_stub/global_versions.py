@@ -14,6 +14,23 @@ from server_stub.errors import ApiError
 from server_stub.store import Store
 
 
+def global_with_meta(adapter: Adapter, version: int, config: ServerConfig) -> Adapter:
+    """Global version n as it is stored and sent: the factors and dense tensors with their run's metadata."""
+    meta = {"global_version": version, "round": version, "rank": adapter.rank, "aggregator": config.aggregator,
+            "spec_fingerprint": config.spec.fingerprint}
+    return Adapter(lora=adapter.lora, dense=adapter.dense, meta=meta)
+
+
+def client_download(rule, previous: Adapter, plan: dict, client_id: str, config: ServerConfig) -> Adapter:
+    """What a client downloads for round n = plan["round"]: the rule's view of global version n-1 at the plan's
+    rank, with the metadata the client checks against its plan."""
+    view = rule.client_view(previous, plan["rank"])
+    meta = {"round": plan["round"], "client_id": client_id, "rank": plan["rank"], "indices": plan["indices"],
+            "aggregator": config.aggregator, "global_version": plan["round"] - 1,
+            "spec_fingerprint": config.spec.fingerprint}
+    return Adapter(lora=view.lora, dense=view.dense, meta=meta)
+
+
 class GlobalVersions:
     def __init__(self, store: Store, config: ServerConfig, clock):
         self.store = store
@@ -50,9 +67,7 @@ class GlobalVersions:
 
     def write(self, version: int, adapter: Adapter) -> dict:
         """Write the blob of version `version`; returns its `globals` row (for the caller's transaction)."""
-        meta = {"global_version": version, "round": version, "rank": adapter.rank,
-                "aggregator": self.config.aggregator, "spec_fingerprint": self.config.spec.fingerprint}
-        data = encode(Adapter(lora=adapter.lora, dense=adapter.dense, meta=meta))
+        data = encode(global_with_meta(adapter, version, self.config))
         path = f"globals/v{version:04d}.safetensors"
         self.store.write_blob(path, data)
         return {"version": version, "path": path, "sha256": hashlib.sha256(data).hexdigest(),

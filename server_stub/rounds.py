@@ -25,7 +25,7 @@ from server_stub.aggregation import ClientResult, aggregate_statistics
 from server_stub.aggregation.bounds import bound_influence
 from server_stub.config import ServerConfig
 from server_stub.errors import ApiError
-from server_stub.global_versions import GlobalVersions
+from server_stub.global_versions import GlobalVersions, client_download
 from server_stub.head_round import HEAD_ROUND, check_statistics, initial_global, load_statistics
 from server_stub.registration import Registration
 from server_stub.selection import client_key, client_order, select_clients
@@ -116,11 +116,8 @@ class Coordinator:
             if self._is_head_round(round_number):
                 raise ApiError(409, "head_round", "round 0 collects head statistics; there is no adapter to download")
             plan = r["plans"][client_id]
-            view = self.rule.client_view(self.globals.adapter(round_number - 1), plan["rank"])
-            meta = {"round": round_number, "client_id": client_id, "rank": plan["rank"], "indices": plan["indices"],
-                    "aggregator": self.config.aggregator, "global_version": round_number - 1,
-                    "spec_fingerprint": self.config.spec.fingerprint}
-            data = encode(Adapter(lora=view.lora, dense=view.dense, meta=meta))
+            data = encode(client_download(self.rule, self.globals.adapter(round_number - 1), plan, client_id,
+                                          self.config))
             with self.store.transaction():
                 self.store.insert("downloads", {"round": round_number, "client_id": client_id, "bytes": len(data),
                                                 "served_at": self.clock()})
