@@ -7,7 +7,6 @@ The artifacts' manifest says they train with SGD, so the client trains with SGD;
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -16,16 +15,9 @@ from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
 from hetlora.protocol.wire import decode
 from hetlora.cli import main
-from tests.test_client_e2e import LABELS, run_to_end, serve_args, write_data
+from tests.test_client_e2e import labels_file, run_to_end, serve_args, write_data  # noqa: F401 (fixture)
 
 pytest.importorskip("executorch")
-
-
-@pytest.fixture(scope="module")
-def labels_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("labels") / "labels.json"
-    path.write_text(json.dumps(LABELS))
-    return path
 
 
 @pytest.fixture(scope="module")
