@@ -20,7 +20,7 @@ from edge_client.server_api import ServerAPI, ServerError
 from edge_client.train_config import RoundResult
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
-from hetlora.protocol.wire import WireFormatError, decode, encode, validate
+from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode, validate
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.client")
@@ -81,6 +81,7 @@ class EdgeClient:
         self.examples = None
         self.spec = None
         self.overrides = dict(options.train_overrides or {})  # TrainingSettings fields over the plan
+        self._features = None  # the frozen features (round 0 and the head rounds), computed once
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -177,6 +178,8 @@ class EdgeClient:
         pending = self.state_dir.pending(number)
         if pending is None and plan.mode == "head-statistics":
             pending, summary, elapsed = self._head_statistics(number, cfg)
+        elif pending is None and plan.mode == "head-fit":
+            pending, summary, elapsed = self._head_fit(number, plan, cfg, run)
         elif pending is None:
             self._refresh_rank()
             t0 = time.perf_counter()
@@ -227,8 +230,11 @@ class EdgeClient:
         """Round 0: per-class feature statistics of the local data under the frozen base model, saved as pending."""
         from hetlora.protocol.head_stats import encode_statistics
 
+        from hetlora.protocol.head_stats import class_statistics
+        from hetlora.protocol.spec import linear_head
+
         t0 = time.perf_counter()
-        stats = self.trainer.head_statistics(self.examples, cfg.seq_len)
+        stats = class_statistics(*self._frozen_features(cfg), linear_head(self.spec)[2])
         stats.meta = {"round": number, "client_id": self.state.client_id, "n_samples": stats.n_samples}
         pending = encode_statistics(stats)
         self.state_dir.save_pending(pending)
@@ -236,11 +242,40 @@ class EdgeClient:
         log.info("round %d: head statistics of %d samples over %d classes", number, stats.n_samples, classes)
         return pending, f"head statistics ({stats.n_samples} samples, {classes} classes)", time.perf_counter() - t0
 
-    def _checked_download(self, raw: bytes, number: int, run: dict):
-        """The downloaded adapter, checked against the local spec (BadServerAnswer when it does not fit)."""
+    def _head_fit(self, number: int, plan: ClientPlan, cfg: TrainingSettings, run: dict) -> tuple[bytes, str, float]:
+        """A head round: fit the downloaded head on the frozen features (edge_client.head_fit), saved as pending."""
+        from edge_client.head_fit import fit_head
+        from hetlora.protocol.spec import linear_head
+
+        t0 = time.perf_counter()
+        raw = self.api.download_adapter(number)
+        start = self._checked_download(raw, number, run, head_only=True)
+        weight_name, bias_name, _, _ = linear_head(self.spec)
+        features, labels = self._frozen_features(cfg)
+        fit = fit_head(start.dense[weight_name], start.dense[bias_name], features, labels, epochs=cfg.head_epochs,
+                       lr=cfg.head_lr or cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, class_counts=plan.class_counts)
+        meta = {"round": number, "client_id": self.state.client_id, "mode": plan.mode, "n_samples": len(labels),
+                "loss_before": fit.loss_before, "loss_after": fit.loss_after}
+        pending = encode(Adapter(lora={}, dense={weight_name: fit.weight, bias_name: fit.bias}, meta=meta))
+        self.state_dir.save_pending(pending)
+        return pending, (f"head fitted on {len(labels)} frozen features ({cfg.head_epochs} epochs), loss "
+                         f"{fit.loss_before:.4f} -> {fit.loss_after:.4f}, {len(raw)} B down"), time.perf_counter() - t0
+
+    def _frozen_features(self, cfg: TrainingSettings):
+        """(features, labels) of the local data under the frozen base model, computed once per process."""
+        if self._features is None:
+            self._features = self.trainer.frozen_features(self.examples, cfg.seq_len)
+        return self._features
+
+    def _checked_download(self, raw: bytes, number: int, run: dict, head_only: bool = False):
+        """The downloaded adapter, checked against the local spec (BadServerAnswer when it does not fit);
+        `head_only`: a head round's download, the dense head without LoRA factors."""
         try:
             start = decode(raw)
-            validate(start, self.spec, max_rank=int(run.get("global_rank") or max(run["ranks"])))
+            if head_only and start.lora:
+                raise WireFormatError("unexpected_lora", "a head round's download must carry the head only")
+            validate(start, self.spec, max_rank=int(run.get("global_rank") or max(run["ranks"])),
+                     require_all_modules=not head_only)
         except WireFormatError as exc:
             raise BadServerAnswer(f"round {number}: the server's adapter does not fit this run: {exc}") from None
         return start

@@ -1,4 +1,4 @@
-"""A client's per-class feature statistics for the head-initialisation round (torch backend).
+"""The frozen base model's pooled features: what the head reads, for round 0's statistics and the head rounds.
 
 The features are what the classification head reads (edge_client.pooling), computed by the
 frozen base model with no LoRA update; batches are length-sorted and trimmed (padding is masked,
@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from edge_client.data import Encoded, trimmed_batches
-from hetlora.protocol.head_stats import HeadStatistics
 from edge_client.pooling import head_module
 
 
@@ -36,14 +35,3 @@ def pooled_features(model: torch.nn.Module, dense_names, encoded: Encoded, batch
         hook.remove()
         model.train(was_training)
     return features
-
-
-def feature_statistics(model: torch.nn.Module, dense_names, encoded: Encoded, num_labels: int,
-                       batch_size: int = 64) -> HeadStatistics:
-    """S_c, n_c and G (hetlora.protocol.head_stats) of `encoded` under `model` in eval mode."""
-    features = pooled_features(model, dense_names, encoded, batch_size)
-    labels = np.asarray(encoded.labels, dtype=np.int64)
-    sums = np.zeros((num_labels, features.shape[1]))
-    np.add.at(sums, labels, features)
-    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    return HeadStatistics(class_sums=sums, class_counts=counts, feature_gram=features.T @ features)

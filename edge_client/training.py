@@ -22,8 +22,8 @@ import torch
 
 from hetlora.protocol import adapter_ops
 from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches
-from edge_client.head_features import feature_statistics
-from hetlora.protocol.head_stats import HeadStatistics
+from edge_client.head_features import pooled_features
+from hetlora.protocol.head_stats import HeadStatistics, class_statistics
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
 from edge_client.objective import batch_loss, loss_sum_and_count
@@ -75,15 +75,20 @@ class TorchTrainer:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def head_statistics(self, examples: Examples, seq_len: int) -> HeadStatistics:
-        """Per-class sums, counts and the Gram matrix of the frozen base model's pooled features."""
+    def frozen_features(self, examples: Examples, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features (n, d), labels (n,)): the frozen base model's pooled features, what the head reads."""
         if self.task != "classification":
             raise UserError("head initialisation is for classification runs only")
         set_rank(self.model, 1, self.lora_alpha)  # zero factors: the frozen base model's features
+        encoded = self.encode(examples, seq_len)
         try:
-            return feature_statistics(self.model, self.dense, self.encode(examples, seq_len), len(self.labels))
+            return pooled_features(self.model, self.dense, encoded), np.asarray(encoded.labels, dtype=np.int64)
         except ValueError as exc:
-            raise UserError(f"cannot compute head statistics: {exc}") from None
+            raise UserError(f"cannot compute head features: {exc}") from None
+
+    def head_statistics(self, examples: Examples, seq_len: int) -> HeadStatistics:
+        """Per-class sums, counts and the Gram matrix of the frozen base model's pooled features."""
+        return class_statistics(*self.frozen_features(examples, seq_len), len(self.labels))
 
     def _working_adapter(self, start: Adapter, rank: int, indices, mode: str) -> Adapter:
         if mode == "plora":

@@ -9,7 +9,6 @@ from __future__ import annotations
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import decode
 from server_stub.aggregation import ClientResult
-from server_stub.head_round import HEAD_ROUND
 from server_stub.upload_checks import check_update as check_against_plan
 
 
@@ -17,7 +16,7 @@ def plan_for(config, rule, node, round_number: int) -> ClientPlan:
     """The rule's plan for `node` (a nodes.Node with a tier) in round n; round 0 of a head run collects statistics."""
     return rule.configure(round_number=round_number, client_key=node.name, tier=node.tier,
                           global_rank=config.global_rank, seed=config.seed, training=config.training,
-                          head_round=round_number == HEAD_ROUND and config.head_round)
+                          stage=config.stage(round_number))
 
 
 def check_update(config, plan: dict, client_id: str, body: bytes) -> ClientResult:

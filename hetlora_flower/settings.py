@@ -50,4 +50,7 @@ def server_config(run_config: dict):
     parser = _Parser(prog="flower run config", add_help=False)
     add_arguments(parser)
     args = parser.parse_args(serve_arguments(run_config))
+    if args.head_rounds:
+        raise UserError("head rounds (head-rounds) run on the HTTP server only (hetlora serve); under Flower "
+                        "leave head-rounds at 0")
     return build_config(args)

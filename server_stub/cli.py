@@ -81,6 +81,13 @@ def _add_round_arguments(p: argparse.ArgumentParser) -> None:
                       help=f"scale of the initial head's logits (default {DEFAULT_TEMPERATURE})")
     head.add_argument("--head-clients", type=int, default=0,
                       help="clients to wait for before round 0 opens (default: --min-clients)")
+    head.add_argument("--head-rounds", type=int, default=0,
+                      help="head rounds after round 0: every client fits the head on its frozen features "
+                           "(logit-adjusted for its label skew) and the server averages the heads, before the "
+                           "LoRA rounds; cheap (no backward pass through the model, the head alone travels). "
+                           "The demo uses 20 (default 0)")
+    head.add_argument("--head-epochs", type=int, default=5,
+                      help="passes over its frozen features a client makes in each head round (default 5)")
 
 
 
@@ -146,7 +153,7 @@ def build_config(args: argparse.Namespace):
     training = TrainingSettings(steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                 head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
                                 prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank,
-                                lora_alpha=args.lora_alpha)
+                                lora_alpha=args.lora_alpha, head_epochs=args.head_epochs)
     return ServerConfig(
         spec=spec, aggregator=args.aggregator, labels=labels, rule_options=rule_options, ranks=tuple(args.ranks),
         global_rank=global_rank, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
@@ -155,7 +162,7 @@ def build_config(args: argparse.Namespace):
         policy=load_policy(args.policy) if args.policy else None,
         head_init=head_init, init_adapter=init_adapter,
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
-        server_opt=_server_optimizer(args),
+        head_rounds=args.head_rounds, server_opt=_server_optimizer(args),
     )
 
 

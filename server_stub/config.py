@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from hetlora.protocol.plan import stage_of
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.spec import AdapterSpec
 from hetlora.protocol.wire import Adapter
@@ -38,6 +39,7 @@ class ServerConfig:
     head_shrinkage: float = DEFAULT_SHRINKAGE
     head_temperature: float = DEFAULT_TEMPERATURE
     head_clients: int = 0  # clients registered before round 0 opens (0: min_clients)
+    head_rounds: int = 0  # rounds 1..head_rounds fit the head on frozen features (every client), LoRA after
     server_opt: ServerOptimizer = ServerOptimizer()
     init_adapter: Adapter | None = field(default=None, compare=False, repr=False)  # server_stub.init_adapter
 
@@ -63,6 +65,11 @@ class ServerConfig:
             raise UserError(f"unknown --head-init {self.head_init!r}; choose none, ncm or lda")
         if self.head_round and self.spec.task != "classification":
             raise UserError("--head-init is for classification runs; use --head-init none")
+        if self.head_rounds < 0 or (self.head_rounds and not self.head_round):
+            raise UserError("--head-rounds needs --head-init ncm or lda (the head rounds start from round 0's head) "
+                            "and must not be negative")
+        if self.head_rounds and self.training.head_epochs < 1:
+            raise UserError("--head-epochs must be at least 1")
         try:
             self.server_opt.check_rule(self.aggregator)
         except ValueError as exc:
@@ -78,6 +85,15 @@ class ServerConfig:
     def head_round(self) -> bool:
         """Whether round 0 (per-class feature statistics -> the head of global version 0) runs."""
         return self.head_init != "none"
+
+    @property
+    def last_round(self) -> int:
+        """The run's last round: the head rounds, then `rounds` LoRA rounds."""
+        return self.head_rounds + self.rounds
+
+    def stage(self, round_number: int) -> str:
+        """head-statistics | head-fit | lora (hetlora.protocol.plan.stage_of)."""
+        return stage_of(round_number, head_init=self.head_round, head_rounds=self.head_rounds)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -97,6 +113,7 @@ class ServerConfig:
             "labels": list(self.labels) if self.labels is not None else None,
             "seed": self.seed,
             "head_init": self.head_init,
+            "head_rounds": self.head_rounds,
             "server_opt": asdict(self.server_opt),
         }
 
@@ -114,6 +131,7 @@ class ServerConfig:
             "global_rank": self.global_rank,
             "lora_alpha": self.training.lora_alpha,
             "rounds": self.rounds,
+            "head_rounds": self.head_rounds,
             "min_clients": self.min_clients,
             "clients_per_round": self.clients_per_round,
             "round_deadline": self.round_deadline,

@@ -23,8 +23,8 @@ def global_with_meta(adapter: Adapter, version: int, config: ServerConfig) -> Ad
 
 def client_download(rule, previous: Adapter, plan: dict, client_id: str, config: ServerConfig) -> Adapter:
     """What a client downloads for round n = plan["round"]: the rule's view of global version n-1 at the plan's
-    rank, with the metadata the client checks against its plan."""
-    view = rule.client_view(previous, plan["rank"])
+    rank (a head round: the head alone), with the metadata the client checks against its plan."""
+    view = Adapter(lora={}, dense=previous.dense) if plan["mode"] == "head-fit" else rule.client_view(previous, plan["rank"])
     meta = {"round": plan["round"], "client_id": client_id, "rank": plan["rank"], "indices": plan["indices"],
             "aggregator": config.aggregator, "global_version": plan["round"] - 1,
             "spec_fingerprint": config.spec.fingerprint}

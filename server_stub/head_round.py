@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from hetlora.protocol.head_stats import HeadStatistics, decode_statistics
+from hetlora.protocol.spec import linear_head
 from hetlora.protocol.wire import Adapter, WireFormatError
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, LOGIT_LIMIT, pool, safe_class_head
 from server_stub.errors import ApiError
@@ -21,20 +22,9 @@ HEAD_ROUND = 0
 FEATURE_NORM_BOUND = {"mean": 1.0}
 
 
-def head_shapes(spec) -> tuple[str, str, int, int]:
-    """(weight name, bias name, C, d) of the spec's linear head."""
-    weights = [n for n, s in spec.dense.items() if len(s) == 2]
-    biases = [n for n, s in spec.dense.items() if len(s) == 1]
-    if len(weights) != 1 or len(biases) != 1:
-        raise ValueError(f"head initialisation needs one linear head (a weight and a bias), the spec has "
-                         f"{sorted(spec.dense)}")
-    num_labels, dim = spec.dense[weights[0]]
-    return weights[0], biases[0], num_labels, dim
-
-
 def load_statistics(config, body: bytes) -> HeadStatistics:
     """Statistics bytes decoded and checked against the run's head shapes and pooling (WireFormatError)."""
-    _, _, num_labels, dim = head_shapes(config.spec)
+    _, _, num_labels, dim = linear_head(config.spec)
     return decode_statistics(body, num_labels=num_labels, dim=dim,
                              max_feature_norm=FEATURE_NORM_BOUND.get(config.spec.pooling))
 
@@ -56,9 +46,10 @@ def check_statistics(config, client_id: str, body: bytes) -> HeadStatistics:
 def initial_global(rule, spec, statistics: list[HeadStatistics], *, head_init: str, global_rank: int, seed: int,
                    shrinkage: float = DEFAULT_SHRINKAGE, temperature: float = DEFAULT_TEMPERATURE) -> tuple[Adapter, dict]:
     """Global version 0: the rule's initial factors (`init_global(spec, global_rank, seed)`) and the closed-form
-    `head_init` head (ncm | lda) from the pooled statistics; plus summary numbers. Pure: the server's round 0
+    `head_init` head (ncm | lda) from the pooled statistics; plus summary numbers (with the pooled
+    class_counts, which the head rounds' plans carry). Pure: the server's round 0
     and the simulation's centralized baseline both start here."""
-    weight_name, bias_name, _, _ = head_shapes(spec)
+    weight_name, bias_name, _, _ = linear_head(spec)
     pooled = pool(statistics)
     weight, bias, used = safe_class_head(pooled, head_init, shrinkage=shrinkage, temperature=temperature)
     if used != head_init:
@@ -67,5 +58,6 @@ def initial_global(rule, spec, statistics: list[HeadStatistics], *, head_init: s
     start = rule.init_global(spec, global_rank, seed)
     dense = dict(start.dense) | {weight_name: weight, bias_name: bias}
     summary = {"clients": len(statistics), "total_samples": pooled.n_samples, "head": used,
-               "classes_seen": int((pooled.class_counts > 0).sum()), "classes": int(len(pooled.class_counts))}
+               "classes_seen": int((pooled.class_counts > 0).sum()), "classes": int(len(pooled.class_counts)),
+               "class_counts": [int(round(c)) for c in pooled.class_counts]}
     return Adapter(lora=start.lora, dense=dense, meta=start.meta), summary

@@ -52,7 +52,8 @@ def history(store: Store) -> list[dict]:
     for r in store.select("SELECT * FROM rounds WHERE state = 'aggregated' ORDER BY number"):
         uploads = queries.uploads(store, r["number"])
         entries.append({
-            "round": r["number"], "opened_at": r["opened_at"], "aggregated_at": r["aggregated_at"],
+            "round": r["number"], "stage": _stage(r["plans"]), "opened_at": r["opened_at"],
+            "aggregated_at": r["aggregated_at"],
             "selected": r["selected"], "clients": [u["client_id"] for u in uploads],
             "dropped": liveness.dropped(store, r["number"]),
             "ranks": queries.ranks_and_indices(r["plans"])["ranks"],
@@ -63,6 +64,12 @@ def history(store: Store) -> list[dict]:
             "statistics": jsonable(r["statistics"]),  # rows stored before NaN was mapped to None
         })
     return entries
+
+
+def _stage(plans: dict) -> str:
+    """head-statistics | head-fit | lora, from the round's plans (hetlora.protocol.plan.STAGES)."""
+    modes = {p["mode"] for p in plans.values()}
+    return modes.pop() if modes & {"head-statistics", "head-fit"} else "lora"
 
 
 def _bytes_down(store: Store, round_number: int) -> int:

@@ -26,6 +26,11 @@ def uploads(store: Store, round_number: int) -> list[dict]:
     return store.select("SELECT * FROM uploads WHERE round = ? ORDER BY received_at", (round_number,))
 
 
+def round_statistics(store: Store, round_number: int) -> dict:
+    """The statistics an aggregated round recorded (round 0: the pooled head statistics' summary)."""
+    return store.select_one("SELECT statistics FROM rounds WHERE number = ?", (round_number,))["statistics"]
+
+
 def ranks_and_indices(plans: dict) -> dict:
     """The round's planned rank and (plora) indices per client, as status and history show them."""
     return {"ranks": {c: p["rank"] for c, p in plans.items()},

@@ -23,6 +23,7 @@ from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode
 from server_stub import history, liveness, queries
 from server_stub.aggregation import ClientResult, aggregate_statistics
 from server_stub.aggregation.bounds import bound_influence
+from server_stub.aggregation.head_fit import average_heads
 from server_stub.config import ServerConfig
 from server_stub.errors import ApiError
 from server_stub.global_versions import GlobalVersions, client_download
@@ -93,18 +94,18 @@ class Coordinator:
                 plan = r["plans"].get(client_id)
                 return {
                     "round": r["number"], "state": "open", "deadline": r["deadline"], "selected": plan is not None,
-                    "stage": "head" if self._is_head_round(r["number"]) else "lora", "plan": plan,
+                    "stage": self.config.stage(r["number"]), "plan": plan,
                     "rank": plan["rank"] if plan else next_rank, "indices": plan["indices"] if plan else None,
                     "seed": plan["training"]["seed"] if plan else None,
                     "uploaded": queries.upload(self.store, r["number"], client_id) is not None,
-                    "rounds": self.config.rounds, "global_version": r["number"] - 1,
+                    "rounds": self.config.last_round, "global_version": r["number"] - 1,
                 }
             last = queries.last_round_number(self.store)
-            finished = last >= self.config.rounds
+            finished = last >= self.config.last_round
             return {
                 "round": last if finished else last + 1, "state": "finished" if finished else "waiting",
                 "deadline": None, "selected": False, "plan": None, "rank": next_rank, "indices": None,
-                "uploaded": False, "rounds": self.config.rounds, "global_version": self.globals.latest_version(),
+                "uploaded": False, "rounds": self.config.last_round, "global_version": self.globals.latest_version(),
             }
 
     def download(self, client_id: str, round_number: int) -> bytes:
@@ -113,7 +114,7 @@ class Coordinator:
             liveness.seen(self.store, client_id)
             r = self._require_open(round_number)
             self._require_selected(r, client_id)
-            if self._is_head_round(round_number):
+            if self.config.stage(round_number) == "head-statistics":
                 raise ApiError(409, "head_round", "round 0 collects head statistics; there is no adapter to download")
             plan = r["plans"][client_id]
             data = encode(client_download(self.rule, self.globals.adapter(round_number - 1), plan, client_id,
@@ -130,9 +131,9 @@ class Coordinator:
 
     def status(self) -> dict:
         with self.lock:
-            round_info, finished = history.current_round(self.store, self.config.rounds, self._closing)
+            round_info, finished = history.current_round(self.store, self.config.last_round, self._closing)
             clients = history.clients(self.store, lambda rank: self.rule.planned_rank(rank, self.config.global_rank))
-            return {"round": round_info, "rounds": self.config.rounds, "finished": finished,
+            return {"round": round_info, "rounds": self.config.last_round, "finished": finished,
                     "aggregator": self.config.aggregator, "global_version": self.globals.latest_version(),
                     "clients": clients, "history": history.history(self.store), "run": self.config.run_config()}
 
@@ -153,7 +154,7 @@ class Coordinator:
             if previous is not None:
                 raise ApiError(409, "duplicate_upload", f"round {round_number} already has a different update "
                                f"from {client_id} (sha256 {previous['sha256'][:12]}...); one update per round")
-            if self._is_head_round(round_number):
+            if self.config.stage(round_number) == "head-statistics":
                 row = self._store_statistics(r, client_id, body)
             else:
                 row = self._store_update(r, client_id, body)
@@ -211,12 +212,10 @@ class Coordinator:
             self.store.delete_blob(row["path"])
             raise
 
-    def _is_head_round(self, round_number: int) -> bool:
-        return round_number == HEAD_ROUND and self.config.head_round
-
     def _digest(self, round_number: int, body: bytes) -> str:
         """What identifies an upload: the content digest of an adapter, the sha256 of statistics bytes."""
-        return hashlib.sha256(body).hexdigest() if self._is_head_round(round_number) else update_digest(_decode(body))
+        statistics = self.config.stage(round_number) == "head-statistics"
+        return hashlib.sha256(body).hexdigest() if statistics else update_digest(_decode(body))
 
     def _upload_reply(self, row: dict, *, duplicate: bool, round_state: str) -> dict:
         client = queries.client(self.store, row["client_id"])
@@ -300,13 +299,13 @@ class Coordinator:
                 self._closing = None
         log.info("round %d aggregated (%s) from %s: %s", number, self.config.aggregator,
                  ", ".join(f"{c}@r{uploads[c]['effective_rank']}" for c in order), json.dumps(statistics))
-        if number >= self.config.rounds:
-            log.info("all %d rounds done; run finished", self.config.rounds)
+        if number >= self.config.last_round:
+            log.info("all %d rounds done; run finished", self.config.last_round)
         _log_opened(opened)
 
     def _combine(self, number: int, r: dict, uploads: list[dict]) -> tuple[Adapter, dict]:
         """The new global and its statistics from a closing round's uploads (in selection order)."""
-        if self._is_head_round(number):
+        if self.config.stage(number) == "head-statistics":
             statistics = [load_statistics(self.config, self.store.read_blob(u["path"])) for u in uploads]
             new_global, summary = initial_global(self.rule, self.config.spec, statistics,
                                                  head_init=self.config.head_init, global_rank=self.config.global_rank,
@@ -319,12 +318,15 @@ class Coordinator:
         results = [ClientResult(adapter=decode(self.store.read_blob(u["path"])), n_samples=u["n_samples"],
                                 indices=tuple(indices[u["client_id"]]) if indices[u["client_id"]] is not None else None)
                    for u in uploads]
-        results, clipped = bound_influence(previous, results)
-        new_global = self.rule.aggregate(previous, results)
-        if self.config.server_opt.name != "none":
-            new_global = self._optimizer_step(number, previous, new_global)
-        statistics = aggregate_statistics(new_global, results)
-        statistics["clipped"] = {uploads[k]["client_id"]: what for k, what in clipped.items()}
+        if self.config.stage(number) == "head-fit":
+            new_global, statistics = average_heads(previous, results)
+        else:
+            results, clipped = bound_influence(previous, results)
+            new_global = self.rule.aggregate(previous, results)
+            if self.config.server_opt.name != "none":
+                new_global = self._optimizer_step(number, previous, new_global)
+            statistics = aggregate_statistics(new_global, results) | {"clipped": clipped}
+        statistics["clipped"] = {uploads[k]["client_id"]: what for k, what in statistics["clipped"].items()}
         return new_global, history.jsonable(statistics)
 
     def _optimizer_step(self, number: int, previous: Adapter, aggregated: Adapter) -> Adapter:
@@ -350,9 +352,9 @@ class Coordinator:
         head_first = self.config.head_round and self.globals.row(0) is None
         number = HEAD_ROUND if head_first else queries.last_round_number(self.store) + 1
         needed = max(self.config.head_clients, self.config.min_clients) if head_first else self.config.min_clients
-        if number > self.config.rounds or len(clients) < needed:
+        if number > self.config.last_round or len(clients) < needed:
             return None
-        k = 0 if head_first else self.config.clients_per_round
+        k = self.config.clients_per_round if self.config.stage(number) == "lora" else 0  # head stages: everyone
         selected = select_clients([c["client_id"] for c in clients], k, self.config.seed, number)
         now = self.clock()
         row = {"number": number, "state": "open", "selected": selected, "plans": self._plans(selected, number),
@@ -363,10 +365,12 @@ class Coordinator:
     def _plans(self, client_ids: list[str], number: int) -> dict[str, dict]:
         """The configure step: each client's plan for round `number` (JSON), from the rule, its tier and the run."""
         rows = {c["client_id"]: c for c in self.store.select("SELECT client_id, name, rank, caps FROM clients")}
+        stage = self.config.stage(number)
+        counts = queries.round_statistics(self.store, HEAD_ROUND)["class_counts"] if stage == "head-fit" else None
         return {c: self.rule.configure(round_number=number, client_key=client_key(rows[c]),
                                        tier=Tier(rows[c]["rank"], **rows[c]["caps"]),
                                        global_rank=self.config.global_rank, seed=self.config.seed,
-                                       training=self.config.training, head_round=self._is_head_round(number)).to_json()
+                                       training=self.config.training, stage=stage, class_counts=counts).to_json()
                 for c in client_ids}
 
     def _require_open(self, round_number: int) -> dict:
@@ -379,7 +383,7 @@ class Coordinator:
         last = queries.last_round_number(self.store)
         if r is not None:
             current, state = r["number"], "open"
-        elif last >= self.config.rounds:
+        elif last >= self.config.last_round:
             current, state = last, "finished"
         else:
             current, state = last + 1, "waiting for clients"

@@ -31,7 +31,8 @@ def check_update(adapter: Adapter, plan: dict, spec: AdapterSpec, *, round_numbe
                  aggregator: str) -> CheckedUpdate:
     """Metadata (round, client, rank = the plan's, effective_rank, n_samples), tensors against the spec at most
     the plan's rank, effective_rank in plan min_upload_rank..rank and equal to the tensors' rank, plora indices
-    equal to the plan's, values within the bounds. WireFormatError names the first problem."""
+    equal to the plan's, values within the bounds. A head-fit plan's upload is the head alone: no LoRA
+    factors, rank 0. WireFormatError names the first problem."""
     meta = adapter.meta
     if meta_int(meta, "round", minimum=1) != round_number:
         raise WireFormatError("bad_metadata", f"metadata round {meta['round']} does not match the URL round "
@@ -39,9 +40,11 @@ def check_update(adapter: Adapter, plan: dict, spec: AdapterSpec, *, round_numbe
     if meta.get("client_id") != client_id:
         raise WireFormatError("client_mismatch", f"metadata client_id {meta.get('client_id')!r} is not the client "
                               f"of this token ({client_id})")
+    n_samples = meta_int(meta, "n_samples", minimum=1)
+    if plan["mode"] == "head-fit":
+        return _check_head(adapter, spec, n_samples)
     rank = meta_int(meta, "rank", minimum=1)
     effective_rank = meta_int(meta, "effective_rank", minimum=1)
-    n_samples = meta_int(meta, "n_samples", minimum=1)
     if rank != plan["rank"]:
         raise WireFormatError("rank_mismatch", f"metadata rank {rank} is not the rank {plan['rank']} assigned for "
                               f"round {round_number}")
@@ -57,6 +60,21 @@ def check_update(adapter: Adapter, plan: dict, spec: AdapterSpec, *, round_numbe
         raise WireFormatError("wrong_indices", f"metadata indices {meta.get('indices')!r} are not the indices "
                               f"assigned for round {round_number}: {plan['indices']}")
     return CheckedUpdate(rank, effective_rank, n_samples)
+
+
+def _check_head(adapter: Adapter, spec: AdapterSpec, n_samples: int) -> CheckedUpdate:
+    """A head round's upload: the spec's dense tensors, finite and within the bounds, and no LoRA factors."""
+    if adapter.meta.get("mode") != "head-fit":
+        raise WireFormatError("bad_metadata", f"this round fits the head: metadata mode must be 'head-fit', got "
+                              f"{adapter.meta.get('mode')!r}")
+    if adapter.lora:
+        raise WireFormatError("unexpected_lora", f"a head round's upload carries the head only; it has LoRA factors "
+                              f"for {len(adapter.lora)} modules")
+    if not spec.dense:
+        raise WireFormatError("missing_tensor", "this run's model has no dense head to fit")
+    validate(adapter, spec, max_rank=0, require_all_modules=False)
+    check_values(adapter)
+    return CheckedUpdate(rank=0, effective_rank=0, n_samples=n_samples)
 
 
 def update_digest(adapter: Adapter) -> str:

@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=DEMO_TRAINING.warmup_steps)
     p.add_argument("--head-init", choices=("none", "ncm", "lda"), default=DemoConfig.head_init,
                    help="round 0 sets the head from the clients' class statistics (default lda; none = random head)")
+    p.add_argument("--head-rounds", type=int, default=DemoConfig.head_rounds,
+                   help=f"head rounds after round 0: every client fits the head on its frozen features, the server "
+                        f"averages the heads (default {DemoConfig.head_rounds}; 0 = LoRA right after round 0)")
+    p.add_argument("--head-epochs", type=int, default=DEMO_TRAINING.head_epochs,
+                   help="passes over its frozen features a client makes per head round")
     p.add_argument("--server-opt", choices=("none", "momentum", "adam", "yogi"), default=DemoConfig.server_opt,
                    help="server optimiser on each round's aggregated update (hlora: momentum only)")
     p.add_argument("--server-lr", type=float, default=DemoConfig.server_lr)
@@ -80,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
                      clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
                      training=replace(DEMO_TRAINING, steps=args.local_steps, batch_size=args.batch_size,
                                       seq_len=args.seq_len, lr=args.lr, head_lr=args.head_lr, schedule=args.schedule,
-                                      warmup_steps=args.warmup_steps),
-                     head_init=args.head_init, server_opt=args.server_opt, server_lr=args.server_lr,
+                                      warmup_steps=args.warmup_steps, head_epochs=args.head_epochs),
+                     head_init=args.head_init, head_rounds=args.head_rounds if args.head_init != "none" else 0,
+                     server_opt=args.server_opt, server_lr=args.server_lr,
                      dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks,
                      text_column=args.text_column, label_column=args.label_column,
                      validation_fraction=args.validation_fraction)

@@ -19,6 +19,7 @@ import numpy as np
 
 from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
+from hetlora.protocol.head_stats import class_statistics
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import decode
 from hetlora.errors import UserError
@@ -41,6 +42,7 @@ class DemoConfig:
     rounds: int = 6
     training: TrainingSettings = DEMO_TRAINING  # sent by each run's server; prune_lambda: hetlora runs only
     head_init: str = "lda"
+    head_rounds: int = 20
     server_opt: str = "none"
     server_lr: float = 1.0
     dirichlet_alpha: float = 0.5
@@ -73,6 +75,7 @@ class RoundRow:
     bytes_up: int
     bytes_down: int
     seconds: float
+    stage: str = "lora"  # head-statistics (round 0) | head-fit (the head rounds, one row) | lora
 
 
 @dataclass
@@ -158,7 +161,7 @@ def serve_args(cfg: DemoConfig, method: Method) -> list[str]:
             "--min-clients", str(min(cfg.clients_per_round, cfg.clients)),
             "--round-deadline", str(cfg.round_deadline), "--seed", str(cfg.seed),
             *training_args(cfg.training, prune=method.aggregator == "hetlora"),
-            "--head-init", cfg.head_init, "--head-clients", str(cfg.clients),
+            "--head-init", cfg.head_init, "--head-clients", str(cfg.clients), "--head-rounds", str(cfg.head_rounds),
             "--server-opt", cfg.server_opt, "--server-lr", str(cfg.server_lr),
             "--poll-seconds", "0.2", *method.options]
 
@@ -168,6 +171,7 @@ def training_args(training: TrainingSettings, *, prune: bool) -> list[str]:
     head_lr = ["--head-lr", str(training.head_lr)] if training.head_lr is not None else []
     return ["--local-steps", str(training.steps), "--batch-size", str(training.batch_size),
             "--seq-len", str(training.seq_len), "--lr", str(training.lr), *head_lr, "--schedule", training.schedule,
+            "--head-epochs", str(training.head_epochs),
             "--warmup-steps", str(training.warmup_steps), "--lora-alpha", str(training.lora_alpha),
             "--prune-gamma", str(training.prune_gamma), "--min-rank", str(training.min_rank),
             "--prune-lambda", str(training.prune_lambda if prune else 0.0)]
@@ -186,7 +190,7 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
                                 + (["--label-column", cfg.label_column] if cfg.label_column else []))
                    for i, (part, profile) in enumerate(zip(parts, profiles))]
         api = ServerAPI(url, give_up_after=60)
-        rows, seen, fleet_shown = [], 0, False
+        rows, seen, fleet_shown, phase = [], 0, False, []
         while True:
             status = api.status()
             if not fleet_shown and len(status["clients"]) == len(clients):
@@ -194,10 +198,13 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
                          ", ".join(f"{c['name']} r={c['rank']}" for c in status["clients"]))
                 fleet_shown = True
             for entry in status["history"][seen:]:
-                row = _row(method.label, entry, api, evaluate)
-                rows.append(row)
-                on_row(row)
                 seen += 1
+                phase.append(entry)
+                if entry["stage"] == "head-fit" and entry["round"] < cfg.head_rounds:
+                    continue  # the head rounds make one row, at their last
+                rows.append(_row(method.label, phase, api, evaluate))
+                on_row(rows[-1])
+                phase = []
             if status["finished"] and seen >= len(status["history"]):
                 break
             dead = [c for c in clients if not c.alive() and c.wait() != 0]
@@ -226,22 +233,25 @@ def save_global(data: bytes, run_dir: Path, model_dir: str, labels: list[str]) -
     log.info("final global adapter: %s (wire) and %s (PEFT)", run_dir / "global.safetensors", run_dir / "peft")
 
 
-def _row(label: str, entry: dict, api: ServerAPI, evaluate) -> RoundRow:
-    """A table row for one aggregated round; seconds = the server's open-to-aggregated time."""
+def _row(label: str, entries: list[dict], api: ServerAPI, evaluate) -> RoundRow:
+    """A table row for aggregated rounds `entries` (one round, or the head rounds), evaluated at the last;
+    bytes summed, seconds = the server's time from the first opening to the last aggregation."""
+    entry = entries[-1]
     data = api.global_adapter(version=entry["round"])
     metrics = evaluate(decode(data))
     ranks = list(entry["effective_ranks"].values()) or [0]
     return RoundRow(method=label, round=entry["round"], accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"],
-                    mean_rank=sum(ranks) / len(ranks), bytes_up=entry["bytes_up"], bytes_down=entry["bytes_down"],
-                    seconds=entry["aggregated_at"] - entry["opened_at"])
+                    mean_rank=sum(ranks) / len(ranks), bytes_up=sum(e["bytes_up"] for e in entries),
+                    bytes_down=sum(e["bytes_down"] for e in entries), seconds=entry["aggregated_at"] - entries[0]["opened_at"],
+                    stage=entry["stage"])
 
 
 def format_table(rows: list[RoundRow]) -> str:
-    header = f"{'method':<12} {'round':>5} {'accuracy':>8} {'macro-F1':>8} {'mean rank':>9} " \
+    header = f"{'method':<12} {'round':>5} {'stage':<15} {'accuracy':>8} {'macro-F1':>8} {'mean rank':>9} " \
              f"{'MB up':>7} {'MB down':>7} {'seconds':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.method:<12} {r.round:>5} {r.accuracy:>8.3f} {r.macro_f1:>8.3f} {r.mean_rank:>9.1f} "
+        lines.append(f"{r.method:<12} {r.round:>5} {r.stage:<15} {r.accuracy:>8.3f} {r.macro_f1:>8.3f} {r.mean_rank:>9.1f} "
                      f"{r.bytes_up / 1e6:>7.2f} {r.bytes_down / 1e6:>7.2f} {r.seconds:>7.1f}")
     return "\n".join(lines)
 
@@ -253,35 +263,57 @@ def rows_json(rows: list[RoundRow]) -> list[dict]:
 def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row) -> list[RoundRow]:
     """LoRA at the largest rank on the pooled data, in process, with the federated runs' settings: the
     same initial global (the server's `initial_global`, its head from the pooled data's statistics), the
-    same learning rates and schedule; per "round" as many steps as the selected fleet takes in one
-    federated round (clients_per_round x steps). Round 0 is the initial head."""
+    head fitted on the pooled frozen features for as many epochs as the head rounds make (head_rounds x
+    head_epochs), the same learning rates and schedule; per LoRA "round" as many steps as the selected
+    fleet takes in one federated round (clients_per_round x steps)."""
     from edge_client.models import derive_spec
     from edge_client.training import TorchTrainer
     from server_stub.aggregation import make_rule
     from server_stub.head_round import initial_global
 
     rank = max(cfg.ranks)
-    spec = derive_spec(cfg.model_dir, "classification", num_labels=len(labels))
     trainer = TorchTrainer(cfg.model_dir, "classification", labels=labels)
     rule = make_rule("fedavg")
     steps = replace(cfg.training, steps=cfg.clients_per_round * cfg.training.steps, prune_lambda=0.0)
-    rows, first, t0 = [], 1, time.monotonic()
-    if cfg.head_init != "none":
-        stats = trainer.head_statistics(pooled, cfg.training.seq_len)
-        adapter, _ = initial_global(rule, spec, [stats], head_init=cfg.head_init, global_rank=rank, seed=cfg.seed)
-        first = 0
-    else:
-        adapter = rule.init_global(spec, rank, cfg.seed)
-    for number in range(first, cfg.rounds + 1):
-        if number > 0:
-            t0 = time.monotonic()
-            adapter = trainer.train_round(adapter, pooled, replace(steps, seed=cfg.seed + number), rank=rank).adapter
+    rows, t0 = [], time.monotonic()
+
+    def emit(number: int, stage: str, adapter) -> None:
         metrics = evaluate(adapter)
-        row = RoundRow("centralized", number, metrics["accuracy"], metrics["macro_f1"], rank, 0, 0,
-                       time.monotonic() - t0)
-        rows.append(row)
-        on_row(row)
+        rows.append(RoundRow("centralized", number, metrics["accuracy"], metrics["macro_f1"], rank, 0, 0,
+                             time.monotonic() - t0, stage))
+        on_row(rows[-1])
+
+    if cfg.head_init != "none":
+        features, targets = trainer.frozen_features(pooled, cfg.training.seq_len)
+        stats = class_statistics(features, targets, len(labels))
+        spec = derive_spec(cfg.model_dir, "classification", num_labels=len(labels))
+        adapter, _ = initial_global(rule, spec, [stats], head_init=cfg.head_init, global_rank=rank, seed=cfg.seed)
+        emit(0, "head-statistics", adapter)
+        if cfg.head_rounds:
+            t0 = time.monotonic()
+            adapter = fitted_head(adapter, spec, features, targets, stats.class_counts, cfg)
+            emit(cfg.head_rounds, "head-fit", adapter)
+    else:
+        adapter = rule.init_global(derive_spec(cfg.model_dir, "classification", num_labels=len(labels)), rank, cfg.seed)
+    first = cfg.head_rounds + 1 if cfg.head_init != "none" else 1
+    for number in range(first, first + cfg.rounds):
+        t0 = time.monotonic()
+        adapter = trainer.train_round(adapter, pooled, replace(steps, seed=cfg.seed + number), rank=rank).adapter
+        emit(number, "lora", adapter)
     return rows
+
+
+def fitted_head(adapter, spec, features, targets, class_counts, cfg: DemoConfig):
+    """`adapter` with its head fitted on the pooled frozen features for head_rounds x head_epochs epochs."""
+    from edge_client.head_fit import fit_head
+    from hetlora.protocol.spec import linear_head
+
+    weight_name, bias_name, _, _ = linear_head(spec)
+    training = cfg.training
+    fit = fit_head(adapter.dense[weight_name], adapter.dense[bias_name], features, targets,
+                   epochs=cfg.head_rounds * training.head_epochs, lr=training.head_lr or training.lr,
+                   batch_size=training.batch_size, seed=cfg.seed, class_counts=class_counts)
+    return replace(adapter, dense=adapter.dense | {weight_name: fit.weight, bias_name: fit.bias})
 
 
 def plot_rows(rows: list[RoundRow], path: Path) -> Path | None:

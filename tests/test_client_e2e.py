@@ -34,8 +34,8 @@ def labels_file(tmp_path_factory):
     return path
 
 
-def serve_args(model_dir, labels_file, aggregator, rounds=2, steps=3):
-    return ["--model", str(model_dir), "--task", "classification", "--labels", str(labels_file),
+def serve_args(model_dir, labels_file, aggregator, rounds=2, steps=3, head_rounds=0):
+    return ["--head-rounds", str(head_rounds), "--model", str(model_dir), "--task", "classification", "--labels", str(labels_file),
             "--aggregator", aggregator, "--ranks", "2,4,8", "--rounds", str(rounds), "--min-clients", "3",
             "--local-steps", str(steps), "--batch-size", "4", "--seq-len", "16", "--poll-seconds", "0.2",
             "--round-deadline", "300"]
@@ -71,12 +71,15 @@ def run_to_end(server, url, start_clients) -> dict:
 
 @pytest.mark.parametrize("aggregator", ["hetlora", "hlora", "plora", "fedavg"])
 def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_file, tmp_path, aggregator):
-    server, url = start_server(serve_args(tiny_bert_dir, labels_file, aggregator), tmp_path / "server")
+    head_rounds = 2 if aggregator == "hetlora" else 0  # one rule runs the head rounds too
+    server, url = start_server(serve_args(tiny_bert_dir, labels_file, aggregator, head_rounds=head_rounds),
+                               tmp_path / "server")
     status = run_to_end(server, url, lambda: [
         start_client(url, write_data(tmp_path / f"d{i}.csv", 12 + 4 * i, i), tmp_path / f"c{i}",
                      ["--model", str(tiny_bert_dir), "--rank", str(rank), "--poll", "0.2"])
         for i, rank in enumerate((2, 4, 8))])
-    assert [h["round"] for h in status["history"]] == [0, 1, 2]  # round 0: head statistics (serve's default)
+    # round 0: head statistics (serve's default), then the head rounds, then two LoRA rounds
+    assert [h["stage"] for h in status["history"]] == ["head-statistics"] + ["head-fit"] * head_rounds + ["lora"] * 2
     assert status["history"][0]["statistics"]["head"] in ("lda", "ncm")
     expected_ranks = [8, 8, 8] if aggregator == "fedavg" else [2, 4, 8]
     assert sorted(c["rank"] for c in status["clients"]) == expected_ranks
@@ -84,7 +87,7 @@ def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_f
         assert len(h["clients"]) == 3
     logs = [(tmp_path / f"c{i}.log").read_text() for i in range(3)]
     for log in logs:
-        assert "training finished" in log and log.count("B up") == 3, log[-2000:]
+        assert "training finished" in log and log.count("B up") == 3 + head_rounds, log[-2000:]
     # the bytes the server reports having moved are the bytes the clients logged
     assert sum(h["bytes_down"] for h in status["history"]) == sum(int(x) for x in re.findall(r"(\d+) B down", "".join(logs)))
     assert sum(h["bytes_up"] for h in status["history"]) == sum(int(x) for x in re.findall(r"(\d+) B up", "".join(logs)))

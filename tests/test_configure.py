@@ -5,16 +5,16 @@ import json
 
 import pytest
 
-from hetlora.protocol.plan import ClientPlan, Tier
+from hetlora.protocol.plan import ClientPlan, Tier, stage_of
 from hetlora.protocol.settings import TrainingSettings
 from server_stub.aggregation import RULES, make_rule
 
 RUN = dict(global_rank=16, seed=7, training=TrainingSettings(steps=5, batch_size=32, seq_len=128, prune_lambda=0.01))
 
 
-def plan(rule_name: str, tier: Tier, round_number: int = 3, head_round: bool = False) -> ClientPlan:
+def plan(rule_name: str, tier: Tier, round_number: int = 3, stage: str = "lora", class_counts=None) -> ClientPlan:
     return make_rule(rule_name).configure(round_number=round_number, client_key="pi-1", tier=tier,
-                                          head_round=head_round, **RUN)
+                                          stage=stage, class_counts=class_counts, **RUN)
 
 
 @pytest.mark.parametrize("rule, rank, mode, min_upload", [("fedavg", 16, "plain", 16), ("hetlora", 8, "hetlora", 1),
@@ -39,8 +39,27 @@ def test_training_settings_are_the_runs_within_the_tier_caps_and_seeded_per_clie
 
 
 def test_the_head_round_collects_statistics_without_indices():
-    p = plan("plora", Tier(8), round_number=0, head_round=True)
+    p = plan("plora", Tier(8), round_number=0, stage="head-statistics")
     assert p.mode == "head-statistics" and p.indices is None
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_head_fit_plan_carries_the_pooled_class_counts_and_survives_json(rule):
+    p = plan(rule, Tier(8), round_number=2, stage="head-fit", class_counts=[3, 0, 5])
+    assert p.mode == "head-fit" and p.indices is None and p.class_counts == (3, 0, 5)
+    assert ClientPlan.from_json(json.loads(json.dumps(p.to_json()))) == p
+    with pytest.raises(ValueError, match="'class_counts' must not be negative"):
+        ClientPlan.from_json(p.to_json() | {"class_counts": [3, -1, 5]})
+    with pytest.raises(ValueError, match="only a head-fit plan carries class_counts"):
+        ClientPlan.from_json(plan(rule, Tier(8)).to_json() | {"class_counts": [1, 2, 3]})
+
+
+def test_stages_of_a_run():
+    stages = [stage_of(n, head_init=True, head_rounds=2) for n in range(5)]
+    assert stages == ["head-statistics", "head-fit", "head-fit", "lora", "lora"]
+    assert [stage_of(n, head_init=False, head_rounds=0) for n in range(1, 3)] == ["lora", "lora"]
+    assert stage_of(0, head_init=True, head_rounds=0) == "head-statistics" and stage_of(1, head_init=True,
+                                                                                        head_rounds=0) == "lora"
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -21,7 +21,7 @@ def run_demo(model_dir, tmp_path, out_name, seed=0):
     proc = subprocess.run(
         [sys.executable, "-m", "hetlora.cli", "demo", "--model", str(model_dir), "--data", str(train),
          "--test", str(test), "--labels", str(labels), "--clients", "3", "--clients-per-round", "2", "--rounds", "2",
-         "--local-steps", "2", "--batch-size", "4", "--seq-len", "16", "--ranks", "2,4", "--out", str(out),
+         "--head-rounds", "2", "--local-steps", "2", "--batch-size", "4", "--seq-len", "16", "--ranks", "2,4", "--out", str(out),
          "--seed", str(seed)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -36,10 +36,11 @@ def first_run(tiny_mean_bert_dir, tmp_path_factory):
 def test_demo_runs_a_fleet_and_writes_its_results(first_run):
     out, stdout = first_run
     rows = json.loads((out / "results.json").read_text())
-    assert [r["round"] for r in rows] == [0, 1, 2]  # round 0: the closed-form head, before any LoRA training
+    # round 0: the closed-form head; the two head rounds make one row; then the LoRA rounds
+    assert [(r["round"], r["stage"]) for r in rows] == [(0, "head-statistics"), (2, "head-fit"), (3, "lora"), (4, "lora")]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert all(r["bytes_up"] > 0 for r in rows) and all(r["bytes_down"] > 0 for r in rows[1:])
-    assert rows[0]["mean_rank"] == 0 and all(2 <= r["mean_rank"] <= 4 for r in rows[1:])
+    assert rows[0]["mean_rank"] == rows[1]["mean_rank"] == 0 and all(2 <= r["mean_rank"] <= 4 for r in rows[2:])
     assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "hetlora" / "global.safetensors").exists()
     peft_config = json.loads((out / "hetlora" / "peft" / "adapter_config.json").read_text())

@@ -36,6 +36,8 @@ def test_run_config_keys_are_serve_flags():
         serve_arguments({"port": 8080})
     with pytest.raises(UserError, match="invalid choice: 'nope'"):
         server_config({"rule": "nope"})
+    with pytest.raises(UserError, match="head rounds .* run on the HTTP server only"):
+        server_config({"head-rounds": 2})
 
 
 def test_wire_bytes_cross_an_array_record_exactly():

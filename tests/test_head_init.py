@@ -122,7 +122,7 @@ def test_round_zero_over_http_sets_the_head_of_global_zero_then_lora_rounds_open
         assert http.get("/v1/round", headers=clients[0]["auth"]).json()["state"] == "waiting"
         clients.append(register(http, 8, name="dev-2"))
         current = http.get("/v1/round", headers=clients[0]["auth"]).json()
-        assert (current["round"], current["stage"], current["selected"]) == (0, "head", True)
+        assert (current["round"], current["stage"], current["selected"]) == (0, "head-statistics", True)
         assert http.get("/v1/rounds/0/adapter", headers=clients[0]["auth"]).json()["error"]["code"] == "head_round"
         assert http.get("/v1/global").status_code == 404
 

@@ -25,7 +25,7 @@ from edge_client.models import model_hash
 from edge_client.objective import IGNORE
 from hetlora.protocol.lora_rules import lora_scale, pruned_rank, should_prune
 from edge_client.train_config import RoundResult
-from hetlora.protocol.head_stats import HeadStatistics
+from hetlora.protocol.head_stats import HeadStatistics, class_statistics
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
 from hetlora.errors import UserError
@@ -84,20 +84,25 @@ class ArtifactTrainer:
         """Raise UserError when the artifact's optimizer cannot run `cfg`."""
 
     # --- round 0 ------------------------------------------------------------------------------------------------
-    def head_statistics(self, examples: Examples, seq_len: int) -> HeadStatistics:
-        """Per-class feature statistics under the frozen base model, computed with torch (an artifact has no
-        features output); the model is loaded for this once-per-run call and dropped after."""
-        from edge_client.head_features import feature_statistics
+    def frozen_features(self, examples: Examples, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) under the frozen base model, computed with torch (an artifact has no features
+        output); the model is loaded for this call and dropped after."""
+        from edge_client.head_features import pooled_features
         from edge_client.models import dense_parameter_names, load_task_model
 
         if self.task != "classification":
             raise UserError("head initialisation is for classification runs only")
         model = load_task_model(self.model_dir, self.task, len(self.labels), pooling=self.pooling)
+        encoded = self.encode(examples, seq_len)
         try:
-            return feature_statistics(model, dense_parameter_names(model, self.task), self.encode(examples, seq_len),
-                                      len(self.labels))
+            features = pooled_features(model, dense_parameter_names(model, self.task), encoded)
         except ValueError as exc:
-            raise UserError(f"cannot compute head statistics: {exc}") from None
+            raise UserError(f"cannot compute head features: {exc}") from None
+        return features, np.asarray(encoded.labels, dtype=np.int64)
+
+    def head_statistics(self, examples: Examples, seq_len: int) -> HeadStatistics:
+        """Per-class feature statistics under the frozen base model (round 0)."""
+        return class_statistics(*self.frozen_features(examples, seq_len), len(self.labels))
 
     # --- the round ----------------------------------------------------------------------------------------------
     def engine_for(self, rank: int) -> Engine:

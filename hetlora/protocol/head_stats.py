@@ -48,6 +48,16 @@ class HeadStatistics:
                               self.feature_gram + other.feature_gram)
 
 
+def class_statistics(features: np.ndarray, labels: np.ndarray, num_labels: int) -> HeadStatistics:
+    """S_c, n_c and G of features (n, d) with integer labels (n,) in 0..num_labels-1, in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    sums = np.zeros((num_labels, features.shape[1]))
+    np.add.at(sums, labels, features)
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    return HeadStatistics(class_sums=sums, class_counts=counts, feature_gram=features.T @ features)
+
+
 def encode_statistics(stats: HeadStatistics) -> bytes:
     tensors = {name: np.ascontiguousarray(getattr(stats, name), dtype=np.float64) for name in TENSORS}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(stats.meta, sort_keys=True)}

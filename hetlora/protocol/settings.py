@@ -23,6 +23,8 @@ class TrainingSettings:
     Learning rates: `lr` for the LoRA factors, `head_lr` for the dense head (None: `lr`); both follow
     `schedule` over the round's steps: "constant", or "cosine" (linear warm-up over `warmup_steps`,
     then lr_t = lr * (1 + cos(pi * t' / T')) / 2 over the remaining T' steps).
+    `head_epochs`: passes over the frozen features in a head round (edge_client.head_fit), at `head_lr`
+    (None: `lr`) with batches of `batch_size`.
     `trim_padding`: length-grouped batches cut to their longest row (torch backend only; the artifact
     backends keep fixed shapes and uniformly shuffled batches, which the torch backend reproduces
     exactly with trim_padding=False).
@@ -36,6 +38,7 @@ class TrainingSettings:
     head_lr: float | None = None
     schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
+    head_epochs: int = 5
     trim_padding: bool = True
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (ExecuTorch offers only sgd)

@@ -76,3 +76,13 @@ class AdapterSpec:
                 n *= d
             total += n
         return total
+
+
+def linear_head(spec: AdapterSpec) -> tuple[str, str, int, int]:
+    """(weight name, bias name, C, d) of the spec's linear classification head; ValueError when it has none."""
+    weights = [n for n, s in spec.dense.items() if len(s) == 2]
+    biases = [n for n, s in spec.dense.items() if len(s) == 1]
+    if len(weights) != 1 or len(biases) != 1:
+        raise ValueError(f"the head stages need one linear head (a weight and a bias), the spec has {sorted(spec.dense)}")
+    num_labels, dim = spec.dense[weights[0]]
+    return weights[0], biases[0], num_labels, dim

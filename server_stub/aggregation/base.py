@@ -57,16 +57,20 @@ class BaseRule:
         return Adapter(lora=lora, dense=_copy_dense(global_), meta={**global_.meta, "rank": rank})
 
     def configure(self, *, round_number: int, client_key: str, tier: Tier, global_rank: int, seed: int,
-                  training: TrainingSettings, head_round: bool = False) -> ClientPlan:
+                  training: TrainingSettings, stage: str = "lora", class_counts=None) -> ClientPlan:
         """One client's plan for a round: `planned_rank` of its tier, this rule's `mode` and `planned_indices`,
         the run's training settings within the tier's caps and seeded by `training_seed(seed, round, client_key)`.
-        The head round (round 0 with head initialisation) collects statistics instead of training."""
+        The head stages (hetlora.protocol.plan.stage_of) collect statistics (round 0) or fit the head with the
+        run's pooled `class_counts` (head rounds) instead of training LoRA."""
         rank = self.planned_rank(tier.rank, global_rank)
         check_rank("rank", rank, maximum=global_rank)
         settings = replace(training.capped(tier.batch_size, tier.seq_len),
                            seed=training_seed(seed, round_number, client_key))
-        if head_round:
-            return ClientPlan(round=round_number, rank=rank, mode="head-statistics", training=settings)
+        if stage == "head-statistics":
+            return ClientPlan(round=round_number, rank=rank, mode=stage, training=settings)
+        if stage == "head-fit":
+            counts = tuple(int(c) for c in class_counts) if class_counts is not None else None
+            return ClientPlan(round=round_number, rank=rank, mode=stage, training=settings, class_counts=counts)
         indices = self.planned_indices(global_rank=global_rank, rank=rank, round_number=round_number,
                                        client_key=client_key, seed=seed)
         return ClientPlan(round=round_number, rank=rank, mode=self.mode, training=settings, indices=indices,
@@ -101,7 +105,7 @@ class BaseRule:
             ]
             a, b = self.aggregate_module(previous, parts, n)
             lora[name] = (a.astype(np.float32), b.astype(np.float32))
-        dense = {name: _weighted_mean([res.adapter.dense[name] for res in results], n) for name in global_.dense}
+        dense = {name: weighted_mean([res.adapter.dense[name] for res in results], n) for name in global_.dense}
         return Adapter(lora=lora, dense=dense, meta={"rule": self.name, "rank": rank})
 
     def component_indices(self, result: ClientResult, upload_rank: int, global_rank: int) -> tuple[int, ...]:
@@ -179,7 +183,7 @@ def check_rank(label: str, rank: int, maximum: int | None) -> None:
         raise ValueError(f"{label} {rank} exceeds the global rank {maximum}")
 
 
-def _weighted_mean(tensors: list[np.ndarray], n: np.ndarray) -> np.ndarray:
+def weighted_mean(tensors: list[np.ndarray], n: np.ndarray) -> np.ndarray:
     """sum_k (n_k / n) T_k in float64, returned as float32."""
     w = n / n.sum()
     total = sum(w_k * np.asarray(t, dtype=np.float64) for w_k, t in zip(w, tensors))

@@ -37,7 +37,7 @@ class AggregationRule(Protocol):
         """What a client of rank r downloads."""
 
     def configure(self, *, round_number: int, client_key: str, tier: Tier, global_rank: int, seed: int,
-                  training: TrainingSettings, head_round: bool = False) -> ClientPlan:
+                  training: TrainingSettings, stage: str = "lora", class_counts=None) -> ClientPlan:
         """One client's plan for a round (rank, mode, training settings, plora's indices), from its tier."""
 
     def aggregate(self, global_: Adapter, results: list[ClientResult]) -> Adapter:
