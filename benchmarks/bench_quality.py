@@ -102,6 +102,10 @@ def run_settings(cfg: DemoConfig, name: str) -> dict:
     settings |= {"local_steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr,
                  "head_lr": t.head_lr, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
                  "prune_lambda": t.prune_lambda}
+    if cfg.head_rounds:  # runs stored before head rounds existed had none: they still count for --head-rounds 0
+        settings |= {"head_epochs": t.head_epochs, "head_fit_lr": t.head_fit_lr}
+    else:
+        del settings["head_rounds"]
     files = {k: hashlib.sha256(Path(getattr(cfg, k)).read_bytes()).hexdigest() for k in ("data", "test", "labels")}
     return json.loads(json.dumps({**settings, **files, "method": name}, default=str))
 
@@ -175,6 +179,8 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--head-rounds", type=int, default=DemoConfig.head_rounds,
+                   help=f"head rounds before the LoRA rounds (default {DemoConfig.head_rounds}, as the demo)")
     p.add_argument("--validation-fraction", type=float, default=0.0)
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--results", help="append the table and the command to this Markdown file")
@@ -190,7 +196,8 @@ def main() -> int:
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     base = DemoConfig(model_dir=str(args.model or default_model_dir()), data=args.data, test=args.test,
-                      labels=args.labels, out=Path(args.out), rounds=args.rounds, text_column=args.text_column,
+                      labels=args.labels, out=Path(args.out), rounds=args.rounds, head_rounds=args.head_rounds,
+                      text_column=args.text_column,
                       label_column=args.label_column, validation_fraction=args.validation_fraction)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     t0 = time.monotonic()

@@ -253,7 +253,7 @@ class EdgeClient:
         weight_name, bias_name, _, _ = linear_head(self.spec)
         features, labels = self._frozen_features(cfg)
         fit = fit_head(start.dense[weight_name], start.dense[bias_name], features, labels, epochs=cfg.head_epochs,
-                       lr=cfg.head_lr or cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, class_counts=plan.class_counts)
+                       lr=cfg.head_fit_lr, batch_size=cfg.batch_size, seed=cfg.seed, class_counts=plan.class_counts)
         meta = {"round": number, "client_id": self.state.client_id, "mode": plan.mode, "n_samples": len(labels),
                 "loss_before": fit.loss_before, "loss_after": fit.loss_after}
         pending = encode(Adapter(lora={}, dense={weight_name: fit.weight, bias_name: fit.bias}, meta=meta))

@@ -17,6 +17,7 @@ from hetlora.config_file import add_config_option
 from hetlora.demo_data import banking77
 from hetlora.errors import UserError
 from server_stub.aggregation import RULES
+from hetlora.protocol.settings import TrainingSettings
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import OPTIMIZERS
 
@@ -88,6 +89,8 @@ def _add_round_arguments(p: argparse.ArgumentParser) -> None:
                            "The demo uses 20 (default 0)")
     head.add_argument("--head-epochs", type=int, default=5,
                       help="passes over its frozen features a client makes in each head round (default 5)")
+    head.add_argument("--head-fit-lr", type=float, default=TrainingSettings.head_fit_lr,
+                      help=f"Adam learning rate of the head rounds (default {TrainingSettings.head_fit_lr})")
 
 
 
@@ -133,7 +136,6 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     """ServerConfig from parsed arguments (derives the AdapterSpec from the model folder)."""
     from edge_client.models import default_model_dir, derive_spec
-    from hetlora.protocol.settings import TrainingSettings
     from profiles.policy import load_policy
     from hetlora.labels import read_labels
     from server_stub.config import ServerConfig
@@ -153,7 +155,8 @@ def build_config(args: argparse.Namespace):
     training = TrainingSettings(steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                 head_lr=args.head_lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
                                 prune_gamma=args.prune_gamma, prune_lambda=prune_lambda, min_rank=args.min_rank,
-                                lora_alpha=args.lora_alpha, head_epochs=args.head_epochs)
+                                lora_alpha=args.lora_alpha, head_epochs=args.head_epochs,
+                                head_fit_lr=args.head_fit_lr)
     return ServerConfig(
         spec=spec, aggregator=args.aggregator, labels=labels, rule_options=rule_options, ranks=tuple(args.ranks),
         global_rank=global_rank, clients_per_round=args.clients_per_round, min_clients=args.min_clients,

@@ -68,8 +68,8 @@ class ServerConfig:
         if self.head_rounds < 0 or (self.head_rounds and not self.head_round):
             raise UserError("--head-rounds needs --head-init ncm or lda (the head rounds start from round 0's head) "
                             "and must not be negative")
-        if self.head_rounds and self.training.head_epochs < 1:
-            raise UserError("--head-epochs must be at least 1")
+        if self.head_rounds and (self.training.head_epochs < 1 or not self.training.head_fit_lr > 0):
+            raise UserError("--head-epochs must be at least 1 and --head-fit-lr positive")
         try:
             self.server_opt.check_rule(self.aggregator)
         except ValueError as exc:

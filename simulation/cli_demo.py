@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"averages the heads (default {DemoConfig.head_rounds}; 0 = LoRA right after round 0)")
     p.add_argument("--head-epochs", type=int, default=DEMO_TRAINING.head_epochs,
                    help="passes over its frozen features a client makes per head round")
+    p.add_argument("--head-fit-lr", type=float, default=DEMO_TRAINING.head_fit_lr,
+                   help="Adam learning rate of the head rounds")
     p.add_argument("--server-opt", choices=("none", "momentum", "adam", "yogi"), default=DemoConfig.server_opt,
                    help="server optimiser on each round's aggregated update (hlora: momentum only)")
     p.add_argument("--server-lr", type=float, default=DemoConfig.server_lr)
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                      clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
                      training=replace(DEMO_TRAINING, steps=args.local_steps, batch_size=args.batch_size,
                                       seq_len=args.seq_len, lr=args.lr, head_lr=args.head_lr, schedule=args.schedule,
-                                      warmup_steps=args.warmup_steps, head_epochs=args.head_epochs),
+                                      warmup_steps=args.warmup_steps, head_epochs=args.head_epochs,
+                                      head_fit_lr=args.head_fit_lr),
                      head_init=args.head_init, head_rounds=args.head_rounds if args.head_init != "none" else 0,
                      server_opt=args.server_opt, server_lr=args.server_lr,
                      dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks,

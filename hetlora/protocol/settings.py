@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-FLOATS = {"lr", "head_lr", "weight_decay", "lora_alpha", "prune_gamma", "prune_lambda"}
+FLOATS = {"lr", "head_lr", "head_fit_lr", "weight_decay", "lora_alpha", "prune_gamma", "prune_lambda"}
 STRINGS = {"schedule", "optimizer"}
 BOOLS = {"trim_padding", "dropout"}
 OPTIONAL = {"steps", "epochs", "head_lr"}
@@ -23,8 +23,8 @@ class TrainingSettings:
     Learning rates: `lr` for the LoRA factors, `head_lr` for the dense head (None: `lr`); both follow
     `schedule` over the round's steps: "constant", or "cosine" (linear warm-up over `warmup_steps`,
     then lr_t = lr * (1 + cos(pi * t' / T')) / 2 over the remaining T' steps).
-    `head_epochs`: passes over the frozen features in a head round (edge_client.head_fit), at `head_lr`
-    (None: `lr`) with batches of `batch_size`.
+    `head_epochs`, `head_fit_lr`: the passes over the frozen features in a head round and their Adam
+    learning rate (edge_client.head_fit), with batches of `batch_size`.
     `trim_padding`: length-grouped batches cut to their longest row (torch backend only; the artifact
     backends keep fixed shapes and uniformly shuffled batches, which the torch backend reproduces
     exactly with trim_padding=False).
@@ -39,6 +39,7 @@ class TrainingSettings:
     schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
     head_epochs: int = 5
+    head_fit_lr: float = 2e-3
     trim_padding: bool = True
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (ExecuTorch offers only sgd)
