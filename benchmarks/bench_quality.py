@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -50,6 +51,8 @@ def method_for(name: str, ranks: tuple[int, ...]) -> Method:
 
 
 def run_method(name: str, cfg: DemoConfig, fleet) -> list:
+    """A fresh run of `name` (a folder left by an earlier run with other settings is removed first)."""
+    shutil.rmtree(cfg.out / name, ignore_errors=True)
     rows = []
     if name == "centralized":
         return centralized_run(cfg, fleet.labels, fleet.pooled, fleet.evaluate, rows.append)
