@@ -56,7 +56,7 @@ def plan_of(current: dict) -> ClientPlan:
 
 
 def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
-    """The update's wire metadata (docs/PROTOCOL.md section 1), built here and nowhere else: the plan's round,
+    """A LoRA update's wire metadata (docs/PROTOCOL.md section 1), built here and nowhere else: the plan's round,
     rank and indices, the client, what the round produced (effective rank after pruning, samples, losses)."""
     meta = {"round": plan.round, "client_id": client_id, "rank": plan.rank, "effective_rank": result.rank_after,
             "n_samples": result.n_samples, "mode": plan.mode, "loss_before": result.loss_before,
@@ -244,7 +244,7 @@ class EdgeClient:
 
     def _head_fit(self, number: int, plan: ClientPlan, cfg: TrainingSettings, run: dict) -> tuple[bytes, str, float]:
         """A head round: fit the downloaded head on the frozen features (edge_client.head_fit), saved as pending."""
-        from edge_client.head_fit import fit_head
+        from edge_client.head_fit import fit_head, logit_adjustment
         from hetlora.protocol.spec import linear_head
 
         t0 = time.perf_counter()
@@ -252,8 +252,9 @@ class EdgeClient:
         start = self._checked_download(raw, number, run, head_only=True)
         weight_name, bias_name, _, _ = linear_head(self.spec)
         features, labels = self._frozen_features(cfg)
-        fit = fit_head(start.dense[weight_name], start.dense[bias_name], features, labels, epochs=cfg.head_epochs,
-                       lr=cfg.head_fit_lr, batch_size=cfg.batch_size, seed=cfg.seed, class_counts=plan.class_counts)
+        adjust = logit_adjustment(labels, len(start.dense[bias_name]), plan.class_counts)
+        fit = fit_head(start.dense[weight_name], start.dense[bias_name], features, labels, adjust,
+                       epochs=cfg.head_epochs, lr=cfg.head_fit_lr, batch_size=cfg.batch_size, seed=cfg.seed)
         meta = {"round": number, "client_id": self.state.client_id, "mode": plan.mode, "n_samples": len(labels),
                 "loss_before": fit.loss_before, "loss_after": fit.loss_after}
         pending = encode(Adapter(lora={}, dense={weight_name: fit.weight, bias_name: fit.bias}, meta=meta))

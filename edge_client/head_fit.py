@@ -53,15 +53,15 @@ def adjusted_loss(weight, bias, features, labels, adjust) -> float:
     return float(_loss_and_grads(weight, bias, features, labels, adjust, grads=False)[0])
 
 
-def fit_head(weight: np.ndarray, bias: np.ndarray, features: np.ndarray, labels: np.ndarray, *, epochs: int,
-             lr: float, batch_size: int, seed: int, class_counts=None) -> HeadFit:
-    """Adam on the logit-adjusted loss from (weight (C, d), bias (C,)); float64 inside, float32 out."""
+def fit_head(weight: np.ndarray, bias: np.ndarray, features: np.ndarray, labels: np.ndarray, adjust: np.ndarray, *,
+             epochs: int, lr: float, batch_size: int, seed: int) -> HeadFit:
+    """Adam on CE(W x + b + adjust, y) from (weight (C, d), bias (C,)); float64 inside, float32 out.
+    `adjust` (C,): `logit_adjustment(labels, C, class_counts)` for a head round (zeros: plain cross-entropy)."""
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise ValueError("head fitting needs epochs >= 1, lr > 0 and batch_size >= 1")
     labels = np.asarray(labels, dtype=np.int64)
     w, b = np.asarray(weight, np.float64).copy(), np.asarray(bias, np.float64).copy()
     x = np.asarray(features, np.float64)
-    adjust = logit_adjustment(labels, w.shape[0], class_counts)
     before = adjusted_loss(w, b, x, labels, adjust)
     moments = [np.zeros_like(w), np.zeros_like(w), np.zeros_like(b), np.zeros_like(b)]
     rng = np.random.default_rng(seed)

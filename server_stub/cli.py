@@ -262,9 +262,9 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(config, state_dir, build_enrollment(args))
     sock = bind_socket(args.host, args.port)
     url = write_server_info(state_dir, args.host, sock.getsockname()[1], tls)
-    log.info("serving %s run (%s, spec %s, %d modules, ranks %s, global rank %d, %d rounds) at %s; state in %s",
-             config.aggregator, config.spec.task, config.spec.fingerprint, len(config.spec.modules),
-             list(config.ranks), config.global_rank, config.rounds, url, state_dir)
+    log.info("serving %s run (%s, spec %s, %d modules, ranks %s, global rank %d, %d head + %d LoRA rounds) at %s; "
+             "state in %s", config.aggregator, config.spec.task, config.spec.fingerprint, len(config.spec.modules),
+             list(config.ranks), config.global_rank, config.head_rounds, config.rounds, url, state_dir)
     print(f"hetlora serve: listening on {url} (API docs: {url}/docs)", flush=True)
     if not tls and not is_loopback(args.host):
         log.warning("plain HTTP on %s: bearer tokens and updates cross the network in clear text; serve HTTPS with "

@@ -57,7 +57,8 @@ class StateCollector:
                                 ("clients_registered", "registered clients"),
                                 ("clients_selected", "clients selected for the open round")]:
             yield GaugeMetricFamily(f"hetlora_{name}", help_text, value=values[name])
-        yield GaugeMetricFamily("hetlora_rounds_total", "rounds the run will have", value=c.config.rounds)
+        yield GaugeMetricFamily("hetlora_rounds_total", "rounds the run will have (head rounds included)",
+                                value=c.config.last_round)
         for name, key, help_text in [("uploads_accepted", "uploads", "stored uploads (adapters and statistics)"),
                                      ("upload_bytes", "bytes_up", "bytes of the stored uploads"),
                                      ("download_bytes", "bytes_down", "adapter bytes served to clients")]:

@@ -306,14 +306,15 @@ def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row
 
 def fitted_head(adapter, spec, features, targets, class_counts, cfg: DemoConfig):
     """`adapter` with its head fitted on the pooled frozen features for head_rounds x head_epochs epochs."""
-    from edge_client.head_fit import fit_head
+    from edge_client.head_fit import fit_head, logit_adjustment
     from hetlora.protocol.spec import linear_head
 
     weight_name, bias_name, _, _ = linear_head(spec)
     training = cfg.training
     fit = fit_head(adapter.dense[weight_name], adapter.dense[bias_name], features, targets,
+                   logit_adjustment(targets, len(class_counts), class_counts),
                    epochs=cfg.head_rounds * training.head_epochs, lr=training.head_fit_lr,
-                   batch_size=training.batch_size, seed=cfg.seed, class_counts=class_counts)
+                   batch_size=training.batch_size, seed=cfg.seed)
     return replace(adapter, dense=adapter.dense | {weight_name: fit.weight, bias_name: fit.bias})
 
 

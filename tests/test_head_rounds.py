@@ -45,9 +45,9 @@ def test_the_head_fit_equals_torch_autograd_with_torchs_adam():
     rng = np.random.default_rng(1)
     weight, bias = rng.normal(0, 0.1, (5, 6)), rng.normal(0, 0.1, 5)
     pooled = [40, 30, 20, 10, 25]
-    fit = fit_head(weight, bias, x, y, epochs=3, lr=0.05, batch_size=8, seed=4, class_counts=pooled)
-    want_w, want_b = torch_reference_fit(weight, bias, x, y, logit_adjustment(y, 5, pooled), epochs=3, lr=0.05,
-                                         batch_size=8, seed=4)
+    adjust = logit_adjustment(y, 5, pooled)
+    fit = fit_head(weight, bias, x, y, adjust, epochs=3, lr=0.05, batch_size=8, seed=4)
+    want_w, want_b = torch_reference_fit(weight, bias, x, y, adjust, epochs=3, lr=0.05, batch_size=8, seed=4)
     np.testing.assert_allclose(fit.weight, want_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fit.bias, want_b, rtol=1e-5, atol=1e-6)
     assert fit.loss_after < fit.loss_before
@@ -68,7 +68,7 @@ def test_a_client_never_moves_the_head_rows_of_classes_it_has_not_seen():
     x, y = skewed_client(2)
     rng = np.random.default_rng(3)
     weight, bias = rng.normal(0, 0.1, (5, 6)).astype(np.float32), rng.normal(0, 0.1, 5).astype(np.float32)
-    fit = fit_head(weight, bias, x, y, epochs=4, lr=0.05, batch_size=8, seed=0, class_counts=[10] * 5)
+    fit = fit_head(weight, bias, x, y, logit_adjustment(y, 5, [10] * 5), epochs=4, lr=0.05, batch_size=8, seed=0)
     np.testing.assert_array_equal(fit.weight[3:], weight[3:])
     np.testing.assert_array_equal(fit.bias[3:], bias[3:])
     assert not np.allclose(fit.weight[:3], weight[:3])
@@ -77,7 +77,7 @@ def test_a_client_never_moves_the_head_rows_of_classes_it_has_not_seen():
 def test_bad_fit_arguments_are_value_errors():
     x, y = skewed_client(4)
     with pytest.raises(ValueError, match="epochs >= 1"):
-        fit_head(np.zeros((5, 6)), np.zeros(5), x, y, epochs=0, lr=0.1, batch_size=4, seed=0)
+        fit_head(np.zeros((5, 6)), np.zeros(5), x, y, np.zeros(5), epochs=0, lr=0.1, batch_size=4, seed=0)
     assert np.isfinite(adjusted_loss(np.zeros((5, 6)), np.zeros(5), x, y, logit_adjustment(y, 5)))
 
 
