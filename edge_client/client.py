@@ -179,17 +179,17 @@ class EdgeClient:
         if pending is None and plan.mode == "head-statistics":
             pending, summary, elapsed = self._head_statistics(number, cfg)
         elif pending is None and plan.mode == "head-fit":
-            pending, summary, elapsed = self._head_fit(number, plan, cfg, run)
+            t0, raw = time.perf_counter(), self._download(number)
+            if raw is None:
+                return False
+            start = self._checked_download(raw, number, run, head_only=True)
+            pending, summary = self._head_fit(number, plan, cfg, start)
+            summary, elapsed = f"{summary}, {len(raw)} B down", time.perf_counter() - t0
         elif pending is None:
             self._refresh_rank()
-            t0 = time.perf_counter()
-            try:
-                raw = self.api.download_adapter(number)
-            except ServerError as exc:
-                if exc.code in ("round_closed", "not_selected", "no_such_round", "round_not_open"):
-                    log.info("round %d: %s; waiting for the next round", number, exc)
-                    return False
-                raise
+            t0, raw = time.perf_counter(), self._download(number)
+            if raw is None:
+                return False
             start = self._checked_download(raw, number, run)
             log.info("round %d: training %s at rank %d (%d steps, batch %d, seq %d, %s lr %g)", number, plan.mode,
                      plan.rank, cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr)
@@ -242,17 +242,27 @@ class EdgeClient:
         log.info("round %d: head statistics of %d samples over %d classes", number, stats.n_samples, classes)
         return pending, f"head statistics ({stats.n_samples} samples, {classes} classes)", time.perf_counter() - t0
 
-    def _head_fit(self, number: int, plan: ClientPlan, cfg: TrainingSettings, run: dict) -> tuple[bytes, str, float]:
+    def _download(self, number: int) -> bytes | None:
+        """The round's download; None when the round is no longer this client's (closed, not selected)."""
+        try:
+            return self.api.download_adapter(number)
+        except ServerError as exc:
+            if exc.code in ("round_closed", "not_selected", "no_such_round", "round_not_open"):
+                log.info("round %d: %s; waiting for the next round", number, exc)
+                return None
+            raise
+
+    def _head_fit(self, number: int, plan: ClientPlan, cfg: TrainingSettings, start: Adapter) -> tuple[bytes, str]:
         """A head round: fit the downloaded head on the frozen features (edge_client.head_fit), saved as pending."""
         from edge_client.head_fit import fit_head, logit_adjustment
         from hetlora.protocol.spec import linear_head
 
-        t0 = time.perf_counter()
-        raw = self.api.download_adapter(number)
-        start = self._checked_download(raw, number, run, head_only=True)
-        weight_name, bias_name, _, _ = linear_head(self.spec)
+        weight_name, bias_name, num_labels, _ = linear_head(self.spec)
         features, labels = self._frozen_features(cfg)
-        adjust = logit_adjustment(labels, len(start.dense[bias_name]), plan.class_counts)
+        try:
+            adjust = logit_adjustment(labels, num_labels, plan.class_counts)
+        except ValueError as exc:
+            raise BadServerAnswer(f"round {number}: the plan's class_counts do not fit this run: {exc}") from None
         fit = fit_head(start.dense[weight_name], start.dense[bias_name], features, labels, adjust,
                        epochs=cfg.head_epochs, lr=cfg.head_fit_lr, batch_size=cfg.batch_size, seed=cfg.seed)
         meta = {"round": number, "client_id": self.state.client_id, "mode": plan.mode, "n_samples": len(labels),
@@ -260,7 +270,7 @@ class EdgeClient:
         pending = encode(Adapter(lora={}, dense={weight_name: fit.weight, bias_name: fit.bias}, meta=meta))
         self.state_dir.save_pending(pending)
         return pending, (f"head fitted on {len(labels)} frozen features ({cfg.head_epochs} epochs), loss "
-                         f"{fit.loss_before:.4f} -> {fit.loss_after:.4f}, {len(raw)} B down"), time.perf_counter() - t0
+                         f"{fit.loss_before:.4f} -> {fit.loss_after:.4f}")
 
     def _frozen_features(self, cfg: TrainingSettings):
         """(features, labels) of the local data under the frozen base model, computed once per process."""

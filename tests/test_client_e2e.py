@@ -123,3 +123,26 @@ def test_client_killed_mid_round_resumes_with_same_identity(tiny_bert_dir, label
     assert f"resuming as client {identity}" in log
     assert "duplicate_upload" not in log and "Traceback" not in log
 
+
+
+def test_a_client_restarted_between_head_rounds_recomputes_its_features(tiny_bert_dir, labels_file, tmp_path):
+    server, url = start_server(serve_args(tiny_bert_dir, labels_file, "hetlora", rounds=1, head_rounds=2),
+                               tmp_path / "server")
+    data = [write_data(tmp_path / f"d{i}.csv", 20, i) for i in range(3)]
+    args = ["--model", str(tiny_bert_dir), "--rank", "4", "--poll", "0.2"]
+    clients = []
+    try:  # the first client stops after rounds 0 and 1: its round-0 features lived in that process only
+        clients = [start_client(url, data[0], tmp_path / "c0", args + ["--max-rounds", "2"])]
+        clients += [start_client(url, data[i], tmp_path / f"c{i}", args) for i in (1, 2)]
+        assert clients[0].wait(timeout=180) == 0, clients[0].tail()
+        clients[0] = start_client(url, data[0], tmp_path / "c0", args)
+        status = wait_finished(ServerAPI(url), clients)
+        assert all(c.wait(timeout=60) == 0 for c in clients)
+    finally:
+        for c in clients:
+            c.stop()
+        server.stop()
+    assert [h["stage"] for h in status["history"]] == ["head-statistics", "head-fit", "head-fit", "lora"]
+    assert all(len(h["clients"]) == 3 for h in status["history"])
+    after_restart = (tmp_path / "c0.log").read_text().split("resuming as client")[-1]
+    assert "round 2: head fitted on 20 frozen features" in after_restart and "Traceback" not in after_restart
