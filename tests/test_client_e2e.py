@@ -53,12 +53,14 @@ def wait_finished(api: ServerAPI, procs, timeout=240):
     raise AssertionError("run did not finish: " + json.dumps(api.status()["round"]))
 
 
-def run_to_end(server, url, start_clients) -> dict:
-    """Start the clients, wait until the run finishes and every client exits 0; stop everything started.
-    Returns the final status."""
+def run_to_end(server, url, start_clients, restart=None) -> dict:
+    """Start the clients, let `restart(clients)` replace some of them (a restarted client), wait until the
+    run finishes and every client exits 0; stop everything started. Returns the final status."""
     clients = []
     try:
         clients = start_clients()
+        if restart is not None:
+            restart(clients)
         status = wait_finished(ServerAPI(url), clients)
         for c in clients:
             assert c.wait(timeout=60) == 0, c.tail()
@@ -98,31 +100,25 @@ def test_client_killed_mid_round_resumes_with_same_identity(tiny_bert_dir, label
                                tmp_path / "server")
     data = [write_data(tmp_path / f"d{i}.csv", 40, i) for i in range(3)]
     args = ["--model", str(tiny_bert_dir), "--rank", "4", "--poll", "0.2"]
-    clients = []
-    try:
-        clients = [start_client(url, data[i], tmp_path / f"c{i}", args) for i in range(3)]
-        victim_log = tmp_path / "c0.log"
+    victim_log = tmp_path / "c0.log"
+
+    def kill_and_restart_the_first(clients):
         deadline = time.monotonic() + 180
         while "round 1: training" not in (victim_log.read_text() if victim_log.exists() else ""):
             assert time.monotonic() < deadline, victim_log.read_text()
             time.sleep(0.2)
-        identity = json.loads((tmp_path / "c0" / "state.json").read_text())["client_id"]
         clients[0].kill()
         clients[0] = start_client(url, data[0], tmp_path / "c0", args)
-        status = wait_finished(ServerAPI(url), clients)
-        assert all(c.wait(timeout=60) == 0 for c in clients)
-    finally:
-        for c in clients:
-            c.stop()
-        server.stop()
-    assert json.loads((tmp_path / "c0" / "state.json").read_text())["client_id"] == identity
+
+    status = run_to_end(server, url, lambda: [start_client(url, data[i], tmp_path / f"c{i}", args) for i in range(3)],
+                        kill_and_restart_the_first)
+    identity = json.loads((tmp_path / "c0" / "state.json").read_text())["client_id"]
     assert len(status["clients"]) == 3  # the restarted client did not register again
     for h in status["history"]:
         assert sorted(h["clients"]) == sorted(c["client_id"] for c in status["clients"])
     log = victim_log.read_text()
-    assert f"resuming as client {identity}" in log
+    assert f"resuming as client {identity}" in log  # the identity it had before the kill
     assert "duplicate_upload" not in log and "Traceback" not in log
-
 
 
 def test_a_client_restarted_between_head_rounds_recomputes_its_features(tiny_bert_dir, labels_file, tmp_path):
@@ -130,18 +126,16 @@ def test_a_client_restarted_between_head_rounds_recomputes_its_features(tiny_ber
                                tmp_path / "server")
     data = [write_data(tmp_path / f"d{i}.csv", 20, i) for i in range(3)]
     args = ["--model", str(tiny_bert_dir), "--rank", "4", "--poll", "0.2"]
-    clients = []
-    try:  # the first client stops after rounds 0 and 1: its round-0 features lived in that process only
-        clients = [start_client(url, data[0], tmp_path / "c0", args + ["--max-rounds", "2"])]
-        clients += [start_client(url, data[i], tmp_path / f"c{i}", args) for i in (1, 2)]
+
+    def first_stops_after_round_1():  # its round-0 features live in that process only
+        return [start_client(url, data[0], tmp_path / "c0", args + ["--max-rounds", "2"])] + \
+            [start_client(url, data[i], tmp_path / f"c{i}", args) for i in (1, 2)]
+
+    def restart_the_first(clients):
         assert clients[0].wait(timeout=180) == 0, clients[0].tail()
         clients[0] = start_client(url, data[0], tmp_path / "c0", args)
-        status = wait_finished(ServerAPI(url), clients)
-        assert all(c.wait(timeout=60) == 0 for c in clients)
-    finally:
-        for c in clients:
-            c.stop()
-        server.stop()
+
+    status = run_to_end(server, url, first_stops_after_round_1, restart_the_first)
     assert [h["stage"] for h in status["history"]] == ["head-statistics", "head-fit", "head-fit", "lora"]
     assert all(len(h["clients"]) == 3 for h in status["history"])
     after_restart = (tmp_path / "c0.log").read_text().split("resuming as client")[-1]
