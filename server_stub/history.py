@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from server_stub import liveness, queries
@@ -46,13 +48,14 @@ def clients(store: Store, planned_rank) -> list[dict]:
     return [row | {"rank": planned_rank(row["rank"])} for row in rows]
 
 
-def history(store: Store) -> list[dict]:
-    """One entry per aggregated round: who took part at which ranks, bytes up and down, the rule's statistics."""
+def history(store: Store, stage_of: Callable[[int], str]) -> list[dict]:
+    """One entry per aggregated round: its stage (`stage_of(round)`), who took part at which ranks, bytes up
+    and down, the rule's statistics."""
     entries = []
     for r in store.select("SELECT * FROM rounds WHERE state = 'aggregated' ORDER BY number"):
         uploads = queries.uploads(store, r["number"])
         entries.append({
-            "round": r["number"], "stage": _stage(r["plans"]), "opened_at": r["opened_at"],
+            "round": r["number"], "stage": stage_of(r["number"]), "opened_at": r["opened_at"],
             "aggregated_at": r["aggregated_at"],
             "selected": r["selected"], "clients": [u["client_id"] for u in uploads],
             "dropped": liveness.dropped(store, r["number"]),
@@ -64,12 +67,6 @@ def history(store: Store) -> list[dict]:
             "statistics": jsonable(r["statistics"]),  # rows stored before NaN was mapped to None
         })
     return entries
-
-
-def _stage(plans: dict) -> str:
-    """head-statistics | head-fit | lora, from the round's plans (hetlora.protocol.plan.STAGES)."""
-    modes = {p["mode"] for p in plans.values()}
-    return modes.pop() if modes & {"head-statistics", "head-fit"} else "lora"
 
 
 def _bytes_down(store: Store, round_number: int) -> int:

@@ -135,7 +135,7 @@ class Coordinator:
             clients = history.clients(self.store, lambda rank: self.rule.planned_rank(rank, self.config.global_rank))
             return {"round": round_info, "rounds": self.config.last_round, "finished": finished,
                     "aggregator": self.config.aggregator, "global_version": self.globals.latest_version(),
-                    "clients": clients, "history": history.history(self.store), "run": self.config.run_config()}
+                    "clients": clients, "history": history.history(self.store, self.config.stage), "run": self.config.run_config()}
 
     # --- uploads ---------------------------------------------------------------------------------
     def accept_upload(self, client_id: str, round_number: int, body: bytes) -> dict:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from hetlora.protocol.settings import TrainingSettings
 
 MODES = ("plain", "hetlora", "plora", "head-statistics", "head-fit")
-STAGES = ("head-statistics", "head-fit", "lora")
 
 
 def stage_of(round_number: int, *, head_init: bool, head_rounds: int) -> str:
