@@ -83,14 +83,11 @@ def head_accuracy(weight, bias, features, labels) -> float:
 
 
 def probe(clients, evaluation, seed: int) -> float:
-    from sklearn.linear_model import LogisticRegression
+    """The frozen linear probe (bench_quality.fit_probe) on the pooled client features, scored on `evaluation`."""
+    from bench_quality import fit_probe
 
-    x = np.concatenate([c[0] for c in clients])
-    y = np.concatenate([c[1] for c in clients])
-    order = np.random.default_rng(seed).permutation(len(y))
-    val, fit = order[: len(y) // 10], order[len(y) // 10:]
-    scores = {c: LogisticRegression(C=c, max_iter=2000).fit(x[fit], y[fit]).score(x[val], y[val]) for c in (1.0, 10.0, 100.0)}
-    return float(LogisticRegression(C=max(scores, key=scores.get), max_iter=2000).fit(x, y).score(*evaluation))
+    x, y = np.concatenate([c[0] for c in clients]), np.concatenate([c[1] for c in clients])
+    return float(fit_probe(x, y, seed).score(*evaluation))
 
 
 def main() -> int:
