@@ -23,7 +23,6 @@ import torch
 from hetlora.protocol import adapter_ops
 from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches
 from edge_client.head_features import pooled_features
-from hetlora.protocol.head_stats import HeadStatistics, class_statistics
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
 from edge_client.objective import batch_loss, loss_sum_and_count
@@ -85,10 +84,6 @@ class TorchTrainer:
             return pooled_features(self.model, self.dense, encoded), np.asarray(encoded.labels, dtype=np.int64)
         except ValueError as exc:
             raise UserError(f"cannot compute head features: {exc}") from None
-
-    def head_statistics(self, examples: Examples, seq_len: int) -> HeadStatistics:
-        """Per-class sums, counts and the Gram matrix of the frozen base model's pooled features."""
-        return class_statistics(*self.frozen_features(examples, seq_len), len(self.labels))
 
     def _working_adapter(self, start: Adapter, rank: int, indices, mode: str) -> Adapter:
         if mode == "plora":

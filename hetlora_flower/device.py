@@ -164,11 +164,11 @@ class LocalNode:
 
     def head_statistics(self, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
         """Round 0: per-class feature statistics of the local data under the frozen base model."""
-        from hetlora.protocol.head_stats import encode_statistics
+        from hetlora.protocol.head_stats import class_statistics, encode_statistics
+        from hetlora.protocol.spec import linear_head
 
-        if not hasattr(self.trainer, "head_statistics"):
-            raise UserError(f"the {self.settings.backend} backend cannot compute head statistics; use backend torch")
-        stats = self.trainer.head_statistics(self.examples, plan.training.seq_len)
+        features, labels = self.trainer.frozen_features(self.examples, plan.training.seq_len)
+        stats = class_statistics(features, labels, linear_head(self.spec)[2])
         stats.meta = {"round": plan.round, "client_id": client_id, "n_samples": stats.n_samples}
         body = encode_statistics(stats)
         self._keep(plan.round, body)

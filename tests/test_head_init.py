@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hetlora.protocol.head_stats import HeadStatistics, decode_statistics, encode_statistics
+from hetlora.protocol.head_stats import HeadStatistics, class_statistics, decode_statistics, encode_statistics
 from hetlora.protocol.wire import WireFormatError
 from server_stub.aggregation.head_init import class_head, pool
 from tests.test_server import spec  # noqa: F401  (fixture)
@@ -98,7 +98,8 @@ def test_trainer_statistics_are_those_of_the_frozen_models_features(tiny_bert_di
     texts = ("how do I activate my card", "exchange rate for euros please", "card declined", "send money abroad",
              "what is my balance")
     examples = Examples("classification", texts, (0, 1, 0, 2, 1))
-    stats = TorchTrainer(tiny_bert_dir, "classification", labels=["a", "b", "c"]).head_statistics(examples, 16)
+    trainer = TorchTrainer(tiny_bert_dir, "classification", labels=["a", "b", "c"])
+    stats = class_statistics(*trainer.frozen_features(examples, 16), 3)
     model = load_task_model(tiny_bert_dir, "classification", 3).eval()  # native pooling: BERT's pooler
     enc = encode(examples, load_tokenizer(tiny_bert_dir), 16)
     with torch.no_grad():

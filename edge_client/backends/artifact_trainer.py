@@ -25,7 +25,6 @@ from edge_client.models import model_hash
 from edge_client.objective import IGNORE
 from hetlora.protocol.lora_rules import lora_scale, pruned_rank, should_prune
 from edge_client.train_config import RoundResult
-from hetlora.protocol.head_stats import HeadStatistics, class_statistics
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
 from hetlora.errors import UserError
@@ -99,10 +98,6 @@ class ArtifactTrainer:
         except ValueError as exc:
             raise UserError(f"cannot compute head features: {exc}") from None
         return features, np.asarray(encoded.labels, dtype=np.int64)
-
-    def head_statistics(self, examples: Examples, seq_len: int) -> HeadStatistics:
-        """Per-class feature statistics under the frozen base model (round 0)."""
-        return class_statistics(*self.frozen_features(examples, seq_len), len(self.labels))
 
     # --- the round ----------------------------------------------------------------------------------------------
     def engine_for(self, rank: int) -> Engine:
