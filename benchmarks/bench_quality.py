@@ -60,14 +60,16 @@ def run_method(name: str, cfg: DemoConfig, fleet) -> list:
 
 
 def summarize_run(rows: list) -> dict:
-    """Final and best accuracy, final macro-F1, and the first round / cumulative seconds at each target."""
+    """Final and best accuracy, final macro-F1, the first round / cumulative seconds at each target, and
+    the curve: [round, accuracy] per evaluated round."""
     acc = [r.accuracy for r in rows]
     seconds = np.cumsum([r.seconds for r in rows])
     reach = {}
     for target in TARGETS:
         hit = next((i for i, a in enumerate(acc) if a >= target), None)
         reach[target] = (rows[hit].round, float(seconds[hit])) if hit is not None else (None, None)
-    return {"final": acc[-1], "best": max(acc), "f1": rows[-1].macro_f1, "reach": reach}
+    return {"final": acc[-1], "best": max(acc), "f1": rows[-1].macro_f1, "reach": reach,
+            "curve": [[r.round, r.accuracy] for r in rows]}
 
 
 def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
@@ -76,8 +78,8 @@ def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
     from edge_client.training import TorchTrainer
 
     trainer = TorchTrainer(cfg.model_dir, "classification", labels=fleet.labels)
-    train_x, train_y = pooled_features(trainer, fleet.pooled, cfg.training.seq_len)
-    test_x, test_y = pooled_features(trainer, fleet.test, cfg.training.seq_len)
+    train_x, train_y = trainer.frozen_features(fleet.pooled, cfg.training.seq_len)
+    test_x, test_y = trainer.frozen_features(fleet.test, cfg.training.seq_len)
     predicted = fit_probe(train_x, train_y, seed).predict(test_x)
     return {"final": float(np.mean(predicted == test_y)), "best": float(np.mean(predicted == test_y)),
             "f1": macro_f1(test_y, predicted), "reach": None}  # no rounds: a reference, not a run
@@ -92,13 +94,6 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int):
     scores = {c: LogisticRegression(C=c, max_iter=2000).fit(train_x[fit], train_y[fit]).score(train_x[val], train_y[val])
               for c in (1.0, 10.0, 100.0)}
     return LogisticRegression(C=max(scores, key=scores.get), max_iter=2000).fit(train_x, train_y)
-
-
-def pooled_features(trainer, examples, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    from edge_client.head_features import pooled_features as head_inputs
-
-    encoded = trainer.encode(examples, seq_len)
-    return head_inputs(trainer.model, trainer.dense, encoded, batch_size=128), np.asarray(encoded.labels)
 
 
 def run_settings(cfg: DemoConfig, name: str) -> dict:
@@ -175,6 +170,23 @@ def table(results: dict[str, list[dict]], rounds: int) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(results: dict[str, list[dict]], path: Path) -> Path | None:
+    """Mean accuracy over the seeds against the round, one line per method with stored curves (summaries
+    stored before curves were kept have none)."""
+    from hetlora.plots import line_plot
+
+    series = {}
+    for name, runs in results.items():
+        curves = [r["curve"] for r in runs if r.get("curve")]
+        if curves and len({len(c) for c in curves}) == 1:
+            rounds = [point[0] for point in curves[0]]
+            series[f"{name} ({len(curves)} seeds)"] = (rounds, [list(np.mean([[p[1] for p in c] for c in curves], axis=0))])
+    if not series:
+        return None
+    return line_plot(path, series, panels=[("accuracy, mean over seeds", 0)], xlabel="round",
+                     title="Learning quality per method")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="base model folder (default: the bundled all-MiniLM-L6-v2)")
@@ -225,7 +237,8 @@ def main() -> int:
             (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     text = table(results, args.rounds)
     print(text)
-    print(f"total {time.monotonic() - t0:.0f} s")
+    plot = plot_curves(results, Path(args.out) / "curves.png")
+    print(f"total {time.monotonic() - t0:.0f} s" + (f"; plot: {plot}" if plot else ""))
     if args.results:
         command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         with open(args.results, "a") as fh:
