@@ -33,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from hetlora.protocol.settings import LR_DECAYS  # noqa: E402
 from simulation.demo import DemoConfig, Method, centralized_run, federated_run, prepare_fleet  # noqa: E402
 
 DATA = REPO / "hetlora" / "data" / "banking77"
@@ -104,6 +105,8 @@ def run_settings(cfg: DemoConfig, name: str) -> dict:
     settings |= {"local_steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr,
                  "head_lr": t.head_lr, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
                  "prune_lambda": t.prune_lambda}
+    if cfg.lr_decay == "none":  # runs stored before the decay existed had none
+        del settings["lr_decay"]
     if cfg.head_rounds:  # runs stored before head rounds existed had none: they still count for --head-rounds 0
         settings |= {"head_epochs": t.head_epochs, "head_fit_lr": t.head_fit_lr}
     else:
@@ -200,6 +203,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--head-rounds", type=int, default=DemoConfig.head_rounds,
                    help=f"head rounds before the LoRA rounds (default {DemoConfig.head_rounds}, as the demo)")
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default=DemoConfig.lr_decay,
+                   help="learning rates across the LoRA rounds (hetlora serve --lr-decay)")
     p.add_argument("--validation-fraction", type=float, default=0.0)
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--results", help="append the table and the command to this Markdown file")
@@ -216,6 +221,7 @@ def main() -> int:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     base = DemoConfig(model_dir=str(args.model or default_model_dir()), data=args.data, test=args.test,
                       labels=args.labels, out=Path(args.out), rounds=args.rounds, head_rounds=args.head_rounds,
+                      lr_decay=args.lr_decay,
                       text_column=args.text_column,
                       label_column=args.label_column, validation_fraction=args.validation_fraction)
     results: dict[str, list[dict]] = {m: [] for m in methods}

@@ -15,8 +15,8 @@ from server_stub.upload_checks import check_update as check_against_plan
 def plan_for(config, rule, node, round_number: int) -> ClientPlan:
     """The rule's plan for `node` (a nodes.Node with a tier) in round n; round 0 of a head run collects statistics."""
     return rule.configure(round_number=round_number, client_key=node.name, tier=node.tier,
-                          global_rank=config.global_rank, seed=config.seed, training=config.training,
-                          stage=config.stage(round_number))
+                          global_rank=config.global_rank, seed=config.seed, stage=config.stage(round_number),
+                          training=config.training_for(round_number))
 
 
 def check_update(config, plan: dict, client_id: str, body: bytes) -> ClientResult:

@@ -17,7 +17,7 @@ from hetlora.config_file import add_config_option
 from hetlora.demo_data import banking77
 from hetlora.errors import UserError
 from server_stub.aggregation import RULES
-from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.settings import LR_DECAYS, TrainingSettings
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import OPTIMIZERS
 
@@ -106,6 +106,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     hints.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                        help="learning-rate schedule over a round's local steps")
     hints.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps of the cosine schedule")
+    hints.add_argument("--lr-decay", choices=LR_DECAYS, default="none",
+                       help="across the run: cosine = LoRA round t of T trains at lr * (1 + cos(pi t / T)) / 2 "
+                            "(the head's lr alike), on top of --schedule within the round (default none)")
     hints.add_argument("--prune-gamma", type=float, default=0.99)
     hints.add_argument("--prune-lambda", type=float,
                        help="self-pruning regulariser weight (default: 0.01 for hetlora, 0 otherwise)")
@@ -165,7 +168,7 @@ def build_config(args: argparse.Namespace):
         policy=load_policy(args.policy) if args.policy else None,
         head_init=head_init, init_adapter=init_adapter,
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
-        head_rounds=args.head_rounds, server_opt=_server_optimizer(args),
+        head_rounds=args.head_rounds, lr_decay=args.lr_decay, server_opt=_server_optimizer(args),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from hetlora.protocol.plan import stage_of
-from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.settings import LR_DECAYS, TrainingSettings
 from hetlora.protocol.spec import AdapterSpec
 from hetlora.protocol.wire import Adapter
 from server_stub.aggregation import RULES
@@ -40,6 +40,7 @@ class ServerConfig:
     head_temperature: float = DEFAULT_TEMPERATURE
     head_clients: int = 0  # clients registered before round 0 opens (0: min_clients)
     head_rounds: int = 0  # rounds 1..head_rounds fit the head on frozen features (every client), LoRA after
+    lr_decay: str = "none"  # none | cosine: the LoRA rounds' learning rates decay over the run (training_for)
     server_opt: ServerOptimizer = ServerOptimizer()
     init_adapter: Adapter | None = field(default=None, compare=False, repr=False)  # server_stub.init_adapter
 
@@ -68,6 +69,8 @@ class ServerConfig:
         if self.head_rounds < 0 or (self.head_rounds and not self.head_round):
             raise UserError("--head-rounds needs --head-init ncm or lda (the head rounds start from round 0's head) "
                             "and must not be negative")
+        if self.lr_decay not in LR_DECAYS:
+            raise UserError(f"unknown --lr-decay {self.lr_decay!r}; choose {' or '.join(LR_DECAYS)}")
         if self.head_rounds and (self.training.head_epochs < 1 or not self.training.head_fit_lr > 0):
             raise UserError("--head-epochs must be at least 1 and --head-fit-lr positive")
         try:
@@ -94,6 +97,13 @@ class ServerConfig:
     def stage(self, round_number: int) -> str:
         """head-statistics | head-fit | lora (hetlora.protocol.plan.stage_of)."""
         return stage_of(round_number, head_init=self.head_round, head_rounds=self.head_rounds)
+
+    def training_for(self, round_number: int) -> TrainingSettings:
+        """The training settings of round n's plans: LoRA round t = n - head_rounds - 1 of `rounds` gets
+        `training.decayed(lr_decay, t, rounds)`; the head stages get `training` unchanged."""
+        if self.stage(round_number) != "lora":
+            return self.training
+        return self.training.decayed(self.lr_decay, round_number - self.head_rounds - 1, self.rounds)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -132,6 +142,7 @@ class ServerConfig:
             "lora_alpha": self.training.lora_alpha,
             "rounds": self.rounds,
             "head_rounds": self.head_rounds,
+            "lr_decay": self.lr_decay,
             "min_clients": self.min_clients,
             "clients_per_round": self.clients_per_round,
             "round_deadline": self.round_deadline,

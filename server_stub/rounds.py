@@ -369,8 +369,8 @@ class Coordinator:
         counts = queries.round_statistics(self.store, HEAD_ROUND)["class_counts"] if stage == "head-fit" else None
         return {c: self.rule.configure(round_number=number, client_key=client_key(rows[c]),
                                        tier=Tier(rows[c]["rank"], **rows[c]["caps"]),
-                                       global_rank=self.config.global_rank, seed=self.config.seed,
-                                       training=self.config.training, stage=stage, class_counts=counts).to_json()
+                                       global_rank=self.config.global_rank, seed=self.config.seed, stage=stage,
+                                       training=self.config.training_for(number), class_counts=counts).to_json()
                 for c in client_ids}
 
     def _require_open(self, round_number: int) -> dict:

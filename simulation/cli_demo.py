@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hetlora.argtypes import positive_int_list
 from hetlora.demo_data import banking77
+from hetlora.protocol.settings import LR_DECAYS
 from server_stub.aggregation import RULES
 from simulation.demo import DEMO_TRAINING, DemoConfig
 
@@ -49,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="passes over its frozen features a client makes per head round")
     p.add_argument("--head-fit-lr", type=float, default=DEMO_TRAINING.head_fit_lr,
                    help="Adam learning rate of the head rounds")
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default=DemoConfig.lr_decay,
+                   help="learning rates across the LoRA rounds: cosine = round t of T at lr * (1 + cos(pi t / T)) / 2")
     p.add_argument("--server-opt", choices=("none", "momentum", "adam", "yogi"), default=DemoConfig.server_opt,
                    help="server optimiser on each round's aggregated update (hlora: momentum only)")
     p.add_argument("--server-lr", type=float, default=DemoConfig.server_lr)
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                                       warmup_steps=args.warmup_steps, head_epochs=args.head_epochs,
                                       head_fit_lr=args.head_fit_lr),
                      head_init=args.head_init, head_rounds=args.head_rounds if args.head_init != "none" else 0,
-                     server_opt=args.server_opt, server_lr=args.server_lr,
+                     lr_decay=args.lr_decay, server_opt=args.server_opt, server_lr=args.server_lr,
                      dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks,
                      text_column=args.text_column, label_column=args.label_column,
                      validation_fraction=args.validation_fraction)

@@ -44,6 +44,7 @@ class DemoConfig:
     training: TrainingSettings = DEMO_TRAINING  # sent by each run's server; prune_lambda: hetlora runs only
     head_init: str = "lda"
     head_rounds: int = 20
+    lr_decay: str = "none"  # none | cosine over the LoRA rounds (hetlora serve --lr-decay)
     server_opt: str = "none"
     server_lr: float = 1.0
     dirichlet_alpha: float = 0.5
@@ -163,7 +164,7 @@ def serve_args(cfg: DemoConfig, method: Method) -> list[str]:
             "--round-deadline", str(cfg.round_deadline), "--seed", str(cfg.seed),
             *training_args(cfg.training, prune=method.aggregator == "hetlora"),
             "--head-init", cfg.head_init, "--head-clients", str(cfg.clients), "--head-rounds", str(cfg.head_rounds),
-            "--server-opt", cfg.server_opt, "--server-lr", str(cfg.server_lr),
+            "--lr-decay", cfg.lr_decay, "--server-opt", cfg.server_opt, "--server-lr", str(cfg.server_lr),
             "--poll-seconds", "0.2", *method.options]
 
 
@@ -265,8 +266,8 @@ def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row
     """LoRA at the largest rank on the pooled data, in process, with the federated runs' settings: the
     same initial global (the server's `initial_global`, its head from the pooled data's statistics), the
     head fitted on the pooled frozen features for as many epochs as the head rounds make (head_rounds x
-    head_epochs), the same learning rates and schedule; per LoRA "round" as many steps as the selected
-    fleet takes in one federated round (clients_per_round x steps)."""
+    head_epochs), the same learning rates, schedule and decay across rounds; per LoRA "round" as many steps
+    as the selected fleet takes in one federated round (clients_per_round x steps)."""
     from edge_client.models import derive_spec
     from edge_client.training import TorchTrainer
     from server_stub.aggregation import make_rule
@@ -299,7 +300,8 @@ def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row
     first = cfg.head_rounds + 1 if cfg.head_init != "none" else 1
     for number in range(first, first + cfg.rounds):
         t0 = time.monotonic()
-        adapter = trainer.train_round(adapter, pooled, replace(steps, seed=cfg.seed + number), rank=rank).adapter
+        settings = replace(steps, seed=cfg.seed + number).decayed(cfg.lr_decay, number - first, cfg.rounds)
+        adapter = trainer.train_round(adapter, pooled, settings, rank=rank).adapter
         emit(number, "lora", adapter)
     return rows
 

@@ -8,6 +8,7 @@ import pytest
 from hetlora.protocol.plan import ClientPlan, Tier, stage_of
 from hetlora.protocol.settings import TrainingSettings
 from server_stub.aggregation import RULES, make_rule
+from tests.test_server import spec  # noqa: F401  (fixture)
 
 RUN = dict(global_rank=16, seed=7, training=TrainingSettings(steps=5, batch_size=32, seq_len=128, prune_lambda=0.01))
 
@@ -83,3 +84,50 @@ def test_a_malformed_plan_is_a_one_line_value_error():
 def test_a_tier_rank_above_the_global_rank_is_refused():
     with pytest.raises(ValueError, match="exceeds the global rank 16"):
         plan("hetlora", Tier(32))
+
+
+COSINE_OF_4 = (1.0, 0.8535533905932737, 0.5, 0.14644660940672627)  # (1 + cos(pi t / 4)) / 2, t = 0..3, written out
+
+
+def test_cosine_lr_decay_is_the_closed_form_and_none_changes_nothing():
+    base = TrainingSettings(lr=1e-3, head_lr=4e-3)
+    for t, factor in enumerate(COSINE_OF_4):
+        got = base.decayed("cosine", t, 4)
+        assert (got.lr, got.head_lr) == pytest.approx((1e-3 * factor, 4e-3 * factor), rel=1e-12)
+        assert got.steps == base.steps and got.schedule == base.schedule
+    assert TrainingSettings(lr=1e-3).decayed("cosine", 2, 4).head_lr == pytest.approx(5e-4)  # head_lr None: lr's
+    assert base.decayed("none", 3, 4) == base
+
+
+def test_the_decay_runs_over_the_lora_rounds_only(spec):
+    from hetlora.errors import UserError
+    from tests.test_server import make_config
+
+    training = TrainingSettings(lr=1e-3, head_lr=2e-3)
+    config = make_config(spec, head_init="lda", head_rounds=2, rounds=4, lr_decay="cosine", training=training)
+    assert [config.training_for(n) for n in (0, 1, 2)] == [training] * 3  # round 0 and the head rounds
+    assert [config.training_for(n).lr for n in (3, 4, 5, 6)] == pytest.approx([1e-3 * f for f in COSINE_OF_4])
+    plain = make_config(spec, rounds=3, lr_decay="cosine", training=training)  # no head stages: LoRA from round 1
+    assert [plain.training_for(n).lr for n in (1, 2, 3)] == pytest.approx([1e-3, 7.5e-4, 2.5e-4])
+    assert make_config(spec, rounds=3, training=training).training_for(3) == training
+    with pytest.raises(UserError, match="unknown --lr-decay 'linear'; choose none or cosine"):
+        make_config(spec, lr_decay="linear")
+
+
+def test_plans_over_http_carry_each_rounds_decayed_learning_rates(spec, tmp_path):
+    from hetlora.protocol.wire import encode
+    from tests.test_server import make_config, make_update, post_update, register, running_server, upload_meta
+
+    training = TrainingSettings(lr=1e-3, head_lr=2e-3)
+    config = make_config(spec, rounds=2, lr_decay="cosine", min_clients=2, clients_per_round=2, training=training)
+    with running_server(config, tmp_path / "state") as http:
+        clients = [register(http, 8, name=f"dev-{k}") for k in range(2)]
+        for number, factor in ((1, 1.0), (2, 0.5)):
+            for client in clients:
+                info = http.get("/v1/round", headers=client["auth"]).json()
+                assert info["round"] == number
+                got = info["plan"]["training"]
+                assert (got["lr"], got["head_lr"]) == pytest.approx((1e-3 * factor, 2e-3 * factor))
+                update = make_update(spec, info["rank"], upload_meta(client, number, info["rank"], 5), seed=number)
+                assert post_update(http, client, number, encode(update)).status_code == 201
+        assert http.get("/v1/status").json()["finished"] is True

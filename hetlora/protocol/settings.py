@@ -3,12 +3,14 @@ taken by every training backend. JSON form: the field names and values (`to_json
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 FLOATS = {"lr", "head_lr", "head_fit_lr", "weight_decay", "lora_alpha", "prune_gamma", "prune_lambda"}
 STRINGS = {"schedule", "optimizer"}
 BOOLS = {"trim_padding", "dropout"}
 OPTIONAL = {"steps", "epochs", "head_lr"}
+LR_DECAYS = ("none", "cosine")  # learning rates across a run's LoRA rounds (TrainingSettings.decayed)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,15 @@ class TrainingSettings:
             if not _fits(name, value):
                 raise ValueError(f"training setting {name!r} has the wrong type: {str(value)[:40]}")
         return replace(self, **changes)
+
+    def decayed(self, decay: str, t: int, total: int) -> "TrainingSettings":
+        """These settings for LoRA round t of `total` (t = 0 first). decay "cosine": lr and head_lr (None:
+        lr) scaled by (1 + cos(pi t / total)) / 2, on top of `schedule` within the round; "none": unchanged."""
+        if decay == "none":
+            return self
+        factor = (1 + math.cos(math.pi * t / total)) / 2
+        head_lr = self.head_lr if self.head_lr is not None else self.lr
+        return replace(self, lr=self.lr * factor, head_lr=head_lr * factor)
 
     def capped(self, batch_size: int | None, seq_len: int | None) -> "TrainingSettings":
         """Batch size and sequence length at most the given limits (a device tier's); None: no limit."""
