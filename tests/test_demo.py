@@ -2,6 +2,7 @@
 and reproducibility: the same seed gives the same run, another seed another one."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ def run_demo(model_dir, tmp_path, out_name, seed=0):
         [sys.executable, "-m", "hetlora.cli", "demo", "--model", str(model_dir), "--data", str(train),
          "--test", str(test), "--labels", str(labels), "--clients", "3", "--clients-per-round", "2", "--rounds", "2",
          "--head-rounds", "2", "--local-steps", "2", "--batch-size", "4", "--seq-len", "16", "--ranks", "2,4", "--out", str(out),
-         "--seed", str(seed)],
+         "--lr", "1e-3", "--lr-decay", "cosine", "--seed", str(seed)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
@@ -46,6 +47,15 @@ def test_demo_runs_a_fleet_and_writes_its_results(first_run):
     peft_config = json.loads((out / "hetlora" / "peft" / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "LORA"
     assert "hetlora" in stdout and "accuracy" in stdout
+
+
+def test_the_demos_lora_rounds_were_planned_with_the_decayed_learning_rate(first_run):
+    out, _ = first_run
+    with sqlite3.connect(out / "hetlora" / "server" / "state.sqlite") as db:
+        plans = {number: json.loads(text) for number, text in db.execute("SELECT number, plans FROM rounds")}
+    lrs = {number: {p["training"]["lr"] for p in by_client.values()} for number, by_client in plans.items()}
+    # head rounds 1-2 keep the run's lr; LoRA rounds 3 and 4 are t = 0 and 1 of 2: factors 1 and 0.5
+    assert lrs[1] == lrs[2] == lrs[3] == {1e-3} and len(lrs[4]) == 1 and lrs[4].pop() == pytest.approx(5e-4)
 
 
 def test_the_same_seed_gives_the_same_run_and_another_seed_another(first_run, tiny_mean_bert_dir, tmp_path):
