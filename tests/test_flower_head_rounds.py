@@ -72,10 +72,11 @@ def _node_rows(k: int, size: int) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, tiny_bert_dir):
-    """Three nodes with different data; run config: ncm head, 2 head rounds, then 1 hetlora round of 2 nodes."""
+    """Three nodes with different data; run config: ncm head, 2 head rounds, then 2 hetlora rounds of 2 nodes
+    (cosine lr decay: the second LoRA round at half the lr)."""
     work = tmp_path_factory.mktemp("flower-head-rounds")
     (work / "labels.json").write_text(json.dumps(LABELS))
-    run_config = {"rule": "hetlora", "num-server-rounds": 1, "ranks": "2,4", "global-rank": 4, "min-clients": 2,
+    run_config = {"rule": "hetlora", "num-server-rounds": 2, "lr-decay": "cosine", "lr": 0.01, "ranks": "2,4", "global-rank": 4, "min-clients": 2,
                   "clients-per-round": 2, "local-steps": 2, "batch-size": 4, "seq-len": 16, "head-init": "ncm",
                   "head-rounds": 2, "head-epochs": 3, "head-fit-lr": 0.05, "round-deadline": 30.0,
                   "model": str(tiny_bert_dir), "labels": str(work / "labels.json"), "output-dir": str(work / "out")}
@@ -116,7 +117,8 @@ def test_a_flower_run_with_head_rounds_averages_the_heads_then_trains_lora(feder
     grid = LoopbackGrid(contexts)
     strategy = run(grid, run_config)
     config, rule = server_config(run_config), make_rule("hetlora")
-    assert [(h["round"], h["stage"]) for h in strategy.history] == [(1, "head-fit"), (2, "head-fit"), (3, "lora")]
+    assert [(h["round"], h["stage"]) for h in strategy.history] == [(1, "head-fit"), (2, "head-fit"), (3, "lora"),
+                                                                     (4, "lora")]
     assert json.loads((work / "out" / "history.json").read_text())["rounds"][0]["stage"] == "head-fit"
 
     statistics = [load_statistics(config, body) for _, (_, _, body) in sorted(_round(grid.traffic, 0).items())]
@@ -139,9 +141,7 @@ def test_a_flower_run_with_head_rounds_averages_the_heads_then_trains_lora(feder
         assert strategy.history[number - 1]["statistics"]["head_change"] > 0  # the nodes did move the head
         assert strategy.history[number - 1]["n_samples"] == SIZES
 
-    lora_round = _round(grid.traffic, 3)
-    assert len(lora_round) == 2  # clients-per-round again
-    for name, (doc, payload, _) in lora_round.items():
+    for name, (doc, payload, _) in _round(grid.traffic, 3).items():
         download = decode(payload)
         view = rule.client_view(global0, doc["plan"]["rank"])  # the head rounds left round 0's factors alone
         for module, (a, b) in view.lora.items():
@@ -150,15 +150,19 @@ def test_a_flower_run_with_head_rounds_averages_the_heads_then_trains_lora(feder
         for tensor, value in expected.dense.items():
             np.testing.assert_allclose(download.dense[tensor], value, rtol=1e-6, atol=1e-7)
 
-    results = [ClientResult(adapter=decode(body), n_samples=decode(body).meta["n_samples"])
-               for _, (_, _, body) in sorted(lora_round.items())]
-    want = rule.aggregate(expected, bound_influence(expected, results)[0])
+    for number, lr in ((3, 0.01), (4, 0.005)):  # LoRA rounds 1 and 2 of 2 under the cosine decay
+        lora_round = _round(grid.traffic, number)
+        assert len(lora_round) == 2  # clients-per-round again
+        assert all(doc["plan"]["training"]["lr"] == pytest.approx(lr) for doc, _, _ in lora_round.values())
+        results = [ClientResult(adapter=decode(body), n_samples=decode(body).meta["n_samples"])
+                   for _, (_, _, body) in sorted(lora_round.items())]
+        expected = rule.aggregate(expected, bound_influence(expected, results)[0])
     final = decode((work / "out" / "global-final.safetensors").read_bytes())
-    assert final.meta["global_version"] == 3
-    for module, (a, b) in want.lora.items():
+    assert final.meta["global_version"] == 4
+    for module, (a, b) in expected.lora.items():
         np.testing.assert_allclose(final.lora[module][0], a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(final.lora[module][1], b, rtol=1e-5, atol=1e-6)
-    for tensor, value in want.dense.items():
+    for tensor, value in expected.dense.items():
         np.testing.assert_allclose(final.dense[tensor], value, rtol=1e-5, atol=1e-6)
 
 
