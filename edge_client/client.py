@@ -64,6 +64,16 @@ def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
     return meta | ({"indices": list(plan.indices)} if plan.indices is not None else {})
 
 
+def decode_download(raw: bytes, spec, max_rank: int, head_only: bool = False) -> Adapter:
+    """A round's download decoded and checked against the local spec, at most `max_rank` (WireFormatError);
+    `head_only`: a head round's, the dense head without LoRA factors."""
+    start = decode(raw)
+    if head_only and start.lora:
+        raise WireFormatError("unexpected_lora", "a head round's download must carry the head only")
+    validate(start, spec, max_rank=max_rank, require_all_modules=not head_only)
+    return start
+
+
 class EdgeClient:
     def __init__(self, options: ClientOptions, profile_source: Callable[[], dict]):
         self.options = options
@@ -254,20 +264,14 @@ class EdgeClient:
 
     def _head_fit(self, number: int, plan: ClientPlan, cfg: TrainingSettings, start: Adapter) -> tuple[bytes, str]:
         """A head round: fit the downloaded head on the frozen features (edge_client.head_fit), saved as pending."""
-        from edge_client.head_fit import fit_head, logit_adjustment
-        from hetlora.protocol.spec import linear_head
+        from edge_client.head_fit import fit_plan_head
 
-        weight_name, bias_name, num_labels, _ = linear_head(self.spec)
         features, labels = self._frozen_features(cfg)
         try:
-            adjust = logit_adjustment(labels, num_labels, plan.class_counts)
+            update, fit = fit_plan_head(self.spec, start, features, labels, plan, cfg, self.state.client_id)
         except ValueError as exc:
-            raise BadServerAnswer(f"round {number}: the plan's class_counts do not fit this run: {exc}") from None
-        fit = fit_head(start.dense[weight_name], start.dense[bias_name], features, labels, adjust,
-                       epochs=cfg.head_epochs, lr=cfg.head_fit_lr, batch_size=cfg.batch_size, seed=cfg.seed)
-        meta = {"round": number, "client_id": self.state.client_id, "mode": plan.mode, "n_samples": len(labels),
-                "loss_before": fit.loss_before, "loss_after": fit.loss_after}
-        pending = encode(Adapter(lora={}, dense={weight_name: fit.weight, bias_name: fit.bias}, meta=meta))
+            raise BadServerAnswer(f"round {number}: the server's head-fit plan does not fit this run: {exc}") from None
+        pending = encode(update)
         self.state_dir.save_pending(pending)
         return pending, (f"head fitted on {len(labels)} frozen features ({cfg.head_epochs} epochs), loss "
                          f"{fit.loss_before:.4f} -> {fit.loss_after:.4f}")
@@ -282,14 +286,9 @@ class EdgeClient:
         """The downloaded adapter, checked against the local spec (BadServerAnswer when it does not fit);
         `head_only`: a head round's download, the dense head without LoRA factors."""
         try:
-            start = decode(raw)
-            if head_only and start.lora:
-                raise WireFormatError("unexpected_lora", "a head round's download must carry the head only")
-            validate(start, self.spec, max_rank=int(run.get("global_rank") or max(run["ranks"])),
-                     require_all_modules=not head_only)
+            return decode_download(raw, self.spec, int(run.get("global_rank") or max(run["ranks"])), head_only)
         except WireFormatError as exc:
             raise BadServerAnswer(f"round {number}: the server's adapter does not fit this run: {exc}") from None
-        return start
 
     def _finish_round(self, number: int) -> None:
         self.state.last_uploaded_round = max(self.state.last_uploaded_round, number)

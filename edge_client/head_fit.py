@@ -11,6 +11,7 @@ so a client whose data over-represents some classes does not push the shared hea
 never changes the rows of classes it has no example of (their softmax mass, hence their gradient, is 0).
 pi_global is the run's pooled class distribution (Laplace-smoothed; uniform when the server sends none).
 Optimiser: Adam (beta 0.9 / 0.999, eps 1e-8) over `epochs` shuffled passes of `batch_size` rows.
+`fit_plan_head` is a whole head round's update, for the HTTP client and the Flower node alike.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from hetlora.protocol.plan import ClientPlan
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.protocol.spec import AdapterSpec, linear_head
+from hetlora.protocol.wire import Adapter
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -75,6 +81,22 @@ def fit_head(weight: np.ndarray, bias: np.ndarray, features: np.ndarray, labels:
             w -= _adam_step(g_w, moments[0], moments[1], t, lr)
             b -= _adam_step(g_b, moments[2], moments[3], t, lr)
     return HeadFit(w.astype(np.float32), b.astype(np.float32), before, adjusted_loss(w, b, x, labels, adjust))
+
+
+def fit_plan_head(spec: AdapterSpec, start: Adapter, features: np.ndarray, labels: np.ndarray, plan: ClientPlan,
+                  settings: TrainingSettings, client_id: str) -> tuple[Adapter, HeadFit]:
+    """A head round's update: `start`'s head fitted on the frozen (features, labels), logit-adjusted with the
+    plan's class_counts, for settings.head_epochs passes at settings.head_fit_lr in batches of
+    settings.batch_size seeded by settings.seed; the head alone with the head-fit metadata (round, client_id,
+    mode, n_samples, losses). ValueError when the plan's class_counts do not fit the run's labels."""
+    weight_name, bias_name, num_labels, _ = linear_head(spec)
+    adjust = logit_adjustment(labels, num_labels, plan.class_counts)
+    fit = fit_head(start.dense[weight_name], start.dense[bias_name], features, labels, adjust,
+                   epochs=settings.head_epochs, lr=settings.head_fit_lr, batch_size=settings.batch_size,
+                   seed=settings.seed)
+    meta = {"round": plan.round, "client_id": client_id, "mode": plan.mode, "n_samples": len(labels),
+            "loss_before": fit.loss_before, "loss_after": fit.loss_after}
+    return Adapter(lora={}, dense={weight_name: fit.weight, bias_name: fit.bias}, meta=meta), fit
 
 
 def _loss_and_grads(w, b, x, y, adjust, *, grads: bool):

@@ -1,8 +1,9 @@
 """The Flower ClientApp: the device client behind Flower messages.
 
   query  the ServerApp's introduction request -> {name, profile, n_samples, requested_rank}
-  train  a plan (stage "head": round-0 head statistics; stage "lora": a LoRA round on the adapter in
-         the message) -> the wire bytes it produced and a report (fresh profile, losses, ranks)
+  train  a plan (mode "head-statistics": round-0 head statistics; "head-fit": a head round, the head in the
+         message fitted on the frozen features; otherwise a LoRA round on the adapter in the message)
+         -> the wire bytes it produced and a report (samples; losses; a LoRA round's fresh profile, ranks)
 A user mistake (no data, a model that does not fit the run) becomes a Flower error reply with its
 one-line message; the ServerApp logs it and goes on without the node.
 """
@@ -55,6 +56,8 @@ def train(message: Message, context: Context) -> Message:
         node = _local_node(context, doc["run"])
         if plan.mode == "head-statistics":
             return node.head_statistics(plan, doc["client_id"])
+        if plan.mode == "head-fit":
+            return node.fit_head(payload, plan, doc["client_id"])
         return node.train(payload, plan, doc["client_id"])
 
     return _answer(message, work)

@@ -16,7 +16,10 @@ file `partition-id` of the run config's `partition-dir` (written by `hetlora par
 A round runs the HTTP client's pieces: the plan (hetlora.protocol.plan.ClientPlan: rank, indices, mode,
 training settings already within the device's tier), the same trainer (`make_trainer`), self-pruning and
 Select-N-Fold inside `train_round`, and the same metadata on the update. The node reports a fresh
-device profile with every update; the server re-decides its tier from it for the next round.
+device profile with every LoRA update; the server re-decides its tier from it for the next round.
+Round 0 and the head rounds read the node's frozen features, kept per process (`_features`): a simulation
+worker computes each node's once; a SuperNode starts a ClientApp process per message, so it computes them
+again in every head round.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client.client import upload_meta
+from edge_client.client import decode_download, upload_meta
 from hetlora.errors import UserError
 from hetlora.protocol import atomic
 from hetlora.protocol.plan import ClientPlan
-from hetlora.protocol.wire import WireFormatError, decode, encode, validate
+from hetlora.protocol.wire import Adapter, WireFormatError, encode
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,16 @@ def node_settings(node_config: dict, run_config: dict, node_id: int) -> NodeSett
 
 
 _trainers: dict[tuple, object] = {}  # one per process and run: a simulation actor serves many nodes in turn
+# (examples, seq_len) -> (features, labels) under the trainer's frozen model, oldest first
+_features: dict[tuple, tuple] = {}
+FEATURE_CACHE_BYTES = 256 * 2**20  # at most this much of them (a simulation process serves many nodes)
+
+
+def _keep_features(key: tuple, value: tuple) -> None:
+    """Add one node's frozen features; drop the oldest others while they hold over FEATURE_CACHE_BYTES."""
+    _features[key] = value
+    while len(_features) > 1 and sum(f.nbytes + y.nbytes for f, y in _features.values()) > FEATURE_CACHE_BYTES:
+        del _features[next(iter(_features))]
 
 
 def _trainer(settings: NodeSettings, model_dir, run: dict):
@@ -109,6 +122,7 @@ def _trainer(settings: NodeSettings, model_dir, run: dict):
     key = (str(model_dir), settings.backend, settings.artifacts_dir, run["spec_fingerprint"], run["lora_alpha"])
     if key not in _trainers:
         _trainers.clear()
+        _features.clear()  # the previous trainer's model computed them
         labels = run.get("labels")
         _trainers[key] = make_trainer(settings.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                       targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
@@ -143,11 +157,7 @@ class LocalNode:
 
     def train(self, payload: bytes, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
         """One planned LoRA round: (update wire bytes, report {profile, losses, ranks})."""
-        try:
-            start = decode(payload)
-            validate(start, self.spec, max_rank=int(self.run["global_rank"]))
-        except WireFormatError as exc:
-            raise UserError(f"round {plan.round}: the server's adapter does not fit this run: {exc}") from None
+        start = self._start(payload, plan)
         from edge_client.backends import optimizer_settings
 
         # artifact backends train with the optimiser they were exported with (as `hetlora client` does)
@@ -162,17 +172,45 @@ class LocalNode:
                       "loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
                       "n_samples": result.n_samples}
 
+    def fit_head(self, payload: bytes, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
+        """A head round: the downloaded head fitted on the frozen features (edge_client.head_fit.fit_plan_head,
+        as `hetlora client` does) -> (head wire bytes, report {losses, n_samples})."""
+        from edge_client.head_fit import fit_plan_head
+
+        start = self._start(payload, plan, head_only=True)
+        features, labels = self.frozen_features(plan.training.seq_len)
+        try:
+            update, fit = fit_plan_head(self.spec, start, features, labels, plan, plan.training, client_id)
+        except ValueError as exc:
+            raise UserError(f"round {plan.round}: the server's head-fit plan does not fit this run: {exc}") from None
+        body = encode(update)
+        self._keep(plan.round, body)
+        return body, {"loss_before": fit.loss_before, "loss_after": fit.loss_after, "n_samples": len(labels)}
+
     def head_statistics(self, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
         """Round 0: per-class feature statistics of the local data under the frozen base model."""
         from hetlora.protocol.head_stats import class_statistics, encode_statistics
         from hetlora.protocol.spec import linear_head
 
-        features, labels = self.trainer.frozen_features(self.examples, plan.training.seq_len)
-        stats = class_statistics(features, labels, linear_head(self.spec)[2])
+        stats = class_statistics(*self.frozen_features(plan.training.seq_len), linear_head(self.spec)[2])
         stats.meta = {"round": plan.round, "client_id": client_id, "n_samples": stats.n_samples}
         body = encode_statistics(stats)
         self._keep(plan.round, body)
         return body, {"n_samples": stats.n_samples}
+
+    def frozen_features(self, seq_len: int) -> tuple:
+        """(features, labels) of this node's data under the frozen base model, computed once per process."""
+        key = (self.examples, seq_len)
+        if key not in _features:
+            _keep_features(key, self.trainer.frozen_features(self.examples, seq_len))
+        return _features[key]
+
+    def _start(self, payload: bytes, plan: ClientPlan, head_only: bool = False) -> Adapter:
+        """The round's global from the message, checked against this run (UserError when it does not fit)."""
+        try:
+            return decode_download(payload, self.spec, int(self.run["global_rank"]), head_only)
+        except WireFormatError as exc:
+            raise UserError(f"round {plan.round}: the server's adapter does not fit this run: {exc}") from None
 
     def _keep(self, round_number: int, body: bytes) -> None:
         """The bytes sent for a round, in state-dir/uploads/ (for audit and for the deployment test)."""

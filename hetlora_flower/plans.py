@@ -12,11 +12,12 @@ from server_stub.aggregation import ClientResult
 from server_stub.upload_checks import check_update as check_against_plan
 
 
-def plan_for(config, rule, node, round_number: int) -> ClientPlan:
-    """The rule's plan for `node` (a nodes.Node with a tier) in round n; round 0 of a head run collects statistics."""
+def plan_for(config, rule, node, round_number: int, class_counts=None) -> ClientPlan:
+    """The rule's plan for `node` (a nodes.Node with a tier) in round n of stage `config.stage(n)`: round 0 of a
+    head run collects statistics; a head round's plan carries `class_counts`, round 0's pooled examples per class."""
     return rule.configure(round_number=round_number, client_key=node.name, tier=node.tier,
                           global_rank=config.global_rank, seed=config.seed, stage=config.stage(round_number),
-                          training=config.training_for(round_number))
+                          training=config.training_for(round_number), class_counts=class_counts)
 
 
 def check_update(config, plan: dict, client_id: str, body: bytes) -> ClientResult:

@@ -1,10 +1,12 @@
-"""The Flower ServerApp: introductions, the optional head round, then the rule's rounds (RuleStrategy).
+"""The Flower ServerApp: introductions, the optional head stages, then the rule's rounds (RuleStrategy).
 
 1. Wait (up to round-deadline seconds) for min-clients SuperNodes, then ask each to introduce itself
    (a `query` message): name, device profile, sample count, requested rank -> its rank (nodes.py).
 2. With head-init ncm|lda: round 0 sends every node a "head" plan; the pooled class statistics give the
    head of global version 0 (server_stub.head_round, the HTTP server's checks and formula).
-3. `RuleStrategy.start` runs num-server-rounds rounds; each waits round-deadline seconds for replies.
+3. `RuleStrategy.start` runs head-rounds + num-server-rounds rounds: the head rounds 1..head-rounds (every
+   node fits the head; round 0's pooled class counts go into their plans), then the LoRA rounds; each
+   waits round-deadline seconds for replies.
 4. With output-dir set: global-final.safetensors (wire format) and history.json are written there.
 """
 
@@ -50,11 +52,11 @@ def run(grid: Grid, run_config: dict) -> RuleStrategy:
     rule = make_rule(config.aggregator, **config.rule_options)
     nodes = introduce_nodes(grid, config)
     if config.head_round:
-        initial = head_round(grid, config, rule, nodes)
+        initial, class_counts = head_round(grid, config, rule, nodes)
     else:
-        initial = rule.init_global(config.spec, config.global_rank, config.seed)
-    strategy = RuleStrategy(config, rule, nodes)
-    result = strategy.start(grid, initial_arrays=global_record(config, initial, 0), num_rounds=config.rounds,
+        initial, class_counts = rule.init_global(config.spec, config.global_rank, config.seed), None
+    strategy = RuleStrategy(config, rule, nodes, class_counts)
+    result = strategy.start(grid, initial_arrays=global_record(config, initial, 0), num_rounds=config.last_round,
                             timeout=config.round_deadline)
     final = result.arrays if result.arrays is not None else global_record(config, initial, 0)
     if run_config.get("output-dir"):
@@ -100,8 +102,9 @@ def introduce_nodes(grid: Grid, config) -> dict:
     return nodes
 
 
-def head_round(grid: Grid, config, rule, nodes: dict) -> Adapter:
-    """Round 0: every node's class statistics, checked and pooled -> global version 0."""
+def head_round(grid: Grid, config, rule, nodes: dict) -> tuple[Adapter, list[int]]:
+    """Round 0: every node's class statistics, checked and pooled -> global version 0 and the pooled examples
+    per class (the head rounds' plans carry them)."""
     trained = {node_id: node for node_id, node in nodes.items() if node.tier}
     messages = [Message(message_content(None, PLAN, {"plan": plan_for(config, rule, node, 0).to_json(),
                                                       "client_id": node.name, "run": config.run_config()}),
@@ -123,11 +126,12 @@ def head_round(grid: Grid, config, rule, nodes: dict) -> Adapter:
                                       head_init=config.head_init, global_rank=config.global_rank, seed=config.seed,
                                       shrinkage=config.head_shrinkage, temperature=config.head_temperature)
     log.info("round 0 (head %s): %s", config.head_init, json.dumps(summary))
-    return initial
+    return initial, summary["class_counts"]
 
 
 def write_outputs(out: Path, final: bytes, strategy: RuleStrategy, nodes: dict) -> None:
-    """global-final.safetensors and history.json (per round: clients, ranks, statistics; per node: its rank)."""
+    """global-final.safetensors and history.json (per round: stage, clients, ranks, statistics; per node: its
+    rank)."""
     atomic.write_bytes(out / "global-final.safetensors", final)
     atomic.write_json(out / "history.json", {
         "rounds": strategy.history,

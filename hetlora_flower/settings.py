@@ -3,8 +3,9 @@
 Every run-config key is a `hetlora serve` flag without its dashes (`local-steps = 5` is `--local-steps 5`),
 parsed by the same argument parser and turned into a ServerConfig by the same `build_config`, so both
 servers share one set of defaults and checks. Two keys carry Flower's names instead:
-`num-server-rounds` (= --rounds) and `rule` (= --aggregator). An empty string or `false` leaves a flag
-at its default; `true` sets a switch (`segment-average = true`).
+`num-server-rounds` (= --rounds, the LoRA rounds; with `head-rounds = H` the run has H head rounds
+before them, H + num-server-rounds Flower rounds in all) and `rule` (= --aggregator). An empty string or
+`false` leaves a flag at its default; `true` sets a switch (`segment-average = true`).
 Flower-only keys: `output-dir` (where the ServerApp writes the final global and the history; "" = none) and
 `partition-dir` (simulation: the `hetlora partition` folder the virtual nodes train on).
 """
@@ -49,8 +50,4 @@ def server_config(run_config: dict):
 
     parser = _Parser(prog="flower run config", add_help=False)
     add_arguments(parser)
-    args = parser.parse_args(serve_arguments(run_config))
-    if args.head_rounds:
-        raise UserError("head rounds (head-rounds) run on the HTTP server only (hetlora serve); under Flower "
-                        "leave head-rounds at 0")
-    return build_config(args)
+    return build_config(parser.parse_args(serve_arguments(run_config)))

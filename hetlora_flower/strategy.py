@@ -1,10 +1,14 @@
 """RuleStrategy: a Flower Strategy whose rounds are the project's rules.
 
-configure_train: selects nodes as the HTTP server does (`select_clients` over the names in order),
-makes each one its own plan (`plans.plan_for`) and sends it, with the rule's view of the global at
-the plan's rank, in one message per node.
+Flower's rounds 1..H+R are the run's rounds after round 0: the head rounds 1..H, then R LoRA rounds
+(`config.stage(n)`, as on the HTTP server).
+configure_train: selects nodes as the HTTP server does (`select_clients` over the names in order, every
+node in a head round), makes each one its own plan (`plans.plan_for`; a head round's carries round 0's
+pooled class counts) and sends it, with the rule's view of the global at the plan's rank (a head
+round: the head alone, `client_download`), in one message per node.
 aggregate_train: checks every reply with the HTTP server's upload checks (`plans.check_update`), then
-runs the same pipeline as the HTTP server: bounded influence, the pure rule, the server optimiser.
+runs the same pipeline as the HTTP server: a LoRA round bounded influence, the pure rule, the server
+optimiser; a head round `average_heads` (the n-weighted mean head, the factors kept).
 The global travels between rounds as wire bytes (records.payload_record).
 """
 
@@ -24,6 +28,7 @@ from hetlora_flower.plans import check_update, plan_for
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
 from server_stub.aggregation import aggregate_statistics
 from server_stub.aggregation.bounds import bound_influence
+from server_stub.aggregation.head_fit import average_heads
 from server_stub.global_versions import client_download, global_with_meta
 from server_stub.history import jsonable
 from server_stub.selection import select_clients
@@ -37,10 +42,11 @@ def global_record(config, adapter: Adapter, version: int) -> ArrayRecord:
 
 
 class RuleStrategy(Strategy):
-    """Per-node plans out, the project's checks and rule in. `nodes`: node id -> nodes.Node."""
+    """Per-node plans out, the project's checks and rule in. `nodes`: node id -> nodes.Node; `class_counts`:
+    round 0's pooled examples per class (server_stub.head_round.initial_global's summary), for the head rounds."""
 
-    def __init__(self, config, rule, nodes: dict):
-        self.config, self.rule, self.nodes = config, rule, nodes
+    def __init__(self, config, rule, nodes: dict, class_counts=None):
+        self.config, self.rule, self.nodes, self.class_counts = config, rule, nodes, class_counts
         self.optimizer_state: dict = {}
         self.history: list[dict] = []
         self._plans: dict[int, dict] = {}  # node id -> this round's plan (JSON)
@@ -60,17 +66,17 @@ class RuleStrategy(Strategy):
         """One message per selected node among the `live` ones: its plan and the rule's view of the global."""
         self._previous = decode(payload_bytes(arrays))
         eligible = sorted((n for n in self.nodes.values() if n.tier and n.node_id in live), key=lambda n: n.name)
-        chosen = set(select_clients([n.name for n in eligible], self.config.clients_per_round, self.config.seed,
-                                    server_round))
+        chosen = set(select_clients([n.name for n in eligible], self.config.round_size(server_round),
+                                    self.config.seed, server_round))
         self._plans, self._names, messages = {}, {}, []
         for node in (n for n in eligible if n.name in chosen):
-            plan = plan_for(self.config, self.rule, node, server_round).to_json()
+            plan = plan_for(self.config, self.rule, node, server_round, self.class_counts).to_json()
             self._plans[node.node_id], self._names[node.node_id] = plan, node.name
             body = encode(client_download(self.rule, self._previous, plan, node.name, self.config))
             doc = {"plan": plan, "client_id": node.name, "run": self.config.run_config()}
             messages.append(Message(message_content(body, PLAN, doc), dst_node_id=node.node_id,
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))
-        log.info("round %d: %s", server_round,
+        log.info("round %d (%s): %s", server_round, self.config.stage(server_round),
                  ", ".join(f"{self._names[n]}@r{p['rank']}" for n, p in self._plans.items()))
         return messages
 
@@ -84,17 +90,25 @@ class RuleStrategy(Strategy):
                         server_round, len(order), required)
             return None, None
         results = [accepted[node_id][0] for node_id in order]
-        results, clipped = bound_influence(self._previous, results)
-        new_global = self.rule.aggregate(self._previous, results)
+        reports = [accepted[node_id][1] for node_id in order]
+        if self.config.stage(server_round) == "head-fit":
+            new_global, statistics = average_heads(self._previous, results)
+        else:
+            new_global, statistics = self._lora_aggregate(results)
+            for node_id, res, report in zip(order, results, reports):
+                node_book.report(self.config, self.nodes[node_id], report.get("profile"), res.adapter.rank,
+                                 self._plans[node_id]["rank"])
+        self._record(server_round, order, results, reports, statistics)
+        return global_record(self.config, new_global, server_round), _metrics(results, reports)
+
+    def _lora_aggregate(self, results: list) -> tuple[Adapter, dict]:
+        """A LoRA round's new global and statistics: bounded influence, the pure rule, the server optimiser."""
+        bounded, clipped = bound_influence(self._previous, results)
+        new_global = self.rule.aggregate(self._previous, bounded)
         if self.config.server_opt.name != "none":
             new_global, self.optimizer_state = self.config.server_opt.step(
                 self._previous, new_global, self.optimizer_state, product_space=self.rule.name == "hlora")
-        reports = [accepted[node_id][1] for node_id in order]
-        for node_id, res, report in zip(order, results, reports):
-            node_book.report(self.config, self.nodes[node_id], report.get("profile"), res.adapter.rank,
-                             self._plans[node_id]["rank"])
-        self._record(server_round, order, results, reports, new_global, clipped)
-        return global_record(self.config, new_global, server_round), _metrics(results, reports)
+        return new_global, aggregate_statistics(new_global, bounded) | {"clipped": clipped}
 
     def _accepted(self, server_round: int, replies: Iterable[Message]) -> dict:
         """node id -> (ClientResult, report) of every reply that passes the checks; the others are logged."""
@@ -114,18 +128,19 @@ class RuleStrategy(Strategy):
                 log.warning("round %d: update from %s refused: %s", server_round, who, exc)
         return accepted
 
-    def _record(self, server_round, order, results, reports, new_global, clipped) -> None:
+    def _record(self, server_round, order, results, reports, statistics) -> None:
+        """The round's history entry (the HTTP server's fields: stage, clients, ranks, samples, statistics)."""
         names = [self._names[node_id] for node_id in order]
-        stats = aggregate_statistics(new_global, results)
-        stats["clipped"] = {names[k]: what for k, what in clipped.items()}
+        statistics["clipped"] = {names[k]: what for k, what in statistics["clipped"].items()}
         self.history.append(jsonable({
-            "round": server_round, "clients": names,
+            "round": server_round, "stage": self.config.stage(server_round), "clients": names,
             "ranks": {self._names[n]: plan["rank"] for n, plan in self._plans.items()},
             "indices": {self._names[n]: plan["indices"] for n, plan in self._plans.items()},
             "effective_ranks": dict(zip(names, (res.adapter.rank for res in results))),
             "n_samples": dict(zip(names, (res.n_samples for res in results))),
-            "loss_after": dict(zip(names, (r.get("loss_after") for r in reports))), "statistics": stats}))
-        log.info("round %d aggregated (%s) from %s", server_round, self.config.aggregator,
+            "loss_after": dict(zip(names, (r.get("loss_after") for r in reports))), "statistics": statistics}))
+        log.info("round %d (%s) aggregated (%s) from %s", server_round, self.config.stage(server_round),
+                 self.config.aggregator,
                  ", ".join(f"{n}@r{res.adapter.rank}" for n, res in zip(names, results)))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

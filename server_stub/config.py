@@ -105,6 +105,10 @@ class ServerConfig:
             return self.training
         return self.training.decayed(self.lr_decay, round_number - self.head_rounds - 1, self.rounds)
 
+    def round_size(self, round_number: int) -> int:
+        """How many clients round n selects: `clients_per_round` in a LoRA round, 0 (every one) in a head stage."""
+        return self.clients_per_round if self.stage(round_number) == "lora" else 0
+
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)

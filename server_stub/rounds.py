@@ -354,8 +354,8 @@ class Coordinator:
         needed = max(self.config.head_clients, self.config.min_clients) if head_first else self.config.min_clients
         if number > self.config.last_round or len(clients) < needed:
             return None
-        k = self.config.clients_per_round if self.config.stage(number) == "lora" else 0  # head stages: everyone
-        selected = select_clients([c["client_id"] for c in clients], k, self.config.seed, number)
+        selected = select_clients([c["client_id"] for c in clients], self.config.round_size(number), self.config.seed,
+                                  number)
         now = self.clock()
         row = {"number": number, "state": "open", "selected": selected, "plans": self._plans(selected, number),
                "opened_at": now, "deadline": now + self.config.round_deadline}

@@ -36,8 +36,17 @@ def test_run_config_keys_are_serve_flags():
         serve_arguments({"port": 8080})
     with pytest.raises(UserError, match="invalid choice: 'nope'"):
         server_config({"rule": "nope"})
-    with pytest.raises(UserError, match="head rounds .* run on the HTTP server only"):
-        server_config({"head-rounds": 2})
+
+
+def test_head_rounds_come_before_the_lora_rounds_and_need_a_head_init(setup):
+    config, contexts = setup
+    run_config = dict(contexts[11].run_config) | {"num-server-rounds": 2, "clients-per-round": 2}
+    config = server_config(run_config | {"head-init": "ncm", "head-rounds": 3})
+    assert config.last_round == 5 and [config.stage(n) for n in range(6)] == ["head-statistics"] + ["head-fit"] * 3 \
+        + ["lora"] * 2
+    assert [config.round_size(n) for n in (1, 4)] == [0, 2]  # a head round selects every node
+    with pytest.raises(UserError, match="--head-rounds needs --head-init ncm or lda"):
+        server_config(run_config | {"head-rounds": 3})  # the setup's head-init is none
 
 
 def test_wire_bytes_cross_an_array_record_exactly():
