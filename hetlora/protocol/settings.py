@@ -74,7 +74,7 @@ class TrainingSettings:
                 raise ValueError(f"training setting {name!r} has the wrong type: {str(value)[:40]}")
         return replace(self, **changes)
 
-    def decayed(self, decay: str, t: int, total: int) -> "TrainingSettings":
+    def decayed(self, decay: str, t: float, total: int) -> "TrainingSettings":
         """These settings for LoRA round t of `total` (t = 0 first). decay "cosine": lr and head_lr (None:
         lr) scaled by (1 + cos(pi t / total)) / 2, on top of `schedule` within the round; "none": unchanged."""
         if decay == "none":
