@@ -213,7 +213,11 @@ def main() -> int:
     p.add_argument("--stored-only", action="store_true",
                    help="run nothing: print the table of the runs stored under --out with these settings")
     args = p.parse_args()
+    import torch
+
     from edge_client.models import default_model_dir
+
+    torch.set_num_threads(1)  # as `hetlora demo`: evaluation and centralized training run beside the fleet
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
