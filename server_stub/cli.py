@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     agg.add_argument("--weighting", choices=("sparsity", "sparsity_n", "n"),
                      help="hetlora client weights (default: sparsity)")
     agg.add_argument("--segment-average", action="store_true",
-                     help="hetlora: average each rank segment only over the clients that have it")
+                     help="hetlora: average each rank segment only over the clients that have it (on non-IID data "
+                          "with few high-rank clients the top segments grow unchecked and accuracy drifts down: "
+                          "docs/RESULTS.md, Collapse)")
     agg.add_argument("--hlora-rank", type=int, help="hlora: rank of the global adapter (default: --global-rank)")
     agg.add_argument("--ranks", type=positive_int_list, default=(4, 8, 16, 32, 64), help="the rank set (default 4,8,16,32,64)")
     agg.add_argument("--global-rank", type=int, help="global adapter rank (default: the largest of --ranks)")
