@@ -183,7 +183,8 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> Path | None:
         curves = [r["curve"] for r in runs if r.get("curve")]
         if curves and len({len(c) for c in curves}) == 1:
             rounds = [point[0] for point in curves[0]]
-            series[f"{name} ({len(curves)} seeds)"] = (rounds, [list(np.mean([[p[1] for p in c] for c in curves], axis=0))])
+            mean = np.mean([[point[1] for point in c] for c in curves], axis=0)
+            series[f"{name} ({len(curves)} seeds)"] = (rounds, [list(mean)])
     if not series:
         return None
     return line_plot(path, series, panels=[("accuracy, mean over seeds", 0)], xlabel="round",

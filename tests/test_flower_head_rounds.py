@@ -76,8 +76,8 @@ def federation(tmp_path_factory, tiny_bert_dir):
     (cosine lr decay: the second LoRA round at half the lr)."""
     work = tmp_path_factory.mktemp("flower-head-rounds")
     (work / "labels.json").write_text(json.dumps(LABELS))
-    run_config = {"rule": "hetlora", "num-server-rounds": 2, "lr-decay": "cosine", "lr": 0.01, "ranks": "2,4", "global-rank": 4, "min-clients": 2,
-                  "clients-per-round": 2, "local-steps": 2, "batch-size": 4, "seq-len": 16, "head-init": "ncm",
+    run_config = {"rule": "hetlora", "num-server-rounds": 2, "lr-decay": "cosine", "lr": 0.01, "ranks": "2,4",
+                  "global-rank": 4, "min-clients": 2, "clients-per-round": 2, "local-steps": 2, "batch-size": 4, "seq-len": 16, "head-init": "ncm",
                   "head-rounds": 2, "head-epochs": 3, "head-fit-lr": 0.05, "round-deadline": 30.0,
                   "model": str(tiny_bert_dir), "labels": str(work / "labels.json"), "output-dir": str(work / "out")}
     contexts, counts = {}, Counter()
