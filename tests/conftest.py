@@ -16,13 +16,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-CORPUS = [
-    "how do I activate my new card",
-    "my card payment was declined at the shop",
-    "what is the exchange rate for euros",
-    "the quick brown fox jumps over the lazy dog",
-    "federated learning keeps private data on the device",
-]
 
 
 @pytest.fixture(scope="session")
@@ -50,23 +43,28 @@ def tiny_bert_dir(tmp_path_factory, default_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer trained on a few sentences."""
+def smollm2_dir() -> Path:
+    """The installed SmolLM2-135M-Instruct folder (the causal-lm default, converted by `make install`)."""
+    from edge_client.models import default_model_dir as find
+
+    return find("causal-lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer Llama (hidden 32) with SmolLM2's real tokenizer and chat template: the 135M model's
+    stand-in, the same code paths at a fraction of the cost."""
     import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS * 4, vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, local_files_only=True)
     tokenizer.save_pretrained(path)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 

@@ -56,7 +56,7 @@ def test_bad_jsonl_line_and_missing_labels(tmp_path):
         load_examples(write(tmp_path / "d.jsonl", '{"text": "a", "label": "card"}\n{oops\n'), "classification", LABELS)
     with pytest.raises(UserError, match="label list"):
         load_examples(write(tmp_path / "e.csv", "text,label\na,card\n"), "classification", None)
-    with pytest.raises(UserError, match="no column 'text'"):
+    with pytest.raises(UserError, match="neither prompt and response columns .* nor a 'text' column"):
         load_examples(write(tmp_path / "f.csv", "body\na\n"), "causal-lm")
 
 
@@ -71,19 +71,6 @@ def test_label_files_json_or_lines(tmp_path):
         read_labels(write(tmp_path / "one.txt", "a\n"))
     with pytest.raises(UserError, match="cannot read the label file"):
         read_labels(tmp_path / "missing.json")
-
-
-def test_prompt_response_labels_cover_only_the_response(tiny_llama_dir, tmp_path):
-    tok = load_tokenizer(tiny_llama_dir)
-    path = write(tmp_path / "pr.jsonl", json.dumps({"prompt": "how do I", "response": "activate my card"}) + "\n")
-    examples = load_examples(path, "causal-lm")
-    enc = encode(examples, tok, 16)
-    prompt = tok("how do I", add_special_tokens=False)["input_ids"]
-    response = tok("activate my card", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    n = 1 + len(prompt) + len(response)
-    assert enc.input_ids[0, :n].tolist() == [tok.bos_token_id] + prompt + response
-    assert enc.labels[0].tolist() == [IGNORE] * (1 + len(prompt)) + response + [IGNORE] * (16 - n)
-    assert enc.attention_mask[0].tolist() == [1] * n + [0] * (16 - n)
 
 
 def test_causal_loss_equals_a_hand_built_response_only_reference():
