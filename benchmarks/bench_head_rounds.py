@@ -27,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulation.demo import DEMO_TRAINING, DemoConfig, prepare_fleet  # noqa: E402
+from simulation.demo import DEMO_TRAINING, DemoConfig  # noqa: E402
+from simulation.fleets import prepare_fleet  # noqa: E402
 
 DATA = REPO / "hetlora" / "data" / "banking77"
 LOSSES = ("plain", "restricted", "adjusted")

@@ -26,7 +26,9 @@ sys.path.insert(0, str(REPO))
 
 from hetlora.demo_data import banking77  # noqa: E402
 from hetlora.protocol.settings import LR_DECAYS  # noqa: E402
-from simulation.demo import DEMO_TRAINING, DemoConfig, fitted_head, prepare_fleet  # noqa: E402
+from simulation.centralized import fitted_head  # noqa: E402
+from simulation.demo import DEMO_TRAINING, DemoConfig  # noqa: E402
+from simulation.fleets import prepare_fleet  # noqa: E402
 
 
 def main() -> int:

@@ -1,12 +1,19 @@
-"""Learning quality: the demo's fleet per aggregation rule, over seeds, against centralized LoRA,
-head-only federated training and a frozen-feature linear probe. Prints a table; --results appends it
-(with the exact command) to a Markdown file.
+"""Learning quality: the demo's fleet per aggregation rule, over seeds, against centralized LoRA and the
+task's references. Prints a table and draws curves.png; --results appends the table (with the exact
+command) to a Markdown file.
+
+Classification (BANKING77): against head-only federated training and a frozen-feature linear probe.
+Chat (--task chat, SmolLM2-135M-Instruct on one person's chats per device): perplexity on replies of people
+outside the fleet, against zero-shot, with the papers' claims as methods: homogeneous FedAvg at the smallest
+and the largest rank, naive zero padding (hetlora's padding with n-weights and no pruning), HetLoRA with
+self-pruning gamma 1.0 (no pruning), 0.99 and 0.85, HLoRA, Fed-PLoRA and centralized LoRA.
 
     .venv/bin/python benchmarks/bench_quality.py --rounds 20 --seeds 0,1,2           # BANKING77, every method
     .venv/bin/python benchmarks/bench_quality.py --methods hetlora,fedavg-rmin --rounds 20 \\
         --results docs/RESULTS.md
     .venv/bin/python benchmarks/bench_quality.py --data my.csv --test my_test.csv --labels labels.json \\
         --text-column text --label-column intent
+    .venv/bin/python benchmarks/bench_quality.py --task chat --seeds 0,1,2 --results docs/RESULTS.md
 
 Methods: fedavg-rmin / fedavg-rmax (homogeneous FedAvg at the smallest / largest rank), hetlora,
 hetlora-seg (segment averaging), hlora, plora, head-only (federated, LoRA learning rate 0),
@@ -34,7 +41,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hetlora.protocol.settings import LR_DECAYS  # noqa: E402
-from simulation.demo import DemoConfig, Method, centralized_run, federated_run, prepare_fleet  # noqa: E402
+from simulation.centralized import centralized_run  # noqa: E402
+from simulation.demo import CHAT_TRAINING, DemoConfig, Method, federated_run  # noqa: E402
+from simulation.fleets import prepare_fleet  # noqa: E402
+import quality_chat  # noqa: E402
 
 DATA = REPO / "hetlora" / "data" / "banking77"
 METHODS = ("fedavg-rmin", "fedavg-rmax", "hetlora", "hetlora-seg", "hlora", "plora", "head-only", "centralized",
@@ -48,7 +58,10 @@ def method_for(name: str, ranks: tuple[int, ...]) -> Method:
             "hetlora": Method(name, "hetlora", ranks),
             "hetlora-seg": Method(name, "hetlora", ranks, ("--segment-average",)),
             "hlora": Method(name, "hlora", ranks), "plora": Method(name, "plora", ranks),
-            "head-only": Method(name, "fedavg", (lo,), ("--lr", "0"))}[name]
+            "head-only": Method(name, "fedavg", (lo,), ("--lr", "0")),
+            "zeropad": Method(name, "hetlora", ranks, ("--weighting", "n", "--prune-lambda", "0")),
+            "hetlora-g1": Method(name, "hetlora", ranks, ("--prune-gamma", "1.0")),
+            "hetlora-g085": Method(name, "hetlora", ranks, ("--prune-gamma", "0.85"))}[name]
 
 
 def run_method(name: str, cfg: DemoConfig, fleet) -> list:
@@ -56,8 +69,8 @@ def run_method(name: str, cfg: DemoConfig, fleet) -> list:
     shutil.rmtree(cfg.out / name, ignore_errors=True)
     rows = []
     if name == "centralized":
-        return centralized_run(cfg, fleet.labels, fleet.pooled, fleet.evaluate, rows.append)
-    return federated_run(cfg, method_for(name, cfg.ranks), fleet.parts, fleet.profiles, fleet.evaluate, rows.append)
+        return centralized_run(cfg, fleet, rows.append)
+    return federated_run(cfg, method_for(name, cfg.ranks), fleet, rows.append)
 
 
 def summarize_run(rows: list) -> dict:
@@ -71,6 +84,16 @@ def summarize_run(rows: list) -> dict:
         reach[target] = (rows[hit].round, float(seconds[hit])) if hit is not None else (None, None)
     return {"final": acc[-1], "best": max(acc), "f1": rows[-1].macro_f1, "reach": reach,
             "curve": [[r.round, r.accuracy] for r in rows]}
+
+
+def run_summary(name: str, cfg: DemoConfig, fleet, seed: int) -> dict:
+    """Run (or compute) method `name` and summarize it for the task's table."""
+    if name == "probe":
+        return linear_probe(cfg, fleet, seed)
+    if name == "zero-shot":
+        return quality_chat.zero_shot(fleet)
+    rows = run_method(name, cfg, fleet)
+    return quality_chat.summarize(rows) if cfg.task == "chat" else summarize_run(rows)
 
 
 def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
@@ -101,6 +124,8 @@ def run_settings(cfg: DemoConfig, name: str) -> dict:
     """What a run's result depends on: every setting but the output folder, the data files by content
     (so a run stored from another checkout still counts), and the method."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "test", "labels", "training")}
+    if cfg.task == "classification":  # runs stored before the chat task existed
+        settings = {k: v for k, v in settings.items() if k not in ("task", "min_replies")}
     t = cfg.training  # flat, under the names runs were stored with before DemoConfig carried TrainingSettings
     settings |= {"local_steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr,
                  "head_lr": t.head_lr, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
@@ -111,7 +136,8 @@ def run_settings(cfg: DemoConfig, name: str) -> dict:
         settings |= {"head_epochs": t.head_epochs, "head_fit_lr": t.head_fit_lr}
     else:
         del settings["head_rounds"]
-    files = {k: hashlib.sha256(Path(getattr(cfg, k)).read_bytes()).hexdigest() for k in ("data", "test", "labels")}
+    files = {k: hashlib.sha256(Path(getattr(cfg, k)).read_bytes()).hexdigest() for k in ("data", "test", "labels")
+             if getattr(cfg, k)}
     return json.loads(json.dumps({**settings, **files, "method": name}, default=str))
 
 
@@ -173,8 +199,8 @@ def table(results: dict[str, list[dict]], rounds: int) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: dict[str, list[dict]], path: Path) -> Path | None:
-    """Mean accuracy over the seeds against the round, one line per method with stored curves (summaries
+def plot_curves(results: dict[str, list[dict]], path: Path, metric: str = "accuracy") -> Path | None:
+    """Mean `metric` over the seeds against the round, one line per method with stored curves (summaries
     stored before curves were kept have none)."""
     from hetlora.plots import line_plot
 
@@ -187,21 +213,25 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> Path | None:
             series[f"{name} ({len(curves)} seeds)"] = (rounds, [list(mean)])
     if not series:
         return None
-    return line_plot(path, series, panels=[("accuracy, mean over seeds", 0)], xlabel="round",
+    return line_plot(path, series, panels=[(f"{metric}, mean over seeds", 0)], xlabel="round",
                      title="Learning quality per method")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="base model folder (default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--data", default=str(DATA / "train.csv"))
-    p.add_argument("--test", default=str(DATA / "test.csv"))
-    p.add_argument("--labels", default=str(DATA / "categories.json"))
+    p.add_argument("--task", choices=("classification", "chat"), default="classification")
+    p.add_argument("--model", help="base model folder (default: the task's bundled model)")
+    p.add_argument("--data", help="training data (default: BANKING77's train split / the bundled chats)")
+    p.add_argument("--test", help="test data (default: BANKING77's test split / the chat split's own)")
+    p.add_argument("--labels", help="classification labels (default: the BANKING77 intents)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)} (classification) or "
+                                     f"{', '.join(quality_chat.METHODS)} (chat); default: all of the task's")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, help="LoRA rounds (default 20; chat 5, as the demo)")
+    p.add_argument("--lr", type=float, help="chat: the LoRA learning rate (default: the demo's)")
+    p.add_argument("--eval-rows", type=int, default=100, help="chat: rows of each evaluation set (default 100)")
     p.add_argument("--head-rounds", type=int, default=DemoConfig.head_rounds,
                    help=f"head rounds before the LoRA rounds (default {DemoConfig.head_rounds}, as the demo)")
     p.add_argument("--lr-decay", choices=LR_DECAYS, default=DemoConfig.lr_decay,
@@ -220,15 +250,22 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as `hetlora demo`: evaluation and centralized training run beside the fleet
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    chat = args.task == "chat"
+    known = quality_chat.METHODS if chat else METHODS
+    methods = [m.strip() for m in (args.methods or ",".join(known)).split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    base = DemoConfig(model_dir=str(args.model or default_model_dir()), data=args.data, test=args.test,
-                      labels=args.labels, out=Path(args.out), rounds=args.rounds, head_rounds=args.head_rounds,
-                      lr_decay=args.lr_decay,
-                      text_column=args.text_column,
-                      label_column=args.label_column, validation_fraction=args.validation_fraction)
+        p.error(f"unknown methods {unknown}; choose from {', '.join(known)}")
+    task_model = "causal-lm" if chat else "classification"
+    base = DemoConfig(model_dir=str(args.model or default_model_dir(task_model)), task=args.task,
+                      data=args.data or (None if chat else str(DATA / "train.csv")),
+                      test=args.test or (None if chat else str(DATA / "test.csv")),
+                      labels=None if chat else args.labels or str(DATA / "categories.json"), out=Path(args.out),
+                      rounds=args.rounds or (5 if chat else 20), head_init="none" if chat else "lda",
+                      head_rounds=0 if chat else args.head_rounds, lr_decay=args.lr_decay,
+                      training=replace(CHAT_TRAINING, lr=args.lr or CHAT_TRAINING.lr) if chat else DemoConfig.training,
+                      text_column=args.text_column, label_column=args.label_column,
+                      validation_fraction=args.validation_fraction)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     t0 = time.monotonic()
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -239,16 +276,15 @@ def main() -> int:
             if summary is None and args.stored_only:
                 continue
             if summary is None:
-                fleet = fleet or prepare_fleet(cfg)
-                summary = linear_probe(cfg, fleet, seed) if name == "probe" else summarize_run(run_method(name, cfg, fleet))
+                fleet = fleet or prepare_fleet(cfg, eval_rows=args.eval_rows if chat else None)
+                summary = run_summary(name, cfg, fleet, seed)
                 store_summary(cfg, name, summary)
             results[name].append(summary)
-            print(f"seed {seed} {name}: final {summary['final']:.3f}, best {summary['best']:.3f}, "
-                  f"macro-F1 {summary['f1']:.3f}", flush=True)
+            print(f"seed {seed} {name}: final {summary['final']:.3f}, best {summary['best']:.3f}", flush=True)
             (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    text = table(results, args.rounds)
+    text = quality_chat.table(results) if chat else table(results, args.rounds)
     print(text)
-    plot = plot_curves(results, Path(args.out) / "curves.png")
+    plot = plot_curves(results, Path(args.out) / "curves.png", "perplexity" if chat else "accuracy")
     print(f"total {time.monotonic() - t0:.0f} s" + (f"; plot: {plot}" if plot else ""))
     if args.results:
         command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

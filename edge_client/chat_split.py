@@ -7,9 +7,10 @@ Seeded, in this order:
 2. personalisation: whole conversations of each training user, drawn until they hold about a
    `heldout_fraction` of the user's replies, are held out; their rows by training users form the `personal`
    test set, and no row of a held-out conversation is trained on;
-3. generalisation: `unseen` takes rows of conversations in which no training user replies at all, so
-   neither their prompts nor their replies were ever trained on.
-Both test sets are sampled down to `test_rows` rows.
+3. generalisation: the conversations in which no training user replies at all (so neither their prompts
+   nor their replies were ever trained on) are cut in two by a seeded coin per conversation: `unseen`, the
+   test set, and `validation`, for choosing settings without looking at the test set.
+Each set is sampled down to `test_rows` rows.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class ChatSplit:
     clients: list[list[dict]]  # training rows per device
     users: list[list[str]]  # the users behind each device
     personal: list[dict]  # held-out conversations of the training users (their replies)
-    unseen: list[dict]  # conversations without any training user
+    unseen: list[dict]  # conversations without any training user (test)
+    validation: list[dict]  # other conversations without any training user (validation)
 
 
 def conversation_of(row: dict, index: int) -> str:
@@ -55,14 +57,19 @@ def split_by_user(rows: list[dict], clients: int, *, users_per_client: int = 1, 
     chosen = [eligible[i] for i in rng.permutation(len(eligible))[:wanted]]
     users = [chosen[k * users_per_client:(k + 1) * users_per_client] for k in range(clients)]
     heldout = _heldout_conversations(rows, chosen, by_user, heldout_fraction, rng)
-    training_users = set(chosen)
     touched = {conversation_of(rows[i], i) for u in chosen for i in by_user[u]}
     parts = [[rows[i] for u in group for i in by_user[u] if conversation_of(rows[i], i) not in heldout]
              for group in users]
     personal = [rows[i] for u in chosen for i in by_user[u] if conversation_of(rows[i], i) in heldout]
-    unseen = [row for i, row in enumerate(rows)
-              if conversation_of(row, i) not in touched and str(row["user"]) not in training_users]
-    return ChatSplit(parts, users, _sample(personal, test_rows, rng), _sample(unseen, test_rows, rng))
+    untouched = sorted({conversation_of(row, i) for i, row in enumerate(rows)} - touched)
+    test_half = {c for c, coin in zip(untouched, rng.random(len(untouched))) if coin < 0.5}
+    unseen, validation = [], []
+    for i, row in enumerate(rows):
+        conv = conversation_of(row, i)
+        if conv not in touched:
+            (unseen if conv in test_half else validation).append(row)
+    return ChatSplit(parts, users, _sample(personal, test_rows, rng), _sample(unseen, test_rows, rng),
+                     _sample(validation, test_rows, rng))
 
 
 def _heldout_conversations(rows, chosen, by_user, fraction: float, rng) -> set[str]:

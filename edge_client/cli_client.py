@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, help="server URL, e.g. http://192.168.1.20:8080")
     p.add_argument("--data", required=True, help="local training data (CSV or JSONL)")
     p.add_argument("--state-dir", required=True, help="folder for identity, progress and pending uploads")
-    p.add_argument("--model", help="local base model folder (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--model", help="local base model folder (default: the bundled model of the run's task)")
     p.add_argument("--backend", choices=BACKENDS, default="torch", help="training backend (default: torch)")
     p.add_argument("--artifacts", help="exported artifacts folder (for --backend onnx/executorch/auto)")
     p.add_argument("--rank", type=int, help="rank to ask for (default: the largest the server offers; "

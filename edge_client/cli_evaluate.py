@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2)")
+    parser.add_argument("--model", help="base model folder (default: the task's bundled model)")
     parser.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
     parser.add_argument("--adapter", required=True, help="adapter file in the wire format (.safetensors)")
     parser.add_argument("--test", required=True, help="test file (CSV or JSONL)")
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_client.data import load_examples
     from hetlora.labels import read_labels
     from edge_client.evaluate import Evaluator
-    from edge_client.model_check import check_head
+    from edge_client.model_check import check_adapter_base, check_head
     from edge_client.models import default_model_dir
     from hetlora.protocol.wire import decode
     from hetlora.errors import UserError
@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("the adapter carries no label list; pass --labels FILE (e.g. hetlora/data/banking77/categories.json)")
     examples = load_examples(args.test, args.task, labels, text_column=args.text_column,
                              label_column=args.label_column)
-    model_dir = args.model or default_model_dir()
+    model_dir = args.model or default_model_dir(args.task)
     check_head(model_dir, args.task, len(labels) if labels else None)
+    check_adapter_base(adapter, model_dir, args.task, len(labels) if labels else None)
     evaluator = Evaluator(model_dir, args.task, labels)
     metrics = evaluator.evaluate(adapter, examples, seq_len=args.seq_len, batch_size=args.batch_size)
     if args.json:

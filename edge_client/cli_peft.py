@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "tokenizer and, for classification, a base/ folder whose config records the labels).")
     exp.add_argument("--adapter", required=True, help="adapter in the wire format (.safetensors), e.g. a global")
     exp.add_argument("--out", required=True, help="output folder")
-    exp.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2)")
+    exp.add_argument("--model", help="base model folder (default: the task's bundled model)")
     exp.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
     exp.add_argument("--labels", help="the run's label list (JSON array or one per line), classification")
     exp.add_argument("--base-path", help="base_model_name_or_path to record, as the loader will see it "
@@ -56,7 +56,7 @@ def export(args: argparse.Namespace) -> dict:
         raise UserError(f"adapter file {path} does not exist")
     adapter = decode(path.read_bytes())
     labels = read_labels(args.labels) if args.labels else adapter.meta.get("labels")
-    model_dir = args.model or default_model_dir()
+    model_dir = args.model or default_model_dir(args.task)
     out = export_peft(adapter, args.out, model_dir=model_dir, task=args.task, labels=labels, base_path=args.base_path)
     pooling = default_pooling(model_dir, args.task)
     if pooling not in (None, "native"):

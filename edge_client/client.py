@@ -154,7 +154,7 @@ class EdgeClient:
         from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
 
-        model_dir = self.options.model_dir or default_model_dir()
+        model_dir = self.options.model_dir or default_model_dir(run["task"])
         labels = run.get("labels")
         check_head(model_dir, run["task"], len(labels) if labels else None)
         spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None,

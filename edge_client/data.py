@@ -228,17 +228,21 @@ def _causal_row(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[li
 
 
 class EncodingCache:
-    """`encode` that remembers its last result: a client trains on the same data every round."""
+    """`encode` that remembers its last few results: a client trains on the same data every round, an
+    evaluator scores the same test sets every round."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, size: int = 4):
         self.tokenizer = tokenizer
-        self._last: tuple[tuple, Encoded] | None = None
+        self.size = size
+        self._results: dict[tuple, Encoded] = {}
 
     def __call__(self, examples: Examples, seq_len: int) -> Encoded:
         key = (examples, seq_len)
-        if self._last is None or self._last[0] != key:
-            self._last = (key, encode(examples, self.tokenizer, seq_len))
-        return self._last[1]
+        if key not in self._results:
+            if len(self._results) >= self.size:
+                self._results.pop(next(iter(self._results)))
+            self._results[key] = encode(examples, self.tokenizer, seq_len)
+        return self._results[key]
 
 
 def make_batches(encoded: Encoded, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True,

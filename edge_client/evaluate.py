@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edge_client.data import Examples, encode, load_tokenizer, trimmed_batches
+from edge_client.data import EncodingCache, Examples, load_tokenizer, trimmed_batches
 from edge_client.models import dense_parameter_names, load_task_model
 from edge_client.objective import loss_sum_and_count, model_loss_sum_and_count
 from hetlora.protocol.wire import Adapter
@@ -40,6 +40,7 @@ class Evaluator:
         self.model = load_task_model(model_dir, task, len(labels) if labels else None, pooling=pooling).eval()
         self.dense_names = dense_parameter_names(self.model, task)
         self.tokenizer = load_tokenizer(model_dir)
+        self.encode = EncodingCache(self.tokenizer)
         self._w0: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -71,7 +72,7 @@ class Evaluator:
         if examples.task != self.task:
             raise UserError(f"test examples are for {examples.task!r} but the model is set up for {self.task!r}")
         self.merge(adapter)
-        encoded = encode(examples, self.tokenizer, seq_len)
+        encoded = self.encode(examples, seq_len)
         total, count = 0.0, 0
         predictions = np.zeros(len(encoded), dtype=np.int64)
         for rows, batch in trimmed_batches(encoded, batch_size):

@@ -29,15 +29,19 @@ def check_head(model_dir, task: str, num_labels: int | None) -> None:
 
 
 def check_adapter_base(adapter, model_dir, task: str, num_labels: int | None = None) -> None:
-    """UserError when `adapter` (a global, which records its run's `spec_fingerprint`) was trained on another
-    base model than `model_dir`. The fingerprint is compared when the adapter covers the model's default LoRA
-    targets (the spec it was made with is then known); otherwise the merge's name and shape checks remain."""
+    """UserError when `adapter` does not belong to the base model in `model_dir`: its modules or shapes do not
+    fit the model, or (for a global, which records its run's `spec_fingerprint`, over the model's default LoRA
+    targets) the fingerprint differs, as it does for another model of the same shapes."""
     from edge_client.models import derive_spec
+    from hetlora.protocol.wire import WireFormatError, validate
 
-    recorded = adapter.meta.get("spec_fingerprint")
-    if not recorded:
-        return
     spec = derive_spec(model_dir, task, num_labels=num_labels)
-    if set(spec.modules) == set(adapter.lora) and spec.fingerprint != recorded:
+    advice = "pass --model with the folder of the base model the adapter was trained on"
+    try:
+        validate(adapter, spec, max_rank=max(adapter.rank, 1), require_all_modules=False)  # rank: mixed ranks raise
+    except WireFormatError as exc:
+        raise UserError(f"the adapter does not fit the base model {model_dir} ({exc}); {advice}") from None
+    recorded = adapter.meta.get("spec_fingerprint")
+    if recorded and set(spec.modules) == set(adapter.lora) and spec.fingerprint != recorded:
         raise UserError(f"the adapter was trained on another base model than {model_dir} (spec {recorded}, this "
-                        f"model gives {spec.fingerprint}); pass --model with the run's base model folder")
+                        f"model gives {spec.fingerprint}); {advice}")

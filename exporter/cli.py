@@ -23,7 +23,7 @@ def _ranks(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--model", help="base model folder (default: the task's bundled model)")
     p.add_argument("--task", required=True, choices=("classification", "causal-lm"))
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--labels", help="label list file (JSON array or one per line), classification")
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from exporter.export import ExportRequest, export_all
     from hetlora.output import show_progress
 
-    model_dir = check_model_dir(args.model) if args.model else default_model_dir()
+    model_dir = check_model_dir(args.model) if args.model else default_model_dir(args.task)
     req = ExportRequest(model_dir=Path(model_dir), task=args.task, ranks=args.ranks, batch=args.batch,
                         seq_len=args.seq_len, backends=args.backends, out=Path(args.out), targets=args.targets,
                         labels=tuple(read_labels(args.labels)) if args.labels else None, num_labels=args.num_labels,

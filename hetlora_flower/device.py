@@ -139,7 +139,7 @@ class LocalNode:
         from edge_client.models import default_model_dir, derive_spec
 
         self.settings, self.run = settings, run
-        model_dir = settings.model_dir or default_model_dir()
+        model_dir = settings.model_dir or default_model_dir(run["task"])
         labels = run.get("labels")
         self.examples = load_examples(settings.data, run["task"], labels)
         check_head(model_dir, run["task"], len(labels) if labels else None)

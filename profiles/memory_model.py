@@ -7,10 +7,12 @@
 - weights: the frozen base model, `frozen_params * bytes(dtype)`.
 - activations: the tensors autograd keeps for backward, summed over layers
       per layer = bytes * (c_h * b*s*h + c_kv * b*s*kv + c_i * b*s*I + c_att * b*a*s^2 + n_lora * b*s*r)
-  with per-architecture counts (`ACTIVATION_COUNTS`), plus the output head's logits (b*s*V for a
-  causal LM). b batch, s sequence, h hidden, kv key/value width, I FFN width, a heads, r rank.
+  with per-architecture counts (`ACTIVATION_COUNTS`), plus the output head's logits for a causal LM:
+  f*b*s*V, the head running only at the f share of positions that have a target (a chat reply is about a
+  third of its row, a plain-text row all of it; TARGET_FRACTION when unknown).
+  b batch, s sequence, h hidden, kv key/value width, I FFN width, a heads, r rank.
 - workspace: peak RSS per byte of saved activations (activation gradients alive during backward,
-  temporaries and what the allocator keeps); a measured factor.
+  temporaries and what the allocator keeps); a measured factor per architecture.
 - trainable: LoRA parameters (sum of r * (in + out)) plus dense ones (a classification head), each with
   a gradient and `optimizer_slots` state tensors (AdamW keeps 2: exp_avg, exp_avg_sq; SGD 0).
 
@@ -49,8 +51,11 @@ ARCHITECTURES = {"bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": 
 # runtime constant is about 250 MB of libraries + 70 MB transient of the weight load + 145 MB that the
 # first training step allocates once. The workspace factor of about 2 is activation gradients alive
 # during backward plus what glibc's allocator keeps (peak RSS is 2-8% noisy run to run).
+# Llama: SmolLM2-135M-Instruct at ranks 4 and 32, batch x seq 4x64, 8x64 and 8x128 (targets on a third of each
+# row), the runtime constant held at MiniLM's: workspace 1.70 (least squares), within 7% on those rows.
 RUNTIME_BYTES = 464_000_000
-WORKSPACE_FACTOR = 1.97
+WORKSPACE_FACTORS = {"bert": 1.97, "llama": 1.70}
+TARGET_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,8 @@ class MemoryEstimate:
 
 
 def saved_activation_bytes(shape: ModelShape, batch: int, seq_len: int, rank: int, lora_modules_per_layer: int,
-                           dtype: str = "float32", task: str = "classification") -> int:
+                           dtype: str = "float32", task: str = "classification",
+                           target_fraction: float = TARGET_FRACTION) -> int:
     """Bytes autograd keeps for backward (see the module docstring), before the workspace factor."""
     c = ACTIVATION_COUNTS[shape.architecture]
     tokens = batch * seq_len
@@ -146,14 +152,15 @@ def saved_activation_bytes(shape: ModelShape, batch: int, seq_len: int, rank: in
                  + c["intermediate"] * tokens * shape.intermediate
                  + c["attention"] * batch * shape.heads * seq_len * seq_len
                  + lora_modules_per_layer * tokens * rank)
-    head = tokens * shape.vocab if task == "causal-lm" else 0
-    return _dtype_bytes(dtype) * (shape.layers * per_layer + head)
+    head = target_fraction * tokens * shape.vocab if task == "causal-lm" else 0
+    return int(_dtype_bytes(dtype) * (shape.layers * per_layer + head))
 
 
 def predict_peak_memory(shape: ModelShape, rank: int, batch: int, seq_len: int, *, lora_params: int | None = None,
                         lora_modules: int | None = None, dense_params: int = 0, dtype: str = "float32",
                         optimizer: str = "adamw", task: str = "classification",
-                        runtime_bytes: int = RUNTIME_BYTES, workspace_factor: float = WORKSPACE_FACTOR) -> MemoryEstimate:
+                        target_fraction: float = TARGET_FRACTION, runtime_bytes: int = RUNTIME_BYTES,
+                        workspace_factor: float | None = None) -> MemoryEstimate:
     """Peak training memory for one configuration (formula in the module docstring).
 
     `lora_params` / `lora_modules` (total adapted modules) come from an AdapterSpec when one is known
@@ -171,7 +178,9 @@ def predict_peak_memory(shape: ModelShape, rank: int, batch: int, seq_len: int, 
         lora_modules = shape.layers * len(shape.default_lora_modules())
     per_layer_modules = -(-lora_modules // shape.layers)
     trainable_bytes = 4 * (lora_params + dense_params)
-    activations = saved_activation_bytes(shape, batch, seq_len, rank, per_layer_modules, dtype, task)
+    activations = saved_activation_bytes(shape, batch, seq_len, rank, per_layer_modules, dtype, task, target_fraction)
+    if workspace_factor is None:
+        workspace_factor = WORKSPACE_FACTORS[shape.architecture]
     return MemoryEstimate(
         runtime=int(runtime_bytes),
         weights=shape.frozen_params * _dtype_bytes(dtype),

@@ -2,13 +2,13 @@
 
 `decide_tier(profile, previous)` is a pure function of a device profile document (schema
 "hetlora-profile", see edge_client/device/profile.py or profiles.catalog.profile_for), the previous
-decision, the adapter spec and the policy (profiles/tiers.json or a user's file). Tiers are ordered by
-rank with non-decreasing batch and sequence length, so every cost below grows with the tier and the
-feasible tiers are a prefix of the list:
+decision, the adapter spec and the policy (the task's packaged tiers file or a user's). Tiers are ordered by
+rank with non-decreasing batch and sequence length, so every cost below grows with the tier and the feasible
+tiers are a prefix of the list:
 
 1. memory: predicted peak (profiles.memory_model) <= usable bytes * safety factor of the platform;
    if no tier fits, no-train;
-2. compute: local_steps_per_round * step time <= round_compute_budget_s; the step time is the measured
+2. compute: local steps per round (the run's) * step time <= round_compute_budget_s; the step time is the measured
    `compute.lora_step_s` (taken at the lowest tier) scaled by FLOPs, else FLOPs (profiles.cost) /
    (sustained GFLOPS, measured or from the catalog, * training_efficiency);
 3. upload: adapter bytes at the rank / upload bandwidth <= upload_budget_s, when the bandwidth is known;
@@ -30,6 +30,8 @@ from profiles.catalog import device
 from profiles.memory_model import DTYPE_BYTES, OPTIMIZER_SLOTS, ModelShape, predict_peak_memory
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("tiers.json")
+# The packaged policy per task: a causal LM's tiers size batch and sequence length with the rank.
+POLICY_PATHS = {"classification": DEFAULT_POLICY_PATH, "causal-lm": Path(__file__).with_name("tiers-causal-lm.json")}
 PLATFORMS = ("jetson", "raspberry-pi", "android", "linux-x86", "other")
 THRESHOLDS = ("battery_min_percent", "hot_c", "round_compute_budget_s", "local_steps_per_round",
               "training_efficiency", "upload_budget_s", "hysteresis_margin")
@@ -82,9 +84,11 @@ def load_policy(path: str | Path | None = None) -> dict:
 
 
 @functools.cache
-def packaged_policy() -> dict:
-    """profiles/tiers.json, read and checked once per process (callers must not modify it)."""
-    return load_policy(DEFAULT_POLICY_PATH)
+def packaged_policy(task: str = "classification") -> dict:
+    """The task's packaged policy (POLICY_PATHS), read and checked once per process (callers must not modify it)."""
+    if task not in POLICY_PATHS:
+        raise UserError(f"no packaged tier policy for task {task!r}; choose one of {', '.join(POLICY_PATHS)}")
+    return load_policy(POLICY_PATHS[task])
 
 
 def validate_policy(doc, source: str = "policy") -> dict:
@@ -158,12 +162,13 @@ class _Costs:
 
 
 def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = None, *, spec=None,
-                policy: dict | None = None, model: ModelShape | None = None) -> TierDecision:
-    """The tier for this device (see the module docstring); `spec` an AdapterSpec, `model` its base model shape."""
-    policy = policy if policy is not None else packaged_policy()
+                policy: dict | None = None, model: ModelShape | None = None, steps: int | None = None) -> TierDecision:
+    """The tier for this device (module docstring); `spec` an AdapterSpec, `model` its base model shape, `steps`
+    the run's local steps per round (None: the policy's); no `policy`: the packaged one of the spec's task."""
+    policy = policy if policy is not None else packaged_policy(spec.task if spec is not None else "classification")
     profile = _check_profile(profile_doc)
     tiers = tiers_of(policy)
-    th = policy["thresholds"]
+    th = dict(policy["thresholds"], **({"local_steps_per_round": steps} if steps else {}))
     model = model or ModelShape.from_config(policy["model"]["config"])
     reasons: list[str] = []
 

@@ -31,7 +31,8 @@ def _name_list(text: str) -> tuple[str, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_option(p)
     run = p.add_argument_group("model and task")
-    run.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2)")
+    run.add_argument("--model", help="base model folder (default: the installed all-MiniLM-L6-v2 for classification, "
+                     "SmolLM2-135M-Instruct for causal-lm)")
     run.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
     run.add_argument("--labels", help="classification labels: a JSON list or one label per line "
                                       "(default: the bundled BANKING77 intents)")
@@ -147,7 +148,7 @@ def build_config(args: argparse.Namespace):
     from server_stub.init_adapter import read_init_adapter
 
     rule_options = _rule_options(args)
-    model_dir = Path(args.model) if args.model else default_model_dir()
+    model_dir = Path(args.model) if args.model else default_model_dir(args.task)
     labels = None
     if args.task == "classification":
         labels = read_labels(args.labels or banking77("categories.json", "--labels"))
@@ -167,11 +168,22 @@ def build_config(args: argparse.Namespace):
         global_rank=global_rank, clients_per_round=args.clients_per_round, min_clients=args.min_clients,
         round_deadline=args.round_deadline, rounds=args.rounds, seed=args.seed,
         max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds, training=training,
-        policy=load_policy(args.policy) if args.policy else None,
+        policy=load_policy(args.policy) if args.policy else None, model_shape=_model_shape(model_dir),
         head_init=head_init, init_adapter=init_adapter,
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
         head_rounds=args.head_rounds, lr_decay=args.lr_decay, server_opt=_server_optimizer(args),
     )
+
+
+def _model_shape(model_dir):
+    """The base model's shape for the tier policy; None (the policy's own model) for a type it does not know."""
+    from profiles.memory_model import ModelShape
+
+    try:
+        return ModelShape.from_model_dir(model_dir)
+    except UserError as exc:
+        log.warning("tier policy: %s; sizing tiers by the policy's model instead", exc)
+        return None
 
 
 def _server_optimizer(args: argparse.Namespace):

@@ -12,6 +12,7 @@ from server_stub.aggregation import RULES
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
 from server_stub.aggregation.server_opt import ServerOptimizer
 from hetlora.errors import UserError
+from profiles.memory_model import ModelShape
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
 
@@ -35,6 +36,7 @@ class ServerConfig:
     poll_seconds: float = 1.0
     training: TrainingSettings = TrainingSettings()  # sent to clients; each plan seeds and caps it
     policy: dict | None = None  # the tier policy document (None: the packaged profiles/tiers.json)
+    model_shape: ModelShape | None = None  # the base model's shape, for the policy's memory and cost (None: the policy's)
     head_init: str = "none"  # none | ncm | lda: round 0 sets the head from class statistics
     head_shrinkage: float = DEFAULT_SHRINKAGE
     head_temperature: float = DEFAULT_TEMPERATURE

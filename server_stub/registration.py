@@ -89,7 +89,7 @@ def client_tier(config: ServerConfig, profile: dict, requested_rank: int, pruned
     """The run's tier policy's tier for a client, its rank never above a rank the client self-pruned to
     (ApiError 422 `cannot_train` / 400 `bad_profile` from `tier_for`)."""
     tier = tier_for(profile, requested_rank, config.ranks, previous_rank=previous_rank, spec=config.spec,
-                    policy=config.policy)
+                    policy=config.policy, model=config.model_shape, steps=config.training.steps)
     return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
 
 

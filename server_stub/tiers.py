@@ -19,12 +19,14 @@ log = logging.getLogger("hetlora.server")
 
 
 def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, previous_rank: int | None = None,
-             spec=None, policy=None) -> Tier:
+             spec=None, policy=None, model=None, steps: int | None = None) -> Tier:
     """Tier(min(policy rank, requested_rank) rounded down to a rank of `ranks` (the smallest one if all are
     above), the policy's batch size, the policy's sequence length).
 
     `previous_rank`: the client's current rank, for the policy's hysteresis; `spec`: the run's AdapterSpec,
-    for exact LoRA parameter counts; `policy`: the tier policy document (None: the packaged tiers.json).
+    for exact LoRA parameter counts; `policy`: the tier policy document (None: the packaged tiers.json); `model`:
+    the base model's ModelShape (None: the policy's model), for the predicted memory and step cost; `steps`: the
+    run's local steps per round, for the compute budget.
     A device the policy rules out of training gets 422 `cannot_train` with the policy's reasons; a malformed
     profile 400 `bad_profile`.
     """
@@ -34,7 +36,7 @@ def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, prev
 
         previous = {"rank": previous_rank} if previous_rank else None
         try:
-            decision = decide_tier(profile, previous, spec=spec, policy=policy)
+            decision = decide_tier(profile, previous, spec=spec, policy=policy, model=model, steps=steps)
         except UserError as exc:
             raise ApiError(400, "bad_profile", str(exc)) from None
         if decision.rank == 0:

@@ -1,14 +1,19 @@
 """Simulate a heterogeneous fleet federating LoRA on real data, on this machine (the main job).
 
 Starts a real server and real client processes on loopback. The clients present device profiles
-drawn from the catalog (profiles/devices/), so the tier policy gives them different ranks; they
-train on a non-IID split of the data. Every global version is evaluated on the test set.
-Defaults: all-MiniLM-L6-v2 on BANKING77 intent classification, about 4 minutes on 2 cores.
+drawn from the catalog (profiles/devices/), so the tier policy gives them different ranks.
+--task chat (the first job): SmolLM2-135M-Instruct learns to reply like the people whose chats stay on the
+devices, one person per device (the bundled Chit Chat corpus); every global version's perplexity is measured
+on replies of people outside the fleet and on held-out conversations of the fleet's own people; round 0 is
+the base model (zero-shot). About 10 minutes on 2 cores.
+--task classification (default): all-MiniLM-L6-v2 on a non-IID split of BANKING77 intents; accuracy and
+macro-F1 on the test set. About 4 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,36 +21,51 @@ from hetlora.argtypes import positive_int_list
 from hetlora.demo_data import banking77
 from hetlora.protocol.settings import LR_DECAYS
 from server_stub.aggregation import RULES
-from simulation.demo import DEMO_TRAINING, DemoConfig
+from simulation.demo import CHAT_TRAINING, DEMO_TRAINING, TASKS, DemoConfig
 
+# Rows of each chat evaluation set: a 135M model scores about 100 rows in 15 s on one busy core.
+CHAT_EVAL_ROWS = 100
+# Per-task defaults of the flags marked None below (the chat run is sized for 10 minutes on 2 cores).
+TASK_DEFAULTS = {
+    "classification": {"training": DEMO_TRAINING, "rounds": 6, "head_init": "lda", "head_rounds": 20},
+    "chat": {"training": CHAT_TRAINING, "rounds": 5, "head_init": "none", "head_rounds": 0},
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="base model folder (default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--data", help="training data, split across the clients (default: the bundled BANKING77 train split)")
-    p.add_argument("--test", help="test data for the global adapter (default: the bundled BANKING77 test split)")
-    p.add_argument("--labels", help="label list, JSON list or lines (default: the bundled BANKING77 intents)")
+    p.add_argument("--task", choices=TASKS, default="classification",
+                   help="classification (BANKING77 intents) or chat (a language model on people's chats)")
+    p.add_argument("--model", help="base model folder (default: all-MiniLM-L6-v2 / SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="training data, split across the clients (default: the bundled BANKING77 train "
+                                  "split / Chit Chat replies; chat rows: prompt,response[,user])")
+    p.add_argument("--test", help="test data (default: the bundled BANKING77 test split / for chat, replies of "
+                                  "people outside the fleet and held-out conversations of its people)")
+    p.add_argument("--labels", help="classification label list, JSON list or lines (default: the bundled intents)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", help="label column (default: 'label', or 'category')")
+    p.add_argument("--min-replies", type=int, default=DemoConfig.min_replies,
+                   help="chat: replies a person needs to become a device")
     p.add_argument("--aggregator", choices=RULES, default="hetlora")
     p.add_argument("--compare", action="store_true", help="run fedavg at the smallest and largest rank, hetlora, "
                                                           "hlora, plora and centralized LoRA on the same split")
     p.add_argument("--clients", type=int, default=8, help="simulated devices (default 8)")
     p.add_argument("--clients-per-round", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--local-steps", type=int, default=DEMO_TRAINING.steps)
-    p.add_argument("--batch-size", type=int, default=DEMO_TRAINING.batch_size)
-    p.add_argument("--seq-len", type=int, default=DEMO_TRAINING.seq_len)
-    p.add_argument("--lr", type=float, default=DEMO_TRAINING.lr, help="learning rate of the LoRA factors")
-    p.add_argument("--head-lr", type=float, default=DEMO_TRAINING.head_lr, help="learning rate of the head")
-    p.add_argument("--schedule", choices=("constant", "cosine"), default=DEMO_TRAINING.schedule,
-                   help="learning-rate schedule over each round's local steps")
-    p.add_argument("--warmup-steps", type=int, default=DEMO_TRAINING.warmup_steps)
-    p.add_argument("--head-init", choices=("none", "ncm", "lda"), default=DemoConfig.head_init,
-                   help="round 0 sets the head from the clients' class statistics (default lda; none = random head)")
-    p.add_argument("--head-rounds", type=int, default=DemoConfig.head_rounds,
-                   help=f"head rounds after round 0: every client fits the head on its frozen features, the server "
-                        f"averages the heads (default {DemoConfig.head_rounds}; 0 = LoRA right after round 0)")
+    p.add_argument("--rounds", type=int, help="LoRA rounds (default 6; chat 5)")
+    g = p.add_argument_group("local training (defaults per task: classification / chat)")
+    pick = lambda name: f"{getattr(DEMO_TRAINING, name)} / {getattr(CHAT_TRAINING, name)}"  # noqa: E731
+    g.add_argument("--local-steps", type=int, help=f"steps per round ({pick('steps')})")
+    g.add_argument("--batch-size", type=int, help=f"({pick('batch_size')})")
+    g.add_argument("--seq-len", type=int, help=f"({pick('seq_len')})")
+    g.add_argument("--lr", type=float, help=f"learning rate of the LoRA factors ({pick('lr')})")
+    g.add_argument("--head-lr", type=float, help=f"learning rate of the head ({DEMO_TRAINING.head_lr})")
+    g.add_argument("--schedule", choices=("constant", "cosine"), help="learning-rate schedule over each round's "
+                                                                      "local steps (cosine)")
+    g.add_argument("--warmup-steps", type=int, help=f"({pick('warmup_steps')})")
+    p.add_argument("--head-init", choices=("none", "ncm", "lda"),
+                   help="round 0 sets the head from the clients' class statistics (default lda; chat: none)")
+    p.add_argument("--head-rounds", type=int,
+                   help="head rounds after round 0: every client fits the head on its frozen features, the server "
+                        "averages the heads (default 20; chat 0)")
     p.add_argument("--head-epochs", type=int, default=DEMO_TRAINING.head_epochs,
                    help="passes over its frozen features a client makes per head round")
     p.add_argument("--head-fit-lr", type=float, default=DEMO_TRAINING.head_fit_lr,
@@ -56,66 +76,89 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="server optimiser on each round's aggregated update (hlora: momentum only)")
     p.add_argument("--server-lr", type=float, default=DemoConfig.server_lr)
     p.add_argument("--validation-fraction", type=float, default=0.0,
-                   help="hold out this share of the training rows and evaluate on it instead of --test "
-                        "(for choosing hyperparameters without looking at the test set)")
+                   help="evaluate on validation data instead of the test set, for choosing settings: this share of "
+                        "the training rows (classification), or the validation conversations (chat, any value > 0)")
     p.add_argument("--ranks", type=positive_int_list, default=(4, 8, 16, 32), help="rank set (default 4,8,16,32)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
-    p.add_argument("--eval-rows", type=int, help="evaluate on this many test rows (default: all)")
+    p.add_argument("--eval-rows", type=int, help="evaluate on this many rows of each held-out set (default: all; "
+                                                 f"chat {CHAT_EVAL_ROWS})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run folder (default: runs/demo-<time>)")
     p.add_argument("--json", action="store_true", help="print the result rows as JSON")
 
 
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """The run's DemoConfig: the flags given, the task's defaults for the rest."""
+    from edge_client.models import check_model_dir, default_model_dir
+    from simulation.demo import model_task
+
+    defaults = TASK_DEFAULTS[args.task]
+    base = defaults["training"]
+    given = {"steps": args.local_steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+             "head_lr": args.head_lr, "schedule": args.schedule, "warmup_steps": args.warmup_steps}
+    training = replace(base, head_epochs=args.head_epochs, head_fit_lr=args.head_fit_lr,
+                       **{k: v for k, v in given.items() if v is not None})
+    head_init = args.head_init or defaults["head_init"]
+    chat = args.task == "chat"
+    return DemoConfig(
+        model_dir=str(check_model_dir(args.model or default_model_dir(model_task(args.task)))),
+        data=str(args.data) if args.data else (None if chat else str(banking77("train.csv", "--data"))),
+        test=str(args.test) if args.test else (None if chat else str(banking77("test.csv", "--test"))),
+        labels=None if chat else str(args.labels or banking77("categories.json", "--labels")),
+        out=Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"), task=args.task,
+        min_replies=args.min_replies, clients=args.clients, clients_per_round=args.clients_per_round,
+        rounds=args.rounds or defaults["rounds"], training=training, head_init=head_init,
+        head_rounds=(args.head_rounds if args.head_rounds is not None else defaults["head_rounds"])
+        if head_init != "none" else 0,
+        lr_decay=args.lr_decay, server_opt=args.server_opt, server_lr=args.server_lr, dirichlet_alpha=args.alpha,
+        seed=args.seed, ranks=args.ranks, text_column=args.text_column, label_column=args.label_column,
+        validation_fraction=args.validation_fraction)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import logging
-    import time
 
     import torch
 
-    from simulation.demo import (DemoConfig, centralized_run, federated_run, format_table, methods_for,
-                                  plot_rows, prepare_fleet, rows_json)
-    from edge_client.models import check_model_dir, default_model_dir
+    from simulation.centralized import centralized_run
+    from simulation.demo import federated_run, format_table, methods_for, plot_rows, rows_json
+    from simulation.fleets import prepare_fleet
 
     log = logging.getLogger("hetlora.demo")
     # Every client process trains on one thread; evaluation here runs beside them. More threads than
     # cores make torch's OpenMP workers spin against each other (measured 10x slower steps here).
     torch.set_num_threads(1)
-    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    model_dir = str(check_model_dir(args.model or default_model_dir()))
-    data = str(args.data or banking77("train.csv", "--data"))
-    test = str(args.test or banking77("test.csv", "--test"))
-    labels = str(args.labels or banking77("categories.json", "--labels"))
-    cfg = DemoConfig(model_dir=model_dir, data=data, test=test, labels=labels, out=out,
-                     clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds,
-                     training=replace(DEMO_TRAINING, steps=args.local_steps, batch_size=args.batch_size,
-                                      seq_len=args.seq_len, lr=args.lr, head_lr=args.head_lr, schedule=args.schedule,
-                                      warmup_steps=args.warmup_steps, head_epochs=args.head_epochs,
-                                      head_fit_lr=args.head_fit_lr),
-                     head_init=args.head_init, head_rounds=args.head_rounds if args.head_init != "none" else 0,
-                     lr_decay=args.lr_decay, server_opt=args.server_opt, server_lr=args.server_lr,
-                     dirichlet_alpha=args.alpha, seed=args.seed, ranks=args.ranks,
-                     text_column=args.text_column, label_column=args.label_column,
-                     validation_fraction=args.validation_fraction)
+    cfg = config_from_args(args)
     t0 = time.monotonic()
-    fleet = prepare_fleet(cfg, eval_rows=args.eval_rows)
+    fleet = prepare_fleet(cfg, eval_rows=args.eval_rows or (CHAT_EVAL_ROWS if cfg.task == "chat" else None))
     rows = []
 
     def on_row(row):
         rows.append(row)
-        log.info("%-12s round %d: accuracy %.3f, macro-F1 %.3f, mean rank %.1f (%.0f s)", row.method, row.round,
-                 row.accuracy, row.macro_f1, row.mean_rank, row.seconds)
+        shown = ", ".join(f"{key} {getattr(row, key):.3f}" for key in ("accuracy", "macro_f1", "perplexity",
+                                                                         "personal_perplexity")
+                          if getattr(row, key) is not None)
+        log.info("%-12s round %d: %s, mean rank %.1f (%.0f s)", row.method, row.round, shown, row.mean_rank,
+                 row.seconds)
 
     for method in methods_for(args.aggregator, args.compare, cfg.ranks):
-        federated_run(cfg, method, fleet.parts, fleet.profiles, fleet.evaluate, on_row)
+        federated_run(cfg, method, fleet, on_row)
     if args.compare:
-        centralized_run(cfg, fleet.labels, fleet.pooled, fleet.evaluate, on_row)
-    (out / "results.json").write_text(json.dumps(rows_json(rows), indent=2) + "\n")
-    plot = plot_rows(rows, out / "convergence.png")
+        centralized_run(cfg, fleet, on_row)
+    (cfg.out / "results.json").write_text(json.dumps(rows_json(rows), indent=2) + "\n")
+    plot = plot_rows(rows, cfg.out / "convergence.png", cfg.task)
     if args.json:
         print(json.dumps(rows_json(rows), indent=2))
+        return 0
+    print(format_table(rows, cfg.task))
+    for device, why in fleet.excluded.items():
+        print(f"not in the fleet: {device}, the tier policy rules it out ({why})")
+    print(f"\nrun folder: {cfg.out}  (results.json{', convergence.png' if plot else ''}, server and client logs)")
+    if cfg.task == "chat":
+        start, last = rows[0], [r for r in rows if r.method == rows[0].method][-1]
+        print(f"total {time.monotonic() - t0:.0f} s; perplexity {start.perplexity:.1f} (zero-shot) -> "
+              f"{last.perplexity:.1f} ({last.perplexity / start.perplexity:.2f}x)")
     else:
-        print(format_table(rows))
-        print(f"\nrun folder: {out}  (results.json{', convergence.png' if plot else ''}, server and client logs)")
         print(f"total {time.monotonic() - t0:.0f} s; chance accuracy {1 / len(fleet.labels):.3f}")
     return 0

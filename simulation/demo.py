@@ -2,24 +2,21 @@
 
 For each method a real `hetlora serve` and N real `hetlora client` processes run on loopback;
 the clients present device profiles from the catalog (so their ranks come from the tier
-policy), train on a non-IID Dirichlet split of the data, and the demo evaluates every global
-version on the test set as it appears. `compare` adds the FedAvg baselines at the smallest and
-largest rank and centralized LoRA on the pooled data with the same number of local steps.
+policy), train on their own data (simulation.fleets: a non-IID label split for classification,
+one person's chats per device for chat), and the demo evaluates every global version as it
+appears. `compare` adds the FedAvg baselines at the smallest and largest rank and centralized LoRA
+on the pooled data with the same number of examples (simulation.centralized).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numpy as np
 
 from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
-from hetlora.protocol.head_stats import class_statistics
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import decode
 from hetlora.errors import UserError
@@ -31,13 +28,22 @@ DEMO_TRAINING = TrainingSettings(steps=20, batch_size=16, seq_len=32, lr=1e-3, h
                                  warmup_steps=2, prune_lambda=0.01)
 
 
+# The chat demo: SmolLM2-135M-Instruct on one person's replies per device (chosen on the validation split,
+# RESULTS.md "Chat"). No head: round 0 is the base model (zero-shot), then LoRA rounds.
+CHAT_TRAINING = TrainingSettings(steps=10, batch_size=8, seq_len=96, lr=1e-3, schedule="cosine", warmup_steps=1,
+                                 prune_lambda=0.01)
+TASKS = ("classification", "chat")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     model_dir: str
-    data: str
-    test: str
-    labels: str
+    data: str | None  # chat: None = the bundled chats
+    test: str | None  # chat: None = the split's own test sets
+    labels: str | None  # classification only
     out: Path
+    task: str = "classification"  # classification | chat
+    min_replies: int = 100  # chat: replies a person needs to become a device
     clients: int = 8
     clients_per_round: int = 4
     rounds: int = 6
@@ -53,7 +59,7 @@ class DemoConfig:
     round_deadline: float = 600.0
     text_column: str = "text"
     label_column: str | None = None
-    validation_fraction: float = 0.0  # > 0: hold out this share of the training rows and evaluate on it
+    validation_fraction: float = 0.0  # > 0: evaluate on validation data instead of the test set (simulation.fleets)
 
 
 @dataclass(frozen=True)
@@ -69,83 +75,25 @@ class Method:
 
 @dataclass
 class RoundRow:
+    """One evaluated global version. Classification rows carry accuracy and macro-F1, chat rows perplexity
+    (people outside the fleet) and personal_perplexity (held-out conversations of the fleet's people)."""
+
     method: str
     round: int
-    accuracy: float
-    macro_f1: float
     mean_rank: float
     bytes_up: int
     bytes_down: int
     seconds: float
-    stage: str = "lora"  # head-statistics (round 0) | head-fit (the head rounds, one row) | lora
+    stage: str = "lora"  # start (round 0 without a head) | head-statistics | head-fit (the head rounds) | lora
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    perplexity: float | None = None
+    personal_perplexity: float | None = None
 
 
-@dataclass
-class Fleet:
-    """Everything the runs share: the label list, per-client data files and device profiles,
-    the pooled data (centralized baseline), the test (or validation) examples and their evaluation."""
-
-    labels: list[str]
-    parts: list[Path]
-    profiles: list[Path]
-    pooled: object
-    test: object
-    evaluate: Callable[[object], dict]
-
-
-def prepare_fleet(cfg: DemoConfig, eval_rows: int | None = None) -> Fleet:
-    """Split the data non-IID (Dirichlet over labels), draw device profiles from the catalog, load the test set."""
-    import json
-
-
-    from edge_client.data import label_column_of, load_examples, read_rows
-    from hetlora.labels import read_labels
-    from edge_client.evaluate import Evaluator
-    from edge_client.partition import dirichlet_partition, summarize, write_rows
-    from profiles.catalog import simulated_fleet
-
-    labels = read_labels(cfg.labels)
-    columns, rows = read_rows(cfg.data)
-    column = label_column_of(columns, cfg.label_column, cfg.data)
-    rows, held_out = split_validation(rows, cfg.validation_fraction, cfg.seed)
-    row_labels = [str(r.get(column)) for r in rows]
-    split = dirichlet_partition(row_labels, cfg.clients, cfg.dirichlet_alpha, cfg.seed, min_per_client=cfg.training.batch_size)
-    suffix = ".jsonl" if Path(cfg.data).suffix.lower() == ".jsonl" else ".csv"
-    (cfg.out / "data").mkdir(parents=True, exist_ok=True)
-    (cfg.out / "fleet").mkdir(parents=True, exist_ok=True)
-    parts, profiles = [], []
-    for k, (idx, doc) in enumerate(zip(split, simulated_fleet(cfg.clients, cfg.seed))):
-        parts.append(cfg.out / "data" / f"client_{k:03d}{suffix}")
-        write_rows(parts[-1], columns, [rows[i] for i in idx])
-        profiles.append(cfg.out / "fleet" / f"{k:02d}-{doc['identity']['catalog_id']}.json")
-        profiles[-1].write_text(json.dumps(doc, indent=2) + "\n")
-    (cfg.out / "data" / "partition.json").write_text(json.dumps(summarize(split, row_labels), indent=2) + "\n")
-    columns_kw = {"text_column": cfg.text_column, "label_column": cfg.label_column}
-    write_rows(cfg.out / "data" / f"pooled{suffix}", columns, rows)
-    pooled = load_examples(cfg.out / "data" / f"pooled{suffix}", "classification", labels, **columns_kw)
-    test_file = cfg.test
-    if held_out:
-        test_file = cfg.out / "data" / f"validation{suffix}"
-        write_rows(test_file, columns, held_out)
-    test = load_examples(test_file, "classification", labels, **columns_kw)
-    if eval_rows and eval_rows < len(test):
-        test = test.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:eval_rows]))
-    evaluator = Evaluator(cfg.model_dir, "classification", labels)
-    log.info("%d clients, %d training rows split non-IID (alpha %.2f), %d %s rows", cfg.clients, len(rows),
-             cfg.dirichlet_alpha, len(test), "validation (held out of the training data)" if held_out else "test")
-    return Fleet(labels, parts, profiles, pooled, test,
-                 lambda adapter: evaluator.evaluate(adapter, test, seq_len=cfg.training.seq_len, batch_size=256))
-
-
-def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training rows, held-out validation rows): a seeded random `fraction` of the rows is held out."""
-    if fraction <= 0:
-        return rows, []
-    if fraction >= 1:
-        raise UserError(f"the validation fraction must be below 1, got {fraction}")
-    order = np.random.default_rng([seed, 7]).permutation(len(rows))
-    cut = int(round(fraction * len(rows)))
-    return [rows[i] for i in np.sort(order[cut:])], [rows[i] for i in np.sort(order[:cut])]
+def model_task(task: str) -> str:
+    """The model's task behind a demo task: chat data trains a causal LM."""
+    return "causal-lm" if task == "chat" else task
 
 
 def methods_for(aggregator: str, compare: bool, ranks: tuple[int, ...]) -> list[Method]:
@@ -156,14 +104,16 @@ def methods_for(aggregator: str, compare: bool, ranks: tuple[int, ...]) -> list[
             Method("hetlora", "hetlora", ranks), Method("hlora", "hlora", ranks), Method("plora", "plora", ranks)]
 
 
-def serve_args(cfg: DemoConfig, method: Method) -> list[str]:
-    return ["--model", cfg.model_dir, "--task", "classification", "--labels", cfg.labels,
-            "--aggregator", method.aggregator, "--ranks", ",".join(map(str, method.ranks)),
+def serve_args(cfg: DemoConfig, method: Method, devices: int) -> list[str]:
+    """`hetlora serve` options of one method's run over a fleet of `devices` clients."""
+    labels = ["--labels", cfg.labels] if cfg.labels else []
+    return ["--model", cfg.model_dir, "--task", model_task(cfg.task), *labels, "--aggregator", method.aggregator,
+            "--ranks", ",".join(map(str, method.ranks)),
             "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients_per_round),
-            "--min-clients", str(min(cfg.clients_per_round, cfg.clients)),
+            "--min-clients", str(min(cfg.clients_per_round, devices)),
             "--round-deadline", str(cfg.round_deadline), "--seed", str(cfg.seed),
             *training_args(cfg.training, prune=method.aggregator == "hetlora"),
-            "--head-init", cfg.head_init, "--head-clients", str(cfg.clients), "--head-rounds", str(cfg.head_rounds),
+            "--head-init", cfg.head_init, "--head-clients", str(devices), "--head-rounds", str(cfg.head_rounds),
             "--lr-decay", cfg.lr_decay, "--server-opt", cfg.server_opt, "--server-lr", str(cfg.server_lr),
             "--poll-seconds", "0.2", *method.options]
 
@@ -179,20 +129,24 @@ def training_args(training: TrainingSettings, *, prune: bool) -> list[str]:
             "--prune-lambda", str(training.prune_lambda if prune else 0.0)]
 
 
-def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: list[Path], evaluate,
-                  on_row) -> list[RoundRow]:
-    """Run one method end to end with real processes; evaluate each global version as it lands."""
+def federated_run(cfg: DemoConfig, method: Method, fleet, on_row) -> list[RoundRow]:
+    """Run one method end to end with real processes; evaluate each global version as it lands (round 0 too,
+    when there is no head round 0: the starting global, for a chat model the base model itself)."""
     run_dir = cfg.out / method.label
-    server, url = start_server(serve_args(cfg, method), run_dir / "server")
+    server, url = start_server(serve_args(cfg, method, len(fleet.parts)), run_dir / "server")
     clients = []
     try:
         clients = [start_client(url, part, run_dir / "clients" / f"client_{i:03d}",
                                 ["--model", cfg.model_dir, "--profile-file", str(profile), "--name", profile.stem,
                                  "--poll", "0.2", "--text-column", cfg.text_column]
                                 + (["--label-column", cfg.label_column] if cfg.label_column else []))
-                   for i, (part, profile) in enumerate(zip(parts, profiles))]
+                   for i, (part, profile) in enumerate(zip(fleet.parts, fleet.profiles))]
         api = ServerAPI(url, give_up_after=60)
+        evaluate = fleet.evaluate
         rows, seen, fleet_shown, phase = [], 0, False, []
+        if cfg.head_init == "none":
+            rows.append(_start_row(method.label, api, evaluate))
+            on_row(rows[-1])
         while True:
             status = api.status()
             if not fleet_shown and len(status["clients"]) == len(clients):
@@ -217,7 +171,7 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
             time.sleep(0.5)
         for c in clients:
             c.wait(timeout=120)
-        save_global(api.global_adapter(), run_dir, cfg.model_dir, status["run"]["labels"])
+        save_global(api.global_adapter(), run_dir, cfg.model_dir, model_task(cfg.task), status["run"]["labels"])
         return rows
     finally:
         for c in clients:
@@ -225,14 +179,19 @@ def federated_run(cfg: DemoConfig, method: Method, parts: list[Path], profiles: 
         server.stop()
 
 
-def save_global(data: bytes, run_dir: Path, model_dir: str, labels: list[str]) -> None:
+def save_global(data: bytes, run_dir: Path, model_dir: str, task: str, labels: list[str] | None) -> None:
     """The final global adapter in the wire format and as a PEFT folder (edge_client.peft_export)."""
     from edge_client.peft_export import export_peft
     from hetlora.protocol.atomic import write_bytes
 
     write_bytes(run_dir / "global.safetensors", data)
-    export_peft(decode(data), run_dir / "peft", model_dir=model_dir, task="classification", labels=labels)
+    export_peft(decode(data), run_dir / "peft", model_dir=model_dir, task=task, labels=labels)
     log.info("final global adapter: %s (wire) and %s (PEFT)", run_dir / "global.safetensors", run_dir / "peft")
+
+
+def _start_row(label: str, api: ServerAPI, evaluate) -> RoundRow:
+    """Round 0 of a run without a head round: global version 0 as the server made it, before any training."""
+    return RoundRow(label, 0, 0.0, 0, 0, 0.0, "start", **evaluate(decode(api.global_adapter(version=0))))
 
 
 def _row(label: str, entries: list[dict], api: ServerAPI, evaluate) -> RoundRow:
@@ -240,95 +199,45 @@ def _row(label: str, entries: list[dict], api: ServerAPI, evaluate) -> RoundRow:
     bytes summed, seconds = the server's time from the first opening to the last aggregation."""
     entry = entries[-1]
     data = api.global_adapter(version=entry["round"])
-    metrics = evaluate(decode(data))
     ranks = list(entry["effective_ranks"].values()) or [0]
-    return RoundRow(method=label, round=entry["round"], accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"],
-                    mean_rank=sum(ranks) / len(ranks), bytes_up=sum(e["bytes_up"] for e in entries),
-                    bytes_down=sum(e["bytes_down"] for e in entries), seconds=entry["aggregated_at"] - entries[0]["opened_at"],
-                    stage=entry["stage"])
+    return RoundRow(label, entry["round"], sum(ranks) / len(ranks), sum(e["bytes_up"] for e in entries),
+                    sum(e["bytes_down"] for e in entries), entry["aggregated_at"] - entries[0]["opened_at"],
+                    entry["stage"], **evaluate(decode(data)))
 
 
-def format_table(rows: list[RoundRow]) -> str:
-    header = f"{'method':<12} {'round':>5} {'stage':<15} {'accuracy':>8} {'macro-F1':>8} {'mean rank':>9} " \
-             f"{'MB up':>7} {'MB down':>7} {'seconds':>7}"
+METRICS = {"classification": (("accuracy", "accuracy", "8.3f"), ("macro_f1", "macro-F1", "8.3f")),
+           "chat": (("perplexity", "perplexity", "10.2f"), ("personal_perplexity", "personal ppl", "12.2f"))}
+
+
+def format_table(rows: list[RoundRow], task: str = "classification") -> str:
+    metrics = [(key, title, fmt) for key, title, fmt in METRICS[task] if any(getattr(r, key) is not None for r in rows)]
+    width = lambda fmt: int(fmt.rstrip("f").split(".")[0])  # noqa: E731
+    header = f"{'method':<12} {'round':>5} {'stage':<15} " + " ".join(f"{t:>{width(f)}}" for _, t, f in metrics) + \
+             f" {'mean rank':>9} {'MB up':>7} {'MB down':>7} {'seconds':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.method:<12} {r.round:>5} {r.stage:<15} {r.accuracy:>8.3f} {r.macro_f1:>8.3f} {r.mean_rank:>9.1f} "
+        values = " ".join(format(getattr(r, k), f) if getattr(r, k) is not None else f"{'-':>{width(f)}}"
+                          for k, _, f in metrics)
+        lines.append(f"{r.method:<12} {r.round:>5} {r.stage:<15} {values} {r.mean_rank:>9.1f} "
                      f"{r.bytes_up / 1e6:>7.2f} {r.bytes_down / 1e6:>7.2f} {r.seconds:>7.1f}")
     return "\n".join(lines)
 
 
 def rows_json(rows: list[RoundRow]) -> list[dict]:
-    return [asdict(r) for r in rows]
+    return [{k: v for k, v in asdict(r).items() if v is not None} for r in rows]
 
 
-def centralized_run(cfg: DemoConfig, labels: list[str], pooled, evaluate, on_row) -> list[RoundRow]:
-    """LoRA at the largest rank on the pooled data, in process, with the federated runs' settings: the
-    same initial global (the server's `initial_global`, its head from the pooled data's statistics), the
-    head fitted on the pooled frozen features for as many epochs as the head rounds make (head_rounds x
-    head_epochs), the same learning rates, schedule and decay across rounds; per LoRA "round" as many steps
-    as the selected fleet takes in one federated round (clients_per_round x steps)."""
-    from edge_client.models import derive_spec
-    from edge_client.training import TorchTrainer
-    from server_stub.aggregation import make_rule
-    from server_stub.head_round import initial_global
-
-    rank = max(cfg.ranks)
-    trainer = TorchTrainer(cfg.model_dir, "classification", labels=labels)
-    rule = make_rule("fedavg")
-    steps = replace(cfg.training, steps=cfg.clients_per_round * cfg.training.steps, prune_lambda=0.0)
-    rows, t0 = [], time.monotonic()
-
-    def emit(number: int, stage: str, adapter) -> None:
-        metrics = evaluate(adapter)
-        rows.append(RoundRow("centralized", number, metrics["accuracy"], metrics["macro_f1"], rank, 0, 0,
-                             time.monotonic() - t0, stage))
-        on_row(rows[-1])
-
-    if cfg.head_init != "none":
-        features, targets = trainer.frozen_features(pooled, cfg.training.seq_len)
-        stats = class_statistics(features, targets, len(labels))
-        spec = derive_spec(cfg.model_dir, "classification", num_labels=len(labels))
-        adapter, _ = initial_global(rule, spec, [stats], head_init=cfg.head_init, global_rank=rank, seed=cfg.seed)
-        emit(0, "head-statistics", adapter)
-        if cfg.head_rounds:
-            t0 = time.monotonic()
-            adapter = fitted_head(adapter, spec, features, targets, stats.class_counts, cfg)
-            emit(cfg.head_rounds, "head-fit", adapter)
-    else:
-        adapter = rule.init_global(derive_spec(cfg.model_dir, "classification", num_labels=len(labels)), rank, cfg.seed)
-    first = cfg.head_rounds + 1 if cfg.head_init != "none" else 1
-    for number in range(first, first + cfg.rounds):
-        t0 = time.monotonic()
-        settings = replace(steps, seed=cfg.seed + number).decayed(cfg.lr_decay, number - first, cfg.rounds)
-        adapter = trainer.train_round(adapter, pooled, settings, rank=rank).adapter
-        emit(number, "lora", adapter)
-    return rows
-
-
-def fitted_head(adapter, spec, features, targets, class_counts, cfg: DemoConfig):
-    """`adapter` with its head fitted on the pooled frozen features for head_rounds x head_epochs epochs."""
-    from edge_client.head_fit import fit_head, logit_adjustment
-    from hetlora.protocol.spec import linear_head
-
-    weight_name, bias_name, _, _ = linear_head(spec)
-    training = cfg.training
-    fit = fit_head(adapter.dense[weight_name], adapter.dense[bias_name], features, targets,
-                   logit_adjustment(targets, len(class_counts), class_counts),
-                   epochs=cfg.head_rounds * training.head_epochs, lr=training.head_fit_lr,
-                   batch_size=training.batch_size, seed=cfg.seed)
-    return replace(adapter, dense=adapter.dense | {weight_name: fit.weight, bias_name: fit.bias})
-
-
-def plot_rows(rows: list[RoundRow], path: Path) -> Path | None:
-    """Accuracy and macro-F1 against the round, one line per method."""
+def plot_rows(rows: list[RoundRow], path: Path, task: str = "classification") -> Path | None:
+    """The task's metrics against the round, one line per method."""
     from hetlora.plots import line_plot
 
+    metrics = [(key, title) for key, title, _ in METRICS[task] if any(getattr(r, key) is not None for r in rows)]
     series: dict[str, tuple[list, list]] = {}
     for r in rows:
-        xs, cols = series.setdefault(r.method, ([], [[], []]))
+        xs, cols = series.setdefault(r.method, ([], [[] for _ in metrics]))
         xs.append(r.round)
-        cols[0].append(r.accuracy)
-        cols[1].append(r.macro_f1)
-    return line_plot(path, series, panels=[("test accuracy", 0), ("test macro-F1", 1)], xlabel="round",
-                     title="Federated LoRA on heterogeneous devices")
+        for col, (key, _) in zip(cols, metrics):
+            col.append(getattr(r, key) if getattr(r, key) is not None else float("nan"))
+    what = "test" if task == "classification" else "held-out"
+    return line_plot(path, series, panels=[(f"{what} {title}", i) for i, (_, title) in enumerate(metrics)],
+                     xlabel="round", title="Federated LoRA on heterogeneous devices")

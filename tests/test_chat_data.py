@@ -15,11 +15,7 @@ from edge_client.chat_split import split_by_user
 from edge_client.data import encode, load_examples, load_tokenizer
 from edge_client.objective import IGNORE, loss_sum_and_count, model_loss_sum_and_count
 from hetlora.errors import UserError
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from tests.helpers import chat_rows, write_jsonl
 
 
 def test_a_chat_row_is_the_templates_own_tokens_with_targets_on_the_reply(tiny_llama_dir, tmp_path):
@@ -104,19 +100,6 @@ def test_the_loss_on_target_positions_equals_the_full_logits_loss(tiny_llama_dir
     assert int(got[1]) == int(expected[1]) == int((enc.labels[:, 1:] != IGNORE).sum())
 
 
-def chat_rows(n_users=12, conversations=6, replies=5):
-    """Two-person conversations: user i talks with user (i + 1) % n, `replies` replies each."""
-    rows = []
-    for i in range(n_users):
-        for c in range(conversations):
-            conv = f"c{i}-{c}"
-            for t in range(replies):
-                for user in (f"u{i}", f"u{(i + 1) % n_users}"):
-                    rows.append({"prompt": f"{conv} turn {t}", "response": f"{user} says {t}", "user": user,
-                                 "conversation": conv})
-    return rows
-
-
 def test_split_by_user_keeps_devices_and_test_sets_apart():
     rows = chat_rows()
     split = split_by_user(rows, 3, users_per_client=2, min_replies=10, heldout_fraction=0.2, test_rows=1000, seed=4)
@@ -131,6 +114,8 @@ def test_split_by_user_keeps_devices_and_test_sets_apart():
     # Unseen: no training user replies anywhere in those conversations.
     touched = {r["conversation"] for r in rows if r["user"] in training_users}
     assert split.unseen and not {r["conversation"] for r in split.unseen} & touched
+    assert split.validation and not {r["conversation"] for r in split.validation} & touched
+    assert not {r["conversation"] for r in split.validation} & {r["conversation"] for r in split.unseen}
     again = split_by_user(rows, 3, users_per_client=2, min_replies=10, heldout_fraction=0.2, test_rows=1000, seed=4)
     assert again == split  # seeded
 
