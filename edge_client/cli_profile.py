@@ -23,12 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--full", action="store_true", help="measure compute for about a minute, long enough to throttle")
     parser.add_argument("--step", action="store_true",
                         help="also time one real LoRA training step at the lowest tier (loads the model)")
-    parser.add_argument("--model", metavar="DIR", help="model folder for --step (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--task", choices=("classification", "causal-lm"), default="classification",
+                        help="the model the tier is for: its packaged tier policy, and the model --step trains")
+    parser.add_argument("--model", metavar="DIR", help="model folder for --step (default: the task's bundled model)")
     parser.add_argument("--out", metavar="FILE", help="also write the profile document to FILE")
     parser.add_argument("--tier", action="store_true", help="print the LoRA rank tier for this device and why")
     parser.add_argument("--as", dest="as_device", metavar="CATALOG_ID",
                         help="do not measure: take a catalog device's profile (implies --tier)")
-    parser.add_argument("--policy", metavar="FILE", help="tier policy file (default: profiles/tiers.json)")
+    parser.add_argument("--policy", metavar="FILE", help="tier policy file (default: the task's packaged one)")
     parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree
 
 
@@ -37,7 +39,7 @@ def run(args) -> int:
         raise UserError("--step measures compute; drop --quick")
     if args.model and not args.step:
         raise UserError("--model is the model for --step; add --step or drop --model")
-    model_dir = _step_model(args.model) if args.step else None
+    model_dir = _step_model(args.model, args.task) if args.step else None
     if args.as_device:
         doc = _tier_module("catalog").profile_for(args.as_device)
     else:
@@ -46,9 +48,10 @@ def run(args) -> int:
         if not Path(args.root).is_dir():
             raise UserError(f"--root {args.root} is not a directory")
         doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir,
-                              policy_file=args.policy)
+                              policy_file=args.policy, task=args.task)
     policy = _tier_module("policy") if args.tier or args.as_device else None
-    decision = policy.decide_tier(doc, policy=policy.load_policy(args.policy)) if policy else None
+    decision = policy.decide_tier(doc, policy=policy.load_policy(args.policy) if args.policy else
+                                  policy.packaged_policy(args.task)) if policy else None
     if args.out:
         _write(Path(args.out), doc)
     if args.json:
@@ -60,11 +63,11 @@ def run(args) -> int:
     return 0
 
 
-def _step_model(model: str | None) -> Path:
+def _step_model(model: str | None, task: str) -> Path:
     """The model folder for --step, checked before any measurement runs."""
     from edge_client.models import check_model_dir, default_model_dir
 
-    return check_model_dir(model) if model else default_model_dir()
+    return check_model_dir(model) if model else default_model_dir(task)
 
 
 def _tier_module(name: str):

@@ -2,11 +2,11 @@
 
 Starts a real server and real client processes on loopback. The clients present device profiles
 drawn from the catalog (profiles/devices/), so the tier policy gives them different ranks.
---task chat (the first job): SmolLM2-135M-Instruct learns to reply like the people whose chats stay on the
+--task chat (the default): SmolLM2-135M-Instruct learns to reply like the people whose chats stay on the
 devices, one person per device (the bundled Chit Chat corpus); every global version's perplexity is measured
 on replies of people outside the fleet and on held-out conversations of the fleet's own people; round 0 is
 the base model (zero-shot). About 10 minutes on 2 cores.
---task classification (default): all-MiniLM-L6-v2 on a non-IID split of BANKING77 intents; accuracy and
+--task classification: all-MiniLM-L6-v2 on a non-IID split of BANKING77 intents; accuracy and
 macro-F1 on the test set. About 4 minutes on 2 cores.
 """
 
@@ -33,8 +33,8 @@ TASK_DEFAULTS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=TASKS, default="classification",
-                   help="classification (BANKING77 intents) or chat (a language model on people's chats)")
+    p.add_argument("--task", choices=TASKS, default="chat",
+                   help="chat (default: a language model on people's chats) or classification (BANKING77 intents)")
     p.add_argument("--model", help="base model folder (default: all-MiniLM-L6-v2 / SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="training data, split across the clients (default: the bundled BANKING77 train "
                                   "split / Chit Chat replies; chat rows: prompt,response[,user])")

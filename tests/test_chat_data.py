@@ -136,3 +136,23 @@ def test_the_bundled_corpus_reads_into_reply_rows():
     assert len({r["user"] for r in rows}) > 1000
     counts = np.bincount(np.unique([r["user"] for r in rows], return_inverse=True)[1])
     assert (counts >= 100).sum() > 150  # enough people with a real history to be devices
+
+
+def test_chat_rows_without_users_are_split_iid_and_scored_on_the_given_test_file(tiny_llama_dir, tmp_path):
+    from simulation.demo import CHAT_TRAINING, DemoConfig
+    from simulation.fleets import prepare_fleet
+
+    rows = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(40)]
+    data = write_jsonl(tmp_path / "plain.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", rows[:6])
+    cfg = DemoConfig(model_dir=str(tiny_llama_dir), data=str(data), test=None, labels=None, out=tmp_path / "run",
+                     task="chat", clients=3, clients_per_round=2, training=CHAT_TRAINING)
+    with pytest.raises(UserError, match="need a test file"):
+        prepare_fleet(cfg)
+    fleet = prepare_fleet(DemoConfig(**{**cfg.__dict__, "test": str(test)}))
+    sizes = [len(p.read_text().splitlines()) for p in fleet.parts]
+    assert sorted(sizes) == [13, 13, 14] and len(fleet.pooled) == 40
+    from hetlora.protocol.wire import Adapter
+
+    metrics = fleet.evaluate(Adapter(lora={}, dense={}, meta={}))
+    assert set(metrics) == {"perplexity"} and metrics["perplexity"] > 1

@@ -20,7 +20,7 @@ def run_demo(model_dir, tmp_path, out_name, seed=0):
     test = write_data(tmp_path / "test.csv", 15, offset=1)
     out = tmp_path / out_name
     proc = subprocess.run(
-        [sys.executable, "-m", "hetlora.cli", "demo", "--model", str(model_dir), "--data", str(train),
+        [sys.executable, "-m", "hetlora.cli", "demo", "--task", "classification", "--model", str(model_dir), "--data", str(train),
          "--test", str(test), "--labels", str(labels), "--clients", "3", "--clients-per-round", "2", "--rounds", "2",
          "--head-rounds", "2", "--local-steps", "2", "--batch-size", "4", "--seq-len", "16", "--ranks", "2,4", "--out", str(out),
          "--lr", "1e-3", "--lr-decay", "cosine", "--seed", str(seed)],

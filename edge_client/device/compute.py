@@ -44,11 +44,11 @@ def matmul_gflops(peak_s: float, sustained_s: float, n: int = 1024) -> dict:
             "duration_s": round(time.perf_counter() - start, 2)}
 
 
-def lora_step_seconds(model_dir=None, *, rank: int = 4, batch_size: int = 8, seq_len: int = 64,
-                      steps: int = 4) -> float:
-    """Median time of one LoRA training step (AdamW, classification) with the torch backend.
-
-    Runs `steps` real steps on full-length synthetic rows; the first is warm-up and excluded.
+def lora_step_seconds(model_dir=None, task: str = "classification", *, rank: int = 4, batch_size: int = 8,
+                      seq_len: int = 64, steps: int = 4) -> float:
+    """Median time of one LoRA training step (AdamW) of `task`'s model (default: its bundled one) with the torch
+    backend. Runs `steps` real steps on full-length synthetic rows (causal-lm: chat rows, the reply a third of
+    the row); the first is warm-up and excluded.
     """
     from edge_client.data import Examples
     from edge_client.lora import extract_adapter, set_rank
@@ -58,12 +58,14 @@ def lora_step_seconds(model_dir=None, *, rank: int = 4, batch_size: int = 8, seq
 
     if steps < 2:
         raise ValueError("need at least 2 steps (the first is warm-up)")
-    trainer = TorchTrainer(model_dir or default_model_dir(), "classification", labels=["a", "b"])
+    labels = ["a", "b"] if task == "classification" else None
+    trainer = TorchTrainer(model_dir or default_model_dir(task), task, labels=labels)
     set_rank(trainer.model, rank, trainer.lora_alpha)
     start = extract_adapter(trainer.model, trainer.dense)
     rows = batch_size * steps
     text = " ".join(["device profile measures one training step"] * seq_len)
-    examples = Examples("classification", (text,) * rows, tuple(i % 2 for i in range(rows)))
+    examples = (Examples(task, (text,) * rows, tuple(i % 2 for i in range(rows))) if labels else
+                Examples(task, (text,) * rows, responses=(text[: len(text) // 2],) * rows, chat=True))
     stamps: list[float] = []
     trainer.train_round(start, examples, TrainingSettings(steps=steps, batch_size=batch_size, seq_len=seq_len),
                         rank=rank, on_step=lambda step, loss: stamps.append(time.perf_counter()))

@@ -51,35 +51,39 @@ def catalog_power_figure(catalog_id: str | None) -> dict | None:
     return {"idle_w": power["idle_w"], "load_w": power["typical_training_w"]}
 
 
-def lowest_tier(policy_file=None) -> dict:
+def lowest_tier(policy_file=None, task: str = "classification") -> dict:
     """Rank, batch size and sequence length of the lowest training tier of the policy
-    (`policy_file`, default the installed profiles/tiers.json)."""
+    (`policy_file`, default the task's installed tiers file)."""
     if not _installed("policy"):
         return dict(LOWEST_TIER)
-    from profiles.policy import load_policy, tiers_of
+    from profiles.policy import load_policy, packaged_policy, tiers_of
 
-    tier = [t for t in tiers_of(load_policy(policy_file)) if t.rank > 0][0]
+    policy = load_policy(policy_file) if policy_file else packaged_policy(task)
+    tier = [t for t in tiers_of(policy) if t.rank > 0][0]
     return {"rank": tier.rank, "batch_size": tier.batch_size, "seq_len": tier.seq_len}
 
 
 def measure_compute(host: Host, *, full: bool, step: bool, model_dir=None,
-                    policy_file=None) -> tuple[dict, dict[str, int]]:
+                    policy_file=None, task: str = "classification") -> tuple[dict, dict[str, int]]:
     """The "compute" section, and the highest clock per CPU seen during the matmul load."""
     with FrequencyWatcher(host) as watcher:
         section = compute.matmul_gflops(**(compute.FULL if full else compute.SHORT))
-    section["lora_step_s"] = round(compute.lora_step_seconds(model_dir, **lowest_tier(policy_file)), 4) if step else None
+    section["lora_step_s"] = round(compute.lora_step_seconds(model_dir, task, **lowest_tier(policy_file, task)), 4) \
+        if step else None
     return section, watcher.peaks_khz
 
 
 def collect_profile(root: str | os.PathLike = "/", quick: bool = False, *, full: bool = False, step: bool = False,
-                    model_dir=None, policy_file=None, env: Mapping[str, str] | None = None,
+                    model_dir=None, policy_file=None, task: str = "classification", env: Mapping[str, str] | None = None,
                     runner: Runner | None = None) -> dict:
     """Measure this device (or the fake tree at `root`) and return the profile document.
 
-    The LoRA step (`step`) runs at the lowest tier of the policy in `policy_file` (default the installed one)."""
+    The LoRA step (`step`) trains the `task`'s model at the lowest tier of the policy in `policy_file` (default
+    the task's installed one)."""
     host = Host(Path(root), dict(os.environ if env is None else env), runner)
     compute_section, peaks = (None, None) if quick else measure_compute(host, full=full, step=step,
-                                                                        model_dir=model_dir, policy_file=policy_file)
+                                                                        model_dir=model_dir, policy_file=policy_file,
+                                                                        task=task)
     identity = read_identity(host)
     identity["catalog_id"] = match_catalog(identity)
     return {

@@ -1,0 +1,62 @@
+"""Tiers for the 135M language model: its packaged policy, small devices, and the server's use of the model's shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from profiles.catalog import profile_for
+from profiles.memory_model import ModelShape, predict_peak_memory
+from profiles.policy import decide_tier, packaged_policy, tiers_of
+from server_stub.tiers import tier_for
+
+
+@pytest.fixture(scope="module")
+def lm(smollm2_dir):
+    from edge_client.models import derive_spec
+
+    return derive_spec(smollm2_dir, "causal-lm"), ModelShape.from_model_dir(smollm2_dir)
+
+
+def with_memory(catalog_id: str, usable_gb: float) -> dict:
+    doc = profile_for(catalog_id)
+    doc["memory"].update(usable_bytes=int(usable_gb * 1e9), available_bytes=int(usable_gb * 1e9))
+    return doc
+
+
+def test_a_causal_lm_run_uses_its_own_packaged_tiers(lm):
+    spec, shape = lm
+    lowest = tiers_of(packaged_policy("causal-lm"))[1]
+    decision = decide_tier(profile_for("raspberry-pi-4"), spec=spec, model=shape, steps=10)
+    assert (decision.rank, decision.batch_size, decision.seq_len) == (lowest.rank, lowest.batch_size, lowest.seq_len)
+    assert shape.frozen_params == 134_515_008  # SmolLM2-135M-Instruct, tied embeddings counted once
+
+
+def test_a_2gb_board_trains_a_small_batch_and_a_smaller_one_is_excluded_with_the_reason(lm):
+    spec, shape = lm
+    lowest = tiers_of(packaged_policy("causal-lm"))[1]
+    need = predict_peak_memory(shape, lowest.rank, lowest.batch_size, lowest.seq_len, task="causal-lm",
+                               lora_params=spec.lora_parameter_count(lowest.rank), lora_modules=len(spec.modules)).total
+    factor = packaged_policy("causal-lm")["thresholds"]["memory_safety_factor"]["raspberry-pi"]
+    two_gb = decide_tier(with_memory("raspberry-pi-4", 2.0), spec=spec, model=shape, steps=10)
+    assert 2.0e9 * factor >= need and two_gb.rank == lowest.rank and two_gb.batch_size == lowest.batch_size
+    small = decide_tier(with_memory("raspberry-pi-4", 1.5), spec=spec, model=shape, steps=10)
+    assert 1.5e9 * factor < need
+    assert small.rank == 0 and "the smallest tier does not fit in memory" in small.reasons[-1]
+    assert f"{need / 1e9:.2f} GB predicted" in small.reasons[0]
+
+
+def test_the_run_s_local_steps_set_the_compute_budget(lm):
+    spec, shape = lm
+    few = decide_tier(profile_for("raspberry-pi-4"), spec=spec, model=shape, steps=10)
+    many = decide_tier(profile_for("raspberry-pi-4"), spec=spec, model=shape, steps=40)
+    assert few.rank > 0 and many.rank == 0 and "40 steps" in many.reasons[1]
+
+
+def test_the_server_sizes_a_client_by_the_run_s_model_not_the_policy_s_default(lm):
+    spec, shape = lm
+    tier = tier_for(profile_for("thinkpad-t14-gen3-amd"), 32, (4, 8, 16, 32), spec=spec, model=shape, steps=10)
+    top = tiers_of(packaged_policy("causal-lm"))[-1]
+    assert (tier.rank, tier.batch_size, tier.seq_len) == (top.rank, top.batch_size, top.seq_len)
+    # The same laptop under the classification policy and MiniLM gets MiniLM's tiers.
+    minilm = tier_for(profile_for("thinkpad-t14-gen3-amd"), 64, (4, 8, 16, 32, 64))
+    assert (minilm.batch_size, minilm.seq_len) != (top.batch_size, top.seq_len)
