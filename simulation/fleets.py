@@ -120,7 +120,7 @@ def prepare_chat_fleet(cfg, eval_rows: int | None = None) -> Fleet:
              ", ".join(f"{len(e)} rows ({k})" for k, e in examples.items()))
 
     def evaluate(adapter) -> dict:
-        return {key: evaluator.evaluate(adapter, e, seq_len=cfg.training.seq_len, batch_size=32)["perplexity"]
+        return {key: evaluator.evaluate(adapter, e, seq_len=cfg.training.seq_len, batch_size=8)["perplexity"]
                 for key, e in examples.items()}
 
     profiles = _profiles(cfg)
