@@ -4,7 +4,8 @@ It runs in this process with the federated runs' settings: the same initial glob
 `initial_global`; for classification its head from the pooled data's class statistics, then fitted on the
 pooled frozen features for as many epochs as the head rounds make, head_rounds x head_epochs), the same
 learning rates, schedule and decay across rounds, and per LoRA "round" as many examples as the selected
-fleet sees in one federated round (clients_per_round x steps batches).
+fleet sees in one federated round: clients_per_round x steps batches of the fleet's mean batch (each device's
+batch is capped by its tier), in batches of the run's batch size.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def centralized_run(cfg, fleet, on_row) -> list:
     trainer = TorchTrainer(cfg.model_dir, task, labels=labels)
     spec = derive_spec(cfg.model_dir, task, num_labels=len(labels) if labels else None)
     rule = make_rule("fedavg")
-    steps = replace(cfg.training, steps=cfg.clients_per_round * cfg.training.steps, prune_lambda=0.0)
+    examples = cfg.clients_per_round * cfg.training.steps * fleet.mean_batch(cfg.training.batch_size)
+    steps = replace(cfg.training, steps=max(1, round(examples / cfg.training.batch_size)), prune_lambda=0.0)
     rows, t0 = [], time.monotonic()
 
     def emit(number: int, stage: str, adapter) -> None:

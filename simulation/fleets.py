@@ -32,13 +32,23 @@ class Fleet:
     profiles: list[Path]
     pooled: object
     evaluate: Callable[[object], dict]
-    excluded: dict[str, str] = field(default_factory=dict)  # device -> why the tier policy rules it out
+    tiers: dict = field(default_factory=dict)  # device -> its TierDecision under the task's packaged policy
     test: object = None  # classification: the test (or validation) examples
 
     def __post_init__(self):
         """Keep the devices the run's tier policy lets train (the server would refuse the others)."""
         keep = [k for k, path in enumerate(self.profiles) if path.stem not in self.excluded]
         self.parts, self.profiles = [self.parts[k] for k in keep], [self.profiles[k] for k in keep]
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Devices the tier policy rules out of training, with its last reason."""
+        return {name: d.reasons[-1] for name, d in self.tiers.items() if d.rank == 0}
+
+    def mean_batch(self, batch_size: int) -> float:
+        """The batch a device of the fleet trains with on average: `batch_size` within its tier's cap."""
+        caps = [min(batch_size, d.batch_size) for d in self.tiers.values() if d.rank > 0]
+        return sum(caps) / len(caps) if caps else float(batch_size)
 
 
 def prepare_fleet(cfg, eval_rows: int | None = None) -> Fleet:
@@ -75,7 +85,7 @@ def prepare_classification_fleet(cfg, eval_rows: int | None = None) -> Fleet:
     profiles = _profiles(cfg)
     return Fleet(labels, parts, profiles, pooled,
                  lambda adapter: evaluator.evaluate(adapter, test, seq_len=cfg.training.seq_len, batch_size=256),
-                 _untrainable(cfg, profiles, "classification", len(labels)), test)
+                 _tiers(cfg, profiles, "classification", len(labels)), test)
 
 
 def prepare_chat_fleet(cfg, eval_rows: int | None = None) -> Fleet:
@@ -124,7 +134,7 @@ def prepare_chat_fleet(cfg, eval_rows: int | None = None) -> Fleet:
                 for key, e in examples.items()}
 
     profiles = _profiles(cfg)
-    return Fleet(None, parts, profiles, pooled, evaluate, _untrainable(cfg, profiles, "causal-lm"))
+    return Fleet(None, parts, profiles, pooled, evaluate, _tiers(cfg, profiles, "causal-lm"))
 
 
 def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -176,25 +186,24 @@ def _profiles(cfg) -> list[Path]:
     return paths
 
 
-def _untrainable(cfg, profiles: list[Path], task: str, num_labels: int | None = None) -> dict[str, str]:
-    """The devices the task's packaged tier policy rules out of training, with its last reason, as the
-    server decides at registration (the same policy, model shape and local steps)."""
+def _tiers(cfg, profiles: list[Path], task: str, num_labels: int | None = None) -> dict:
+    """Each device's tier under the task's packaged policy, as the server decides at registration (the same
+    policy, model shape and local steps); those it rules out are logged with the reason."""
     from edge_client.models import derive_spec
     from profiles.memory_model import ModelShape
     from profiles.policy import decide_tier
 
     spec = derive_spec(cfg.model_dir, task, num_labels=num_labels)
     shape = ModelShape.from_model_dir(cfg.model_dir)
-    out = {}
-    for path in profiles:
-        decision = decide_tier(json.loads(path.read_text()), spec=spec, model=shape, steps=cfg.training.steps)
-        if decision.rank == 0:
-            out[path.stem] = decision.reasons[-1]
-            log.info("%s cannot train this model: %s", path.stem, decision.reasons[-1])
+    tiers = {path.stem: decide_tier(json.loads(path.read_text()), spec=spec, model=shape, steps=cfg.training.steps)
+             for path in profiles}
+    out = [name for name, d in tiers.items() if d.rank == 0]
+    for name in out:
+        log.info("%s cannot train this model: %s", name, tiers[name].reasons[-1])
     if len(profiles) - len(out) < max(cfg.clients_per_round, 1):
         raise UserError(f"only {len(profiles) - len(out)} of {len(profiles)} devices can train this model, fewer "
                         f"than --clients-per-round {cfg.clients_per_round}; add --clients or lower it")
-    return out
+    return tiers
 
 
 def _subset(examples, n: int | None, seed: int):
