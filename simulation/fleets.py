@@ -25,7 +25,8 @@ log = logging.getLogger("hetlora.demo")
 @dataclass
 class Fleet:
     """What the runs share: labels (classification), per-client data files and device profiles, the pooled
-    training examples (centralized baseline) and `evaluate(adapter) -> metrics` on the held-out data."""
+    training examples (centralized baseline) and `evaluate(adapter) -> {metric: value}` on the held-out data
+    (the RoundRow metrics of the task: accuracy and macro_f1, or perplexity and personal_perplexity)."""
 
     labels: list[str] | None
     parts: list[Path]
@@ -83,9 +84,11 @@ def prepare_classification_fleet(cfg, eval_rows: int | None = None) -> Fleet:
     log.info("%d clients, %d training rows split non-IID (alpha %.2f), %d %s rows", cfg.clients, len(rows),
              cfg.dirichlet_alpha, len(test), "validation (held out of the training data)" if held_out else "test")
     profiles = _profiles(cfg)
-    return Fleet(labels, parts, profiles, pooled,
-                 lambda adapter: evaluator.evaluate(adapter, test, seq_len=cfg.training.seq_len, batch_size=256),
-                 _tiers(cfg, profiles, "classification", len(labels)), test)
+    def evaluate(adapter) -> dict:
+        metrics = evaluator.evaluate(adapter, test, seq_len=cfg.training.seq_len, batch_size=256)
+        return {key: metrics[key] for key in ("accuracy", "macro_f1")}
+
+    return Fleet(labels, parts, profiles, pooled, evaluate, _tiers(cfg, profiles, "classification", len(labels)), test)
 
 
 def prepare_chat_fleet(cfg, eval_rows: int | None = None) -> Fleet:
