@@ -154,8 +154,8 @@ def run(args) -> int:
     real_tokens = int(batch["attention_mask"].sum())
 
     def open_stepper(backend: str):
-        return steppers.open_stepper(backend, model_dir=model_dir, artifacts_dir=args.artifacts, targets=targets,
-                                     num_labels=num_labels, lora_alpha=lora_alpha, batch=batch)
+        return steppers.open_stepper(backend, model_dir=model_dir, artifacts_dir=args.artifacts, spec=spec,
+                                     targets=targets, num_labels=num_labels, lora_alpha=lora_alpha, batch=batch)
 
     runs, skipped = runner.run_cells(settings, open_stepper, skip, meter, host)
     if not given:
@@ -187,7 +187,7 @@ def _report_doc(args, settings, idle_s: float, model: dict, peak: dict, meter, p
         "settings": {**settings.__dict__, "quick": args.quick, "idle_seconds": idle_s,
                      "torch_threads": torch.get_num_threads(),
                      "order": "ranks interleaved across repetitions (ABCABC), backends one after another",
-                     "torch_optimizer": "adamw", "artifact_optimizer": "as exported (onnx adamw, executorch sgd)",
+                     "optimizer": "adamw on every backend (artifact backends: in the client, on the artifact's gradients)",
                      "data": "synthetic full-length rows (every position attended)",
                      "peak_rss": "process RSS high-water over the timed steps (model, runtime and activations)"},
         "model": model,

@@ -7,7 +7,7 @@ requires_grad) -> graph rewrites (exporter/graph_passes.py) -> edge dialect, del
 XNNPACK takes every matmul plus permute, bmm, gelu and softmax. Frozen base weights (forward
 `linear(x, W)`, backward `mm(g, W)`) are static operands, packed once at load. Every other right
 operand (LoRA factors, activations in weight gradients) is a run-time input: XNNPACK must never take
-a trainable weight as static, since SGD updates to a weight packed at load would be ignored.
+a trainable weight as static, since updates to a weight packed at load would be ignored.
 
 Frozen base weights go to one external data file, `executorch/frozen_weights.ptd`, shared by every
 rank's program: their tensors and keys do not depend on the rank (XNNPACK keys its data by sha256,

@@ -1,4 +1,5 @@
-"""ONNX Runtime training artifacts for one rank: training, eval and optimizer models + checkpoint (AdamW).
+"""ONNX Runtime training artifacts for one rank: training and eval models + checkpoint, no optimizer model
+(the device runs the plan's optimiser on the gradients the training model returns).
 
 Pinned facts (docs/EXPORT.md): onnx 1.17 (IR <= 10), the legacy TorchScript exporter
 (dynamo=False) in TrainingMode.TRAINING with constant folding off, opset 14 (the
@@ -18,13 +19,7 @@ from hetlora.output import native_stderr_filtered, quiet_onnxruntime
 from exporter.training_graph import INPUT_NAMES, OUTPUT_NAMES, TrainingGraph, trainable_names
 
 OPSET = 14
-FILES = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx",
-         "optimizer_model": "optimizer_model.onnx", "checkpoint": "checkpoint"}
-
-
-def adamw_settings(weight_decay: float) -> dict:
-    """The optimizer baked into optimizer_model.onnx (betas and eps of torch.optim.AdamW)."""
-    return {"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": float(weight_decay)}
+FILES = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx", "checkpoint": "checkpoint"}
 
 
 @contextmanager
@@ -39,26 +34,10 @@ def quiet_root_logger():
         root.setLevel(level)
 
 
-def use_torch_adamw(optimizer_model: Path) -> None:
-    """Switch the AdamWOptimizer node to adam_mode 0 (torch.optim.AdamW's update; onnxblock writes 1, the
-    Hugging Face variant with a different epsilon placement), so ONNX and torch rounds agree."""
+def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, what: str) -> dict[str, Path]:
+    """Write the ORT training files for `graph` into `out_dir`; returns role -> path."""
     import onnx
-
-    model = onnx.load(str(optimizer_model))
-    for node in model.graph.node:
-        if node.op_type == "AdamWOptimizer":
-            for attr in node.attribute:
-                if attr.name == "adam_mode":
-                    attr.i = 0
-    onnx.save(model, str(optimizer_model))
-
-
-def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, weight_decay: float, what: str) -> dict[str, Path]:
-    """Write the four ORT training files for `graph` into `out_dir`; returns role -> path."""
-    import onnx
-    import onnxruntime
     from onnxruntime.training import artifacts
-    from onnxruntime.training.onnxblock.optim import AdamW
 
     quiet_onnxruntime()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,14 +52,10 @@ def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, weight_de
         missing = sorted(set(trainable) - set(initializers))
         if missing:
             raise RuntimeError(f"trainable parameters were folded away by the ONNX exporter: {missing[:3]}")
-        settings = adamw_settings(weight_decay)
         with quiet_root_logger(), native_stderr_filtered():
             artifacts.generate_artifacts(
                 model, requires_grad=trainable, frozen_params=[n for n in initializers if n not in set(trainable)],
-                loss=None, optimizer=AdamW(betas=tuple(settings["betas"]), eps=settings["eps"],
-                                           weight_decay=settings["weight_decay"]),
-                artifact_directory=str(out_dir))
-        use_torch_adamw(out_dir / FILES["optimizer_model"])
+                loss=None, optimizer=None, artifact_directory=str(out_dir))
     except Exception as exc:  # the exporters raise many types; all mean "this model cannot be exported"
         raise export_error("ONNX Runtime training", what, exc) from None
     finally:
