@@ -69,7 +69,7 @@ def export_all(req: ExportRequest, *, progress: bool = True) -> dict:
         if backend == "onnx":
             from exporter.onnx_export import export_onnx
 
-            files = export_onnx(graph, inputs, req.out / "onnx" / f"r{rank}", what=what)
+            files = export_onnx(graph, inputs, req.out / "onnx" / f"r{rank}", what=what, first=rank == jobs[0][0])
             extra = {}
         else:
             from exporter.executorch_export import export_executorch

@@ -308,24 +308,27 @@ def test_default_executorch_artifact_is_xnnpack_delegated(setup):
         assert (b"XnnpackBackend" in program) == delegated
 
 
-def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tiny_artifacts):
-    """Frozen base weights live once, in frozen_weights.ptd, not in each rank's program; each rank trains from it."""
+@pytest.mark.parametrize("backend", ["executorch", "onnx"])
+def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tiny_artifacts, backend):
+    """Frozen base weights live once per backend (executorch/frozen_weights.ptd, onnx/frozen_weights.safetensors),
+    in no rank's own files; each rank trains from them."""
     from safetensors.numpy import load_file
 
     from edge_client.backends.artifacts import load_manifest
 
-    entries = [e for e in load_manifest(tiny_artifacts).doc["artifacts"] if e["backend"] == "executorch"]
+    entries = [e for e in load_manifest(tiny_artifacts).doc["artifacts"] if e["backend"] == backend]
     assert len(entries) == 2 and len({e["files"]["weights"]["path"] for e in entries}) == 1
     weights = (tiny_artifacts / entries[0]["files"]["weights"]["path"]).read_bytes()
     embedding = load_file(str(tiny_bert_dir / "model.safetensors"))["embeddings.word_embeddings.weight"]
     probe = embedding[1000].tobytes()  # one row of the largest frozen tensor
     assert probe in weights
     for entry in entries:
-        program = (tiny_artifacts / entry["files"]["program"]["path"]).read_bytes()
-        assert probe not in program and len(program) < len(weights) / 4
+        for role, f in entry["files"].items():
+            if role != "weights":
+                own = (tiny_artifacts / f["path"]).read_bytes()
+                assert probe not in own and len(own) < len(weights) / 4, role
     kwargs = dict(model_dir=tiny_bert_dir, task="classification", labels=LABELS, lora_alpha=ALPHA)
-    reference, trainer = make_trainer("torch", **kwargs), make_trainer("executorch", artifacts_dir=tiny_artifacts,
-                                                                       **kwargs)
+    reference, trainer = make_trainer("torch", **kwargs), make_trainer(backend, artifacts_dir=tiny_artifacts, **kwargs)
     start = random_adapter(derive_spec(tiny_bert_dir, "classification", default_targets(tiny_bert_dir), 3), 2, seed=6)
     cfg = TrainingSettings(steps=2, batch_size=2, seq_len=8, lora_alpha=ALPHA, **ADAMW)
     want = reference.train_round(start, examples_for("classification"), cfg, rank=2)

@@ -29,7 +29,8 @@ def test_manifest_describes_every_artifact(tiny_artifacts, tiny_bert_dir):
     assert set(doc["parameters"].values()) == wire
     assert [(a["rank"], a["backend"]) for a in doc["artifacts"]] == [(2, "executorch"), (2, "onnx"),
                                                                      (4, "executorch"), (4, "onnx")]
-    roles = {"onnx": {"training_model", "eval_model", "checkpoint"}, "executorch": {"program", "weights"}}
+    roles = {"onnx": {"training_model", "eval_model", "checkpoint", "initial", "weights"},
+             "executorch": {"program", "weights"}}
     for entry in doc["artifacts"]:
         assert "optimizer" not in entry, "an artifact computes gradients only; the device runs the optimiser"
         assert set(entry["files"]) == roles[entry["backend"]]
@@ -39,12 +40,12 @@ def test_manifest_describes_every_artifact(tiny_artifacts, tiny_bert_dir):
 
 
 def test_frozen_weights_stay_frozen_in_the_onnx_artifact(tiny_artifacts):
-    """Only the LoRA factors and the head are trainable parameters in the checkpoint."""
-    from onnxruntime.training.api import CheckpointState
+    """Only the LoRA factors and the head are trainable parameters of the session."""
+    from edge_client.backends.onnx_backend import OnnxEngine
 
     manifest = load_manifest(tiny_artifacts)
-    state = CheckpointState.load_checkpoint(str(manifest.artifact("onnx", 3).files["checkpoint"]))
-    trainable = {name for name in manifest.parameters if state.parameters[name].requires_grad}
+    engine = OnnxEngine(manifest.artifact("onnx", 3))
+    trainable = {name for name, p in engine.state.parameters if p.requires_grad}
     assert trainable == set(manifest.parameters)
     assert "model.bert.embeddings.word_embeddings.weight" not in manifest.parameters
 

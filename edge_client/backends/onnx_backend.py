@@ -1,4 +1,6 @@
-"""ONNX Runtime training backend: trains from `training_model.onnx` / `eval_model.onnx` / `checkpoint`.
+"""ONNX Runtime training backend: trains from one rank's `training_model.onnx` / `eval_model.onnx`, its nominal
+`checkpoint` (names and shapes only), filled from `initial.safetensors` (the trainable tensors, and the
+session's parameter order) and the frozen weights that every rank shares (exporter/onnx_export.py).
 
 The training model returns the loss and accumulates the gradients of the trainable tensors; the
 update runs in the client (ClientOptimizer) on the checkpoint's parameters, whose numpy views share
@@ -7,6 +9,8 @@ memory with the session. Intra-op threads follow torch's thread count. Needs `on
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
@@ -31,6 +35,7 @@ class OnnxEngine:
         self.state = CheckpointState.load_checkpoint(str(files["checkpoint"]))
         self.module = Module(str(files["training_model"]), self.state, str(files["eval_model"]),
                              session_options=options)
+        fill_parameters(self.module, files["initial"], files["weights"])
         parameters = self.state.parameters
         # views of the session's own buffers: stable across steps (the checkpoint owns them)
         self.params = {n: torch.from_numpy(parameters[n].data) for n in artifact.parameter_names}
@@ -55,6 +60,31 @@ class OnnxEngine:
             return [float(x) for x in self.module(*inputs)]
         finally:
             self.module.train()
+
+
+def fill_parameters(module, initial, weights) -> None:
+    """Every parameter of `module` (a nominal checkpoint's) from `initial` (trainable values; its metadata holds the
+    session's parameter order) and the shared frozen `weights`, through one contiguous buffer, dropped after."""
+    from onnxruntime import OrtValue
+    from safetensors import safe_open
+
+    buffer = np.empty(module.get_parameters_size(trainable_only=False), np.float32)
+    offset = 0
+    try:
+        with safe_open(str(initial), "numpy") as own, safe_open(str(weights), "numpy") as shared:
+            order = json.loads((own.metadata() or {})["parameter_order"])
+            mine = set(own.keys())
+            for name in order:
+                value = (own if name in mine else shared).get_tensor(name).ravel()
+                buffer[offset:offset + value.size] = value
+                offset += value.size
+    except (KeyError, ValueError, OSError) as exc:
+        raise UserError(f"the onnx artifact's {initial.name} and {weights.name} do not fit together ({exc}); "
+                        "copy the export folder to the device again") from None
+    if offset != buffer.size:
+        raise UserError(f"the onnx artifact's weights hold {offset} values, its model {buffer.size}; re-export")
+    # the Python wrapper passes its argument through, so it takes the C-level OrtValue
+    module.copy_buffer_to_parameters(OrtValue.ortvalue_from_numpy(buffer)._ortvalue, trainable_only=False)
 
 
 class OnnxTrainer(ArtifactTrainer):
