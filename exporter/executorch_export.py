@@ -27,7 +27,7 @@ from exporter.shared_weights import keep_shared_file
 from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, split_addmm
 from exporter.training_graph import TrainingGraph
 
-XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig")
+XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "ExpConfig")
 WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 

@@ -1,6 +1,6 @@
 """`--backend auto`: pick the fastest backend this platform offers, and say why.
 
-Order (from benchmarks/bench_backends.py on x86_64; see docs/EXPORT.md):
+Order (from `hetlora bench` on x86_64; see docs/EXPORT.md):
   x86_64 / AMD64  onnx when onnxruntime-training imports and artifacts exist (about torch speed,
                   lower memory), else torch
   aarch64 (Pi, Jetson)  torch (ExecuTorch training on aarch64 is unproven here: docs/DEVICES.md;
