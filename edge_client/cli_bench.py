@@ -119,6 +119,8 @@ def idle_measured_meter(host, args):
 def run(args) -> int:
     from edge_client.backends.artifacts import load_manifest
     from edge_client.bench import cost, report, runner, steppers
+    from edge_client.bench.worker import BackendWorker
+    from hetlora.output import verbosity
     from edge_client.bench.peak import best_of
     from edge_client.device.host import Host
     from edge_client.device.profile import collect_profile
@@ -150,12 +152,13 @@ def run(args) -> int:
     peak = given or measure_peak(shape, settings, args.quick)
     meter, idle_s = idle_measured_meter(host, args)
 
-    batch = steppers.synthetic_batch(settings.batch, settings.seq_len, shape.vocab, num_labels)
-    real_tokens = int(batch["attention_mask"].sum())
+    real_tokens = settings.batch * settings.seq_len  # synthetic full-length rows (steppers.synthetic_batch)
+    config = {"model_dir": str(model_dir), "artifacts": args.artifacts, "targets": list(targets),
+              "num_labels": num_labels, "lora_alpha": lora_alpha, "batch": settings.batch, "seq_len": settings.seq_len,
+              "vocab": shape.vocab, "threads": torch.get_num_threads(), "verbosity": verbosity()}
 
     def open_stepper(backend: str):
-        return steppers.open_stepper(backend, model_dir=model_dir, artifacts_dir=args.artifacts, targets=targets,
-                                     num_labels=num_labels, lora_alpha=lora_alpha, batch=batch)
+        return BackendWorker(backend, config)
 
     runs, skipped = runner.run_cells(settings, open_stepper, skip, meter, host)
     if not given:
@@ -186,8 +189,9 @@ def _report_doc(args, settings, idle_s: float, model: dict, peak: dict, meter, p
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "settings": {**settings.__dict__, "quick": args.quick, "idle_seconds": idle_s,
                      "torch_threads": torch.get_num_threads(),
-                     "order": "ranks interleaved across repetitions (ABCABC), backends one after another",
-                     "torch_optimizer": "adamw", "artifact_optimizer": "as exported (onnx adamw, executorch sgd)",
+                     "order": "ranks interleaved across repetitions (ABCABC), per rank every backend in turn, "
+                              "each backend in its own process (peak RSS its own)",
+                     "optimizer": "adamw on every backend (artifact backends: in the client, on the artifact's gradients)",
                      "data": "synthetic full-length rows (every position attended)",
                      "peak_rss": "process RSS high-water over the timed steps (model, runtime and activations)"},
         "model": model,

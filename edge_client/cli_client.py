@@ -53,9 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--seq-len", type=int)
     g.add_argument("--lr", type=float)
-    g.add_argument("--optimizer", choices=("adamw", "sgd"),
-                   help="local optimiser (default: what the --artifacts were exported with, e.g. sgd for "
-                        "executorch; adamw for --backend torch). SGD usually needs a larger --lr than AdamW")
 
 
 def profile_source(catalog_id: str | None, profile_file: str | None):
@@ -104,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
         artifacts_dir=args.artifacts, requested_rank=args.rank, name=args.name, text_column=args.text_column,
         label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
         progress=not args.no_progress and show_progress(), train_overrides=overrides, give_up_after=args.give_up_after,
-        enroll_secret=args.enroll_secret, ca_file=args.ca_file, optimizer=args.optimizer,
+        enroll_secret=args.enroll_secret, ca_file=args.ca_file,
     )
     return EdgeClient(options, profile_source(args.profile_as, args.profile_file)).run()

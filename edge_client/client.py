@@ -44,7 +44,6 @@ class ClientOptions:
     give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
     enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
     ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
-    optimizer: str | None = None  # None: the artifacts' own, adamw for the torch backend
 
 
 def plan_of(current: dict) -> ClientPlan:
@@ -150,7 +149,7 @@ class EdgeClient:
 
     def _prepare(self, run: dict) -> None:
         """Load the trainer after checking the local model agrees with the server's spec."""
-        from edge_client.backends import make_trainer, optimizer_settings
+        from edge_client.backends import make_trainer
         from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
 
@@ -166,7 +165,6 @@ class EdgeClient:
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
-        self.overrides.update(optimizer_settings(self.options.optimizer, self.trainer))
 
     def _refresh_rank(self) -> None:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""

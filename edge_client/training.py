@@ -40,7 +40,6 @@ class TorchTrainer:
     """A frozen base model with LoRA layers, kept in memory across rounds of one client."""
 
     backend = "torch"
-    exported_optimizer = None  # any optimiser (artifact trainers train with what they were exported with)
 
     def __init__(self, model_dir, task: str, labels: list[str] | None = None, targets=None, lora_alpha: float = 16.0,
                  pooling: str | None = None):

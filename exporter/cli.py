@@ -34,7 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", type=_csv, default=("executorch", "onnx"), help="executorch,onnx (default both)")
     p.add_argument("--targets", type=_csv, help="LoRA target module names (default: the model type's defaults)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha of the run (default 16)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into ONNX (default 0)")
     p.add_argument("--executorch-delegate", choices=EXECUTORCH_DELEGATES, default=EXECUTORCH_DELEGATES[0],
                    help="xnnpack (default): matmuls and attention ops on XNNPACK; portable: "
                         "ExecuTorch's CPU kernels only (see docs/EXPORT.md)")
@@ -52,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
     req = ExportRequest(model_dir=Path(model_dir), task=args.task, ranks=args.ranks, batch=args.batch,
                         seq_len=args.seq_len, backends=args.backends, out=Path(args.out), targets=args.targets,
                         labels=tuple(read_labels(args.labels)) if args.labels else None, num_labels=args.num_labels,
-                        lora_alpha=args.lora_alpha, weight_decay=args.weight_decay,
+                        lora_alpha=args.lora_alpha,
                         executorch_delegate=args.executorch_delegate)
     doc = export_all(req, progress=not args.no_progress and show_progress())
-    total = sum(f["bytes"] for a in doc["artifacts"] for f in a["files"].values())
+    files = {f["path"]: f["bytes"] for a in doc["artifacts"] for f in a["files"].values()}  # shared files once
+    total = sum(files.values())
     print(f"wrote {len(doc['artifacts'])} artifacts ({total / 1e6:.1f} MB) and manifest.json to {args.out}")
     return 0

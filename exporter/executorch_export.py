@@ -7,7 +7,7 @@ requires_grad) -> graph rewrites (exporter/graph_passes.py) -> edge dialect, del
 XNNPACK takes every matmul plus permute, bmm, gelu and softmax. Frozen base weights (forward
 `linear(x, W)`, backward `mm(g, W)`) are static operands, packed once at load. Every other right
 operand (LoRA factors, activations in weight gradients) is a run-time input: XNNPACK must never take
-a trainable weight as static, since SGD updates to a weight packed at load would be ignored.
+a trainable weight as static, since updates to a weight packed at load would be ignored.
 
 Frozen base weights go to one external data file, `executorch/frozen_weights.ptd`, shared by every
 rank's program: their tensors and keys do not depend on the rank (XNNPACK keys its data by sha256,
@@ -19,16 +19,15 @@ value straight through), so the operator set below is an explicit list.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 from exporter.errors import export_error
+from exporter.shared_weights import keep_shared_file
 from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, split_addmm
 from exporter.training_graph import TrainingGraph
-from hetlora.errors import UserError
 
-XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig")
+XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "ExpConfig")
 WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 
@@ -101,13 +100,6 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
 
 def keep_shared_weights(program, folder: Path, *, first: bool) -> Path:
     """Write the program's frozen_weights.ptd into `folder` (first rank) or check it equals the one there."""
-    shared = folder / f"{WEIGHTS_TAG}.ptd"
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         program.write_tensor_data_to_file(tmp)
-        fresh = Path(tmp) / shared.name
-        if first or not shared.exists():
-            os.replace(fresh, shared)
-        elif fresh.read_bytes() != shared.read_bytes():
-            raise UserError(f"this rank's frozen weights differ from {shared} written for an earlier rank, so they "
-                            f"cannot be shared; please report this, and export one rank per --out meanwhile")
-    return shared
+        return keep_shared_file(Path(tmp) / f"{WEIGHTS_TAG}.ptd", folder / f"{WEIGHTS_TAG}.ptd", first=first)

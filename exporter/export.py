@@ -33,7 +33,6 @@ class ExportRequest:
     labels: tuple[str, ...] | None = None
     num_labels: int | None = None
     lora_alpha: float = 16.0
-    weight_decay: float = 0.0
     executorch_delegate: str = EXECUTORCH_DELEGATES[0]
 
 
@@ -68,18 +67,18 @@ def export_all(req: ExportRequest, *, progress: bool = True) -> dict:
         inputs = example_inputs(req.task, rank, req.batch, req.seq_len, vocab)
         t0 = time.perf_counter()
         if backend == "onnx":
-            from exporter.onnx_export import adamw_settings, export_onnx
+            from exporter.onnx_export import export_onnx
 
-            files = export_onnx(graph, inputs, req.out / "onnx" / f"r{rank}", weight_decay=req.weight_decay, what=what)
-            optimizer = adamw_settings(req.weight_decay)
+            files = export_onnx(graph, inputs, req.out / "onnx" / f"r{rank}", what=what, first=rank == jobs[0][0])
+            extra = {}
         else:
             from exporter.executorch_export import export_executorch
 
             files = export_executorch(graph, inputs, req.out / "executorch" / f"r{rank}.pte",
                                       delegate=req.executorch_delegate, what=what, first=rank == jobs[0][0])
-            optimizer = {"name": "sgd", "delegate": req.executorch_delegate}
+            extra = {"delegate": req.executorch_delegate}
         seconds = time.perf_counter() - t0
-        entries.append(artifact_entry(req.out, backend, rank, optimizer, files, seconds))
+        entries.append(artifact_entry(req.out, backend, rank, files, seconds, **extra))
         log.debug("exported rank %d %s in %.1f s", rank, backend, seconds)
     doc = build_manifest(model_hash=model_hash(req.model_dir), spec_fingerprint=spec.fingerprint, task=req.task,
                          labels=list(req.labels) if req.labels else None, num_labels=num_labels, targets=targets,

@@ -1,6 +1,6 @@
 """Rewrites of the joint forward + backward ATen graph before ExecuTorch lowering; each keeps the math exact.
 
-Measured on MiniLM rank 8 (16 x 64), ExecuTorch's CPU kernels (`benchmarks/bench_backends.py`):
+Measured on MiniLM rank 8 (16 x 64), ExecuTorch's CPU kernels (ETDump):
 the portable `addmm` is a naive loop and took 90% of a 15.5 s step; as `mm` + `add` the step took 2.2 s.
 `linear(x, W)` on a frozen W is what XNNPACK can take with prepacked weights (see executorch_export.py).
 """

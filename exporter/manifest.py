@@ -18,9 +18,9 @@ def file_entry(folder: Path, path: Path) -> dict:
     return {"path": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def artifact_entry(folder: Path, backend: str, rank: int, optimizer: dict, files: dict[str, Path],
-                   seconds: float) -> dict:
-    return {"backend": backend, "rank": rank, "optimizer": optimizer, "export_seconds": round(seconds, 2),
+def artifact_entry(folder: Path, backend: str, rank: int, files: dict[str, Path], seconds: float, **extra) -> dict:
+    """One artifact's manifest entry; `extra`: backend-specific keys (executorch: delegate)."""
+    return {"backend": backend, "rank": rank, **extra, "export_seconds": round(seconds, 2),
             "files": {role: file_entry(folder, p) for role, p in files.items()}}
 
 

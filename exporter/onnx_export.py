@@ -1,4 +1,13 @@
-"""ONNX Runtime training artifacts for one rank: training, eval and optimizer models + checkpoint (AdamW).
+"""ONNX Runtime training artifacts for one rank, no optimizer model (the device runs the plan's optimiser on
+the gradients the training model returns):
+
+    onnx/r8/training_model.onnx, eval_model.onnx   the graphs
+    onnx/r8/checkpoint                              ORT's nominal checkpoint (names and shapes, no values)
+    onnx/r8/initial.safetensors                     the trainable tensors' initial values, and in its metadata
+                                                    the session's parameter order ("parameter_order")
+    onnx/frozen_weights.safetensors                 the frozen base weights, shared by every rank
+A full ORT checkpoint holds every parameter, frozen ones too, so separate ranks could not share them;
+the device fills the nominal checkpoint from the two safetensors files (edge_client.backends.onnx_backend).
 
 Pinned facts (docs/EXPORT.md): onnx 1.17 (IR <= 10), the legacy TorchScript exporter
 (dynamo=False) in TrainingMode.TRAINING with constant folding off, opset 14 (the
@@ -7,10 +16,13 @@ LayerNormalization gradient builder fails at 17), attention_mask passed explicit
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from exporter.errors import export_error
@@ -18,13 +30,9 @@ from hetlora.output import native_stderr_filtered, quiet_onnxruntime
 from exporter.training_graph import INPUT_NAMES, OUTPUT_NAMES, TrainingGraph, trainable_names
 
 OPSET = 14
-FILES = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx",
-         "optimizer_model": "optimizer_model.onnx", "checkpoint": "checkpoint"}
-
-
-def adamw_settings(weight_decay: float) -> dict:
-    """The optimizer baked into optimizer_model.onnx (betas and eps of torch.optim.AdamW)."""
-    return {"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": float(weight_decay)}
+FILES = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx", "checkpoint": "checkpoint",
+         "initial": "initial.safetensors"}
+SHARED = "frozen_weights.safetensors"
 
 
 @contextmanager
@@ -39,26 +47,11 @@ def quiet_root_logger():
         root.setLevel(level)
 
 
-def use_torch_adamw(optimizer_model: Path) -> None:
-    """Switch the AdamWOptimizer node to adam_mode 0 (torch.optim.AdamW's update; onnxblock writes 1, the
-    Hugging Face variant with a different epsilon placement), so ONNX and torch rounds agree."""
+def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, what: str, first: bool) -> dict[str, Path]:
+    """Write the ORT training files for `graph` into `out_dir` and the frozen weights beside it (`first`: this
+    is the export's first rank, so an older shared file is replaced, not compared); returns role -> path."""
     import onnx
-
-    model = onnx.load(str(optimizer_model))
-    for node in model.graph.node:
-        if node.op_type == "AdamWOptimizer":
-            for attr in node.attribute:
-                if attr.name == "adam_mode":
-                    attr.i = 0
-    onnx.save(model, str(optimizer_model))
-
-
-def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, weight_decay: float, what: str) -> dict[str, Path]:
-    """Write the four ORT training files for `graph` into `out_dir`; returns role -> path."""
-    import onnx
-    import onnxruntime
     from onnxruntime.training import artifacts
-    from onnxruntime.training.onnxblock.optim import AdamW
 
     quiet_onnxruntime()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,16 +66,34 @@ def export_onnx(graph: TrainingGraph, inputs: tuple, out_dir: Path, *, weight_de
         missing = sorted(set(trainable) - set(initializers))
         if missing:
             raise RuntimeError(f"trainable parameters were folded away by the ONNX exporter: {missing[:3]}")
-        settings = adamw_settings(weight_decay)
         with quiet_root_logger(), native_stderr_filtered():
             artifacts.generate_artifacts(
                 model, requires_grad=trainable, frozen_params=[n for n in initializers if n not in set(trainable)],
-                loss=None, optimizer=AdamW(betas=tuple(settings["betas"]), eps=settings["eps"],
-                                           weight_decay=settings["weight_decay"]),
-                artifact_directory=str(out_dir))
-        use_torch_adamw(out_dir / FILES["optimizer_model"])
+                loss=None, optimizer=None, artifact_directory=str(out_dir), nominal_checkpoint=True)
+        order = [i.name for i in onnx.load(str(out_dir / FILES["training_model"])).graph.input
+                 if i.name in set(initializers)]
+        weights = split_checkpoint(out_dir, order, set(trainable), first=first)
     except Exception as exc:  # the exporters raise many types; all mean "this model cannot be exported"
         raise export_error("ONNX Runtime training", what, exc) from None
     finally:
         plain.unlink(missing_ok=True)
-    return {role: out_dir / name for role, name in FILES.items()}
+    return {**{role: out_dir / name for role, name in FILES.items()}, "weights": weights}
+
+
+def split_checkpoint(out_dir: Path, order: list[str], trainable: set[str], *, first: bool) -> Path:
+    """Full checkpoint -> initial.safetensors (trainable values + the session's parameter `order`) and the
+    shared frozen weights file; the nominal checkpoint becomes `checkpoint`. Returns the shared file."""
+    from onnxruntime.training.api import CheckpointState
+    from safetensors.numpy import save_file
+
+    from exporter.shared_weights import keep_shared_file
+
+    state = CheckpointState.load_checkpoint(str(out_dir / "checkpoint"))
+    values = {name: np.array(state.parameters[name].data, copy=True) for name in order}
+    del state
+    save_file({n: v for n, v in values.items() if n in trainable}, str(out_dir / FILES["initial"]),
+              metadata={"parameter_order": json.dumps(order)})
+    fresh = out_dir / SHARED
+    save_file({n: v for n, v in values.items() if n not in trainable}, str(fresh))
+    os.replace(out_dir / "nominal_checkpoint", out_dir / FILES["checkpoint"])
+    return keep_shared_file(fresh, out_dir.parent / SHARED, first=first)

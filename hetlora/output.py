@@ -39,8 +39,9 @@ WARNINGS = [
     (Warning, r"Converting a tensor to a Python boolean", r"transformers\.",
      "attention-mask code traced at a fixed shape, as the artifacts are"),
 ]
-# ONNX Runtime's C++ log lines below ERROR: verbose, info, warning ("[W:onnxruntime:...")
-ORT_CHATTER = re.compile(r"\[[VIW]:onnxruntime:")
+# native log lines dropped by native_stderr_filtered: ONNX Runtime's below ERROR (verbose, info, warning:
+# "[W:onnxruntime:..."), and ExecuTorch's CPU probing when its threadpool starts ("[cpuinfo_utils.cpp:71] ...")
+NATIVE_CHATTER = re.compile(r"\[[VIW]:onnxruntime:|\[cpuinfo_utils\.cpp:\d+\]")
 ORT_ERROR = 3  # onnxruntime severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 _verbosity = 0
 
@@ -84,8 +85,8 @@ def quiet_onnxruntime() -> None:
 @contextmanager
 def native_stderr_filtered():
     """Hold what native code writes to file descriptor 2 inside the block and pass it on afterwards without
-    ONNX Runtime's verbose, info and warning lines (everything passes with -v). For C++ loggers that
-    ignore the severity set from Python, such as ORT's training-graph builder."""
+    ONNX Runtime's verbose, info and warning lines and ExecuTorch's CPU-probing info lines (everything passes
+    with -v). For C++ loggers that ignore the severity set from Python, such as ORT's training-graph builder."""
     if _verbosity > 0:
         yield
         return
@@ -101,5 +102,5 @@ def native_stderr_filtered():
             os.close(saved)
             held.seek(0)
             kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-                    if not ORT_CHATTER.search(line)]
+                    if not NATIVE_CHATTER.search(line)]
             sys.stderr.write("".join(kept))

@@ -158,11 +158,7 @@ class LocalNode:
     def train(self, payload: bytes, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
         """One planned LoRA round: (update wire bytes, report {profile, losses, ranks})."""
         start = self._start(payload, plan)
-        from edge_client.backends import optimizer_settings
-
-        # artifact backends train with the optimiser they were exported with (as `hetlora client` does)
-        settings = plan.training.updated(optimizer_settings(None, self.trainer))
-        result = self.trainer.train_round(start, self.examples, settings, rank=plan.rank, mode=plan.mode,
+        result = self.trainer.train_round(start, self.examples, plan.training, rank=plan.rank, mode=plan.mode,
                                           indices=list(plan.indices) if plan.indices is not None else None)
         result.adapter.meta = upload_meta(plan, client_id, result)
         body = encode(result.adapter)

@@ -83,3 +83,26 @@ def tiny_mean_bert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
     (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
                                                                "pooling_mode_mean_tokens": True}))
     return path
+
+
+ARTIFACT_LABELS = ("card", "transfer", "rate")
+ARTIFACT_RANKS, ARTIFACT_BATCH, ARTIFACT_SEQ = (2, 4), 4, 16
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, tiny_bert_dir) -> Path:
+    """`hetlora export` of the tiny BERT, once per session, for every test that trains from artifacts:
+    ranks 2 and 4, ExecuTorch (XNNPACK) and ONNX, batch 4 x seq_len 16, three labels, and the server's
+    defaults (the model type's LoRA targets, lora_alpha 16), so `hetlora serve` runs can use it too."""
+    pytest.importorskip("executorch")
+    pytest.importorskip("onnxruntime.training")
+    from hetlora.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-artifacts")
+    labels = tmp_path_factory.mktemp("artifact-labels") / "labels.txt"
+    labels.write_text("\n".join(ARTIFACT_LABELS) + "\n")
+    assert main(["export", "--model", str(tiny_bert_dir), "--task", "classification", "--labels", str(labels),
+                 "--ranks", ",".join(map(str, ARTIFACT_RANKS)), "--batch", str(ARTIFACT_BATCH),
+                 "--seq-len", str(ARTIFACT_SEQ), "--backends", "executorch,onnx", "--out", str(out),
+                 "--no-progress"]) == 0
+    return out

@@ -1,9 +1,10 @@
 """The onnx and executorch backends against the torch backend (the reference), on tiny real models.
 
-Artifacts are exported once per task (module fixture) at one rank with a larger fixed shape
-than the rounds use, so padding of batches and of ranks is exercised everywhere. ExecuTorch is
-exported twice: XNNPACK-delegated (the default, "executorch") and CPU kernels only
-("executorch-portable").
+Classification trains from the session's tiny artifacts (conftest.tiny_artifacts: ranks 2 and 4);
+this module exports the causal-LM artifacts and the "executorch-portable" variant (ExecuTorch's CPU
+kernels, no XNNPACK) at rank 4. The exported shape is larger than the rounds use, so padding of
+batches and of ranks is exercised everywhere. Every round runs the plan's optimiser in the client:
+AdamW with a warm-up + cosine schedule, weight decay and a separate head learning rate.
 """
 
 from __future__ import annotations
@@ -20,25 +21,25 @@ from edge_client.backends import make_trainer
 from edge_client.backends.artifact_trainer import padded_tail_mask
 from edge_client.backends.select import choose_backend
 from edge_client.data import Examples
-from edge_client.lora import load_adapter, lora_layers, tail_mask, tail_penalty
-from edge_client.models import derive_spec
+from edge_client.lora import load_adapter, tail_mask, tail_penalty
+from edge_client.models import default_targets, derive_spec
 from edge_client.objective import batch_loss
 from hetlora.protocol.settings import TrainingSettings
-from edge_client.training import TorchTrainer
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
+from tests.conftest import ARTIFACT_BATCH as ART_BATCH, ARTIFACT_LABELS, ARTIFACT_SEQ as ART_SEQ
 
 pytest.importorskip("executorch")
 pytest.importorskip("onnxruntime.training")
 
-ART_RANK, ART_BATCH, ART_SEQ = 4, 4, 16
-ALPHA = 8.0
-LABELS = ["card", "payment", "exchange"]
+ART_RANK = 4
+ALPHA = 16.0
+LABELS = list(ARTIFACT_LABELS)
 SENTENCES = ["how do I activate my new card", "my card payment was declined at the shop",
              "what is the exchange rate for euros", "federated learning keeps private data on the device",
              "the quick brown fox jumps over the lazy dog"]
-SETUPS = {"classification": ("tiny_bert_dir", ("query", "value")),
-          "causal-lm": ("tiny_llama_dir", ("q_proj", "v_proj"))}
+SETUPS = {"classification": "tiny_bert_dir", "causal-lm": "tiny_llama_dir"}
+ADAMW = dict(optimizer="adamw", lr=0.01, head_lr=0.02, weight_decay=0.1, schedule="cosine", warmup_steps=2)
 
 
 def examples_for(task: str) -> Examples:
@@ -56,23 +57,30 @@ def random_adapter(spec, rank: int, seed: int) -> Adapter:
     return Adapter(lora=lora, dense=dense)
 
 
-@pytest.fixture(scope="module", params=sorted(SETUPS))
-def setup(request, tmp_path_factory):
-    """(task, model_dir, targets, labels, {variant: artifacts folder}), everything exported at ART_RANK."""
+def export(model_dir, task: str, out, backends: tuple[str, ...], delegate: str, targets) -> None:
     from exporter.export import ExportRequest, export_all
 
+    export_all(ExportRequest(model_dir=model_dir, task=task, ranks=(ART_RANK,), batch=ART_BATCH, seq_len=ART_SEQ,
+                             backends=backends, out=out, targets=targets,
+                             labels=tuple(LABELS) if task == "classification" else None, lora_alpha=ALPHA,
+                             executorch_delegate=delegate), progress=False)
+
+
+@pytest.fixture(scope="module", params=sorted(SETUPS))
+def setup(request, tmp_path_factory):
+    """(task, model_dir, targets, labels, {variant: artifacts folder})."""
     task = request.param
-    fixture, targets = SETUPS[task]
-    model_dir = request.getfixturevalue(fixture)
+    model_dir = request.getfixturevalue(SETUPS[task])
     labels = LABELS if task == "classification" else None
+    targets = default_targets(model_dir) if task == "classification" else ("q_proj", "v_proj")
     folders = {}
-    for variant, backends, delegate in [("default", ("executorch", "onnx"), "xnnpack"),
-                                        ("executorch-portable", ("executorch",), "portable")]:
-        folders[variant] = tmp_path_factory.mktemp(f"artifacts-{task}-{variant}")
-        export_all(ExportRequest(model_dir=model_dir, task=task, ranks=(ART_RANK,), batch=ART_BATCH, seq_len=ART_SEQ,
-                                 backends=backends, out=folders[variant], targets=targets,
-                                 labels=tuple(labels) if labels else None, lora_alpha=ALPHA,
-                                 executorch_delegate=delegate), progress=False)
+    if task == "classification":
+        folders["default"] = request.getfixturevalue("tiny_artifacts")
+    else:
+        folders["default"] = tmp_path_factory.mktemp(f"artifacts-{task}")
+        export(model_dir, task, folders["default"], ("executorch", "onnx"), "xnnpack", targets)
+    folders["executorch-portable"] = tmp_path_factory.mktemp(f"artifacts-{task}-portable")
+    export(model_dir, task, folders["executorch-portable"], ("executorch",), "portable", targets)
     return task, model_dir, targets, labels, folders
 
 
@@ -110,7 +118,7 @@ def test_first_step_loss_and_gradients_equal_torch(setup, backend):
     trainer.load(start)
     loss = engine.forward_backward(trainer.inputs(batch, rank, padded_tail_mask(rank, engine.rank, gamma), lam))[0]
     assert loss == pytest.approx(float(expected), abs=1e-4)
-    grads = engine.gradients()
+    grads = {name: g.numpy() for name, g in engine.gradients().items()}
     assert set(grads) == {"model." + n for n in params}
     for name, p in params.items():
         got = grads["model." + name]
@@ -139,20 +147,17 @@ def assert_same_adapter(got: Adapter, want: Adapter, atol: float) -> None:
         np.testing.assert_allclose(got.dense[name], t, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("backend, optimizer", [("executorch", "sgd"), ("executorch-portable", "sgd"),
-                                                ("onnx", "adamw")])
-def test_round_with_self_pruning_matches_torch(setup, backend, optimizer):
-    """Six steps at rank 3 in an artifact of rank 4 (padding silenced by the keep mask), then pruning to 2.
+@pytest.mark.parametrize("backend", ["onnx", "executorch", "executorch-portable"])
+def test_round_with_self_pruning_matches_torch(setup, backend):
+    """Six AdamW steps at rank 3 in an artifact of rank 4 (padding silenced by the keep mask), then pruning to 2.
 
-    Tolerance: 2e-5 absolute on every wire tensor (float32 kernels of different libraries; ONNX uses
-    adam_mode 0 so its update is torch.optim.AdamW's).
+    Tolerance: 2e-5 absolute on every wire tensor (float32 kernels of different libraries).
     """
     task = setup[0]
     reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), 3, seed=2)
-    cfg = TrainingSettings(steps=6, batch_size=3, seq_len=12, lr=0.05 if optimizer == "sgd" else 0.01,
-                      optimizer=optimizer, prune_lambda=0.5, prune_gamma=0.7, min_rank=1, lora_alpha=ALPHA,
-                      trim_padding=False)  # artifacts train on fixed-shape, uniformly shuffled batches
+    cfg = TrainingSettings(steps=6, batch_size=3, seq_len=12, prune_lambda=0.5, prune_gamma=0.7, min_rank=1,
+                           lora_alpha=ALPHA, **ADAMW)
     want = reference.train_round(start, examples_for(task), cfg, rank=3, mode="hetlora")
     got = trainer.train_round(start, examples_for(task), cfg, rank=3, mode="hetlora")
     assert want.rank_after == got.rank_after == 2
@@ -161,7 +166,7 @@ def test_round_with_self_pruning_matches_torch(setup, backend, optimizer):
     assert got.loss_before == pytest.approx(want.loss_before, abs=1e-4)
     assert got.loss_after == pytest.approx(want.loss_after, abs=1e-4)
     assert_same_adapter(got.adapter, want.adapter, atol=2e-5)
-    current = trainer.engine.read()
+    current = trainer.read()
     for name in current:
         if name.endswith("lora_A"):
             assert not current[name][2:].any(), "pruned or padded ranks must hold exact zeros"
@@ -169,15 +174,37 @@ def test_round_with_self_pruning_matches_torch(setup, backend, optimizer):
             assert not current[name][:, 2:].any(), "pruned or padded ranks must hold exact zeros"
 
 
+@pytest.mark.parametrize("backend", ["onnx", "executorch"])
+def test_adamw_with_a_schedule_on_a_fixed_batch_equals_torch(setup, backend):
+    """One fixed batch, eight steps of AdamW (warm-up 2, then cosine; weight decay; the head at its own lr):
+    the loss of every step and the round's update equal torch's to 1e-4."""
+    task = setup[0]
+    reference, trainer = trainers(setup, backend)
+    fixed = examples_for(task).subset(range(ART_BATCH))
+    start = random_adapter(spec_of(setup), ART_RANK, seed=7)
+    cfg = TrainingSettings(steps=8, batch_size=ART_BATCH, seq_len=ART_SEQ, lora_alpha=ALPHA, **ADAMW)
+    losses = {"want": [], "got": []}
+    want = reference.train_round(start, fixed, cfg, rank=ART_RANK, on_step=lambda i, loss: losses["want"].append(loss))
+    got = trainer.train_round(start, fixed, cfg, rank=ART_RANK, on_step=lambda i, loss: losses["got"].append(loss))
+    assert len(losses["got"]) == 8
+    np.testing.assert_allclose(losses["got"], losses["want"], rtol=0, atol=1e-4)
+    assert losses["want"][-1] < losses["want"][0] - 0.01, "the round must learn for the comparison to mean anything"
+    for name, (a0, b0) in start.lora.items():
+        (a, b), (wa, wb) = got.adapter.lora[name], want.adapter.lora[name]
+        np.testing.assert_allclose(a - a0, wa - a0, rtol=0, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(b - b0, wb - b0, rtol=0, atol=1e-4, err_msg=name)
+    for name, d0 in start.dense.items():
+        np.testing.assert_allclose(got.adapter.dense[name] - d0, want.adapter.dense[name] - d0, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["executorch", "executorch-portable"])
 def test_plain_round_without_pruning_keeps_rank(setup, backend):
-    """Full rank, two SGD steps: every trainable weight's update must reach the program (XNNPACK may hold
+    """Full rank, two steps: every trainable weight's update must reach the program (XNNPACK may hold
     only frozen weights as static)."""
     task = setup[0]
     reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), ART_RANK, seed=3)
-    cfg = TrainingSettings(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lr=0.05, optimizer="sgd", lora_alpha=ALPHA,
-                      trim_padding=False)
+    cfg = TrainingSettings(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lora_alpha=ALPHA, **ADAMW)
     want = reference.train_round(start, examples_for(task), cfg, rank=ART_RANK)
     got = trainer.train_round(start, examples_for(task), cfg, rank=ART_RANK)
     assert got.rank_after == ART_RANK and got.tail_before == got.tail_after == 0.0
@@ -190,15 +217,15 @@ def test_user_errors(setup):
     _, trainer = trainers(setup, "executorch")
     start = random_adapter(spec_of(setup), 2, seed=4)
     with pytest.raises(UserError, match="--backend torch"):
-        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="sgd"), rank=2, indices=[0, 1],
-                            mode="plora")
-    with pytest.raises(UserError, match="SGD only"):
-        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="adamw", batch_size=2, seq_len=8), rank=2)
+        trainer.train_round(start, examples_for(task), TrainingSettings(), rank=2, indices=[0, 1], mode="plora")
     with pytest.raises(UserError, match="batch 4 x seq_len 16"):
-        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="sgd", seq_len=64), rank=2)
+        trainer.train_round(start, examples_for(task), TrainingSettings(seq_len=64), rank=2)
     big = random_adapter(spec_of(setup), 8, seed=5)
     with pytest.raises(UserError, match="no executorch artifact for rank 8"):
-        trainer.train_round(big, examples_for(task), TrainingSettings(optimizer="sgd"), rank=8)
+        trainer.train_round(big, examples_for(task), TrainingSettings(), rank=8)
+    with pytest.raises(UserError, match="unknown optimizer 'lion'"):
+        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="lion", batch_size=2, seq_len=8),
+                            rank=2)
     with pytest.raises(UserError, match="--artifacts"):
         make_trainer("onnx", model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA)
     with pytest.raises(UserError, match="lora_alpha"):
@@ -207,20 +234,10 @@ def test_user_errors(setup):
 
 
 @pytest.mark.parametrize("backend", ["onnx", "executorch"])
-def test_artifact_trainers_optimizer_and_head_statistics(setup, backend):
-    """The manifest decides the optimiser and a baked-in weight decay (optimizer_settings refuses another
-    optimiser); round-0 statistics equal the torch trainer's."""
-    from edge_client.backends import optimizer_settings
-
+def test_artifact_trainers_head_statistics_equal_torch(setup, backend):
+    """Round-0 statistics (the frozen features) equal the torch trainer's."""
     task = setup[0]
     reference, trainer = trainers(setup, backend)
-    fixed = {"onnx": {"optimizer": "adamw", "weight_decay": 0.0}, "executorch": {"optimizer": "sgd"}}[backend]
-    assert optimizer_settings(None, trainer) == fixed == optimizer_settings(fixed["optimizer"], trainer)
-    other = {"adamw": "sgd", "sgd": "adamw"}[fixed["optimizer"]]
-    with pytest.raises(UserError, match=f"--optimizer {other}: the {backend} artifacts were exported to train with"):
-        optimizer_settings(other, trainer)
-    assert optimizer_settings(None, reference) == {"optimizer": "adamw"}
-    assert optimizer_settings("sgd", reference) == {"optimizer": "sgd"}
     if task != "classification":
         with pytest.raises(UserError, match="classification runs only"):
             trainer.frozen_features(examples_for(task), 12)
@@ -244,7 +261,7 @@ def test_artifact_sha256_is_verified(setup, tmp_path, damage):
         target.unlink()
     with pytest.raises(UserError, match="training_model.onnx"):
         make_trainer("onnx", model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA,
-                     artifacts_dir=copy, rank=2)
+                     artifacts_dir=copy, rank=ART_RANK)
 
 
 @pytest.mark.parametrize("machine, termux, have, expected", [
@@ -286,36 +303,37 @@ def test_default_executorch_artifact_is_xnnpack_delegated(setup):
     for variant, delegated in [("default", True), ("executorch-portable", False)]:
         manifest = load_manifest(setup[4][variant])
         entry = next(a for a in manifest.doc["artifacts"] if a["backend"] == "executorch")
-        assert entry["optimizer"]["delegate"] == ("xnnpack" if delegated else "portable")
+        assert entry["delegate"] == ("xnnpack" if delegated else "portable")
         program = manifest.artifact("executorch", ART_RANK).files["program"].read_bytes()
         assert (b"XnnpackBackend" in program) == delegated
 
 
-def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tmp_path):
-    """Frozen base weights live once, in frozen_weights.ptd, not in each rank's program; each rank trains from it."""
+@pytest.mark.parametrize("backend", ["executorch", "onnx"])
+def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tiny_artifacts, backend):
+    """Frozen base weights live once per backend (executorch/frozen_weights.ptd, onnx/frozen_weights.safetensors),
+    in no rank's own files; each rank trains from them."""
     from safetensors.numpy import load_file
 
     from edge_client.backends.artifacts import load_manifest
-    from exporter.export import ExportRequest, export_all
 
-    export_all(ExportRequest(model_dir=tiny_bert_dir, task="classification", ranks=(2, 3), batch=2, seq_len=8,
-                             backends=("executorch",), out=tmp_path, targets=("query",), num_labels=3,
-                             lora_alpha=ALPHA), progress=False)
-    entries = load_manifest(tmp_path).doc["artifacts"]
-    assert len({e["files"]["weights"]["path"] for e in entries}) == 1
-    weights = (tmp_path / entries[0]["files"]["weights"]["path"]).read_bytes()
+    entries = [e for e in load_manifest(tiny_artifacts).doc["artifacts"] if e["backend"] == backend]
+    assert len(entries) == 2 and len({e["files"]["weights"]["path"] for e in entries}) == 1
+    weights = (tiny_artifacts / entries[0]["files"]["weights"]["path"]).read_bytes()
     embedding = load_file(str(tiny_bert_dir / "model.safetensors"))["embeddings.word_embeddings.weight"]
     probe = embedding[1000].tobytes()  # one row of the largest frozen tensor
     assert probe in weights
     for entry in entries:
-        program = (tmp_path / entry["files"]["program"]["path"]).read_bytes()
-        assert probe not in program and len(program) < len(weights) / 4
-    kwargs = dict(model_dir=tiny_bert_dir, task="classification", labels=LABELS, targets=("query",), lora_alpha=ALPHA)
-    reference, trainer = make_trainer("torch", **kwargs), make_trainer("executorch", artifacts_dir=tmp_path, **kwargs)
-    start = random_adapter(derive_spec(tiny_bert_dir, "classification", ("query",), 3), 2, seed=6)
-    cfg = TrainingSettings(steps=2, batch_size=2, seq_len=8, lr=0.05, optimizer="sgd", lora_alpha=ALPHA, trim_padding=False)
+        for role, f in entry["files"].items():
+            if role != "weights":
+                own = (tiny_artifacts / f["path"]).read_bytes()
+                assert probe not in own and len(own) < len(weights) / 4, role
+    kwargs = dict(model_dir=tiny_bert_dir, task="classification", labels=LABELS, lora_alpha=ALPHA)
+    reference, trainer = make_trainer("torch", **kwargs), make_trainer(backend, artifacts_dir=tiny_artifacts, **kwargs)
+    start = random_adapter(derive_spec(tiny_bert_dir, "classification", default_targets(tiny_bert_dir), 3), 2, seed=6)
+    cfg = TrainingSettings(steps=2, batch_size=2, seq_len=8, lora_alpha=ALPHA, **ADAMW)
     want = reference.train_round(start, examples_for("classification"), cfg, rank=2)
     got = trainer.train_round(start, examples_for("classification"), cfg, rank=2)
+    assert trainer.engine.rank == 2
     assert_same_adapter(got.adapter, want.adapter, atol=2e-5)
 
 

@@ -93,11 +93,11 @@ def test_step_flops_agree_with_torchs_flop_counter(tiny_bert_dir):
 
     b, s, r, h, labels = 4, 32, 8, 32, 3
     tokens = b * s
-    stepper = TorchStepper(tiny_bert_dir, ("query", "value"), labels, 16.0, synthetic_batch(b, s, 30522, labels))
+    spec = derive_spec(tiny_bert_dir, "classification", ("query", "value"), num_labels=labels)
+    stepper = TorchStepper(tiny_bert_dir, spec, ("query", "value"), labels, 16.0, synthetic_batch(b, s, 30522, labels))
     step, _ = stepper.prepare(r)
     with FlopCounterMode(display=False) as counter:
         step()
-    spec = derive_spec(tiny_bert_dir, "classification", ("query", "value"), num_labels=labels)
     analytic = training_step_flops(ModelShape.from_model_dir(tiny_bert_dir), spec, r, b, s)
     attention = 12 * 2 * b * s * s * h
     first_layer_input_grads = 3 * 2 * h * h * tokens + 2 * 2 * r * h * tokens  # q, k, v and the two LoRA A
@@ -197,35 +197,33 @@ def test_quick_bench_on_a_jetson_tree_measures_energy_and_writes_json_csv_png(ti
     assert "measured: jetson-ina3221-hwmon/module" in printed and "torch" in printed
 
 
-def test_quick_bench_lists_unavailable_backends_with_reasons(tiny_bert_dir, tmp_path, capsys):
-    """With onnxruntime-training installed the onnx backend runs from exported artifacts (rank 3 on the rank-4
-    artifact, rank 8 skipped: none exported); executorch is skipped because the export holds none."""
-    from edge_client.bench.steppers import importable
-
+def test_quick_bench_lists_unavailable_backends_with_reasons(tiny_bert_dir, tiny_artifacts, tmp_path, capsys):
+    """From the session's artifacts (ranks 2 and 4, batch 4 x 16): rank 3 runs on the rank-4 artifact of each
+    artifact backend, rank 8 is skipped for them (none exported) and runs on torch."""
     args = ["bench", "--model", str(tiny_bert_dir), "--ranks", "3,8", "--backends", "torch,onnx,executorch",
-            "--out", str(tmp_path / "out"), "--peak-gflops", "50", "--root", str(make_root("container", tmp_path)[0])]
-    if importable("onnxruntime.training"):
-        art = tmp_path / "art"
-        assert main(["export", "--model", str(tiny_bert_dir), "--task", "classification", "--num-labels", "3",
-                     "--ranks", "4", "--batch", "2", "--seq-len", "8", "--backends", "onnx", "--out", str(art),
-                     "--no-progress"]) == 0
-        args += ["--artifacts", str(art)]
-    assert main([*args, *FAST]) == 0
+            "--out", str(tmp_path / "out"), "--peak-gflops", "50", "--root", str(make_root("container", tmp_path)[0]),
+            "--artifacts", str(tiny_artifacts)]
+    assert main([*args, *FAST, "--batch", "4", "--seq-len", "16"]) == 0
     doc, rows = read_outputs(tmp_path / "out")
-    check_cells(doc, rows, 2, 8)
+    check_cells(doc, rows, 4, 16)
     skipped = {(s["backend"], s["rank"]): s["reason"] for s in doc["skipped"]}
-    if "--artifacts" in args:
-        assert [(c["backend"], c["rank"], c["computed_rank"]) for c in doc["cells"]] == \
-            [("torch", 3, 3), ("torch", 8, 8), ("onnx", 3, 4)]
-        assert "no onnx artifact for rank 8" in skipped[("onnx", 8)]
-        assert "holds no executorch artifacts" in skipped[("executorch", None)]
-    else:
-        assert "--artifacts" in skipped[("onnx", None)]
+    assert [(c["backend"], c["rank"], c["computed_rank"]) for c in doc["cells"]] == \
+        [("torch", 3, 3), ("torch", 8, 8), ("onnx", 3, 4), ("executorch", 3, 4)]
+    assert "no onnx artifact for rank 8" in skipped[("onnx", 8)]
+    assert "no executorch artifact for rank 8" in skipped[("executorch", 8)]
     energy = doc["cells"][0]["energy"]
     assert energy["energy_status"] in ("estimated", "unavailable")
     assert (energy["model"] is not None) == (energy["energy_status"] == "estimated")
     printed = capsys.readouterr().out
     assert all(f"skipped {b}" in printed for b, _ in skipped)
+
+
+def test_bench_without_artifacts_says_where_they_come_from(tiny_bert_dir, tmp_path):
+    assert main(["bench", "--model", str(tiny_bert_dir), "--ranks", "2", "--backends", "torch,onnx",
+                 "--out", str(tmp_path / "out"), "--peak-gflops", "50", "--root",
+                 str(make_root("container", tmp_path)[0]), *FAST]) == 0
+    doc, _ = read_outputs(tmp_path / "out")
+    assert "--artifacts" in {s["backend"]: s["reason"] for s in doc["skipped"]}["onnx"]
 
 
 @pytest.mark.parametrize("flags, message", [

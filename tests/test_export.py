@@ -1,6 +1,6 @@
 """`hetlora export`: manifest contents, the CLI, and clear errors for what cannot be exported.
 
-ONNX only here (seconds per artifact); the ExecuTorch export is exercised in test_backends.py.
+The artifacts are the session's (conftest.tiny_artifacts: `hetlora export` of ranks 2 and 4, both backends).
 """
 
 from __future__ import annotations
@@ -10,62 +10,53 @@ import json
 import pytest
 
 from edge_client.backends.artifacts import load_manifest, sha256_file
-from edge_client.models import derive_spec, model_hash
+from edge_client.models import default_targets, derive_spec, model_hash
 from hetlora.cli import main
 from hetlora.errors import UserError
+from tests.conftest import ARTIFACT_LABELS
 
 pytest.importorskip("onnxruntime.training")
-
-TARGETS = ("query", "value")
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_bert_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export-cli")
-    labels = tmp_path_factory.mktemp("labels") / "labels.txt"
-    labels.write_text("card\npayment\nexchange\n")
-    code = main(["export", "--model", str(tiny_bert_dir), "--task", "classification", "--labels", str(labels),
-                 "--ranks", "4,2", "--batch", "2", "--seq-len", "8", "--backends", "onnx",
-                 "--targets", ",".join(TARGETS), "--out", str(out), "--no-progress"])
-    assert code == 0
-    return out
+pytest.importorskip("executorch")
 
 
-def test_manifest_describes_every_artifact(exported, tiny_bert_dir):
-    doc = json.loads((exported / "manifest.json").read_text())
-    spec = derive_spec(tiny_bert_dir, "classification", TARGETS, 3)
+def test_manifest_describes_every_artifact(tiny_artifacts, tiny_bert_dir):
+    doc = json.loads((tiny_artifacts / "manifest.json").read_text())
+    spec = derive_spec(tiny_bert_dir, "classification", default_targets(tiny_bert_dir), 3)
     assert doc["model_hash"] == model_hash(tiny_bert_dir) and doc["spec_fingerprint"] == spec.fingerprint
-    assert doc["labels"] == ["card", "payment", "exchange"] and doc["num_labels"] == 3
-    assert (doc["batch"], doc["seq_len"], doc["task"]) == (2, 8, "classification")
+    assert doc["labels"] == list(ARTIFACT_LABELS) and doc["num_labels"] == 3
+    assert (doc["batch"], doc["seq_len"], doc["task"]) == (4, 16, "classification")
     wire = {m + suffix for m in spec.modules for suffix in (".lora_A", ".lora_B")} | set(spec.dense)
     assert set(doc["parameters"].values()) == wire
-    assert [a["rank"] for a in doc["artifacts"]] == [2, 4]
+    assert [(a["rank"], a["backend"]) for a in doc["artifacts"]] == [(2, "executorch"), (2, "onnx"),
+                                                                     (4, "executorch"), (4, "onnx")]
+    roles = {"onnx": {"training_model", "eval_model", "checkpoint", "initial", "weights"},
+             "executorch": {"program", "weights"}}
     for entry in doc["artifacts"]:
-        assert entry["optimizer"]["name"] == "adamw"
-        assert set(entry["files"]) == {"training_model", "eval_model", "optimizer_model", "checkpoint"}
+        assert "optimizer" not in entry, "an artifact computes gradients only; the device runs the optimiser"
+        assert set(entry["files"]) == roles[entry["backend"]]
         for f in entry["files"].values():
-            path = exported / f["path"]
+            path = tiny_artifacts / f["path"]
             assert path.stat().st_size == f["bytes"] and sha256_file(path) == f["sha256"]
 
 
-def test_frozen_weights_stay_frozen_in_the_onnx_artifact(exported):
-    """Only the LoRA factors and the head are trainable parameters in the checkpoint."""
-    from onnxruntime.training.api import CheckpointState
+def test_frozen_weights_stay_frozen_in_the_onnx_artifact(tiny_artifacts):
+    """Only the LoRA factors and the head are trainable parameters of the session."""
+    from edge_client.backends.onnx_backend import OnnxEngine
 
-    manifest = load_manifest(exported)
-    state = CheckpointState.load_checkpoint(str(manifest.artifact("onnx", 3).files["checkpoint"]))
-    trainable = {name for name in manifest.parameters if state.parameters[name].requires_grad}
+    manifest = load_manifest(tiny_artifacts)
+    engine = OnnxEngine(manifest.artifact("onnx", 3))
+    trainable = {name for name, p in engine.state.parameters if p.requires_grad}
     assert trainable == set(manifest.parameters)
     assert "model.bert.embeddings.word_embeddings.weight" not in manifest.parameters
 
 
-def test_smallest_fitting_rank_is_chosen(exported):
-    manifest = load_manifest(exported)
-    assert manifest.artifact("onnx", 1).rank == 2 and manifest.artifact("onnx", 3).rank == 4
+def test_smallest_fitting_rank_is_chosen(tiny_artifacts):
+    manifest = load_manifest(tiny_artifacts)
+    assert manifest.artifact("onnx", 1).rank == 2 and manifest.artifact("executorch", 3).rank == 4
     with pytest.raises(UserError, match="no onnx artifact for rank 5"):
         manifest.artifact("onnx", 5)
-    with pytest.raises(UserError, match="no executorch artifact"):
-        manifest.artifact("executorch", 2)
+    with pytest.raises(UserError, match="no tflite artifact"):
+        manifest.artifact("tflite", 2)
 
 
 def test_bad_requests_are_user_errors(tiny_bert_dir, tmp_path, capsys):

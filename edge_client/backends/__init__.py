@@ -42,16 +42,3 @@ def make_trainer(backend: str, *, model_dir, task: str, labels=None, targets=Non
         trainer.engine_for(rank)
     return trainer
 
-
-def optimizer_settings(requested: str | None, trainer) -> dict:
-    """The TrainingSettings optimiser fields of local rounds: an artifact trainer's own (`trainer.exported_optimizer`:
-    the optimiser its artifacts were exported with and a baked-in weight decay) or, for the torch trainer (None),
-    `requested` or adamw. UserError when `requested` is one the artifacts cannot run, so a client finds out
-    before it registers."""
-    fixed = trainer.exported_optimizer
-    if fixed is None:
-        return {"optimizer": requested or "adamw"}
-    if requested not in (None, fixed["optimizer"]):
-        raise UserError(f"--optimizer {requested}: the {trainer.backend} artifacts were exported to train with "
-                        f"{fixed['optimizer']}; drop --optimizer, re-export, or use --backend torch")
-    return dict(fixed)

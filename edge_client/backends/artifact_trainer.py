@@ -4,7 +4,9 @@ The artifact of the smallest exported rank R >= r serves a client at rank r: the
 zero-padded to R, `keep_mask` = [1]*r + [0]*(R-r) silences the padding (it gets zero gradient and
 stays exactly zero), `lora_scale` = lora_scale(alpha, r) and the tail mask marks floor(gamma r)..r-1,
 so training equals the torch backend at rank r. Batches come from edge_client.data (the torch
-backend's batching) and are padded to the exported (batch, seq_len) with ignored targets.
+backend's batching, trimmed or not as the plan says) and are padded back to the exported (batch, seq_len)
+with masked, ignored positions. The artifact returns the loss and gradients; the plan's optimiser
+(edge_client.backends.client_optimizer) updates the parameters in the client, as the torch backend does.
 Pruning uses hetlora.protocol.lora_rules.should_prune / pruned_rank, as the torch backend does.
 """
 
@@ -14,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -29,24 +31,24 @@ from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
 from hetlora.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 MODES = ("plain", "hetlora")
 
 
 class Engine(Protocol):
-    """A loaded training artifact. Inputs follow the manifest's `inputs`; outputs (loss, task_loss, tail, n_targets)."""
+    """A loaded training artifact. Inputs follow the manifest's `inputs`; outputs (loss, task_loss, tail, n_targets).
+    It computes losses and gradients only: the optimiser runs in the client (ClientOptimizer)."""
 
     rank: int
 
-    def read(self) -> dict[str, np.ndarray]: ...  # trainable parameters, training form, by artifact name
-
-    def write(self, values: dict[str, np.ndarray]) -> None: ...
+    def parameters(self) -> dict[str, torch.Tensor]: ...  # trainable, training form, sharing the runtime's memory
 
     def forward_backward(self, inputs: list[np.ndarray]) -> list[float]: ...  # fresh gradients of output 0
 
-    def gradients(self) -> dict[str, np.ndarray]: ...
-
-    def step(self, cfg: TrainingSettings) -> None: ...  # one optimizer update from the last gradients
+    def gradients(self) -> dict[str, torch.Tensor]: ...  # of the last forward_backward
 
     def evaluate(self, inputs: list[np.ndarray]) -> list[float]: ...
 
@@ -64,7 +66,7 @@ class ArtifactTrainer:
         self.model_dir, self.task, self.labels, self.pooling = model_dir, task, labels, pooling
         self.lora_alpha = float(lora_alpha)
         self.manifest = load_manifest(artifacts_dir)
-        self.exported_optimizer = self.manifest.optimizer(self.backend)  # what the artifacts train with
+        self.manifest.require(self.backend)
         self.manifest.check_compatible(model_hash=model_hash(model_dir), task=task, targets=targets,
                                        lora_alpha=self.lora_alpha)
         if labels and int(self.manifest.doc.get("num_labels") or 0) != len(labels):
@@ -78,9 +80,6 @@ class ArtifactTrainer:
     # --- subclasses -------------------------------------------------------------------------------------------
     def open_engine(self, artifact: Artifact) -> Engine:
         raise NotImplementedError
-
-    def check_config(self, artifact: Artifact, cfg: TrainingSettings) -> None:
-        """Raise UserError when the artifact's optimizer cannot run `cfg`."""
 
     # --- round 0 ------------------------------------------------------------------------------------------------
     def frozen_features(self, examples: Examples, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +106,7 @@ class ArtifactTrainer:
             self.manifest.verify(artifact)
             self.artifact = artifact
             self.engine = self.open_engine(artifact)
-            self._initial = {n: v.copy() for n, v in self.engine.read().items()}
+            self._initial = self.read()
         return self.engine
 
     def train_round(self, start: Adapter, examples: Examples, cfg: TrainingSettings, *, rank: int, indices=None,
@@ -130,7 +129,6 @@ class ArtifactTrainer:
                             "--backend torch")
         work = adapter_ops.truncate(start, rank) if start.rank > rank else start
         engine = self.engine_for(rank)
-        self.check_config(self.artifact, cfg)
         self._check_shape(cfg)
         encoded = self.encode(examples, cfg.seq_len)
         pruning = mode == "hetlora" and cfg.prune_lambda > 0
@@ -141,13 +139,14 @@ class ArtifactTrainer:
         eval_batches = evaluation_batches(encoded, cfg.batch_size)
         loss_before = self.mean_loss(eval_batches, rank)
         tail_before = self.tail_value(tail) if pruning else 0.0
+        step = self._step_function(cfg, rank, tail, lam)
         steps = 0
-        for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs):
-            out = engine.forward_backward(self.inputs(batch, rank, tail, lam))
-            engine.step(cfg)
+        for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs,
+                                      trim=cfg.trim_padding):
+            loss = step(batch)
             steps += 1
             if on_step is not None:
-                on_step(steps, out[0])
+                on_step(steps, loss)
         tail_after = self.tail_value(tail) if pruning else 0.0
         upload = self.extract(rank)
         if pruning and should_prune(rank, prune_lambda=cfg.prune_lambda, gamma=cfg.prune_gamma, min_rank=cfg.min_rank,
@@ -160,6 +159,28 @@ class ArtifactTrainer:
                            n_samples=len(examples), seconds=time.perf_counter() - t0,
                            extra={"backend": self.backend, "artifact_rank": engine.rank})
 
+    def stepper(self, start: Adapter, cfg: TrainingSettings, rank: int) -> Callable[[dict], float]:
+        """Load `start` (wire form) at `rank` and return `step(batch) -> loss`: one plain-mode step of a round
+        (forward + backward in the artifact, the plan's optimiser in the client), for hetlora bench."""
+        self.engine_for(rank)
+        self.load(start)
+        return self._step_function(cfg, rank, np.zeros(self.engine.rank, np.float32), 0.0)
+
+    def _step_function(self, cfg: TrainingSettings, rank: int, tail: np.ndarray, lam: float) -> Callable[[dict], float]:
+        """A fresh optimiser of the plan over the engine's parameters (the head at head_lr), and one step."""
+        from edge_client.backends.client_optimizer import ClientOptimizer
+
+        engine = self.engine
+        head = {name for name, wire in self.manifest.parameters.items() if not is_factor(wire)}
+        optimizer = ClientOptimizer(engine.parameters(), head, cfg)
+
+        def step(batch: dict) -> float:
+            loss = engine.forward_backward(self.inputs(batch, rank, tail, lam))[0]
+            optimizer.step(engine.gradients())
+            return loss
+
+        return step
+
     def _check_shape(self, cfg: TrainingSettings) -> None:
         b, t = self.manifest.batch, self.manifest.seq_len
         if cfg.batch_size > b or cfg.seq_len > t:
@@ -167,6 +188,18 @@ class ArtifactTrainer:
                             f"{cfg.batch_size} x {cfg.seq_len}: lower --batch-size/--seq-len or re-export larger")
 
     # --- conversions ------------------------------------------------------------------------------------------
+    def read(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters (training form, artifact rank) by artifact name."""
+        return {name: p.detach().numpy().copy() for name, p in self.engine.parameters().items()}
+
+    def write(self, values: dict[str, np.ndarray]) -> None:
+        """Copy `values` (artifact name -> array) into the runtime's parameters."""
+        import torch
+
+        params = self.engine.parameters()
+        for name, value in values.items():
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(value, np.float32)))
+
     def load(self, adapter: Adapter) -> None:
         """Wire -> training form, zero-padded to the artifact rank: A = A_wire, B = B_wire / s."""
         engine = self.engine
@@ -182,12 +215,12 @@ class ArtifactTrainer:
                 values[name] = pad_cols(np.asarray(b, np.float32) / np.float32(scale), big)
             else:
                 values[name] = np.asarray(adapter.dense.get(wire, self._initial[name]), np.float32)
-        engine.write(values)
+        self.write(values)
 
     def extract(self, rank: int) -> Adapter:
         """Training form -> wire, truncated to `rank`: A[:r], s * B[:, :r], dense tensors."""
         scale = np.float32(lora_scale(self.lora_alpha, rank))
-        current = self.engine.read()
+        current = self.read()
         lora: dict[str, list] = {}
         dense = {}
         for name, wire in self.manifest.parameters.items():
@@ -201,7 +234,7 @@ class ArtifactTrainer:
 
     def tail_value(self, tail: np.ndarray) -> float:
         """sum over modules of ||B (.) tail||_F ||A (.) tail||_F on the training-form factors."""
-        current = self.engine.read()
+        current = self.read()
         factors: dict[str, list] = {}
         for name, wire in self.manifest.parameters.items():
             if wire.endswith(LORA_A):
@@ -226,6 +259,11 @@ class ArtifactTrainer:
             _, task_loss, _, n = self.engine.evaluate(self.inputs(batch, rank, zeros, 0.0))
             total, count = total + task_loss * n, count + int(n)
         return total / max(count, 1)
+
+
+def is_factor(wire: str) -> bool:
+    """Whether a wire name is a LoRA factor (else a dense tensor: the head)."""
+    return wire.endswith((LORA_A, LORA_B))
 
 
 def padded_tail_mask(rank: int, artifact_rank: int, gamma: float) -> np.ndarray:

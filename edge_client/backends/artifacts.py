@@ -1,10 +1,12 @@
 """The artifact folder a device trains from: `manifest.json` plus per-rank files, verified by sha256.
 
-manifest.json (format "hetlora-artifacts", version 1):
+manifest.json (format "hetlora-artifacts", version 2):
   model_hash, spec_fingerprint, task, labels | null, num_labels, targets, lora_alpha,
   batch, seq_len, inputs, outputs,
   parameters: {artifact parameter name: wire name}   (`<module>.lora_A|lora_B` or a dense name)
-  artifacts: [{backend, rank, optimizer: {...}, files: {role: {path, bytes, sha256}}}]
+  artifacts: [{backend, rank, delegate (executorch), export_seconds, files: {role: {path, bytes, sha256}}}]
+An artifact computes the loss and gradients only; the optimiser runs on the device (version 1 artifacts
+carried one: re-export them).
 Paths are relative to the folder. Pure Python: the exporter writes it, devices read it.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from hetlora.errors import UserError
 
 FORMAT = "hetlora-artifacts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -37,7 +39,6 @@ class Artifact:
 
     backend: str
     rank: int
-    optimizer: dict
     files: dict[str, Path]
     parameter_names: tuple[str, ...]
     batch: int
@@ -73,21 +74,11 @@ class Manifest:
     def ranks(self, backend: str) -> list[int]:
         return sorted(int(a["rank"]) for a in self.doc["artifacts"] if a["backend"] == backend)
 
-    def optimizer(self, backend: str) -> dict:
-        """What every `backend` artifact trains with: {"optimizer": name} plus "weight_decay" where it is baked
-        in (TrainingSettings fields); UserError when the folder has none of that backend or its artifacts disagree."""
-        found = {json.dumps({k: v for k, v in (("optimizer", a.get("optimizer", {}).get("name")),
-                                                ("weight_decay", a.get("optimizer", {}).get("weight_decay")))
-                             if v is not None}, sort_keys=True)
-                 for a in self.doc["artifacts"] if a["backend"] == backend}
-        if not found:
+    def require(self, backend: str) -> None:
+        """UserError when the folder holds no artifact of `backend`."""
+        if not self.ranks(backend):
             raise UserError(f"{self.folder} has no {backend} artifacts; export them with "
                             f"`hetlora export --backends {backend}` or pick another --backend")
-        settings = [json.loads(f) for f in sorted(found)]
-        if len(settings) > 1 or "optimizer" not in settings[0]:
-            raise UserError(f"the {backend} artifacts in {self.folder} do not agree on one optimizer ({settings}); "
-                            "re-export them together")
-        return settings[0]
 
     def artifact(self, backend: str, rank: int) -> Artifact:
         """The smallest exported rank >= `rank` for `backend` (keep masks cover the ranks in between)."""
@@ -97,7 +88,7 @@ class Manifest:
                             f"{self.ranks(backend) or 'none'}); export that rank with "
                             f"`hetlora export --ranks ... --backends {backend}` or use --backend torch")
         entry = next(a for a in self.doc["artifacts"] if a["backend"] == backend and int(a["rank"]) == fitting[0])
-        return Artifact(backend, int(entry["rank"]), dict(entry.get("optimizer", {})),
+        return Artifact(backend, int(entry["rank"]),
                         {role: self.folder / f["path"] for role, f in entry["files"].items()},
                         tuple(self.parameters), self.batch, self.seq_len, self.doc["task"])
 

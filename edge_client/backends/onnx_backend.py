@@ -1,53 +1,58 @@
-"""ONNX Runtime training backend: trains from `training_model.onnx` / `optimizer_model.onnx` / `checkpoint`.
+"""ONNX Runtime training backend: trains from one rank's `training_model.onnx` / `eval_model.onnx`, its nominal
+`checkpoint` (names and shapes only), filled from `initial.safetensors` (the trainable tensors, and the
+session's parameter order) and the frozen weights that every rank shares (exporter/onnx_export.py).
 
-AdamW with the hyperparameters baked into the optimizer model at export (the manifest lists them);
-the learning rate is set per round from TrainingSettings. Needs `onnxruntime-training` (x86_64, macOS,
-Windows; Android apps embed the Maven package with the same files).
+The training model returns the loss and accumulates the gradients of the trainable tensors; the
+update runs in the client (ClientOptimizer) on the checkpoint's parameters, whose numpy views share
+memory with the session. Intra-op threads follow torch's thread count. Needs `onnxruntime-training`
+(x86_64, macOS, Windows; Android apps embed the Maven package with the same files).
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from edge_client.backends.artifact_trainer import ArtifactTrainer
 from edge_client.backends.artifacts import Artifact
-from hetlora.protocol.settings import TrainingSettings
 from hetlora.errors import UserError
 
 
 class OnnxEngine:
-    """ORT training Module + Optimizer over one rank's artifacts."""
+    """ORT training Module over one rank's artifacts."""
 
     def __init__(self, artifact: Artifact):
         import onnxruntime
-        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+        import torch
+        from onnxruntime.training.api import CheckpointState, Module
 
         onnxruntime.set_default_logger_severity(3)
         self.rank = artifact.rank
         files = artifact.files
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
         self.state = CheckpointState.load_checkpoint(str(files["checkpoint"]))
-        self.module = Module(str(files["training_model"]), self.state, str(files["eval_model"]))
-        self.optimizer = Optimizer(str(files["optimizer_model"]), self.module)
-        self.trainable = list(artifact.parameter_names)
+        self.module = Module(str(files["training_model"]), self.state, str(files["eval_model"]),
+                             session_options=options)
+        fill_parameters(self.module, files["initial"], files["weights"])
+        parameters = self.state.parameters
+        # views of the session's own buffers: stable across steps (the checkpoint owns them)
+        self.params = {n: torch.from_numpy(parameters[n].data) for n in artifact.parameter_names}
+        self.grads = {n: torch.from_numpy(parameters[n].grad) for n in artifact.parameter_names}
         self.module.train()
 
-    def read(self) -> dict[str, np.ndarray]:
-        return {n: np.array(self.state.parameters[n].data, copy=True) for n in self.trainable}
-
-    def write(self, values: dict[str, np.ndarray]) -> None:
-        for name, value in values.items():
-            self.state.parameters[name].data = np.ascontiguousarray(value, np.float32)
+    def parameters(self):
+        """Trainable tensors by artifact name, sharing memory with the session (in-place updates reach it)."""
+        return self.params
 
     def forward_backward(self, inputs: list[np.ndarray]) -> list[float]:
         self.module.lazy_reset_grad()
         return [float(x) for x in self.module(*inputs)]
 
-    def gradients(self) -> dict[str, np.ndarray]:
-        return {n: np.array(self.state.parameters[n].grad, copy=True) for n in self.trainable}
-
-    def step(self, cfg: TrainingSettings) -> None:
-        self.optimizer.set_learning_rate(cfg.lr)
-        self.optimizer.step()
+    def gradients(self):
+        """Gradients of output 0 from the last forward_backward, by artifact name (views, overwritten next step)."""
+        return self.grads
 
     def evaluate(self, inputs: list[np.ndarray]) -> list[float]:
         self.module.eval()
@@ -55,6 +60,31 @@ class OnnxEngine:
             return [float(x) for x in self.module(*inputs)]
         finally:
             self.module.train()
+
+
+def fill_parameters(module, initial, weights) -> None:
+    """Every parameter of `module` (a nominal checkpoint's) from `initial` (trainable values; its metadata holds the
+    session's parameter order) and the shared frozen `weights`, through one contiguous buffer, dropped after."""
+    from onnxruntime import OrtValue
+    from safetensors import safe_open
+
+    buffer = np.empty(module.get_parameters_size(trainable_only=False), np.float32)
+    offset = 0
+    try:
+        with safe_open(str(initial), "numpy") as own, safe_open(str(weights), "numpy") as shared:
+            order = json.loads((own.metadata() or {})["parameter_order"])
+            mine = set(own.keys())
+            for name in order:
+                value = (own if name in mine else shared).get_tensor(name).ravel()
+                buffer[offset:offset + value.size] = value
+                offset += value.size
+    except (KeyError, ValueError, OSError) as exc:
+        raise UserError(f"the onnx artifact's {initial.name} and {weights.name} do not fit together ({exc}); "
+                        "copy the export folder to the device again") from None
+    if offset != buffer.size:
+        raise UserError(f"the onnx artifact's weights hold {offset} values, its model {buffer.size}; re-export")
+    # the Python wrapper passes its argument through, so it takes the C-level OrtValue
+    module.copy_buffer_to_parameters(OrtValue.ortvalue_from_numpy(buffer)._ortvalue, trainable_only=False)
 
 
 class OnnxTrainer(ArtifactTrainer):
@@ -66,12 +96,3 @@ class OnnxTrainer(ArtifactTrainer):
         except ImportError:
             raise UserError("--backend onnx needs onnxruntime-training (pip install onnxruntime-training-cpu==1.19.2, "
                             "x86_64 only); use --backend torch or executorch") from None
-
-    def check_config(self, artifact: Artifact, cfg: TrainingSettings) -> None:
-        baked = artifact.optimizer
-        if cfg.optimizer != baked.get("name"):
-            raise UserError(f"the onnx artifacts train with {baked.get('name')}, the run asks for {cfg.optimizer}; "
-                            "use --backend torch or re-export")
-        if float(cfg.weight_decay) != float(baked.get("weight_decay", 0.0)):
-            raise UserError(f"the onnx optimizer model was exported with weight_decay {baked.get('weight_decay')}, "
-                            f"the run asks for {cfg.weight_decay}; re-export with --weight-decay {cfg.weight_decay}")

@@ -1,10 +1,10 @@
 """`--backend auto`: pick the fastest backend this platform offers, and say why.
 
-Order (from benchmarks/bench_backends.py on x86_64; see docs/EXPORT.md):
+Order (from `hetlora bench` on x86_64; see docs/EXPORT.md):
   x86_64 / AMD64  onnx when onnxruntime-training imports and artifacts exist (about torch speed,
                   lower memory), else torch
-  aarch64 (Pi, Jetson)  torch (ExecuTorch trains with SGD only, runs default to AdamW, and its aarch64
-                  training is unproven here: docs/DEVICES.md)
+  aarch64 (Pi, Jetson)  torch (ExecuTorch training on aarch64 is unproven here: docs/DEVICES.md;
+                  onnxruntime-training has no aarch64 wheel)
 No backend trains without torch: ExecuTorch's Python runtime (its pybindings and TrainingModule) imports
 torch itself, and so do the trainers' LoRA and objective code; without torch `auto` is a UserError.
   Termux (Android)  torch (the only backend with a Termux build)
@@ -52,6 +52,6 @@ def choose_backend(*, has_artifacts: bool, machine: str | None = None, termux: b
         return "torch", "x86_64 without onnxruntime-training: torch"
     if machine in ("aarch64", "arm64"):
         if have("torch"):
-            return "torch", (f"{machine}: torch eager (ExecuTorch trains with SGD only, runs default to AdamW; "
+            return "torch", (f"{machine}: torch eager (ExecuTorch training is unproven on {machine}; "
                              "onnxruntime-training has no aarch64 wheel)")
     return "torch", f"{machine}: torch (no faster backend known for this platform)"

@@ -1,16 +1,16 @@
 """Runs the benchmark cells (backend x rank) and summarises each one.
 
-Per backend, ranks run interleaved across repetitions (schedule.interleaved). Each segment:
-`warmup` untimed steps, then timed steps until it has at least ceil(steps / repetitions) steps and
-min_seconds / repetitions seconds, inside one energy-meter window and one RSS high-water window;
-device conditions (temperature, clock, throttling) are read just before and after the timed steps.
+Each backend runs in its own worker process (edge_client.bench.worker); ranks are interleaved across
+repetitions (schedule.interleaved) and, per rank, every backend runs in turn. Each segment: `warmup`
+untimed steps, then timed steps until it has at least ceil(steps / repetitions) steps and
+min_seconds / repetitions seconds, inside one energy-meter window (here) and one RSS high-water window
+(in the worker); device conditions (temperature, clock, throttling) are read just before and after.
 A cell is the union of its segments: step times concatenated, energy windows combined (never across
 different labels), peak RSS the maximum.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -83,84 +83,70 @@ def conditions(host: Host) -> dict:
             "throttled": cpu["throttled"], "throttle_reasons": cpu["throttle_reasons"]}
 
 
-def run_segment(step: Callable[[], object], *, warmup: int, min_steps: int, min_seconds: float,
-                meter: EnergyMeter, host: Host) -> Segment:
-    for _ in range(warmup):
-        step()
+def run_segment(worker, rank: int, *, warmup: int, min_steps: int, min_seconds: float, meter: EnergyMeter,
+                host: Host) -> tuple[int, Segment]:
+    """One segment of `worker`'s backend at `rank`: warm-up, then the timed steps inside one energy-meter
+    window, with device conditions just before and after. (computed rank, segment); UserError to skip."""
+    answer = worker.request({"prepare": rank, "warmup": warmup})
+    if "skip" in answer:
+        raise UserError(answer["skip"])
     start = conditions(host)
-    seconds: list[float] = []
-    with RssHighWater() as rss:
-        meter.start()
-        began = time.perf_counter()
-        while len(seconds) < min_steps or time.perf_counter() - began < min_seconds:
-            t = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - t)
-        energy = meter.stop()
-    return Segment(seconds, energy, rss.peak_bytes, start, conditions(host))
+    meter.start()
+    timed = worker.request({"time": {"min_steps": min_steps, "min_seconds": min_seconds}})
+    energy = meter.stop()
+    return answer["computed_rank"], Segment(timed["seconds"], energy, timed["peak_rss_bytes"], start, conditions(host))
 
 
-def run_backend(stepper, settings: Settings, meter: EnergyMeter, host: Host,
-                on_segment: Callable[[str], None] = lambda text: None) -> tuple[list[CellRun], list[dict]]:
-    """Every rank of one backend, interleaved; ranks it cannot serve are skipped with the reason.
-    `on_segment` hears one line per finished (or skipped) segment."""
-    cells: dict[int, CellRun] = {}
-    skipped: dict[int, str] = {}
-    min_steps = math.ceil(settings.steps / settings.repetitions)
-    min_seconds = settings.min_seconds / settings.repetitions
-    for rep, rank in interleaved(list(settings.ranks), settings.repetitions):
-        if rank in skipped:
-            continue
-        try:
-            step, computed = stepper.prepare(rank)
-        except UserError as exc:
-            skipped[rank] = str(exc)
-            on_segment(f"{stepper.backend} r={rank} skipped")
-            continue
-        segment = run_segment(step, warmup=settings.warmup, min_steps=min_steps, min_seconds=min_seconds,
-                              meter=meter, host=host)
-        cell = cells.setdefault(rank, CellRun(stepper.backend, rank, computed))
-        cell.segments.append(segment)
-        line = f"{stepper.backend} r={rank} repetition {rep + 1}: {len(segment.seconds)} steps, " \
-               f"median {sorted(segment.seconds)[len(segment.seconds) // 2]:.3f} s"
-        log.debug(line)
-        on_segment(line)
-    return [cells[r] for r in settings.ranks if r in cells], \
-        [{"backend": stepper.backend, "rank": r, "reason": why} for r, why in skipped.items()]
-
-
-def run_cells(settings: Settings, open_stepper: Callable[[str], object], skip_reasons: dict[str, str | None],
+def run_cells(settings: Settings, open_worker: Callable[[str], object], skip_reasons: dict[str, str | None],
               meter: EnergyMeter, host: Host) -> tuple[list[CellRun], list[dict]]:
-    """All backends in turn (each one's model released before the next loads); skipped ones with reasons.
-    A progress bar counts the segments (unless -q)."""
+    """Every (backend, rank) cell, each backend in its own worker process (its peak RSS its own), cells
+    interleaved: per repetition every rank, per rank every backend. Unavailable backends and ranks are
+    skipped with the reason. A progress bar counts the segments (unless -q)."""
     from tqdm import tqdm
 
     from hetlora.output import show_progress
 
-    runs: list[CellRun] = []
     skipped: list[dict] = []
-    per_backend = len(settings.ranks) * settings.repetitions
-    bar = tqdm(total=len(settings.backends) * per_backend, desc="bench", unit="segment", leave=False,
-               disable=not show_progress())
+    workers = {}
     for backend in settings.backends:
-        done = bar.n
         try:
             if skip_reasons.get(backend):
                 raise UserError(skip_reasons[backend])
-            stepper = open_stepper(backend)
+            workers[backend] = open_worker(backend)
         except UserError as exc:
             skipped.append({"backend": backend, "rank": None, "reason": str(exc)})
-            bar.update(per_backend)
-            continue
-        backend_runs, backend_skipped = run_backend(
-            stepper, settings, meter, host, on_segment=lambda text: (bar.set_postfix_str(text), bar.update()))
-        bar.update(done + per_backend - bar.n)
-        runs += backend_runs
-        skipped += backend_skipped
-        del stepper
-        gc.collect()
-    bar.close()
-    return runs, skipped
+    cells: dict[tuple[str, int], CellRun] = {}
+    bar = tqdm(total=len(settings.ranks) * settings.repetitions * len(workers), desc="bench", unit="segment",
+               leave=False, disable=not show_progress())
+    try:
+        for rep, rank in interleaved(list(settings.ranks), settings.repetitions):
+            for backend, worker in workers.items():
+                _one_segment(worker, rep, rank, settings, meter, host, cells, skipped)
+                bar.update()
+    finally:
+        bar.close()
+        for worker in workers.values():
+            worker.close()
+    order = [(b, r) for b in settings.backends for r in settings.ranks]
+    return [cells[key] for key in order if key in cells], skipped
+
+
+def _one_segment(worker, rep: int, rank: int, settings: Settings, meter: EnergyMeter, host: Host,
+                 cells: dict, skipped: list[dict]) -> None:
+    """Run one segment into `cells`, or note why the (backend, rank) cell is skipped (once)."""
+    backend = worker.backend
+    if any(s["backend"] == backend and s["rank"] in (rank, None) for s in skipped):
+        return
+    try:
+        computed, segment = run_segment(worker, rank, warmup=settings.warmup,
+                                        min_steps=math.ceil(settings.steps / settings.repetitions),
+                                        min_seconds=settings.min_seconds / settings.repetitions, meter=meter, host=host)
+    except UserError as exc:
+        skipped.append({"backend": backend, "rank": rank, "reason": str(exc)})
+        return
+    cells.setdefault((backend, rank), CellRun(backend, rank, computed)).segments.append(segment)
+    log.debug("%s r=%d repetition %d: %d steps, median %.3f s", backend, rank, rep + 1, len(segment.seconds),
+              sorted(segment.seconds)[len(segment.seconds) // 2])
 
 
 def cell_energy(segments: list[Segment]) -> EnergyResult:

@@ -1,10 +1,11 @@
 """One training step per backend, ready to time: `prepare(rank) -> (step, computed_rank)`.
 
-A step is forward + backward + optimizer update on one fixed, full-length synthetic batch:
-- torch: TorchTrainer.stepper (AdamW, plain mode, the code path of a real round);
-- onnx / executorch: the artifact engine's forward_backward + step, with the optimizer baked into
-  the artifact (AdamW for onnx, SGD for executorch). The artifact of the smallest exported rank
-  R >= r serves rank r (keep_mask silences the padding), so its kernels compute at R: `computed_rank`.
+A step is forward + backward + optimizer update on one fixed, full-length synthetic batch, the code path
+of a real round (plain mode, AdamW with the default TrainingSettings) on every backend:
+- torch: TorchTrainer.stepper;
+- onnx / executorch: ArtifactTrainer.stepper (the artifact's forward + backward, AdamW in the client).
+  The artifact of the smallest exported rank R >= r serves rank r (keep_mask silences the padding), so its
+  kernels compute at R: `computed_rank`.
 `skip_reason` says why a backend cannot run here (missing runtime, no artifacts, wrong shape).
 """
 
@@ -26,7 +27,6 @@ ARTIFACT_RUNTIMES = {
                                                     "(pip install executorch==1.5.1)"),
 }
 BACKENDS = ("torch", *ARTIFACT_RUNTIMES)
-ARTIFACT_LR = 1e-4  # the learning rate does not change the step's cost
 
 
 def importable(module: str) -> bool:
@@ -63,61 +63,50 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, num_labels: int, seed:
             "labels": rng.integers(0, num_labels, batch, dtype=np.int64)}
 
 
+def start_adapter(spec, rank: int) -> Adapter:
+    """A rank-`rank` adapter as a round starts it (wire form): A small random, B zero, the fresh head."""
+    rng = np.random.default_rng(rank)
+    return Adapter(lora={name: (rng.normal(0.0, 0.02, (rank, m.in_features)).astype(np.float32),
+                                np.zeros((m.out_features, rank), np.float32)) for name, m in spec.modules.items()})
+
+
 class TorchStepper:
     backend = "torch"
 
-    def __init__(self, model_dir, targets, num_labels: int, lora_alpha: float, batch: dict[str, np.ndarray]):
+    def __init__(self, model_dir, spec, targets, num_labels: int, lora_alpha: float, batch: dict[str, np.ndarray]):
         import torch
 
         from edge_client.backends import make_trainer
 
+        self.spec = spec
         self.trainer = make_trainer("torch", model_dir=model_dir, task="classification",
-                                    labels=[str(i) for i in range(num_labels)], targets=targets, lora_alpha=lora_alpha)
+                                    labels=[str(i) for i in range(num_labels)], targets=targets,
+                                    lora_alpha=lora_alpha)
         self.batch = {k: torch.from_numpy(v) for k, v in batch.items()}
 
-    def start_adapter(self, rank: int) -> Adapter:
-        """A rank-`rank` adapter as a round starts it: A small random, B zero (wire form)."""
-        from edge_client.lora import extract_adapter, set_rank
-
-        set_rank(self.trainer.model, rank, self.trainer.lora_alpha)
-        zeros = extract_adapter(self.trainer.model, self.trainer.dense)
-        rng = np.random.default_rng(rank)
-        lora = {n: (rng.normal(0.0, 0.02, a.shape).astype(np.float32), b) for n, (a, b) in zeros.lora.items()}
-        return Adapter(lora=lora, dense=zeros.dense)
-
     def prepare(self, rank: int):
-        step = self.trainer.stepper(self.start_adapter(rank), TrainingSettings())
+        step = self.trainer.stepper(start_adapter(self.spec, rank), TrainingSettings())
         return (lambda: step(self.batch)), rank
 
 
 class ArtifactStepper:
-    def __init__(self, backend: str, model_dir, artifacts_dir, targets, lora_alpha: float,
+    def __init__(self, backend: str, model_dir, artifacts_dir, spec, targets, lora_alpha: float,
                  batch: dict[str, np.ndarray]):
         from edge_client.backends import make_trainer
 
-        self.backend = backend
+        self.backend, self.spec = backend, spec
         self.trainer = make_trainer(backend, model_dir=model_dir, task="classification", targets=targets,
                                     lora_alpha=lora_alpha, artifacts_dir=artifacts_dir)
         self.batch = batch
 
     def prepare(self, rank: int):
         """Raises UserError when no exported artifact covers `rank`."""
-        engine = self.trainer.engine_for(rank)
-        baked = self.trainer.artifact.optimizer
-        cfg = TrainingSettings(optimizer=baked.get("name", "sgd"), lr=ARTIFACT_LR,
-                          weight_decay=float(baked.get("weight_decay", 0.0)))
-        self.trainer.check_config(self.trainer.artifact, cfg)
-        inputs = self.trainer.inputs(self.batch, rank, np.zeros(engine.rank, np.float32), 0.0)
-
-        def step() -> None:
-            engine.forward_backward(inputs)
-            engine.step(cfg)
-
-        return step, engine.rank
+        step = self.trainer.stepper(start_adapter(self.spec, rank), TrainingSettings(), rank)
+        return (lambda: step(self.batch)), self.trainer.engine.rank
 
 
-def open_stepper(backend: str, *, model_dir, artifacts_dir, targets, num_labels: int, lora_alpha: float,
+def open_stepper(backend: str, *, model_dir, artifacts_dir, spec, targets, num_labels: int, lora_alpha: float,
                  batch: dict[str, np.ndarray]):
     if backend == "torch":
-        return TorchStepper(model_dir, targets, num_labels, lora_alpha, batch)
-    return ArtifactStepper(backend, model_dir, artifacts_dir, targets, lora_alpha, batch)
+        return TorchStepper(model_dir, spec, targets, num_labels, lora_alpha, batch)
+    return ArtifactStepper(backend, model_dir, artifacts_dir, spec, targets, lora_alpha, batch)

@@ -27,9 +27,8 @@ class TrainingSettings:
     then lr_t = lr * (1 + cos(pi * t' / T')) / 2 over the remaining T' steps).
     `head_epochs`, `head_fit_lr`: the passes over the frozen features in a head round and their Adam
     learning rate (edge_client.head_fit), with batches of `batch_size`.
-    `trim_padding`: length-grouped batches cut to their longest row (torch backend only; the artifact
-    backends keep fixed shapes and uniformly shuffled batches, which the torch backend reproduces
-    exactly with trim_padding=False).
+    `trim_padding`: length-grouped batches cut to their longest row (the artifact backends take the
+    same batches and pad them back to their exported width, masked: the same loss).
     """
 
     steps: int | None = 20
@@ -44,7 +43,7 @@ class TrainingSettings:
     head_fit_lr: float = 2e-3
     trim_padding: bool = True
     weight_decay: float = 0.0
-    optimizer: str = "adamw"  # adamw | sgd (ExecuTorch offers only sgd)
+    optimizer: str = "adamw"  # adamw | sgd, on every backend (artifact backends step it in the client)
     seed: int = 0
     lora_alpha: float = 16.0
     prune_gamma: float = 0.99
