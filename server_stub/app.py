@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from hetlora.protocol.wire import MAX_INT
 from hetlora.errors import UserError
@@ -24,6 +25,7 @@ from server_stub.errors import ApiError
 from server_stub.limits import BodyLimit
 from server_stub.init_adapter import StartsFromAdapter
 from server_stub.metrics import install_metrics
+from server_stub.read_access import ReadAccess, ReadGuard
 from server_stub.rounds import Coordinator
 from server_stub.store import Store
 
@@ -67,12 +69,16 @@ def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinato
         raise
 
 
-def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollment | None = None) -> FastAPI:
+def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollment | None = None,
+               access: ReadAccess | None = None, trusted_proxies: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app for one run; state lives in `state_dir` (reused on restart).
 
-    `enrollment`: who may register (default: anyone, 30 registrations a minute per non-loopback address)."""
+    `enrollment`: who may register (default: anyone, 30 registrations a minute per non-loopback address);
+    `access`: who may read (server_stub.read_access); `trusted_proxies`: the addresses whose X-Forwarded-For
+    and X-Forwarded-Proto headers are believed (none: the TCP peer is the client's address)."""
     coordinator = build_coordinator(config, state_dir)
     enrollment = enrollment or Enrollment()
+    access = access or ReadAccess()
 
     app = FastAPI(title="hetlora-edge aggregation server", version="1",
                   description="Federated LoRA rounds with heterogeneous ranks. Protocol: docs/PROTOCOL.md.",
@@ -80,6 +86,10 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
     app.state.coordinator = coordinator
     app.add_middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
     install_metrics(app, coordinator)  # after BodyLimit: its middleware is outermost and sees the 413s
+    if access.protected(enrollment.open):
+        app.add_middleware(ReadGuard, access=access, authenticate=coordinator.authenticate)
+    if trusted_proxies:  # outermost: every part sees the client's address
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
 
     _add_error_handlers(app)
 
@@ -88,8 +98,15 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
 
     @app.post("/v1/register", status_code=201, summary="register a client; returns id, token, rank and run config")
     def register(body: RegisterRequest, request: Request):
-        enrollment.check(request.client.host if request.client else None, body.name, body.enroll_secret)
-        return coordinator.register(body.profile, body.requested_rank, body.n_samples, body.name)
+        peer = request.client.host if request.client else None
+        try:
+            enrollment.check(peer, body.name, body.enroll_secret)
+        except ApiError as exc:
+            if exc.status != 429:  # a rate-limited flood is answered, not logged line by line
+                log.warning("registration refused from %s (name %r): %s", peer, body.name, exc.code)
+            raise
+        return coordinator.register(body.profile, body.requested_rank, body.n_samples, body.name,
+                                    unique_name=enrollment.allowed_names is not None)
 
     @app.get("/v1/run", summary="the run config every client receives at registration")
     def run_config():
