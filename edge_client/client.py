@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir
 from edge_client.server_api import ServerAPI, ServerError
@@ -45,6 +47,7 @@ class ClientOptions:
     enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
     ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
     optimizer: str | None = None  # None: the artifacts' own, adamw for the torch backend
+    testing_scale_update: float | None = None  # TEST TOOL ONLY: upload start + s (update - start), an attacker
 
 
 def plan_of(current: dict) -> ClientPlan:
@@ -62,6 +65,21 @@ def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
             "n_samples": result.n_samples, "mode": plan.mode, "loss_before": result.loss_before,
             "loss_after": result.loss_after}
     return meta | ({"indices": list(plan.indices)} if plan.indices is not None else {})
+
+
+def scaled_update(update: Adapter, start: Adapter, plan: ClientPlan, factor: float) -> Adapter:
+    """TEST TOOL (the hidden `hetlora client --testing-scale-update`, for robustness measurements only): the update
+    a model-replacement attacker sends, start + factor (update - start) for every factor and dense tensor, with
+    the start's components in the order of the upload (plora: the plan's indices; else the first r)."""
+    lora = {}
+    for name, (a, b) in update.lora.items():
+        a0, b0 = start.lora[name]
+        idx = list(plan.indices) if plan.indices is not None else list(range(a.shape[0]))
+        lora[name] = ((a0[idx] + factor * (a - a0[idx])).astype(np.float32),
+                      (b0[:, idx] + factor * (b - b0[:, idx])).astype(np.float32))
+    dense = {name: (start.dense[name] + factor * (t - start.dense[name])).astype(np.float32)
+             for name, t in update.dense.items()}
+    return Adapter(lora=lora, dense=dense, meta=update.meta)
 
 
 def decode_download(raw: bytes, spec, max_rank: int, head_only: bool = False) -> Adapter:
@@ -207,7 +225,7 @@ class EdgeClient:
                                               indices=list(plan.indices) if plan.indices is not None else None,
                                               mode=plan.mode, on_step=self._progress(number, cfg))
             result.adapter.meta = upload_meta(plan, self.state.client_id, result)
-            pending = encode(result.adapter)
+            pending = encode(self._attack(result.adapter, start, plan))
             self.state_dir.save_pending(pending)
             summary = (f"rank {result.rank_before}" + (f" -> {result.rank_after} (pruned)" if result.rank_after !=
                        result.rank_before else "") + f", loss {result.loss_before:.4f} -> {result.loss_after:.4f}, "
@@ -271,10 +289,18 @@ class EdgeClient:
             update, fit = fit_plan_head(self.spec, start, features, labels, plan, cfg, self.state.client_id)
         except ValueError as exc:
             raise BadServerAnswer(f"round {number}: the server's head-fit plan does not fit this run: {exc}") from None
-        pending = encode(update)
+        pending = encode(self._attack(update, start, plan))
         self.state_dir.save_pending(pending)
         return pending, (f"head fitted on {len(labels)} frozen features ({cfg.head_epochs} epochs), loss "
                          f"{fit.loss_before:.4f} -> {fit.loss_after:.4f}")
+
+    def _attack(self, update: Adapter, start: Adapter, plan: ClientPlan) -> Adapter:
+        """The update as sent: itself, or (TEST TOOL, --testing-scale-update) scaled as an attacker's."""
+        if self.options.testing_scale_update is None:
+            return update
+        log.warning("TEST TOOL: uploading the update scaled %g x from its start (--testing-scale-update)",
+                    self.options.testing_scale_update)
+        return scaled_update(update, start, plan, self.options.testing_scale_update)
 
     def _frozen_features(self, cfg: TrainingSettings):
         """(features, labels) of the local data under the frozen base model, computed once per process."""
