@@ -16,7 +16,8 @@ import pytest
 
 from hetlora.protocol.wire import Adapter, decode, encode
 from server_stub.aggregation import RULES, ClientResult, make_rule
-from server_stub.aggregation.bounds import CEILING_RATIO, CLIP_FACTOR, FLOOR_RATIO, MAX_ABS_VALUE, bound_influence
+from server_stub.aggregation.bounds import (CEILING_RATIO, CLIP_FACTOR, FACTOR_CLIP, FLOOR_RATIO, MAX_ABS_VALUE,
+                                           bound_influence)
 from server_stub.aggregation.linalg import update_norm
 from server_stub.aggregation.pipeline import aggregate_round
 from tests.test_server import (error_code, global_adapter, make_config, make_update, post_update, register,
@@ -27,9 +28,14 @@ RANK = 8
 
 
 def moved(start: Adapter, scale: float, seed: int, meta=None) -> Adapter:
-    """`start` with every factor and dense tensor moved by a random change of RMS `scale` per element."""
+    """`start` with every factor and dense tensor moved in a random direction by exactly RMS `scale` per element
+    (honest clients' updates are alike in size: within 1.6x of the median on the demo)."""
     rng = np.random.default_rng(seed)
-    step = lambda t: (t + scale * rng.standard_normal(t.shape)).astype(np.float32)  # noqa: E731
+
+    def step(t):
+        direction = rng.standard_normal(t.shape)
+        return (t + scale * np.sqrt(t.size) * direction / np.linalg.norm(direction)).astype(np.float32)
+
     return Adapter(lora={n: (step(a), step(b)) for n, (a, b) in start.lora.items()},
                    dense={n: step(t) for n, t in start.dense.items()}, meta=meta or {})
 
@@ -74,14 +80,20 @@ def test_each_bound_clips_only_the_outliers_change_by_a_scalar(spec):
     results.append(ClientResult(evil, n_samples=10**9, indices=tuple(range(RANK))))
     bounded, clipped, _ = bound_influence(starts + starts[:1], results)
     assert list(clipped) == [3]
-    assert set(clipped[3]) == {f"{name}.lora_A", dense_name, "n_samples"}
+    assert {f"{name}.lora_A", dense_name, "n_samples"} <= set(clipped[3]) <= {f"{name}.lora_A", f"{name}.update",
+                                                                               f"{name}.lora_B", dense_name, "n_samples"}
     assert all(bounded[k] is results[k] for k in range(3))
     change = bounded[3].adapter.lora[name][0].astype(np.float64) - a0
     honest = sorted(np.linalg.norm(r.adapter.lora[name][0].astype(np.float64) - a0) for r in results)[1]  # lower median
-    assert np.linalg.norm(change) == pytest.approx(CLIP_FACTOR * honest, rel=1e-4)
+    if f"{name}.update" in clipped[3]:  # the product's change was bounded after the factors'
+        assert np.linalg.norm(change) < FACTOR_CLIP * honest
+    else:
+        assert np.linalg.norm(change) == pytest.approx(FACTOR_CLIP * honest, rel=1e-4)
     raw = evil.lora[name][0].astype(np.float64) - a0
     np.testing.assert_allclose(change / np.linalg.norm(change), raw / np.linalg.norm(raw), rtol=1e-3, atol=1e-6)
-    np.testing.assert_array_equal(bounded[3].adapter.lora[name][1], evil.lora[name][1])  # B was within its bound
+    dense_change = bounded[3].adapter.dense[dense_name].astype(np.float64) - previous.dense[dense_name]
+    honest_dense = sorted(np.linalg.norm(r.adapter.dense[dense_name] - previous.dense[dense_name]) for r in results)[1]
+    assert np.linalg.norm(dense_change) == pytest.approx(CLIP_FACTOR * honest_dense, rel=1e-4)
     assert bounded[3].n_samples == int(CLIP_FACTOR * 20)  # n = 10, 20, 30, 1e9 -> lower median 20
 
 
@@ -90,8 +102,8 @@ def test_the_reference_has_a_floor_and_a_ceiling_at_the_first_rounds_anchor(spec
     previous = rule.init_global(spec, RANK, seed=3)
     starts, results = honest_round(rule, previous, n_clients=2)
     _, _, anchors = bound_influence(starts, results)
-    module = next(iter(spec.modules))
-    anchor = anchors[module + ".lora_B"]
+    dense_name = next(iter(spec.dense))
+    anchor = anchors[dense_name]
     tiny = ClientResult(changed(starts[0], moved(starts[0], 0.01, seed=7), 1e-12), n_samples=10)
     honest = ClientResult(moved(starts[0], 0.01, seed=8), n_samples=10)
     bounded, clipped, after = bound_influence(starts, [tiny, honest], anchors)
@@ -100,11 +112,11 @@ def test_the_reference_has_a_floor_and_a_ceiling_at_the_first_rounds_anchor(spec
               for k in range(3)]
     bounded, clipped, _ = bound_influence(starts[:1] * 4, [honest] + sybils, anchors)
     assert sorted(clipped) == [1, 2, 3]  # a majority cannot raise the reference above CEILING_RATIO x the anchor
-    b0 = starts[0].lora[module][1].astype(np.float64)
+    d0 = starts[0].dense[dense_name].astype(np.float64)
     for res in bounded[1:]:
-        rms = np.linalg.norm(res.adapter.lora[module][1] - b0) / np.sqrt(RANK)
-        assert rms == pytest.approx(CLIP_FACTOR * CEILING_RATIO * anchor, rel=1e-4)
-    assert FLOOR_RATIO < CLIP_FACTOR  # an honest update at the anchor stays unclipped under the floor
+        change = np.linalg.norm(res.adapter.dense[dense_name] - d0)
+        assert change == pytest.approx(CLIP_FACTOR * CEILING_RATIO * anchor, rel=1e-4)
+    assert CLIP_FACTOR / FLOOR_RATIO > 1.6  # under the floor, the bound is above the honest spread (docstring)
 
 
 @pytest.mark.parametrize("stage", ["lora", "head-fit"])
@@ -138,7 +150,7 @@ def _factor_bound(start, honest):
         a0, b0 = a0.astype(np.float64), b0.astype(np.float64)
         da = max(np.linalg.norm(u.lora[name][0] - a0) for u in honest)
         db = max(np.linalg.norm(u.lora[name][1] - b0) for u in honest)
-        bounds[name] = (np.linalg.norm(a0) + CLIP_FACTOR * da) * (np.linalg.norm(b0) + CLIP_FACTOR * db)
+        bounds[name] = (np.linalg.norm(a0) + FACTOR_CLIP * da) * (np.linalg.norm(b0) + FACTOR_CLIP * db)
     return bounds
 
 
