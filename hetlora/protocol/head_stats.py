@@ -109,7 +109,8 @@ def decode_statistics(data: bytes, *, num_labels: int, dim: int, max_feature_nor
     if max_samples is not None and n_samples > max_samples:
         raise WireFormatError("bad_statistics", f"n_samples {n_samples} is more than this client may have "
                               f"({max_samples}: its declared sample count, within the server's data cap)")
-    check_consistency(stats, n_samples, FEATURE_NORM_LIMIT if max_feature_norm is None else max_feature_norm)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is refused, not warned about
+        check_consistency(stats, n_samples, FEATURE_NORM_LIMIT if max_feature_norm is None else max_feature_norm)
     return stats
 
 
