@@ -22,7 +22,8 @@ from edge_client.server_api import ServerAPI, ServerError
 from edge_client.train_config import RoundResult
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
-from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode, validate
+from hetlora.protocol.wire import (Adapter, WireFormatError, check_values, decode, encode, max_wire_bytes,
+                                  spec_tensors, validate)
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.client")
@@ -51,11 +52,16 @@ class ClientOptions:
 
 
 def plan_of(current: dict) -> ClientPlan:
-    """The plan in a `GET /v1/round` answer for a selected client (BadServerAnswer when it is not one)."""
+    """The plan in a `GET /v1/round` answer for a selected client (BadServerAnswer when it is not one, or when its
+    training settings are outside sane bounds: TrainingSettings.problem)."""
     try:
-        return ClientPlan.from_json(current.get("plan"))
+        plan = ClientPlan.from_json(current.get("plan"))
     except (ValueError, TypeError, KeyError) as exc:
         raise BadServerAnswer(f"round {current.get('round')}: the server's plan is not valid: {exc}") from None
+    problem = plan.training.problem()
+    if problem:
+        raise BadServerAnswer(f"round {plan.round}: the server's plan is outside sane bounds: {problem}")
+    return plan
 
 
 def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
@@ -83,12 +89,13 @@ def scaled_update(update: Adapter, start: Adapter, plan: ClientPlan, factor: flo
 
 
 def decode_download(raw: bytes, spec, max_rank: int, head_only: bool = False) -> Adapter:
-    """A round's download decoded and checked against the local spec, at most `max_rank` (WireFormatError);
-    `head_only`: a head round's, the dense head without LoRA factors."""
-    start = decode(raw)
+    """A round's download decoded and checked against the local spec, at most `max_rank`, its values within the
+    upload bound (WireFormatError); `head_only`: a head round's, the dense head without LoRA factors."""
+    start = decode(raw, max_tensors=spec_tensors(spec))
     if head_only and start.lora:
         raise WireFormatError("unexpected_lora", "a head round's download must carry the head only")
     validate(start, spec, max_rank=max_rank, require_all_modules=not head_only)
+    check_values(start)  # an update trained from larger values could never be uploaded
     return start
 
 
@@ -110,6 +117,7 @@ class EdgeClient:
         self.spec = None
         self.overrides = dict(options.train_overrides or {})  # TrainingSettings fields over the plan
         self._features = None  # the frozen features (round 0 and the head rounds), computed once
+        self._refused_round = None  # the round whose update the server refused, if any
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -147,6 +155,8 @@ class EdgeClient:
             return "waiting for enough clients to register"
         if not current["selected"]:
             return "not selected this round; waiting for the next"
+        if current["round"] == self._refused_round:
+            return "the server refused this round's update; waiting for the next round"
         return "update uploaded; waiting for the other clients"
 
     def _register(self, run: dict) -> None:
@@ -203,6 +213,8 @@ class EdgeClient:
         number = current["round"]
         plan = plan_of(current)
         cfg = plan.training.updated(self.overrides)
+        if cfg.problem():
+            raise UserError(f"the local training overrides are outside sane bounds: {cfg.problem()}")
         pending = self.state_dir.pending(number)
         if pending is None and plan.mode == "head-statistics":
             pending, summary, elapsed = self._head_statistics(number, cfg)
@@ -241,10 +253,11 @@ class EdgeClient:
                 log.warning("round %d: upload not taken (%s)", number, exc)
                 self._finish_round(number)
                 return False
-            if exc.status == 400:  # the update itself is invalid: keep it for inspection, never re-send it
+            if exc.status in (400, 413):  # the update itself is refused: keep it for inspection, never re-send it
                 kept = self.state_dir.reject_pending(number, exc.code)
-                log.error("round %d: the server refused the update as invalid (%s); moved it to %s", number, exc, kept)
+                log.error("round %d: the server refused the update (%s); moved it to %s", number, exc, kept)
                 self._finish_round(number)
+                self._refused_round = number
                 return False
             raise
         self._finish_round(number)
@@ -271,9 +284,11 @@ class EdgeClient:
         return pending, f"head statistics ({stats.n_samples} samples, {classes} classes)", time.perf_counter() - t0
 
     def _download(self, number: int) -> bytes | None:
-        """The round's download; None when the round is no longer this client's (closed, not selected)."""
+        """The round's download, at most the largest valid adapter of the run (checked while it streams); None when
+        the round is no longer this client's (closed, not selected)."""
+        limit = max_wire_bytes(self.spec, int(self.state.run.get("global_rank") or max(self.state.run["ranks"])))
         try:
-            return self.api.download_adapter(number)
+            return self.api.download_adapter(number, max_bytes=limit)
         except ServerError as exc:
             if exc.code in ("round_closed", "not_selected", "no_such_round", "round_not_open"):
                 log.info("round %d: %s; waiting for the next round", number, exc)
