@@ -73,9 +73,8 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
                access: ReadAccess | None = None, trusted_proxies: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app for one run; state lives in `state_dir` (reused on restart).
 
-    `enrollment`: who may register (default: anyone, 30 registrations a minute per non-loopback address);
-    `access`: who may read (server_stub.read_access); `trusted_proxies`: the addresses whose X-Forwarded-For
-    and X-Forwarded-Proto headers are believed (none: the TCP peer is the client's address)."""
+    `enrollment`: who may register (default: anyone, 30 a minute per non-loopback address); `access`: who may read
+    (server_stub.read_access); `trusted_proxies`: whose X-Forwarded-For is believed (none: the TCP peer)."""
     coordinator = build_coordinator(config, state_dir)
     enrollment = enrollment or Enrollment()
     access = access or ReadAccess()
@@ -84,13 +83,7 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
                   description="Federated LoRA rounds with heterogeneous ranks. Protocol: docs/PROTOCOL.md.",
                   lifespan=_lifespan(coordinator))
     app.state.coordinator = coordinator
-    app.add_middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
-    install_metrics(app, coordinator)  # after BodyLimit: its middleware is outermost and sees the 413s
-    if access.protected(enrollment.open):
-        app.add_middleware(ReadGuard, access=access, authenticate=coordinator.authenticate)
-    if trusted_proxies:  # outermost: every part sees the client's address
-        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
-
+    _add_middleware(app, coordinator, access.protected(enrollment.open) and access, trusted_proxies)
     _add_error_handlers(app)
 
     def client_id(authorization: str | None = Header(default=None)) -> str:
@@ -98,13 +91,7 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
 
     @app.post("/v1/register", status_code=201, summary="register a client; returns id, token, rank and run config")
     def register(body: RegisterRequest, request: Request):
-        peer = request.client.host if request.client else None
-        try:
-            enrollment.check(peer, body.name, body.enroll_secret)
-        except ApiError as exc:
-            if exc.status != 429:  # a rate-limited flood is answered, not logged line by line
-                log.warning("registration refused from %s (name %r): %s", peer, body.name, exc.code)
-            raise
+        _check_enrollment(enrollment, request.client.host if request.client else None, body)
         return coordinator.register(body.profile, body.requested_rank, body.n_samples, body.name,
                                     unique_name=enrollment.allowed_names is not None)
 
@@ -142,6 +129,27 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
         return coordinator.status()
 
     return app
+
+
+def _add_middleware(app: FastAPI, coordinator: Coordinator, access, trusted_proxies: tuple[str, ...]) -> None:
+    """Body limits, metrics, the read guard (`access`: a ReadAccess when reads are protected, else False) and, outermost
+    so every part sees the client's address, X-Forwarded-For from the trusted proxies only."""
+    app.add_middleware(BodyLimit, max_upload_bytes=coordinator.config.max_upload_bytes)
+    install_metrics(app, coordinator)  # after BodyLimit: its middleware is outermost and sees the 413s
+    if access:
+        app.add_middleware(ReadGuard, access=access, authenticate=coordinator.authenticate)
+    if trusted_proxies:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
+
+
+def _check_enrollment(enrollment: Enrollment, peer: str | None, body: RegisterRequest) -> None:
+    """enrollment.check; a refusal (401, 403) is logged with the peer address (a 429 flood is not, line by line)."""
+    try:
+        enrollment.check(peer, body.name, body.enroll_secret)
+    except ApiError as exc:
+        if exc.status != 429:
+            log.warning("registration refused from %s (name %r): %s", peer, body.name, exc.code)
+        raise
 
 
 def _lifespan(coordinator: Coordinator):
