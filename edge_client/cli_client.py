@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                        "(default: retry forever)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # TEST TOOL, hidden: a model-replacement attacker for robustness measurements (benchmarks, docs/RESULTS.md).
+    p.add_argument("--testing-scale-update", type=float, help=argparse.SUPPRESS)
     g = p.add_argument_group("local training overrides (default: the server's hints)")
     g.add_argument("--steps", type=int)
     g.add_argument("--batch-size", type=int)
@@ -102,5 +104,6 @@ def run(args: argparse.Namespace) -> int:
         label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
         progress=not args.no_progress and show_progress(), train_overrides=overrides, give_up_after=args.give_up_after,
         enroll_secret=args.enroll_secret, ca_file=args.ca_file,
+        testing_scale_update=args.testing_scale_update,
     )
     return EdgeClient(options, profile_source(args.profile_as, args.profile_file)).run()

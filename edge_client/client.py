@@ -14,13 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir
 from edge_client.server_api import ServerAPI, ServerError
 from edge_client.train_config import RoundResult
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
-from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode, validate
+from hetlora.protocol.wire import (Adapter, WireFormatError, check_values, decode, encode, max_wire_bytes,
+                                  spec_tensors, validate)
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.client")
@@ -44,14 +47,20 @@ class ClientOptions:
     give_up_after: float | None = None  # seconds of failed retries before giving up (None: never)
     enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
     ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
+    testing_scale_update: float | None = None  # TEST TOOL ONLY: upload start + s (update - start), an attacker
 
 
 def plan_of(current: dict) -> ClientPlan:
-    """The plan in a `GET /v1/round` answer for a selected client (BadServerAnswer when it is not one)."""
+    """The plan in a `GET /v1/round` answer for a selected client (BadServerAnswer when it is not one, or when its
+    training settings are outside sane bounds: TrainingSettings.problem)."""
     try:
-        return ClientPlan.from_json(current.get("plan"))
+        plan = ClientPlan.from_json(current.get("plan"))
     except (ValueError, TypeError, KeyError) as exc:
         raise BadServerAnswer(f"round {current.get('round')}: the server's plan is not valid: {exc}") from None
+    problem = plan.training.problem()
+    if problem:
+        raise BadServerAnswer(f"round {plan.round}: the server's plan is outside sane bounds: {problem}")
+    return plan
 
 
 def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
@@ -63,13 +72,29 @@ def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
     return meta | ({"indices": list(plan.indices)} if plan.indices is not None else {})
 
 
+def scaled_update(update: Adapter, start: Adapter, plan: ClientPlan, factor: float) -> Adapter:
+    """TEST TOOL (the hidden `hetlora client --testing-scale-update`, for robustness measurements only): the update
+    a model-replacement attacker sends, start + factor (update - start) for every factor and dense tensor, with
+    the start's components in the order of the upload (plora: the plan's indices; else the first r)."""
+    lora = {}
+    for name, (a, b) in update.lora.items():
+        a0, b0 = start.lora[name]
+        idx = list(plan.indices) if plan.indices is not None else list(range(a.shape[0]))
+        lora[name] = ((a0[idx] + factor * (a - a0[idx])).astype(np.float32),
+                      (b0[:, idx] + factor * (b - b0[:, idx])).astype(np.float32))
+    dense = {name: (start.dense[name] + factor * (t - start.dense[name])).astype(np.float32)
+             for name, t in update.dense.items()}
+    return Adapter(lora=lora, dense=dense, meta=update.meta)
+
+
 def decode_download(raw: bytes, spec, max_rank: int, head_only: bool = False) -> Adapter:
-    """A round's download decoded and checked against the local spec, at most `max_rank` (WireFormatError);
-    `head_only`: a head round's, the dense head without LoRA factors."""
-    start = decode(raw)
+    """A round's download decoded and checked against the local spec, at most `max_rank`, its values within the
+    upload bound (WireFormatError); `head_only`: a head round's, the dense head without LoRA factors."""
+    start = decode(raw, max_tensors=spec_tensors(spec))
     if head_only and start.lora:
         raise WireFormatError("unexpected_lora", "a head round's download must carry the head only")
     validate(start, spec, max_rank=max_rank, require_all_modules=not head_only)
+    check_values(start)  # an update trained from larger values could never be uploaded
     return start
 
 
@@ -91,6 +116,7 @@ class EdgeClient:
         self.spec = None
         self.overrides = dict(options.train_overrides or {})  # TrainingSettings fields over the plan
         self._features = None  # the frozen features (round 0 and the head rounds), computed once
+        self._refused_round = None  # the round whose update the server refused, if any
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -128,6 +154,8 @@ class EdgeClient:
             return "waiting for enough clients to register"
         if not current["selected"]:
             return "not selected this round; waiting for the next"
+        if current["round"] == self._refused_round:
+            return "the server refused this round's update; waiting for the next round"
         return "update uploaded; waiting for the other clients"
 
     def _register(self, run: dict) -> None:
@@ -183,6 +211,8 @@ class EdgeClient:
         number = current["round"]
         plan = plan_of(current)
         cfg = plan.training.updated(self.overrides)
+        if cfg.problem():
+            raise UserError(f"the local training overrides are outside sane bounds: {cfg.problem()}")
         pending = self.state_dir.pending(number)
         if pending is None and plan.mode == "head-statistics":
             pending, summary, elapsed = self._head_statistics(number, cfg)
@@ -205,7 +235,7 @@ class EdgeClient:
                                               indices=list(plan.indices) if plan.indices is not None else None,
                                               mode=plan.mode, on_step=self._progress(number, cfg))
             result.adapter.meta = upload_meta(plan, self.state.client_id, result)
-            pending = encode(result.adapter)
+            pending = encode(self._attack(result.adapter, start, plan))
             self.state_dir.save_pending(pending)
             summary = (f"rank {result.rank_before}" + (f" -> {result.rank_after} (pruned)" if result.rank_after !=
                        result.rank_before else "") + f", loss {result.loss_before:.4f} -> {result.loss_after:.4f}, "
@@ -221,10 +251,11 @@ class EdgeClient:
                 log.warning("round %d: upload not taken (%s)", number, exc)
                 self._finish_round(number)
                 return False
-            if exc.status == 400:  # the update itself is invalid: keep it for inspection, never re-send it
+            if exc.status in (400, 413):  # the update itself is refused: keep it for inspection, never re-send it
                 kept = self.state_dir.reject_pending(number, exc.code)
-                log.error("round %d: the server refused the update as invalid (%s); moved it to %s", number, exc, kept)
+                log.error("round %d: the server refused the update (%s); moved it to %s", number, exc, kept)
                 self._finish_round(number)
+                self._refused_round = number
                 return False
             raise
         self._finish_round(number)
@@ -251,9 +282,11 @@ class EdgeClient:
         return pending, f"head statistics ({stats.n_samples} samples, {classes} classes)", time.perf_counter() - t0
 
     def _download(self, number: int) -> bytes | None:
-        """The round's download; None when the round is no longer this client's (closed, not selected)."""
+        """The round's download, at most the largest valid adapter of the run (checked while it streams); None when
+        the round is no longer this client's (closed, not selected)."""
+        limit = max_wire_bytes(self.spec, int(self.state.run.get("global_rank") or max(self.state.run["ranks"])))
         try:
-            return self.api.download_adapter(number)
+            return self.api.download_adapter(number, max_bytes=limit)
         except ServerError as exc:
             if exc.code in ("round_closed", "not_selected", "no_such_round", "round_not_open"):
                 log.info("round %d: %s; waiting for the next round", number, exc)
@@ -269,10 +302,18 @@ class EdgeClient:
             update, fit = fit_plan_head(self.spec, start, features, labels, plan, cfg, self.state.client_id)
         except ValueError as exc:
             raise BadServerAnswer(f"round {number}: the server's head-fit plan does not fit this run: {exc}") from None
-        pending = encode(update)
+        pending = encode(self._attack(update, start, plan))
         self.state_dir.save_pending(pending)
         return pending, (f"head fitted on {len(labels)} frozen features ({cfg.head_epochs} epochs), loss "
                          f"{fit.loss_before:.4f} -> {fit.loss_after:.4f}")
+
+    def _attack(self, update: Adapter, start: Adapter, plan: ClientPlan) -> Adapter:
+        """The update as sent: itself, or (TEST TOOL, --testing-scale-update) scaled as an attacker's."""
+        if self.options.testing_scale_update is None:
+            return update
+        log.warning("TEST TOOL: uploading the update scaled %g x from its start (--testing-scale-update)",
+                    self.options.testing_scale_update)
+        return scaled_update(update, start, plan, self.options.testing_scale_update)
 
     def _frozen_features(self, cfg: TrainingSettings):
         """(features, labels) of the local data under the frozen base model, computed once per process."""

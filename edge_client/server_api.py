@@ -15,19 +15,26 @@ import time
 
 import requests
 
-from edge_client.answers import PROFILE_FIELDS, REGISTER_FIELDS, ROUND_FIELDS, check_run, json_object, require
+from edge_client.answers import (PROFILE_FIELDS, REGISTER_FIELDS, ROUND_FIELDS, BadServerAnswer, check_run,
+                                 json_object, require)
 from hetlora.errors import ServerProblem, UserError
 
 log = logging.getLogger("hetlora.client")
-# Refusals only the device's configuration can fix (exit status 2; every other refusal exits 3).
-CONFIG_CODES = ("enrollment_required", "bad_enroll_secret", "name_not_allowed", "bad_rank", "bad_request")
+# Refusals only the device's configuration can fix (exit status 2; every other refusal exits 3): enrollment, a
+# malformed registration, a name already registered, a token the server does not know (its state was reset).
+CONFIG_CODES = ("enrollment_required", "bad_enroll_secret", "name_not_allowed", "name_taken", "bad_rank",
+                "bad_request", "bad_token", "missing_token")
+
+HINTS = {"bad_token": " (the server no longer knows this client: move --state-dir away to register again)",
+         "name_taken": " (another device registered this --name; pick another name or resume its --state-dir)"}
 
 
 class ServerError(ServerProblem):
     """The server rejected a request (4xx); `code` is the protocol's error code."""
 
     def __init__(self, status: int, code: str, message: str, body: dict):
-        super().__init__(f"server said {status} {code}: {message}")
+        hint = HINTS.get(code, "")
+        super().__init__(f"server said {status} {code}: {message}{hint}")
         self.status, self.code, self.body = status, code, body
         self.exit_code = 2 if code in CONFIG_CODES else ServerProblem.exit_code
 
@@ -112,8 +119,29 @@ class ServerAPI:
         return require(json_object(self._request("POST", "/v1/profile", json=body), "profile"), PROFILE_FIELDS,
                        "profile")
 
-    def download_adapter(self, round_number: int) -> bytes:
-        return self._request("GET", f"/v1/rounds/{round_number}/adapter").content
+    def download_adapter(self, round_number: int, max_bytes: int | None = None) -> bytes:
+        """The round's adapter; BadServerAnswer as soon as more than `max_bytes` arrive (decompressed)."""
+        return self._body(self._request("GET", f"/v1/rounds/{round_number}/adapter", stream=True), max_bytes,
+                          f"the round {round_number} adapter")
+
+    @staticmethod
+    def _body(response: requests.Response, max_bytes: int | None, what: str) -> bytes:
+        """A streamed response's body, counted while it arrives (after any content decoding)."""
+        if max_bytes is None:
+            return response.content
+        chunks, size = [], 0
+        try:
+            for chunk in response.iter_content(chunk_size=64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BadServerAnswer(f"{what} is larger than the largest valid adapter of this run ({max_bytes} "
+                                          "bytes); download stopped")
+                chunks.append(chunk)
+        except requests.RequestException as exc:
+            raise ServerProblem(f"{what}: the download failed: {exc}") from None
+        finally:
+            response.close()
+        return b"".join(chunks)
 
     def upload_update(self, round_number: int, data: bytes) -> dict:
         return json_object(self._request("POST", f"/v1/rounds/{round_number}/update", data=data,

@@ -46,8 +46,9 @@ def introduce(config, node_id: int, doc: dict) -> Node:
     requested, n_samples = doc.get("requested_rank") or max(config.ranks), doc.get("n_samples")
     if not isinstance(profile, dict) or not isinstance(requested, int) or requested < 1:
         raise ValueError(f"node {node_id}: the introduction needs a profile object and a positive requested_rank")
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"node {node_id}: n_samples must be a positive integer, got {n_samples!r}")
+    if not isinstance(n_samples, int) or not 1 <= n_samples <= config.max_client_samples:
+        raise ValueError(f"node {node_id}: n_samples must be an integer in 1..{config.max_client_samples} "
+                         f"(max-client-samples), got {n_samples!r}")
     node = Node(node_id=node_id, name=str(name), profile=profile, requested_rank=requested, n_samples=n_samples)
     retier(config, node)
     log.info("node %s (%d): tier rank %s, %d samples%s", node.name, node_id, node.tier.rank if node.tier else 0,

@@ -7,7 +7,7 @@ through `server_stub.upload_checks.check_update` against that plan. Pure: no Flo
 from __future__ import annotations
 
 from hetlora.protocol.plan import ClientPlan
-from hetlora.protocol.wire import decode
+from hetlora.protocol.wire import decode, spec_tensors
 from server_stub.aggregation import ClientResult
 from server_stub.upload_checks import check_update as check_against_plan
 
@@ -21,8 +21,9 @@ def plan_for(config, rule, node, round_number: int, class_counts=None) -> Client
 
 
 def check_update(config, plan: dict, client_id: str, body: bytes) -> ClientResult:
-    """The update `body` decoded and checked against the spec and `plan` (WireFormatError with a stable code)."""
-    adapter = decode(body)
+    """The update `body` decoded (its header within the spec's limits before it is parsed) and checked against the
+    spec and `plan` (WireFormatError with a stable code)."""
+    adapter = decode(body, max_tensors=spec_tensors(config.spec))
     checked = check_against_plan(adapter, plan, config.spec, round_number=plan["round"], client_id=client_id,
                                  aggregator=config.aggregator)
     return ClientResult(adapter=adapter, n_samples=checked.n_samples,

@@ -117,14 +117,16 @@ def head_round(grid: Grid, config, rule, nodes: dict) -> tuple[Adapter, list[int
             if node is None or reply.has_error():
                 raise ValueError(reply.error.reason if reply.has_error() else "unplanned reply")
             body, _ = read_content(reply.content, REPORT)
-            statistics[node.name] = check_statistics(config, node.name, body or b"")
+            statistics[node.name] = check_statistics(config, node.name, body or b"", node.n_samples)
         except (ValueError, ApiError) as exc:
             log.warning("round 0: no head statistics from node %d: %s", reply.metadata.src_node_id, exc)
     if len(statistics) < min(config.min_clients, len(trained)):
         raise UserError(f"round 0: {len(statistics)} nodes sent head statistics, min-clients is {config.min_clients}")
-    initial, summary = initial_global(rule, config.spec, [statistics[name] for name in sorted(statistics)],
+    names = sorted(statistics)
+    initial, summary = initial_global(rule, config.spec, [statistics[name] for name in names],
                                       head_init=config.head_init, global_rank=config.global_rank, seed=config.seed,
                                       shrinkage=config.head_shrinkage, temperature=config.head_temperature)
+    summary["weight_bounded"] = [names[k] for k in summary["weight_bounded"]]
     log.info("round 0 (head %s): %s", config.head_init, json.dumps(summary))
     return initial, summary["class_counts"]
 

@@ -20,7 +20,8 @@ RENAMED = {"num-server-rounds": "rounds", "rule": "aggregator"}
 FLOWER_ONLY = ("output-dir", "partition-dir")
 # `hetlora serve` flags that belong to the HTTP server, not to a run.
 HTTP_ONLY = ("state-dir", "host", "port", "max-upload-mb", "poll-seconds", "ssl-certfile", "ssl-keyfile",
-             "enroll-secret-file", "enroll-secret", "allow-names", "register-rate")
+             "enroll-secret-file", "enroll-secret", "allow-names", "register-rate", "trusted-proxy", "admin-token-file",
+             "public-status")
 
 
 class _Parser(argparse.ArgumentParser):

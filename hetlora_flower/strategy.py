@@ -7,8 +7,9 @@ node in a head round), makes each one its own plan (`plans.plan_for`; a head rou
 pooled class counts) and sends it, with the rule's view of the global at the plan's rank (a head
 round: the head alone, `client_download`), in one message per node.
 aggregate_train: checks every reply with the HTTP server's upload checks (`plans.check_update`), then
-runs the same pipeline as the HTTP server: a LoRA round bounded influence, the pure rule, the server
-optimiser; a head round `average_heads` (the n-weighted mean head, the factors kept).
+runs the HTTP server's pipeline (server_stub.aggregation.pipeline.aggregate_round): bounded influence with the
+anchored reference, the robust option, then a LoRA round's pure rule and server optimiser or a head round's
+`average_heads` (the n-weighted mean head, the factors kept). The anchors and optimiser state stay in memory.
 The global travels between rounds as wire bytes (records.payload_record).
 """
 
@@ -26,9 +27,7 @@ from hetlora.errors import UserError
 from hetlora_flower import nodes as node_book
 from hetlora_flower.plans import check_update, plan_for
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
-from server_stub.aggregation import aggregate_statistics
-from server_stub.aggregation.bounds import bound_influence
-from server_stub.aggregation.head_fit import average_heads
+from server_stub.aggregation.pipeline import aggregate_round
 from server_stub.global_versions import client_download, global_with_meta
 from server_stub.history import jsonable
 from server_stub.selection import select_clients
@@ -48,6 +47,7 @@ class RuleStrategy(Strategy):
     def __init__(self, config, rule, nodes: dict, class_counts=None):
         self.config, self.rule, self.nodes, self.class_counts = config, rule, nodes, class_counts
         self.optimizer_state: dict = {}
+        self.anchors: dict = {}  # stage -> quantity -> anchor of the bounds (server_stub.aggregation.bounds)
         self.history: list[dict] = []
         self._plans: dict[int, dict] = {}  # node id -> this round's plan (JSON)
         self._names: dict[int, str] = {}
@@ -91,24 +91,16 @@ class RuleStrategy(Strategy):
             return None, None
         results = [accepted[node_id][0] for node_id in order]
         reports = [accepted[node_id][1] for node_id in order]
-        if self.config.stage(server_round) == "head-fit":
-            new_global, statistics = average_heads(self._previous, results)
-        else:
-            new_global, statistics = self._lora_aggregate(results)
+        stage = self.config.stage(server_round)
+        new_global, statistics, self.anchors, self.optimizer_state = aggregate_round(
+            self.rule, self.config, stage, self._previous, results, [self._plans[n] for n in order], self.anchors,
+            self.optimizer_state)
+        if stage == "lora":
             for node_id, res, report in zip(order, results, reports):
                 node_book.report(self.config, self.nodes[node_id], report.get("profile"), res.adapter.rank,
                                  self._plans[node_id]["rank"])
         self._record(server_round, order, results, reports, statistics)
         return global_record(self.config, new_global, server_round), _metrics(results, reports)
-
-    def _lora_aggregate(self, results: list) -> tuple[Adapter, dict]:
-        """A LoRA round's new global and statistics: bounded influence, the pure rule, the server optimiser."""
-        bounded, clipped = bound_influence(self._previous, results)
-        new_global = self.rule.aggregate(self._previous, bounded)
-        if self.config.server_opt.name != "none":
-            new_global, self.optimizer_state = self.config.server_opt.step(
-                self._previous, new_global, self.optimizer_state, product_space=self.rule.name == "hlora")
-        return new_global, aggregate_statistics(new_global, bounded) | {"clipped": clipped}
 
     def _accepted(self, server_round: int, replies: Iterable[Message]) -> dict:
         """node id -> (ClientResult, report) of every reply that passes the checks; the others are logged."""

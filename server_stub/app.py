@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from hetlora.protocol.wire import MAX_INT
 from hetlora.errors import UserError
@@ -24,6 +25,7 @@ from server_stub.errors import ApiError
 from server_stub.limits import BodyLimit
 from server_stub.init_adapter import StartsFromAdapter
 from server_stub.metrics import install_metrics
+from server_stub.read_access import ReadAccess, ReadGuard
 from server_stub.rounds import Coordinator
 from server_stub.store import Store
 
@@ -67,20 +69,21 @@ def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinato
         raise
 
 
-def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollment | None = None) -> FastAPI:
+def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollment | None = None,
+               access: ReadAccess | None = None, trusted_proxies: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app for one run; state lives in `state_dir` (reused on restart).
 
-    `enrollment`: who may register (default: anyone, 30 registrations a minute per non-loopback address)."""
+    `enrollment`: who may register (default: anyone, 30 a minute per non-loopback address); `access`: who may read
+    (server_stub.read_access); `trusted_proxies`: whose X-Forwarded-For is believed (none: the TCP peer)."""
     coordinator = build_coordinator(config, state_dir)
     enrollment = enrollment or Enrollment()
+    access = access or ReadAccess()
 
     app = FastAPI(title="hetlora-edge aggregation server", version="1",
                   description="Federated LoRA rounds with heterogeneous ranks. Protocol: docs/PROTOCOL.md.",
                   lifespan=_lifespan(coordinator))
     app.state.coordinator = coordinator
-    app.add_middleware(BodyLimit, max_upload_bytes=config.max_upload_bytes)
-    install_metrics(app, coordinator)  # after BodyLimit: its middleware is outermost and sees the 413s
-
+    _add_middleware(app, coordinator, access.protected(enrollment.open) and access, trusted_proxies)
     _add_error_handlers(app)
 
     def client_id(authorization: str | None = Header(default=None)) -> str:
@@ -88,8 +91,9 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
 
     @app.post("/v1/register", status_code=201, summary="register a client; returns id, token, rank and run config")
     def register(body: RegisterRequest, request: Request):
-        enrollment.check(request.client.host if request.client else None, body.name, body.enroll_secret)
-        return coordinator.register(body.profile, body.requested_rank, body.n_samples, body.name)
+        _check_enrollment(enrollment, request.client.host if request.client else None, body)
+        return coordinator.register(body.profile, body.requested_rank, body.n_samples, body.name,
+                                    unique_name=enrollment.allowed_names is not None)
 
     @app.get("/v1/run", summary="the run config every client receives at registration")
     def run_config():
@@ -125,6 +129,27 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
         return coordinator.status()
 
     return app
+
+
+def _add_middleware(app: FastAPI, coordinator: Coordinator, access, trusted_proxies: tuple[str, ...]) -> None:
+    """Body limits, metrics, the read guard (`access`: a ReadAccess when reads are protected, else False) and, outermost
+    so every part sees the client's address, X-Forwarded-For from the trusted proxies only."""
+    app.add_middleware(BodyLimit, max_upload_bytes=coordinator.config.max_upload_bytes)
+    install_metrics(app, coordinator)  # after BodyLimit: its middleware is outermost and sees the 413s
+    if access:
+        app.add_middleware(ReadGuard, access=access, authenticate=coordinator.authenticate)
+    if trusted_proxies:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
+
+
+def _check_enrollment(enrollment: Enrollment, peer: str | None, body: RegisterRequest) -> None:
+    """enrollment.check; a refusal (401, 403) is logged with the peer address (a 429 flood is not, line by line)."""
+    try:
+        enrollment.check(peer, body.name, body.enroll_secret)
+    except ApiError as exc:
+        if exc.status != 429:
+            log.warning("registration refused from %s (name %r): %s", peer, body.name, exc.code)
+        raise
 
 
 def _lifespan(coordinator: Coordinator):

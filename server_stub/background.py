@@ -12,18 +12,19 @@ from server_stub.config import ServerConfig
 
 @contextlib.contextmanager
 def serve_in_background(config: ServerConfig, state_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
-                        enrollment=None):
+                        enrollment=None, access=None, trusted_proxies: tuple[str, ...] = ()):
     """Yield the base URL of a running server (create_app + uvicorn on host:port, 0 = a free port); stop it on exit.
 
-    `enrollment`: a server_stub.enrollment.Enrollment (default: open, loopback exempt from the rate limit)."""
+    `enrollment`: a server_stub.enrollment.Enrollment (default: open, loopback exempt from the rate limit);
+    `access`, `trusted_proxies`: as create_app."""
     import uvicorn
 
     from server_stub.app import create_app
     from server_stub.cli import bind_socket
 
-    app = create_app(config, state_dir, enrollment)
+    app = create_app(config, state_dir, enrollment, access, trusted_proxies)
     sock = bind_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, proxy_headers=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hetlora-server", daemon=True)
     thread.start()
     try:

@@ -19,6 +19,7 @@ from hetlora.errors import UserError
 from server_stub.aggregation import RULES
 from hetlora.protocol.settings import LR_DECAYS, TrainingSettings
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
+from server_stub.aggregation.robust import DEFAULT_TRIM_BETA, ROBUST
 from server_stub.aggregation.server_opt import OPTIMIZERS
 
 log = logging.getLogger("hetlora.server")
@@ -59,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     agg.add_argument("--server-beta2", type=float, default=0.99)
     agg.add_argument("--server-tau", type=float, default=1e-3, help="adam/yogi adaptivity (default 1e-3)")
     agg.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha clients train with (default 16)")
+    agg.add_argument("--robust", choices=ROBUST, default="none",
+                     help="robust aggregation before any rule (docs/PROTOCOL.md section 3.1): trimmed-mean or median of "
+                          "the clients' updates per coordinate, or norm-bound (an absolute bound from the first round's "
+                          "median update); every round also bounds each client's influence (default none)")
+    agg.add_argument("--trim-beta", type=float, default=DEFAULT_TRIM_BETA,
+                     help=f"--robust trimmed-mean: the fraction cut from each end (default {DEFAULT_TRIM_BETA})")
 
     _add_round_arguments(p)
     _add_training_arguments(p)
@@ -73,6 +80,9 @@ def _add_round_arguments(p: argparse.ArgumentParser) -> None:
                         help="clients needed to open a round and uploads needed to aggregate at the deadline")
     rounds.add_argument("--round-deadline", type=float, default=600.0, metavar="SECONDS")
     rounds.add_argument("--seed", type=int, default=0)
+    rounds.add_argument("--max-client-samples", type=int, default=10_000_000, metavar="N",
+                        help="the data cap: the most samples one client may declare at registration and count in its "
+                             "round-0 statistics (default 10,000,000)")
 
     head = p.add_argument_group("head initialisation (classification): round 0 before the LoRA rounds")
     head.add_argument("--head-init", choices=("none", "ncm", "lda"),
@@ -137,6 +147,15 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
     enroll.add_argument("--allow-names", metavar="FILE", help="only these client names may register (one per line)")
     enroll.add_argument("--register-rate", type=int, default=30, metavar="N",
                         help="registrations per minute per client address; loopback exempt; 0 = no limit (default 30)")
+    enroll.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                        help="a reverse proxy whose X-Forwarded-For header names the client's address (repeatable; "
+                             "default: none, the TCP peer is the client's address)")
+    reads = p.add_argument_group("reads (GET /v1/global, /v1/status, /metrics, /docs)")
+    reads.add_argument("--admin-token-file", metavar="FILE",
+                       help="the operator's token for the read routes (Authorization: Bearer <token>)")
+    reads.add_argument("--public-status", action="store_true",
+                       help="leave the read routes open even with enrollment on (by default they need a client's or "
+                            "the operator's token once --enroll-secret-file, --allow-names or --admin-token-file is set)")
 
 
 def build_config(args: argparse.Namespace):
@@ -172,6 +191,7 @@ def build_config(args: argparse.Namespace):
         head_init=head_init, init_adapter=init_adapter,
         head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
         head_rounds=args.head_rounds, lr_decay=args.lr_decay, server_opt=_server_optimizer(args),
+        defence=_defence(args), max_client_samples=args.max_client_samples,
     )
 
 
@@ -184,6 +204,15 @@ def _model_shape(model_dir):
     except UserError as exc:
         log.warning("tier policy: %s; sizing tiers by the policy's model instead", exc)
         return None
+
+
+def _defence(args: argparse.Namespace):
+    from server_stub.aggregation.robust import Defence
+
+    try:
+        return Defence(robust=args.robust, trim_beta=args.trim_beta)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _server_optimizer(args: argparse.Namespace):
@@ -266,6 +295,15 @@ def build_enrollment(args: argparse.Namespace):
     return enrollment
 
 
+def build_access(args: argparse.Namespace):
+    """Who may read (server_stub.read_access.ReadAccess) from --admin-token-file and --public-status."""
+    from hetlora.secret_file import read_secret
+    from server_stub.read_access import ReadAccess
+
+    token = read_secret(args.admin_token_file, "admin token") if args.admin_token_file else None
+    return ReadAccess(admin_token=token, public=args.public_status)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -276,7 +314,11 @@ def run(args: argparse.Namespace) -> int:
     (state_dir / "server.json").unlink(missing_ok=True)
     config = build_config(args)
     tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
-    app = create_app(config, state_dir, build_enrollment(args))
+    enrollment, access = build_enrollment(args), build_access(args)
+    app = create_app(config, state_dir, enrollment, access, tuple(args.trusted_proxy))
+    if not access.protected(enrollment.open) and not is_loopback(args.host):
+        log.warning("the read routes (/v1/global, /v1/status, /metrics, /docs) answer anyone who reaches %s",
+                    args.host)
     sock = bind_socket(args.host, args.port)
     url = write_server_info(state_dir, args.host, sock.getsockname()[1], tls)
     log.info("serving %s run (%s, spec %s, %d modules, ranks %s, global rank %d, %d head + %d LoRA rounds) at %s; "
@@ -287,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("plain HTTP on %s: bearer tokens and updates cross the network in clear text; serve HTTPS with "
                     "--ssl-certfile/--ssl-keyfile (docs/DEVICES.md, TLS)", args.host)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=args.verbose, timeout_graceful_shutdown=2,
-                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile))
+                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                                           proxy_headers=False))  # create_app trusts --trusted-proxy alone
     server.run(sockets=[sock])
     return 0

@@ -6,15 +6,18 @@ from dataclasses import asdict, dataclass, field
 
 from hetlora.protocol.plan import stage_of
 from hetlora.protocol.settings import LR_DECAYS, TrainingSettings
-from hetlora.protocol.spec import AdapterSpec
-from hetlora.protocol.wire import Adapter
+from hetlora.protocol.head_stats import statistics_bytes
+from hetlora.protocol.spec import AdapterSpec, linear_head
+from hetlora.protocol.wire import Adapter, max_wire_bytes
 from server_stub.aggregation import RULES
 from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
+from server_stub.aggregation.robust import Defence
 from server_stub.aggregation.server_opt import ServerOptimizer
 from hetlora.errors import UserError
 from profiles.memory_model import ModelShape
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
+DEFAULT_MAX_CLIENT_SAMPLES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class ServerConfig:
     head_rounds: int = 0  # rounds 1..head_rounds fit the head on frozen features (every client), LoRA after
     lr_decay: str = "none"  # none | cosine: the LoRA rounds' learning rates decay over the run (training_for)
     server_opt: ServerOptimizer = ServerOptimizer()
+    defence: Defence = Defence()  # bounded influence and the robust option (server_stub.aggregation.robust)
+    max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # the data cap: samples one client may declare
     init_adapter: Adapter | None = field(default=None, compare=False, repr=False)  # server_stub.init_adapter
 
     def __post_init__(self):
@@ -58,8 +63,11 @@ class ServerConfig:
         if self.clients_per_round and self.clients_per_round < self.min_clients:
             raise UserError(f"--clients-per-round {self.clients_per_round} is below --min-clients {self.min_clients}; "
                             "a round could never aggregate")
-        if self.rounds < 1 or self.round_deadline <= 0 or self.max_upload_mb <= 0:
-            raise UserError("--rounds, --round-deadline and --max-upload-mb must be positive")
+        if self.rounds < 1 or self.round_deadline <= 0 or self.max_upload_mb <= 0 or self.max_client_samples < 1:
+            raise UserError("--rounds, --round-deadline, --max-upload-mb and --max-client-samples must be positive")
+        problem = self.training.problem()
+        if problem:
+            raise UserError(f"training settings: {problem}")
         if self.spec.task == "classification" and not self.labels:
             raise UserError("classification needs a label list: pass --labels FILE")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -113,7 +121,13 @@ class ServerConfig:
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+        """The upload size limit: --max-upload-mb, and never more than the largest valid upload of the run's spec
+        (an adapter at the global rank; round 0's statistics)."""
+        largest = max_wire_bytes(self.spec, self.global_rank)
+        if self.head_round:
+            _, _, num_labels, dim = linear_head(self.spec)
+            largest = max(largest, statistics_bytes(num_labels, dim))
+        return min(int(self.max_upload_mb * 1024 * 1024), largest)
 
     def identity(self) -> dict:
         """What a state dir is bound to: restarting with anything else here is refused."""
@@ -157,4 +171,5 @@ class ServerConfig:
             "training": self.training.to_json(),
             "pooling": self.spec.pooling,
             "head_init": self.head_init,
+            "robust": self.defence.robust,
         }

@@ -1,6 +1,7 @@
 """A size limit on every request body (ASGI middleware): 413 `too_large` before the app sees the body.
 
-Uploads (`POST /v1/rounds/{n}/update`) may carry up to `--max-upload-mb`; every other body (JSON:
+Uploads (`POST /v1/rounds/{n}/update`) may carry up to `ServerConfig.max_upload_bytes` (`--max-upload-mb`, at
+most the largest valid upload of the run's spec); every other body (JSON:
 register, profile) up to MAX_JSON_BYTES. A declared Content-Length over the limit is refused at once,
 a streamed body as soon as it passes the limit; an accepted body is handed to the app in one piece.
 Before a 413 the rest of the body is read and dropped up to DRAIN_BYTES more, so a client that is still
@@ -27,8 +28,8 @@ class BodyLimit:
     def limit_for(self, path: str) -> tuple[int, str]:
         if UPLOAD_PATH.match(path):
             return self.max_upload_bytes, (f"the upload is larger than the server's limit of {self.max_upload_bytes} "
-                                           f"bytes ({self.max_upload_bytes / 2**20:g} MB); lower the rank or ask for "
-                                           "a larger --max-upload-mb")
+                                           f"bytes ({self.max_upload_bytes / 2**20:g} MB: --max-upload-mb, at most the "
+                                           "largest valid upload of this run's model and global rank)")
         return MAX_JSON_BYTES, f"the request body is larger than the server's limit of {MAX_JSON_BYTES} bytes"
 
     async def __call__(self, scope, receive, send):

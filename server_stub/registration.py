@@ -32,15 +32,21 @@ class Registration:
         self.config, self.store, self.rule, self.lock, self.clock = config, store, rule, lock, clock
         self.open_next_round = open_next_round
 
-    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None) -> tuple[dict, dict | None]:
-        """A new client (id, token, the rank it trains at, the run config) and the round its arrival opened."""
+    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None,
+                 unique_name: bool = False) -> tuple[dict, dict | None]:
+        """A new client (id, token, the rank it trains at, the run config) and the round its arrival opened.
+        `unique_name` (an allowlist is on): a name registers once, a second registration is 409 `name_taken`."""
         if requested_rank < 1:
             raise ApiError(400, "bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
-        if n_samples < 0:
-            raise ApiError(400, "bad_request", f"n_samples must be >= 0, got {n_samples}")
+        if not 0 <= n_samples <= self.config.max_client_samples:
+            raise ApiError(400, "bad_request", f"n_samples must be in 0..{self.config.max_client_samples} (the "
+                           f"server's --max-client-samples), got {n_samples}")
         tier = self._tier(profile, requested_rank, pruned_rank=None)
         client_id, token = "c-" + secrets.token_hex(6), secrets.token_urlsafe(32)
         with self.lock, self.store.transaction():
+            if unique_name and self.store.select_one("SELECT client_id FROM clients WHERE name = ?", (name,)):
+                raise ApiError(409, "name_taken", f"the name {name!r} is already registered; each allowed name "
+                               "registers once (resume with the client's --state-dir, or ask the operator)")
             self.store.insert("clients", {
                 "client_id": client_id, "token_sha256": token_digest(token), "name": name, "profile": profile,
                 "requested_rank": requested_rank, "rank": tier.rank, "caps": caps(tier), "pruned_rank": None,

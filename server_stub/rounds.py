@@ -15,19 +15,15 @@ import logging
 import threading
 import time
 
-from safetensors.numpy import load as load_arrays
-from safetensors.numpy import save as save_arrays
-
 from hetlora.protocol.plan import Tier
-from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode
+from hetlora.protocol.head_stats import TENSORS as HEAD_TENSORS
+from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode, read_header, spec_tensors
 from server_stub import history, liveness, queries
-from server_stub.aggregation import ClientResult, aggregate_statistics
-from server_stub.aggregation.bounds import bound_influence
-from server_stub.aggregation.head_fit import average_heads
+from server_stub.combine import combine_round
 from server_stub.config import ServerConfig
 from server_stub.errors import ApiError
 from server_stub.global_versions import GlobalVersions, client_download
-from server_stub.head_round import HEAD_ROUND, check_statistics, initial_global, load_statistics
+from server_stub.head_round import HEAD_ROUND, check_statistics
 from server_stub.registration import Registration
 from server_stub.selection import client_key, client_order, select_clients
 from server_stub.store import Store
@@ -36,10 +32,10 @@ from server_stub.upload_checks import check_update, update_digest
 log = logging.getLogger("hetlora.server")
 
 
-def _decode(body: bytes) -> Adapter:
-    """wire.decode with its errors as 400 ApiErrors."""
+def _decode(body: bytes, max_tensors: int) -> Adapter:
+    """wire.decode (the header limited to `max_tensors` before it is parsed) with its errors as 400 ApiErrors."""
     try:
-        return decode(body)
+        return decode(body, max_tensors=max_tensors)
     except WireFormatError as exc:
         raise ApiError(400, exc.code, str(exc)) from None
 
@@ -71,8 +67,9 @@ class Coordinator:
             self.tick()  # a restart may find the deadline passed or every upload already in
 
     # --- clients (server_stub.registration) ------------------------------------------------------
-    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None) -> dict:
-        reply, opened = self.registration.register(profile, requested_rank, n_samples, name)
+    def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None,
+                 unique_name: bool = False) -> dict:
+        reply, opened = self.registration.register(profile, requested_rank, n_samples, name, unique_name)
         _log_opened(opened)
         return reply
 
@@ -142,7 +139,9 @@ class Coordinator:
         """Check and store one update; aggregate when it completes the round. Nothing is stored on error.
 
         The identical update again (same `update_digest`) is answered 200 even after its round closed,
-        so a client may retry an upload whose reply it lost."""
+        so a client may retry an upload whose reply it lost. The header's size is checked before the lock is
+        taken, so a header bomb is refused without holding other clients."""
+        self._check_header(round_number, body)
         with self.lock:
             liveness.seen(self.store, client_id)
             previous = queries.upload(self.store, round_number, client_id)
@@ -168,7 +167,7 @@ class Coordinator:
     def _store_update(self, r: dict, client_id: str, body: bytes) -> dict:
         """Under the lock: check one adapter upload against its plan and store it (blob, then row)."""
         number = r["number"]
-        adapter = _decode(body)
+        adapter = _decode(body, spec_tensors(self.config.spec))
         digest = update_digest(adapter)
         try:
             checked = check_update(adapter, r["plans"][client_id], self.config.spec, round_number=number,
@@ -188,7 +187,7 @@ class Coordinator:
 
     def _store_statistics(self, r: dict, client_id: str, body: bytes) -> dict:
         """Under the lock: check one round-0 statistics upload and store it (blob, then row)."""
-        stats = check_statistics(self.config, client_id, body)
+        stats = check_statistics(self.config, client_id, body, queries.client(self.store, client_id)["n_samples"])
         digest = hashlib.sha256(body).hexdigest()
         row = {"round": HEAD_ROUND, "client_id": client_id, "sha256": digest,
                "path": f"uploads/r0000/{client_id}-{digest[:16]}.safetensors", "rank": 0, "effective_rank": 0,
@@ -215,7 +214,18 @@ class Coordinator:
     def _digest(self, round_number: int, body: bytes) -> str:
         """What identifies an upload: the content digest of an adapter, the sha256 of statistics bytes."""
         statistics = self.config.stage(round_number) == "head-statistics"
-        return hashlib.sha256(body).hexdigest() if statistics else update_digest(_decode(body))
+        if statistics:
+            return hashlib.sha256(body).hexdigest()
+        return update_digest(_decode(body, spec_tensors(self.config.spec)))
+
+    def _check_header(self, round_number: int, body: bytes) -> None:
+        """The header within the limits of the round's upload kind (400 `header_too_large`), before parsing it."""
+        statistics = self.config.stage(round_number) == "head-statistics"
+        tensors = len(HEAD_TENSORS) if statistics else spec_tensors(self.config.spec)
+        try:
+            read_header(body, max_tensors=tensors)
+        except WireFormatError as exc:
+            raise ApiError(400, exc.code, str(exc)) from None
 
     def _upload_reply(self, row: dict, *, duplicate: bool, round_state: str) -> dict:
         client = queries.client(self.store, row["client_id"])
@@ -284,7 +294,7 @@ class Coordinator:
             with self.lock:
                 uploads = {u["client_id"]: u for u in queries.uploads(self.store, number)}
             order = [c for c in r["selected"] if c in uploads]
-            new_global, statistics = self._combine(number, r, [uploads[c] for c in order])
+            new_global, statistics = combine_round(self, number, r, [uploads[c] for c in order])
             global_row = self.globals.write(number, new_global)
             with self.lock:
                 with self.store.transaction():
@@ -302,42 +312,6 @@ class Coordinator:
         if number >= self.config.last_round:
             log.info("all %d rounds done; run finished", self.config.last_round)
         _log_opened(opened)
-
-    def _combine(self, number: int, r: dict, uploads: list[dict]) -> tuple[Adapter, dict]:
-        """The new global and its statistics from a closing round's uploads (in selection order)."""
-        if self.config.stage(number) == "head-statistics":
-            statistics = [load_statistics(self.config, self.store.read_blob(u["path"])) for u in uploads]
-            new_global, summary = initial_global(self.rule, self.config.spec, statistics,
-                                                 head_init=self.config.head_init, global_rank=self.config.global_rank,
-                                                 seed=self.config.seed, shrinkage=self.config.head_shrinkage,
-                                                 temperature=self.config.head_temperature)
-            return new_global, history.jsonable(summary)
-        with self.lock:
-            previous = self.globals.adapter(number - 1)
-        indices = {c: plan["indices"] for c, plan in r["plans"].items()}
-        results = [ClientResult(adapter=decode(self.store.read_blob(u["path"])), n_samples=u["n_samples"],
-                                indices=tuple(indices[u["client_id"]]) if indices[u["client_id"]] is not None else None)
-                   for u in uploads]
-        if self.config.stage(number) == "head-fit":
-            new_global, statistics = average_heads(previous, results)
-        else:
-            results, clipped = bound_influence(previous, results)
-            new_global = self.rule.aggregate(previous, results)
-            if self.config.server_opt.name != "none":
-                new_global = self._optimizer_step(number, previous, new_global)
-            statistics = aggregate_statistics(new_global, results) | {"clipped": clipped}
-        statistics["clipped"] = {uploads[k]["client_id"]: what for k, what in statistics["clipped"].items()}
-        return new_global, history.jsonable(statistics)
-
-    def _optimizer_step(self, number: int, previous: Adapter, aggregated: Adapter) -> Adapter:
-        """The server optimiser's step; its state for version n is written (atomically) before global n is
-        committed, so a crash in between re-runs the step from the state of version n-1."""
-        state_path = f"optimizer/v{number - 1:04d}.safetensors"
-        state = load_arrays(self.store.read_blob(state_path)) if self.store.blob_exists(state_path) else {}
-        new_global, new_state = self.config.server_opt.step(previous, aggregated, state,
-                                                            product_space=self.rule.name == "hlora")
-        self.store.write_blob(f"optimizer/v{number:04d}.safetensors", save_arrays(new_state))
-        return new_global
 
     def _open_next_round_if_ready(self) -> dict | None:
         """Inside a transaction: open the next round when none is open, rounds remain and enough clients

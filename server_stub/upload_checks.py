@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetlora.protocol.spec import AdapterSpec
-from hetlora.protocol.wire import LORA_A, LORA_B, Adapter, WireFormatError, meta_int, validate
-from server_stub.aggregation.bounds import check_values
+from hetlora.protocol.wire import LORA_A, LORA_B, Adapter, WireFormatError, check_values, meta_int, validate
 
 
 @dataclass(frozen=True)

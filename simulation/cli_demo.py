@@ -21,6 +21,7 @@ from hetlora.argtypes import positive_int_list
 from hetlora.demo_data import banking77
 from hetlora.protocol.settings import LR_DECAYS
 from server_stub.aggregation import RULES
+from server_stub.aggregation.robust import ROBUST
 from simulation.demo import CHAT_TRAINING, DEMO_TRAINING, TASKS, DemoConfig
 
 # Rows of each chat evaluation set: a 135M model scores about 100 rows in 15 s on one busy core.
@@ -75,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-opt", choices=("none", "momentum", "adam", "yogi"), default=DemoConfig.server_opt,
                    help="server optimiser on each round's aggregated update (hlora: momentum only)")
     p.add_argument("--server-lr", type=float, default=DemoConfig.server_lr)
+    p.add_argument("--robust", choices=ROBUST, default="none",
+                   help="robust aggregation on the server (hetlora serve --robust)")
+    # TEST TOOL, hidden: the first N clients by name become x S model-replacement attackers (docs/RESULTS.md).
+    p.add_argument("--testing-adversarial", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--testing-attack-scale", type=float, default=100.0, help=argparse.SUPPRESS)
     p.add_argument("--validation-fraction", type=float, default=0.0,
                    help="evaluate on validation data instead of the test set, for choosing settings: this share of "
                         "the training rows (classification), or the validation conversations (chat, any value > 0)")
@@ -112,7 +118,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         if head_init != "none" else 0,
         lr_decay=args.lr_decay, server_opt=args.server_opt, server_lr=args.server_lr, dirichlet_alpha=args.alpha,
         seed=args.seed, ranks=args.ranks, text_column=args.text_column, label_column=args.label_column,
-        validation_fraction=args.validation_fraction)
+        validation_fraction=args.validation_fraction, robust=args.robust, adversarial=args.testing_adversarial,
+        attack_scale=args.testing_attack_scale)
 
 
 def run(args: argparse.Namespace) -> int:

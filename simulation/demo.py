@@ -60,6 +60,9 @@ class DemoConfig:
     text_column: str = "text"
     label_column: str | None = None
     validation_fraction: float = 0.0  # > 0: evaluate on validation data instead of the test set (simulation.fleets)
+    robust: str = "none"  # hetlora serve --robust
+    adversarial: int = 0  # TEST TOOL: the first N clients (by name) upload their updates scaled by attack_scale
+    attack_scale: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def serve_args(cfg: DemoConfig, method: Method, devices: int) -> list[str]:
             *training_args(cfg.training, prune=method.aggregator == "hetlora"),
             "--head-init", cfg.head_init, "--head-clients", str(devices), "--head-rounds", str(cfg.head_rounds),
             "--lr-decay", cfg.lr_decay, "--server-opt", cfg.server_opt, "--server-lr", str(cfg.server_lr),
-            "--poll-seconds", "0.2", *method.options]
+            "--poll-seconds", "0.2", "--robust", cfg.robust, *method.options]
 
 
 def training_args(training: TrainingSettings, *, prune: bool) -> list[str]:
@@ -139,7 +142,8 @@ def federated_run(cfg: DemoConfig, method: Method, fleet, on_row) -> list[RoundR
         clients = [start_client(url, part, run_dir / "clients" / f"client_{i:03d}",
                                 ["--model", cfg.model_dir, "--profile-file", str(profile), "--name", profile.stem,
                                  "--poll", "0.2", "--text-column", cfg.text_column]
-                                + (["--label-column", cfg.label_column] if cfg.label_column else []))
+                                + (["--label-column", cfg.label_column] if cfg.label_column else [])
+                                + (["--testing-scale-update", str(cfg.attack_scale)] if i < cfg.adversarial else []))
                    for i, (part, profile) in enumerate(zip(fleet.parts, fleet.profiles))]
         api = ServerAPI(url, give_up_after=60)
         evaluate = fleet.evaluate

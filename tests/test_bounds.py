@@ -1,8 +1,9 @@
 """Bounded influence of one client (server_stub/aggregation/bounds.py), alone and through the real server.
 
-The poisoning of issue 14: one client uploads factors filled with float32 max (refused at upload), or
-with values just inside the absolute limit (accepted, then clipped): for every rule the new global stays
-finite and within c times the honest clients' scale, and the status route keeps answering.
+Updates are measured from where each client started (its view of the previous global), against a reference
+anchored at the first round's lower median, with a floor and a ceiling. Issue 14's poisoners (float32 max,
+values at the limit, huge sample counts) and issue 26's (a x100 model-replacement attacker over 10 rounds, a
+x1e-12 client that would become the reference) are replayed here.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sqlite3
 import numpy as np
 import pytest
 
-from hetlora.protocol.wire import decode, encode
+from hetlora.protocol.wire import Adapter, decode, encode
 from server_stub.aggregation import RULES, ClientResult, make_rule
-from server_stub.aggregation.bounds import CLIP_FACTOR, MAX_ABS_VALUE, bound_influence
+from server_stub.aggregation.bounds import (CEILING_RATIO, CLIP_FACTOR, FACTOR_CLIP, FLOOR_RATIO, MAX_ABS_VALUE,
+                                           bound_influence)
 from server_stub.aggregation.linalg import update_norm
+from server_stub.aggregation.pipeline import aggregate_round
 from tests.test_server import (error_code, global_adapter, make_config, make_update, post_update, register,
                                running_server, snapshot, spec, upload_meta)
 
@@ -24,70 +27,134 @@ __all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 RANK = 8
 
 
-def honest_results(spec, n_clients=3, seed=0):
-    return [ClientResult(make_update(spec, RANK, {"client_id": f"c{k}"}, seed=seed + k), n_samples=10 * (k + 1),
-                         indices=tuple(range(RANK))) for k in range(n_clients)]
+def moved(start: Adapter, scale: float, seed: int, meta=None) -> Adapter:
+    """`start` with every factor and dense tensor moved in a random direction by exactly RMS `scale` per element
+    (honest clients' updates are alike in size: within 1.6x of the median on the demo)."""
+    rng = np.random.default_rng(seed)
+
+    def step(t):
+        direction = rng.standard_normal(t.shape)
+        return (t + scale * np.sqrt(t.size) * direction / np.linalg.norm(direction)).astype(np.float32)
+
+    return Adapter(lora={n: (step(a), step(b)) for n, (a, b) in start.lora.items()},
+                   dense={n: step(t) for n, t in start.dense.items()}, meta=meta or {})
+
+
+def changed(start: Adapter, update: Adapter, t: float) -> Adapter:
+    """start + t (update - start), every tensor."""
+    mix = lambda s, u: (s + t * (u.astype(np.float64) - s)).astype(np.float32)  # noqa: E731
+    return Adapter(lora={n: (mix(start.lora[n][0], a), mix(start.lora[n][1], b)) for n, (a, b) in update.lora.items()},
+                   dense={n: mix(start.dense[n], u) for n, u in update.dense.items()}, meta=update.meta)
+
+
+def honest_round(rule, previous, n_clients=3, seed=0):
+    starts = [rule.upload_start(previous, RANK, tuple(range(RANK))) for _ in range(n_clients)]
+    results = [ClientResult(moved(s, 0.01 * (1 + k / 4), seed + k), n_samples=10 * (k + 1), indices=tuple(range(RANK)))
+               for k, s in enumerate(starts)]
+    return starts, results
 
 
 @pytest.mark.parametrize("rule_name", RULES)
 def test_honest_round_is_not_clipped_and_aggregates_exactly_as_the_rule(spec, rule_name):
     rule = make_rule(rule_name)
     previous = rule.init_global(spec, RANK, seed=3)
-    results = honest_results(spec)
-    bounded, clipped = bound_influence(previous, results)
+    starts, results = honest_round(rule, previous)
+    bounded, clipped, anchors = bound_influence(starts, results)
     assert clipped == {} and all(b is r for b, r in zip(bounded, results))
+    assert anchors["n_samples"] == 20 and set(anchors) >= {f"{n}.lora_A" for n in spec.modules}
     got, expected = rule.aggregate(previous, bounded), rule.aggregate(previous, results)
     for name in expected.lora:
         for g, e in zip(got.lora[name], expected.lora[name]):
             np.testing.assert_array_equal(g, e)
-    for name in expected.dense:
-        np.testing.assert_array_equal(got.dense[name], expected.dense[name])
 
 
-def test_each_bound_clips_only_the_outlier_by_a_scalar(spec):
-    previous = make_rule("hetlora").init_global(spec, RANK, seed=3)
-    results = honest_results(spec)
-    name = next(iter(spec.modules))
-    dense_name = next(iter(spec.dense))
-    evil = make_update(spec, RANK, {"client_id": "evil"}, seed=9)
-    a, b = evil.lora[name]
-    evil.lora[name] = (a * 1e3, b)              # A too large
-    evil.dense[dense_name] = evil.dense[dense_name] * 1e3
+def test_each_bound_clips_only_the_outliers_change_by_a_scalar(spec):
+    rule = make_rule("hetlora")
+    previous = rule.init_global(spec, RANK, seed=3)
+    starts, results = honest_round(rule, previous)
+    name, dense_name = next(iter(spec.modules)), next(iter(spec.dense))
+    evil = moved(starts[0], 0.01, seed=9)
+    a0, b0 = starts[0].lora[name]
+    evil.lora[name] = (a0 + 1e3 * (evil.lora[name][0] - a0), evil.lora[name][1])  # A's change 1000x
+    evil.dense[dense_name] = previous.dense[dense_name] + 1e3 * (evil.dense[dense_name] - previous.dense[dense_name])
     results.append(ClientResult(evil, n_samples=10**9, indices=tuple(range(RANK))))
-    bounded, clipped = bound_influence(previous, results)
+    bounded, clipped, _ = bound_influence(starts + starts[:1], results)
     assert list(clipped) == [3]
-    assert set(clipped[3]) == {f"{name}.lora_A", f"{name} update", dense_name, "n_samples"}
+    assert {f"{name}.lora_A", dense_name, "n_samples"} <= set(clipped[3]) <= {f"{name}.lora_A", f"{name}.update",
+                                                                               f"{name}.lora_B", dense_name, "n_samples"}
     assert all(bounded[k] is results[k] for k in range(3))
-    a_c, b_c = bounded[3].adapter.lora[name]
-    rms = sorted(float(np.linalg.norm(r.adapter.lora[name][0])) for r in results)[1]  # lower median, equal ranks
-    assert np.linalg.norm(a_c) == pytest.approx(CLIP_FACTOR * rms, rel=1e-4)
-    np.testing.assert_allclose(a_c / np.linalg.norm(a_c), a / np.linalg.norm(a), rtol=1e-4, atol=1e-7)  # direction kept
-    norms = sorted(update_norm(*r.adapter.lora[name]) for r in results[:3]) + [update_norm(a_c, b_c)]
-    assert norms[-1] <= CLIP_FACTOR * norms[1] * (1 + 1e-5)
+    change = bounded[3].adapter.lora[name][0].astype(np.float64) - a0
+    honest = sorted(np.linalg.norm(r.adapter.lora[name][0].astype(np.float64) - a0) for r in results)[1]  # lower median
+    if f"{name}.update" in clipped[3]:  # the product's change was bounded after the factors'
+        assert np.linalg.norm(change) < FACTOR_CLIP * honest
+    else:
+        assert np.linalg.norm(change) == pytest.approx(FACTOR_CLIP * honest, rel=1e-4)
+    raw = evil.lora[name][0].astype(np.float64) - a0
+    np.testing.assert_allclose(change / np.linalg.norm(change), raw / np.linalg.norm(raw), rtol=1e-3, atol=1e-6)
+    dense_change = bounded[3].adapter.dense[dense_name].astype(np.float64) - previous.dense[dense_name]
+    honest_dense = sorted(np.linalg.norm(r.adapter.dense[dense_name] - previous.dense[dense_name]) for r in results)[1]
+    assert np.linalg.norm(dense_change) == pytest.approx(CLIP_FACTOR * honest_dense, rel=1e-4)
     assert bounded[3].n_samples == int(CLIP_FACTOR * 20)  # n = 10, 20, 30, 1e9 -> lower median 20
-    delta = bounded[3].adapter.dense[dense_name] - previous.dense[dense_name]
-    honest = sorted(np.linalg.norm(r.adapter.dense[dense_name] - previous.dense[dense_name]) for r in results)[1]
-    assert np.linalg.norm(delta) == pytest.approx(CLIP_FACTOR * honest, rel=1e-4)
 
 
-def _factor_bound(uploads, rule_name):
-    """Per module: the largest ||B A||_F the new global may have when every client is within the bounds.
+def test_the_reference_has_a_floor_and_a_ceiling_at_the_first_rounds_anchor(spec):
+    rule = make_rule("fedavg")
+    previous = rule.init_global(spec, RANK, seed=3)
+    starts, results = honest_round(rule, previous, n_clients=2)
+    _, _, anchors = bound_influence(starts, results)
+    dense_name = next(iter(spec.dense))
+    anchor = anchors[dense_name]
+    tiny = ClientResult(changed(starts[0], moved(starts[0], 0.01, seed=7), 1e-12), n_samples=10)
+    honest = ClientResult(moved(starts[0], 0.01, seed=8), n_samples=10)
+    bounded, clipped, after = bound_influence(starts, [tiny, honest], anchors)
+    assert clipped == {} and bounded[1] is honest and after == anchors  # the floor a / 2 keeps the honest update
+    sybils = [ClientResult(changed(starts[0], moved(starts[0], 0.01, seed=20 + k), 100.0), n_samples=10)
+              for k in range(3)]
+    bounded, clipped, _ = bound_influence(starts[:1] * 4, [honest] + sybils, anchors)
+    assert sorted(clipped) == [1, 2, 3]  # a majority cannot raise the reference above CEILING_RATIO x the anchor
+    d0 = starts[0].dense[dense_name].astype(np.float64)
+    for res in bounded[1:]:
+        change = np.linalg.norm(res.adapter.dense[dense_name] - d0)
+        assert change == pytest.approx(CLIP_FACTOR * CEILING_RATIO * anchor, rel=1e-4)
+    assert CLIP_FACTOR / FLOOR_RATIO > 1.6  # under the floor, the bound is above the honest spread (docstring)
 
-    fedavg / hetlora / plora (every client at the global rank, plora indices = all): the global factors are
-    convex combinations, so ||B A|| <= max ||B_k|| max ||A_k|| <= (c max_h ||B_h||)(c max_h ||A_h||).
-    hlora: dW is a convex combination of the B_k A_k, so ||dW|| <= c max_h ||B_h A_h||."""
+
+@pytest.mark.parametrize("stage", ["lora", "head-fit"])
+def test_a_tiny_update_in_a_two_client_round_does_not_shrink_the_honest_one(spec, stage):
+    """Issue 26: a x1e-12 change (1e-6 for a head) as the lower median used to clip the honest client to ~0."""
+    rule = make_rule("fedavg")
+    config = make_config(spec, aggregator="fedavg", ranks=(RANK,), global_rank=RANK)
+    previous = rule.init_global(spec, RANK, seed=3)
+    plans = [{"rank": RANK, "indices": None}] * 2
+    start = previous if stage == "lora" else Adapter(lora={}, dense=previous.dense)
+    honest = [ClientResult(moved(start, 0.01, seed=k), n_samples=10) for k in range(2)]
+    _, _, anchors, _ = aggregate_round(rule, config, stage, previous, honest, plans, {})
+    for round_number in range(5):
+        update = moved(start, 0.01, seed=100 + round_number)
+        tiny = changed(start, moved(start, 0.01, seed=200 + round_number), 1e-12 if stage == "lora" else 1e-6)
+        results = [ClientResult(tiny, n_samples=10), ClientResult(update, n_samples=10)]
+        new, statistics, anchors, _ = aggregate_round(rule, config, stage, previous, results, plans, anchors)
+        assert statistics["clipped"] == {}
+        for name, value in new.dense.items():  # the mean of the two changes: the honest one arrives whole
+            expected = (update.dense[name].astype(np.float64) + tiny.dense[name]) / 2
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def _factor_bound(start, honest):
+    """Per module, the largest ||B A||_F the new global may have: every client's change is within c x the lower
+    median, so within c x the largest honest change, and ||A_k|| <= ||A0|| + c max_h ||A_h - A0|| (B alike).
+    fedavg, hetlora and plora combine factors convexly (hetlora with zero padding), hlora combines the
+    products B_k A_k, so the new global's ||B A|| <= max ||B_k|| max ||A_k||."""
     bounds = {}
-    for name in uploads[0].lora:
-        if rule_name == "hlora":
-            bounds[name] = CLIP_FACTOR * max(update_norm(*u.lora[name]) for u in uploads)
-        else:
-            max_a = max(np.linalg.norm(u.lora[name][0]) for u in uploads)
-            max_b = max(np.linalg.norm(u.lora[name][1]) for u in uploads)
-            bounds[name] = CLIP_FACTOR ** 2 * max_a * max_b
+    for name, (a0, b0) in start.lora.items():
+        a0, b0 = a0.astype(np.float64), b0.astype(np.float64)
+        da = max(np.linalg.norm(u.lora[name][0] - a0) for u in honest)
+        db = max(np.linalg.norm(u.lora[name][1] - b0) for u in honest)
+        bounds[name] = (np.linalg.norm(a0) + FACTOR_CLIP * da) * (np.linalg.norm(b0) + FACTOR_CLIP * db)
     return bounds
 
 
-def at_limit(poison, honest):
+def at_limit(poison, start):
     """Every value at the limit, B of the opposite sign, a huge sample count."""
     for name, (a, b) in poison.lora.items():
         poison.lora[name] = (np.full_like(a, MAX_ABS_VALUE), np.full_like(b, -MAX_ABS_VALUE))
@@ -95,23 +162,21 @@ def at_limit(poison, honest):
     return 2**31 - 1
 
 
-def unbalanced(poison, honest):
-    """B at the limit, A tiny: an ordinary B A, but factors that a factor average (fedavg, hetlora) multiplies
-    with the honest clients' A."""
+def unbalanced(poison, start):
+    """B at the limit, A tiny: an ordinary B A, but factors that a factor average multiplies with the others' A."""
     for name, (a, b) in poison.lora.items():
         poison.lora[name] = (a * 1e-4, np.sign(b) * MAX_ABS_VALUE)
     return 10
 
 
-def scaled_flip(poison, honest):
-    """The honest mean update reversed and scaled up 1000x (values stay under the limit)."""
-    for name in poison.lora:
-        poison.lora[name] = (honest[0].lora[name][0] * 1000, -honest[0].lora[name][1] * 1000)
-    poison.dense = {k: -1000 * v for k, v in honest[0].dense.items()}
+def scaled_flip(poison, start):
+    """Its own change reversed and scaled up 1000x (values stay under the limit)."""
+    flipped = changed(start, poison, -1000.0)
+    poison.lora, poison.dense = flipped.lora, flipped.dense
     return 10
 
 
-def sample_count(poison, honest):
+def sample_count(poison, start):
     """An ordinary-looking update claiming 2^31 - 1 samples, to take the n-weighted share."""
     return 2**31 - 1
 
@@ -135,6 +200,12 @@ def test_float32_max_factors_are_refused_at_upload(spec, tmp_path, rule_name):
         assert snapshot(http, state) == before
 
 
+def _download(http, client, number) -> Adapter:
+    reply = http.get(f"/v1/rounds/{number}/adapter", headers=client["auth"])
+    assert reply.status_code == 200, reply.text
+    return decode(reply.content)
+
+
 @pytest.mark.parametrize("attack", ATTACKS)
 @pytest.mark.parametrize("rule_name", RULES)
 def test_one_poisoner_cannot_move_the_global_beyond_the_bound(spec, tmp_path, rule_name, attack):
@@ -144,9 +215,10 @@ def test_one_poisoner_cannot_move_the_global_beyond_the_bound(spec, tmp_path, ru
         clients = [register(http, RANK) for _ in range(4)]
         indices = list(range(RANK)) if rule_name == "plora" else None
         metas = [upload_meta(c, 1, RANK, 10 * (k + 1), indices=indices) for k, c in enumerate(clients)]
-        honest = [make_update(spec, RANK, meta, seed=k) for k, meta in enumerate(metas[:3])]
-        poison = make_update(spec, RANK, metas[3], seed=5)
-        poison.meta = {**metas[3], "n_samples": ATTACKS[attack](poison, honest)}
+        starts = [_download(http, c, 1) for c in clients]
+        honest = [moved(s, 0.01, seed=k, meta=meta) for k, (s, meta) in enumerate(zip(starts[:3], metas))]
+        poison = moved(starts[3], 0.01, seed=5)
+        poison.meta = {**metas[3], "n_samples": ATTACKS[attack](poison, starts[3])}
         for client, update in zip(clients, honest + [poison]):
             assert post_update(http, client, 1, encode(update)).status_code == 201
         status = http.get("/v1/status")
@@ -155,15 +227,57 @@ def test_one_poisoner_cannot_move_the_global_beyond_the_bound(spec, tmp_path, ru
         assert list(statistics["clipped"]) == [clients[3]["client_id"]]
         assert statistics["sample_weights"][3] <= CLIP_FACTOR / (CLIP_FACTOR + 3)  # n_4 <= c x lower median
         new = global_adapter(http)
-        for name, bound in _factor_bound(honest, rule_name).items():
+        for name, bound in _factor_bound(starts[0], honest).items():
             a, b = new.lora[name]
             assert np.isfinite(a).all() and np.isfinite(b).all()
             assert update_norm(a, b) <= bound * (1 + 1e-4), name
         previous = decode(http.get("/v1/global", params={"version": 0}).content)
         for name, value in new.dense.items():  # a convex combination of changes, each within c x the median
             assert np.isfinite(value).all()
-            honest_change = max(np.linalg.norm(u.dense[name] - previous.dense[name]) for u in honest)
-            assert np.linalg.norm(value - previous.dense[name]) <= CLIP_FACTOR * honest_change * (1 + 1e-4), name
+            honest_change = sorted(np.linalg.norm(u.dense[name] - previous.dense[name]) for u in honest)
+            assert np.linalg.norm(value - previous.dense[name]) <= CLIP_FACTOR * honest_change[1] * (1 + 1e-4), name
+
+
+def _federate(http, clients, targets, scales, rounds) -> list[Adapter]:
+    """`rounds` fedavg rounds in which client k "trains" from its download towards targets[k] (a tenth of the
+    way, as a local optimiser would) and uploads start + scales[k] x that change; the globals, version by version."""
+    globals_ = []
+    for number in range(1, rounds + 1):
+        for client, target, scale in zip(clients, targets, scales):
+            start = _download(http, client, number)
+            trained = changed(start, target, 0.1)
+            update = changed(start, trained, scale)
+            update.meta = upload_meta(client, number, RANK, 10)
+            reply = post_update(http, client, number, encode(update))
+            assert reply.status_code == 201, reply.text
+        globals_.append(global_adapter(http))
+    return globals_
+
+
+def _norm(adapter: Adapter) -> float:
+    return float(np.sqrt(sum(np.sum(t.astype(np.float64) ** 2) for pair in adapter.lora.values() for t in pair)
+                         + sum(np.sum(t.astype(np.float64) ** 2) for t in adapter.dense.values())))
+
+
+def test_a_x100_attacker_cannot_walk_the_bound_over_ten_rounds(spec, tmp_path):
+    """Issue 26: one model-replacement attacker of two (x100) grew fedavg's global 4-9x per round (max |x| from
+    0.18 to 5,498 by round 6). Now the global stays within 2x of the clean run's, by norm and by max |x|."""
+    rule = make_rule("fedavg")
+    base = rule.init_global(spec, RANK, seed=1)
+    targets = [moved(base, 0.05, seed=50 + k) for k in range(2)]
+    runs = {}
+    for label, scales in (("clean", (1.0, 1.0)), ("attacked", (1.0, 100.0))):
+        config = make_config(spec, aggregator="fedavg", ranks=(RANK,), global_rank=RANK, min_clients=2, rounds=10)
+        with running_server(config, tmp_path / label) as http:
+            clients = [register(http, RANK, name=f"dev-{k}") for k in range(2)]
+            runs[label] = _federate(http, clients, targets, scales, rounds=10)
+            history = http.get("/v1/status").json()["history"]
+            if label == "attacked":
+                assert all(list(h["statistics"]["clipped"]) == [clients[1]["client_id"]] for h in history)
+    for clean, attacked in zip(runs["clean"], runs["attacked"]):
+        assert _norm(attacked) <= 2 * _norm(clean)
+        peak = lambda g: max(float(np.abs(t).max()) for t in [*g.dense.values(), *(x for p in g.lora.values() for x in p)])  # noqa: E731
+        assert peak(attacked) <= 2 * peak(clean)
 
 
 def test_status_answers_when_a_stored_statistic_is_not_finite(spec, tmp_path):

@@ -22,7 +22,8 @@ __all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 
 @contextlib.contextmanager
 def fake_server(routes: dict):
-    """A loopback HTTP server answering (method, path) -> (status, content type, body bytes); records requests."""
+    """A loopback HTTP server answering (method, path) -> (status, content type, body bytes[, extra headers]);
+    records requests."""
     seen = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -30,9 +31,12 @@ def fake_server(routes: dict):
             seen.append((self.command, self.path))
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
-            status, kind, body = routes.get((self.command, self.path.split("?")[0]), (404, "text/plain", b"nope"))
+            status, kind, body, *extra = routes.get((self.command, self.path.split("?")[0]),
+                                                    (404, "text/plain", b"nope"))
             self.send_response(status)
             self.send_header("Content-Type", kind)
+            for key, value in (extra[0] if extra else {}).items():
+                self.send_header(key, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

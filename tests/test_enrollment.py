@@ -42,7 +42,9 @@ def test_registration_needs_the_secret_and_an_allowed_name_and_is_rate_limited(s
             assert 1 <= int(limited.headers["Retry-After"]) <= 60
             with pytest.raises(ServerUnreachable, match="rate limited"):  # the client waits Retry-After, here too long
                 ServerAPI(url, give_up_after=0.5).register({}, 4, 1, name="pi-kitchen", enroll_secret="s3cret-42")
-            assert len(http.get("/v1/status").json()["clients"]) == 1
+            assert http.get("/v1/status").status_code == 401  # the read routes need a token with enrollment on
+            token = {"Authorization": f"Bearer {reply['token']}"}
+            assert len(http.get("/v1/status", headers=token).json()["clients"]) == 1
 
 
 def test_rate_limit_window_slides_and_is_per_address():

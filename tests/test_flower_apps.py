@@ -102,6 +102,12 @@ def executorch_setup(tmp_path_factory, tiny_bert_dir):
     return nodes
 
 
+def bounded(rule, start, results):
+    """The results after bounded influence, each measured from the start its plan gave it (meta rank, indices)."""
+    starts = [rule.upload_start(start, res.adapter.meta["rank"], res.indices) for res in results]
+    return bound_influence(starts, results)[0]
+
+
 def _round_one(config, contexts):
     """The strategy's messages for round 1, each answered by the ClientApp as its SuperNode would."""
     nodes = {}
@@ -126,7 +132,7 @@ def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request
     results = [ClientResult(adapter=a, n_samples=a.meta["n_samples"],
                             indices=tuple(a.meta["indices"]) if a.meta.get("indices") is not None else None)
                for a in sent]
-    expected = make_rule(config.aggregator).aggregate(start, bound_influence(start, results)[0])
+    expected = make_rule(config.aggregator).aggregate(start, bounded(make_rule(config.aggregator), start, results))
     final = decode(payload_bytes(arrays))
     for name, (a, b) in expected.lora.items():
         np.testing.assert_array_equal(final.lora[name][0], a)
@@ -169,7 +175,7 @@ def test_the_server_optimiser_steps_on_the_rules_aggregate(setup):
     arrays, _ = strategy.aggregate_train(1, replies)
     sent = [decode(read_content(r.content, REPORT)[0]) for r in replies]
     results = [ClientResult(adapter=a, n_samples=a.meta["n_samples"], indices=tuple(a.meta["indices"])) for a in sent]
-    aggregated = make_rule("plora").aggregate(start, bound_influence(start, results)[0])
+    aggregated = make_rule("plora").aggregate(start, bounded(make_rule("plora"), start, results))
     expected, state = config.server_opt.step(start, aggregated, {}, product_space=False)
     final = decode(payload_bytes(arrays))
     name = sorted(expected.lora)[0]

@@ -18,7 +18,7 @@ from hetlora.protocol.wire import decode
 from hetlora_flower.local import LocalFederation
 from hetlora_flower.settings import server_config
 from server_stub.aggregation import ClientResult, make_rule
-from server_stub.aggregation.bounds import bound_influence
+from tests.test_flower_apps import bounded
 from server_stub.head_round import initial_global, load_statistics
 
 APP = Path(__file__).resolve().parents[1] / "flower_app"
@@ -69,7 +69,7 @@ def test_final_global_is_the_rule_applied_to_what_the_nodes_sent(federation_run)
         results = [ClientResult(adapter=decode(uploads[name]), n_samples=decode(uploads[name]).meta["n_samples"])
                    for name in sorted(uploads)]
         assert history["rounds"][round_number - 1]["clients"] == sorted(NODES)
-        clipped, _ = bound_influence(expected, results)
+        clipped = bounded(rule, expected, results)
         previous, expected = expected, rule.aggregate(expected, clipped)
     final = decode((work / "out" / "global-final.safetensors").read_bytes())
     assert final.meta["global_version"] == 2 and final.rank == 8

@@ -25,9 +25,8 @@ from hetlora_flower.server_app import run
 from hetlora_flower.settings import server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
 from server_stub.aggregation import ClientResult, make_rule
-from server_stub.aggregation.bounds import bound_influence
 from server_stub.head_round import initial_global, load_statistics
-from tests.test_flower_apps import LABELS, ROWS, task_identity  # noqa: F401  (task_identity: autouse fixture)
+from tests.test_flower_apps import bounded, LABELS, ROWS, task_identity  # noqa: F401  (task_identity: autouse fixture)
 
 SIZES = {"a": 5, "b": 8, "c": 11}  # rows per node: three different sample counts
 NODE_IDS = {"a": 21, "b": 22, "c": 23}
@@ -156,7 +155,7 @@ def test_a_flower_run_with_head_rounds_averages_the_heads_then_trains_lora(feder
         assert all(doc["plan"]["training"]["lr"] == pytest.approx(lr) for doc, _, _ in lora_round.values())
         results = [ClientResult(adapter=decode(body), n_samples=decode(body).meta["n_samples"])
                    for _, (_, _, body) in sorted(lora_round.items())]
-        expected = rule.aggregate(expected, bound_influence(expected, results)[0])
+        expected = rule.aggregate(expected, bounded(rule, expected, results))
     final = decode((work / "out" / "global-final.safetensors").read_bytes())
     assert final.meta["global_version"] == 4
     for module, (a, b) in expected.lora.items():

@@ -119,9 +119,9 @@ def test_round_zero_over_http_sets_the_head_of_global_zero_then_lora_rounds_open
     config = make_config(spec, head_init="lda", min_clients=2, head_clients=3)
     num_labels, dim = spec.dense["classifier.weight"]
     with running_server(config, tmp_path / "state") as http:
-        clients = [register(http, 8, name=f"dev-{k}") for k in range(2)]
+        clients = [register(http, 8, n_samples=12, name=f"dev-{k}") for k in range(2)]
         assert http.get("/v1/round", headers=clients[0]["auth"]).json()["state"] == "waiting"
-        clients.append(register(http, 8, name="dev-2"))
+        clients.append(register(http, 8, n_samples=12, name="dev-2"))
         current = http.get("/v1/round", headers=clients[0]["auth"]).json()
         assert (current["round"], current["stage"], current["selected"]) == (0, "head-statistics", True)
         assert http.get("/v1/rounds/0/adapter", headers=clients[0]["auth"]).json()["error"]["code"] == "head_round"

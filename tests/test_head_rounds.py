@@ -92,7 +92,7 @@ def test_head_rounds_over_http_average_the_heads_and_keep_the_factors(spec, tmp_
     config = make_config(spec, head_init="lda", min_clients=2, head_clients=3, head_rounds=2, clients_per_round=2)
     num_labels, dim = spec.dense["classifier.weight"]
     with running_server(config, tmp_path / "state") as http:
-        clients = [register(http, 8, name=f"dev-{k}") for k in range(3)]
+        clients = [register(http, 8, n_samples=12, name=f"dev-{k}") for k in range(3)]
         pooled = np.zeros(num_labels)
         for k, client in enumerate(clients):
             features, labels = raw_features(20 + k, n=12, num_labels=num_labels, dim=dim)

@@ -50,13 +50,16 @@ def test_malformed_requests_of_issue_14_get_4xx_and_store_nothing(spec, tmp_path
         zero_d = tensors_of(good)
         zero_d[next(iter(spec.modules)) + ".lora_A"] = np.array(1.0, dtype=np.float32)
         deep = b"[" * 100_000 + b"]" * 100_000
+        shallow = b"[" * 5_000 + b"]" * 5_000  # deeper than Python's recursion limit, inside the header limit
         reg = {"profile": {}, "requested_rank": 4, "n_samples": 1}
         uploads = [
-            ("header nested 100k deep", raw_safetensors(b'{"a":' + deep + b"}"), 400, "not_safetensors"),
+            ("header nested 100k deep: over the run's largest upload", raw_safetensors(b'{"a":' + deep + b"}"), 413,
+             "too_large"),
+            ("header nested 5k deep", raw_safetensors(b'{"a":' + shallow + b"}"), 400, "not_safetensors"),
             ("__metadata__ is a list", raw_safetensors({"__metadata__": ["x"]}), 400, "bad_metadata"),
             ("__metadata__ is a string", raw_safetensors({"__metadata__": "x"}), 400, "bad_metadata"),
             ("meta is an int", raw_safetensors({"__metadata__": metadata(5)}), 400, "bad_metadata"),
-            ("meta nested 100k deep", raw_safetensors({"__metadata__": metadata(deep.decode())}), 400,
+            ("meta nested 5k deep", raw_safetensors({"__metadata__": metadata(shallow.decode())}), 400,
              "bad_metadata"),
             ("0-d lora_A", st_save(zero_d, metadata=metadata(json.dumps(meta))), 400, "bad_shape"),
             *[(f"n_samples = {n}", encode(make_update(spec, 2, {**meta, "n_samples": n}, 1)), 400, "bad_metadata")

@@ -23,13 +23,17 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from hetlora.protocol.wire import WireFormatError, meta_int, read_header
+from hetlora.protocol.wire import EXTRA_TENSORS, WireFormatError, header_bytes, meta_int, parse_meta, read_header
 
 FORMAT = "hetlora-head-statistics"
 FORMAT_VERSION = 1
 TENSORS = ("class_sums", "class_counts", "feature_gram")
-# Float slack of the consistency checks (sums of float32 features accumulated in float64).
+# Float slack of the consistency checks (sums of float32 features accumulated in float64), and of the
+# positive semi-definiteness checks relative to trace(G) (float64 rounding of sums of outer products).
 TOLERANCE = 1e-3
+PSD_TOLERANCE = 1e-8
+# How long a pooled feature may be on average when the pooling gives no bound of its own (`mean`: 1).
+FEATURE_NORM_LIMIT = 1e4
 
 
 @dataclass
@@ -58,34 +62,40 @@ def class_statistics(features: np.ndarray, labels: np.ndarray, num_labels: int) 
     return HeadStatistics(class_sums=sums, class_counts=counts, feature_gram=features.T @ features)
 
 
+def statistics_bytes(num_labels: int, dim: int) -> int:
+    """The size of a valid statistics upload for C classes and d features (float64), with the longest header."""
+    return 8 + header_bytes(len(TENSORS) + EXTRA_TENSORS) + 8 * (num_labels * dim + num_labels + dim * dim)
+
+
 def encode_statistics(stats: HeadStatistics) -> bytes:
     tensors = {name: np.ascontiguousarray(getattr(stats, name), dtype=np.float64) for name in TENSORS}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(stats.meta, sort_keys=True)}
     return st_save(tensors, metadata=metadata)
 
 
-def decode_statistics(data: bytes, *, num_labels: int, dim: int, max_feature_norm: float | None) -> HeadStatistics:
-    """Parse and check an upload: names, shapes, float64, finite values, integer counts that add up to
-    meta n_samples, a symmetric Gram matrix, and features no longer than `max_feature_norm` on average:
-    ||S_c|| <= n_c * max_norm and trace(G) <= n * max_norm^2 (when a bound is given), and always
-    sum_c ||S_c||^2 / n_c <= trace(G) (a class mean is never longer than the features' RMS)."""
-    header = read_header(data)
+def decode_statistics(data: bytes, *, num_labels: int, dim: int, max_feature_norm: float | None = None,
+                      max_samples: int | None = None) -> HeadStatistics:
+    """Parse and check an upload (WireFormatError naming the first problem): the header within its limits before
+    parsing, names, shapes, float64, finite values, and statistics that some set of features could have:
+      counts   non-negative integers adding up to meta n_samples, at most `max_samples` (the client's declared
+               sample count and the server's data cap)
+      G        symmetric positive semi-definite, trace(G) = sum_i ||f_i||^2 <= n * max_feature_norm^2
+      S_c      ||S_c|| <= n_c * max_feature_norm, 0 for an empty class, and the within-class scatter
+               G - sum_c S_c S_c^T / n_c positive semi-definite (so no class mean is longer than the features allow)
+    (`max_feature_norm` None: FEATURE_NORM_LIMIT). Every value is then bounded by n * max_feature_norm^2, so the pooled sums of any number of clients
+    (up to 2^31 - 1) stay finite in float64."""
+    header = read_header(data, max_tensors=len(TENSORS))
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise WireFormatError("bad_metadata", f"header metadata 'format' must be {FORMAT!r} in round 0 (head statistics)")
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise WireFormatError("bad_version", f"head statistics format_version must be {FORMAT_VERSION}")
-    try:
-        meta = json.loads(metadata.get("meta", "{}"))
-    except (TypeError, json.JSONDecodeError):
-        raise WireFormatError("bad_metadata", "header metadata 'meta' is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise WireFormatError("bad_metadata", "header metadata 'meta' must be a JSON object")
+    meta = parse_meta(metadata)
     expected = {"class_sums": (num_labels, dim), "class_counts": (num_labels,), "feature_gram": (dim, dim)}
     names = {k for k in header if k != "__metadata__"}
     if names != set(TENSORS):
         raise WireFormatError("bad_statistics", f"head statistics need exactly the tensors {list(TENSORS)}, "
-                              f"got {sorted(names)}")
+                              f"got {sorted(names)[:5]}")
     for name, shape in expected.items():
         info = header[name]
         if not isinstance(info, dict) or info.get("dtype") != "F64" or info.get("shape") != list(shape):
@@ -95,30 +105,46 @@ def decode_statistics(data: bytes, *, num_labels: int, dim: int, max_feature_nor
     except (SafetensorError, ValueError) as exc:
         raise WireFormatError("not_safetensors", f"body is not a valid safetensors file: {exc}") from None
     stats = HeadStatistics(tensors["class_sums"], tensors["class_counts"], tensors["feature_gram"], meta)
-    _check_values(stats, meta_int(meta, "n_samples", minimum=1), max_feature_norm)
+    n_samples = meta_int(meta, "n_samples", minimum=1)
+    if max_samples is not None and n_samples > max_samples:
+        raise WireFormatError("bad_statistics", f"n_samples {n_samples} is more than this client may have "
+                              f"({max_samples}: its declared sample count, within the server's data cap)")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is refused, not warned about
+        check_consistency(stats, n_samples, FEATURE_NORM_LIMIT if max_feature_norm is None else max_feature_norm)
     return stats
 
 
-def _check_values(stats: HeadStatistics, n_samples: int, max_norm: float | None) -> None:
+def check_consistency(stats: HeadStatistics, n_samples: int, max_norm: float) -> None:
+    """The checks of `decode_statistics` on decoded values (WireFormatError `not_finite` / `bad_statistics`)."""
     for name in TENSORS:
         if not np.isfinite(getattr(stats, name)).all():
             raise WireFormatError("not_finite", f"{name} contains NaN or Inf; the statistics were not stored")
-    counts = stats.class_counts
+    counts, sums, gram = stats.class_counts, stats.class_sums, stats.feature_gram
     if (counts < 0).any() or (counts != np.round(counts)).any() or counts.sum() != n_samples:
         raise WireFormatError("bad_statistics", f"class_counts must be non-negative integers adding up to "
                               f"n_samples = {n_samples}")
-    gram = stats.feature_gram
-    scale = max(float(np.abs(gram).max()), 1.0)
+    trace = float(np.trace(gram))
+    if not trace <= n_samples * max_norm ** 2 * (1 + TOLERANCE):
+        raise WireFormatError("bad_statistics", f"features are longer than the pooling allows: trace(feature_gram) = "
+                              f"{trace:.3g} is more than {n_samples} features of length at most {max_norm:g} can have")
+    scale = max(trace, 1e-12)
     if np.abs(gram - gram.T).max() > TOLERANCE * scale:
         raise WireFormatError("bad_statistics", "feature_gram must be symmetric")
-    trace = float(np.trace(gram))
-    sum_norms = np.linalg.norm(stats.class_sums, axis=1)
+    sum_norms = np.linalg.norm(sums, axis=1)
     if (sum_norms[counts == 0] > 0).any():
         raise WireFormatError("bad_statistics", "a class with count 0 has a nonzero feature sum")
+    if (sum_norms > counts * max_norm * (1 + TOLERANCE)).any():
+        raise WireFormatError("bad_statistics", f"features are longer than the pooling allows: a class sum is longer "
+                              f"than its count of features of length at most {max_norm:g} can be")
+    symmetric = (gram + gram.T) / 2
+    if _min_eigenvalue(symmetric) < -PSD_TOLERANCE * scale:
+        raise WireFormatError("bad_statistics", "feature_gram is not positive semi-definite")
     present = counts > 0
-    if float(np.sum(sum_norms[present] ** 2 / counts[present])) > trace * (1 + TOLERANCE) + TOLERANCE:
-        raise WireFormatError("bad_statistics", "class sums are inconsistent with feature_gram "
-                              "(a class mean longer than the features' root mean square)")
-    if max_norm is not None:
-        if (sum_norms > counts * max_norm * (1 + TOLERANCE)).any() or trace > n_samples * max_norm ** 2 * (1 + TOLERANCE):
-            raise WireFormatError("bad_statistics", f"features are longer than the pooling allows ({max_norm:g})")
+    between = (sums[present].T / counts[present]) @ sums[present]
+    if _min_eigenvalue(symmetric - between) < -PSD_TOLERANCE * scale:
+        raise WireFormatError("bad_statistics", "class sums are inconsistent with feature_gram (the within-class "
+                              "scatter G - sum_c S_c S_c^T / n_c is not positive semi-definite)")
+
+
+def _min_eigenvalue(matrix: np.ndarray) -> float:
+    return float(np.linalg.eigvalsh(matrix)[0]) if matrix.size else 0.0

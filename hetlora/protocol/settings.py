@@ -11,6 +11,11 @@ STRINGS = {"schedule", "optimizer"}
 BOOLS = {"trim_padding", "dropout"}
 OPTIONAL = {"steps", "epochs", "head_lr"}
 LR_DECAYS = ("none", "cosine")  # learning rates across a run's LoRA rounds (TrainingSettings.decayed)
+# Sane bounds of a plan (TrainingSettings.problem): beyond them a plan would wedge or crash a device.
+MAX_STEPS = 100_000
+MAX_EPOCHS = 1_000
+MAX_BATCH = 65_536
+MAX_SEQ_LEN = 131_072
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,34 @@ class TrainingSettings:
             if not _fits(name, value):
                 raise ValueError(f"training setting {name!r} has the wrong type: {str(value)[:40]}")
         return replace(self, **changes)
+
+    def problem(self) -> str | None:
+        """The first setting outside sane bounds, as one line (None when all are sane): steps, epochs and
+        warm-up within MAX_STEPS / MAX_EPOCHS, batch and sequence length at least 1, learning rates, alpha and
+        the regulariser finite (lr, head_fit_lr, lora_alpha > 0; head_lr, weight_decay, prune_lambda >= 0),
+        prune_gamma in (0, 1], min_rank >= 1, a known schedule and optimiser."""
+        counts = [("steps", self.steps, 1, MAX_STEPS, True), ("epochs", self.epochs, 1, MAX_EPOCHS, True),
+                  ("batch_size", self.batch_size, 1, MAX_BATCH, False), ("seq_len", self.seq_len, 1, MAX_SEQ_LEN, False),
+                  ("warmup_steps", self.warmup_steps, 0, MAX_STEPS, False),
+                  ("head_epochs", self.head_epochs, 1, MAX_EPOCHS, False), ("min_rank", self.min_rank, 1, None, False)]
+        for name, value, low, high, optional in counts:
+            if value is None and optional:
+                continue
+            if not isinstance(value, int) or value < low or (high is not None and value > high):
+                return f"{name} = {value} is outside {low}..{high if high is not None else 'any'}"
+        rates = [("lr", self.lr, False), ("head_fit_lr", self.head_fit_lr, False), ("lora_alpha", self.lora_alpha, False),
+                 ("head_lr", self.head_lr, True), ("weight_decay", self.weight_decay, True),
+                 ("prune_lambda", self.prune_lambda, True)]
+        for name, value, zero_ok in rates:
+            if value is None and name == "head_lr":
+                continue
+            if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+                return f"{name} = {value} must be finite and {'at least 0' if zero_ok else 'above 0'}"
+        if not 0 < self.prune_gamma <= 1:
+            return f"prune_gamma = {self.prune_gamma} must be in (0, 1]"
+        if self.schedule not in ("constant", "cosine") or self.optimizer not in ("adamw", "sgd"):
+            return f"unknown schedule {self.schedule!r} or optimizer {self.optimizer!r}"
+        return None
 
     def decayed(self, decay: str, t: float, total: int) -> "TrainingSettings":
         """These settings for LoRA round t of `total` (t = 0 first). decay "cosine": lr and head_lr (None:

@@ -72,24 +72,75 @@ def encode(adapter: Adapter) -> bytes:
     return st_save(tensors, metadata=metadata)
 
 
-def read_header(data: bytes) -> dict:
+# Header limits checked before the header is parsed (a header bomb costs milliseconds): a header holds the
+# metadata (meta JSON, well under HEADER_BASE_BYTES) and one entry per tensor (name, dtype, shape, offsets).
+HEADER_BASE_BYTES = 16 * 1024
+HEADER_BYTES_PER_TENSOR = 512
+EXTRA_TENSORS = 16  # beyond the spec's: a few unknown names are refused by name (`unknown_module`), not as a bomb
+MAX_ABS_VALUE = 1e4  # the largest |x| an adapter may carry, either way (docs/PROTOCOL.md section 3.1)
+
+
+def spec_tensors(spec: AdapterSpec) -> int:
+    """How many tensors an adapter of `spec` has at most: A and B per module, plus the dense tensors."""
+    return 2 * len(spec.modules) + len(spec.dense)
+
+
+def header_bytes(tensors: int) -> int:
+    """The longest header a file of `tensors` tensors may have: HEADER_BASE_BYTES + HEADER_BYTES_PER_TENSOR each."""
+    return HEADER_BASE_BYTES + HEADER_BYTES_PER_TENSOR * tensors
+
+
+def max_wire_bytes(spec: AdapterSpec, rank: int) -> int:
+    """The size of the largest valid adapter of `spec` at `rank` (float32 factors and dense tensors) with the
+    longest allowed header: the cap on an upload's and a download's size."""
+    floats = sum(rank * (m.in_features + m.out_features) for m in spec.modules.values())
+    floats += sum(int(np.prod(shape)) for shape in spec.dense.values())
+    return 8 + header_bytes(spec_tensors(spec) + EXTRA_TENSORS) + 4 * floats
+
+
+def read_header(data: bytes, *, max_tensors: int | None = None) -> dict:
+    """The safetensors header as a dict. With `max_tensors` (the spec's), a header longer than
+    `header_bytes(max_tensors + EXTRA_TENSORS)` is refused before it is parsed, and one with more than
+    max_tensors + EXTRA_TENSORS tensor entries after (WireFormatError `header_too_large`)."""
+    max_tensors = None if max_tensors is None else max_tensors + EXTRA_TENSORS
     if len(data) < 8:
         raise WireFormatError("not_safetensors", "body is too short to be a safetensors file")
     n = int.from_bytes(data[:8], "little")
     if n <= 0 or 8 + n > len(data):
         raise WireFormatError("not_safetensors", "body is not a safetensors file (bad header length)")
+    if max_tensors is not None and n > header_bytes(max_tensors):
+        raise WireFormatError("header_too_large", f"the safetensors header has {n} bytes; this run's files have at "
+                              f"most {max_tensors} tensors and {header_bytes(max_tensors)} header bytes")
     try:
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise WireFormatError("not_safetensors", "body is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise WireFormatError("not_safetensors", "body is not a safetensors file (header is not an object)")
+    if max_tensors is not None and len(header) - ("__metadata__" in header) > max_tensors:
+        raise WireFormatError("header_too_large", f"the header lists {len(header) - 1} tensors; this run's files "
+                              f"have at most {max_tensors}")
     return header
 
 
-def decode(data: bytes) -> Adapter:
-    """Parse safetensors bytes into an Adapter. Raises WireFormatError on anything malformed."""
-    header = read_header(data)
+def parse_meta(metadata: dict) -> dict:
+    """The JSON object in header metadata 'meta' (absent: {}); WireFormatError `bad_metadata` otherwise."""
+    text = metadata.get("meta", "{}")
+    if not isinstance(text, str):
+        raise WireFormatError("bad_metadata", "header metadata 'meta' must be a string holding a JSON object")
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise WireFormatError("bad_metadata", "header metadata 'meta' is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise WireFormatError("bad_metadata", "header metadata 'meta' must be a JSON object")
+    return meta
+
+
+def decode(data: bytes, *, max_tensors: int | None = None) -> Adapter:
+    """Parse safetensors bytes into an Adapter. Raises WireFormatError on anything malformed; `max_tensors`:
+    the header limits of `read_header`."""
+    header = read_header(data, max_tensors=max_tensors)
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise WireFormatError("bad_metadata", "header '__metadata__' must be an object of strings")
@@ -99,14 +150,7 @@ def decode(data: bytes) -> Adapter:
         raise WireFormatError(
             "bad_version", f"format_version {metadata.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
         )
-    if not isinstance(metadata.get("meta", "{}"), str):
-        raise WireFormatError("bad_metadata", "header metadata 'meta' must be a string holding a JSON object")
-    try:
-        meta = json.loads(metadata.get("meta", "{}"))
-    except (json.JSONDecodeError, RecursionError):
-        raise WireFormatError("bad_metadata", "header metadata 'meta' is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise WireFormatError("bad_metadata", "header metadata 'meta' must be a JSON object")
+    meta = parse_meta(metadata)
     for key, info in header.items():
         if key != "__metadata__" and (not isinstance(info, dict) or info.get("dtype") != "F32"):
             raise WireFormatError("bad_dtype", f"tensor {key!r} must be float32 (F32)")
@@ -161,6 +205,14 @@ def validate(adapter: Adapter, spec: AdapterSpec, *, max_rank: int, require_all_
         if not np.isfinite(arr).all():
             raise WireFormatError("not_finite", f"{name} contains NaN or Inf; the update was not stored")
     return rank
+
+
+def check_values(adapter: Adapter, limit: float = MAX_ABS_VALUE) -> None:
+    """WireFormatError `value_too_large` when any factor or dense value has |x| > limit."""
+    for name, t in _all_tensors(adapter):
+        if t.size and float(np.max(np.abs(t))) > limit:
+            raise WireFormatError("value_too_large", f"{name} has a value of magnitude {float(np.max(np.abs(t))):.3g}, "
+                                  f"above the limit of {limit:g} (scale folded in)")
 
 
 def _all_tensors(adapter: Adapter):

@@ -56,6 +56,11 @@ class BaseRule:
         lora = {name: (a[:rank].copy(), b[:, :rank].copy()) for name, (a, b) in global_.lora.items()}
         return Adapter(lora=lora, dense=_copy_dense(global_), meta={**global_.meta, "rank": rank})
 
+    def upload_start(self, global_: Adapter, rank: int, indices) -> Adapter:
+        """What a client planned at `rank` (and plora `indices`) started its training from, its components in the
+        order of its upload: the client view (server_stub.aggregation.bounds measures updates from it)."""
+        return self.client_view(global_, rank)
+
     def configure(self, *, round_number: int, client_key: str, tier: Tier, global_rank: int, seed: int,
                   training: TrainingSettings, stage: str = "lora", class_counts=None) -> ClientPlan:
         """One client's plan for a round: `planned_rank` of its tier, this rule's `mode` and `planned_indices`,

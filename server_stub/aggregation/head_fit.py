@@ -2,9 +2,8 @@
 
 A head round (hetlora.protocol.plan, mode head-fit) changes only the dense tensors, whatever the
 run's rule: every client fits the head on the same frozen features, so their heads live in one
-space and average like FedAvg. Influence is bounded as in a LoRA round (server_stub.aggregation.bounds):
-a head that moves more than the clip factor times the median move, or a sample count above it, is
-scaled down first. Pure numpy.
+space and average like FedAvg. The caller bounds the clients' influence first, as in a LoRA round
+(server_stub.aggregation.pipeline). Pure numpy.
 """
 
 from __future__ import annotations
@@ -13,19 +12,16 @@ import numpy as np
 
 from hetlora.protocol.wire import Adapter
 from server_stub.aggregation.base import weighted_mean
-from server_stub.aggregation.bounds import bound_influence
 from server_stub.aggregation.contract import ClientResult
 
 
 def average_heads(previous: Adapter, results: list[ClientResult]) -> tuple[Adapter, dict]:
-    """(new global, statistics): previous.lora unchanged, dense_t = sum_k (n_k / n) D_k,t after bounding."""
+    """(new global, statistics): previous.lora unchanged, dense_t = sum_k (n_k / n) D_k,t."""
     if not results:
         raise ValueError("no client heads to average; a head round needs at least one upload")
-    head_only = Adapter(lora={}, dense=previous.dense)
-    bounded, clipped = bound_influence(head_only, results)
-    n = np.array([res.n_samples for res in bounded], dtype=np.float64)
-    dense = {name: weighted_mean([res.adapter.dense[name] for res in bounded], n) for name in previous.dense}
+    n = np.array([res.n_samples for res in results], dtype=np.float64)
+    dense = {name: weighted_mean([res.adapter.dense[name] for res in results], n) for name in previous.dense}
     change = float(np.sqrt(sum(np.sum((dense[k].astype(np.float64) - previous.dense[k]) ** 2) for k in dense)))
     statistics = {"clients": len(results), "total_samples": int(n.sum()), "sample_weights": list(n / n.sum()),
-                  "head_change": change, "clipped": clipped}
+                  "head_change": change}
     return Adapter(lora=previous.lora, dense=dense, meta=dict(previous.meta)), statistics

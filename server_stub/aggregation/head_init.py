@@ -41,6 +41,8 @@ def pool(statistics: Sequence[HeadStatistics]) -> HeadStatistics:
     total = statistics[0]
     for s in statistics[1:]:
         total = total + s
+    if not all(np.isfinite(t).all() for t in (total.class_sums, total.class_counts, total.feature_gram)):
+        raise ValueError("the pooled head statistics are not finite in float64")  # the upload checks prevent it
     return total
 
 

@@ -35,6 +35,12 @@ class PLoRARule(BaseRule):
 
     mode = "plora"
 
+    def upload_start(self, global_: Adapter, rank: int, indices) -> Adapter:
+        """The components `indices` of the global, in that order (what the client trains and uploads)."""
+        idx = list(indices)
+        lora = {name: (a[idx].copy(), b[:, idx].copy()) for name, (a, b) in global_.lora.items()}
+        return Adapter(lora=lora, dense=dict(global_.dense), meta=dict(global_.meta))
+
     def planned_indices(self, *, global_rank: int, rank: int, round_number: int, client_key: str,
                         seed: int) -> tuple[int, ...]:
         """r distinct sorted indices in [0, R), drawn by a Generator seeded from sha256 of (seed, round, client key)."""
