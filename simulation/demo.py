@@ -30,7 +30,7 @@ DEMO_TRAINING = TrainingSettings(steps=20, batch_size=16, seq_len=32, lr=1e-3, h
 
 # The chat demo: SmolLM2-135M-Instruct on one person's replies per device (chosen on the validation split,
 # RESULTS.md "Chat"). No head: round 0 is the base model (zero-shot), then LoRA rounds.
-CHAT_TRAINING = TrainingSettings(steps=10, batch_size=8, seq_len=96, lr=1e-3, schedule="cosine", warmup_steps=1,
+CHAT_TRAINING = TrainingSettings(steps=10, batch_size=8, seq_len=96, lr=2e-3, schedule="cosine", warmup_steps=1,
                                  prune_lambda=0.01)
 TASKS = ("classification", "chat")
 
