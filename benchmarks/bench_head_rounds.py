@@ -98,6 +98,9 @@ def main() -> int:
     p.add_argument("--validation-fraction", type=float, default=0.0)
     p.add_argument("--out", default="runs/bench-head-rounds")
     args = p.parse_args()
+    from hetlora.output import configure
+
+    configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
     import torch
 
     from edge_client.models import default_model_dir

@@ -45,6 +45,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-lora-ceiling")
     args = p.parse_args()
+    from hetlora.output import configure
+
+    configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
 
     import torch
 

@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
     parser.add_argument("--worker", nargs=3, type=int, metavar=("RANK", "BATCH", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from hetlora.output import configure
+
+    configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
     sys.path.insert(0, str(ROOT))
     if args.worker:
         print(json.dumps(worker(args.task, *args.worker)))

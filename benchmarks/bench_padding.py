@@ -29,6 +29,9 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    from hetlora.output import configure
+
+    configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
 
     import torch
 

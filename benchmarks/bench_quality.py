@@ -244,6 +244,9 @@ def main() -> int:
     p.add_argument("--stored-only", action="store_true",
                    help="run nothing: print the table of the runs stored under --out with these settings")
     args = p.parse_args()
+    from hetlora.output import configure
+
+    configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
     import torch
 
     from edge_client.models import default_model_dir

@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--interleaved", action="store_true", help="one process, alternating steps; no RSS")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from hetlora.output import configure
+
+    configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
     if args.worker:
         backend, rank, steps = args.worker
         print(json.dumps(worker(backend, int(rank), int(steps))))

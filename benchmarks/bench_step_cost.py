@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per tier and round (after one warm-up)")
     args = parser.parse_args()
+    from hetlora.output import configure
+
+    configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
     sys.path.insert(0, str(ROOT))
     import torch
 
