@@ -118,7 +118,7 @@ def idle_measured_meter(host, args):
 
 def run(args) -> int:
     from edge_client.backends.artifacts import load_manifest
-    from edge_client.bench import cost, report, runner, steppers
+    from edge_client.bench import report, runner, steppers
     from edge_client.bench.worker import BackendWorker
     from hetlora.output import verbosity
     from edge_client.bench.peak import best_of
@@ -152,7 +152,6 @@ def run(args) -> int:
     peak = given or measure_peak(shape, settings, args.quick)
     meter, idle_s = idle_measured_meter(host, args)
 
-    real_tokens = settings.batch * settings.seq_len  # synthetic full-length rows (steppers.synthetic_batch)
     config = {"model_dir": str(model_dir), "artifacts": args.artifacts, "targets": list(targets),
               "num_labels": num_labels, "lora_alpha": lora_alpha, "batch": settings.batch, "seq_len": settings.seq_len,
               "vocab": shape.vocab, "threads": torch.get_num_threads(), "verbosity": verbosity()}
@@ -163,10 +162,7 @@ def run(args) -> int:
     runs, skipped = runner.run_cells(settings, open_stepper, skip, meter, host)
     if not given:
         peak = best_of(peak, measure_peak(shape, settings, args.quick))
-    cells = [runner.summarize_cell(
-        r, batch=settings.batch, seq_len=settings.seq_len, peak_gflops=peak["value"], real_tokens=real_tokens,
-        flops_per_step=cost.training_step_flops(shape, spec, r.computed_rank, settings.batch, settings.seq_len),
-        upload_bytes=cost.rank_upload_bytes(spec, r.rank)) for r in runs]
+    cells = _cells(runs, settings, shape, spec, peak["value"])
     model = {"dir": str(model_dir), "model_type": model_type(model_dir), "targets": list(targets),
              "num_labels": num_labels, "lora_alpha": lora_alpha, "model_hash": spec.model_hash}
     doc = _report_doc(args, settings, idle_s, model, peak, meter, profile) | {"cells": cells, "skipped": skipped}
@@ -177,6 +173,17 @@ def run(args) -> int:
     if not args.json:
         print(f"wrote {out / 'bench.json'}, {out / 'bench.csv'} and the PNG plots")
     return 0
+
+
+def _cells(runs, settings, shape, spec, peak_gflops: float) -> list[dict]:
+    """Each measured (rank, backend) cell with its FLOPs, share of the peak and upload size."""
+    from edge_client.bench import cost, runner
+
+    real_tokens = settings.batch * settings.seq_len  # synthetic full-length rows (steppers.synthetic_batch)
+    return [runner.summarize_cell(
+        r, batch=settings.batch, seq_len=settings.seq_len, peak_gflops=peak_gflops, real_tokens=real_tokens,
+        flops_per_step=cost.training_step_flops(shape, spec, r.computed_rank, settings.batch, settings.seq_len),
+        upload_bytes=cost.rank_upload_bytes(spec, r.rank)) for r in runs]
 
 
 def _report_doc(args, settings, idle_s: float, model: dict, peak: dict, meter, profile: dict) -> dict:
