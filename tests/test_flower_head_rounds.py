@@ -25,6 +25,7 @@ from hetlora_flower.server_app import run
 from hetlora_flower.settings import server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
 from server_stub.aggregation import ClientResult, make_rule
+from server_stub.aggregation.bounds import CLIP_FACTOR
 from server_stub.head_round import initial_global, load_statistics
 from tests.test_flower_apps import bounded, LABELS, ROWS, task_identity  # noqa: F401  (task_identity: autouse fixture)
 
@@ -109,6 +110,19 @@ def _average_heads(previous: Adapter, bodies: dict) -> Adapter:
     dense = {name: np.average([h.dense[name] for h in heads], axis=0, weights=weights).astype(np.float32)
              for name in previous.dense}
     return Adapter(lora=previous.lora, dense=dense)
+
+
+def _clipped_to_the_lower_of_two(bodies: dict, start: Adapter) -> dict:
+    """Two clients' heads under bounded influence, written out: per tensor, a change from `start` larger than
+    CLIP_FACTOR x the smaller of the two changes (the low median of two) is scaled down to that bound."""
+    heads = {name: decode(body) for name, body in bodies.items()}
+    for tensor, origin in start.dense.items():
+        changes = {name: h.dense[tensor].astype(np.float64) - origin for name, h in heads.items()}
+        bound = CLIP_FACTOR * min(np.linalg.norm(c) for c in changes.values())
+        for name, change in changes.items():
+            scale = min(1.0, bound / np.linalg.norm(change))
+            heads[name].dense[tensor] = (origin + scale * change).astype(np.float32)
+    return {name: encode(h) for name, h in heads.items()}
 
 
 def test_a_flower_run_with_head_rounds_averages_the_heads_then_trains_lora(federation):
@@ -201,7 +215,8 @@ def test_a_head_reply_with_factors_or_a_wrong_shape_is_refused(federation, forge
     assert ("update from b refused: " + ("a head round's upload carries the head only" if forgery == "lora"
                                          else f"{weight_name}: shape")) in caplog.text
     new_global = decode(payload_bytes(arrays))
-    want = _average_heads(start, {name: body for name, body in bodies.items() if name != "b"})
+    want = _average_heads(start, _clipped_to_the_lower_of_two({name: body for name, body in bodies.items()
+                                                               if name != "b"}, start))
     for tensor, value in want.dense.items():
         np.testing.assert_allclose(new_global.dense[tensor], value, rtol=1e-6, atol=1e-7)
     for module, (a, b) in start.lora.items():
