@@ -17,8 +17,8 @@ file `partition-id` of the run config's `partition-dir` (written by `hetlora par
 A round runs the HTTP client's pieces: the plan (hetlora.protocol.plan.ClientPlan: rank, indices, mode,
 training settings already within the device's tier), the same trainer (`make_trainer`), self-pruning and
 Select-N-Fold inside `train_round`, and the same metadata on the update (with the training seconds and the
-energy estimate, `NodeSettings.power`). The node reports a fresh
-device profile with every LoRA update; the server re-decides its tier from it for the next round.
+energy estimate at `NodeSettings.power`). The node reports a fresh device profile with every LoRA update; the
+server re-decides its tier from it for the next round.
 Round 0 and the head rounds read the node's frozen features, kept per process (`_features`): a simulation
 worker computes each node's once; a SuperNode starts a ClientApp process per message, so it computes them
 again in every head round.
@@ -35,8 +35,8 @@ from pathlib import Path
 from edge_client.client import decode_download, upload_meta
 from hetlora import argtypes
 from hetlora.errors import UserError
-from hetlora.protocol.energy import Power
 from hetlora.protocol import atomic
+from hetlora.protocol.energy import Power
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import Adapter, WireFormatError, encode
 
@@ -108,10 +108,10 @@ def node_settings(node_config: dict, run_config: dict, node_id: int) -> NodeSett
     if text("data") is None:
         raise UserError("this SuperNode has no training data: start it with --node-config \"data='FILE'\"")
     requested = node_config.get("requested-rank")
-    return NodeSettings(watts=_watts(text("watts")), name=text("name") or f"node-{node_id}", data=text("data"), state_dir=text("state-dir"),
+    return NodeSettings(name=text("name") or f"node-{node_id}", data=text("data"), state_dir=text("state-dir"),
                         model_dir=text("model-dir"), backend=text("backend") or "torch",
                         artifacts_dir=text("artifacts-dir"), device=text("device"), profile_file=text("profile-file"),
-                        requested_rank=int(requested) if requested else None)
+                        requested_rank=int(requested) if requested else None, watts=_watts(text("watts")))
 
 
 def _watts(text: str | None) -> float | None:

@@ -16,8 +16,8 @@ from hetlora.protocol.wire import WireFormatError, encode, parse_meta, read_head
 from profiles.catalog import device, profile_for
 from simulation.fleet import start_client, start_server
 from tests.test_client_e2e import labels_file, run_to_end, serve_args, write_data  # noqa: F401 (fixture)
-from tests.test_server import (error_code, make_config, make_update, post_update, register, running_server,  # noqa: F401
-                               snapshot, spec, upload_meta)
+from tests.test_server import (error_code, make_config, make_update, post_update, register,  # noqa: F401 (spec)
+                               running_server, snapshot, spec, upload_meta)
 
 PI5 = "raspberry-pi-5"
 

@@ -194,7 +194,8 @@ def test_the_nodes_report_training_seconds_and_energy_and_the_history_records_th
     strategy, _, replies = _round_one(config, contexts)
     strategy.aggregate_train(1, replies)
     energy = strategy.history[-1]["energy"]
-    sent = {a.meta["client_id"]: a.meta["energy"] for a in (decode(read_content(r.content, REPORT)[0]) for r in replies)}
+    sent = {a.meta["client_id"]: a.meta["energy"]
+            for a in (decode(read_content(r.content, REPORT)[0]) for r in replies)}
     assert energy["clients"] == sent and energy["unknown"] == []
     orin = device("jetson-agx-orin")["power"]["typical_training_w"]
     for name, (watts, source) in {"a": (3.5, "--watts"), "b": (orin, "catalog:jetson-agx-orin")}.items():
