@@ -136,3 +136,18 @@ def test_a_bad_watts_flag_is_one_line_and_exit_status_2(value, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("hetlora client: error: argument --watts: "), proc.stderr
+
+
+def test_a_state_dir_from_before_energy_reports_gains_the_column_and_shows_them_unknown(tmp_path):
+    import sqlite3
+
+    from server_stub.store import SCHEMA, Store
+
+    old = SCHEMA.replace("    energy TEXT,\n", "")
+    assert old != SCHEMA
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:
+        db.executescript(old)
+        db.execute("INSERT INTO uploads VALUES (1, 'c-1', 'ab', 'uploads/x', 2, 2, 10, 100, 0.0)")
+    store = Store(tmp_path)
+    assert store.select("SELECT client_id, energy FROM uploads") == [{"client_id": "c-1", "energy": None}]
+    store.close()
