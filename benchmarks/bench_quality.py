@@ -1,6 +1,7 @@
 """Learning quality: the demo's fleet per aggregation rule, over seeds, against centralized LoRA and the
-task's references. Prints a table and draws curves.png; --results appends the table (with the exact
-command) to a Markdown file.
+task's references. Prints a table (with the fleet's estimated training joules, total and per device tier) and
+draws curves.png and energy.png (the final metric against the estimated energy); --results appends the table
+(with the exact command) to a Markdown file.
 
 Classification (BANKING77): against head-only federated training and a frozen-feature linear probe.
 Chat (--task chat, SmolLM2-135M-Instruct on one person's chats per device): perplexity on replies of people
@@ -43,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from hetlora.protocol.settings import LR_DECAYS  # noqa: E402
 from simulation.centralized import centralized_run  # noqa: E402
 from simulation.demo import CHAT_TRAINING, DemoConfig, Method, federated_run  # noqa: E402
+from simulation.energy import energy_cells, energy_summary  # noqa: E402
 from simulation.fleets import prepare_fleet  # noqa: E402
 import quality_chat  # noqa: E402
 
@@ -74,8 +76,8 @@ def run_method(name: str, cfg: DemoConfig, fleet) -> list:
 
 
 def summarize_run(rows: list) -> dict:
-    """Final and best accuracy, final macro-F1, the first round / cumulative seconds at each target, and
-    the curve: [round, accuracy] per evaluated round."""
+    """Final and best accuracy, final macro-F1, the first round / cumulative seconds at each target, the
+    curve: [round, accuracy] per evaluated round, and the estimated fleet energy, total and per device tier."""
     acc = [r.accuracy for r in rows]
     seconds = np.cumsum([r.seconds for r in rows])
     reach = {}
@@ -83,7 +85,7 @@ def summarize_run(rows: list) -> dict:
         hit = next((i for i, a in enumerate(acc) if a >= target), None)
         reach[target] = (rows[hit].round, float(seconds[hit])) if hit is not None else (None, None)
     return {"final": acc[-1], "best": max(acc), "f1": rows[-1].macro_f1, "reach": reach,
-            "curve": [[r.round, r.accuracy] for r in rows]}
+            "curve": [[r.round, r.accuracy] for r in rows]} | energy_summary(rows)
 
 
 def run_summary(name: str, cfg: DemoConfig, fleet, seed: int) -> dict:
@@ -188,14 +190,14 @@ def table(results: dict[str, list[dict]], rounds: int) -> str:
         return text + ("" if len(done) == len(hits) else f" ({len(done)}/{len(hits)})")
 
     head = ("| method | seeds | final accuracy | final macro-F1 | best round accuracy | vs fedavg-rmin "
-            "| rounds to 80% | s to 80% | rounds to 85% | s to 85% |")
-    lines = [head, "|" + "---|" * 10]
+            "| rounds to 80% | s to 80% | rounds to 85% | s to 85% | fleet J (est.) | J / device-round by tier |")
+    lines = [head, "|" + "---|" * 12]
     for name, runs in results.items():
         if not runs:
             continue
         lines.append(f"| {name} | {len(runs)} | {mean_std([r['final'] for r in runs])} | {mean_std([r['f1'] for r in runs])} "
                      f"| {mean_std([r['best'] for r in runs])} | {versus(runs, results.get('fedavg-rmin'))} | {reach(runs, 0.80, 0)} | {reach(runs, 0.80, 1)} "
-                     f"| {reach(runs, 0.85, 0)} | {reach(runs, 0.85, 1)} |")
+                     f"| {reach(runs, 0.85, 0)} | {reach(runs, 0.85, 1)} | {' | '.join(energy_cells(runs))} |")
     return "\n".join(lines)
 
 
@@ -215,6 +217,23 @@ def plot_curves(results: dict[str, list[dict]], path: Path, metric: str = "accur
         return None
     return line_plot(path, series, panels=[(f"{metric}, mean over seeds", 0)], xlabel="round",
                      title="Learning quality per method")
+
+
+def plot_energy(results: dict[str, list[dict]], path: Path, metric: str = "accuracy") -> Path | None:
+    """Mean final `metric` against the mean estimated fleet energy over the seeds, one point per rule (methods
+    without a fleet, and summaries stored before energy was reported, have none)."""
+    from hetlora.plots import line_plot
+
+    series = {}
+    for name, runs in results.items():
+        pairs = [(r["energy_j"], r["final"]) for r in runs if r.get("energy_j") is not None]
+        if pairs:
+            series[f"{name} ({len(pairs)} seeds)"] = ([np.mean([e for e, _ in pairs])],
+                                                      [[np.mean([f for _, f in pairs])]])
+    if not series:
+        return None
+    return line_plot(path, series, panels=[(f"final {metric}, mean over seeds", 0)],
+                     xlabel="fleet training energy (J, estimated), mean over seeds", title="Quality per joule")
 
 
 def main() -> int:
@@ -287,8 +306,10 @@ def main() -> int:
             (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     text = quality_chat.table(results) if chat else table(results, args.rounds)
     print(text)
-    plot = plot_curves(results, Path(args.out) / "curves.png", "perplexity" if chat else "accuracy")
-    print(f"total {time.monotonic() - t0:.0f} s" + (f"; plot: {plot}" if plot else ""))
+    metric = "perplexity" if chat else "accuracy"
+    plots = [p for p in (plot_curves(results, Path(args.out) / "curves.png", metric),
+                         plot_energy(results, Path(args.out) / "energy.png", metric)) if p]
+    print(f"total {time.monotonic() - t0:.0f} s" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
     if args.results:
         command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         with open(args.results, "a") as fh:

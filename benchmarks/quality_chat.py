@@ -1,12 +1,15 @@
 """The chat task's part of bench_quality: its methods, run summaries, the zero-shot reference and the table.
 
 Perplexity is lower-is-better; a run's "final" is its last round's perplexity on replies of people outside
-the fleet, "personal" the same on held-out conversations of the fleet's own people, "best" the lowest round.
+the fleet, "personal" the same on held-out conversations of the fleet's own people, "best" the lowest round;
+"energy_j" the fleet's estimated training joules and "tiers" them per device tier (simulation.energy).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from simulation.energy import energy_cells, energy_summary
 
 METHODS = ("zero-shot", "fedavg-rmin", "fedavg-rmax", "zeropad", "hetlora-g1", "hetlora", "hetlora-g085", "hlora",
            "plora", "centralized")
@@ -16,7 +19,8 @@ def summarize(rows: list) -> dict:
     ppl = [r.perplexity for r in rows]
     personal = [r.personal_perplexity for r in rows if r.personal_perplexity is not None]
     return {"final": ppl[-1], "best": min(ppl), "zero_shot": ppl[0], "personal": personal[-1] if personal else None,
-            "ranks": [r.mean_rank for r in rows[1:]], "curve": [[r.round, r.perplexity] for r in rows]}
+            "ranks": [r.mean_rank for r in rows[1:]], "curve": [[r.round, r.perplexity] for r in rows]} \
+        | energy_summary(rows)
 
 
 def zero_shot(fleet) -> dict:
@@ -43,7 +47,8 @@ def _ratio(runs: list[dict], reference: list[dict] | None) -> str:
 
 def table(results: dict[str, list[dict]]) -> str:
     lines = ["| method | seeds | final perplexity (unseen people) | x zero-shot | x fedavg-rmin | x centralized "
-             "| final personal perplexity | best round | mean rank |", "|" + "---|" * 9]
+             "| final personal perplexity | best round | mean rank | fleet J (est.) | J / device-round by tier |",
+             "|" + "---|" * 11]
     for name, runs in results.items():
         if not runs:
             continue
@@ -52,5 +57,5 @@ def table(results: dict[str, list[dict]]) -> str:
         lines.append(f"| {name} | {len(runs)} | {_mean_std([r['final'] for r in runs])} | {_ratio(runs, zero)} "
                      f"| {_ratio(runs, results.get('fedavg-rmin'))} | {_ratio(runs, results.get('centralized'))} "
                      f"| {_mean_std([r['personal'] for r in runs])} | {_mean_std([r['best'] for r in runs])} "
-                     f"| {f'{np.mean(ranks):.1f}' if ranks else '-'} |")
+                     f"| {f'{np.mean(ranks):.1f}' if ranks else '-'} | {' | '.join(energy_cells(runs))} |")
     return "\n".join(lines)

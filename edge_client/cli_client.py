@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from edge_client.backends import BACKENDS
+from hetlora.argtypes import watts
 from hetlora.config_file import add_config_option
 from hetlora.errors import UserError
 from hetlora.secret_file import read_secret
@@ -47,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--give-up-after", type=float, help="give up after this many seconds of failed retries "
                                                        "(default: retry forever)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--watts", type=watts, help="this device's power while it trains, for the training-energy "
+                                               "estimate sent with each update (joules = watts x training seconds; "
+                                               "default: the catalog's figure for the profile's device, else unknown)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # TEST TOOL, hidden: a model-replacement attacker for robustness measurements (benchmarks, docs/RESULTS.md).
     p.add_argument("--testing-scale-update", type=float, help=argparse.SUPPRESS)
@@ -104,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
         label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
         progress=not args.no_progress and show_progress(), train_overrides=overrides, give_up_after=args.give_up_after,
         enroll_secret=args.enroll_secret, ca_file=args.ca_file,
-        testing_scale_update=args.testing_scale_update,
+        testing_scale_update=args.testing_scale_update, watts=args.watts,
     )
     return EdgeClient(options, profile_source(args.profile_as, args.profile_file)).run()

@@ -20,6 +20,7 @@ from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir
 from edge_client.server_api import ServerAPI, ServerError
 from edge_client.train_config import RoundResult
+from hetlora.protocol.energy import Power
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import (Adapter, WireFormatError, check_values, decode, encode, max_wire_bytes,
@@ -48,6 +49,7 @@ class ClientOptions:
     enroll_secret: str | None = None  # the server's enrollment secret, when it requires one
     ca_file: str | None = None  # CA certificate(s) to verify an https:// server (None: the requests CA bundle)
     testing_scale_update: float | None = None  # TEST TOOL ONLY: upload start + s (update - start), an attacker
+    watts: float | None = None  # --watts: the training power of the energy estimates (None: the catalog's)
 
 
 def plan_of(current: dict) -> ClientPlan:
@@ -63,12 +65,13 @@ def plan_of(current: dict) -> ClientPlan:
     return plan
 
 
-def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult) -> dict:
+def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult, power: Power) -> dict:
     """A LoRA update's wire metadata (docs/PROTOCOL.md section 1), built here and nowhere else: the plan's round,
-    rank and indices, the client, what the round produced (effective rank after pruning, samples, losses)."""
+    rank and indices, the client, what the round produced (effective rank after pruning, samples, losses) and
+    its training seconds with the energy estimate at `power` (hetlora.protocol.energy)."""
     meta = {"round": plan.round, "client_id": client_id, "rank": plan.rank, "effective_rank": result.rank_after,
             "n_samples": result.n_samples, "mode": plan.mode, "loss_before": result.loss_before,
-            "loss_after": result.loss_after}
+            "loss_after": result.loss_after, "energy": power.report(result.seconds)}
     return meta | ({"indices": list(plan.indices)} if plan.indices is not None else {})
 
 
@@ -117,6 +120,21 @@ class EdgeClient:
         self.overrides = dict(options.train_overrides or {})  # TrainingSettings fields over the plan
         self._features = None  # the frozen features (round 0 and the head rounds), computed once
         self._refused_round = None  # the round whose update the server refused, if any
+        self._power: Power | None = None  # the energy estimates' power figure, found once
+
+    def power(self) -> Power:
+        """The power figure of the energy estimates (`--watts`, else the profile's catalog device), found once and
+        logged; unknown figures are said so."""
+        if self._power is None:
+            from edge_client.device.profile import training_power
+
+            self._power = training_power(self.options.watts, self.profile_source())
+            if self._power.watts is None:
+                log.info("training energy unknown: no --watts and the device matches no catalog entry")
+            else:
+                log.info("training energy estimated at %g W (%s) x the training seconds", self._power.watts,
+                         self._power.source)
+        return self._power
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
@@ -234,7 +252,7 @@ class EdgeClient:
             result = self.trainer.train_round(start, self.examples, cfg, rank=plan.rank,
                                               indices=list(plan.indices) if plan.indices is not None else None,
                                               mode=plan.mode, on_step=self._progress(number, cfg))
-            result.adapter.meta = upload_meta(plan, self.state.client_id, result)
+            result.adapter.meta = upload_meta(plan, self.state.client_id, result, self.power())
             pending = encode(self._attack(result.adapter, start, plan))
             self.state_dir.save_pending(pending)
             summary = (f"rank {result.rank_before}" + (f" -> {result.rank_after} (pruned)" if result.rank_after !=
@@ -267,14 +285,12 @@ class EdgeClient:
 
     def _head_statistics(self, number: int, cfg: TrainingSettings) -> tuple[bytes, str, float]:
         """Round 0: per-class feature statistics of the local data under the frozen base model, saved as pending."""
+        from edge_client.head_fit import round_statistics
         from hetlora.protocol.head_stats import encode_statistics
 
-        from hetlora.protocol.head_stats import class_statistics
-        from hetlora.protocol.spec import linear_head
-
         t0 = time.perf_counter()
-        stats = class_statistics(*self._frozen_features(cfg), linear_head(self.spec)[2])
-        stats.meta = {"round": number, "client_id": self.state.client_id, "n_samples": stats.n_samples}
+        stats = round_statistics(self.spec, lambda: self._frozen_features(cfg), number, self.state.client_id,
+                                 self.power())
         pending = encode_statistics(stats)
         self.state_dir.save_pending(pending)
         classes = int((stats.class_counts > 0).sum())
@@ -299,7 +315,8 @@ class EdgeClient:
 
         features, labels = self._frozen_features(cfg)
         try:
-            update, fit = fit_plan_head(self.spec, start, features, labels, plan, cfg, self.state.client_id)
+            update, fit = fit_plan_head(self.spec, start, features, labels, plan, cfg, self.state.client_id,
+                                        self.power())
         except ValueError as exc:
             raise BadServerAnswer(f"round {number}: the server's head-fit plan does not fit this run: {exc}") from None
         pending = encode(self._attack(update, start, plan))

@@ -11,15 +11,20 @@ so a client whose data over-represents some classes does not push the shared hea
 never changes the rows of classes it has no example of (their softmax mass, hence their gradient, is 0).
 pi_global is the run's pooled class distribution (Laplace-smoothed; uniform when the server sends none).
 Optimiser: Adam (beta 0.9 / 0.999, eps 1e-8) over `epochs` shuffled passes of `batch_size` rows.
-`fit_plan_head` is a whole head round's update, for the HTTP client and the Flower node alike.
+`fit_plan_head` is a whole head round's update and `round_statistics` round 0's, for the HTTP client and the
+Flower node alike.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from hetlora.protocol.energy import Power
+from hetlora.protocol.head_stats import HeadStatistics, class_statistics
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.spec import AdapterSpec, linear_head
@@ -84,19 +89,34 @@ def fit_head(weight: np.ndarray, bias: np.ndarray, features: np.ndarray, labels:
 
 
 def fit_plan_head(spec: AdapterSpec, start: Adapter, features: np.ndarray, labels: np.ndarray, plan: ClientPlan,
-                  settings: TrainingSettings, client_id: str) -> tuple[Adapter, HeadFit]:
+                  settings: TrainingSettings, client_id: str, power: Power) -> tuple[Adapter, HeadFit]:
     """A head round's update: `start`'s head fitted on the frozen (features, labels), logit-adjusted with the
     plan's class_counts, for settings.head_epochs passes at settings.head_fit_lr in batches of
     settings.batch_size seeded by settings.seed; the head alone with the head-fit metadata (round, client_id,
-    mode, n_samples, losses). ValueError when the plan's class_counts do not fit the run's labels."""
+    mode, n_samples, losses, the fit's seconds and energy estimate at `power`). ValueError when the plan's
+    class_counts do not fit the run's labels."""
     weight_name, bias_name, num_labels, _ = linear_head(spec)
     adjust = logit_adjustment(labels, num_labels, plan.class_counts)
+    t0 = time.perf_counter()
     fit = fit_head(start.dense[weight_name], start.dense[bias_name], features, labels, adjust,
                    epochs=settings.head_epochs, lr=settings.head_fit_lr, batch_size=settings.batch_size,
                    seed=settings.seed)
     meta = {"round": plan.round, "client_id": client_id, "mode": plan.mode, "n_samples": len(labels),
-            "loss_before": fit.loss_before, "loss_after": fit.loss_after}
+            "loss_before": fit.loss_before, "loss_after": fit.loss_after,
+            "energy": power.report(time.perf_counter() - t0)}
     return Adapter(lora={}, dense={weight_name: fit.weight, bias_name: fit.bias}, meta=meta), fit
+
+
+def round_statistics(spec: AdapterSpec, frozen_features: Callable[[], tuple], round_number: int, client_id: str,
+                     power: Power) -> HeadStatistics:
+    """Round 0's upload: the class statistics of (features, labels) = `frozen_features()`, with the metadata
+    (round, client_id, n_samples, the seconds of the features and the statistics, their energy estimate at
+    `power`)."""
+    t0 = time.perf_counter()
+    stats = class_statistics(*frozen_features(), linear_head(spec)[2])
+    stats.meta = {"round": round_number, "client_id": client_id, "n_samples": stats.n_samples,
+                  "energy": power.report(time.perf_counter() - t0)}
+    return stats
 
 
 def _loss_and_grads(w, b, x, y, adjust, *, grads: bool):

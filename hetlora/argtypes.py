@@ -14,3 +14,18 @@ def positive_int_list(text: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def watts(text: str) -> float:
+    """A device's training power in watts (`hetlora client --watts`): argparse's one-line error unless it is a
+    finite number in hetlora.protocol.energy's MIN_WATTS..MAX_WATTS."""
+    from hetlora.protocol.energy import watts_problem
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of watts, got {text!r}") from None
+    problem = watts_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value

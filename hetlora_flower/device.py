@@ -9,14 +9,16 @@ Node config (`flower-supernode --node-config "..."`), all optional except `data`
   device         a catalog id: report that device's profile instead of measuring this machine
   profile-file   report the profile in this JSON file instead
   requested-rank the largest rank this node asks for
+  watts          this device's training power for the energy estimates (default: the profile's catalog figure)
 Under Flower's simulation runtime a node has only `partition-id` and `num-partitions`; it then trains on
 file `partition-id` of the run config's `partition-dir` (written by `hetlora partition`) as device
 `partition-id` of `profiles.catalog.simulated_fleet(num-partitions, seed)`.
 
 A round runs the HTTP client's pieces: the plan (hetlora.protocol.plan.ClientPlan: rank, indices, mode,
 training settings already within the device's tier), the same trainer (`make_trainer`), self-pruning and
-Select-N-Fold inside `train_round`, and the same metadata on the update. The node reports a fresh
-device profile with every LoRA update; the server re-decides its tier from it for the next round.
+Select-N-Fold inside `train_round`, and the same metadata on the update (with the training seconds and the
+energy estimate at `NodeSettings.power`). The node reports a fresh device profile with every LoRA update; the
+server re-decides its tier from it for the next round.
 Round 0 and the head rounds read the node's frozen features, kept per process (`_features`): a simulation
 worker computes each node's once; a SuperNode starts a ClientApp process per message, so it computes them
 again in every head round.
@@ -24,14 +26,17 @@ again in every head round.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_client.client import decode_download, upload_meta
+from hetlora import argtypes
 from hetlora.errors import UserError
 from hetlora.protocol import atomic
+from hetlora.protocol.energy import Power
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import Adapter, WireFormatError, encode
 
@@ -50,6 +55,7 @@ class NodeSettings:
     fleet_size: int = 0
     fleet_index: int = 0
     requested_rank: int | None = None
+    watts: float | None = None  # the energy estimates' training power (None: the profile's catalog figure)
 
     def profile(self) -> dict:
         """The device profile this node reports: simulated, catalog, file, or measured (quick)."""
@@ -66,6 +72,13 @@ class NodeSettings:
         from edge_client.device.profile import collect_profile
 
         return collect_profile(quick=True)
+
+    def power(self, profile: dict) -> Power:
+        """The power figure of this node's energy estimates, as `hetlora client` finds it (`watts`, else the
+        catalog device `profile` names, else unknown)."""
+        from edge_client.device.profile import training_power
+
+        return training_power(self.watts, profile)
 
 
 @functools.lru_cache(maxsize=2)
@@ -98,7 +111,17 @@ def node_settings(node_config: dict, run_config: dict, node_id: int) -> NodeSett
     return NodeSettings(name=text("name") or f"node-{node_id}", data=text("data"), state_dir=text("state-dir"),
                         model_dir=text("model-dir"), backend=text("backend") or "torch",
                         artifacts_dir=text("artifacts-dir"), device=text("device"), profile_file=text("profile-file"),
-                        requested_rank=int(requested) if requested else None)
+                        requested_rank=int(requested) if requested else None, watts=_watts(text("watts")))
+
+
+def _watts(text: str | None) -> float | None:
+    """The node config's `watts` as a number (UserError when it is not a device's training power)."""
+    if text is None:
+        return None
+    try:
+        return argtypes.watts(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(f"node config watts: {exc}") from None
 
 
 _trainers: dict[tuple, object] = {}  # one per process and run: a simulation actor serves many nodes in turn
@@ -160,10 +183,10 @@ class LocalNode:
         start = self._start(payload, plan)
         result = self.trainer.train_round(start, self.examples, plan.training, rank=plan.rank, mode=plan.mode,
                                           indices=list(plan.indices) if plan.indices is not None else None)
-        result.adapter.meta = upload_meta(plan, client_id, result)
+        profile = self.settings.profile()
+        result.adapter.meta = upload_meta(plan, client_id, result, self.settings.power(profile))
         body = encode(result.adapter)
         self._keep(plan.round, body)
-        profile = self.settings.profile()
         return body, {"profile": profile, "rank_before": result.rank_before, "rank_after": result.rank_after,
                       "loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
                       "n_samples": result.n_samples}
@@ -176,7 +199,8 @@ class LocalNode:
         start = self._start(payload, plan, head_only=True)
         features, labels = self.frozen_features(plan.training.seq_len)
         try:
-            update, fit = fit_plan_head(self.spec, start, features, labels, plan, plan.training, client_id)
+            update, fit = fit_plan_head(self.spec, start, features, labels, plan, plan.training, client_id,
+                                        self.settings.power(self.settings.profile()))
         except ValueError as exc:
             raise UserError(f"round {plan.round}: the server's head-fit plan does not fit this run: {exc}") from None
         body = encode(update)
@@ -185,11 +209,11 @@ class LocalNode:
 
     def head_statistics(self, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
         """Round 0: per-class feature statistics of the local data under the frozen base model."""
-        from hetlora.protocol.head_stats import class_statistics, encode_statistics
-        from hetlora.protocol.spec import linear_head
+        from edge_client.head_fit import round_statistics
+        from hetlora.protocol.head_stats import encode_statistics
 
-        stats = class_statistics(*self.frozen_features(plan.training.seq_len), linear_head(self.spec)[2])
-        stats.meta = {"round": plan.round, "client_id": client_id, "n_samples": stats.n_samples}
+        stats = round_statistics(self.spec, lambda: self.frozen_features(plan.training.seq_len), plan.round,
+                                 client_id, self.settings.power(self.settings.profile()))
         body = encode_statistics(stats)
         self._keep(plan.round, body)
         return body, {"n_samples": stats.n_samples}

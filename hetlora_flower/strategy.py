@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from hetlora.protocol.energy import energy_of, round_energy
 from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora.errors import UserError
 from hetlora_flower import nodes as node_book
@@ -121,7 +122,7 @@ class RuleStrategy(Strategy):
         return accepted
 
     def _record(self, server_round, order, results, reports, statistics) -> None:
-        """The round's history entry (the HTTP server's fields: stage, clients, ranks, samples, statistics)."""
+        """The round's history entry (the HTTP server's fields: stage, clients, ranks, samples, energy, statistics)."""
         names = [self._names[node_id] for node_id in order]
         statistics["clipped"] = {names[k]: what for k, what in statistics["clipped"].items()}
         self.history.append(jsonable({
@@ -130,6 +131,7 @@ class RuleStrategy(Strategy):
             "indices": {self._names[n]: plan["indices"] for n, plan in self._plans.items()},
             "effective_ranks": dict(zip(names, (res.adapter.rank for res in results))),
             "n_samples": dict(zip(names, (res.n_samples for res in results))),
+            "energy": round_energy({n: energy_of(res.adapter.meta) for n, res in zip(names, results)}),
             "loss_after": dict(zip(names, (r.get("loss_after") for r in reports))), "statistics": statistics}))
         log.info("round %d (%s) aggregated (%s) from %s", server_round, self.config.stage(server_round),
                  self.config.aggregator,

@@ -12,6 +12,7 @@ import logging
 
 import statistics as stats_lib
 
+from hetlora.protocol.energy import energy_of
 from hetlora.protocol.head_stats import FEATURE_NORM_LIMIT, HeadStatistics, decode_statistics
 from hetlora.protocol.spec import linear_head
 from hetlora.protocol.wire import Adapter, WireFormatError, meta_int
@@ -36,11 +37,13 @@ def load_statistics(config, body: bytes, max_samples: int | None = None) -> Head
 
 def check_statistics(config, client_id: str, body: bytes, declared_samples: int) -> HeadStatistics:
     """A round-0 upload decoded and checked (400 ApiError with the wire code otherwise): its counts within the
-    client's declared sample count and the server's data cap (`max_client_samples`), meta round exactly 0."""
+    client's declared sample count and the server's data cap (`max_client_samples`), meta round exactly 0, the
+    energy report (if any) as in an adapter upload (`energy_of`)."""
     try:
         stats = load_statistics(config, body, min(declared_samples, config.max_client_samples))
         if meta_int(stats.meta, "round") != HEAD_ROUND:
             raise WireFormatError("bad_metadata", f"head statistics must say round {HEAD_ROUND}")
+        energy_of(stats.meta)
     except WireFormatError as exc:
         raise ApiError(400, exc.code, str(exc)) from None
     if stats.meta.get("client_id") != client_id:

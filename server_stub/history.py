@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hetlora.protocol.energy import round_energy
 from server_stub import liveness, queries
 from server_stub.store import Store
 
@@ -50,7 +51,7 @@ def clients(store: Store, planned_rank) -> list[dict]:
 
 def history(store: Store, stage_of: Callable[[int], str]) -> list[dict]:
     """One entry per aggregated round: its stage (`stage_of(round)`), who took part at which ranks, bytes up
-    and down, the rule's statistics."""
+    and down, the clients' training seconds and energy estimates (`round_energy`), the rule's statistics."""
     entries = []
     for r in store.select("SELECT * FROM rounds WHERE state = 'aggregated' ORDER BY number"):
         uploads = queries.uploads(store, r["number"])
@@ -63,6 +64,7 @@ def history(store: Store, stage_of: Callable[[int], str]) -> list[dict]:
             "effective_ranks": {u["client_id"]: u["effective_rank"] for u in uploads},
             "n_samples": {u["client_id"]: u["n_samples"] for u in uploads},
             "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": _bytes_down(store, r["number"]),
+            "energy": round_energy({u["client_id"]: u["energy"] for u in uploads}),
             "extensions": r["extensions"], "extension_reason": r["extension_reason"],
             "statistics": jsonable(r["statistics"]),  # rows stored before NaN was mapped to None
         })

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 
+from hetlora.protocol.energy import energy_of
 from hetlora.protocol.plan import Tier
 from hetlora.protocol.head_stats import TENSORS as HEAD_TENSORS
 from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode, read_header, spec_tensors
@@ -177,7 +178,7 @@ class Coordinator:
         row = {"round": number, "client_id": client_id, "sha256": digest,
                "path": f"uploads/r{number:04d}/{client_id}-{digest[:16]}.safetensors", "rank": checked.rank,
                "effective_rank": checked.effective_rank, "n_samples": checked.n_samples, "bytes": len(body),
-               "received_at": self.clock()}
+               "received_at": self.clock(), "energy": checked.energy}
         pruned = checked.effective_rank < checked.rank
         self._store_upload(row, body, pruned_to=checked.effective_rank if pruned else None)
         log.info("round %d: upload from %s accepted (rank %d, effective rank %d, %d samples); %d of %d in",
@@ -191,7 +192,8 @@ class Coordinator:
         digest = hashlib.sha256(body).hexdigest()
         row = {"round": HEAD_ROUND, "client_id": client_id, "sha256": digest,
                "path": f"uploads/r0000/{client_id}-{digest[:16]}.safetensors", "rank": 0, "effective_rank": 0,
-               "n_samples": stats.n_samples, "bytes": len(body), "received_at": self.clock()}
+               "n_samples": stats.n_samples, "bytes": len(body), "received_at": self.clock(),
+               "energy": energy_of(stats.meta)}
         self._store_upload(row, body, pruned_to=None)
         log.info("round 0: head statistics from %s accepted (%d samples); %d of %d in", client_id, stats.n_samples,
                  len(queries.uploads(self.store, HEAD_ROUND)), len(r["selected"]))

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     n_samples INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    energy TEXT,
     PRIMARY KEY (round, client_id)
 );
 CREATE TABLE IF NOT EXISTS downloads (
@@ -79,7 +80,7 @@ CREATE TABLE IF NOT EXISTS globals (
 );
 """
 
-JSON_COLUMNS = ("profile", "caps", "selected", "plans", "statistics")
+JSON_COLUMNS = ("profile", "caps", "selected", "plans", "statistics", "energy")
 log = logging.getLogger("hetlora.server")
 
 
@@ -101,6 +102,8 @@ class Store:
         if "plans" not in columns:
             raise UserError(f"the state dir {self.root} was written by an older hetlora (rounds without client "
                             "plans); finish that run with the older version or use a new --state-dir")
+        if "energy" not in {row[1] for row in self.db.execute("PRAGMA table_info(uploads)")}:
+            self.db.execute("ALTER TABLE uploads ADD COLUMN energy TEXT")  # uploads before energy reports: NULL
 
     def close(self) -> None:
         self.db.close()

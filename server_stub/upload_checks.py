@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetlora.protocol.energy import energy_of
 from hetlora.protocol.spec import AdapterSpec
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter, WireFormatError, check_values, meta_int, validate
 
@@ -24,11 +25,13 @@ class CheckedUpdate:
     rank: int
     effective_rank: int
     n_samples: int
+    energy: dict | None = None  # the checked training seconds and energy estimate (hetlora.protocol.energy)
 
 
 def check_update(adapter: Adapter, plan: dict, spec: AdapterSpec, *, round_number: int, client_id: str,
                  aggregator: str) -> CheckedUpdate:
-    """Metadata (round, client, rank = the plan's, effective_rank, n_samples), tensors against the spec at most
+    """Metadata (round, client, rank = the plan's, effective_rank, n_samples, the energy report if any: `energy_of`),
+    tensors against the spec at most
     the plan's rank, effective_rank in plan min_upload_rank..rank and equal to the tensors' rank, plora indices
     equal to the plan's, values within the bounds. A head-fit plan's upload is the head alone: no LoRA
     factors, rank 0. WireFormatError names the first problem."""
@@ -40,8 +43,9 @@ def check_update(adapter: Adapter, plan: dict, spec: AdapterSpec, *, round_numbe
         raise WireFormatError("client_mismatch", f"metadata client_id {meta.get('client_id')!r} is not the client "
                               f"of this token ({client_id})")
     n_samples = meta_int(meta, "n_samples", minimum=1)
+    energy = energy_of(meta)
     if plan["mode"] == "head-fit":
-        return _check_head(adapter, spec, n_samples)
+        return _check_head(adapter, spec, n_samples, energy)
     rank = meta_int(meta, "rank", minimum=1)
     effective_rank = meta_int(meta, "effective_rank", minimum=1)
     if rank != plan["rank"]:
@@ -58,10 +62,10 @@ def check_update(adapter: Adapter, plan: dict, spec: AdapterSpec, *, round_numbe
     if plan["indices"] is not None and meta.get("indices") != plan["indices"]:
         raise WireFormatError("wrong_indices", f"metadata indices {meta.get('indices')!r} are not the indices "
                               f"assigned for round {round_number}: {plan['indices']}")
-    return CheckedUpdate(rank, effective_rank, n_samples)
+    return CheckedUpdate(rank, effective_rank, n_samples, energy)
 
 
-def _check_head(adapter: Adapter, spec: AdapterSpec, n_samples: int) -> CheckedUpdate:
+def _check_head(adapter: Adapter, spec: AdapterSpec, n_samples: int, energy: dict | None) -> CheckedUpdate:
     """A head round's upload: the spec's dense tensors, finite and within the bounds, and no LoRA factors."""
     if adapter.meta.get("mode") != "head-fit":
         raise WireFormatError("bad_metadata", f"this round fits the head: metadata mode must be 'head-fit', got "
@@ -73,7 +77,7 @@ def _check_head(adapter: Adapter, spec: AdapterSpec, n_samples: int) -> CheckedU
         raise WireFormatError("missing_tensor", "this run's model has no dense head to fit")
     validate(adapter, spec, max_rank=0, require_all_modules=False)
     check_values(adapter)
-    return CheckedUpdate(rank=0, effective_rank=0, n_samples=n_samples)
+    return CheckedUpdate(rank=0, effective_rank=0, n_samples=n_samples, energy=energy)
 
 
 def update_digest(adapter: Adapter) -> str:

@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     from simulation.centralized import centralized_run
     from simulation.demo import federated_run, format_table, methods_for, plot_rows, rows_json
+    from simulation.energy import write_energy
     from simulation.fleets import prepare_fleet
 
     log = logging.getLogger("hetlora.demo")
@@ -155,13 +156,16 @@ def run(args: argparse.Namespace) -> int:
         centralized_run(cfg, fleet, on_row)
     (cfg.out / "results.json").write_text(json.dumps(rows_json(rows), indent=2) + "\n")
     plot = plot_rows(rows, cfg.out / "convergence.png", cfg.task)
+    tiers, energy_plot = write_energy(rows, cfg.out, cfg.task)
     if args.json:
         print(json.dumps(rows_json(rows), indent=2))
         return 0
     print(format_table(rows, cfg.task))
+    print(f"\n{tiers}\n")
     for device, why in fleet.excluded.items():
         print(f"not in the fleet: {device}, the tier policy rules it out ({why})")
-    print(f"\nrun folder: {cfg.out}  (results.json{', convergence.png' if plot else ''}, server and client logs)")
+    plots = "".join(f", {p.name}" for p in (plot, energy_plot) if p)
+    print(f"\nrun folder: {cfg.out}  (results.json, energy.json{plots}, server and client logs)")
     if cfg.task == "chat":
         start, last = rows[0], [r for r in rows if r.method == rows[0].method][-1]
         print(f"total {time.monotonic() - t0:.0f} s; perplexity {start.perplexity:.1f} (zero-shot) -> "

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from simulation.energy import client_tiers, tier_energy
 from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
 from hetlora.protocol.settings import TrainingSettings
@@ -79,7 +80,9 @@ class Method:
 @dataclass
 class RoundRow:
     """One evaluated global version. Classification rows carry accuracy and macro-F1, chat rows perplexity
-    (people outside the fleet) and personal_perplexity (held-out conversations of the fleet's people)."""
+    (people outside the fleet) and personal_perplexity (held-out conversations of the fleet's people).
+    energy_j: the fleet's estimated training joules up to this row (simulation.energy; None: not a fleet run);
+    tier_energy: this row's rounds per device tier (`simulation.energy.tier_energy`)."""
 
     method: str
     round: int
@@ -92,6 +95,8 @@ class RoundRow:
     macro_f1: float | None = None
     perplexity: float | None = None
     personal_perplexity: float | None = None
+    energy_j: float | None = None
+    tier_energy: dict | None = None
 
 
 def model_task(task: str) -> str:
@@ -139,12 +144,7 @@ def federated_run(cfg: DemoConfig, method: Method, fleet, on_row) -> list[RoundR
     server, url = start_server(serve_args(cfg, method, len(fleet.parts)), run_dir / "server")
     clients = []
     try:
-        clients = [start_client(url, part, run_dir / "clients" / f"client_{i:03d}",
-                                ["--model", cfg.model_dir, "--profile-file", str(profile), "--name", profile.stem,
-                                 "--poll", "0.2", "--text-column", cfg.text_column]
-                                + (["--label-column", cfg.label_column] if cfg.label_column else [])
-                                + (["--testing-scale-update", str(cfg.attack_scale)] if i < cfg.adversarial else []))
-                   for i, (part, profile) in enumerate(zip(fleet.parts, fleet.profiles))]
+        clients = start_clients(cfg, fleet, url, run_dir)
         api = ServerAPI(url, give_up_after=60)
         evaluate = fleet.evaluate
         rows, seen, fleet_shown, phase = [], 0, False, []
@@ -162,7 +162,8 @@ def federated_run(cfg: DemoConfig, method: Method, fleet, on_row) -> list[RoundR
                 phase.append(entry)
                 if entry["stage"] == "head-fit" and entry["round"] < cfg.head_rounds:
                     continue  # the head rounds make one row, at their last
-                rows.append(_row(method.label, phase, api, evaluate))
+                spent = rows[-1].energy_j if rows else 0.0
+                rows.append(_row(method.label, phase, api, evaluate, client_tiers(status, fleet.tiers), spent))
                 on_row(rows[-1])
                 phase = []
             if status["finished"] and seen >= len(status["history"]):
@@ -183,6 +184,16 @@ def federated_run(cfg: DemoConfig, method: Method, fleet, on_row) -> list[RoundR
         server.stop()
 
 
+def start_clients(cfg: DemoConfig, fleet, url: str, run_dir: Path) -> list:
+    """One `hetlora client` per device of the fleet: its data file and catalog profile (the attackers first)."""
+    return [start_client(url, part, run_dir / "clients" / f"client_{i:03d}",
+                         ["--model", cfg.model_dir, "--profile-file", str(profile), "--name", profile.stem,
+                          "--poll", "0.2", "--text-column", cfg.text_column]
+                         + (["--label-column", cfg.label_column] if cfg.label_column else [])
+                         + (["--testing-scale-update", str(cfg.attack_scale)] if i < cfg.adversarial else []))
+            for i, (part, profile) in enumerate(zip(fleet.parts, fleet.profiles))]
+
+
 def save_global(data: bytes, run_dir: Path, model_dir: str, task: str, labels: list[str] | None) -> None:
     """The final global adapter in the wire format and as a PEFT folder (edge_client.peft_export)."""
     from edge_client.peft_export import export_peft
@@ -195,18 +206,23 @@ def save_global(data: bytes, run_dir: Path, model_dir: str, task: str, labels: l
 
 def _start_row(label: str, api: ServerAPI, evaluate) -> RoundRow:
     """Round 0 of a run without a head round: global version 0 as the server made it, before any training."""
-    return RoundRow(label, 0, 0.0, 0, 0, 0.0, "start", **evaluate(decode(api.global_adapter(version=0))))
+    return RoundRow(label, 0, 0.0, 0, 0, 0.0, "start", **evaluate(decode(api.global_adapter(version=0))),
+                    energy_j=0.0, tier_energy={})
 
 
-def _row(label: str, entries: list[dict], api: ServerAPI, evaluate) -> RoundRow:
+def _row(label: str, entries: list[dict], api: ServerAPI, evaluate, tier_of: dict[str, int],
+         spent: float) -> RoundRow:
     """A table row for aggregated rounds `entries` (one round, or the head rounds), evaluated at the last;
-    bytes summed, seconds = the server's time from the first opening to the last aggregation."""
+    bytes summed, seconds = the server's time from the first opening to the last aggregation; energy_j = `spent`
+    (the rows before) + these rounds' estimated joules, per tier by `tier_of` (client id -> tier rank)."""
     entry = entries[-1]
     data = api.global_adapter(version=entry["round"])
     ranks = list(entry["effective_ranks"].values()) or [0]
+    tiers = tier_energy(entries, tier_of)
     return RoundRow(label, entry["round"], sum(ranks) / len(ranks), sum(e["bytes_up"] for e in entries),
                     sum(e["bytes_down"] for e in entries), entry["aggregated_at"] - entries[0]["opened_at"],
-                    entry["stage"], **evaluate(decode(data)))
+                    entry["stage"], **evaluate(decode(data)), energy_j=spent + sum(t["joules"] for t in tiers.values()),
+                    tier_energy=tiers)
 
 
 METRICS = {"classification": (("accuracy", "accuracy", "8.3f"), ("macro_f1", "macro-F1", "8.3f")),
@@ -217,13 +233,14 @@ def format_table(rows: list[RoundRow], task: str = "classification") -> str:
     metrics = [(key, title, fmt) for key, title, fmt in METRICS[task] if any(getattr(r, key) is not None for r in rows)]
     width = lambda fmt: int(fmt.rstrip("f").split(".")[0])  # noqa: E731
     header = f"{'method':<12} {'round':>5} {'stage':<15} " + " ".join(f"{t:>{width(f)}}" for _, t, f in metrics) + \
-             f" {'mean rank':>9} {'MB up':>7} {'MB down':>7} {'seconds':>7}"
+             f" {'mean rank':>9} {'MB up':>7} {'MB down':>7} {'seconds':>7} {'fleet J est.':>12}"
     lines = [header, "-" * len(header)]
     for r in rows:
         values = " ".join(format(getattr(r, k), f) if getattr(r, k) is not None else f"{'-':>{width(f)}}"
                           for k, _, f in metrics)
         lines.append(f"{r.method:<12} {r.round:>5} {r.stage:<15} {values} {r.mean_rank:>9.1f} "
-                     f"{r.bytes_up / 1e6:>7.2f} {r.bytes_down / 1e6:>7.2f} {r.seconds:>7.1f}")
+                     f"{r.bytes_up / 1e6:>7.2f} {r.bytes_down / 1e6:>7.2f} {r.seconds:>7.1f} "
+                     + (f"{r.energy_j:>12.1f}" if r.energy_j is not None else f"{'-':>12}"))
     return "\n".join(lines)
 
 

@@ -44,6 +44,13 @@ def test_the_chat_demo_reports_perplexity_from_zero_shot_on(chat_demo):
     assert rows[-1]["perplexity"] < rows[0]["perplexity"]  # the tiny model learns the synthetic replies
     assert "perplexity" in stdout and "(zero-shot) ->" in stdout
     assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the estimated fleet energy: none before training, then it grows; the tiers' joules add up to it
+    spent = [r["energy_j"] for r in rows]
+    assert spent[0] == 0 and 0 < spent[1] < spent[2], spent
+    tiers = json.loads((out / "energy.json").read_text())["methods"]["hetlora"]["tiers"]
+    assert sum(t["joules"] for t in tiers.values()) == pytest.approx(spent[-1])
+    assert sum(t["device_rounds"] for t in tiers.values()) == 2 * 2 and "training energy per device tier" in stdout
+    assert (out / "energy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # One person per device: each client file holds the replies of a single user.
     for part in sorted((out / "data").glob("client_*.jsonl")):
         assert len({json.loads(line)["user"] for line in part.read_text().splitlines()}) == 1

@@ -49,6 +49,36 @@ def test_demo_runs_a_fleet_and_writes_its_results(first_run):
     assert "hetlora" in stdout and "accuracy" in stdout
 
 
+def test_the_demo_accounts_the_fleets_estimated_energy_per_tier(first_run, tiny_mean_bert_dir):
+    from collections import Counter
+
+    from edge_client.models import derive_spec
+    from profiles.memory_model import ModelShape
+    from profiles.policy import decide_tier
+
+    out, stdout = first_run
+    rows = json.loads((out / "results.json").read_text())
+    spent = [r["energy_j"] for r in rows]
+    # every row's rounds trained (round 0's features and statistics too): the cumulative estimate only grows
+    assert all(0 < a < b for a, b in zip(spent, spent[1:])), spent
+    for before, row in zip([0.0] + spent, rows):
+        assert sum(t["joules"] for t in row["tier_energy"].values()) == pytest.approx(row["energy_j"] - before)
+    # device-rounds: round 0 and the two head rounds every device (3), the LoRA rounds 2 of them each
+    assert sum(t["device_rounds"] for r in rows for t in r["tier_energy"].values()) == 3 + 2 * 3 + 2 * 2
+    spec, shape = derive_spec(tiny_mean_bert_dir, "classification", num_labels=3), ModelShape.from_model_dir(
+        tiny_mean_bert_dir)
+    device_tiers = Counter(str(decide_tier(json.loads(p.read_text()), spec=spec, model=shape, steps=2).rank)
+                           for p in (out / "fleet").glob("*.json"))
+    assert {tier: t["device_rounds"] for tier, t in rows[0]["tier_energy"].items()} == dict(device_tiers)
+    summary = json.loads((out / "energy.json").read_text())["methods"]["hetlora"]
+    assert summary["joules"] == pytest.approx(spent[-1])
+    assert sum(t["joules"] for t in summary["tiers"].values()) == pytest.approx(spent[-1])
+    for t in summary["tiers"].values():
+        assert t["unknown"] == 0 and t["joules_per_device_round"] == pytest.approx(t["joules"] / t["device_rounds"])
+    assert (out / "energy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fleet J est." in stdout and "training energy per device tier" in stdout
+
+
 def test_the_demos_lora_rounds_were_planned_with_the_decayed_learning_rate(first_run):
     out, _ = first_run
     with sqlite3.connect(out / "hetlora" / "server" / "state.sqlite") as db:
@@ -64,13 +94,17 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(first_run, ti
     other, _ = run_demo(tiny_mean_bert_dir, tmp_path, "other", seed=1)
 
     def numbers(run):
-        return [(r["round"], r["accuracy"], r["macro_f1"], r["mean_rank"], r["bytes_up"])
+        return [(r["round"], r["accuracy"], r["macro_f1"], r["mean_rank"])
                 for r in json.loads((run / "results.json").read_text())]
+
+    def bytes_up(run):  # the uploads' meta carries measured seconds: their JSON can be a few bytes longer or shorter
+        return [r["bytes_up"] for r in json.loads((run / "results.json").read_text())]
 
     def content(run):  # the safetensors header's key order is not fixed; the numbers and metadata are
         return update_digest(decode((run / "hetlora" / "global.safetensors").read_bytes()))
 
     assert numbers(again) == numbers(out)
+    assert bytes_up(again) == pytest.approx(bytes_up(out), abs=6 * 48)  # at most 6 uploads a row, 48 B each
     assert content(again) == content(out)  # every tensor bit-identical
     assert (other / "data" / "partition.json").read_text() != (out / "data" / "partition.json").read_text()
     assert content(other) != content(out)

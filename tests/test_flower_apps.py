@@ -182,3 +182,33 @@ def test_the_server_optimiser_steps_on_the_rules_aggregate(setup):
     np.testing.assert_array_equal(final.lora[name][1], expected.lora[name][1])
     assert not np.array_equal(final.lora[name][1], aggregated.lora[name][1])
     assert strategy.optimizer_state.keys() == state.keys()
+
+
+def test_the_nodes_report_training_seconds_and_energy_and_the_history_records_them(setup):
+    from profiles.catalog import device
+
+    config, contexts = setup
+    own = contexts[11]  # node "a" gives its own figure; node "b" presents the catalog's Jetson AGX Orin
+    contexts = contexts | {11: Context(run_id=1, node_id=11, node_config=dict(own.node_config) | {"watts": "3.5"},
+                                       state=RecordDict(), run_config=own.run_config)}
+    strategy, _, replies = _round_one(config, contexts)
+    strategy.aggregate_train(1, replies)
+    energy = strategy.history[-1]["energy"]
+    sent = {a.meta["client_id"]: a.meta["energy"]
+            for a in (decode(read_content(r.content, REPORT)[0]) for r in replies)}
+    assert energy["clients"] == sent and energy["unknown"] == []
+    orin = device("jetson-agx-orin")["power"]["typical_training_w"]
+    for name, (watts, source) in {"a": (3.5, "--watts"), "b": (orin, "catalog:jetson-agx-orin")}.items():
+        report = sent[name]
+        assert report["seconds"] > 0 and (report["watts"], report["watts_source"]) == (watts, source)
+        assert report["joules"] == pytest.approx(watts * report["seconds"], rel=1e-9)
+    assert energy["joules"] == pytest.approx(sent["a"]["joules"] + sent["b"]["joules"])
+
+
+@pytest.mark.parametrize("watts", ["nan", "-1", "many"])
+def test_a_bad_node_config_watts_is_a_one_line_error(watts):
+    from hetlora_flower.device import node_settings
+
+    with pytest.raises(UserError, match="^node config watts: ") as err:
+        node_settings({"data": "x.csv", "watts": watts}, {}, 1)
+    assert "\n" not in str(err.value)

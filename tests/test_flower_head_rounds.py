@@ -249,5 +249,7 @@ def test_a_node_fits_the_head_as_the_http_client_does(federation, tiny_bert_dir)
     sent = decode(read_content(reply.content, REPORT)[0])
     np.testing.assert_allclose(sent.dense[weight_name], want.weight, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sent.dense[bias_name], want.bias, rtol=1e-5, atol=1e-6)
+    energy = sent.meta.pop("energy")  # the fit's seconds at the node's catalog device's watts
+    assert energy["watts_source"] == "catalog:jetson-agx-orin" and energy["seconds"] > 0
     assert sent.meta == {"round": 1, "client_id": "c", "mode": "head-fit", "n_samples": SIZES["c"],
                          "loss_before": pytest.approx(want.loss_before), "loss_after": pytest.approx(want.loss_after)}

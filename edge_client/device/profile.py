@@ -21,6 +21,8 @@ from edge_client.device.identity import read_identity
 from edge_client.device.memory import read_memory
 from edge_client.device.sources import discover_sources
 from edge_client.device.thermal import read_thermal
+from hetlora.errors import UserError
+from hetlora.protocol.energy import Power
 
 SCHEMA, VERSION = "hetlora-profile", 1
 SECTIONS = ("identity", "cpu", "memory", "battery", "power_sources", "thermal", "compute", "network")
@@ -49,6 +51,21 @@ def catalog_power_figure(catalog_id: str | None) -> dict | None:
 
     power = device(catalog_id)["power"]
     return {"idle_w": power["idle_w"], "load_w": power["typical_training_w"]}
+
+
+def training_power(watts: float | None, profile: dict) -> Power:
+    """The power figure of this device's energy estimates: `watts` (`--watts`) when given, else the catalog's
+    `power.typical_training_w` of the device the profile names (identity.catalog_id, else matched by its model
+    string), else unknown."""
+    if watts is not None:
+        return Power(float(watts), "--watts")
+    identity = (profile or {}).get("identity") or {}
+    catalog_id = identity.get("catalog_id") or match_catalog(identity)
+    try:
+        figure = catalog_power_figure(catalog_id)
+    except UserError:  # a profile file naming a device this catalog does not have
+        figure = None
+    return Power(float(figure["load_w"]), f"catalog:{catalog_id}") if figure else Power()
 
 
 def lowest_tier(policy_file=None, task: str = "classification") -> dict:

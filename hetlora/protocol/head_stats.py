@@ -10,7 +10,8 @@ The server pools them over clients (sums are exact) and sets the head in closed 
 second moment of the client's features, not any single example (unless a class has one example).
 
 Wire: safetensors, float64 tensors of those names, metadata `format` = "hetlora-head-statistics",
-`format_version` = "1", `meta` = JSON {round, client_id, n_samples}. Pure numpy, no torch.
+`format_version` = "1", `meta` = JSON {round, client_id, n_samples, energy (optional: hetlora.protocol.energy)}.
+Pure numpy, no torch.
 """
 
 from __future__ import annotations
