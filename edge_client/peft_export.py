@@ -70,3 +70,15 @@ def export_peft(adapter: Adapter, out: str | os.PathLike, *, model_dir: str | os
     save_peft(adapter, out, task, base_model=base_path or default_base)
     load_tokenizer(model_dir).save_pretrained(str(out))
     return out
+
+
+def save_result(data: bytes, folder: Path, *, model_dir: str | os.PathLike, task: str,
+                labels: list[str] | None) -> tuple[Path, Path]:
+    """A run's result in `folder`: `global.safetensors` (wire bytes `data`) and the PEFT folder `peft/`."""
+    from hetlora.protocol.atomic import write_bytes
+    from hetlora.protocol.wire import decode
+
+    wire, peft = folder / "global.safetensors", folder / "peft"
+    write_bytes(wire, data)
+    export_peft(decode(data), peft, model_dir=model_dir, task=task, labels=labels)
+    return wire, peft

@@ -51,8 +51,9 @@ class ProfileRequest(BaseModel):
 RoundNumber = PathParam(ge=0, le=MAX_INT, description="the round number")
 
 
-def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinator:
-    """Open (or create) the state dir for this run and the rule; UserError when the dir belongs to another run."""
+def build_coordinator(config: ServerConfig, state_dir: str | Path, on_finished=None) -> Coordinator:
+    """Open (or create) the state dir for this run and the rule; UserError when the dir belongs to another run.
+    `on_finished(wire bytes)`: called with the last global when the run finishes."""
     try:
         rule = make_rule(config.aggregator, **config.rule_options)
     except ValueError as exc:
@@ -63,19 +64,19 @@ def build_coordinator(config: ServerConfig, state_dir: str | Path) -> Coordinato
     try:
         store.bind_identity(config.identity())
         store.sweep()
-        return Coordinator(config, store, rule)
+        return Coordinator(config, store, rule, on_finished=on_finished)
     except BaseException:
         store.close()
         raise
 
 
 def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollment | None = None,
-               access: ReadAccess | None = None, trusted_proxies: tuple[str, ...] = ()) -> FastAPI:
+               access: ReadAccess | None = None, trusted_proxies: tuple[str, ...] = (), on_finished=None) -> FastAPI:
     """The FastAPI app for one run; state lives in `state_dir` (reused on restart).
 
     `enrollment`: who may register (default: anyone, 30 a minute per non-loopback address); `access`: who may read
-    (server_stub.read_access); `trusted_proxies`: whose X-Forwarded-For is believed (none: the TCP peer)."""
-    coordinator = build_coordinator(config, state_dir)
+    (server_stub.read_access); `trusted_proxies`: whose X-Forwarded-For is believed; `on_finished`: build_coordinator's."""
+    coordinator = build_coordinator(config, state_dir, on_finished)
     enrollment = enrollment or Enrollment()
     access = access or ReadAccess()
 

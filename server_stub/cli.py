@@ -160,14 +160,14 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """ServerConfig from parsed arguments (derives the AdapterSpec from the model folder)."""
-    from edge_client.models import default_model_dir, derive_spec
+    from edge_client.models import derive_spec
     from profiles.policy import load_policy
     from hetlora.labels import read_labels
     from server_stub.config import ServerConfig
     from server_stub.init_adapter import read_init_adapter
 
     rule_options = _rule_options(args)
-    model_dir = Path(args.model) if args.model else default_model_dir(args.task)
+    model_dir = _model_dir(args)
     labels = None
     if args.task == "classification":
         labels = read_labels(args.labels or banking77("categories.json", "--labels"))
@@ -193,6 +193,29 @@ def build_config(args: argparse.Namespace):
         head_rounds=args.head_rounds, lr_decay=args.lr_decay, server_opt=_server_optimizer(args),
         defence=_defence(args), max_client_samples=args.max_client_samples,
     )
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    from edge_client.models import default_model_dir
+
+    return Path(args.model) if args.model else default_model_dir(args.task)
+
+
+def result_writer(state_dir: Path, model_dir: Path, config):
+    """on_finished for `serve`: the last global as <state-dir>/final/global.safetensors and final/peft/, logged."""
+
+    def write(data: bytes) -> None:
+        from edge_client.peft_export import save_result
+
+        try:
+            wire, peft = save_result(data, state_dir / "final", model_dir=model_dir, task=config.spec.task,
+                                     labels=list(config.labels) if config.labels else None)
+        except (OSError, UserError) as exc:
+            log.error("could not write the run's result to %s: %s", state_dir / "final", exc)
+            return
+        log.info("the run's result: %s (wire format: hetlora evaluate --adapter) and %s (PEFT folder)", wire, peft)
+
+    return write
 
 
 def _model_shape(model_dir):
@@ -315,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
     enrollment, access = build_enrollment(args), build_access(args)
-    app = create_app(config, state_dir, enrollment, access, tuple(args.trusted_proxy))
+    app = create_app(config, state_dir, enrollment, access, tuple(args.trusted_proxy),
+                     on_finished=result_writer(state_dir, _model_dir(args), config))
     if not access.protected(enrollment.open) and not is_loopback(args.host):
         log.warning("the read routes (/v1/global, /v1/status, /metrics, /docs) answer anyone who reaches %s",
                     args.host)

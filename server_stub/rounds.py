@@ -50,8 +50,9 @@ def _log_opened(row: dict | None) -> None:
 class Coordinator:
     """Runs the rounds of one federated run over a Store and a pure aggregation rule."""
 
-    def __init__(self, config: ServerConfig, store: Store, rule, clock=time.time):
+    def __init__(self, config: ServerConfig, store: Store, rule, clock=time.time, on_finished=None):
         self.config = config
+        self.on_finished = on_finished  # called with the last global's wire bytes when the run finishes
         self.store = store
         self.rule = rule
         self.clock = clock
@@ -312,8 +313,16 @@ class Coordinator:
         log.info("round %d aggregated (%s) from %s: %s", number, self.config.aggregator,
                  ", ".join(f"{c}@r{uploads[c]['effective_rank']}" for c in order), json.dumps(statistics))
         if number >= self.config.last_round:
-            log.info("all %d rounds done; run finished", self.config.last_round)
+            self._finish()
         _log_opened(opened)
+
+    def _finish(self) -> None:
+        """Say what ran (the head rounds apart from the LoRA rounds), then hand the last global to on_finished."""
+        head = (["round 0 (head statistics)"] if self.config.head_round else []) + (
+            [f"{self.config.head_rounds} head rounds"] if self.config.head_rounds else [])
+        log.info("all rounds done (%s); run finished", ", ".join(head + [f"{self.config.rounds} LoRA rounds"]))
+        if self.on_finished is not None:
+            self.on_finished(self.global_bytes(self.config.last_round))
 
     def _open_next_round_if_ready(self) -> dict | None:
         """Inside a transaction: open the next round when none is open, rounds remain and enough clients

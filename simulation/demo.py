@@ -196,12 +196,10 @@ def start_clients(cfg: DemoConfig, fleet, url: str, run_dir: Path) -> list:
 
 def save_global(data: bytes, run_dir: Path, model_dir: str, task: str, labels: list[str] | None) -> None:
     """The final global adapter in the wire format and as a PEFT folder (edge_client.peft_export)."""
-    from edge_client.peft_export import export_peft
-    from hetlora.protocol.atomic import write_bytes
+    from edge_client.peft_export import save_result
 
-    write_bytes(run_dir / "global.safetensors", data)
-    export_peft(decode(data), run_dir / "peft", model_dir=model_dir, task=task, labels=labels)
-    log.info("final global adapter: %s (wire) and %s (PEFT)", run_dir / "global.safetensors", run_dir / "peft")
+    wire, peft = save_result(data, run_dir, model_dir=model_dir, task=task, labels=labels)
+    log.info("final global adapter: %s (wire) and %s (PEFT)", wire, peft)
 
 
 def _start_row(label: str, api: ServerAPI, evaluate) -> RoundRow:

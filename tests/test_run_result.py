@@ -1,0 +1,52 @@
+"""What a finished `hetlora serve` run leaves behind: <state-dir>/final/ with the wire adapter and a PEFT folder."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+
+from hetlora.protocol.peft_format import load_peft
+from hetlora.protocol.wire import decode, encode
+from simulation.fleet import start_server
+from tests.test_server import LABELS, TARGETS, make_update, post_update, register, spec, upload_meta
+
+__all__ = ["spec"]  # the module-scoped fixture of test_server
+
+
+def wait_for_line(proc, text: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [line for line in proc.tail(200).splitlines() if text in line]
+        if found:
+            return found[-1]
+        assert proc.alive(), proc.tail()
+        time.sleep(0.2)
+    raise AssertionError(f"no {text!r} in the server log:\n{proc.tail()}")
+
+
+def test_serve_writes_the_final_global_and_a_peft_folder(tiny_bert_dir, spec, tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(LABELS))
+    state = tmp_path / "server"
+    proc, url = start_server(["--model", str(tiny_bert_dir), "--labels", str(labels), "--targets", ",".join(TARGETS),
+                              "--head-init", "none", "--ranks", "2", "--rounds", "1", "--min-clients", "1"], state)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            client = register(http, 2)
+            update = make_update(spec, 2, upload_meta(client, 1, 2, 10), seed=0)
+            assert post_update(http, client, 1, encode(update)).status_code == 201
+            line = wait_for_line(proc, "the run's result")
+            served = http.get("/v1/global").content
+    finally:
+        proc.stop()
+    final = state / "final"
+    assert (final / "global.safetensors").read_bytes() == served
+    assert str(final / "global.safetensors") in line and str(final / "peft") in line
+    assert "all rounds done (1 LoRA rounds)" in proc.log_path.read_text()
+    wire, peft = decode(served), load_peft(final / "peft")
+    for name, (a, b) in wire.lora.items():
+        np.testing.assert_array_equal(peft.lora[name][0], a)
+        np.testing.assert_array_equal(peft.lora[name][1], b)
