@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from edge_client.answers import BadServerAnswer
-from edge_client.client_state import StateDir
+from edge_client.client_state import StateDir, run_change
 from edge_client.server_api import ServerAPI, ServerError
 from edge_client.train_config import RoundResult
 from hetlora.protocol.energy import Power
@@ -145,6 +145,16 @@ class EdgeClient:
                                       text_column=self.options.text_column, label_column=self.options.label_column)
         self._prepare(run)  # model, data and backend load first: a client that cannot train never registers
         self._register(run)
+        while True:
+            try:
+                return self._rounds()
+            except ServerError as exc:
+                if exc.code != "bad_token":
+                    raise
+                self._register_again()
+
+    def _rounds(self) -> int:
+        """Follow the server's rounds until it says training is finished (or max_rounds local rounds)."""
         run = self.state.run
         poll = self.options.poll_seconds or float(run.get("poll_seconds", 1.0))
         done = 0
@@ -192,6 +202,20 @@ class EdgeClient:
         self.api.token = self.state.token
         log.info("registered as %s: rank %d (asked for %d), %d samples, aggregator %s",
                  self.state.client_id, self.state.rank, requested, n_samples, self.state.run["aggregator"])
+
+    def _register_again(self) -> None:
+        """The server no longer knows this client's token (its state was reset): register anew when its run is one
+        this client's model and data serve, else a UserError (exit 2) that says to start afresh."""
+        run = self.api.run()
+        changed = run_change(self.state.run, run)
+        if changed:
+            raise UserError(f"the server no longer knows this client and runs another run ({changed} changed): delete "
+                            f"--state-dir {self.state_dir.path} and start the client again")
+        log.warning("the server no longer knows client %s (a new run of the same model and task); registering again",
+                    self.state.client_id)
+        self.state_dir.forget(self.state)
+        self.api.token = None
+        self._register(run)
 
     def _prepare(self, run: dict) -> None:
         """Load the trainer after checking the local model agrees with the server's spec."""

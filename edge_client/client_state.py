@@ -19,6 +19,13 @@ from hetlora.errors import UserError
 
 STATE_FILE = "state.json"
 PENDING_FILE = "pending.safetensors"
+# What a new run must share with the saved one for the loaded model, data and trainer to serve it unchanged.
+SAME_RUN_KEYS = ("task", "spec_fingerprint", "model_hash", "labels", "pooling", "lora_alpha")
+
+
+def run_change(old: dict, new: dict) -> str | None:
+    """The run-config keys that differ between `old` and `new` and that this client cannot follow (None: none)."""
+    return ", ".join(key for key in SAME_RUN_KEYS if old.get(key) != new.get(key)) or None
 
 
 @dataclass
@@ -58,6 +65,13 @@ class StateDir:
 
     def save(self, state: ClientState) -> None:
         atomic.write_json(self.path / STATE_FILE, asdict(state))
+
+    def forget(self, state: ClientState) -> None:
+        """Drop the identity and progress of a run the server no longer knows (and its pending upload)."""
+        state.client_id = state.token = state.rank = None
+        state.last_uploaded_round = -1
+        self.clear_pending()
+        self.save(state)
 
     def save_pending(self, data: bytes) -> None:
         atomic.write_bytes(self.path / PENDING_FILE, data)

@@ -21,7 +21,8 @@ from hetlora.errors import ServerProblem, UserError
 
 log = logging.getLogger("hetlora.client")
 # Refusals only the device's configuration can fix (exit status 2; every other refusal exits 3): enrollment, a
-# malformed registration, a name already registered, a token the server does not know (its state was reset).
+# malformed registration, a name already registered, a token the server does not know (its state was reset; the
+# client registers again by itself when the new run is one it can serve: EdgeClient._register_again).
 CONFIG_CODES = ("enrollment_required", "bad_enroll_secret", "name_not_allowed", "name_taken", "bad_rank",
                 "bad_request", "bad_token", "missing_token")
 

@@ -72,7 +72,7 @@ def run_client(capsys, url, tmp_path, model_dir=None):
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
-    return code, err[-1]
+    return code, err[-1] if err else ""
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +185,39 @@ def test_update_refused_as_invalid_is_moved_aside_not_resent(spec, tmp_path):
         assert state.pending(1) is None
         assert StateDir(state.path).load(url).last_uploaded_round == 1  # the loop moves on to later rounds
         assert http.get("/v1/status").json()["round"]["uploads"] == []
+
+
+def stale_state(tmp_path, url: str, run: dict):
+    """A client state dir of a run the server at `url` never saw: an unknown token, an upload of round 3 pending."""
+    from edge_client.client_state import ClientState, StateDir
+
+    state = StateDir(tmp_path / "state")
+    state.save(ClientState(server=url, client_id="c-gone", token="forgotten", rank=2, run=run, last_uploaded_round=2))
+    state.save_pending(b"an update of the old run")
+    return state
+
+
+def test_a_stale_state_registers_again_in_a_new_run_of_the_same_model(capsys, spec, tmp_path, tiny_bert_dir):
+    config = make_config(spec, min_clients=1, rounds=1, training=TrainingSettings(steps=1, batch_size=2, seq_len=8))
+    with running_server(config, tmp_path / "server") as http:
+        url = str(http.base_url).rstrip("/")
+        state = stale_state(tmp_path, url, config.run_config())
+        code, line = run_client(capsys, url, tmp_path, tiny_bert_dir)
+        status = http.get("/v1/status").json()
+    assert code == 0, line
+    assert status["finished"] and len(status["clients"]) == 1
+    saved = state.load(url)
+    assert saved.token != "forgotten" and saved.client_id == status["clients"][0]["client_id"]
+    assert not (state.path / "pending.safetensors").exists()
+
+
+def test_a_stale_state_of_another_run_says_to_delete_the_state_dir(capsys, spec, tmp_path, tiny_bert_dir):
+    config = make_config(spec, min_clients=1, rounds=1)
+    with running_server(config, tmp_path / "server") as http:
+        url = str(http.base_url).rstrip("/")
+        stale_state(tmp_path, url, config.run_config() | {"lora_alpha": 8.0})
+        code, line = run_client(capsys, url, tmp_path, tiny_bert_dir)
+        clients = http.get("/v1/status").json()["clients"]
+    assert code == 2, line
+    assert "runs another run (lora_alpha changed): delete --state-dir" in line
+    assert clients == []
