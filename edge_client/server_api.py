@@ -5,15 +5,20 @@ at `max_backoff`) and a log line per retry, 429 answers after their Retry-After;
 raise `ServerError` with the server's error code at once, because repeating a rejected request
 cannot help. An https:// server is verified
 against `ca_file` or, by default, the CA bundle of requests; a certificate that does not verify is a
-configuration error (UserError), not retried.
+configuration error (UserError), not retried. So is a scheme the server does not speak (http:// to an HTTPS
+server or the reverse), found by a TLS handshake probe when the first attempt fails.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import time
+from urllib.parse import urlsplit
 
 import requests
+from urllib3.exceptions import ProtocolError
 
 from edge_client.answers import (PROFILE_FIELDS, REGISTER_FIELDS, ROUND_FIELDS, BadServerAnswer, check_run,
                                  json_object, require)
@@ -42,6 +47,30 @@ class ServerError(ServerProblem):
 
 class ServerUnreachable(ServerProblem):
     """Retries ran out (only when a retry limit was set)."""
+
+
+def speaks_tls(url: str, timeout: float = 5.0) -> bool:
+    """Whether the server behind `url` completes a TLS handshake (its certificate unchecked: this is a probe)."""
+    parts = urlsplit(url)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                      timeout=timeout) as sock, context.wrap_socket(sock, server_hostname=parts.hostname):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def scheme_mismatch(url: str, exc: requests.RequestException) -> UserError | None:
+    """A one-line UserError when `url`'s scheme is not what the server speaks (the cause of `exc`), else None."""
+    scheme, other = ("https", "http") if url.startswith("https://") else ("http", "https")
+    aborted = isinstance(exc, requests.ConnectionError) and exc.args and isinstance(exc.args[0], ProtocolError)
+    if (scheme == "https" and isinstance(exc, requests.exceptions.SSLError) and not speaks_tls(url)) or \
+            (scheme == "http" and aborted and speaks_tls(url)):
+        return UserError(f"the server at {url} speaks {other.upper()}, not {scheme.upper()}: use --server "
+                         f"{other}://{url.split('://', 1)[1]}")
+    return None
 
 
 class ServerAPI:
@@ -74,9 +103,11 @@ class ServerAPI:
                 else:
                     problem = f"server error {response.status_code}"
             except requests.exceptions.SSLError as exc:
-                raise UserError(f"TLS with {self.url} failed: {exc}; if the server's certificate is signed by your "
+                raise scheme_mismatch(self.url, exc) or UserError(f"TLS with {self.url} failed: {exc}; if the server's certificate is signed by your "
                                 "own CA, pass its certificate with --ca-file") from None
             except requests.RequestException as exc:
+                if attempt == 1 and (mismatch := scheme_mismatch(self.url, exc)):
+                    raise mismatch from None
                 problem = f"{type(exc).__name__}: {exc}"
             if self.give_up_after is not None and time.monotonic() - started + delay > self.give_up_after:
                 raise ServerUnreachable(f"{method} {self.url}{path} failed {attempt} times ({problem}); giving up")

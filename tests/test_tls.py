@@ -13,7 +13,9 @@ import pytest
 from edge_client.server_api import ServerAPI
 from hetlora.errors import UserError
 from tests.test_crash_recovery import start_server
-from tests.test_server import LABELS, sigkill
+from tests.test_server import LABELS, make_config, running_server, sigkill, spec
+
+__all__ = ["spec"]  # the module-scoped fixture of test_server
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,19 @@ def test_https_server_is_verified_with_the_ca_file(tiny_bert_dir, tmp_path, cert
         with pytest.raises(UserError, match="TLS with .* failed.*--ca-file") as refused:
             ServerAPI(url, give_up_after=30).run()  # the requests CA bundle does not know this certificate
         assert refused.value.exit_code == 2
-        with pytest.raises(UserError):  # plain HTTP to the TLS port is no HTTP answer: retried, then given up
-            ServerAPI(url.replace("https://", "http://"), give_up_after=0.5).run()
+        plain = url.replace("https://", "http://")
+        with pytest.raises(UserError, match=f"speaks HTTPS, not HTTP: use --server {url}$"):  # no retry loop
+            ServerAPI(plain).run()
     finally:
         sigkill(proc)
+
+
+def test_https_to_a_plain_http_server_says_to_use_http(spec, tmp_path):
+    with running_server(make_config(spec), tmp_path / "server") as http:
+        url = str(http.base_url).rstrip("/")
+        with pytest.raises(UserError, match=f"speaks HTTP, not HTTPS: use --server {url}$") as refused:
+            ServerAPI(url.replace("http://", "https://")).run()
+    assert refused.value.exit_code == 2
 
 
 def test_tls_options_are_checked_before_serving(tmp_path, certificate):
