@@ -8,20 +8,26 @@ from pathlib import Path
 from hetlora.errors import UserError
 
 
-def check_head(model_dir, task: str, num_labels: int | None) -> None:
-    """UserError when `model_dir` holds a classification head for another number of labels than `num_labels`.
-
-    A base model folder (no `*ForSequenceClassification` architecture) gets a new head and always fits."""
-    if task != "classification" or not num_labels:
-        return
+def head_labels(model_dir) -> int | None:
+    """The label count of the classification head saved in `model_dir` (None: a base model, or no readable config)."""
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return  # no readable config: the model loader says what is wrong with the folder
+        return None
     if not isinstance(config, dict) or not any(str(a).endswith("ForSequenceClassification")
                                                for a in config.get("architectures") or []):
+        return None
+    return len(config.get("id2label") or {}) or config.get("num_labels")
+
+
+def check_head(model_dir, task: str, num_labels: int | None) -> None:
+    """UserError when `model_dir` holds a classification head for another number of labels than `num_labels`.
+
+    A base model folder (no `*ForSequenceClassification` architecture) gets a new head and always fits; a folder
+    without a readable config is left to the model loader to explain."""
+    if task != "classification" or not num_labels:
         return
-    head = len(config.get("id2label") or {}) or config.get("num_labels")
+    head = head_labels(model_dir)
     if head and head != num_labels:
         raise UserError(f"the model folder {model_dir} has a classification head for {head} labels, but this run "
                         f"has {num_labels} labels; use the base model folder (without a head) or one trained for "

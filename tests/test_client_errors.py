@@ -187,6 +187,22 @@ def test_update_refused_as_invalid_is_moved_aside_not_resent(spec, tmp_path):
         assert http.get("/v1/status").json()["round"]["uploads"] == []
 
 
+def test_profile_step_trains_a_model_folder_with_its_own_head(capsys, five_label_model):
+    assert main(["profile", "--step", "--model", str(five_label_model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compute"]["lora_step_s"] > 0
+
+
+def test_evaluate_without_model_on_another_base_models_adapter_is_one_line(capsys, tmp_path, spec):
+    adapter = tmp_path / "global.safetensors"
+    adapter.write_bytes(encode(make_update(spec, 2, {"labels": list(LABELS), "spec_fingerprint": spec.fingerprint},
+                                           seed=0)))
+    assert main(["evaluate", "--adapter", str(adapter), "--test", str(write_data(tmp_path / "test.csv", 6))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert "does not fit the base model" in err[-1] and err[-1].endswith("pass --model with the folder of the base "
+                                                                         "model the adapter was trained on")
+
+
 def stale_state(tmp_path, url: str, run: dict):
     """A client state dir of a run the server at `url` never saw: an unknown token, an upload of round 3 pending."""
     from edge_client.client_state import ClientState, StateDir

@@ -48,18 +48,20 @@ def lora_step_seconds(model_dir=None, task: str = "classification", *, rank: int
                       seq_len: int = 64, steps: int = 4) -> float:
     """Median time of one LoRA training step (AdamW) of `task`'s model (default: its bundled one) with the torch
     backend. Runs `steps` real steps on full-length synthetic rows (causal-lm: chat rows, the reply a third of
-    the row); the first is warm-up and excluded.
+    the row); the first is warm-up and excluded. A classification head saved in the folder is trained as it is.
     """
     from edge_client.data import Examples
     from edge_client.lora import extract_adapter, set_rank
+    from edge_client.model_check import head_labels
     from edge_client.models import default_model_dir
     from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
 
     if steps < 2:
         raise ValueError("need at least 2 steps (the first is warm-up)")
-    labels = ["a", "b"] if task == "classification" else None
-    trainer = TorchTrainer(model_dir or default_model_dir(task), task, labels=labels)
+    model_dir = model_dir or default_model_dir(task)
+    labels = [f"label {i}" for i in range(max(head_labels(model_dir) or 2, 2))] if task == "classification" else None
+    trainer = TorchTrainer(model_dir, task, labels=labels)
     set_rank(trainer.model, rank, trainer.lora_alpha)
     start = extract_adapter(trainer.model, trainer.dense)
     rows = batch_size * steps
