@@ -82,7 +82,7 @@ def create_app(config: ServerConfig, state_dir: str | Path, enrollment: Enrollme
 
     app = FastAPI(title="hetlora-edge aggregation server", version="1",
                   description="Federated LoRA rounds with heterogeneous ranks. Protocol: docs/PROTOCOL.md.",
-                  lifespan=_lifespan(coordinator))
+                  lifespan=_lifespan(coordinator), docs_url=None, redoc_url=None)  # their pages load a CDN
     app.state.coordinator = coordinator
     _add_middleware(app, coordinator, access.protected(enrollment.open) and access, trusted_proxies)
     _add_error_handlers(app)

@@ -150,7 +150,7 @@ def _add_server_arguments(p: argparse.ArgumentParser) -> None:
     enroll.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                         help="a reverse proxy whose X-Forwarded-For header names the client's address (repeatable; "
                              "default: none, the TCP peer is the client's address)")
-    reads = p.add_argument_group("reads (GET /v1/global, /v1/status, /metrics, /docs)")
+    reads = p.add_argument_group("reads (GET /v1/global, /v1/status, /metrics, /openapi.json)")
     reads.add_argument("--admin-token-file", metavar="FILE",
                        help="the operator's token for the read routes (Authorization: Bearer <token>)")
     reads.add_argument("--public-status", action="store_true",
@@ -341,14 +341,14 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(config, state_dir, enrollment, access, tuple(args.trusted_proxy),
                      on_finished=result_writer(state_dir, _model_dir(args), config))
     if not access.protected(enrollment.open) and not is_loopback(args.host):
-        log.warning("the read routes (/v1/global, /v1/status, /metrics, /docs) answer anyone who reaches %s",
+        log.warning("the read routes (/v1/global, /v1/status, /metrics, /openapi.json) answer anyone who reaches %s",
                     args.host)
     sock = bind_socket(args.host, args.port)
     url = write_server_info(state_dir, args.host, sock.getsockname()[1], tls)
     log.info("serving %s run (%s, spec %s, %d modules, ranks %s, global rank %d, %d head + %d LoRA rounds) at %s; "
              "state in %s", config.aggregator, config.spec.task, config.spec.fingerprint, len(config.spec.modules),
              list(config.ranks), config.global_rank, config.head_rounds, config.rounds, url, state_dir)
-    print(f"hetlora serve: listening on {url} (API docs: {url}/docs)", flush=True)
+    print(f"hetlora serve: listening on {url} (API description: {url}/openapi.json)", flush=True)
     if not tls and not is_loopback(args.host):
         log.warning("plain HTTP on %s: bearer tokens and updates cross the network in clear text; serve HTTPS with "
                     "--ssl-certfile/--ssl-keyfile (docs/DEVICES.md, TLS)", args.host)

@@ -1,7 +1,7 @@
 """Who may read the run: the read routes take a token when enrollment is on (docs/PROTOCOL.md section 2).
 
 Read routes: `GET /v1/global` (the adapter, trained on the clients' private data), `/v1/status` (the clients'
-names), `/metrics`, and the API docs (`/docs`, `/redoc`, `/openapi.json`). They are protected when the server
+names), `/metrics`, and the API description (`/openapi.json`). They are protected when the server
 has an enrollment secret or an allowlist, or an operator token, unless `public` (`--public-status`):
 then the header `Authorization: Bearer <token>` must carry a client's token or the operator's
 (`--admin-token-file`, compared in constant time); else 401 `missing_token` / `bad_token`.
@@ -21,8 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from server_stub.errors import ApiError
 
 log = logging.getLogger("hetlora.server")
-READ_ROUTES = frozenset({"/v1/global", "/v1/status", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
-                         "/openapi.json"})
+READ_ROUTES = frozenset({"/v1/global", "/v1/status", "/metrics", "/openapi.json"})
 
 
 @dataclass(frozen=True)
