@@ -7,6 +7,7 @@ export steps on the root logger at INFO); the loggers in QUIET at ERROR; the Pyt
 WARNINGS ignored; ONNX Runtime's C++ log at ERROR; transformers' own progress bars off. The
 project's progress bars (export, rounds, bench) stay.
 Verbosity 1 (-v): everything at DEBUG, nothing silenced.
+Progress bars only ever go to a terminal: never into a log file or a journal.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def verbosity() -> int:
 
 
 def show_progress() -> bool:
-    """Progress bars are drawn unless -q was given."""
-    return _verbosity >= 0
+    """Progress bars are drawn when stderr is a terminal, unless -q was given."""
+    return _verbosity >= 0 and sys.stderr.isatty()
 
 
 def configure(level: int) -> None:

@@ -213,7 +213,8 @@ def result_writer(state_dir: Path, model_dir: Path, config):
         except (OSError, UserError) as exc:
             log.error("could not write the run's result to %s: %s", state_dir / "final", exc)
             return
-        log.info("the run's result: %s (wire format: hetlora evaluate --adapter) and %s (PEFT folder)", wire, peft)
+        log.info("the run's result (wire format, for hetlora evaluate --adapter): %s", wire)
+        log.info("the run's result as a PEFT folder: %s", peft)
 
     return write
 

@@ -41,10 +41,17 @@ def _decode(body: bytes, max_tensors: int) -> Adapter:
         raise ApiError(400, exc.code, str(exc)) from None
 
 
+def rank_counts(ranks: list[int]) -> str:
+    """`r4 x3, r8 x1`: how many clients train (or uploaded) at each rank, for a log line of bounded length."""
+    return ", ".join(f"r{r} x{ranks.count(r)}" for r in sorted(set(ranks)))
+
+
 def _log_opened(row: dict | None) -> None:
     if row is not None:
-        log.info("round %d open: selected %s", row["number"],
-                 ", ".join(f"{c}@r{row['plans'][c]['rank']}" for c in row["selected"]))
+        log.info("round %d open: %d clients selected (%s)", row["number"], len(row["selected"]),
+                 rank_counts([row["plans"][c]["rank"] for c in row["selected"]]))
+        log.debug("round %d selected %s", row["number"],
+                  ", ".join(f"{c}@r{row['plans'][c]['rank']}" for c in row["selected"]))
 
 
 class Coordinator:
@@ -310,8 +317,10 @@ class Coordinator:
         finally:
             with self.lock:
                 self._closing = None
-        log.info("round %d aggregated (%s) from %s: %s", number, self.config.aggregator,
-                 ", ".join(f"{c}@r{uploads[c]['effective_rank']}" for c in order), json.dumps(statistics))
+        log.info("round %d aggregated (%s) from %d clients (%s)", number, self.config.aggregator, len(order),
+                 rank_counts([uploads[c]["effective_rank"] for c in order]))
+        log.debug("round %d aggregated from %s: %s", number,
+                  ", ".join(f"{c}@r{uploads[c]['effective_rank']}" for c in order), json.dumps(statistics))
         if number >= self.config.last_round:
             self._finish()
         _log_opened(opened)

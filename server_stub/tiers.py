@@ -42,7 +42,8 @@ def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, prev
         if decision.rank == 0:
             raise ApiError(422, "cannot_train", "the tier policy rules this device out of training now: "
                            + "; ".join(decision.reasons), reasons=decision.reasons)
-        log.info("tier policy: %s (rank %d): %s", decision.tier, decision.rank, "; ".join(decision.reasons))
+        log.info("tier policy: %s allows rank %d (its reasons at -v)", decision.tier, decision.rank)
+        log.debug("tier policy: %s", "; ".join(decision.reasons))
         cap, batch_size, seq_len = min(cap, decision.rank), decision.batch_size, decision.seq_len
     fitting = [r for r in ranks if r <= cap]
     return Tier(rank=max(fitting) if fitting else min(ranks), batch_size=batch_size, seq_len=seq_len)

@@ -38,7 +38,18 @@ def test_verbosity_flags_work_before_and_after_the_subcommand(flags, level, wher
         assert logging.getLogger("edge_client.backends").getEffectiveLevel() == hetlora_level
         assert logging.getLogger().level == (logging.DEBUG if level > 0 else logging.WARNING)
         assert logging.getLogger("torchao").level == (logging.NOTSET if level > 0 else logging.ERROR)
-        assert output.show_progress() == (level >= 0)
+        assert output.show_progress() == (level >= 0 and sys.stderr.isatty())
+    finally:
+        output.configure(0)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_only_on_a_terminal(terminal, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert output.show_progress() is terminal
+    output.configure(-1)
+    try:
+        assert output.show_progress() is False
     finally:
         output.configure(0)
 

@@ -16,12 +16,11 @@ from tests.test_server import LABELS, TARGETS, make_update, post_update, registe
 __all__ = ["spec"]  # the module-scoped fixture of test_server
 
 
-def wait_for_line(proc, text: str, timeout: float = 120) -> str:
+def wait_for_line(proc, text: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [line for line in proc.tail(200).splitlines() if text in line]
-        if found:
-            return found[-1]
+        if text in proc.tail(200):
+            return
         assert proc.alive(), proc.tail()
         time.sleep(0.2)
     raise AssertionError(f"no {text!r} in the server log:\n{proc.tail()}")
@@ -38,14 +37,18 @@ def test_serve_writes_the_final_global_and_a_peft_folder(tiny_bert_dir, spec, tm
             client = register(http, 2)
             update = make_update(spec, 2, upload_meta(client, 1, 2, 10), seed=0)
             assert post_update(http, client, 1, encode(update)).status_code == 201
-            line = wait_for_line(proc, "the run's result")
+            wait_for_line(proc, "the run's result as a PEFT folder")
             served = http.get("/v1/global").content
     finally:
         proc.stop()
     final = state / "final"
     assert (final / "global.safetensors").read_bytes() == served
-    assert str(final / "global.safetensors") in line and str(final / "peft") in line
-    assert "all rounds done (1 LoRA rounds)" in proc.log_path.read_text()
+    log = proc.log_path.read_text()
+    assert f"(wire format, for hetlora evaluate --adapter): {final / 'global.safetensors'}\n" in log
+    assert f"the run's result as a PEFT folder: {final / 'peft'}\n" in log
+    assert "all rounds done (1 LoRA rounds)" in log
+    assert "round 1 aggregated (hetlora) from 1 clients (r2 x1)\n" in log
+    assert max(len(line.replace(str(tmp_path), "TMP")) for line in log.splitlines()) <= 200  # details at -v
     wire, peft = decode(served), load_peft(final / "peft")
     for name, (a, b) in wire.lora.items():
         np.testing.assert_array_equal(peft.lora[name][0], a)
