@@ -2,18 +2,20 @@
 
 Read from the state store at scrape time (so they agree with /v1/status and survive restarts):
   hetlora_round                       gauge    the round open now, else the last one (0 = head round)
-  hetlora_rounds_completed            gauge    aggregated rounds
-  hetlora_rounds_total                gauge    rounds the run will have (--rounds)
+  hetlora_rounds_completed            gauge    aggregated rounds (round 0 and the head rounds included)
+  hetlora_rounds_planned              gauge    rounds the run will aggregate, counted as rounds_completed is
   hetlora_clients_registered          gauge    registered clients
   hetlora_clients_selected            gauge    clients selected for the open round (0 when none is open)
   hetlora_uploads_accepted_total      counter  stored uploads (adapters and round-0 statistics)
   hetlora_upload_bytes_total          counter  bytes of the stored uploads
   hetlora_download_bytes_total        counter  adapter bytes served to clients
 Counted by this process (reset on restart, as Prometheus counters may):
-  hetlora_upload_rejections_total{reason}  counter    refused POST .../update, by error code
-                                                      (docs/PROTOCOL.md; e.g. round_closed, too_large)
+  hetlora_uploads_rejected_total           counter    refused POST .../update (present from 0)
+  hetlora_upload_rejections_total{reason}  counter    the same by error code, a reason's series from its first
+                                                      refusal (docs/PROTOCOL.md; e.g. round_closed, too_large)
   hetlora_aggregation_seconds              histogram  time the rule takes to aggregate one round's
                                                       updates (round 0's closed-form head is not counted)
+  process_*                                           the server process's CPU, memory, open files, start time
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import json
 import re
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 UPDATE_PATH = re.compile(r"/v1/rounds/[^/]+/update")
@@ -57,8 +60,8 @@ class StateCollector:
                                 ("clients_registered", "registered clients"),
                                 ("clients_selected", "clients selected for the open round")]:
             yield GaugeMetricFamily(f"hetlora_{name}", help_text, value=values[name])
-        yield GaugeMetricFamily("hetlora_rounds_total", "rounds the run will have (head rounds included)",
-                                value=c.config.last_round)
+        yield GaugeMetricFamily("hetlora_rounds_planned", "rounds the run will aggregate (round 0 and head rounds "
+                                "included)", value=c.config.last_round + int(c.config.head_round))
         for name, key, help_text in [("uploads_accepted", "uploads", "stored uploads (adapters and statistics)"),
                                      ("upload_bytes", "bytes_up", "bytes of the stored uploads"),
                                      ("download_bytes", "bytes_down", "adapter bytes served to clients")]:
@@ -71,6 +74,8 @@ class ServerMetrics:
     def __init__(self, coordinator):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StateCollector(coordinator))
+        ProcessCollector(registry=self.registry)
+        self.rejected = Counter("hetlora_uploads_rejected", "refused uploads", registry=self.registry)
         self.rejections = Counter("hetlora_upload_rejections", "refused uploads by error code", ["reason"],
                                   registry=self.registry)
         self.aggregation = Histogram("hetlora_aggregation_seconds", "time to aggregate one round",
@@ -114,6 +119,7 @@ class RejectionCounter:
             elif message["type"] == "http.response.body" and status >= 400:
                 body.extend(message.get("body", b""))
                 if not message.get("more_body"):
+                    self.metrics.rejected.inc()
                     self.metrics.rejections.labels(reason=error_code(bytes(body), status)).inc()
             await send(message)
 

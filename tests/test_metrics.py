@@ -27,8 +27,9 @@ def test_metrics_follow_a_round(spec, tmp_path):
     config = make_config(spec, rounds=2, min_clients=2, max_upload_mb=0.25)
     with running_server(config, tmp_path / "state") as http:
         before = scrape(http)
-        assert value(before, "hetlora_clients_registered") == 0 and value(before, "hetlora_rounds_total") == 2
-        assert value(before, "hetlora_rounds_completed") == 0
+        assert value(before, "hetlora_clients_registered") == 0 and value(before, "hetlora_rounds_planned") == 2
+        assert value(before, "hetlora_rounds_completed") == 0 and value(before, "hetlora_uploads_rejected_total") == 0
+        assert value(before, "process_cpu_seconds_total") > 0 and value(before, "process_resident_memory_bytes") > 0
         assert value(before, "hetlora_aggregation_seconds_count") == 0
         clients = [register(http, rank) for rank in (2, 4)]
         opened = scrape(http)
@@ -62,3 +63,16 @@ def test_metrics_follow_a_round(spec, tmp_path):
     rejections = {dict(labels)["reason"]: v for (name, labels), v in after.items()
                   if name == "hetlora_upload_rejections_total"}
     assert rejections == {code: pytest.approx(codes.count(code)) for code in set(codes)}
+    assert value(after, "hetlora_uploads_rejected_total") == len(codes)
+
+
+
+def test_names_follow_prometheus_conventions_and_plan_every_round(spec, tmp_path):
+    config = make_config(spec, head_init="lda", head_rounds=2, rounds=2)  # it aggregates rounds 0 to 4
+    with running_server(config, tmp_path / "state") as http:
+        families = list(text_string_to_metric_families(http.get("/metrics").text))
+    types = {family.name: family.type for family in families}
+    assert not [name for name, kind in types.items() if kind == "gauge" and name.endswith("_total")]
+    assert types["hetlora_uploads_rejected"] == types["hetlora_upload_bytes"] == "counter"
+    (planned,) = next(f for f in families if f.name == "hetlora_rounds_planned").samples
+    assert planned.value == 5
