@@ -8,8 +8,9 @@
 
 Each key becomes the flag it names (a list becomes a comma-separated value, `true` a switch, `false`
 leaves a switch off) placed before the command line's own flags, so argparse checks the file like
-the command line and a flag given on the command line wins. Unknown keys are an error. Paths are
-relative to the working directory, as on the command line.
+the command line and a flag given on the command line wins. Unknown keys are an error. A relative path
+in the file (the keys of PATH_KEYS; `~` expanded) is relative to the file's folder, so the file works from
+any working directory; on the command line, paths stay relative to the working directory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 OPTION = "--config"
+# The path-valued flags of the commands that take --config (serve, client).
+PATH_KEYS = frozenset({"data", "state-dir", "model", "artifacts", "labels", "policy", "init-adapter", "ca-file",
+                       "enroll-secret-file", "profile-file", "allow-names", "admin-token-file", "ssl-certfile",
+                       "ssl-keyfile"})
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
@@ -73,6 +78,8 @@ def flag_argv(path, key: str, value, action: argparse.Action) -> list[str]:
         raise UserError(f"{path}: {key} takes a value (a string, number or list), not {value!r}")
     if isinstance(value, list):
         value = ",".join(str(v) for v in value)
+    elif key in PATH_KEYS and isinstance(value, str):
+        value = Path(path).parent / Path(value).expanduser()
     return [f"--{key}", str(value)]
 
 

@@ -22,7 +22,7 @@ def test_serve_config_equals_the_same_flags_and_the_command_line_wins(tmp_path):
     (tmp_path / "serve.toml").write_text(
         'model = "models/base"\nlabels = "labels.json"\nranks = [2, 4, 8]\nrounds = 7\naggregator = "hlora"\n'
         'segment-average = true\nserver-lr = 0.5\ntargets = ["query", "value"]\nhost = "0.0.0.0"\n')
-    flags = ["--model", "models/base", "--labels", "labels.json", "--ranks", "2,4,8", "--rounds", "7",
+    flags = ["--model", str(tmp_path / "models/base"), "--labels", str(tmp_path / "labels.json"), "--ranks", "2,4,8", "--rounds", "7",
              "--aggregator", "hlora", "--segment-average", "--server-lr", "0.5", "--targets", "query,value",
              "--host", "0.0.0.0"]
     from_file = parse(["serve", "--config", str(tmp_path / "serve.toml")])
@@ -39,7 +39,8 @@ def test_client_config_supplies_required_flags(tmp_path):
                                           'backend = "executorch"\nartifacts = "art"\nno-progress = true\n')
     args = parse(["client", "--config", str(tmp_path / "client.toml"), "--lr", "0.5"])
     assert (args.server, args.data, args.state_dir, args.backend, args.artifacts, args.no_progress, args.lr) == \
-        ("http://127.0.0.1:8080", "d.csv", "state", "executorch", "art", True, 0.5)
+        ("http://127.0.0.1:8080", str(tmp_path / "d.csv"), str(tmp_path / "state"), "executorch", str(tmp_path / "art"),
+         True, 0.5)
     (tmp_path / "off.toml").write_text('server = "http://h"\ndata = "d"\nstate-dir = "s"\nno-progress = false\n')
     assert parse(["client", "--config", str(tmp_path / "off.toml")]).no_progress is False
 
@@ -63,6 +64,19 @@ def test_a_value_argparse_refuses_is_reported_as_from_the_command_line(tmp_path,
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--config", str(tmp_path / "bad.toml")])
     assert exc.value.code == 2 and "invalid choice: 'fedprox'" in capsys.readouterr().err
+
+
+def test_paths_in_a_config_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    for folder in ("etc", "work"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "etc" / "client.toml").write_text('server = "http://h"\ndata = "d.csv"\nstate-dir = "/var/s"\n'
+                                                  'ca-file = "~/ca.pem"\nname = "pi"\n')
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    args = parse(["client", "--config", "../etc/client.toml", "--model", "m"])
+    assert Path(args.data).resolve() == tmp_path / "etc" / "d.csv"
+    assert (args.state_dir, args.ca_file, args.name, args.model) == ("/var/s", str(tmp_path / "home" / "ca.pem"),
+                                                                     "pi", "m")
 
 
 def test_missing_config_file(tmp_path, capsys):
