@@ -9,6 +9,7 @@ exporter packages. Heavy imports inside a command module belong in `run`.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
 import os
@@ -35,6 +36,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help names one already or it has none (None, off, empty)."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default
+        return bool(action.option_strings) and not (default is None or default is False or default in ([], ())
+                                                    or default == argparse.SUPPRESS)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text or not self._shows_default(action) else f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """The command's parsers (subcommands and their own subcommands alike) show defaults in --help."""
+
+    def __init__(self, *args, formatter_class=DefaultsHelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def _available_commands() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0].split(".")[0]) is not None}
 
@@ -52,7 +80,7 @@ def _verbosity_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     flags = _verbosity_flags()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hetlora", description="hetlora-edge: federated LoRA fine-tuning on heterogeneous edge devices.",
         parents=[flags])
     parser.add_argument("--version", action="version", version=f"hetlora-edge {__version__}")

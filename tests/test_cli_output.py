@@ -172,3 +172,15 @@ def test_a_missing_bundled_file_is_a_one_line_error_naming_the_flag(tmp_path, mo
     monkeypatch.setattr(demo_data, "BANKING77", tmp_path)
     with pytest.raises(UserError, match="pass --test FILE"):
         demo_data.banking77("test.csv", "--test")
+
+
+def test_help_shows_defaults_once_and_only_real_ones():
+    from hetlora.cli import _subparsers, build_parser
+
+    commands = _subparsers(build_parser())
+    serve = " ".join(commands["serve"].format_help().split())
+    assert "--rounds ROUNDS (default: 5)" in serve and "--seed SEED (default: 0)" in serve
+    assert "--ranks RANKS the rank set (default 4,8,16,32,64) --global-rank" in serve  # its own words, not twice
+    assert "(default: None)" not in serve and "(default: False)" not in serve and "(default: [])" not in serve
+    peft_export = _subparsers(commands["peft"])["export"].format_help()
+    assert "--task {classification,causal-lm} (default: classification)" in " ".join(peft_export.split())
