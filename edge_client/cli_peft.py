@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     exp.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
     exp.add_argument("--labels", help="the run's label list (JSON array or one per line), classification")
     exp.add_argument("--base-path", help="base_model_name_or_path to record, as the loader will see it "
-                                         "(default: <out>/base for classification, --model for causal-lm)")
+                                         "(default: the absolute path of <out>/base for classification, of --model "
+                                         "for causal-lm)")
     imp = sub.add_parser("import", help="PEFT folder -> wire adapter", description="Read a PEFT LoRA folder "
                          "(adapter_config.json + adapter_model.safetensors) and write it in the wire format, the "
                          "scale lora_alpha / r folded into lora_B.")
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> dict:
     from hetlora.labels import read_labels
+    from edge_client.model_check import check_adapter_base
     from edge_client.models import default_model_dir, default_pooling
     from edge_client.peft_export import export_peft
     from hetlora.protocol.wire import decode
@@ -57,6 +59,8 @@ def export(args: argparse.Namespace) -> dict:
     adapter = decode(path.read_bytes())
     labels = read_labels(args.labels) if args.labels else adapter.meta.get("labels")
     model_dir = args.model or default_model_dir(args.task)
+    if args.task != "classification" or labels:  # else export_peft asks for the labels
+        check_adapter_base(adapter, model_dir, args.task, len(labels) if labels else None)
     out = export_peft(adapter, args.out, model_dir=model_dir, task=args.task, labels=labels, base_path=args.base_path)
     pooling = default_pooling(model_dir, args.task)
     if pooling not in (None, "native"):

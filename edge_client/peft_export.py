@@ -4,8 +4,8 @@ The folder holds the adapter (hetlora.protocol.peft_format), the tokenizer, and 
 `base/` folder: the base model's files (hard links, copies across file systems) with a
 `config.json` that records `num_labels`, `id2label` and `label2id`, since transformers builds the
 head from the base config. `base_model_name_or_path` is the path the user gives (`base_path`),
-by default `<out>/base` (classification) or the base model folder (causal LM) exactly as given,
-never resolved to an absolute path. Transformers' Auto classes build the model type's own pooling:
+by default the absolute path of `<out>/base` (classification) or of the base model folder (causal LM), so
+the folder loads from any working directory (a relative path that misses makes transformers try the hub). Transformers' Auto classes build the model type's own pooling:
 for a mean-pooling model (edge_client.pooling) load the adapter onto edge_client.models.load_task_model
 with PeftModel.from_pretrained instead.
 """
@@ -64,9 +64,9 @@ def export_peft(adapter: Adapter, out: str | os.PathLike, *, model_dir: str | os
         if not labels or len(labels) != heads[0].shape[0]:
             raise UserError(f"the head has {heads[0].shape[0]} classes: pass the run's label list (--labels FILE)")
         write_labelled_base(Path(model_dir), out, list(labels))
-        default_base = str(out / BASE)
+        default_base = str((out / BASE).resolve())
     else:
-        default_base = str(model_dir)
+        default_base = str(Path(model_dir).resolve())
     save_peft(adapter, out, task, base_model=base_path or default_base)
     load_tokenizer(model_dir).save_pretrained(str(out))
     return out

@@ -39,8 +39,10 @@ def test_export_loads_with_auto_peft_for_classification(tiny_bert_dir, labels_fi
     assert main(["peft", "export", "--adapter", "g.safetensors", "--model", str(tiny_bert_dir),
                  "--labels", str(labels_file), "--out", "peft"]) == 0
     config = json.loads(Path("peft/adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "peft/base"  # as the user gave --out, not resolved
-    model = AutoPeftModelForSequenceClassification.from_pretrained("peft").eval()
+    assert config["base_model_name_or_path"] == str((tmp_path / "peft" / "base").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the recorded base path holds from any working directory
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "peft")).eval()
     assert model.config.num_labels == 3 and model.config.id2label == dict(enumerate(LABELS))
     assert model.config.label2id == {name: i for i, name in enumerate(LABELS)}
     with torch.no_grad():
@@ -60,6 +62,18 @@ def test_export_loads_with_auto_peft_for_causal_lm(tiny_llama_dir, tmp_path):
     with torch.no_grad():
         got = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_export_refuses_an_adapter_of_another_base_model(tiny_bert_dir, labels_file, tmp_path, capsys):
+    spec = derive_spec(tiny_bert_dir, "classification", num_labels=3)
+    adapter = random_adapter(spec, rank=2, seed=1)
+    adapter.meta = {"spec_fingerprint": spec.fingerprint}
+    (tmp_path / "g.safetensors").write_bytes(encode(adapter))
+    assert main(["peft", "export", "--adapter", str(tmp_path / "g.safetensors"), "--labels", str(labels_file),
+                 "--out", str(tmp_path / "peft")]) == 2  # no --model: the bundled MiniLM, not the tiny BERT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit the base model" in err[0] and "pass --model" in err[0]
+    assert not (tmp_path / "peft").exists()
 
 
 def peft_adapter(model_dir, out: Path, *, r: int, alpha: float, rslora: bool = False, targets=None, seed: int = 0):
