@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -344,6 +345,10 @@ def run(args: argparse.Namespace) -> int:
     if not access.protected(enrollment.open) and not is_loopback(args.host):
         log.warning("the read routes (/v1/global, /v1/status, /metrics, /openapi.json) answer anyone who reaches %s",
                     args.host)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=args.verbose, timeout_graceful_shutdown=2,
+                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                                           proxy_headers=False))  # create_app trusts --trusted-proxy alone
+    stop_on_signals(server)
     sock = bind_socket(args.host, args.port)
     url = write_server_info(state_dir, args.host, sock.getsockname()[1], tls)
     log.info("serving %s run (%s, spec %s, %d modules, ranks %s, global rank %d, %d head + %d LoRA rounds) at %s; "
@@ -353,8 +358,17 @@ def run(args: argparse.Namespace) -> int:
     if not tls and not is_loopback(args.host):
         log.warning("plain HTTP on %s: bearer tokens and updates cross the network in clear text; serve HTTPS with "
                     "--ssl-certfile/--ssl-keyfile (docs/DEVICES.md, TLS)", args.host)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=args.verbose, timeout_graceful_shutdown=2,
-                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                                           proxy_headers=False))  # create_app trusts --trusted-proxy alone
     server.run(sockets=[sock])
+    log.info("server stopped; state kept in %s", state_dir)
     return 0
+
+
+def stop_on_signals(server) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM ask uvicorn to shut down gracefully, also while it starts and after it restores
+    the handlers it had replaced (it then raises the signals it caught once more), never a KeyboardInterrupt."""
+
+    def stop(_signum, _frame) -> None:
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)

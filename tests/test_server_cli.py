@@ -98,3 +98,16 @@ def test_the_policy_file_sizes_the_clients(tiny_bert_dir, labels_file, tmp_path)
     assert tier_for(phone, 64, config.ranks).batch_size > 2  # the packaged policy
     with pytest.raises(UserError, match="cannot read the tier policy"):
         config_for(tiny_bert_dir, labels_file, "--policy", str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_stops_quietly_on_ctrl_c_and_sigterm(tiny_bert_dir, labels_file, tmp_path, sig):
+    import signal
+
+    from simulation.fleet import start_server
+
+    proc, _ = start_server(["--model", str(tiny_bert_dir), "--labels", str(labels_file)], tmp_path / "state")
+    proc.kill(getattr(signal, sig))  # as soon as it listens: uvicorn may not have its own handlers yet
+    log = proc.log_path.read_text()
+    assert proc.wait() == 0 and "Traceback" not in log and "RuntimeWarning" not in log, log
+    assert log.rstrip().endswith(f"server stopped; state kept in {tmp_path / 'state'}")
