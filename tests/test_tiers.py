@@ -365,3 +365,17 @@ def test_minilm_shape_matches_the_real_model(default_model_dir):
         model = BertModel(config)
     assert ModelShape.from_model_dir(default_model_dir) == MINILM
     assert MINILM.frozen_params == sum(p.numel() for p in model.parameters())
+
+
+def test_the_servers_tier_line_is_short_and_its_reasons_wait_for_verbose(caplog):
+    import logging
+
+    from server_stub.tiers import tier_for
+
+    with caplog.at_level(logging.DEBUG, logger="hetlora.server"):
+        tier = tier_for(make_profile(battery=on_battery(10)), 8, (4, 8, 16, 32, 64))
+    (info,) = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    (debug,) = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert info.startswith("tier policy: r") and "allows rank" in info and len(info) <= 200
+    assert "memory" in debug and len(debug) > len(info)
+    assert tier.rank <= 8
