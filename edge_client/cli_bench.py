@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=positive_int_list, default=(4, 8, 16, 32, 64), help="LoRA ranks (default 4,8,16,32,64)")
     parser.add_argument("--backends", default="torch,onnx,executorch",
                         help="comma-separated: torch, onnx, executorch (default all; unavailable ones are skipped)")
-    parser.add_argument("--model", metavar="DIR", help="model folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--task", choices=("classification", "causal-lm"),
+                        help="the model's task (default: the artifacts' task, else classification)")
+    parser.add_argument("--model", metavar="DIR", help="model folder (default: the task's bundled model)")
     parser.add_argument("--out", metavar="DIR", default="bench-results", help="output folder (default bench-results)")
     parser.add_argument("--artifacts", metavar="DIR", help="artifacts of `hetlora export` for the onnx/executorch backends")
     parser.add_argument("--batch", type=int, help=f"batch size (default: the artifacts' or {DEFAULT_SHAPE[0]})")
@@ -98,8 +100,19 @@ def output_dir(path: str) -> Path:
     return out
 
 
-def head_and_alpha(manifest) -> tuple[int, float]:
-    """(num_labels, lora_alpha): the artifacts' if given, else the demo's banking77 head and alpha 16."""
+def bench_task(args, manifest) -> str:
+    """--task, else the artifacts' task, else classification; a --task the artifacts were not made for is an error."""
+    exported = manifest.doc["task"] if manifest else None
+    if args.task and exported and args.task != exported:
+        raise UserError(f"--task {args.task}, but the artifacts in {manifest.folder} are for {exported}")
+    return args.task or exported or "classification"
+
+
+def head_and_alpha(manifest, task: str) -> tuple[int | None, float]:
+    """(num_labels, lora_alpha): the artifacts' if given, else the demo's banking77 head and alpha 16;
+    a causal LM has no label count."""
+    if task != "classification":
+        return None, float(manifest.doc["lora_alpha"]) if manifest else 16.0
     if manifest is None:
         return NUM_LABELS, 16.0
     return int(manifest.doc.get("num_labels") or NUM_LABELS), float(manifest.doc["lora_alpha"])
@@ -130,14 +143,16 @@ def run(args) -> int:
 
     if not Path(args.root).is_dir():
         raise UserError(f"--root {args.root} is not a directory")
-    model_dir = check_model_dir(args.model) if args.model else default_model_dir()
     manifest = load_manifest(args.artifacts) if args.artifacts else None
+    task = bench_task(args, manifest)
+    model_dir = check_model_dir(args.model) if args.model else default_model_dir(task)
     settings = resolve_settings(args, manifest)
     out = output_dir(args.out)
     targets = tuple(manifest.doc["targets"]) if manifest else default_targets(model_dir)
-    num_labels, lora_alpha = head_and_alpha(manifest)
-    check_head(model_dir, "classification", num_labels)
-    spec = derive_spec(model_dir, "classification", targets, num_labels)
+    num_labels, lora_alpha = head_and_alpha(manifest, task)
+    if task == "classification":
+        check_head(model_dir, task, num_labels)
+    spec = derive_spec(model_dir, task, targets, num_labels)
     shape = ModelShape.from_model_dir(model_dir)
     skip = {b: steppers.skip_reason(b, manifest, settings.batch, settings.seq_len) for b in settings.backends}
 
@@ -152,7 +167,7 @@ def run(args) -> int:
     peak = given or measure_peak(shape, settings, args.quick)
     meter, idle_s = idle_measured_meter(host, args)
 
-    config = {"model_dir": str(model_dir), "artifacts": args.artifacts, "targets": list(targets),
+    config = {"task": task, "model_dir": str(model_dir), "artifacts": args.artifacts, "targets": list(targets),
               "num_labels": num_labels, "lora_alpha": lora_alpha, "batch": settings.batch, "seq_len": settings.seq_len,
               "vocab": shape.vocab, "threads": torch.get_num_threads(), "verbosity": verbosity()}
 
@@ -163,7 +178,7 @@ def run(args) -> int:
     if not given:
         peak = best_of(peak, measure_peak(shape, settings, args.quick))
     cells = _cells(runs, settings, shape, spec, peak["value"])
-    model = {"dir": str(model_dir), "model_type": model_type(model_dir), "targets": list(targets),
+    model = {"dir": str(model_dir), "task": task, "model_type": model_type(model_dir), "targets": list(targets),
              "num_labels": num_labels, "lora_alpha": lora_alpha, "model_hash": spec.model_hash}
     doc = _report_doc(args, settings, idle_s, model, peak, meter, profile) | {"cells": cells, "skipped": skipped}
     doc["plots"] = report.write_plots(out, cells)
@@ -199,7 +214,7 @@ def _report_doc(args, settings, idle_s: float, model: dict, peak: dict, meter, p
                      "order": "ranks interleaved across repetitions (ABCABC), per rank every backend in turn, "
                               "each backend in its own process (peak RSS its own)",
                      "optimizer": "adamw on every backend (artifact backends: in the client, on the artifact's gradients)",
-                     "data": "synthetic full-length rows (every position attended)",
+                     "data": "synthetic full-length rows (every position attended; causal-lm: every next token a target)",
                      "peak_rss": "process RSS high-water over the timed steps (model, runtime and activations)"},
         "model": model,
         "artifacts": str(args.artifacts) if args.artifacts else None,

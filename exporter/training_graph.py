@@ -84,6 +84,8 @@ def build_training_graph(model_dir, task: str, rank: int, targets, lora_alpha: f
         if name in dense:
             p.requires_grad_(True)
     disable_dropout(model)
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False  # one training step: no key/value cache to build or return
     model.eval()
     return TrainingGraph(model, task)
 

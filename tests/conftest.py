@@ -87,6 +87,18 @@ def tiny_mean_bert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
 
 ARTIFACT_LABELS = ("card", "transfer", "rate")
 ARTIFACT_RANKS, ARTIFACT_BATCH, ARTIFACT_SEQ = (2, 4), 4, 16
+LLAMA_ARTIFACT_RANK, LLAMA_ARTIFACT_SEQ, LLAMA_TARGETS = 4, 64, ("q_proj", "v_proj")
+
+
+def hetlora_export(model_dir, out, *flags: str) -> Path:
+    """`hetlora export` of `model_dir` into `out` with ExecuTorch (XNNPACK) and ONNX, batch ARTIFACT_BATCH."""
+    pytest.importorskip("executorch")
+    pytest.importorskip("onnxruntime.training")
+    from hetlora.cli import main
+
+    assert main(["export", "--model", str(model_dir), "--batch", str(ARTIFACT_BATCH), "--backends", "executorch,onnx",
+                 "--out", str(out), "--no-progress", *flags]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -94,15 +106,18 @@ def tiny_artifacts(tmp_path_factory, tiny_bert_dir) -> Path:
     """`hetlora export` of the tiny BERT, once per session, for every test that trains from artifacts:
     ranks 2 and 4, ExecuTorch (XNNPACK) and ONNX, batch 4 x seq_len 16, three labels, and the server's
     defaults (the model type's LoRA targets, lora_alpha 16), so `hetlora serve` runs can use it too."""
-    pytest.importorskip("executorch")
-    pytest.importorskip("onnxruntime.training")
-    from hetlora.cli import main
-
-    out = tmp_path_factory.mktemp("tiny-artifacts")
     labels = tmp_path_factory.mktemp("artifact-labels") / "labels.txt"
     labels.write_text("\n".join(ARTIFACT_LABELS) + "\n")
-    assert main(["export", "--model", str(tiny_bert_dir), "--task", "classification", "--labels", str(labels),
-                 "--ranks", ",".join(map(str, ARTIFACT_RANKS)), "--batch", str(ARTIFACT_BATCH),
-                 "--seq-len", str(ARTIFACT_SEQ), "--backends", "executorch,onnx", "--out", str(out),
-                 "--no-progress"]) == 0
-    return out
+    return hetlora_export(tiny_bert_dir, tmp_path_factory.mktemp("tiny-artifacts"), "--task", "classification",
+                          "--labels", str(labels), "--ranks", ",".join(map(str, ARTIFACT_RANKS)),
+                          "--seq-len", str(ARTIFACT_SEQ))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_artifacts(tmp_path_factory, tiny_llama_dir) -> Path:
+    """`hetlora export --task causal-lm` of the tiny Llama, once per session: rank 4, ExecuTorch (XNNPACK) and
+    ONNX, batch 4 x seq_len 64 (room for SmolLM2's chat template and a short exchange), LoRA on q_proj and
+    v_proj, lora_alpha 16."""
+    return hetlora_export(tiny_llama_dir, tmp_path_factory.mktemp("tiny-llama-artifacts"), "--task", "causal-lm",
+                          "--ranks", str(LLAMA_ARTIFACT_RANK), "--seq-len", str(LLAMA_ARTIFACT_SEQ),
+                          "--targets", ",".join(LLAMA_TARGETS))

@@ -1,7 +1,8 @@
 """The onnx and executorch backends against the torch backend (the reference), on tiny real models.
 
-Classification trains from the session's tiny artifacts (conftest.tiny_artifacts: ranks 2 and 4);
-this module exports the causal-LM artifacts and the "executorch-portable" variant (ExecuTorch's CPU
+Classification trains from the session's tiny BERT artifacts (conftest.tiny_artifacts: ranks 2 and 4),
+the causal LM from the tiny Llama's (conftest.tiny_llama_artifacts: rank 4, seq_len 64) on chat rows, the
+loss on the responses only; this module exports the "executorch-portable" variant (ExecuTorch's CPU
 kernels, no XNNPACK) at rank 4. The exported shape is larger than the rounds use, so padding of
 batches and of ranks is exercised everywhere. Every round runs the plan's optimiser in the client:
 AdamW with a warm-up + cosine schedule, weight decay and a separate head learning rate.
@@ -27,7 +28,9 @@ from edge_client.objective import batch_loss
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
-from tests.conftest import ARTIFACT_BATCH as ART_BATCH, ARTIFACT_LABELS, ARTIFACT_SEQ as ART_SEQ
+from edge_client.objective import IGNORE
+from tests.conftest import (ARTIFACT_BATCH as ART_BATCH, ARTIFACT_LABELS, ARTIFACT_SEQ, LLAMA_ARTIFACT_SEQ,
+                            LLAMA_TARGETS)
 
 pytest.importorskip("executorch")
 pytest.importorskip("onnxruntime.training")
@@ -38,7 +41,10 @@ LABELS = list(ARTIFACT_LABELS)
 SENTENCES = ["how do I activate my new card", "my card payment was declined at the shop",
              "what is the exchange rate for euros", "federated learning keeps private data on the device",
              "the quick brown fox jumps over the lazy dog"]
-SETUPS = {"classification": "tiny_bert_dir", "causal-lm": "tiny_llama_dir"}
+SETUPS = {"classification": ("tiny_bert_dir", "tiny_artifacts"),
+          "causal-lm": ("tiny_llama_dir", "tiny_llama_artifacts")}  # (model folder, artifacts folder) fixtures
+EXPORT_SEQ = {"classification": ARTIFACT_SEQ, "causal-lm": LLAMA_ARTIFACT_SEQ}  # chat rows need the template's room
+ROUND_SEQ = {"classification": 12, "causal-lm": 56}
 ADAMW = dict(optimizer="adamw", lr=0.01, head_lr=0.02, weight_decay=0.1, schedule="cosine", warmup_steps=2)
 
 
@@ -46,7 +52,8 @@ def examples_for(task: str) -> Examples:
     texts = tuple(f"{s} {i}" for i, s in enumerate(SENTENCES * 2))
     if task == "classification":
         return Examples(task, texts, tuple(i % len(LABELS) for i in range(len(texts))))
-    return Examples(task, ("",) * len(texts), responses=texts)
+    prompts = tuple(f"what would you say about {i}?" for i in range(len(texts)))
+    return Examples(task, prompts, responses=texts, chat=True)
 
 
 def random_adapter(spec, rank: int, seed: int) -> Adapter:
@@ -57,30 +64,26 @@ def random_adapter(spec, rank: int, seed: int) -> Adapter:
     return Adapter(lora=lora, dense=dense)
 
 
-def export(model_dir, task: str, out, backends: tuple[str, ...], delegate: str, targets) -> None:
+def export_portable(model_dir, task: str, out, targets) -> None:
+    """ExecuTorch on its CPU kernels alone, rank 4, at the task's exported shape."""
     from exporter.export import ExportRequest, export_all
 
-    export_all(ExportRequest(model_dir=model_dir, task=task, ranks=(ART_RANK,), batch=ART_BATCH, seq_len=ART_SEQ,
-                             backends=backends, out=out, targets=targets,
+    export_all(ExportRequest(model_dir=model_dir, task=task, ranks=(ART_RANK,), batch=ART_BATCH,
+                             seq_len=EXPORT_SEQ[task], backends=("executorch",), out=out, targets=targets,
                              labels=tuple(LABELS) if task == "classification" else None, lora_alpha=ALPHA,
-                             executorch_delegate=delegate), progress=False)
+                             executorch_delegate="portable"), progress=False)
 
 
 @pytest.fixture(scope="module", params=sorted(SETUPS))
 def setup(request, tmp_path_factory):
     """(task, model_dir, targets, labels, {variant: artifacts folder})."""
     task = request.param
-    model_dir = request.getfixturevalue(SETUPS[task])
+    model_dir, artifacts = (request.getfixturevalue(name) for name in SETUPS[task])
     labels = LABELS if task == "classification" else None
-    targets = default_targets(model_dir) if task == "classification" else ("q_proj", "v_proj")
-    folders = {}
-    if task == "classification":
-        folders["default"] = request.getfixturevalue("tiny_artifacts")
-    else:
-        folders["default"] = tmp_path_factory.mktemp(f"artifacts-{task}")
-        export(model_dir, task, folders["default"], ("executorch", "onnx"), "xnnpack", targets)
+    targets = default_targets(model_dir) if task == "classification" else LLAMA_TARGETS
+    folders = {"default": artifacts}
     folders["executorch-portable"] = tmp_path_factory.mktemp(f"artifacts-{task}-portable")
-    export(model_dir, task, folders["executorch-portable"], ("executorch",), "portable", targets)
+    export_portable(model_dir, task, folders["executorch-portable"], targets)
     return task, model_dir, targets, labels, folders
 
 
@@ -116,8 +119,12 @@ def test_first_step_loss_and_gradients_equal_torch(setup, backend):
 
     engine = trainer.engine_for(rank)
     trainer.load(start)
-    loss = engine.forward_backward(trainer.inputs(batch, rank, padded_tail_mask(rank, engine.rank, gamma), lam))[0]
+    loss, _, _, n_targets = engine.forward_backward(
+        trainer.inputs(batch, rank, padded_tail_mask(rank, engine.rank, gamma), lam))
     assert loss == pytest.approx(float(expected), abs=1e-4)
+    assert n_targets == int(targets_of(batch, task).sum())
+    if task == "causal-lm":  # chat rows: the template and the prompt are no targets
+        assert 0 < n_targets < int(batch["attention_mask"][:, 1:].sum())
     grads = {name: g.numpy() for name, g in engine.gradients().items()}
     assert set(grads) == {"model." + n for n in params}
     for name, p in params.items():
@@ -135,7 +142,13 @@ def test_first_step_loss_and_gradients_equal_torch(setup, backend):
 def trainer_batches(trainer, task):
     from edge_client.data import make_batches
 
-    return make_batches(trainer.encode(examples_for(task), 12), 3, seed=0)
+    return make_batches(trainer.encode(examples_for(task), ROUND_SEQ[task]), 3, seed=0)
+
+
+def targets_of(batch, task: str) -> torch.Tensor:
+    """Where the batch has targets: labels not IGNORE (a causal LM's shifted: position t predicts t + 1)."""
+    labels = batch["labels"][:, 1:] if task == "causal-lm" else batch["labels"]
+    return labels != IGNORE
 
 
 def assert_same_adapter(got: Adapter, want: Adapter, atol: float) -> None:
@@ -156,8 +169,8 @@ def test_round_with_self_pruning_matches_torch(setup, backend):
     task = setup[0]
     reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), 3, seed=2)
-    cfg = TrainingSettings(steps=6, batch_size=3, seq_len=12, prune_lambda=0.5, prune_gamma=0.7, min_rank=1,
-                           lora_alpha=ALPHA, **ADAMW)
+    cfg = TrainingSettings(steps=6, batch_size=3, seq_len=ROUND_SEQ[task], prune_lambda=0.5, prune_gamma=0.7,
+                           min_rank=1, lora_alpha=ALPHA, **ADAMW)
     want = reference.train_round(start, examples_for(task), cfg, rank=3, mode="hetlora")
     got = trainer.train_round(start, examples_for(task), cfg, rank=3, mode="hetlora")
     assert want.rank_after == got.rank_after == 2
@@ -182,7 +195,7 @@ def test_adamw_with_a_schedule_on_a_fixed_batch_equals_torch(setup, backend):
     reference, trainer = trainers(setup, backend)
     fixed = examples_for(task).subset(range(ART_BATCH))
     start = random_adapter(spec_of(setup), ART_RANK, seed=7)
-    cfg = TrainingSettings(steps=8, batch_size=ART_BATCH, seq_len=ART_SEQ, lora_alpha=ALPHA, **ADAMW)
+    cfg = TrainingSettings(steps=8, batch_size=ART_BATCH, seq_len=EXPORT_SEQ[task], lora_alpha=ALPHA, **ADAMW)
     losses = {"want": [], "got": []}
     want = reference.train_round(start, fixed, cfg, rank=ART_RANK, on_step=lambda i, loss: losses["want"].append(loss))
     got = trainer.train_round(start, fixed, cfg, rank=ART_RANK, on_step=lambda i, loss: losses["got"].append(loss))
@@ -204,7 +217,7 @@ def test_plain_round_without_pruning_keeps_rank(setup, backend):
     task = setup[0]
     reference, trainer = trainers(setup, backend)
     start = random_adapter(spec_of(setup), ART_RANK, seed=3)
-    cfg = TrainingSettings(steps=2, batch_size=ART_BATCH, seq_len=ART_SEQ, lora_alpha=ALPHA, **ADAMW)
+    cfg = TrainingSettings(steps=2, batch_size=ART_BATCH, seq_len=EXPORT_SEQ[task], lora_alpha=ALPHA, **ADAMW)
     want = reference.train_round(start, examples_for(task), cfg, rank=ART_RANK)
     got = trainer.train_round(start, examples_for(task), cfg, rank=ART_RANK)
     assert got.rank_after == ART_RANK and got.tail_before == got.tail_after == 0.0
@@ -218,14 +231,15 @@ def test_user_errors(setup):
     start = random_adapter(spec_of(setup), 2, seed=4)
     with pytest.raises(UserError, match="--backend torch"):
         trainer.train_round(start, examples_for(task), TrainingSettings(), rank=2, indices=[0, 1], mode="plora")
-    with pytest.raises(UserError, match="batch 4 x seq_len 16"):
-        trainer.train_round(start, examples_for(task), TrainingSettings(seq_len=64), rank=2)
+    exported = EXPORT_SEQ[task]
+    with pytest.raises(UserError, match=f"batch 4 x seq_len {exported}"):
+        trainer.train_round(start, examples_for(task), TrainingSettings(seq_len=2 * exported), rank=2)
     big = random_adapter(spec_of(setup), 8, seed=5)
     with pytest.raises(UserError, match="no executorch artifact for rank 8"):
         trainer.train_round(big, examples_for(task), TrainingSettings(), rank=8)
     with pytest.raises(UserError, match="unknown optimizer 'lion'"):
-        trainer.train_round(start, examples_for(task), TrainingSettings(optimizer="lion", batch_size=2, seq_len=8),
-                            rank=2)
+        trainer.train_round(start, examples_for(task),
+                            TrainingSettings(optimizer="lion", batch_size=2, seq_len=ROUND_SEQ[task]), rank=2)
     with pytest.raises(UserError, match="--artifacts"):
         make_trainer("onnx", model_dir=model_dir, task=task, labels=labels, targets=targets, lora_alpha=ALPHA)
     with pytest.raises(UserError, match="lora_alpha"):
@@ -240,7 +254,7 @@ def test_artifact_trainers_head_statistics_equal_torch(setup, backend):
     reference, trainer = trainers(setup, backend)
     if task != "classification":
         with pytest.raises(UserError, match="classification runs only"):
-            trainer.frozen_features(examples_for(task), 12)
+            trainer.frozen_features(examples_for(task), ROUND_SEQ[task])
         return
     (want, want_labels), (got, got_labels) = (t.frozen_features(examples_for(task), 12) for t in (reference, trainer))
     np.testing.assert_array_equal(got_labels, want_labels)

@@ -94,7 +94,8 @@ def test_step_flops_agree_with_torchs_flop_counter(tiny_bert_dir):
     b, s, r, h, labels = 4, 32, 8, 32, 3
     tokens = b * s
     spec = derive_spec(tiny_bert_dir, "classification", ("query", "value"), num_labels=labels)
-    stepper = TorchStepper(tiny_bert_dir, spec, ("query", "value"), labels, 16.0, synthetic_batch(b, s, 30522, labels))
+    stepper = TorchStepper(tiny_bert_dir, "classification", spec, ("query", "value"), labels, 16.0,
+                           synthetic_batch(b, s, 30522, labels))
     step, _ = stepper.prepare(r)
     with FlopCounterMode(display=False) as counter:
         step()
@@ -216,6 +217,29 @@ def test_quick_bench_lists_unavailable_backends_with_reasons(tiny_bert_dir, tiny
     assert (energy["model"] is not None) == (energy["energy_status"] == "estimated")
     printed = capsys.readouterr().out
     assert all(f"skipped {b}" in printed for b, _ in skipped)
+
+
+def test_quick_bench_of_a_causal_lm_takes_the_task_from_its_artifacts(tiny_llama_dir, tiny_llama_artifacts, tmp_path,
+                                                                      capsys):
+    """The tiny Llama's chat artifacts (rank 4, batch 4 x 64): torch and onnx steps of the causal LM, FLOPs
+    counted on the LM's shape (output head included); another --task than the artifacts' is a clear error."""
+    from edge_client.models import derive_spec
+    from profiles.memory_model import ModelShape
+
+    args = ["bench", "--model", str(tiny_llama_dir), "--ranks", "4", "--backends", "torch,onnx",
+            "--out", str(tmp_path / "out"), "--peak-gflops", "50", "--root", str(make_root("container", tmp_path)[0]),
+            "--artifacts", str(tiny_llama_artifacts)]
+    assert main([*args, *FAST, "--batch", "4", "--seq-len", "64"]) == 0
+    doc, rows = read_outputs(tmp_path / "out")
+    check_cells(doc, rows, 4, 64)
+    assert doc["model"]["task"] == "causal-lm" and doc["skipped"] == []
+    assert [(c["backend"], c["rank"]) for c in doc["cells"]] == [("torch", 4), ("onnx", 4)]
+    spec = derive_spec(tiny_llama_dir, "causal-lm", tuple(doc["model"]["targets"]), None)
+    flops = training_step_flops(ModelShape.from_model_dir(tiny_llama_dir), spec, 4, 4, 64)
+    assert all(c["flops_per_step"] == pytest.approx(flops) for c in doc["cells"])
+    capsys.readouterr()
+    assert main([*args, "--task", "classification"]) == 2
+    assert "are for causal-lm" in capsys.readouterr().err
 
 
 def test_bench_without_artifacts_says_where_they_come_from(tiny_bert_dir, tmp_path):

@@ -54,13 +54,15 @@ def skip_reason(backend: str, manifest: Manifest | None, batch: int, seq_len: in
     return None
 
 
-def synthetic_batch(batch: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Full-length rows (every position attended) of random token ids, and random class labels."""
+def synthetic_batch(batch: int, seq_len: int, vocab: int, num_labels: int | None,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """Full-length rows (every position attended) of random token ids, and random class labels, or for a
+    causal LM (`num_labels` None) every next token as a target."""
     rng = np.random.default_rng(seed)
     low = 1000 if vocab > 2000 else 1  # skip BERT's special and unused ids
-    return {"input_ids": rng.integers(low, vocab, (batch, seq_len), dtype=np.int64),
-            "attention_mask": np.ones((batch, seq_len), np.int64),
-            "labels": rng.integers(0, num_labels, batch, dtype=np.int64)}
+    ids = rng.integers(low, vocab, (batch, seq_len), dtype=np.int64)
+    labels = ids.copy() if num_labels is None else rng.integers(0, num_labels, batch, dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones((batch, seq_len), np.int64), "labels": labels}
 
 
 def start_adapter(spec, rank: int) -> Adapter:
@@ -73,14 +75,15 @@ def start_adapter(spec, rank: int) -> Adapter:
 class TorchStepper:
     backend = "torch"
 
-    def __init__(self, model_dir, spec, targets, num_labels: int, lora_alpha: float, batch: dict[str, np.ndarray]):
+    def __init__(self, model_dir, task: str, spec, targets, num_labels: int | None, lora_alpha: float,
+                 batch: dict[str, np.ndarray]):
         import torch
 
         from edge_client.backends import make_trainer
 
         self.spec = spec
-        self.trainer = make_trainer("torch", model_dir=model_dir, task="classification",
-                                    labels=[str(i) for i in range(num_labels)], targets=targets,
+        labels = [str(i) for i in range(num_labels)] if num_labels else None
+        self.trainer = make_trainer("torch", model_dir=model_dir, task=task, labels=labels, targets=targets,
                                     lora_alpha=lora_alpha)
         self.batch = {k: torch.from_numpy(v) for k, v in batch.items()}
 
@@ -90,12 +93,12 @@ class TorchStepper:
 
 
 class ArtifactStepper:
-    def __init__(self, backend: str, model_dir, artifacts_dir, spec, targets, lora_alpha: float,
+    def __init__(self, backend: str, model_dir, task: str, artifacts_dir, spec, targets, lora_alpha: float,
                  batch: dict[str, np.ndarray]):
         from edge_client.backends import make_trainer
 
         self.backend, self.spec = backend, spec
-        self.trainer = make_trainer(backend, model_dir=model_dir, task="classification", targets=targets,
+        self.trainer = make_trainer(backend, model_dir=model_dir, task=task, targets=targets,
                                     lora_alpha=lora_alpha, artifacts_dir=artifacts_dir)
         self.batch = batch
 
@@ -105,8 +108,8 @@ class ArtifactStepper:
         return (lambda: step(self.batch)), self.trainer.engine.rank
 
 
-def open_stepper(backend: str, *, model_dir, artifacts_dir, spec, targets, num_labels: int, lora_alpha: float,
-                 batch: dict[str, np.ndarray]):
+def open_stepper(backend: str, *, model_dir, task: str, artifacts_dir, spec, targets, num_labels: int | None,
+                 lora_alpha: float, batch: dict[str, np.ndarray]):
     if backend == "torch":
-        return TorchStepper(model_dir, spec, targets, num_labels, lora_alpha, batch)
-    return ArtifactStepper(backend, model_dir, artifacts_dir, spec, targets, lora_alpha, batch)
+        return TorchStepper(model_dir, task, spec, targets, num_labels, lora_alpha, batch)
+    return ArtifactStepper(backend, model_dir, task, artifacts_dir, spec, targets, lora_alpha, batch)

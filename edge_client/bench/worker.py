@@ -83,9 +83,10 @@ def open_from_config(config: dict):
 
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
-    spec = derive_spec(config["model_dir"], "classification", tuple(config["targets"]), config["num_labels"])
+    spec = derive_spec(config["model_dir"], config["task"], tuple(config["targets"]), config["num_labels"])
     batch = steppers.synthetic_batch(config["batch"], config["seq_len"], config["vocab"], config["num_labels"])
-    return steppers.open_stepper(config["backend"], model_dir=config["model_dir"], artifacts_dir=config["artifacts"],
+    return steppers.open_stepper(config["backend"], model_dir=config["model_dir"], task=config["task"],
+                                 artifacts_dir=config["artifacts"],
                                  spec=spec, targets=tuple(config["targets"]), num_labels=config["num_labels"],
                                  lora_alpha=config["lora_alpha"], batch=batch)
 
