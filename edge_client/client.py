@@ -145,13 +145,15 @@ class EdgeClient:
                                       text_column=self.options.text_column, label_column=self.options.label_column)
         self._prepare(run)  # model, data and backend load first: a client that cannot train never registers
         self._register(run)
+        registered_again = False  # once per process: a token refused again right after is the server's error
         while True:
             try:
                 return self._rounds()
             except ServerError as exc:
-                if exc.code != "bad_token":
+                if exc.code != "bad_token" or registered_again:
                     raise
                 self._register_again()
+                registered_again = True
 
     def _rounds(self) -> int:
         """Follow the server's rounds until it says training is finished (or max_rounds local rounds)."""
