@@ -143,6 +143,13 @@ def test_the_energy_plot_keeps_each_label_set_on_its_own_line(tmp_path, monkeypa
 
 
 # --- the command -------------------------------------------------------------------------------------------------
+def bench_in_a_container(model_dir, ranks: str, backends: str, tmp_path, *extra: str) -> list[str]:
+    """`hetlora bench` arguments on a fake container root with a given matmul peak, output in tmp_path/out."""
+    return ["bench", "--model", str(model_dir), "--ranks", ranks, "--backends", backends,
+            "--out", str(tmp_path / "out"), "--peak-gflops", "50",
+            "--root", str(make_root("container", tmp_path)[0]), *extra]
+
+
 def read_outputs(out):
     doc = json.loads((out / "bench.json").read_text())
     with open(out / "bench.csv", newline="") as fh:
@@ -201,9 +208,8 @@ def test_quick_bench_on_a_jetson_tree_measures_energy_and_writes_json_csv_png(ti
 def test_quick_bench_lists_unavailable_backends_with_reasons(tiny_bert_dir, tiny_artifacts, tmp_path, capsys):
     """From the session's artifacts (ranks 2 and 4, batch 4 x 16): rank 3 runs on the rank-4 artifact of each
     artifact backend, rank 8 is skipped for them (none exported) and runs on torch."""
-    args = ["bench", "--model", str(tiny_bert_dir), "--ranks", "3,8", "--backends", "torch,onnx,executorch",
-            "--out", str(tmp_path / "out"), "--peak-gflops", "50", "--root", str(make_root("container", tmp_path)[0]),
-            "--artifacts", str(tiny_artifacts)]
+    args = bench_in_a_container(tiny_bert_dir, "3,8", "torch,onnx,executorch", tmp_path,
+                                "--artifacts", str(tiny_artifacts))
     assert main([*args, *FAST, "--batch", "4", "--seq-len", "16"]) == 0
     doc, rows = read_outputs(tmp_path / "out")
     check_cells(doc, rows, 4, 16)
@@ -226,9 +232,7 @@ def test_quick_bench_of_a_causal_lm_takes_the_task_from_its_artifacts(tiny_llama
     from edge_client.models import derive_spec
     from profiles.memory_model import ModelShape
 
-    args = ["bench", "--model", str(tiny_llama_dir), "--ranks", "4", "--backends", "torch,onnx",
-            "--out", str(tmp_path / "out"), "--peak-gflops", "50", "--root", str(make_root("container", tmp_path)[0]),
-            "--artifacts", str(tiny_llama_artifacts)]
+    args = bench_in_a_container(tiny_llama_dir, "4", "torch,onnx", tmp_path, "--artifacts", str(tiny_llama_artifacts))
     assert main([*args, *FAST, "--batch", "4", "--seq-len", "64"]) == 0
     doc, rows = read_outputs(tmp_path / "out")
     check_cells(doc, rows, 4, 64)
@@ -243,9 +247,7 @@ def test_quick_bench_of_a_causal_lm_takes_the_task_from_its_artifacts(tiny_llama
 
 
 def test_bench_without_artifacts_says_where_they_come_from(tiny_bert_dir, tmp_path):
-    assert main(["bench", "--model", str(tiny_bert_dir), "--ranks", "2", "--backends", "torch,onnx",
-                 "--out", str(tmp_path / "out"), "--peak-gflops", "50", "--root",
-                 str(make_root("container", tmp_path)[0]), *FAST]) == 0
+    assert main(bench_in_a_container(tiny_bert_dir, "2", "torch,onnx", tmp_path, *FAST)) == 0
     doc, _ = read_outputs(tmp_path / "out")
     assert "--artifacts" in {s["backend"]: s["reason"] for s in doc["skipped"]}["onnx"]
 
