@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from hetlora.protocol import adapter_ops
-from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches
+from edge_client.data import (Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches,
+                              trim_batch)
 from edge_client.head_features import pooled_features
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
@@ -167,10 +168,10 @@ class TorchTrainer:
 
     @torch.no_grad()
     def mean_loss(self, batches: list[dict]) -> float:
-        """Token- (or row-) mean task loss over all targets of `batches`."""
+        """Token- (or row-) mean task loss over all targets of `batches` (each trimmed of its padding columns)."""
         total, count = 0.0, 0
         for batch in batches:
-            s, c = model_loss_sum_and_count(self.model, batch, self.task)
+            s, c = model_loss_sum_and_count(self.model, trim_batch(batch), self.task)
             total, count = total + float(s), count + int(c)
         return total / max(count, 1)
 
