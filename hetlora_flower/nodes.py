@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from hetlora.protocol.plan import Tier
-from server_stub.errors import ApiError
+from hetlora.engine.errors import DomainError
 from server_stub.registration import client_tier
 
 log = logging.getLogger("hetlora.flower")
@@ -36,7 +36,7 @@ def retier(config, node: Node) -> None:
     try:
         node.tier = client_tier(config, node.profile, node.requested_rank, node.pruned_rank, previous)
         node.why_not = ""
-    except ApiError as exc:
+    except DomainError as exc:
         node.tier, node.why_not = None, exc.message
 
 

@@ -1,15 +1,15 @@
 """One node's plan for one round (the rule's configure step) and the checks of what it sends back.
 
 Both are the HTTP server's: `rule.configure` makes the plan from the node's tier, and an update goes
-through `server_stub.upload_checks.check_update` against that plan. Pure: no Flower, no I/O.
+through `hetlora.engine.upload_checks.check_update` against that plan. Pure: no Flower, no I/O.
 """
 
 from __future__ import annotations
 
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import decode, spec_tensors
-from server_stub.aggregation import ClientResult
-from server_stub.upload_checks import check_update as check_against_plan
+from hetlora.engine.aggregation import ClientResult
+from hetlora.engine.upload_checks import check_update as check_against_plan
 
 
 def plan_for(config, rule, node, round_number: int, class_counts=None) -> ClientPlan:

@@ -3,7 +3,7 @@
 1. Wait (up to round-deadline seconds) for min-clients SuperNodes, then ask each to introduce itself
    (a `query` message): name, device profile, sample count, requested rank -> its rank (nodes.py).
 2. With head-init ncm|lda: round 0 sends every node a "head" plan; the pooled class statistics give the
-   head of global version 0 (server_stub.head_round, the HTTP server's checks and formula).
+   head of global version 0 (hetlora.engine.head_round, the HTTP server's checks and formula).
 3. `RuleStrategy.start` runs head-rounds + num-server-rounds rounds: the head rounds 1..head-rounds (every
    node fits the head; round 0's pooled class counts go into their plans), then the LoRA rounds; each
    waits round-deadline seconds for replies.
@@ -28,9 +28,9 @@ from hetlora_flower.plans import plan_for
 from hetlora_flower.records import INTRO, PLAN, REPORT, json_record, message_content, payload_bytes, read_content
 from hetlora_flower.settings import server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
-from server_stub.aggregation import make_rule
-from server_stub.errors import ApiError
-from server_stub.head_round import check_statistics, initial_global
+from hetlora.engine.aggregation import make_rule
+from hetlora.engine.errors import DomainError
+from hetlora.engine.head_round import check_statistics, initial_global
 
 log = logging.getLogger("hetlora.flower")
 app = ServerApp()
@@ -118,7 +118,7 @@ def head_round(grid: Grid, config, rule, nodes: dict) -> tuple[Adapter, list[int
                 raise ValueError(reply.error.reason if reply.has_error() else "unplanned reply")
             body, _ = read_content(reply.content, REPORT)
             statistics[node.name] = check_statistics(config, node.name, body or b"", node.n_samples)
-        except (ValueError, ApiError) as exc:
+        except (ValueError, DomainError) as exc:
             log.warning("round 0: no head statistics from node %d: %s", reply.metadata.src_node_id, exc)
     if len(statistics) < min(config.min_clients, len(trained)):
         raise UserError(f"round 0: {len(statistics)} nodes sent head statistics, min-clients is {config.min_clients}")

@@ -7,7 +7,7 @@ node in a head round), makes each one its own plan (`plans.plan_for`; a head rou
 pooled class counts) and sends it, with the rule's view of the global at the plan's rank (a head
 round: the head alone, `client_download`), in one message per node.
 aggregate_train: checks every reply with the HTTP server's upload checks (`plans.check_update`), then
-runs the HTTP server's pipeline (server_stub.aggregation.pipeline.aggregate_round): bounded influence with the
+runs the HTTP server's pipeline (hetlora.engine.aggregation.pipeline.aggregate_round): bounded influence with the
 anchored reference, the robust option, then a LoRA round's pure rule and server optimiser or a head round's
 `average_heads` (the n-weighted mean head, the factors kept). The anchors and optimiser state stay in memory.
 The global travels between rounds as wire bytes (records.payload_record).
@@ -28,10 +28,10 @@ from hetlora.errors import UserError
 from hetlora_flower import nodes as node_book
 from hetlora_flower.plans import check_update, plan_for
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
-from server_stub.aggregation.pipeline import aggregate_round
+from hetlora.engine.aggregation.pipeline import aggregate_round
 from server_stub.global_versions import client_download, global_with_meta
 from server_stub.history import jsonable
-from server_stub.selection import select_clients
+from hetlora.engine.selection import select_clients
 
 log = logging.getLogger("hetlora.flower")
 
@@ -43,12 +43,12 @@ def global_record(config, adapter: Adapter, version: int) -> ArrayRecord:
 
 class RuleStrategy(Strategy):
     """Per-node plans out, the project's checks and rule in. `nodes`: node id -> nodes.Node; `class_counts`:
-    round 0's pooled examples per class (server_stub.head_round.initial_global's summary), for the head rounds."""
+    round 0's pooled examples per class (hetlora.engine.head_round.initial_global's summary), for the head rounds."""
 
     def __init__(self, config, rule, nodes: dict, class_counts=None):
         self.config, self.rule, self.nodes, self.class_counts = config, rule, nodes, class_counts
         self.optimizer_state: dict = {}
-        self.anchors: dict = {}  # stage -> quantity -> anchor of the bounds (server_stub.aggregation.bounds)
+        self.anchors: dict = {}  # stage -> quantity -> anchor of the bounds (hetlora.engine.aggregation.bounds)
         self.history: list[dict] = []
         self._plans: dict[int, dict] = {}  # node id -> this round's plan (JSON)
         self._names: dict[int, str] = {}

@@ -17,11 +17,11 @@ from hetlora.argtypes import positive_int_list
 from hetlora.config_file import add_config_option
 from hetlora.demo_data import banking77
 from hetlora.errors import UserError
-from server_stub.aggregation import RULES
+from hetlora.engine.aggregation import RULES
 from hetlora.protocol.settings import LR_DECAYS, TrainingSettings
-from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
-from server_stub.aggregation.robust import DEFAULT_TRIM_BETA, ROBUST
-from server_stub.aggregation.server_opt import OPTIMIZERS
+from hetlora.engine.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
+from hetlora.engine.aggregation.robust import DEFAULT_TRIM_BETA, ROBUST
+from hetlora.engine.aggregation.server_opt import OPTIMIZERS
 
 log = logging.getLogger("hetlora.server")
 
@@ -164,8 +164,8 @@ def build_config(args: argparse.Namespace):
     from edge_client.models import derive_spec
     from profiles.policy import load_policy
     from hetlora.labels import read_labels
-    from server_stub.config import ServerConfig
-    from server_stub.init_adapter import read_init_adapter
+    from hetlora.engine.config import ServerConfig
+    from hetlora.engine.init_adapter import read_init_adapter
 
     rule_options = _rule_options(args)
     model_dir = _model_dir(args)
@@ -232,7 +232,7 @@ def _model_shape(model_dir):
 
 
 def _defence(args: argparse.Namespace):
-    from server_stub.aggregation.robust import Defence
+    from hetlora.engine.aggregation.robust import Defence
 
     try:
         return Defence(robust=args.robust, trim_beta=args.trim_beta)
@@ -241,7 +241,7 @@ def _defence(args: argparse.Namespace):
 
 
 def _server_optimizer(args: argparse.Namespace):
-    from server_stub.aggregation.server_opt import ServerOptimizer
+    from hetlora.engine.aggregation.server_opt import ServerOptimizer
 
     try:
         return ServerOptimizer(args.server_opt, lr=args.server_lr, beta1=args.server_beta1, beta2=args.server_beta2,

@@ -1,7 +1,7 @@
 """A closing round's new global and statistics from its stored uploads (the coordinator calls it outside its lock).
 
-Round 0: the pooled head statistics -> global version 0 (server_stub.head_round). A head or LoRA round: the
-shared pipeline (server_stub.aggregation.pipeline: bounded influence, the robust option, the rule or the mean
+Round 0: the pooled head statistics -> global version 0 (hetlora.engine.head_round). A head or LoRA round: the
+shared pipeline (hetlora.engine.aggregation.pipeline: bounded influence, the robust option, the rule or the mean
 head, the server optimiser) with the anchors of the last aggregated round's statistics and the optimiser state
 of the previous version (`blobs/optimizer/vNNNN.safetensors`, written before version n is committed).
 """
@@ -13,9 +13,9 @@ from safetensors.numpy import save as save_arrays
 
 from hetlora.protocol.wire import Adapter, decode
 from server_stub import history
-from server_stub.aggregation import ClientResult
-from server_stub.aggregation.pipeline import aggregate_round
-from server_stub.head_round import initial_global, load_statistics
+from hetlora.engine.aggregation import ClientResult
+from hetlora.engine.aggregation.pipeline import aggregate_round
+from hetlora.engine.head_round import initial_global, load_statistics
 
 
 def combine_round(coordinator, number: int, r: dict, uploads: list[dict]) -> tuple[Adapter, dict]:

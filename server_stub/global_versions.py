@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 
 from hetlora.protocol.wire import Adapter, decode, encode
-from server_stub.config import ServerConfig
-from server_stub.errors import ApiError
+from hetlora.engine.config import ServerConfig
+from hetlora.engine.errors import NotFound
 from server_stub.store import Store
 
 
@@ -54,14 +54,14 @@ class GlobalVersions:
         self._cached = (version, adapter)
 
     def wire_bytes(self, version: int | None = None) -> bytes:
-        """The wire bytes of a global version (the latest when None); 404 ApiError when there is none."""
+        """The wire bytes of a global version (the latest when None); NotFound when there is none."""
         version = self.latest_version() if version is None else version
         if version is None:
-            raise ApiError(404, "no_such_version", "there is no global adapter yet: round 0 (head statistics) "
+            raise NotFound("no_such_version", "there is no global adapter yet: round 0 (head statistics) "
                            "has not finished")
         row = self.row(version)
         if row is None:
-            raise ApiError(404, "no_such_version", f"global version {version} does not exist; the latest is "
+            raise NotFound("no_such_version", f"global version {version} does not exist; the latest is "
                            f"{self.latest_version()}")
         return self.store.read_blob(row["path"])
 

@@ -21,24 +21,24 @@ from hetlora.protocol.head_stats import TENSORS as HEAD_TENSORS
 from hetlora.protocol.wire import Adapter, WireFormatError, decode, encode, read_header, spec_tensors
 from server_stub import history, liveness, queries
 from server_stub.combine import combine_round
-from server_stub.config import ServerConfig
-from server_stub.errors import ApiError
+from hetlora.engine.config import ServerConfig
+from hetlora.engine.errors import Conflict, Invalid, NotSelected
 from server_stub.global_versions import GlobalVersions, client_download
-from server_stub.head_round import HEAD_ROUND, check_statistics
+from hetlora.engine.head_round import HEAD_ROUND, check_statistics
 from server_stub.registration import Registration
-from server_stub.selection import client_key, client_order, select_clients
+from hetlora.engine.selection import client_key, client_order, select_clients
 from server_stub.store import Store
-from server_stub.upload_checks import check_update, update_digest
+from hetlora.engine.upload_checks import check_update, update_digest
 
 log = logging.getLogger("hetlora.server")
 
 
 def _decode(body: bytes, max_tensors: int) -> Adapter:
-    """wire.decode (the header limited to `max_tensors` before it is parsed) with its errors as 400 ApiErrors."""
+    """wire.decode (the header limited to `max_tensors` before it is parsed) with its errors as Invalid."""
     try:
         return decode(body, max_tensors=max_tensors)
     except WireFormatError as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
+        raise Invalid(exc.code, str(exc)) from None
 
 
 def rank_counts(ranks: list[int]) -> str:
@@ -121,7 +121,7 @@ class Coordinator:
             r = self._require_open(round_number)
             self._require_selected(r, client_id)
             if self.config.stage(round_number) == "head-statistics":
-                raise ApiError(409, "head_round", "round 0 collects head statistics; there is no adapter to download")
+                raise Conflict("head_round", "round 0 collects head statistics; there is no adapter to download")
             plan = r["plans"][client_id]
             data = encode(client_download(self.rule, self.globals.adapter(round_number - 1), plan, client_id,
                                           self.config))
@@ -160,7 +160,7 @@ class Coordinator:
             r = self._require_open(round_number)
             self._require_selected(r, client_id)
             if previous is not None:
-                raise ApiError(409, "duplicate_upload", f"round {round_number} already has a different update "
+                raise Conflict("duplicate_upload", f"round {round_number} already has a different update "
                                f"from {client_id} (sha256 {previous['sha256'][:12]}...); one update per round")
             if self.config.stage(round_number) == "head-statistics":
                 row = self._store_statistics(r, client_id, body)
@@ -182,7 +182,7 @@ class Coordinator:
             checked = check_update(adapter, r["plans"][client_id], self.config.spec, round_number=number,
                                    client_id=client_id, aggregator=self.config.aggregator)
         except WireFormatError as exc:
-            raise ApiError(400, exc.code, str(exc)) from None
+            raise Invalid(exc.code, str(exc)) from None
         row = {"round": number, "client_id": client_id, "sha256": digest,
                "path": f"uploads/r{number:04d}/{client_id}-{digest[:16]}.safetensors", "rank": checked.rank,
                "effective_rank": checked.effective_rank, "n_samples": checked.n_samples, "bytes": len(body),
@@ -229,13 +229,13 @@ class Coordinator:
         return update_digest(_decode(body, spec_tensors(self.config.spec)))
 
     def _check_header(self, round_number: int, body: bytes) -> None:
-        """The header within the limits of the round's upload kind (400 `header_too_large`), before parsing it."""
+        """The header within the limits of the round's upload kind (Invalid `header_too_large`), before parsing it."""
         statistics = self.config.stage(round_number) == "head-statistics"
         tensors = len(HEAD_TENSORS) if statistics else spec_tensors(self.config.spec)
         try:
             read_header(body, max_tensors=tensors)
         except WireFormatError as exc:
-            raise ApiError(400, exc.code, str(exc)) from None
+            raise Invalid(exc.code, str(exc)) from None
 
     def _upload_reply(self, row: dict, *, duplicate: bool, round_state: str) -> dict:
         client = queries.client(self.store, row["client_id"])
@@ -371,7 +371,7 @@ class Coordinator:
         r = queries.open_round(self.store)
         if r is not None and r["number"] == round_number:
             if self._closing == round_number:
-                raise ApiError(409, "round_closed", f"round {round_number} is closed: it is being aggregated now",
+                raise Conflict("round_closed", f"round {round_number} is closed: it is being aggregated now",
                                current_round=round_number)
             return r
         last = queries.last_round_number(self.store)
@@ -382,13 +382,13 @@ class Coordinator:
         else:
             current, state = last + 1, "waiting for clients"
         if 1 <= round_number <= (current - 1 if r is not None else last):
-            raise ApiError(409, "round_closed", f"round {round_number} is closed (already aggregated); the current "
+            raise Conflict("round_closed", f"round {round_number} is closed (already aggregated); the current "
                            f"round is {current} ({state})", current_round=current)
-        raise ApiError(409, "round_not_open", f"round {round_number} is not open; the current round is {current} "
+        raise Conflict("round_not_open", f"round {round_number} is not open; the current round is {current} "
                        f"({state})", current_round=current)
 
     @staticmethod
     def _require_selected(r: dict, client_id: str) -> None:
         if client_id not in r["selected"]:
-            raise ApiError(403, "not_selected", f"{client_id} is not selected for round {r['number']}; "
+            raise NotSelected("not_selected", f"{client_id} is not selected for round {r['number']}; "
                            "poll GET /v1/round and wait for a later round")

@@ -1,4 +1,4 @@
-"""Bounded influence of one client (server_stub/aggregation/bounds.py), alone and through the real server.
+"""Bounded influence of one client (hetlora/engine/aggregation/bounds.py), alone and through the real server.
 
 Updates are measured from where each client started (its view of the previous global), against a reference
 anchored at the first round's lower median, with a floor and a ceiling. Issue 14's poisoners (float32 max,
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from hetlora.protocol.wire import Adapter, decode, encode
-from server_stub.aggregation import RULES, ClientResult, make_rule
-from server_stub.aggregation.bounds import (CEILING_RATIO, CLIP_FACTOR, FACTOR_CLIP, FLOOR_RATIO, MAX_ABS_VALUE,
+from hetlora.engine.aggregation import RULES, ClientResult, make_rule
+from hetlora.engine.aggregation.bounds import (CEILING_RATIO, CLIP_FACTOR, FACTOR_CLIP, FLOOR_RATIO, MAX_ABS_VALUE,
                                            bound_influence)
-from server_stub.aggregation.linalg import update_norm
-from server_stub.aggregation.pipeline import aggregate_round
+from hetlora.engine.aggregation.linalg import update_norm
+from hetlora.engine.aggregation.pipeline import aggregate_round
 from tests.test_server import (error_code, global_adapter, make_config, make_update, post_update, register,
                                running_server, snapshot, spec, upload_meta)
 

@@ -20,8 +20,8 @@ from hetlora_flower.nodes import introduce
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
 from hetlora_flower.settings import serve_arguments, server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
-from server_stub.aggregation import ClientResult, make_rule
-from server_stub.aggregation.bounds import bound_influence
+from hetlora.engine.aggregation import ClientResult, make_rule
+from hetlora.engine.aggregation.bounds import bound_influence
 
 LABELS = ["card", "payment", "exchange"]
 ROWS = [("how do I activate my new card", "card"), ("my card was declined at the shop", "payment"),

@@ -24,9 +24,9 @@ from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes,
 from hetlora_flower.server_app import run
 from hetlora_flower.settings import server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
-from server_stub.aggregation import ClientResult, make_rule
-from server_stub.aggregation.bounds import CLIP_FACTOR
-from server_stub.head_round import initial_global, load_statistics
+from hetlora.engine.aggregation import ClientResult, make_rule
+from hetlora.engine.aggregation.bounds import CLIP_FACTOR
+from hetlora.engine.head_round import initial_global, load_statistics
 from tests.test_flower_apps import bounded, LABELS, ROWS, task_identity  # noqa: F401  (task_identity: autouse fixture)
 
 SIZES = {"a": 5, "b": 8, "c": 11}  # rows per node: three different sample counts

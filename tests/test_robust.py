@@ -1,4 +1,4 @@
-"""`--robust` (server_stub/aggregation/robust.py) against independent references: np.median (Flower's FedMedian),
+"""`--robust` (hetlora/engine/aggregation/robust.py) against independent references: np.median (Flower's FedMedian),
 scipy.stats.trim_mean (Flower's FedTrimmedAvg), a per-component loop for mixed ranks; norm-bound against a
 majority of attackers; the HTTP server and the Flower run config take the same option."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import trim_mean
 
-from server_stub.aggregation import ClientResult, make_rule
-from server_stub.aggregation.pipeline import aggregate_round
-from server_stub.aggregation.robust import NORM_BOUND_FACTOR, Defence
+from hetlora.engine.aggregation import ClientResult, make_rule
+from hetlora.engine.aggregation.pipeline import aggregate_round
+from hetlora.engine.aggregation.robust import NORM_BOUND_FACTOR, Defence
 from tests.test_bounds import changed, moved
 from tests.test_server import make_config, spec
 

@@ -12,10 +12,10 @@ its store, the Flower strategy in memory).
 from __future__ import annotations
 
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation.base import rank_of
-from server_stub.aggregation.contract import ClientResult
-from server_stub.aggregation.head_fit import average_heads
-from server_stub.aggregation.stats import aggregate_statistics
+from hetlora.engine.aggregation.base import rank_of
+from hetlora.engine.aggregation.contract import ClientResult
+from hetlora.engine.aggregation.head_fit import average_heads
+from hetlora.engine.aggregation.stats import aggregate_statistics
 
 
 def upload_starts(rule, previous: Adapter, plans: list[dict], stage: str) -> list[Adapter]:
