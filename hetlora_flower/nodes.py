@@ -2,7 +2,7 @@
 
 A node introduces itself once (a `query` message answered by the ClientApp, like the HTTP client's
 registration) and reports a fresh profile with every update; its tier follows the run's tier policy
-exactly as on the HTTP server (`server_stub.registration.client_tier`: the policy, the request, the
+exactly as on the HTTP server (`hetlora.engine.tiers.client_tier`: the policy, the request, the
 rank set, never above the rank the node pruned itself to).
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from hetlora.protocol.plan import Tier
 from hetlora.engine.errors import DomainError
-from server_stub.registration import client_tier
+from hetlora.engine.tiers import client_tier
 
 log = logging.getLogger("hetlora.flower")
 

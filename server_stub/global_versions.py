@@ -10,25 +10,9 @@ import hashlib
 
 from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora.engine.config import ServerConfig
+from hetlora.engine.planning import global_with_meta
 from hetlora.engine.errors import NotFound
 from server_stub.store import Store
-
-
-def global_with_meta(adapter: Adapter, version: int, config: ServerConfig) -> Adapter:
-    """Global version n as it is stored and sent: the factors and dense tensors with their run's metadata."""
-    meta = {"global_version": version, "round": version, "rank": adapter.rank, "aggregator": config.aggregator,
-            "spec_fingerprint": config.spec.fingerprint}
-    return Adapter(lora=adapter.lora, dense=adapter.dense, meta=meta)
-
-
-def client_download(rule, previous: Adapter, plan: dict, client_id: str, config: ServerConfig) -> Adapter:
-    """What a client downloads for round n = plan["round"]: the rule's view of global version n-1 at the plan's
-    rank (a head round: the head alone), with the metadata the client checks against its plan."""
-    view = Adapter(lora={}, dense=previous.dense) if plan["mode"] == "head-fit" else rule.client_view(previous, plan["rank"])
-    meta = {"round": plan["round"], "client_id": client_id, "rank": plan["rank"], "indices": plan["indices"],
-            "aggregator": config.aggregator, "global_version": plan["round"] - 1,
-            "spec_fingerprint": config.spec.fingerprint}
-    return Adapter(lora=view.lora, dense=view.dense, meta=meta)
 
 
 class GlobalVersions:

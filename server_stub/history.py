@@ -4,24 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-
+from hetlora.engine.combine import jsonable
 from hetlora.protocol.energy import round_energy
 from server_stub import liveness, queries
 from server_stub.store import Store
-
-
-def jsonable(value):
-    """numpy scalars/arrays (and containers of them) as plain JSON types; NaN and +-Inf as None (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.ndarray, np.generic)):
-        return jsonable(value.tolist())
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def current_round(store: Store, rounds: int, closing: int | None) -> tuple[dict, bool]:

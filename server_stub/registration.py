@@ -17,7 +17,7 @@ from server_stub import queries
 from hetlora.engine.config import ServerConfig
 from hetlora.engine.errors import Conflict, Invalid, Unauthenticated
 from server_stub.store import Store
-from hetlora.engine.tiers import tier_for
+from hetlora.engine.tiers import client_tier
 
 log = logging.getLogger("hetlora.server")
 
@@ -88,15 +88,6 @@ class Registration:
     def _tier(self, profile: dict, requested_rank: int, pruned_rank: int | None,
               previous_rank: int | None = None) -> Tier:
         return client_tier(self.config, profile, requested_rank, pruned_rank, previous_rank)
-
-
-def client_tier(config: ServerConfig, profile: dict, requested_rank: int, pruned_rank: int | None,
-                previous_rank: int | None = None) -> Tier:
-    """The run's tier policy's tier for a client, its rank never above a rank the client self-pruned to
-    (CannotTrain `cannot_train` / Invalid `bad_profile` from `tier_for`)."""
-    tier = tier_for(profile, requested_rank, config.ranks, previous_rank=previous_rank, spec=config.spec,
-                    policy=config.policy, model=config.model_shape, steps=config.training.steps)
-    return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
 
 
 def caps(tier: Tier) -> dict:

@@ -1,8 +1,9 @@
 """The layout's rules, checked on the source: which package may import which, and size limits.
 
 Layers (docs/ARCHITECTURE.md): hetlora.protocol at the bottom (both sides import it, it imports neither),
-edge_client (the device) and server_stub + profiles (the server side) beside each other, simulation and
-hetlora_flower (the Flower apps) on top.
+hetlora.engine (the round engine, no transport) above it with profiles, edge_client (the device) and the two
+transports of the engine, server_stub (HTTP) and hetlora_flower (Flower), above that; neither transport imports
+the other; simulation on top.
 """
 
 import ast
@@ -13,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = ("hetlora", "edge_client", "server_stub", "profiles", "exporter", "simulation", "hetlora_flower")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
-# The allowed crossings: the server derives the adapter spec from the model folder with transformers, and `serve`
-# writes the run's result as a PEFT folder with the client's exporter (transformers' tokenizer, already loaded).
-ALLOWED = {("server_stub/cli.py", "edge_client.models"), ("server_stub/cli.py", "edge_client.peft_export")}
+# The allowed crossings: a run's options derive the adapter spec from the model folder with transformers, and
+# `serve` writes the run's result as a PEFT folder with the client's exporter (transformers' tokenizer, already loaded).
+ALLOWED = {("hetlora/engine/run_options.py", "edge_client.models"), ("server_stub/cli.py", "edge_client.peft_export")}
 
 
 def modules(package: str):
@@ -34,20 +35,26 @@ def imported(tree: ast.AST) -> set[str]:
 
 
 def crossings(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    """Imports of a `forbidden` module or package (a dotted prefix: "hetlora.engine" forbids its submodules)."""
     found = []
     for package in packages:
         for path, tree in modules(package):
             for name in imported(tree):
-                if name.split(".")[0] in forbidden and (path, name) not in ALLOWED:
+                if any(name == f or name.startswith(f + ".") for f in forbidden) and (path, name) not in ALLOWED:
                     found.append(f"{path} imports {name}")
     return found
 
 
+TRANSPORTS = ("server_stub", "hetlora_flower", "fastapi", "starlette", "uvicorn", "flwr")
+
+
 @pytest.mark.parametrize("packages, forbidden", [
     (("server_stub", "profiles"), ("edge_client", "simulation", "hetlora_flower")),
-    (("edge_client",), ("server_stub", "simulation", "hetlora_flower")),
+    (("hetlora_flower",), ("server_stub",)),  # both transports call the engine, neither the other
+    (("hetlora/engine", "profiles"), ("edge_client", "simulation", "exporter", "torch") + TRANSPORTS),
+    (("edge_client",), ("server_stub", "simulation", "hetlora_flower", "hetlora.engine")),
     (("hetlora/protocol",), ("edge_client", "server_stub", "profiles", "simulation", "exporter", "torch",
-                             "transformers", "fastapi")),
+                             "transformers", "fastapi", "hetlora.engine")),
 ])
 def test_no_import_crosses_the_layers(packages, forbidden):
     assert crossings(packages, forbidden) == []
@@ -55,6 +62,7 @@ def test_no_import_crosses_the_layers(packages, forbidden):
 
 def test_the_checker_sees_a_crossing():
     assert any(path.startswith("simulation/") for path in crossings(("simulation",), ("edge_client",)))
+    assert any(path.startswith("server_stub/") for path in crossings(("server_stub",), ("hetlora.engine",)))
 
 
 def test_no_file_or_function_is_too_long():

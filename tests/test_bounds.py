@@ -20,11 +20,14 @@ from hetlora.engine.aggregation.bounds import (CEILING_RATIO, CLIP_FACTOR, FACTO
                                            bound_influence)
 from hetlora.engine.aggregation.linalg import update_norm
 from hetlora.engine.aggregation.pipeline import aggregate_round
+from hetlora.protocol.plan import ClientPlan
+from hetlora.protocol.settings import TrainingSettings
 from tests.test_server import (error_code, global_adapter, make_config, make_update, post_update, register,
                                running_server, snapshot, spec, upload_meta)
 
 __all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 RANK = 8
+PLAN = ClientPlan(round=1, rank=RANK, mode="plain", training=TrainingSettings())  # what the pipeline reads: rank, indices
 
 
 def moved(start: Adapter, scale: float, seed: int, meta=None) -> Adapter:
@@ -125,7 +128,7 @@ def test_a_tiny_update_in_a_two_client_round_does_not_shrink_the_honest_one(spec
     rule = make_rule("fedavg")
     config = make_config(spec, aggregator="fedavg", ranks=(RANK,), global_rank=RANK)
     previous = rule.init_global(spec, RANK, seed=3)
-    plans = [{"rank": RANK, "indices": None}] * 2
+    plans = [PLAN] * 2
     start = previous if stage == "lora" else Adapter(lora={}, dense=previous.dense)
     honest = [ClientResult(moved(start, 0.01, seed=k), n_samples=10) for k in range(2)]
     _, _, anchors, _ = aggregate_round(rule, config, stage, previous, honest, plans, {})

@@ -126,7 +126,7 @@ def _round_one(config, contexts):
 def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request):
     config, contexts = request.getfixturevalue(nodes)
     strategy, start, replies = _round_one(config, contexts)
-    assert [strategy._plans[r.metadata.src_node_id]["rank"] for r in replies] == [2, 4]
+    assert [strategy._plans[r.metadata.src_node_id].rank for r in replies] == [2, 4]
     arrays, metrics = strategy.aggregate_train(1, replies)
     sent = [decode(read_content(r.content, REPORT)[0]) for r in replies]
     results = [ClientResult(adapter=a, n_samples=a.meta["n_samples"],

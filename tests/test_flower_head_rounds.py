@@ -235,7 +235,7 @@ def test_a_node_fits_the_head_as_the_http_client_does(federation, tiny_bert_dir)
     work, run_config, contexts, pooled = federation
     strategy, start, replies = _head_round_one(run_config, contexts, pooled)
     reply = next(r for r in replies if _name(r) == "c")
-    plan = strategy._plans[NODE_IDS["c"]]
+    plan = strategy._plans[NODE_IDS["c"]].to_json()  # as the node received it
     config = strategy.config
     trainer = make_trainer("torch", model_dir=tiny_bert_dir, task="classification", labels=LABELS,
                            targets=list(config.spec.targets), lora_alpha=config.training.lora_alpha,

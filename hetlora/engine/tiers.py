@@ -47,3 +47,12 @@ def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, prev
         cap, batch_size, seq_len = min(cap, decision.rank), decision.batch_size, decision.seq_len
     fitting = [r for r in ranks if r <= cap]
     return Tier(rank=max(fitting) if fitting else min(ranks), batch_size=batch_size, seq_len=seq_len)
+
+
+def client_tier(config, profile: dict, requested_rank: int, pruned_rank: int | None,
+                previous_rank: int | None = None) -> Tier:
+    """The run's tier policy's tier for a client, its rank never above a rank the client self-pruned to
+    (CannotTrain `cannot_train` / Invalid `bad_profile` from `tier_for`)."""
+    tier = tier_for(profile, requested_rank, config.ranks, previous_rank=previous_rank, spec=config.spec,
+                    policy=config.policy, model=config.model_shape, steps=config.training.steps)
+    return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
