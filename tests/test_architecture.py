@@ -78,3 +78,36 @@ def test_no_file_or_function_is_too_long():
                     if length > MAX_FUNCTION_LINES:
                         too_long.append(f"{path}:{node.lineno} {node.name}: {length} lines")
     assert too_long == []
+
+
+
+# The HTTP layer: app.py and the parts only it uses (enrollment, read guard, body limit, its error type).
+HTTP_LAYER = ("server_stub/app.py", "server_stub/errors.py", "server_stub/enrollment.py", "server_stub/read_access.py",
+              "server_stub/limits.py")
+
+
+def raised_api_errors(path: str, tree: ast.AST) -> list[str]:
+    """`raise ApiError(...)` outside the HTTP layer: domain code raises hetlora.engine.errors kinds instead."""
+    return [f"{path}:{node.lineno}" for node in ast.walk(tree)
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+            and getattr(node.exc.func, "id", None) == "ApiError" and path not in HTTP_LAYER]
+
+
+def plan_indexing(path: str, tree: ast.AST) -> list[str]:
+    """`plan["..."]` (a plan read as a dict): plans are ClientPlan objects up to the wire and store boundary."""
+    return [f"{path}:{node.lineno}" for node in ast.walk(tree)
+            if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "plan"
+            and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)]
+
+
+def test_domain_code_raises_no_http_error_and_reads_no_plan_as_a_dict():
+    trees = [(path, tree) for package in PRODUCT for path, tree in modules(package)]
+    assert [hit for path, tree in trees for hit in raised_api_errors(path, tree)] == []
+    assert [hit for path, tree in trees for hit in plan_indexing(path, tree)] == []
+
+
+def test_the_source_checks_see_what_they_look_for():
+    tree = ast.parse('def f(plan):\n    if plan["rank"]:\n        raise ApiError(400, "x", "y")\n')
+    assert raised_api_errors("server_stub/rounds.py", tree) == ["server_stub/rounds.py:3"]
+    assert raised_api_errors("server_stub/app.py", tree) == []
+    assert plan_indexing("hetlora/engine/x.py", tree) == ["hetlora/engine/x.py:2"]
