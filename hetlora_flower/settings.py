@@ -2,8 +2,8 @@
 
 Every run-config key is a `hetlora serve` run flag without its dashes (`local-steps = 5` is `--local-steps 5`),
 parsed by the run groups of the same parser and turned into a ServerConfig by the same `build_config`
-(hetlora.engine.run_options), so both servers share one set of defaults and checks. Two keys carry Flower's names instead:
-`num-server-rounds` (= --rounds, the LoRA rounds; with `head-rounds = H` the run has H head rounds
+(hetlora.engine.run_options), so both servers share one set of defaults and checks. Two keys carry
+Flower's names instead: `num-server-rounds` (= --rounds, the LoRA rounds; with `head-rounds = H` the run has H head rounds
 before them, H + num-server-rounds Flower rounds in all) and `rule` (= --aggregator). An empty string or
 `false` leaves a flag at its default; `true` sets a switch (`segment-average = true`).
 Flower-only keys: `output-dir` (where the ServerApp writes the final global and the history; "" = none) and

@@ -1,10 +1,11 @@
-"""The HTTP layer's errors: ApiError (a 4xx JSON answer) and the one mapping of the run's domain errors to status codes."""
+"""The HTTP layer's errors: ApiError (a 4xx JSON answer) and the one map of the run's domain errors to status codes."""
 
 from __future__ import annotations
 
 from hetlora.engine.errors import CannotTrain, Conflict, DomainError, Invalid, NotFound, NotSelected, Unauthenticated
 
-STATUS = {DomainError: 400, Invalid: 400, Unauthenticated: 401, NotSelected: 403, NotFound: 404, Conflict: 409, CannotTrain: 422}
+STATUS = {DomainError: 400, Invalid: 400, Unauthenticated: 401, NotSelected: 403, NotFound: 404, Conflict: 409,
+          CannotTrain: 422}
 
 
 class ApiError(Exception):

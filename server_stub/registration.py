@@ -13,10 +13,9 @@ import secrets
 from collections.abc import Callable
 
 from hetlora.protocol.plan import Tier
-from server_stub import queries
 from hetlora.engine.config import ServerConfig
 from hetlora.engine.errors import Conflict, Invalid, Unauthenticated
-from server_stub.store import Store
+from server_stub.run_store import Round, RunStore
 from hetlora.engine.tiers import client_tier
 
 log = logging.getLogger("hetlora.server")
@@ -27,13 +26,14 @@ def token_digest(token: str) -> str:
 
 
 class Registration:
-    def __init__(self, config: ServerConfig, store: Store, rule, lock, clock,
-                 open_next_round: Callable[[], dict | None]):
-        self.config, self.store, self.rule, self.lock, self.clock = config, store, rule, lock, clock
+    def __init__(self, config: ServerConfig, runs: RunStore, rule, lock, clock,
+                 open_next_round: Callable[[], Round | None]):
+        self.config, self.runs, self.rule, self.lock, self.clock = config, runs, rule, lock, clock
+        self.store = runs.store
         self.open_next_round = open_next_round
 
     def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None,
-                 unique_name: bool = False) -> tuple[dict, dict | None]:
+                 unique_name: bool = False) -> tuple[dict, Round | None]:
         """A new client (id, token, the rank it trains at, the run config) and the round its arrival opened.
         `unique_name` (an allowlist is on): a name registers once, a second registration is 409 `name_taken`."""
         if requested_rank < 1:
@@ -76,7 +76,7 @@ class Registration:
         if requested_rank is not None and requested_rank < 1:
             raise Invalid("bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
         with self.lock, self.store.transaction():
-            client = queries.client(self.store, client_id)
+            client = self.runs.client(client_id)
             requested = requested_rank or client["requested_rank"]
             tier = self._tier(profile, requested, client["pruned_rank"], previous_rank=client["rank"])
             self.store.update("clients", {"client_id": client_id},

@@ -2,8 +2,8 @@
 the round's uploads; round 0 takes head statistics, the head and LoRA rounds take adapters (hetlora.engine).
 
 An adapter upload is decoded once, when the coordinator receives it (hetlora.engine.uploads.receive), and the
-decoded object is what is checked and, kept in memory until its round closes, what the rule combines. Only uploads stored before
-a restart are decoded again from their blobs (once each).
+decoded object is what is checked and, kept in memory until its round closes, what the rule combines. Only
+uploads stored before a restart are decoded again from their blobs (once each).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class RoundState:
             statistics = [t or load_statistics(self.config, self.runs.upload_bytes(u)) for t, u in zip(taken, uploads)]
             return head_global(rule, self.config, names, statistics)
         plans = [r.plans[c] for c in names]
-        results = [t or ClientResult(decode_update(self.config, self.runs.upload_bytes(u)), u["n_samples"], plan.indices)
-                   for t, u, plan in zip(taken, uploads, plans)]
+        results = [t or ClientResult(decode_update(self.config, self.runs.upload_bytes(u)), u["n_samples"],
+                                     plan.indices) for t, u, plan in zip(taken, uploads, plans)]
         combined = combine(rule, self.config, r.number, previous, names, results, plans, anchors,
                            self.runs.optimizer_state(r.number - 1))
         if self.config.server_opt.name != "none" and self.config.stage(r.number) == "lora":

@@ -3,10 +3,10 @@ close it at the deadline or when every upload is in, aggregate, open the next.
 
 States (docs/PROTOCOL.md section 4): waiting -> open(n) -> aggregate(n) -> open(n+1) ... finished.
 Every public method takes the coordinator's lock, so HTTP worker threads and the deadline ticker see one
-consistent state. Every change is committed to the Store before it is reported. The round engine (hetlora.engine) plans,
-checks and combines; the typed store (run_store) owns the SQL, blob paths and optimiser state; the round state
-(round_state) owns what each stage does with an upload; registration, the global versions and the status live
-in their own modules. This one sequences them.
+consistent state. Every change is committed to the Store before it is reported. The round engine
+(hetlora.engine) plans, checks and combines; the typed store (run_store) owns the SQL, blob paths and
+optimiser state; the round state (round_state) owns what each stage does with an upload; registration, the
+global versions and the status live in their own modules. This one sequences them.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Coordinator:
         self.lock = threading.RLock()
         self.globals = GlobalVersions(store, config, clock)
         self.rounds = RoundState(config, self.runs, clock)
-        self.registration = Registration(config, store, rule, self.lock, clock, self._open_next_round_if_ready)
+        self.registration = Registration(config, self.runs, rule, self.lock, clock, self._open_next_round_if_ready)
         self._closing: int | None = None  # the round being aggregated right now
         with self.lock:
             if self.globals.row(0) is None and not config.head_round:
@@ -127,11 +127,11 @@ class Coordinator:
 
     def status(self) -> dict:
         with self.lock:
-            round_info, finished = history.current_round(self.store, self.config.last_round, self._closing)
-            clients = history.clients(self.store, lambda rank: self.rule.planned_rank(rank, self.config.global_rank))
+            round_info, finished = history.current_round(self.runs, self.config.last_round, self._closing)
+            clients = history.clients(self.runs, lambda rank: self.rule.planned_rank(rank, self.config.global_rank))
             return {"round": round_info, "rounds": self.config.last_round, "finished": finished,
                     "aggregator": self.config.aggregator, "global_version": self.globals.latest_version(),
-                    "clients": clients, "history": history.history(self.store, self.config.stage),
+                    "clients": clients, "history": history.history(self.runs, self.config.stage),
                     "run": self.config.run_config()}
 
     # --- uploads ---------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class Coordinator:
             liveness.seen(self.store, client_id)
             previous = self.runs.upload(round_number, client_id)
             if previous is not None and previous["sha256"] == received.digest:
-                return self._upload_reply(previous, duplicate=True, round_state=self.runs.round_state(round_number))
+                return self._upload_reply(previous, duplicate=True, round_state=self.runs.round(round_number).state)
             r = self._require_open(round_number)
             self._require_selected(r, client_id)
             if previous is not None:
@@ -278,8 +278,8 @@ class Coordinator:
     def _plans(self, client_ids: list[str], number: int) -> dict[str, ClientPlan]:
         """The configure step (hetlora.engine.planning): each client's plan for round `number` from its tier."""
         tiers = self.runs.tiers()
-        counts = self.runs.round_statistics(HEAD_ROUND)["class_counts"] if self.config.stage(number) == "head-fit" \
-            else None
+        head_fit = self.config.stage(number) == "head-fit"
+        counts = self.runs.round_statistics(HEAD_ROUND)["class_counts"] if head_fit else None
         return {c: plan_for(self.config, self.rule, client_key(tiers[c][0]), tiers[c][1], number, counts)
                 for c in client_ids}
 

@@ -24,14 +24,21 @@ class Round:
     state: str
     selected: list[str]
     plans: dict[str, ClientPlan]
+    opened_at: float
     deadline: float
-    extensions: int
+    extensions: int = 0
+    extension_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: dict) -> "Round":
         return cls(number=row["number"], state=row["state"], selected=list(row["selected"]),
-                   plans={c: ClientPlan.from_json(p) for c, p in row["plans"].items()}, deadline=row["deadline"],
-                   extensions=row["extensions"])
+                   plans={c: ClientPlan.from_json(p) for c, p in row["plans"].items()}, opened_at=row["opened_at"],
+                   deadline=row["deadline"], extensions=row["extensions"], extension_reason=row["extension_reason"])
+
+    def ranks_and_indices(self) -> dict:
+        """The planned rank and (plora) indices per client, as status and history show them."""
+        return {"ranks": {c: p.rank for c, p in self.plans.items()},
+                "indices": {c: list(p.indices) for c, p in self.plans.items() if p.indices is not None}}
 
 
 def upload_path(round_number: int, client_id: str, digest: str) -> str:
@@ -55,9 +62,14 @@ class RunStore:
         row = self.store.select_one("SELECT * FROM rounds WHERE state = 'open'")
         return Round.from_row(row) if row is not None else None
 
-    def round_state(self, number: int) -> str | None:
-        row = self.store.select_one("SELECT state FROM rounds WHERE number = ?", (number,))
-        return row["state"] if row is not None else None
+    def round(self, number: int) -> Round | None:
+        row = self.store.select_one("SELECT * FROM rounds WHERE number = ?", (number,))
+        return Round.from_row(row) if row is not None else None
+
+    def aggregated_rounds(self) -> list[tuple[Round, dict]]:
+        """Every aggregated round with its row (aggregated_at, statistics), in order."""
+        rows = self.store.select("SELECT * FROM rounds WHERE state = 'aggregated' ORDER BY number")
+        return [(Round.from_row(row), row) for row in rows]
 
     def last_round_number(self) -> int:
         return self.store.select_one("SELECT MAX(number) AS n FROM rounds")["n"] or 0
@@ -67,7 +79,7 @@ class RunStore:
         row = {"number": number, "state": "open", "selected": selected,
                "plans": {c: p.to_json() for c, p in plans.items()}, "opened_at": opened_at, "deadline": deadline}
         self.store.insert("rounds", row)
-        return Round(number, "open", list(selected), dict(plans), deadline, 0)
+        return Round(number, "open", list(selected), dict(plans), opened_at, deadline)
 
     def extend_round(self, r: Round, deadline: float, reason: str, extra: list[str],
                      extra_plans: dict[str, ClientPlan]) -> None:
@@ -130,6 +142,17 @@ class RunStore:
 
     def upload_bytes(self, row: dict) -> bytes:
         return self.store.read_blob(row["path"])
+
+    def bytes_down(self, number: int) -> int:
+        """Adapter bytes served for a round, every download counted (a client that restarts downloads again)."""
+        row = self.store.select_one("SELECT COALESCE(SUM(bytes), 0) AS total FROM downloads WHERE round = ?",
+                                    (number,))
+        return int(row["total"])
+
+    def registered(self) -> list[dict]:
+        """Every registered client's row as status shows it, in registration order."""
+        return self.store.select("SELECT client_id, name, rank, requested_rank, pruned_rank, n_samples, registered_at "
+                                 "FROM clients ORDER BY seq")
 
     def record_download(self, number: int, client_id: str, size: int, served_at: float) -> None:
         with self.store.transaction():

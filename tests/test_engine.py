@@ -39,7 +39,8 @@ def counted_decodes(monkeypatch):
 
     monkeypatch.setattr(wire, "decode", counting)
     for name, module in list(sys.modules.items()):
-        if name.split(".")[0] in ("hetlora", "server_stub", "hetlora_flower") and getattr(module, "decode", None) is real:
+        product = name.split(".")[0] in ("hetlora", "server_stub", "hetlora_flower")
+        if product and getattr(module, "decode", None) is real:
             monkeypatch.setattr(module, "decode", counting)
     return seen
 
