@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from hetlora.protocol.energy import energy_of
+from hetlora.protocol.head_stats import HeadStatistics
 from hetlora.protocol.wire import Adapter
 from hetlora.engine.aggregation import ClientResult
 from hetlora.engine.combine import combine, head_global, jsonable
@@ -28,7 +29,8 @@ class RoundState:
 
     def __init__(self, config: ServerConfig, runs: RunStore, clock):
         self.config, self.runs, self.clock = config, runs, clock
-        self._taken: dict[tuple[int, str], object] = {}  # (round, client) -> its decoded, checked upload
+        # (round, client) -> its decoded, checked upload, until the round combines it
+        self._taken: dict[tuple[int, str], ClientResult | HeadStatistics] = {}
 
     def statistics_round(self, number: int) -> bool:
         return self.config.stage(number) == "head-statistics"
