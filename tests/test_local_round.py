@@ -33,7 +33,7 @@ POWER = Power(watts=5.0, source="test")
 
 @pytest.fixture(scope="module")
 def run(tiny_bert_dir) -> dict:
-    from server_stub.config import ServerConfig
+    from hetlora.engine.config import ServerConfig
 
     spec = derive_spec(tiny_bert_dir, "classification", TARGETS, len(LABELS))
     return ServerConfig(spec=spec, aggregator="hetlora", labels=LABELS, ranks=(2, 4), global_rank=4,
