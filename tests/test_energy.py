@@ -15,9 +15,9 @@ from hetlora.protocol.energy import Power, energy_of
 from hetlora.protocol.wire import WireFormatError, encode, parse_meta, read_header
 from profiles.catalog import device, profile_for
 from simulation.fleet import start_client, start_server
-from tests.test_client_e2e import labels_file, run_to_end, serve_args, write_data  # noqa: F401 (fixture)
-from tests.test_server import (error_code, make_config, make_update, post_update, register,  # noqa: F401 (spec)
-                               running_server, snapshot, spec, upload_meta)
+from tests.helpers.fleet import run_to_end, serve_args, write_data
+from tests.helpers.server import (error_code, make_config, make_update, post_update, register,
+                                  running_server, snapshot, upload_meta)
 
 PI5 = "raspberry-pi-5"
 

@@ -11,10 +11,9 @@ from scipy.stats import trim_mean
 from server_stub.aggregation import ClientResult, make_rule
 from server_stub.aggregation.pipeline import aggregate_round
 from server_stub.aggregation.robust import NORM_BOUND_FACTOR, Defence
-from tests.test_bounds import changed, moved
-from tests.test_server import make_config, spec
+from tests.helpers.adapters import changed, moved
+from tests.helpers.server import make_config
 
-__all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 RANK = 8
 
 
