@@ -128,6 +128,7 @@ def test_serve_without_the_server_extra_says_which_extra_to_install(tmp_path):
     assert "install the server extra: pip install 'hetlora-edge[server]'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_export_without_the_export_extra_says_which_extra_to_install(tiny_bert_dir, tmp_path):
     proc = run_blocked(tmp_path, "executorch,onnx,onnxruntime,onnxruntime_training_cpu,onnxscript", "export", "--model", str(tiny_bert_dir), "--task",
                        "classification", "--num-labels", "3", "--ranks", "4", "--batch", "2", "--seq-len", "8",

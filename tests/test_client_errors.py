@@ -138,6 +138,7 @@ def stale_state(tmp_path, url: str, run: dict):
     return state
 
 
+@pytest.mark.slow
 def test_a_stale_state_registers_again_in_a_new_run_of_the_same_model(capsys, spec, tmp_path, tiny_bert_dir):
     config = make_config(spec, min_clients=1, rounds=1, training=TrainingSettings(steps=1, batch_size=2, seq_len=8))
     with running_server(config, tmp_path / "server") as http:

@@ -78,7 +78,7 @@ def test_the_server_refuses_malformed_reports_stores_nothing_and_records_the_goo
 
 
 @pytest.fixture(scope="module")
-def reporting_run(tiny_bert_dir, labels_file, tmp_path_factory):  # noqa: F811
+def reporting_run(tiny_bert_dir, labels_file, tmp_path_factory):
     """Round 0 (head statistics), one head round and one LoRA round with three clients: one with --watts, one
     presenting a catalog device, one whose device no catalog entry matches."""
     tmp = tmp_path_factory.mktemp("energy-run")
@@ -105,6 +105,7 @@ def stored_energy(server_dir, round_number: int) -> dict:
     return reports
 
 
+@pytest.mark.integration
 def test_every_upload_carries_its_training_seconds_and_energy_estimate(reporting_run):
     tmp, status = reporting_run
     names = {c["client_id"]: c["name"] for c in status["clients"]}

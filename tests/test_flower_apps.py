@@ -97,7 +97,8 @@ def _round_one(config, contexts):
     return strategy, start, replies
 
 
-@pytest.mark.parametrize("nodes", ["setup", pytest.param("executorch_setup", marks=pytest.mark.slow)])
+@pytest.mark.slow  # both nodes train tiny BERT (from ExecuTorch artifacts, too)
+@pytest.mark.parametrize("nodes", ["setup", "executorch_setup"])
 def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request):
     config, contexts = request.getfixturevalue(nodes)
     strategy, start, replies = _round_one(config, contexts)
@@ -116,6 +117,7 @@ def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request
     assert all(np.abs(b).max() > 0 for a in sent for _, b in a.lora.values())  # every node trained (B left 0)
 
 
+@pytest.mark.slow
 def test_an_update_that_breaks_its_plan_is_refused(setup, caplog):
     config, contexts = setup
     strategy, _, replies = _round_one(config, contexts)
@@ -143,6 +145,7 @@ def test_a_node_without_data_answers_a_one_line_error(setup):
     assert reply.error.reason.startswith("this SuperNode has no training data") and "\n" not in reply.error.reason
 
 
+@pytest.mark.slow
 def test_the_server_optimiser_steps_on_the_rules_aggregate(setup):
     config, contexts = setup
     config = server_config(dict(contexts[11].run_config) | {"server-opt": "adam", "server-lr": 0.1})
@@ -159,6 +162,7 @@ def test_the_server_optimiser_steps_on_the_rules_aggregate(setup):
     assert strategy.optimizer_state.keys() == state.keys()
 
 
+@pytest.mark.slow
 def test_the_nodes_report_training_seconds_and_energy_and_the_history_records_them(setup):
     from profiles.catalog import device
 

@@ -92,6 +92,7 @@ def _clipped_to_the_lower_of_two(bodies: dict, start: Adapter) -> dict:
     return {name: encode(h) for name, h in heads.items()}
 
 
+@pytest.mark.slow
 def test_a_flower_run_with_head_rounds_averages_the_heads_then_trains_lora(federation):
     work, run_config, contexts, pooled = federation
     grid = LoopbackGrid(contexts)

@@ -23,6 +23,7 @@ from tests.helpers.adapters import our_logits, random_adapter
 LABELS = list(ARTIFACT_LABELS)
 
 
+@pytest.mark.slow
 def test_export_loads_with_auto_peft_for_classification(tiny_bert_dir, labels_file, tmp_path, monkeypatch):
     from peft import AutoPeftModelForSequenceClassification
 
@@ -44,6 +45,7 @@ def test_export_loads_with_auto_peft_for_classification(tiny_bert_dir, labels_fi
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_loads_with_auto_peft_for_causal_lm(tiny_llama_dir, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
@@ -93,6 +95,7 @@ def serve_args(model_dir, labels_file, init) -> list[str]:
             "--init-adapter", str(init)]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("r,alpha,rslora", [(6, 10, False), (5, 7, True)])
 def test_served_init_adapter_computes_peft_logits(tiny_bert_dir, labels_file, tmp_path, r, alpha, rslora):
     """alpha / r = 5/3 and 7/sqrt(5): no power of two, yet the global computes what PEFT computes."""

@@ -18,6 +18,7 @@ TEXTS = PEFT_TEXTS
 LABELS = ["a", "b", "c"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,fixture,num_labels", [("classification", "tiny_bert_dir", 3),
                                                      ("causal-lm", "tiny_llama_dir", None)])
 def test_peft_loads_the_export_with_the_same_logits(request, tmp_path, task, fixture, num_labels):
@@ -37,6 +38,7 @@ def test_peft_loads_the_export_with_the_same_logits(request, tmp_path, task, fix
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluator_merged_weights_match_the_lora_model(tiny_bert_dir):
     adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=4, seed=2, scale=0.3)
     reference, _ = our_logits(tiny_bert_dir, "classification", adapter, 3)
@@ -50,6 +52,7 @@ def test_evaluator_merged_weights_match_the_lora_model(tiny_bert_dir):
     assert metrics["loss"] == pytest.approx(expected_loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluator_perplexity_and_swapping_adapters(tiny_llama_dir):
     spec = derive_spec(tiny_llama_dir, "causal-lm")
     evaluator = Evaluator(tiny_llama_dir, "causal-lm")
@@ -95,6 +98,7 @@ def test_evaluate_command_prints_the_evaluator_metrics(tiny_bert_dir, tmp_path, 
     assert "pass --labels FILE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mean_pooling_model_and_its_peft_export(tiny_mean_bert_dir, tmp_path):
     """A checkpoint declaring mean pooling gets it (recorded in the spec); its features are the
     L2-normalised masked mean of the encoder's states; PEFT loads the export onto the same model exactly."""
