@@ -6,6 +6,7 @@ every code path that loads a model folder runs unchanged on them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -90,13 +91,27 @@ ARTIFACT_RANKS, ARTIFACT_BATCH, ARTIFACT_SEQ = (2, 4), 4, 16
 LLAMA_ARTIFACT_RANK, LLAMA_ARTIFACT_SEQ, LLAMA_TARGETS = 4, 64, ("q_proj", "v_proj")
 
 
+def _has_onnx_training() -> bool:
+    try:
+        return importlib.util.find_spec("onnxruntime.training") is not None
+    except ModuleNotFoundError:  # no onnxruntime at all
+        return False
+
+
+# onnxruntime-training is the one optional platform part of the test environment: it has no Linux aarch64 wheel
+# (pyproject.toml's export extra). ExecuTorch and everything else the tests import are hard dependencies.
+HAS_ONNX_TRAINING = _has_onnx_training()
+needs_onnx_training = pytest.mark.skipif(not HAS_ONNX_TRAINING, reason="onnxruntime-training is not installed: it "
+                                         "has no wheel for this platform (x86_64 only)")
+ARTIFACT_BACKENDS = ("executorch", "onnx") if HAS_ONNX_TRAINING else ("executorch",)
+
+
 def hetlora_export(model_dir, out, *flags: str) -> Path:
-    """`hetlora export` of `model_dir` into `out` with ExecuTorch (XNNPACK) and ONNX, batch ARTIFACT_BATCH."""
-    pytest.importorskip("executorch")
-    pytest.importorskip("onnxruntime.training")
+    """`hetlora export` of `model_dir` into `out` with ExecuTorch (XNNPACK) and, where onnxruntime-training is
+    installed, ONNX (ARTIFACT_BACKENDS), batch ARTIFACT_BATCH."""
     from hetlora.cli import main
 
-    assert main(["export", "--model", str(model_dir), "--batch", str(ARTIFACT_BATCH), "--backends", "executorch,onnx",
+    assert main(["export", "--model", str(model_dir), "--batch", str(ARTIFACT_BATCH), "--backends", ",".join(ARTIFACT_BACKENDS),
                  "--out", str(out), "--no-progress", *flags]) == 0
     return out
 
@@ -104,7 +119,7 @@ def hetlora_export(model_dir, out, *flags: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory, tiny_bert_dir) -> Path:
     """`hetlora export` of the tiny BERT, once per session, for every test that trains from artifacts:
-    ranks 2 and 4, ExecuTorch (XNNPACK) and ONNX, batch 4 x seq_len 16, three labels, and the server's
+    ranks 2 and 4, ARTIFACT_BACKENDS (ExecuTorch with XNNPACK, ONNX), batch 4 x seq_len 16, three labels, and the server's
     defaults (the model type's LoRA targets, lora_alpha 16), so `hetlora serve` runs can use it too."""
     labels = tmp_path_factory.mktemp("artifact-labels") / "labels.txt"
     labels.write_text("\n".join(ARTIFACT_LABELS) + "\n")
@@ -121,3 +136,55 @@ def tiny_llama_artifacts(tmp_path_factory, tiny_llama_dir) -> Path:
     return hetlora_export(tiny_llama_dir, tmp_path_factory.mktemp("tiny-llama-artifacts"), "--task", "causal-lm",
                           "--ranks", str(LLAMA_ARTIFACT_RANK), "--seq-len", str(LLAMA_ARTIFACT_SEQ),
                           "--targets", ",".join(LLAMA_TARGETS))
+
+
+@pytest.fixture(scope="session")
+def spec(tiny_bert_dir):
+    """The tiny BERT's adapter spec for a 3-label classification run with LoRA on query and value
+    (tests.helpers.server's LABELS and TARGETS), the spec of every server test's run."""
+    from edge_client.models import derive_spec
+    from tests.helpers.server import LABELS, TARGETS
+
+    return derive_spec(tiny_bert_dir, "classification", TARGETS, num_labels=len(LABELS))
+
+
+@pytest.fixture(scope="session")
+def labels_file(tmp_path_factory) -> Path:
+    """A JSON labels file of ARTIFACT_LABELS, the labels of the exported artifacts and of the end-to-end runs."""
+    import json
+
+    path = tmp_path_factory.mktemp("labels") / "labels.json"
+    path.write_text(json.dumps(list(ARTIFACT_LABELS)))
+    return path
+
+
+@pytest.fixture()
+def task_identity():
+    """What a ServerApp process has set when it builds Flower messages: its run, node (the SuperLink's, 1) and
+    task. Flower test modules use it with `pytestmark = pytest.mark.usefixtures("task_identity")`."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+@pytest.fixture(scope="session")
+def run_config(spec) -> dict:
+    """The run config (GET /v1/run) of tests.helpers.server's default server config."""
+    from tests.helpers.server import make_config
+
+    return make_config(spec).run_config()
+
+
+EXPORTING_FIXTURES = {"tiny_artifacts", "tiny_llama_artifacts"}
+
+
+def pytest_collection_modifyitems(items):
+    """An integration test (real processes end to end) is always slow too, and so is a test that needs exported
+    artifacts (the session's exports take minutes): the fast tier leaves them out."""
+    for item in items:
+        exports = EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if (item.get_closest_marker("integration") or exports) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

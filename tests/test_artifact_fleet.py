@@ -19,20 +19,14 @@ from edge_client.data import load_examples
 from hetlora.protocol.wire import decode
 from simulation.fleet import start_client, start_server
 from tests.conftest import ARTIFACT_LABELS
-from tests.test_client_e2e import run_to_end, serve_args, write_data
+from tests.helpers.fleet import run_to_end, serve_args, write_data
 
-pytest.importorskip("executorch")
-pytest.importorskip("onnxruntime.training")
+pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
+
+pytest.importorskip("onnxruntime.training", reason="these fleets train ONNX clients too")
 
 ROUNDS = 3
 TRAINING = ["--lr", "2e-2", "--head-lr", "5e-2", "--schedule", "cosine", "--warmup-steps", "2", "--head-init", "none"]
-
-
-@pytest.fixture(scope="module")
-def labels_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fleet-labels") / "labels.txt"
-    path.write_text("\n".join(ARTIFACT_LABELS) + "\n")
-    return path
 
 
 def run_fleet(tmp_path, model_dir, labels_file, artifacts, backends: tuple[str, ...]) -> tuple[dict, list]:
@@ -60,8 +54,8 @@ def run_fleet(tmp_path, model_dir, labels_file, artifacts, backends: tuple[str, 
     return status, [decode(v.read_bytes()) for v in versions]
 
 
-def accuracy(model_dir, labels_file, adapter, test_csv) -> float:
-    labels = labels_file.read_text().split()
+def accuracy(model_dir, adapter, test_csv) -> float:
+    labels = list(ARTIFACT_LABELS)
     examples = load_examples(test_csv, "classification", labels)
     return Evaluator(model_dir, "classification", labels).evaluate(adapter, examples, seq_len=16)["accuracy"]
 
@@ -75,8 +69,8 @@ def test_a_mixed_fleet_ends_where_an_all_torch_fleet_ends(tiny_bert_dir, tiny_ar
         assert len(lora) == ROUNDS and all(len(h["clients"]) == 3 for h in lora)
         assert all(not h["statistics"]["clipped"] for h in lora), [h["statistics"]["clipped"] for h in lora]
     start, final = runs["torch"][1][0], runs["torch"][1][-1]
-    before, after = (accuracy(tiny_bert_dir, labels_file, g, test_csv) for g in (start, final))
-    mixed = accuracy(tiny_bert_dir, labels_file, runs["mixed"][1][-1], test_csv)
+    before, after = (accuracy(tiny_bert_dir, g, test_csv) for g in (start, final))
+    mixed = accuracy(tiny_bert_dir, runs["mixed"][1][-1], test_csv)
     assert after >= before + 0.2, f"the run must learn for the comparison to mean anything ({before} -> {after})"
     assert abs(mixed - after) <= 0.01, f"mixed fleet {mixed:.3f} vs all-torch {after:.3f}"
     for name, (a, b) in final.lora.items():

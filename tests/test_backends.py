@@ -29,11 +29,11 @@ from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 from edge_client.objective import IGNORE
+from tests.helpers.adapters import random_adapter
 from tests.conftest import (ARTIFACT_BATCH as ART_BATCH, ARTIFACT_LABELS, ARTIFACT_SEQ, LLAMA_ARTIFACT_SEQ,
-                            LLAMA_TARGETS)
+                            LLAMA_TARGETS, needs_onnx_training)
 
-pytest.importorskip("executorch")
-pytest.importorskip("onnxruntime.training")
+ONNX = pytest.param("onnx", marks=needs_onnx_training)
 
 ART_RANK = 4
 ALPHA = 16.0
@@ -56,14 +56,6 @@ def examples_for(task: str) -> Examples:
     return Examples(task, prompts, responses=texts, chat=True)
 
 
-def random_adapter(spec, rank: int, seed: int) -> Adapter:
-    rng = np.random.default_rng(seed)
-    lora = {name: (rng.normal(0, 0.2, (rank, m.in_features)).astype(np.float32),
-                   rng.normal(0, 0.2, (m.out_features, rank)).astype(np.float32)) for name, m in spec.modules.items()}
-    dense = {name: rng.normal(0, 0.2, shape).astype(np.float32) for name, shape in spec.dense.items()}
-    return Adapter(lora=lora, dense=dense)
-
-
 def export_portable(model_dir, task: str, out, targets) -> None:
     """ExecuTorch on its CPU kernels alone, rank 4, at the task's exported shape."""
     from exporter.export import ExportRequest, export_all
@@ -74,7 +66,7 @@ def export_portable(model_dir, task: str, out, targets) -> None:
                              executorch_delegate="portable"), progress=False)
 
 
-@pytest.fixture(scope="module", params=sorted(SETUPS))
+@pytest.fixture(scope="module", params=[pytest.param(task, marks=pytest.mark.slow) for task in sorted(SETUPS)])
 def setup(request, tmp_path_factory):
     """(task, model_dir, targets, labels, {variant: artifacts folder})."""
     task = request.param
@@ -100,7 +92,7 @@ def spec_of(setup):
     return derive_spec(model_dir, task, targets, len(labels) if labels else None)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "executorch", "executorch-portable"])
+@pytest.mark.parametrize("backend", [ONNX, "executorch", "executorch-portable"])
 def test_first_step_loss_and_gradients_equal_torch(setup, backend):
     task = setup[0]
     reference, trainer = trainers(setup, backend)
@@ -160,7 +152,7 @@ def assert_same_adapter(got: Adapter, want: Adapter, atol: float) -> None:
         np.testing.assert_allclose(got.dense[name], t, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "executorch", "executorch-portable"])
+@pytest.mark.parametrize("backend", [ONNX, "executorch", "executorch-portable"])
 def test_round_with_self_pruning_matches_torch(setup, backend):
     """Six AdamW steps at rank 3 in an artifact of rank 4 (padding silenced by the keep mask), then pruning to 2.
 
@@ -187,7 +179,7 @@ def test_round_with_self_pruning_matches_torch(setup, backend):
             assert not current[name][:, 2:].any(), "pruned or padded ranks must hold exact zeros"
 
 
-@pytest.mark.parametrize("backend", ["onnx", "executorch"])
+@pytest.mark.parametrize("backend", [ONNX, "executorch"])
 def test_adamw_with_a_schedule_on_a_fixed_batch_equals_torch(setup, backend):
     """One fixed batch, eight steps of AdamW (warm-up 2, then cosine; weight decay; the head at its own lr):
     the loss of every step and the round's update equal torch's to 1e-4."""
@@ -224,6 +216,7 @@ def test_plain_round_without_pruning_keeps_rank(setup, backend):
     assert_same_adapter(got.adapter, want.adapter, atol=2e-5)
 
 
+@needs_onnx_training
 def test_user_errors(setup):
     task, model_dir, targets, labels, folders = setup
     out = folders["default"]
@@ -247,7 +240,7 @@ def test_user_errors(setup):
                      artifacts_dir=out)
 
 
-@pytest.mark.parametrize("backend", ["onnx", "executorch"])
+@pytest.mark.parametrize("backend", [ONNX, "executorch"])
 def test_artifact_trainers_head_statistics_equal_torch(setup, backend):
     """Round-0 statistics (the frozen features) equal the torch trainer's."""
     task = setup[0]
@@ -261,6 +254,7 @@ def test_artifact_trainers_head_statistics_equal_torch(setup, backend):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+@needs_onnx_training
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_artifact_sha256_is_verified(setup, tmp_path, damage):
     task, model_dir, targets, labels, folders = setup
@@ -322,7 +316,7 @@ def test_default_executorch_artifact_is_xnnpack_delegated(setup):
         assert (b"XnnpackBackend" in program) == delegated
 
 
-@pytest.mark.parametrize("backend", ["executorch", "onnx"])
+@pytest.mark.parametrize("backend", ["executorch", ONNX])
 def test_ranks_share_one_frozen_weights_file(tiny_bert_dir, tiny_artifacts, backend):
     """Frozen base weights live once per backend (executorch/frozen_weights.ptd, onnx/frozen_weights.safetensors),
     in no rank's own files; each rank trains from them."""

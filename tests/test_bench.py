@@ -63,6 +63,7 @@ def test_ranks_interleave_across_repetitions():
 
 
 # --- cost --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_step_flops_match_a_hand_count_for_the_tiny_bert(tiny_bert_dir):
     from edge_client.models import derive_spec
     from profiles.memory_model import ModelShape
@@ -79,6 +80,7 @@ def test_step_flops_match_a_hand_count_for_the_tiny_bert(tiny_bert_dir):
     assert rank_upload_bytes(spec, r) == 4 * (lora + 32 * 3 + 3)  # + the classifier head (3 x 32 and bias)
 
 
+@pytest.mark.slow
 def test_step_flops_agree_with_torchs_flop_counter(tiny_bert_dir):
     """torch's FlopCounterMode counts every mm/addmm of a real step exactly; reconciled term by term.
 
@@ -180,6 +182,7 @@ def check_cells(doc, rows, batch, seq_len):
                 for c in doc["cells"]}) == 1
 
 
+@pytest.mark.slow
 def test_quick_bench_on_a_jetson_tree_measures_energy_and_writes_json_csv_png(tiny_bert_dir, tmp_path, capsys):
     """The fake Orin Nano's VDD_IN rail reads a constant 5.072 V x 1.280 A, so joules = that power x seconds."""
     root, _ = make_root("jetson-orin-nano-jp5", tmp_path / "dev")
@@ -246,6 +249,7 @@ def test_quick_bench_of_a_causal_lm_takes_the_task_from_its_artifacts(tiny_llama
     assert "are for causal-lm" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_without_artifacts_says_where_they_come_from(tiny_bert_dir, tmp_path):
     assert main(bench_in_a_container(tiny_bert_dir, "2", "torch,onnx", tmp_path, *FAST)) == 0
     doc, _ = read_outputs(tmp_path / "out")

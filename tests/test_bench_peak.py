@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from fakeroots import make_root
-from test_device_energy import drive
 
 from edge_client.bench.peak import fraction, gemm_mix, linear_maps, mixed_rate, step_peak
 from edge_client.bench.runner import CellRun, Segment, summarize_cell
@@ -12,6 +12,7 @@ from edge_client.device.energy import EnergyMeter, EnergyResult, meter_for
 from edge_client.device.host import Host
 from profiles.cost import step_flops
 from profiles.memory_model import ModelShape
+from tests.helpers.energy import drive
 
 # h 4, ffn 8, 2 layers; T = 2 x 3 = 6 tokens. P_mm = 2 * (4*4*4 + 2*4*8) = 256
 BERT = ModelShape("bert", hidden=4, layers=2, heads=2, kv_heads=2, intermediate=8, vocab=50, max_positions=16,
@@ -71,7 +72,6 @@ def test_a_cell_reports_real_tokens_and_a_clamped_fraction():
 
 
 def test_step_peak_measures_every_gemm_of_the_mix_at_the_current_threads():
-    torch = pytest.importorskip("torch")
     peak = step_peak(BERT, batch=2, seq_len=3, seconds_per_shape=0.01)
     assert peak["threads"] == torch.get_num_threads()
     assert {(g["kind"], g["tokens"], g["in"], g["out"]) for g in peak["gemms"]} == set(gemm_mix(BERT, 2, 3))

@@ -109,7 +109,7 @@ def test_simulated_fleet_is_reproducible_and_spans_tiers():
 # --- the server assigns the policy's rank at registration (real HTTP, real SQLite) ----------------------
 
 def test_server_assigns_the_policy_rank_to_a_registered_catalog_profile(tiny_bert_dir, tmp_path):
-    from test_server import LABELS, TARGETS, make_config, running_server
+    from tests.helpers.server import LABELS, TARGETS, make_config, running_server
 
     from edge_client.models import derive_spec
 
@@ -138,7 +138,7 @@ def test_server_assigns_the_policy_rank_to_a_registered_catalog_profile(tiny_ber
 def test_server_rank_follows_fresh_profiles_with_hysteresis(tiny_bert_dir, tmp_path):
     """POST /v1/profile: low battery moves down at once; back on the charger the rank only moves up again
     when the higher tier fits with the policy's headroom (the server passes the client's current rank)."""
-    from test_server import LABELS, TARGETS, make_config, running_server
+    from tests.helpers.server import LABELS, TARGETS, make_config, running_server
 
     from edge_client.models import derive_spec
     from profiles import cost

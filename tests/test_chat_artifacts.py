@@ -16,10 +16,11 @@ from hetlora.protocol.wire import decode
 from simulation.fleet import start_client, start_server
 from tests.conftest import ARTIFACT_BATCH, LLAMA_ARTIFACT_RANK, LLAMA_ARTIFACT_SEQ, LLAMA_TARGETS
 from tests.helpers import chat_rows, write_jsonl
-from tests.test_client_e2e import run_to_end
+from tests.helpers.fleet import run_to_end
 
-pytest.importorskip("executorch")
-pytest.importorskip("onnxruntime.training")
+pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
+
+pytest.importorskip("onnxruntime.training", reason="these fleets train ONNX clients too")
 
 BACKENDS = ("torch", "executorch", "onnx")
 STEPS = 4

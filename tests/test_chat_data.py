@@ -78,6 +78,7 @@ def test_non_utf8_text_is_a_clear_error(tmp_path):
         load_examples(path, "causal-lm")
 
 
+@pytest.mark.slow
 def test_the_loss_on_target_positions_equals_the_full_logits_loss(tiny_llama_dir, tmp_path):
     from edge_client.models import load_task_model
 
@@ -127,6 +128,7 @@ def test_split_by_user_errors_say_what_to_change():
         split_by_user([{"prompt": "a", "response": "b"}], 1, min_replies=1)
 
 
+@pytest.mark.slow
 def test_the_bundled_corpus_reads_into_reply_rows():
     from hetlora.chitchat import chitchat_rows
 

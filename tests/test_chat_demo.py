@@ -15,6 +15,8 @@ import torch
 
 from tests.helpers import chat_rows, write_jsonl
 
+pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
+
 HETLORA = [sys.executable, "-m", "hetlora.cli"]
 
 
@@ -77,7 +79,7 @@ def test_the_chat_demos_peft_folder_loads_with_auto_peft_and_matches_the_wire_ad
 def real_model_run(smollm2_dir, tmp_path_factory):
     """SmolLM2-135M-Instruct, one client, one round of 3 steps of batch 2: the real model through the product."""
     from simulation.fleet import start_client, start_server
-    from tests.test_client_e2e import run_to_end
+    from tests.helpers.fleet import run_to_end
 
     tmp = tmp_path_factory.mktemp("smollm2")
     rows = [{"prompt": "hey, how was your weekend?", "response": "pretty chill, went hiking with my dog"},

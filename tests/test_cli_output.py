@@ -15,6 +15,7 @@ from hetlora import output
 from hetlora.cli import main
 from hetlora.demo_data import BANKING77
 from hetlora.extras import extra_for, missing_extra_message
+from tests.conftest import ARTIFACT_BACKENDS
 
 PROJECT = Path(__file__).resolve().parent.parent
 def small_csv(tmp_path: Path) -> Path:
@@ -127,6 +128,7 @@ def test_serve_without_the_server_extra_says_which_extra_to_install(tmp_path):
     assert "install the server extra: pip install 'hetlora-edge[server]'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_export_without_the_export_extra_says_which_extra_to_install(tiny_bert_dir, tmp_path):
     proc = run_blocked(tmp_path, "executorch,onnx,onnxruntime,onnxruntime_training_cpu,onnxscript", "export", "--model", str(tiny_bert_dir), "--task",
                        "classification", "--num-labels", "3", "--ranks", "4", "--batch", "2", "--seq-len", "8",
@@ -136,20 +138,23 @@ def test_export_without_the_export_extra_says_which_extra_to_install(tiny_bert_d
     assert "install the export extra: pip install 'hetlora-edge[export]'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_export_prints_at_most_twenty_lines_by_default(tiny_bert_dir, tmp_path):
-    """Both backends, two ranks: the progress bar and the summary, without third-party chatter."""
+    """Both backends (ExecuTorch alone without onnxruntime-training), two ranks: the progress bar and the summary,
+    without third-party chatter."""
     cmd = [sys.executable, "-m", "hetlora.cli", "export", "--model", str(tiny_bert_dir), "--task", "classification",
-           "--num-labels", "3", "--ranks", "4,8", "--batch", "2", "--seq-len", "8", "--backends", "executorch,onnx",
-           "--out", str(tmp_path / "art")]
+           "--num-labels", "3", "--ranks", "4,8", "--batch", "2", "--seq-len", "8", "--backends",
+           ",".join(ARTIFACT_BACKENDS), "--out", str(tmp_path / "art")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, timeout=900,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) <= 20, "\n".join(lines[:40])
-    assert proc.stdout.strip().startswith("wrote 4 artifacts")
+    assert proc.stdout.strip().startswith(f"wrote {2 * len(ARTIFACT_BACKENDS)} artifacts")
     assert not any(word in proc.stderr for word in ("INFO root", "Failed to load", "_pytree", "[W:onnxruntime"))
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_carries_the_demo_data(tmp_path):
     """`pip install` (a built wheel, not the checkout) puts BANKING77 inside the installed package, and the
     defaults resolve there, run from a folder that is not the checkout."""

@@ -2,79 +2,40 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import time
 
+import numpy as np
 import pytest
 
-from simulation.fleet import start_client, start_server
 from edge_client.server_api import ServerAPI
+from edge_client.models import derive_spec
+from hetlora.protocol.wire import decode, encode
+from simulation.fleet import start_client, start_server
+from tests.helpers.adapters import random_adapter
+from tests.helpers.fleet import run_to_end, serve_args, write_data
 
-LABELS = ["card", "transfer", "rate"]
-WORDS = {"card": "my card was declined at the shop", "transfer": "send money to my friend abroad",
-         "rate": "what is the exchange rate today"}
-
-
-def write_data(path, rows: int, offset: int = 0):
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in range(rows):
-            label = LABELS[(i + offset) % 3]
-            w.writerow([f"{WORDS[label]} {i}", label])
-    return path
+pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
 
 
-@pytest.fixture(scope="module")
-def labels_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("labels") / "labels.json"
-    path.write_text(json.dumps(LABELS))
-    return path
-
-
-def serve_args(model_dir, labels_file, aggregator, rounds=2, steps=3, head_rounds=0):
-    return ["--head-rounds", str(head_rounds), "--model", str(model_dir), "--task", "classification", "--labels", str(labels_file),
-            "--aggregator", aggregator, "--ranks", "2,4,8", "--rounds", str(rounds), "--min-clients", "3",
-            "--local-steps", str(steps), "--batch-size", "4", "--seq-len", "16", "--poll-seconds", "0.2",
-            "--round-deadline", "300"]
-
-
-def wait_finished(api: ServerAPI, procs, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = api.status()
-        if status["finished"]:
-            return status
-        for p in procs:
-            assert p.alive() or p.wait() == 0, p.tail()
-        time.sleep(0.5)
-    raise AssertionError("run did not finish: " + json.dumps(api.status()["round"]))
-
-
-def run_to_end(server, url, start_clients, restart=None) -> dict:
-    """Start the clients, let `restart(clients)` replace some of them (a restarted client), wait until the
-    run finishes and every client exits 0; stop everything started. Returns the final status."""
-    clients = []
-    try:
-        clients = start_clients()
-        if restart is not None:
-            restart(clients)
-        status = wait_finished(ServerAPI(url), clients)
-        for c in clients:
-            assert c.wait(timeout=60) == 0, c.tail()
-        return status
-    finally:
-        for c in clients:
-            c.stop()
-        server.stop()
+def self_pruning(model_dir, tmp_path) -> list[str]:
+    """serve options under which hetlora's clients self-prune in the first LoRA round: a start whose tail is large
+    (an --init-adapter with B ~ N(0, 0.5), factors only) under a tail penalty that outweighs the task, gamma 0.5 (rank 8 -> 4,
+    4 -> 2), never below rank 2. (From a zero B the tail only grows: the rule's zero padding shrinks it again
+    every round.)"""
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(encode(random_adapter(derive_spec(model_dir, "classification", num_labels=3), 8, seed=4,
+                                           b_scale=0.5, dense=False)))  # no head: round 0 sets it
+    return ["--init-adapter", str(init), "--prune-lambda", "100", "--prune-gamma", "0.5", "--min-rank", "2", "--lr",
+            "0.01", "--warmup-steps", "0"]
 
 
 @pytest.mark.parametrize("aggregator", ["hetlora", "hlora", "plora", "fedavg"])
 def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_file, tmp_path, aggregator):
     head_rounds = 2 if aggregator == "hetlora" else 0  # one rule runs the head rounds too
-    server, url = start_server(serve_args(tiny_bert_dir, labels_file, aggregator, head_rounds=head_rounds),
+    pruning = self_pruning(tiny_bert_dir, tmp_path) if aggregator == "hetlora" else []
+    server, url = start_server(serve_args(tiny_bert_dir, labels_file, aggregator, head_rounds=head_rounds) + pruning,
                                tmp_path / "server")
     status = run_to_end(server, url, lambda: [
         start_client(url, write_data(tmp_path / f"d{i}.csv", 12 + 4 * i, i), tmp_path / f"c{i}",
@@ -83,10 +44,23 @@ def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_f
     # round 0: head statistics (serve's default), then the head rounds, then two LoRA rounds
     assert [h["stage"] for h in status["history"]] == ["head-statistics"] + ["head-fit"] * head_rounds + ["lora"] * 2
     assert status["history"][0]["statistics"]["head"] in ("lda", "ncm")
-    expected_ranks = [8, 8, 8] if aggregator == "fedavg" else [2, 4, 8]
-    assert sorted(c["rank"] for c in status["clients"]) == expected_ranks
+    assert sorted(c["requested_rank"] for c in status["clients"]) == [2, 4, 8]
     for h in status["history"]:
         assert len(h["clients"]) == 3
+    lora = [h for h in status["history"] if h["stage"] == "lora"]
+    uploaded = {c["client_id"]: [h["effective_ranks"][c["client_id"]] for h in lora] for c in status["clients"]}
+    if aggregator == "hetlora":  # the rank-8 client pruned in a round; the server plans its pruned rank since
+        eight = next(c for c in status["clients"] if c["requested_rank"] == 8)
+        pruned = min(uploaded[eight["client_id"]])
+        assert pruned < 8 and eight["rank"] == pruned, (uploaded, status["clients"])
+    else:
+        expected = {c["client_id"]: 8 if aggregator == "fedavg" else c["requested_rank"] for c in status["clients"]}
+        assert uploaded == {cid: [rank] * len(lora) for cid, rank in expected.items()}
+        assert {c["client_id"]: c["rank"] for c in status["clients"]} == expected
+    globals_ = [decode(p.read_bytes()) for p in sorted((tmp_path / "server" / "blobs" / "globals").glob("v*.safetensors"))]
+    before_lora, final = globals_[-1 - len(lora)], globals_[-1]
+    for name, (a, b) in final.lora.items():  # training moved every module of the global
+        assert not np.array_equal(b, before_lora.lora[name][1]) and np.abs(b).max() > 0, name
     logs = [(tmp_path / f"c{i}.log").read_text() for i in range(3)]
     for log in logs:
         assert "training finished" in log and log.count("B up") == 3 + head_rounds, log[-2000:]
@@ -108,6 +82,9 @@ def test_client_killed_mid_round_resumes_with_same_identity(tiny_bert_dir, label
             assert time.monotonic() < deadline, victim_log.read_text()
             time.sleep(0.2)
         clients[0].kill()
+        victim = json.loads((tmp_path / "c0" / "state.json").read_text())["client_id"]
+        current = ServerAPI(url).status()["round"]  # the kill landed while round 1 waited for its upload
+        assert current["number"] == 1 and victim in current["selected"] and victim not in current["uploads"], current
         clients[0] = start_client(url, data[0], tmp_path / "c0", args)
 
     status = run_to_end(server, url, lambda: [start_client(url, data[i], tmp_path / f"c{i}", args) for i in range(3)],

@@ -3,10 +3,7 @@ never a traceback; an update the server refused as invalid is moved aside instea
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -15,81 +12,8 @@ from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import encode
 from hetlora.cli import main
-from tests.test_server import LABELS, make_config, make_update, register, running_server, spec, upload_meta
-
-__all__ = ["spec"]  # the module-scoped fixture, shared with test_server
-
-
-@contextlib.contextmanager
-def fake_server(routes: dict):
-    """A loopback HTTP server answering (method, path) -> (status, content type, body bytes[, extra headers]);
-    records requests."""
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def answer(self):
-            seen.append((self.command, self.path))
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            status, kind, body, *extra = routes.get((self.command, self.path.split("?")[0]),
-                                                    (404, "text/plain", b"nope"))
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            for key, value in (extra[0] if extra else {}).items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = answer
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def write_data(path, rows: int):
-    path.write_text("text,label\n" + "".join(f"my {LABELS[i % 3]} question {i},{LABELS[i % 3]}\n" for i in range(rows)))
-    return path
-
-
-def as_json(doc) -> tuple:
-    return 200, "application/json", json.dumps(doc).encode()
-
-
-def run_client(capsys, url, tmp_path, model_dir=None):
-    data = write_data(tmp_path / "data.csv", 12)
-    argv = ["client", "--server", url, "--data", str(data), "--state-dir", str(tmp_path / "state"), "--no-progress",
-            "--poll", "0.1"] + (["--model", str(model_dir)] if model_dir else [])
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    return code, err[-1] if err else ""
-
-
-@pytest.fixture(scope="module")
-def run_config(spec):
-    return make_config(spec).run_config()
-
-
-def open_round_routes(run_config, adapter_bytes: bytes, plan: dict | None = None) -> dict:
-    plan = plan or ClientPlan(round=1, rank=2, mode="plain", training=TrainingSettings(steps=1, batch_size=2,
-                                                                                       seq_len=8)).to_json()
-    return {("GET", "/v1/run"): as_json(run_config),
-            ("POST", "/v1/register"): as_json({"client_id": "c-1", "token": "t", "rank": 2, "run": run_config}),
-            ("GET", "/v1/round"): as_json({"round": 1, "state": "open", "selected": True, "uploaded": False, "rank": 2,
-                                          "indices": None, "deadline": 0, "rounds": 2, "global_version": 0,
-                                          "plan": plan}),
-            ("POST", "/v1/profile"): as_json({"client_id": "c-1", "rank": 2}),
-            ("GET", "/v1/rounds/1/adapter"): (200, "application/octet-stream", adapter_bytes)}
+from tests.helpers.fake_server import as_json, fake_server, open_round_routes, run_client, write_data
+from tests.helpers.server import LABELS, make_config, make_update, register, running_server, upload_meta
 
 
 def test_html_with_200_is_one_error_line_and_exit_3(capsys, tmp_path):
@@ -187,6 +111,7 @@ def test_update_refused_as_invalid_is_moved_aside_not_resent(spec, tmp_path):
         assert http.get("/v1/status").json()["round"]["uploads"] == []
 
 
+@pytest.mark.slow
 def test_profile_step_trains_a_model_folder_with_its_own_head(capsys, five_label_model):
     assert main(["profile", "--step", "--model", str(five_label_model), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["compute"]["lora_step_s"] > 0
@@ -213,6 +138,7 @@ def stale_state(tmp_path, url: str, run: dict):
     return state
 
 
+@pytest.mark.slow
 def test_a_stale_state_registers_again_in_a_new_run_of_the_same_model(capsys, spec, tmp_path, tiny_bert_dir):
     config = make_config(spec, min_clients=1, rounds=1, training=TrainingSettings(steps=1, batch_size=2, seq_len=8))
     with running_server(config, tmp_path / "server") as http:

@@ -17,10 +17,9 @@ from edge_client.server_api import ServerAPI
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import MAX_STEPS, TrainingSettings
 from hetlora.protocol.wire import MAX_ABS_VALUE, encode
-from tests.test_client_errors import as_json, fake_server, open_round_routes, run_client, run_config  # noqa: F401
-from tests.test_server import make_config, make_update, register, running_server, spec, upload_meta
+from tests.helpers.fake_server import fake_server, open_round_routes, run_client
+from tests.helpers.server import make_config, make_update, register, running_server, upload_meta
 
-__all__ = ["spec", "run_config"]  # module-scoped fixtures
 SANE = TrainingSettings(steps=1, batch_size=2, seq_len=8)
 
 

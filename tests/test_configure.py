@@ -8,7 +8,6 @@ import pytest
 from hetlora.protocol.plan import ClientPlan, Tier, stage_of
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.engine.aggregation import RULES, make_rule
-from tests.test_server import spec  # noqa: F401  (fixture)
 
 RUN = dict(global_rank=16, seed=7, training=TrainingSettings(steps=5, batch_size=32, seq_len=128, prune_lambda=0.01))
 
@@ -101,7 +100,7 @@ def test_cosine_lr_decay_is_the_closed_form_and_none_changes_nothing():
 
 def test_the_decay_runs_over_the_lora_rounds_only(spec):
     from hetlora.errors import UserError
-    from tests.test_server import make_config
+    from tests.helpers.server import make_config
 
     training = TrainingSettings(lr=1e-3, head_lr=2e-3)
     config = make_config(spec, head_init="lda", head_rounds=2, rounds=4, lr_decay="cosine", training=training)
@@ -116,7 +115,7 @@ def test_the_decay_runs_over_the_lora_rounds_only(spec):
 
 def test_plans_over_http_carry_each_rounds_decayed_learning_rates(spec, tmp_path):
     from hetlora.protocol.wire import encode
-    from tests.test_server import make_config, make_update, post_update, register, running_server, upload_meta
+    from tests.helpers.server import make_config, make_update, post_update, register, running_server, upload_meta
 
     training = TrainingSettings(lr=1e-3, head_lr=2e-3)
     config = make_config(spec, rounds=2, lr_decay="cosine", min_clients=2, clients_per_round=2, training=training)

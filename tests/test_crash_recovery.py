@@ -3,24 +3,19 @@ loses no acknowledged upload and leaves SQLite intact (a bounded kill loop)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import multiprocessing
-import os
-import signal
 import sqlite3
 import threading
 import time
 
 import httpx
 import numpy as np
+import pytest
 
 from hetlora.protocol.wire import encode
 from hetlora.engine.upload_checks import update_digest
-from tests.test_server import (LABELS, TARGETS, _serve, make_config, make_update, register, sigkill, spec,
-                               upload_meta)
+from tests.helpers.server import (LABELS, make_config, make_update, register, sigkill, start_cli_server,
+                                  upload_meta)
 
-__all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 KILLS = 5
 
 
@@ -39,27 +34,6 @@ def test_sweep_removes_temp_files_and_blobs_without_a_row(spec, tmp_path):
     coordinator.store.close()
     assert not any(p.exists() for p in leftovers)
     assert (tmp_path / "blobs" / "globals" / "v0000.safetensors").exists()
-
-
-def start_server(tiny_bert_dir, labels_file, state_dir, extra=(), verify=True):
-    """`hetlora serve` (min-clients 3, 40 rounds, `extra` options) in a forked child process; (process, URL) once
-    it answers (`verify`: httpx's certificate check for an https server)."""
-    argv = ["serve", "--model", str(tiny_bert_dir), "--labels", str(labels_file), "--targets", ",".join(TARGETS),
-            "--aggregator", "hetlora", "--ranks", "2,4,8", "--min-clients", "3", "--rounds", "40", "--seed", "7",
-            "--state-dir", str(state_dir), "--port", "0", "--head-init", "none", *extra]
-    proc = multiprocessing.get_context("fork").Process(target=_serve, args=(argv,), daemon=True)
-    proc.start()
-    info = state_dir / "server.json"
-    for _ in range(1200):
-        assert proc.is_alive(), f"server exited with code {proc.exitcode}"
-        if info.exists() and json.loads(info.read_text())["pid"] == proc.pid:
-            url = json.loads(info.read_text())["url"]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/v1/status", timeout=5, verify=verify).status_code == 200:
-                    return proc, url
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    raise AssertionError("server did not start")
 
 
 def drive(url, clients, spec, acked: set, stop: threading.Event):
@@ -86,6 +60,7 @@ def orphan_blobs(state) -> list:
     return [p for p in (state / "blobs").rglob("*.safetensors") if p.relative_to(state / "blobs").as_posix() not in named]
 
 
+@pytest.mark.integration
 def test_kill_loop_loses_no_acknowledged_upload(spec, tiny_bert_dir, tmp_path):
     labels_file = tmp_path / "labels.txt"
     labels_file.write_text("\n".join(LABELS) + "\n")
@@ -94,7 +69,7 @@ def test_kill_loop_loses_no_acknowledged_upload(spec, tiny_bert_dir, tmp_path):
     acked: set = set()
     clients = None
     for kill in range(KILLS + 1):
-        proc, url = start_server(tiny_bert_dir, labels_file, state)
+        proc, url = start_cli_server(tiny_bert_dir, labels_file, state, rounds=40)
         assert not list(state.rglob(".*.tmp")) and not orphan_blobs(state)  # swept at start-up
         try:
             if clients is None:

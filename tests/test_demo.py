@@ -10,7 +10,9 @@ import pytest
 
 from hetlora.protocol.wire import decode
 from hetlora.engine.upload_checks import update_digest
-from tests.test_client_e2e import LABELS, write_data
+from tests.helpers.fleet import LABELS, write_data
+
+pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
 
 
 def run_demo(model_dir, tmp_path, out_name, seed=0):

@@ -11,6 +11,7 @@ from edge_client.device import compute
 from edge_client.device.profile import collect_profile, validate_profile
 
 
+@pytest.mark.slow
 def test_full_profile_measures_compute_and_clocks_under_load(tmp_path, tiny_bert_dir, monkeypatch):
     monkeypatch.setitem(compute.SHORT, "peak_s", 0.1)
     monkeypatch.setitem(compute.SHORT, "sustained_s", 0.2)

@@ -12,6 +12,7 @@ from edge_client.device.energy import (EnergyMeter, EnergyResult, combine, count
                                        interpolate, meter_for, unwrap)
 from edge_client.device.host import Host
 from edge_client.device.sources import EstimateSource, discover_sources
+from tests.helpers.energy import drive
 
 
 def power(t: float) -> float:
@@ -27,28 +28,6 @@ def power(t: float) -> float:
 # [2t + 2t^2] from 0.25 to 1 = 3.375;  6 * 2 = 12;  6 * 0.6 - 2.5 * 0.6^2 = 2.7
 WINDOW, WINDOW_J = (0.25, 3.6), 3.375 + 12 + 2.7
 SAMPLE_TIMES = [i / 2 for i in range(9)]  # 0, 0.5, ..., 4: the breakpoints are among them
-
-
-def scripted_clock(values):
-    """A clock that returns the given instants in order (one per call)."""
-    it = iter(values)
-    return lambda: next(it)
-
-
-def drive(meter: EnergyMeter, set_state, times, window):
-    """Run a meter by hand: a reading at times[0], the window opening, readings at the inner
-    times, the window closing, and a last reading at times[-1]. Returns the result."""
-    t0, t1 = window
-    inner = times[1:-1]
-    clock_values = [times[0], times[0], t0] + [v for t in inner for v in (t, t)] + [t1, times[-1], times[-1]]
-    meter.clock = scripted_clock(clock_values)
-    set_state(times[0])
-    meter.start(background=False)
-    for t in inner:
-        set_state(t)
-        meter.sample()
-    set_state(times[-1])
-    return meter.stop()
 
 
 def test_trapezoids_over_a_piecewise_linear_profile_match_the_closed_form():
@@ -215,7 +194,6 @@ def test_meter_for_picks_the_best_source_of_each_device(tmp_path):
 
 
 def test_meter_for_a_pi4_estimates_from_the_catalog(tmp_path):
-    pytest.importorskip("profiles.catalog")
     root, env = make_root("raspberry-pi-4", tmp_path)
     (root / "proc/stat").write_text("cpu  0 0 0 0 0 0 0 0 0 0\n")
     meter = meter_for(Host(root, env))

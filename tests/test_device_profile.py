@@ -11,6 +11,7 @@ from fakeroots import make_root
 
 from edge_client.device.profile import collect_profile, lowest_tier, validate_profile
 from hetlora.cli import main
+from profiles.policy import DEFAULT_POLICY_PATH
 
 KB, GIB, MIB = 1024, 1 << 30, 1 << 20
 
@@ -176,7 +177,6 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_cli_tier_uses_the_policy(tmp_path, capsys):
-    pytest.importorskip("profiles.policy")
     root, _ = make_root("container", tmp_path)
     assert main(["profile", "--quick", "--json", "--tier", "--root", str(root)]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -209,8 +209,7 @@ def test_commands_go_through_an_injectable_runner(tmp_path):
 
 
 def test_lora_step_runs_at_the_lowest_tier_of_the_policy_file(tmp_path):
-    policy = pytest.importorskip("profiles.policy")
-    doc = json.loads(policy.DEFAULT_POLICY_PATH.read_text())
+    doc = json.loads(DEFAULT_POLICY_PATH.read_text())
     first = next(t for t in doc["tiers"] if t["rank"] > 0)
     first.update(batch_size=2, seq_len=32)
     path = tmp_path / "tiers.json"

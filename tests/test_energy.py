@@ -15,9 +15,9 @@ from hetlora.protocol.energy import Power, energy_of
 from hetlora.protocol.wire import WireFormatError, encode, parse_meta, read_header
 from profiles.catalog import device, profile_for
 from simulation.fleet import start_client, start_server
-from tests.test_client_e2e import labels_file, run_to_end, serve_args, write_data  # noqa: F401 (fixture)
-from tests.test_server import (error_code, make_config, make_update, post_update, register,  # noqa: F401 (spec)
-                               running_server, snapshot, spec, upload_meta)
+from tests.helpers.fleet import run_to_end, serve_args, write_data
+from tests.helpers.server import (error_code, make_config, make_update, post_update, register,
+                                  running_server, snapshot, upload_meta)
 
 PI5 = "raspberry-pi-5"
 
@@ -78,7 +78,7 @@ def test_the_server_refuses_malformed_reports_stores_nothing_and_records_the_goo
 
 
 @pytest.fixture(scope="module")
-def reporting_run(tiny_bert_dir, labels_file, tmp_path_factory):  # noqa: F811
+def reporting_run(tiny_bert_dir, labels_file, tmp_path_factory):
     """Round 0 (head statistics), one head round and one LoRA round with three clients: one with --watts, one
     presenting a catalog device, one whose device no catalog entry matches."""
     tmp = tmp_path_factory.mktemp("energy-run")
@@ -105,6 +105,7 @@ def stored_energy(server_dir, round_number: int) -> dict:
     return reports
 
 
+@pytest.mark.integration
 def test_every_upload_carries_its_training_seconds_and_energy_estimate(reporting_run):
     tmp, status = reporting_run
     names = {c["client_id"]: c["name"] for c in status["clients"]}

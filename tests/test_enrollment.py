@@ -11,9 +11,8 @@ import pytest
 from edge_client.server_api import ServerAPI, ServerUnreachable
 from server_stub.enrollment import Enrollment
 from server_stub.errors import ApiError
-from tests.test_server import error_code, make_config, snapshot, spec
+from tests.helpers.server import error_code, make_config, snapshot
 
-__all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 BODY = {"profile": {}, "requested_rank": 4, "n_samples": 1}
 
 

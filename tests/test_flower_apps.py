@@ -21,11 +21,9 @@ from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes,
 from hetlora_flower.settings import serve_arguments, server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
 from hetlora.engine.aggregation import ClientResult, make_rule
-from hetlora.engine.aggregation.bounds import bound_influence
+from tests.helpers.flower import LABELS, ROWS, bounded
 
-LABELS = ["card", "payment", "exchange"]
-ROWS = [("how do I activate my new card", "card"), ("my card was declined at the shop", "payment"),
-        ("what is the exchange rate for euros", "exchange"), ("convert pounds to euros for me", "exchange")]
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_run_config_keys_are_serve_flags():
@@ -56,17 +54,6 @@ def test_wire_bytes_cross_an_array_record_exactly():
     assert body == data and doc == {"plan": {"rank": 4}, "indices": None}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """What a ServerApp process has set when it builds messages: its run, node (the SuperLink's, 1) and task."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
 def _setup(work, tiny_bert_dir, node_settings: dict, rule: str = "plora"):
     (work / "labels.json").write_text(json.dumps(LABELS))
     with (work / "data.csv").open("w", newline="") as fh:
@@ -89,23 +76,11 @@ def setup(tmp_path_factory, tiny_bert_dir):
 
 
 @pytest.fixture(scope="module")
-def executorch_setup(tmp_path_factory, tiny_bert_dir):
-    """The same two nodes training from real ExecuTorch artifacts (exported to train with SGD), with hetlora:
-    Select-N-Fold (plora) changes frozen weights, which an exported artifact cannot."""
-    from hetlora.cli import main
-
-    work = tmp_path_factory.mktemp("flower-executorch")
-    nodes = _setup(work, tiny_bert_dir, {"backend": "executorch", "artifacts-dir": str(work / "artifacts")}, "hetlora")
-    assert main(["export", "--model", str(tiny_bert_dir), "--task", "classification", "--labels",
-                 str(work / "labels.json"), "--ranks", "2,4", "--batch", "4", "--seq-len", "16",
-                 "--backends", "executorch", "--out", str(work / "artifacts"), "--no-progress"]) == 0
-    return nodes
-
-
-def bounded(rule, start, results):
-    """The results after bounded influence, each measured from the start its plan gave it (meta rank, indices)."""
-    starts = [rule.upload_start(start, res.adapter.meta["rank"], res.indices) for res in results]
-    return bound_influence(starts, results)[0]
+def executorch_setup(tmp_path_factory, tiny_bert_dir, tiny_artifacts):
+    """The same two nodes training from the session's ExecuTorch artifacts, with hetlora: Select-N-Fold (plora)
+    changes frozen weights, which an exported artifact cannot."""
+    return _setup(tmp_path_factory.mktemp("flower-executorch"), tiny_bert_dir,
+                  {"backend": "executorch", "artifacts-dir": str(tiny_artifacts)}, "hetlora")
 
 
 def _round_one(config, contexts):
@@ -122,6 +97,7 @@ def _round_one(config, contexts):
     return strategy, start, replies
 
 
+@pytest.mark.slow  # both nodes train tiny BERT (from ExecuTorch artifacts, too)
 @pytest.mark.parametrize("nodes", ["setup", "executorch_setup"])
 def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request):
     config, contexts = request.getfixturevalue(nodes)
@@ -141,6 +117,7 @@ def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request
     assert all(np.abs(b).max() > 0 for a in sent for _, b in a.lora.values())  # every node trained (B left 0)
 
 
+@pytest.mark.slow
 def test_an_update_that_breaks_its_plan_is_refused(setup, caplog):
     config, contexts = setup
     strategy, _, replies = _round_one(config, contexts)
@@ -168,6 +145,7 @@ def test_a_node_without_data_answers_a_one_line_error(setup):
     assert reply.error.reason.startswith("this SuperNode has no training data") and "\n" not in reply.error.reason
 
 
+@pytest.mark.slow
 def test_the_server_optimiser_steps_on_the_rules_aggregate(setup):
     config, contexts = setup
     config = server_config(dict(contexts[11].run_config) | {"server-opt": "adam", "server-lr": 0.1})
@@ -184,6 +162,7 @@ def test_the_server_optimiser_steps_on_the_rules_aggregate(setup):
     assert strategy.optimizer_state.keys() == state.keys()
 
 
+@pytest.mark.slow
 def test_the_nodes_report_training_seconds_and_energy_and_the_history_records_them(setup):
     from profiles.catalog import device
 

@@ -18,8 +18,10 @@ from hetlora.protocol.wire import decode
 from hetlora_flower.local import LocalFederation
 from hetlora_flower.settings import server_config
 from hetlora.engine.aggregation import ClientResult, make_rule
-from tests.test_flower_apps import bounded
 from hetlora.engine.head_round import initial_global, load_statistics
+from tests.helpers.flower import bounded
+
+pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
 
 APP = Path(__file__).resolve().parents[1] / "flower_app"
 LABELS = ["card", "payment", "exchange"]

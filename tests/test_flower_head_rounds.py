@@ -14,7 +14,6 @@ from collections import Counter
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 
 from hetlora.protocol.spec import linear_head
 from hetlora.protocol.wire import Adapter, decode, encode
@@ -27,43 +26,11 @@ from hetlora_flower.strategy import RuleStrategy, global_record
 from hetlora.engine.aggregation import ClientResult, make_rule
 from hetlora.engine.aggregation.bounds import CLIP_FACTOR
 from hetlora.engine.head_round import initial_global, load_statistics
-from tests.test_flower_apps import bounded, LABELS, ROWS, task_identity  # noqa: F401  (task_identity: autouse fixture)
+from tests.helpers.flower import LABELS, ROWS, LoopbackGrid, bounded
 
 SIZES = {"a": 5, "b": 8, "c": 11}  # rows per node: three different sample counts
 NODE_IDS = {"a": 21, "b": 22, "c": 23}
-
-
-class LoopbackGrid(Grid):
-    """Each message goes to the ClientApp of its node in this process; `traffic` keeps (message, reply) pairs."""
-
-    def __init__(self, contexts: dict):
-        self.contexts, self.traffic = contexts, []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            replies.append(client_app.app(message, self.contexts[message.metadata.dst_node_id]))
-            self.traffic.append((message, replies[-1]))
-        return replies
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _node_rows(k: int, size: int) -> list[tuple[str, str]]:
@@ -125,6 +92,7 @@ def _clipped_to_the_lower_of_two(bodies: dict, start: Adapter) -> dict:
     return {name: encode(h) for name, h in heads.items()}
 
 
+@pytest.mark.slow
 def test_a_flower_run_with_head_rounds_averages_the_heads_then_trains_lora(federation):
     work, run_config, contexts, pooled = federation
     grid = LoopbackGrid(contexts)

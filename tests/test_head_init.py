@@ -11,26 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from hetlora.protocol.head_stats import HeadStatistics, class_statistics, decode_statistics, encode_statistics
+from hetlora.protocol.head_stats import class_statistics, decode_statistics, encode_statistics
 from hetlora.protocol.wire import WireFormatError
 from hetlora.engine.aggregation.head_init import class_head, pool
-from tests.test_server import spec  # noqa: F401  (fixture)
+from tests.helpers.heads import C, D, raw_features, statistics_of
 
-C, D = 4, 6
-
-
-def raw_features(seed, n=40, num_labels=C, dim=D):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, num_labels, n)
-    centers = rng.normal(0, 2, (num_labels, dim))
-    return centers[labels] + rng.normal(0, 1, (n, dim)), labels
-
-
-def statistics_of(features, labels, num_labels=C, meta=None):
-    sums = np.zeros((num_labels, features.shape[1]))
-    np.add.at(sums, labels, features)
-    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    return HeadStatistics(sums, counts, features.T @ features, meta or {"round": 0, "client_id": "c", "n_samples": len(labels)})
 
 
 def test_statistics_round_trip_exactly():
@@ -114,7 +99,7 @@ def test_trainer_statistics_are_those_of_the_frozen_models_features(tiny_bert_di
 def test_round_zero_over_http_sets_the_head_of_global_zero_then_lora_rounds_open(spec, tmp_path):
     from hetlora.protocol.wire import decode
     from hetlora.engine.aggregation import make_rule
-    from tests.test_server import make_config, register, running_server
+    from tests.helpers.server import make_config, register, running_server
 
     config = make_config(spec, head_init="lda", min_clients=2, head_clients=3)
     num_labels, dim = spec.dense["classifier.weight"]

@@ -10,8 +10,9 @@ import torch
 from edge_client.head_fit import adjusted_loss, fit_head, logit_adjustment
 from hetlora.protocol.head_stats import encode_statistics
 from hetlora.protocol.wire import Adapter, decode, encode
-from tests.test_head_init import raw_features, statistics_of
-from tests.test_server import spec  # noqa: F401  (fixture)
+from hetlora.engine.aggregation.bounds import CLIP_FACTOR
+from tests.helpers.heads import raw_features, statistics_of
+from tests.helpers.server import make_config, register, running_server
 
 
 def torch_reference_fit(weight, bias, x, y, adjust, *, epochs, lr, batch_size, seed):
@@ -87,8 +88,6 @@ def head_upload(client, number, weight, bias, **meta):
 
 
 def test_head_rounds_over_http_average_the_heads_and_keep_the_factors(spec, tmp_path):
-    from tests.test_server import make_config, register, running_server
-
     config = make_config(spec, head_init="lda", min_clients=2, head_clients=3, head_rounds=2, clients_per_round=2)
     num_labels, dim = spec.dense["classifier.weight"]
     with running_server(config, tmp_path / "state") as http:
@@ -146,7 +145,51 @@ def test_head_rounds_over_http_average_the_heads_and_keep_the_factors(spec, tmp_
 
 def test_head_rounds_need_a_head_initialisation(spec):
     from hetlora.errors import UserError
-    from tests.test_server import make_config
 
     with pytest.raises(UserError, match="--head-rounds needs --head-init"):
         make_config(spec, head_init="none", head_rounds=3)
+
+
+def clipped_head(heads: list, start: dict) -> list:
+    """Bounded influence of head uploads, written out: per tensor, a change from `start` larger than CLIP_FACTOR x
+    the round's lower median change is scaled down to that bound (docs/PROTOCOL.md section 3.1)."""
+    out = [dict(h) for h in heads]
+    for tensor, origin in start.items():
+        changes = [h[tensor].astype(np.float64) - origin for h in heads]
+        bound = CLIP_FACTOR * sorted(np.linalg.norm(c) for c in changes)[(len(changes) - 1) // 2]
+        for k, change in enumerate(changes):
+            out[k][tensor] = origin + min(1.0, bound / np.linalg.norm(change)) * change
+    return out
+
+
+def test_a_head_round_clips_a_head_that_moved_too_far(spec, tmp_path):
+    """Three heads; the third moved 1000x as far as the others: it is reported clipped and the global is the
+    sample-weighted average of the heads after the bound."""
+    config = make_config(spec, head_init="ncm", min_clients=3, head_clients=3, head_rounds=1)
+    num_labels, dim = spec.dense["classifier.weight"]
+    with running_server(config, tmp_path / "state") as http:
+        clients = [register(http, 8, n_samples=12, name=f"dev-{k}") for k in range(3)]
+        for k, client in enumerate(clients):
+            features, labels = raw_features(40 + k, n=12, num_labels=num_labels, dim=dim)
+            stats = statistics_of(features / np.linalg.norm(features, axis=1, keepdims=True), labels, num_labels,
+                                  {"round": 0, "client_id": client["client_id"], "n_samples": 12})
+            assert http.post("/v1/rounds/0/update", content=encode_statistics(stats),
+                             headers=client["auth"]).status_code == 201
+        global0 = decode(http.get("/v1/global", params={"version": 0}).content)
+        start = {name: global0.dense[name].astype(np.float64) for name in ("classifier.weight", "classifier.bias")}
+        rng = np.random.default_rng(9)
+        heads = [{name: (value + scale * rng.normal(0, 0.01, value.shape)).astype(np.float32)
+                  for name, value in start.items()} for scale in (1.0, 1.5, 1000.0)]
+        n_samples = [12, 24, 36]
+        for client, head, n in zip(clients, heads, n_samples):
+            reply = http.post("/v1/rounds/1/update", headers=client["auth"], content=head_upload(
+                client, 1, head["classifier.weight"], head["classifier.bias"], n_samples=n))
+            assert reply.status_code == 201, reply.text
+        global1 = decode(http.get("/v1/global", params={"version": 1}).content)
+        entry = http.get("/v1/status").json()["history"][1]
+    assert entry["stage"] == "head-fit"
+    assert set(entry["statistics"]["clipped"]) == {clients[2]["client_id"]}
+    assert {"classifier.weight", "classifier.bias"} <= set(entry["statistics"]["clipped"][clients[2]["client_id"]])
+    for name, value in start.items():
+        expected = np.average([h[name] for h in clipped_head(heads, start)], axis=0, weights=n_samples)
+        np.testing.assert_allclose(global1.dense[name], expected, rtol=1e-5, atol=1e-7)

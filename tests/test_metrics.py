@@ -7,8 +7,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hetlora.protocol.wire import encode
-from tests.test_server import (error_code, make_config, make_update, post_update, register, running_server,
-                               spec, upload_meta)  # noqa: F401 (spec: the module's fixture)
+from tests.helpers.server import (error_code, make_config, make_update, post_update, register, running_server,
+                                  upload_meta)
 
 
 def scrape(http) -> dict[tuple[str, tuple], float]:

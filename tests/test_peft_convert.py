@@ -17,22 +17,17 @@ from edge_client.server_api import ServerAPI
 from hetlora.protocol.wire import decode, encode
 from hetlora.cli import build_parser, main
 from hetlora.errors import UserError
-from tests.test_peft_format import our_logits, random_adapter
+from tests.conftest import ARTIFACT_LABELS
+from tests.helpers.adapters import our_logits, random_adapter
 
-LABELS = ["card", "payment", "exchange"]
-
-
-@pytest.fixture()
-def labels_file(tmp_path):
-    path = tmp_path / "labels.json"
-    path.write_text(json.dumps(LABELS))
-    return path
+LABELS = list(ARTIFACT_LABELS)
 
 
+@pytest.mark.slow
 def test_export_loads_with_auto_peft_for_classification(tiny_bert_dir, labels_file, tmp_path, monkeypatch):
     from peft import AutoPeftModelForSequenceClassification
 
-    adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=4, seed=7)
+    adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=4, seed=7, scale=0.3)
     expected, enc = our_logits(tiny_bert_dir, "classification", adapter, 3)
     (tmp_path / "g.safetensors").write_bytes(encode(adapter))
     monkeypatch.chdir(tmp_path)
@@ -50,10 +45,11 @@ def test_export_loads_with_auto_peft_for_classification(tiny_bert_dir, labels_fi
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_loads_with_auto_peft_for_causal_lm(tiny_llama_dir, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
-    adapter = random_adapter(derive_spec(tiny_llama_dir, "causal-lm"), rank=3, seed=8)
+    adapter = random_adapter(derive_spec(tiny_llama_dir, "causal-lm"), rank=3, seed=8, scale=0.3)
     expected, enc = our_logits(tiny_llama_dir, "causal-lm", adapter)
     (tmp_path / "g.safetensors").write_bytes(encode(adapter))
     assert main(["peft", "export", "--adapter", str(tmp_path / "g.safetensors"), "--model", str(tiny_llama_dir),
@@ -66,7 +62,7 @@ def test_export_loads_with_auto_peft_for_causal_lm(tiny_llama_dir, tmp_path):
 
 def test_export_refuses_an_adapter_of_another_base_model(tiny_bert_dir, labels_file, tmp_path, capsys):
     spec = derive_spec(tiny_bert_dir, "classification", num_labels=3)
-    adapter = random_adapter(spec, rank=2, seed=1)
+    adapter = random_adapter(spec, rank=2, seed=1, scale=0.3)
     adapter.meta = {"spec_fingerprint": spec.fingerprint}
     (tmp_path / "g.safetensors").write_bytes(encode(adapter))
     assert main(["peft", "export", "--adapter", str(tmp_path / "g.safetensors"), "--labels", str(labels_file),
@@ -99,6 +95,7 @@ def serve_args(model_dir, labels_file, init) -> list[str]:
             "--init-adapter", str(init)]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("r,alpha,rslora", [(6, 10, False), (5, 7, True)])
 def test_served_init_adapter_computes_peft_logits(tiny_bert_dir, labels_file, tmp_path, r, alpha, rslora):
     """alpha / r = 5/3 and 7/sqrt(5): no power of two, yet the global computes what PEFT computes."""
@@ -153,7 +150,7 @@ def test_init_adapter_is_checked_against_the_run(tiny_bert_dir, labels_file, tmp
         build(serve_args(tiny_bert_dir, labels_file, tmp_path / "r16"))
     with pytest.raises(UserError, match="adapter_config.json is missing"):
         build(serve_args(tiny_bert_dir, labels_file, tmp_path))
-    headless = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=2, seed=1)
+    headless = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=2, seed=1, scale=0.3)
     headless.dense = {}
     (tmp_path / "headless.safetensors").write_bytes(encode(headless))
     with pytest.raises(UserError, match="has no classification head"):
@@ -173,7 +170,7 @@ def test_a_state_dir_is_bound_to_its_init_adapter(tiny_bert_dir, labels_file, tm
 
 
 def test_export_of_a_mean_pooling_model_warns_about_auto_classes(tiny_mean_bert_dir, labels_file, tmp_path, caplog):
-    adapter = random_adapter(derive_spec(tiny_mean_bert_dir, "classification", num_labels=3), rank=2, seed=9)
+    adapter = random_adapter(derive_spec(tiny_mean_bert_dir, "classification", num_labels=3), rank=2, seed=9, scale=0.3)
     (tmp_path / "g.safetensors").write_bytes(encode(adapter))
     assert main(["peft", "export", "--adapter", str(tmp_path / "g.safetensors"), "--model", str(tiny_mean_bert_dir),
                  "--labels", str(labels_file), "--out", str(tmp_path / "peft")]) == 0

@@ -8,45 +8,24 @@ import torch
 
 from edge_client.data import Examples
 from edge_client.evaluate import Evaluator, macro_f1
-from edge_client.lora import inject_lora, load_adapter
 from edge_client.models import derive_spec, load_task_model
 from hetlora.protocol.peft_format import save_peft
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
+from tests.helpers.adapters import PEFT_TEXTS, our_logits, random_adapter
 
-TEXTS = ["how do I activate my new card", "what is the exchange rate for euros", "the quick brown fox"]
+TEXTS = PEFT_TEXTS
 LABELS = ["a", "b", "c"]
 
 
-def random_adapter(spec, rank, seed):
-    rng = np.random.default_rng(seed)
-    lora = {n: (rng.normal(0, 0.3, (rank, m.in_features)).astype(np.float32),
-                rng.normal(0, 0.3, (m.out_features, rank)).astype(np.float32)) for n, m in spec.modules.items()}
-    dense = {n: rng.normal(0, 0.3, s).astype(np.float32) for n, s in spec.dense.items()}
-    return Adapter(lora=lora, dense=dense)
-
-
-def our_logits(model_dir, task, adapter, num_labels=None):
-    """The project's own model: LoRALinear layers with the wire adapter loaded (B / s, scale s)."""
-    from edge_client.data import load_tokenizer
-
-    model = load_task_model(model_dir, task, num_labels).eval()
-    dense = dict(model.named_parameters())
-    dense = {n: dense[n] for n in adapter.dense}
-    inject_lora(model, derive_spec(model_dir, task, num_labels=num_labels).targets, rank=1, alpha=16)
-    load_adapter(model, adapter, dense, alpha=16)
-    enc = load_tokenizer(model_dir)(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits, enc
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("task,fixture,num_labels", [("classification", "tiny_bert_dir", 3),
                                                      ("causal-lm", "tiny_llama_dir", None)])
 def test_peft_loads_the_export_with_the_same_logits(request, tmp_path, task, fixture, num_labels):
     from peft import PeftModel
 
     model_dir = request.getfixturevalue(fixture)
-    adapter = random_adapter(derive_spec(model_dir, task, num_labels=num_labels), rank=6, seed=1)
+    adapter = random_adapter(derive_spec(model_dir, task, num_labels=num_labels), rank=6, seed=1, scale=0.3)
     expected, enc = our_logits(model_dir, task, adapter, num_labels)
     save_peft(adapter, tmp_path / "peft", task)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -59,8 +38,9 @@ def test_peft_loads_the_export_with_the_same_logits(request, tmp_path, task, fix
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluator_merged_weights_match_the_lora_model(tiny_bert_dir):
-    adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=4, seed=2)
+    adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=4, seed=2, scale=0.3)
     reference, _ = our_logits(tiny_bert_dir, "classification", adapter, 3)
     predicted = reference.argmax(-1).numpy()
     truth = np.array([0, 1, 1])
@@ -72,6 +52,7 @@ def test_evaluator_merged_weights_match_the_lora_model(tiny_bert_dir):
     assert metrics["loss"] == pytest.approx(expected_loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluator_perplexity_and_swapping_adapters(tiny_llama_dir):
     spec = derive_spec(tiny_llama_dir, "causal-lm")
     evaluator = Evaluator(tiny_llama_dir, "causal-lm")
@@ -79,7 +60,7 @@ def test_evaluator_perplexity_and_swapping_adapters(tiny_llama_dir):
     zero = Adapter(lora={n: (np.zeros((2, m.in_features), np.float32), np.zeros((m.out_features, 2), np.float32))
                          for n, m in spec.modules.items()})
     base = evaluator.evaluate(zero, data, seq_len=32)
-    changed = evaluator.evaluate(random_adapter(spec, 2, 3), data, seq_len=32)
+    changed = evaluator.evaluate(random_adapter(spec, 2, 3, scale=0.3), data, seq_len=32)
     again = evaluator.evaluate(zero, data, seq_len=32)
     assert base["perplexity"] == pytest.approx(np.exp(base["nll"]))
     assert changed["nll"] != pytest.approx(base["nll"])
@@ -102,7 +83,7 @@ def test_evaluate_command_prints_the_evaluator_metrics(tiny_bert_dir, tmp_path, 
     from hetlora.protocol.wire import encode
     from hetlora.cli import main
 
-    adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=2, seed=4)
+    adapter = random_adapter(derive_spec(tiny_bert_dir, "classification", num_labels=3), rank=2, seed=4, scale=0.3)
     (tmp_path / "a.safetensors").write_bytes(encode(adapter))
     (tmp_path / "labels.json").write_text(json.dumps(LABELS))
     (tmp_path / "test.csv").write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in zip(TEXTS, "abb")))
@@ -117,6 +98,7 @@ def test_evaluate_command_prints_the_evaluator_metrics(tiny_bert_dir, tmp_path, 
     assert "pass --labels FILE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mean_pooling_model_and_its_peft_export(tiny_mean_bert_dir, tmp_path):
     """A checkpoint declaring mean pooling gets it (recorded in the spec); its features are the
     L2-normalised masked mean of the encoder's states; PEFT loads the export onto the same model exactly."""
@@ -136,7 +118,7 @@ def test_mean_pooling_model_and_its_peft_export(tiny_mean_bert_dir, tmp_path):
         expected_features = mean / mean.norm(dim=-1, keepdim=True)
         torch.testing.assert_close(model(**enc).logits, model.classifier(expected_features))
 
-    adapter = random_adapter(spec, rank=4, seed=2)
+    adapter = random_adapter(spec, rank=4, seed=2, scale=0.3)
     expected, enc = our_logits(tiny_mean_bert_dir, "classification", adapter, 3)
     save_peft(adapter, tmp_path / "peft", "classification")
     peft_model = PeftModel.from_pretrained(load_task_model(tiny_mean_bert_dir, "classification", 3),

@@ -13,10 +13,9 @@ from hetlora.engine.aggregation.pipeline import aggregate_round
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.engine.aggregation.robust import NORM_BOUND_FACTOR, Defence
-from tests.test_bounds import changed, moved
-from tests.test_server import make_config, spec
+from tests.helpers.adapters import changed, moved
+from tests.helpers.server import make_config
 
-__all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 RANK = 8
 PLAN = ClientPlan(round=1, rank=RANK, mode="plain", training=TrainingSettings())
 

@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
 from hetlora.protocol.wire import encode
-from tests.test_server import (error_code, make_config, make_update, post_update, register, running_server, snapshot,
-                               spec, upload_meta)
+from tests.helpers.server import (error_code, make_config, make_update, post_update, register, running_server, snapshot,
+                                  upload_meta)
 
-__all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 HUGE = (2**63, 2**64, 2**70)
 
 
@@ -143,6 +142,7 @@ def body_for(schema: dict | None, components: dict):
                      JSON_VALUE.map(lambda v: json.dumps(v).encode()), st.binary(max_size=200))
 
 
+@pytest.mark.slow
 def test_fuzz_every_openapi_route_never_answers_5xx(spec, tmp_path):
     with running_server(make_config(spec, min_clients=2, rounds=3), tmp_path / "state") as http:
         clients = [register(http, 2), register(http, 4)]

@@ -7,13 +7,13 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
 from hetlora.protocol.peft_format import load_peft
 from hetlora.protocol.wire import decode, encode
 from simulation.fleet import start_server
-from tests.test_server import LABELS, TARGETS, make_update, post_update, register, spec, upload_meta
+from tests.helpers.server import LABELS, TARGETS, make_update, post_update, register, upload_meta
 
-__all__ = ["spec"]  # the module-scoped fixture of test_server
 
 
 def wait_for_line(proc, text: str, timeout: float = 120) -> None:
@@ -26,6 +26,7 @@ def wait_for_line(proc, text: str, timeout: float = 120) -> None:
     raise AssertionError(f"no {text!r} in the server log:\n{proc.tail()}")
 
 
+@pytest.mark.slow
 def test_serve_writes_the_final_global_and_a_peft_folder(tiny_bert_dir, spec, tmp_path):
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps(LABELS))

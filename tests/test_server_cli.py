@@ -100,6 +100,7 @@ def test_the_policy_file_sizes_the_clients(tiny_bert_dir, labels_file, tmp_path)
         config_for(tiny_bert_dir, labels_file, "--policy", str(tmp_path / "missing.json"))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_serve_stops_quietly_on_ctrl_c_and_sigterm(tiny_bert_dir, labels_file, tmp_path, sig):
     import signal

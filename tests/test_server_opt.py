@@ -7,7 +7,6 @@ import pytest
 
 from hetlora.protocol.wire import Adapter
 from hetlora.engine.aggregation.server_opt import ServerOptimizer
-from tests.test_server import spec  # noqa: F401  (fixture)
 
 
 def adapter(seed, rank=3, shape=(5, 4)):
@@ -81,7 +80,7 @@ def test_server_runs_the_optimiser_and_its_state_survives_a_restart(spec, tmp_pa
     optimiser applied by hand to the rule's aggregates (so the round-1 momentum was read back from disk)."""
     from hetlora.protocol.wire import decode, encode
     from hetlora.engine.aggregation import ClientResult, make_rule
-    from tests.test_server import make_config, make_update, post_update, register, running_server, upload_meta
+    from tests.helpers.server import make_config, make_update, post_update, register, running_server, upload_meta
 
     opt = ServerOptimizer("momentum", lr=0.8, beta1=0.6)
     config = make_config(spec, aggregator="hetlora", server_opt=opt, min_clients=2, rounds=2)

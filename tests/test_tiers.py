@@ -8,6 +8,7 @@ upload sizes.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import pytest
@@ -101,12 +102,16 @@ def test_platform_profiles_get_their_tier_with_reasons(case):
 
 
 def test_memory_limit_is_where_the_memory_model_says():
-    """Usable memory just above / below a tier's predicted peak (x the Jetson factor) flips that tier."""
+    """Usable memory just above / below a tier's predicted peak (x the Jetson factor) flips that tier; compute is
+    fast enough never to limit. Above: the largest of the smallest-first tiers the memory model says fit."""
     factor = POLICY["thresholds"]["memory_safety_factor"]["jetson"]
+    training = tiers_of(POLICY)[1:]
     for tier, below in (("r16", "r8"), ("r4", "no-train")):
         need = memory_of(tier) / factor / GB
-        assert decide_tier(make_profile("jetson", need * 1.01, gflops=1000.0)).tier in (tier, "r8")
-        assert decide_tier(make_profile("jetson", need * 0.99, gflops=1000.0)).tier == below
+        fitting = list(itertools.takewhile(lambda t: memory_of(t.name) <= need * 1.01 * factor * GB, training))
+        assert tier in [t.name for t in fitting]
+        assert decide_tier(make_profile("jetson", need * 1.01, gflops=1e6)).tier == fitting[-1].name
+        assert decide_tier(make_profile("jetson", need * 0.99, gflops=1e6)).tier == below
 
 
 def test_no_train_when_memory_is_too_small_or_unknown():
@@ -315,6 +320,7 @@ def _tiny_model(arch: str):
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_shape_activations_and_flops_match_real_models(arch):
     """Parameter count vs the model's own, saved bytes vs autograd's saved-tensor hooks, FLOPs vs FlopCounterMode."""

@@ -12,10 +12,8 @@ import pytest
 
 from edge_client.server_api import ServerAPI
 from hetlora.errors import UserError
-from tests.test_crash_recovery import start_server
-from tests.test_server import LABELS, make_config, running_server, sigkill, spec
+from tests.helpers.server import LABELS, make_config, running_server, sigkill, start_cli_server
 
-__all__ = ["spec"]  # the module-scoped fixture of test_server
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +33,9 @@ def test_https_server_is_verified_with_the_ca_file(tiny_bert_dir, tmp_path, cert
     cert, key = certificate
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n")
-    proc, url = start_server(tiny_bert_dir, labels, tmp_path / "state",
-                             ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
-                             verify=ssl.create_default_context(cafile=str(cert)))
+    proc, url = start_cli_server(tiny_bert_dir, labels, tmp_path / "state", rounds=40,
+                                 extra=["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
+                                 verify=ssl.create_default_context(cafile=str(cert)))
     try:
         assert url.startswith("https://127.0.0.1:")
         assert json.loads((tmp_path / "state" / "server.json").read_text())["url"] == url

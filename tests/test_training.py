@@ -13,6 +13,7 @@ from edge_client.models import derive_spec
 from hetlora.protocol.settings import TrainingSettings
 from edge_client.training import TorchTrainer
 from hetlora.protocol.wire import Adapter, decode, encode
+from tests.helpers.adapters import random_adapter
 
 LABELS = ["card", "rate", "other"]
 TEXTS = ["how do I activate my new card", "my card payment was declined at the shop",
@@ -23,13 +24,9 @@ CLS = Examples("classification", tuple(TEXTS), (0, 0, 1, 2, 2, 0, 1, 2))
 CFG = TrainingSettings(steps=4, batch_size=4, seq_len=16, lr=1e-2, seed=3)
 
 
-def random_adapter(spec, rank: int, seed: int, b_scale: float = 0.05) -> Adapter:
-    """A global adapter with non-zero A and B (as after some rounds), wire form."""
-    rng = np.random.default_rng(seed)
-    lora = {name: (rng.normal(0, 0.2, (rank, m.in_features)).astype(np.float32),
-                   rng.normal(0, b_scale, (m.out_features, rank)).astype(np.float32))
-            for name, m in spec.modules.items()}
-    return Adapter(lora=lora, dense={})
+def start_adapter(spec, rank: int, seed: int, b_scale: float = 0.05):
+    """A global adapter with non-zero A and B (as after some rounds), LoRA factors only."""
+    return random_adapter(spec, rank, seed, b_scale=b_scale, dense=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +45,9 @@ def logits(trainer, texts=TEXTS):
         return trainer.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
 
 
+@pytest.mark.slow
 def test_effective_weights_equal_those_rebuilt_from_the_wire(trainer, spec, tiny_bert_dir):
-    result = trainer.train_round(random_adapter(spec, 8, 0), CLS, CFG, rank=8)
+    result = trainer.train_round(start_adapter(spec, 8, 0), CLS, CFG, rank=8)
     wire = decode(encode(result.adapter))
     for name, layer in lora_layers(trainer.model).items():
         a, b = wire.lora[name]
@@ -63,8 +61,9 @@ def test_effective_weights_equal_those_rebuilt_from_the_wire(trainer, spec, tiny
     assert result.n_samples == len(CLS) and result.steps == CFG.steps
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_adapters_and_another_seed_does_not(trainer, spec):
-    start = random_adapter(spec, 4, 1)
+    start = start_adapter(spec, 4, 1)
     cfg = replace(CFG, dropout=True)
     first = trainer.train_round(start, CLS, cfg, rank=4).adapter
     second = trainer.train_round(start, CLS, cfg, rank=4).adapter
@@ -92,20 +91,22 @@ def sharpened(model_dir, path, task: str):
     return path
 
 
+@pytest.mark.slow
 def test_classification_loss_falls_on_a_tiny_overfit_set(tiny_bert_dir, tmp_path):
     model_dir = sharpened(tiny_bert_dir, tmp_path, "classification")
     trainer = TorchTrainer(model_dir, "classification", LABELS)
     spec = derive_spec(model_dir, "classification", num_labels=len(LABELS))
-    result = trainer.train_round(random_adapter(spec, 4, 2), CLS, replace(CFG, steps=30, lr=2e-2), rank=4)
+    result = trainer.train_round(start_adapter(spec, 4, 2), CLS, replace(CFG, steps=30, lr=2e-2), rank=4)
     assert result.loss_after < 0.5 * result.loss_before
 
 
+@pytest.mark.slow
 def test_causal_lm_loss_falls_on_a_tiny_overfit_set(tiny_llama_dir, tmp_path):
     model_dir = sharpened(tiny_llama_dir, tmp_path, "causal-lm")
     trainer = TorchTrainer(model_dir, "causal-lm")
     spec = derive_spec(model_dir, "causal-lm")
     data = Examples("causal-lm", ("", "", "how do I"), responses=(TEXTS[0], TEXTS[3], "activate my new card"))
-    result = trainer.train_round(random_adapter(spec, 4, 3), data, replace(CFG, steps=30, lr=2e-2, batch_size=2),
+    result = trainer.train_round(start_adapter(spec, 4, 3), data, replace(CFG, steps=30, lr=2e-2, batch_size=2),
                                  rank=4)
     assert result.loss_after < 0.5 * result.loss_before
     assert result.adapter.dense == {}
@@ -118,8 +119,9 @@ def tail_norm(adapter: Adapter, p: int) -> float:
     return sum(float(np.linalg.norm(b[:, p:]) * np.linalg.norm(a[p:])) for a, b in adapter.lora.values())
 
 
+@pytest.mark.slow
 def test_strong_regulariser_shrinks_the_tail_and_prunes_to_floor_gamma_r(trainer, spec):
-    start = random_adapter(spec, 8, 4, b_scale=0.5)
+    start = start_adapter(spec, 8, 4, b_scale=0.5)
     result = trainer.train_round(start, CLS, PRUNE, rank=8, mode="hetlora")
     assert result.tail_after < result.tail_before
     assert (result.rank_before, result.rank_after, result.adapter.rank) == (8, 4, 4)
@@ -128,6 +130,7 @@ def test_strong_regulariser_shrinks_the_tail_and_prunes_to_floor_gamma_r(trainer
     assert tail_norm(unpruned, 4) > tail_norm(start, 4) * 0.5  # without the regulariser the tail stays
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,expected_rank", [
     ({"prune_gamma": 1.0}, 8),
     ({"prune_lambda": 0.0}, 8),
@@ -135,18 +138,19 @@ def test_strong_regulariser_shrinks_the_tail_and_prunes_to_floor_gamma_r(trainer
     ({"prune_gamma": 0.2}, 2),
 ])
 def test_pruning_rule_gamma_lambda_and_min_rank(trainer, spec, change, expected_rank):
-    result = trainer.train_round(random_adapter(spec, 8, 4, b_scale=0.5), CLS, replace(PRUNE, **change), rank=8,
+    result = trainer.train_round(start_adapter(spec, 8, 4, b_scale=0.5), CLS, replace(PRUNE, **change), rank=8,
                                  mode="hetlora")
     assert result.rank_after == result.adapter.rank == expected_rank
 
 
+@pytest.mark.slow
 def test_plain_mode_never_prunes(trainer, spec):
-    result = trainer.train_round(random_adapter(spec, 8, 4, b_scale=0.5), CLS, PRUNE, rank=8, mode="plain")
+    result = trainer.train_round(start_adapter(spec, 8, 4, b_scale=0.5), CLS, PRUNE, rank=8, mode="plain")
     assert result.rank_after == 8
 
 
 def test_select_n_fold_reproduces_the_unfolded_forward_pass(trainer, spec):
-    start = random_adapter(spec, 8, 5, b_scale=0.3)
+    start = start_adapter(spec, 8, 5, b_scale=0.3)
     start.dense = {n: np.full(tuple(s), 0.01, np.float32) for n, s in spec.dense.items()}
     indices = [6, 1, 3]
     trainer._load(start)
@@ -161,7 +165,7 @@ def test_select_n_fold_reproduces_the_unfolded_forward_pass(trainer, spec):
 
 
 def test_plora_round_uploads_only_the_selected_components_and_restores_w0(trainer, spec):
-    start = random_adapter(spec, 8, 6, b_scale=0.3)
+    start = start_adapter(spec, 8, 6, b_scale=0.3)
     w0 = {n: layer.base.weight.detach().clone() for n, layer in lora_layers(trainer.model).items()}
     indices = [5, 0]
     frozen = trainer.train_round(start, CLS, replace(CFG, lr=0.0), rank=2, indices=indices, mode="plora").adapter
@@ -178,7 +182,7 @@ def test_trimmed_batches_give_the_full_width_loss(trainer, spec):
     from edge_client.data import make_batches, trim_batch
     from edge_client.objective import batch_loss
 
-    trainer._load(random_adapter(spec, 4, seed=5))
+    trainer._load(start_adapter(spec, 4, seed=5))
     trainer.model.eval()
     for batch in make_batches(trainer.encode(CLS, 32), 4, seed=0):
         trimmed = trim_batch(batch)
@@ -223,7 +227,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero(step, expected):
 
 def test_head_and_factors_train_at_their_own_learning_rates(trainer, spec):
     """With a zero LoRA lr only the head moves; with a zero head lr the head stays put."""
-    start = random_adapter(spec, 4, seed=6)
+    start = start_adapter(spec, 4, seed=6)
     head_only = trainer.train_round(start, CLS, replace(CFG, lr=0.0, head_lr=1e-2), rank=4).adapter
     factors_only = trainer.train_round(start, CLS, replace(CFG, lr=1e-2, head_lr=0.0), rank=4).adapter
     initial_head = trainer._initial_dense

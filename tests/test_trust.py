@@ -16,10 +16,9 @@ from edge_client.server_api import ServerAPI, ServerError
 from hetlora.protocol.head_stats import HeadStatistics, encode_statistics
 from server_stub.enrollment import Enrollment
 from server_stub.read_access import ReadAccess
-from tests.test_head_init import raw_features, statistics_of
-from tests.test_server import error_code, make_config, make_update, post_update, register, snapshot, spec, upload_meta
+from tests.helpers.heads import raw_features, statistics_of
+from tests.helpers.server import error_code, make_config, make_update, post_update, register, snapshot, upload_meta
 
-__all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 BODY = {"profile": {}, "requested_rank": 4, "n_samples": 12}
 READS = ("/v1/global", "/v1/status", "/metrics", "/openapi.json")
 
@@ -115,6 +114,7 @@ def bomb(tensors: int) -> bytes:
     return len(text).to_bytes(8, "little") + text + b"\0" * (4 * tensors)
 
 
+@pytest.mark.slow
 def test_a_header_bomb_is_refused_without_holding_other_clients(spec, tmp_path):
     """Issue 26: a 60 MB header of 800,000 entries took 38.6 s to refuse and held other clients 13.3 s.
     (benchmarks/bench_header_bomb.py measures time and memory; here: refused, nothing stored, others served.)"""
