@@ -194,7 +194,7 @@ class EdgeClient:
             log.info("resuming as client %s (rank %s) from %s", self.state.client_id, self.state.rank,
                      self.state_dir.path)
             return
-        requested = self.options.requested_rank or max(run["ranks"])
+        requested = self.requested_rank
         n_samples = len(self.examples)
         reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name,
                                   self.options.enroll_secret)
@@ -220,7 +220,8 @@ class EdgeClient:
         self._register(run)
 
     def _prepare(self, run: dict) -> None:
-        """Load the trainer after checking the local model agrees with the server's spec."""
+        """Load the trainer after checking the local model (and artifacts) agree with the server's run; the rank to ask
+        for."""
         from edge_client.backends import make_trainer
         from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
@@ -237,6 +238,11 @@ class EdgeClient:
         self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
                                     targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                                     artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
+        manifest = getattr(self.trainer, "manifest", None)  # artifact backends: the run must fit the export
+        if manifest is not None:
+            manifest.check_run(run, self.overrides)
+        self.requested_rank = manifest.request_rank(self.trainer.backend, run["ranks"], self.options.requested_rank) \
+            if manifest is not None else self.options.requested_rank or max(run["ranks"])
 
     def _refresh_rank(self) -> None:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""
