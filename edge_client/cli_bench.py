@@ -19,7 +19,7 @@ import json
 import logging
 from pathlib import Path
 
-from hetlora.argtypes import positive_int_list
+from hetlora.argtypes import add_renamed, positive_int_list
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.bench")
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR", help="model folder (default: the task's bundled model)")
     parser.add_argument("--out", metavar="DIR", default="bench-results", help="output folder (default bench-results)")
     parser.add_argument("--artifacts", metavar="DIR", help="artifacts of `hetlora export` for the onnx/executorch backends")
-    parser.add_argument("--batch", type=int, help=f"batch size (default: the artifacts' or {DEFAULT_SHAPE[0]})")
+    add_renamed(parser, "--batch-size", "--batch", type=int,
+                help=f"batch size (default: the artifacts' or {DEFAULT_SHAPE[0]})")
     parser.add_argument("--seq-len", type=int, help=f"tokens per row (default: the artifacts' or {DEFAULT_SHAPE[1]})")
     parser.add_argument("--steps", type=int, help=f"timed steps per cell, at least (default {DEVICE['steps']})")
     parser.add_argument("--min-seconds", type=float,
@@ -66,13 +67,14 @@ def resolve_settings(args, manifest):
         raise UserError(f"unknown backend(s) {unknown or '(none given)'}; choose from {', '.join(BACKENDS)}")
     base = QUICK if args.quick else DEVICE
     shape = (manifest.batch, manifest.seq_len) if manifest else DEFAULT_SHAPE
-    values = {"batch": shape[0] if args.batch is None else args.batch,
+    values = {"batch": shape[0] if args.batch_size is None else args.batch_size,
               "seq_len": shape[1] if args.seq_len is None else args.seq_len,
               **{k: base[k] if getattr(args, k) is None else getattr(args, k)
                  for k in ("steps", "min_seconds", "warmup", "repetitions")}}
-    for name in ("batch", "seq_len", "steps", "repetitions"):
+    for name, flag in (("batch", "batch-size"), ("seq_len", "seq-len"), ("steps", "steps"),
+                       ("repetitions", "repetitions")):
         if values[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
+            raise UserError(f"--{flag} must be >= 1, got {values[name]}")
     if values["warmup"] < 0 or values["min_seconds"] < 0:
         raise UserError("--warmup and --min-seconds must be >= 0")
     if args.threads is not None and args.threads < 1:

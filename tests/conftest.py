@@ -96,7 +96,7 @@ def hetlora_export(model_dir, out, *flags: str) -> Path:
     pytest.importorskip("onnxruntime.training")
     from hetlora.cli import main
 
-    assert main(["export", "--model", str(model_dir), "--batch", str(ARTIFACT_BATCH), "--backends", "executorch,onnx",
+    assert main(["export", "--model", str(model_dir), "--batch-size", str(ARTIFACT_BATCH), "--backends", "executorch,onnx",
                  "--out", str(out), "--no-progress", *flags]) == 0
     return out
 

@@ -21,7 +21,7 @@ from fakeroots import make_root
 from hetlora.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = ["--steps", "3", "--min-seconds", "0", "--warmup", "1", "--repetitions", "2", "--batch", "2",
+FAST = ["--steps", "3", "--min-seconds", "0", "--warmup", "1", "--repetitions", "2", "--batch-size", "2",
         "--seq-len", "8", "--threads", "1", "--quick"]
 
 
@@ -210,7 +210,7 @@ def test_quick_bench_lists_unavailable_backends_with_reasons(tiny_bert_dir, tiny
     artifact backend, rank 8 is skipped for them (none exported) and runs on torch."""
     args = bench_in_a_container(tiny_bert_dir, "3,8", "torch,onnx,executorch", tmp_path,
                                 "--artifacts", str(tiny_artifacts))
-    assert main([*args, *FAST, "--batch", "4", "--seq-len", "16"]) == 0
+    assert main([*args, *FAST, "--batch-size", "4", "--seq-len", "16"]) == 0
     doc, rows = read_outputs(tmp_path / "out")
     check_cells(doc, rows, 4, 16)
     skipped = {(s["backend"], s["rank"]): s["reason"] for s in doc["skipped"]}
@@ -233,7 +233,7 @@ def test_quick_bench_of_a_causal_lm_takes_the_task_from_its_artifacts(tiny_llama
     from profiles.memory_model import ModelShape
 
     args = bench_in_a_container(tiny_llama_dir, "4", "torch,onnx", tmp_path, "--artifacts", str(tiny_llama_artifacts))
-    assert main([*args, *FAST, "--batch", "4", "--seq-len", "64"]) == 0
+    assert main([*args, *FAST, "--batch-size", "4", "--seq-len", "64"]) == 0
     doc, rows = read_outputs(tmp_path / "out")
     check_cells(doc, rows, 4, 64)
     assert doc["model"]["task"] == "causal-lm" and doc["skipped"] == []
@@ -254,7 +254,7 @@ def test_bench_without_artifacts_says_where_they_come_from(tiny_bert_dir, tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--backends", "torch,tflite"], "unknown backend"),
-    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--peak-gflops", "-3"], "--peak-gflops must be positive"),
     (["--watts", "0"], "--watts must be positive"),
     (["--artifacts", "/nonexistent"], "manifest.json"),

@@ -97,7 +97,7 @@ def executorch_setup(tmp_path_factory, tiny_bert_dir):
     work = tmp_path_factory.mktemp("flower-executorch")
     nodes = _setup(work, tiny_bert_dir, {"backend": "executorch", "artifacts-dir": str(work / "artifacts")}, "hetlora")
     assert main(["export", "--model", str(tiny_bert_dir), "--task", "classification", "--labels",
-                 str(work / "labels.json"), "--ranks", "2,4", "--batch", "4", "--seq-len", "16",
+                 str(work / "labels.json"), "--ranks", "2,4", "--batch-size", "4", "--seq-len", "16",
                  "--backends", "executorch", "--out", str(work / "artifacts"), "--no-progress"]) == 0
     return nodes
 

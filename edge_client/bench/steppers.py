@@ -50,7 +50,7 @@ def skip_reason(backend: str, manifest: Manifest | None, batch: int, seq_len: in
                f"{sorted({a['backend'] for a in manifest.doc['artifacts']})})"
     if (manifest.batch, manifest.seq_len) != (batch, seq_len):
         return (f"the artifacts were exported for batch {manifest.batch} x seq_len {manifest.seq_len}, the bench "
-                f"runs {batch} x {seq_len}: drop --batch/--seq-len or re-export at that shape")
+                f"runs {batch} x {seq_len}: drop --batch-size/--seq-len or re-export at that shape")
     return None
 
 
