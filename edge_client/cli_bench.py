@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: torch, onnx, executorch (default all; unavailable ones are skipped)")
     parser.add_argument("--task", choices=("classification", "causal-lm"),
                         help="the model's task (default: the artifacts' task, else classification)")
-    parser.add_argument("--model", metavar="DIR", help="model folder (default: the task's bundled model)")
+    parser.add_argument("--model", metavar="DIR", help="model folder (default: the task's bundled model). A folder "
+                        "with a trained classification head is benched with that head (its label count and "
+                        "weights); a base model gets a new head of the artifacts' label count, else of "
+                        f"{NUM_LABELS} (the demo's)")
     parser.add_argument("--out", metavar="DIR", default="bench-results", help="output folder (default bench-results)")
     parser.add_argument("--artifacts", metavar="DIR", help="artifacts of `hetlora export` for the onnx/executorch backends")
     add_renamed(parser, "--batch-size", "--batch", type=int,
@@ -110,14 +113,23 @@ def bench_task(args, manifest) -> str:
     return args.task or exported or "classification"
 
 
-def head_and_alpha(manifest, task: str) -> tuple[int | None, float]:
-    """(num_labels, lora_alpha): the artifacts' if given, else the demo's banking77 head and alpha 16;
-    a causal LM has no label count."""
+def head_and_alpha(manifest, task: str, model_dir) -> tuple[int | None, float, str]:
+    """(num_labels, lora_alpha, where the head comes from): with artifacts, their label count and alpha (a model
+    folder's own head must have that count: check_head); else the model folder's own trained classification head
+    when it has one (loaded with its weights), else a new head of the demo's banking77 size; alpha 16. A causal
+    LM has no label count."""
+    from edge_client.model_check import head_labels
+
+    alpha = float(manifest.doc["lora_alpha"]) if manifest else 16.0
     if task != "classification":
-        return None, float(manifest.doc["lora_alpha"]) if manifest else 16.0
-    if manifest is None:
-        return NUM_LABELS, 16.0
-    return int(manifest.doc.get("num_labels") or NUM_LABELS), float(manifest.doc["lora_alpha"])
+        return None, alpha, "the causal LM's output layer"
+    own = head_labels(model_dir)
+    if manifest is not None:
+        num_labels = int(manifest.doc.get("num_labels") or NUM_LABELS)
+    else:
+        num_labels = own or NUM_LABELS
+    source = "the model folder's trained head" if own == num_labels else "a new head"
+    return num_labels, alpha, f"{source} ({num_labels} labels)"
 
 
 def idle_measured_meter(host, args):
@@ -151,9 +163,10 @@ def run(args) -> int:
     settings = resolve_settings(args, manifest)
     out = output_dir(args.out)
     targets = tuple(manifest.doc["targets"]) if manifest else default_targets(model_dir)
-    num_labels, lora_alpha = head_and_alpha(manifest, task)
+    num_labels, lora_alpha, head = head_and_alpha(manifest, task, model_dir)
     if task == "classification":
         check_head(model_dir, task, num_labels)
+    log.info("benching %s with %s", model_dir, head)
     spec = derive_spec(model_dir, task, targets, num_labels)
     shape = ModelShape.from_model_dir(model_dir)
     skip = {b: steppers.skip_reason(b, manifest, settings.batch, settings.seq_len) for b in settings.backends}
@@ -181,7 +194,7 @@ def run(args) -> int:
         peak = best_of(peak, measure_peak(shape, settings, args.quick))
     cells = _cells(runs, settings, shape, spec, peak["value"])
     model = {"dir": str(model_dir), "task": task, "model_type": model_type(model_dir), "targets": list(targets),
-             "num_labels": num_labels, "lora_alpha": lora_alpha, "model_hash": spec.model_hash}
+             "num_labels": num_labels, "head": head, "lora_alpha": lora_alpha, "model_hash": spec.model_hash}
     doc = _report_doc(args, settings, idle_s, model, peak, meter, profile) | {"cells": cells, "skipped": skipped}
     doc["plots"] = report.write_plots(out, cells)
     report.write_csv(out / "bench.csv", cells)

@@ -269,3 +269,40 @@ def test_bad_rank_list_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--ranks", "4,x"])
     assert exc.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def five_label_model(tmp_path_factory, tiny_bert_dir):
+    """The tiny BERT saved with a trained-looking 5-label classification head."""
+    import shutil
+
+    from transformers import BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("five-labels")
+    BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=5).save_pretrained(path)
+    for f in tiny_bert_dir.iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def test_bench_adopts_a_model_folders_own_classification_head(five_label_model, tiny_bert_dir, tmp_path, capsys):
+    from edge_client.models import default_targets, derive_spec
+
+    assert main([*bench_in_a_container(five_label_model, "2", "torch", tmp_path), *FAST]) == 0
+    doc, _ = read_outputs(tmp_path / "out")
+    assert (doc["model"]["num_labels"], doc["model"]["head"]) == (5, "the model folder's trained head (5 labels)")
+    five = derive_spec(tiny_bert_dir, "classification", default_targets(tiny_bert_dir), num_labels=5)
+    assert [c["upload_bytes"] for c in doc["cells"]] == [rank_upload_bytes(five, 2)]
+    # a base model folder still gets a new head of the demo's size
+    assert main([*bench_in_a_container(tiny_bert_dir, "2", "torch", tmp_path / "base"), *FAST]) == 0
+    doc, _ = read_outputs(tmp_path / "base" / "out")
+    assert (doc["model"]["num_labels"], doc["model"]["head"]) == (77, "a new head (77 labels)")
+    capsys.readouterr()
+
+
+def test_bench_refuses_a_head_that_does_not_fit_the_artifacts(five_label_model, tiny_artifacts, tmp_path, capsys):
+    argv = bench_in_a_container(five_label_model, "2", "torch", tmp_path, "--artifacts", str(tiny_artifacts))
+    assert main([*argv, *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "classification head for 5 labels, but this run has 3 labels" in err[-1] and len(err) == 1
