@@ -165,7 +165,7 @@ class EdgeClient:
             current = self.api.current_round()
             number = current["round"]
             if current["state"] == "finished":
-                log.info("training finished after %d rounds; client %s stops", number, self.state.client_id)
+                log.info("training finished (the last round was %d); client %s stops", number, self.state.client_id)
                 return 0
             if current["state"] != "open" or not current["selected"] or current["uploaded"] \
                     or number <= self.state.last_uploaded_round:
