@@ -101,3 +101,19 @@ def test_an_unreachable_server_gives_up_after_the_limit():
 def test_a_server_url_without_a_scheme_is_a_user_error():
     with pytest.raises(UserError, match="is not a usable URL .*write it as http"):
         ServerAPI("127.0.0.1:8080").run()
+
+
+def test_the_client_command_prints_one_short_line_per_retry_and_one_when_it_gives_up(capsys, caplog, tmp_path):
+    from hetlora.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "data.csv").write_text("text,label\nhello,a\n")
+    assert main(["client", "--server", f"http://127.0.0.1:{port}", "--data", str(tmp_path / "data.csv"),
+                 "--state-dir", str(tmp_path / "state"), "--give-up-after", "2"]) == 3
+    logged = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [name for name, _ in logged] == ["hetlora.client"]  # urllib3's own 'Retrying (...)' line is silenced
+    assert logged[0][1].endswith("retry 1 in 1 s") and len(logged[0][1]) < 250
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("hetlora client: error: GET http") and error.endswith("; giving up")
