@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with a trained classification head is benched with that head (its label count and "
                         "weights); a base model gets a new head of the artifacts' label count, else of "
                         f"{NUM_LABELS} (the demo's)")
+    parser.add_argument("--adapter", metavar="FILE", help="a wire adapter (e.g. a run's global.safetensors) whose "
+                        "classification head bench trains instead of the model folder's or a new one")
     parser.add_argument("--out", metavar="DIR", default="bench-results", help="output folder (default bench-results)")
     parser.add_argument("--artifacts", metavar="DIR", help="artifacts of `hetlora export` for the onnx/executorch backends")
     add_renamed(parser, "--batch-size", "--batch", type=int,
@@ -113,17 +115,41 @@ def bench_task(args, manifest) -> str:
     return args.task or exported or "classification"
 
 
-def head_and_alpha(manifest, task: str, model_dir) -> tuple[int | None, float, str]:
+def adapter_head(path: str, model_dir, task: str) -> int:
+    """The label count of the classification head in the wire adapter at `path`, checked against the base model
+    (UserError: not a readable adapter, no head, another base model)."""
+    from edge_client.model_check import check_adapter_base
+    from hetlora.protocol.wire import WireFormatError, decode
+
+    if task != "classification":
+        raise UserError("--adapter gives bench a classification head; this is a causal-lm bench")
+    try:
+        adapter = decode(Path(path).read_bytes())
+    except (OSError, WireFormatError) as exc:
+        raise UserError(f"--adapter {path} is not a readable wire adapter: {exc}") from None
+    weights = [t for t in adapter.dense.values() if t.ndim == 2]
+    if len(weights) != 1:
+        raise UserError(f"--adapter {path} carries no classification head (dense tensors: {sorted(adapter.dense)})")
+    check_adapter_base(adapter, model_dir, task, num_labels=int(weights[0].shape[0]))
+    return int(weights[0].shape[0])
+
+
+def head_and_alpha(manifest, task: str, model_dir, adapter_labels: int | None = None) -> tuple[int | None, float, str]:
     """(num_labels, lora_alpha, where the head comes from): with artifacts, their label count and alpha (a model
     folder's own head must have that count: check_head); else the model folder's own trained classification head
-    when it has one (loaded with its weights), else a new head of the demo's banking77 size; alpha 16. A causal
-    LM has no label count."""
+    when it has one (loaded with its weights), else a new head of the demo's banking77 size; alpha 16; the head
+    of --adapter (`adapter_labels`) over all of these. A causal LM has no label count."""
     from edge_client.model_check import head_labels
 
     alpha = float(manifest.doc["lora_alpha"]) if manifest else 16.0
     if task != "classification":
         return None, alpha, "the causal LM's output layer"
     own = head_labels(model_dir)
+    if adapter_labels is not None:
+        if manifest is not None and int(manifest.doc.get("num_labels") or 0) != adapter_labels:
+            raise UserError(f"the --adapter head has {adapter_labels} labels, the artifacts in {manifest.folder} "
+                            f"{manifest.doc.get('num_labels')}")
+        return adapter_labels, alpha, f"the --adapter head ({adapter_labels} labels)"
     if manifest is not None:
         num_labels = int(manifest.doc.get("num_labels") or NUM_LABELS)
     else:
@@ -163,8 +189,9 @@ def run(args) -> int:
     settings = resolve_settings(args, manifest)
     out = output_dir(args.out)
     targets = tuple(manifest.doc["targets"]) if manifest else default_targets(model_dir)
-    num_labels, lora_alpha, head = head_and_alpha(manifest, task, model_dir)
-    if task == "classification":
+    adapter_labels = adapter_head(args.adapter, model_dir, task) if args.adapter else None
+    num_labels, lora_alpha, head = head_and_alpha(manifest, task, model_dir, adapter_labels)
+    if task == "classification" and adapter_labels is None:
         check_head(model_dir, task, num_labels)
     log.info("benching %s with %s", model_dir, head)
     spec = derive_spec(model_dir, task, targets, num_labels)
@@ -182,7 +209,8 @@ def run(args) -> int:
     peak = given or measure_peak(shape, settings, args.quick)
     meter, idle_s = idle_measured_meter(host, args)
 
-    config = {"task": task, "model_dir": str(model_dir), "artifacts": args.artifacts, "targets": list(targets),
+    config = {"task": task, "model_dir": str(model_dir), "artifacts": args.artifacts, "adapter": args.adapter,
+              "targets": list(targets),
               "num_labels": num_labels, "lora_alpha": lora_alpha, "batch": settings.batch, "seq_len": settings.seq_len,
               "vocab": shape.vocab, "threads": torch.get_num_threads(), "verbosity": verbosity()}
 

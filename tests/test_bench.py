@@ -306,3 +306,35 @@ def test_bench_refuses_a_head_that_does_not_fit_the_artifacts(five_label_model, 
     assert main([*argv, *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "classification head for 5 labels, but this run has 3 labels" in err[-1] and len(err) == 1
+
+
+def test_bench_trains_the_head_of_an_adapter_file(tiny_bert_dir, tmp_path, capsys):
+    from edge_client.bench.steppers import TorchStepper, synthetic_batch
+    from edge_client.models import default_targets, derive_spec
+    from hetlora.protocol.spec import linear_head
+    from hetlora.protocol.wire import Adapter, encode
+
+    targets = default_targets(tiny_bert_dir)
+    five = derive_spec(tiny_bert_dir, "classification", targets, num_labels=5)
+    weight, bias, _, dim = linear_head(five)
+    rng = np.random.default_rng(5)
+    head = {weight: rng.normal(0, 0.1, (5, dim)).astype(np.float32), bias: rng.normal(0, 0.1, 5).astype(np.float32)}
+    (tmp_path / "global.safetensors").write_bytes(encode(Adapter(lora={}, dense=head)))
+
+    argv = bench_in_a_container(tiny_bert_dir, "2", "torch", tmp_path, "--adapter", str(tmp_path / "global.safetensors"))
+    assert main([*argv, *FAST]) == 0
+    doc, _ = read_outputs(tmp_path / "out")
+    assert (doc["model"]["num_labels"], doc["model"]["head"]) == (5, "the --adapter head (5 labels)")
+    assert [c["upload_bytes"] for c in doc["cells"]] == [rank_upload_bytes(five, 2)]
+    # each step starts from that head
+    stepper = TorchStepper(tiny_bert_dir, "classification", five, targets, 5, 16.0, synthetic_batch(2, 8, 30522, 5),
+                           head)
+    stepper.prepare(2)
+    for name, values in head.items():
+        np.testing.assert_array_equal(stepper.trainer.dense[name].detach().numpy(), values)
+    # a file without a head is one line
+    (tmp_path / "nohead.safetensors").write_bytes(encode(Adapter(lora={}, dense={})))
+    capsys.readouterr()
+    argv = bench_in_a_container(tiny_bert_dir, "2", "torch", tmp_path, "--adapter", str(tmp_path / "nohead.safetensors"))
+    assert main([*argv, *FAST]) == 2
+    assert capsys.readouterr().err.strip().endswith("carries no classification head (dense tensors: [])")
