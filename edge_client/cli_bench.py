@@ -134,18 +134,21 @@ def adapter_head(path: str, model_dir, task: str) -> int:
     return int(weights[0].shape[0])
 
 
-def head_and_alpha(manifest, task: str, model_dir, adapter_labels: int | None = None) -> tuple[int | None, float, str]:
+def head_and_alpha(manifest, task: str, model_dir, adapter: str | None = None) -> tuple[int | None, float, str]:
     """(num_labels, lora_alpha, where the head comes from): with artifacts, their label count and alpha (a model
     folder's own head must have that count: check_head); else the model folder's own trained classification head
     when it has one (loaded with its weights), else a new head of the demo's banking77 size; alpha 16; the head
-    of --adapter (`adapter_labels`) over all of these. A causal LM has no label count."""
-    from edge_client.model_check import head_labels
+    of the wire adapter at `adapter` over all of these. UserError when the chosen head does not fit. A causal LM
+    has no label count."""
+    from edge_client.model_check import check_head, head_labels
 
     alpha = float(manifest.doc["lora_alpha"]) if manifest else 16.0
     if task != "classification":
         return None, alpha, "the causal LM's output layer"
     own = head_labels(model_dir)
-    if adapter_labels is not None:
+    if adapter is not None:
+        adapter_labels = adapter_head(adapter, model_dir, task)
+        check_head(model_dir, task, adapter_labels)
         if manifest is not None and int(manifest.doc.get("num_labels") or 0) != adapter_labels:
             raise UserError(f"the --adapter head has {adapter_labels} labels, the artifacts in {manifest.folder} "
                             f"{manifest.doc.get('num_labels')}")
@@ -154,6 +157,7 @@ def head_and_alpha(manifest, task: str, model_dir, adapter_labels: int | None = 
         num_labels = int(manifest.doc.get("num_labels") or NUM_LABELS)
     else:
         num_labels = own or NUM_LABELS
+    check_head(model_dir, task, num_labels)
     source = "the model folder's trained head" if own == num_labels else "a new head"
     return num_labels, alpha, f"{source} ({num_labels} labels)"
 
@@ -177,7 +181,6 @@ def run(args) -> int:
     from edge_client.bench.peak import best_of
     from edge_client.device.host import Host
     from edge_client.device.profile import collect_profile
-    from edge_client.model_check import check_head
     from edge_client.models import check_model_dir, default_model_dir, default_targets, derive_spec, model_type
     from profiles.memory_model import ModelShape
 
@@ -189,10 +192,7 @@ def run(args) -> int:
     settings = resolve_settings(args, manifest)
     out = output_dir(args.out)
     targets = tuple(manifest.doc["targets"]) if manifest else default_targets(model_dir)
-    adapter_labels = adapter_head(args.adapter, model_dir, task) if args.adapter else None
-    num_labels, lora_alpha, head = head_and_alpha(manifest, task, model_dir, adapter_labels)
-    if task == "classification" and adapter_labels is None:
-        check_head(model_dir, task, num_labels)
+    num_labels, lora_alpha, head = head_and_alpha(manifest, task, model_dir, args.adapter)
     log.info("benching %s with %s", model_dir, head)
     spec = derive_spec(model_dir, task, targets, num_labels)
     shape = ModelShape.from_model_dir(model_dir)
