@@ -26,7 +26,7 @@ from hetlora.protocol.plan import Tier
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.spec import AdapterSpec, LoRAModule
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation import RULES, ClientResult, make_rule
+from hetlora.engine.aggregation import RULES, ClientResult, make_rule
 
 GLOBAL_RANK = 64
 RANK_RANGE = (4, 64)

@@ -2,7 +2,7 @@
 
 The demo's non-IID fleet (Dirichlet label split), every client's frozen features computed once; then
 H simulated head rounds in process with the product's own pieces (edge_client.head_fit.fit_head on
-each client, server_stub.aggregation.head_fit.average_heads on the server), from round 0's closed-form
+each client, hetlora.engine.aggregation.head_fit.average_heads on the server), from round 0's closed-form
 LDA head, for three local losses:
 
   plain       cross-entropy (a = 0)
@@ -60,8 +60,8 @@ def simulate(loss: str, start, clients, evaluation, rounds: int, seed: int) -> d
     """Accuracy on `evaluation` after each of `rounds` head rounds (every client, every round)."""
     from edge_client.head_fit import fit_head
     from hetlora.protocol.wire import Adapter
-    from server_stub.aggregation import ClientResult
-    from server_stub.aggregation.head_fit import average_heads
+    from hetlora.engine.aggregation import ClientResult
+    from hetlora.engine.aggregation.head_fit import average_heads
 
     weight, bias = start
     counts = sum(np.bincount(y, minlength=len(bias)) for _, y in clients)
@@ -105,7 +105,7 @@ def main() -> int:
 
     from edge_client.models import default_model_dir
     from hetlora.protocol.head_stats import class_statistics
-    from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, class_head
+    from hetlora.engine.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, class_head
 
     torch.set_num_threads(2)
     shown = [r for r in SHOWN if r <= args.rounds]

@@ -54,8 +54,8 @@ def main() -> int:
     from edge_client.models import default_model_dir, derive_spec
     from edge_client.training import TorchTrainer
     from hetlora.protocol.head_stats import class_statistics
-    from server_stub.aggregation import make_rule
-    from server_stub.head_round import initial_global
+    from hetlora.engine.aggregation import make_rule
+    from hetlora.engine.head_round import initial_global
 
     torch.set_num_threads(1)
     cfg = DemoConfig(model_dir=str(args.model or default_model_dir()), data=str(banking77("train.csv", "--data")),

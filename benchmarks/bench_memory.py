@@ -32,7 +32,7 @@ def worker(task: str, rank: int, batch: int, seq_len: int) -> dict:
     from edge_client.models import default_model_dir
     from edge_client.training import TorchTrainer
     from hetlora.protocol.settings import TrainingSettings
-    from server_stub.aggregation import make_rule
+    from hetlora.engine.aggregation import make_rule
     from edge_client.models import derive_spec
 
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ def main() -> int:
     from edge_client.models import default_model_dir, derive_spec
     from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
-    from server_stub.aggregation import make_rule
+    from hetlora.engine.aggregation import make_rule
 
     torch.set_num_threads(args.threads)
     data = REPO / "hetlora" / "data" / "banking77"

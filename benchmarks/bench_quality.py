@@ -300,7 +300,7 @@ def main() -> int:
                 fleet = fleet or prepare_fleet(cfg, eval_rows=args.eval_rows if chat else None)
                 summary = run_summary(name, cfg, fleet, seed)
                 store_summary(cfg, name, summary)
-            results[name].append(summary)
+            results[name].append(summary | {"seed": seed})
             print(f"seed {seed} {name}: final {summary['final']:.3f}, best {summary['best']:.3f}", flush=True)
             (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     text = quality_chat.table(results) if chat else table(results, args.rounds)

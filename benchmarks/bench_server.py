@@ -27,7 +27,7 @@ from hetlora.protocol.wire import Adapter, encode
 from server_stub.background import serve_in_background
 from hetlora.demo_data import banking77
 from hetlora.labels import read_labels
-from server_stub.config import ServerConfig
+from hetlora.engine.config import ServerConfig
 
 RANKS = (4, 8, 16, 32, 64)
 

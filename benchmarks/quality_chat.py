@@ -38,11 +38,16 @@ def _mean_std(values) -> str:
 
 
 def _ratio(runs: list[dict], reference: list[dict] | None) -> str:
-    """Mean over seeds of final / the reference's final on the same seed, ± its standard deviation."""
+    """Mean over the seeds both have of final / the reference's final on the same seed, ± its standard deviation
+    (with the number of seeds when it is not every seed of `runs`)."""
     if not reference or runs is reference:
         return "-"
-    ratios = [a["final"] / b["final"] for a, b in zip(runs, reference)]
-    return f"{np.mean(ratios):.3f} ± {np.std(ratios):.3f}"
+    finals = {r.get("seed"): r["final"] for r in reference}
+    ratios = [r["final"] / finals[r.get("seed")] for r in runs if r.get("seed") in finals]
+    if not ratios:
+        return "-"
+    paired = f" ({len(ratios)} seeds)" if len(ratios) < len(runs) else ""
+    return f"{np.mean(ratios):.3f} ± {np.std(ratios):.3f}{paired}"
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -52,7 +57,7 @@ def table(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         if not runs:
             continue
-        zero = [{"final": r["zero_shot"]} for r in runs]
+        zero = [{"final": r["zero_shot"], "seed": r.get("seed")} for r in runs]
         ranks = [np.mean(r["ranks"]) for r in runs if r["ranks"]]
         lines.append(f"| {name} | {len(runs)} | {_mean_std([r['final'] for r in runs])} | {_ratio(runs, zero)} "
                      f"| {_ratio(runs, results.get('fedavg-rmin'))} | {_ratio(runs, results.get('centralized'))} "

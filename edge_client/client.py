@@ -19,12 +19,11 @@ import numpy as np
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir, run_change
 from edge_client.server_api import ServerAPI, ServerError
-from edge_client.train_config import RoundResult
+from edge_client.local_round import LocalModel, LocalRound, PlanMismatch, RoundOutput
 from hetlora.protocol.energy import Power
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
-from hetlora.protocol.wire import (Adapter, WireFormatError, check_values, decode, encode, max_wire_bytes,
-                                  spec_tensors, validate)
+from hetlora.protocol.wire import Adapter, max_wire_bytes
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.client")
@@ -65,16 +64,6 @@ def plan_of(current: dict) -> ClientPlan:
     return plan
 
 
-def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult, power: Power) -> dict:
-    """A LoRA update's wire metadata (docs/PROTOCOL.md section 1), built here and nowhere else: the plan's round,
-    rank and indices, the client, what the round produced (effective rank after pruning, samples, losses) and
-    its training seconds with the energy estimate at `power` (hetlora.protocol.energy)."""
-    meta = {"round": plan.round, "client_id": client_id, "rank": plan.rank, "effective_rank": result.rank_after,
-            "n_samples": result.n_samples, "mode": plan.mode, "loss_before": result.loss_before,
-            "loss_after": result.loss_after, "energy": power.report(result.seconds)}
-    return meta | ({"indices": list(plan.indices)} if plan.indices is not None else {})
-
-
 def scaled_update(update: Adapter, start: Adapter, plan: ClientPlan, factor: float) -> Adapter:
     """TEST TOOL (the hidden `hetlora client --testing-scale-update`, for robustness measurements only): the update
     a model-replacement attacker sends, start + factor (update - start) for every factor and dense tensor, with
@@ -90,17 +79,6 @@ def scaled_update(update: Adapter, start: Adapter, plan: ClientPlan, factor: flo
     return Adapter(lora=lora, dense=dense, meta=update.meta)
 
 
-def decode_download(raw: bytes, spec, max_rank: int, head_only: bool = False) -> Adapter:
-    """A round's download decoded and checked against the local spec, at most `max_rank`, its values within the
-    upload bound (WireFormatError); `head_only`: a head round's, the dense head without LoRA factors."""
-    start = decode(raw, max_tensors=spec_tensors(spec))
-    if head_only and start.lora:
-        raise WireFormatError("unexpected_lora", "a head round's download must carry the head only")
-    validate(start, spec, max_rank=max_rank, require_all_modules=not head_only)
-    check_values(start)  # an update trained from larger values could never be uploaded
-    return start
-
-
 class EdgeClient:
     def __init__(self, options: ClientOptions, profile_source: Callable[[], dict]):
         self.options = options
@@ -114,11 +92,8 @@ class EdgeClient:
                 and not host.startswith(("127.", "::1")):
             log.warning("plain HTTP to %s: the token and updates cross the network in clear text; ask for an "
                         "https:// server (docs/DEVICES.md, TLS)", options.server)
-        self.trainer = None
-        self.examples = None
-        self.spec = None
+        self.local: LocalModel | None = None  # the data, checked model and backend (_prepare)
         self.overrides = dict(options.train_overrides or {})  # TrainingSettings fields over the plan
-        self._features = None  # the frozen features (round 0 and the head rounds), computed once
         self._refused_round = None  # the round whose update the server refused, if any
         self._power: Power | None = None  # the energy estimates' power figure, found once
 
@@ -138,11 +113,7 @@ class EdgeClient:
 
     def run(self) -> int:
         """Rounds until the server says training is finished (or max_rounds local rounds). Returns 0."""
-        from edge_client.data import load_examples
-
         run = self.state.run if self.state.registered else self.api.run()
-        self.examples = load_examples(self.options.data, run["task"], run.get("labels"),
-                                      text_column=self.options.text_column, label_column=self.options.label_column)
         self._prepare(run)  # model, data and backend load first: a client that cannot train never registers
         self._register(run)
         registered_again = False  # once per process: a token refused again right after is the server's error
@@ -174,7 +145,7 @@ class EdgeClient:
                     waiting_logged = (number, current["state"])
                 time.sleep(poll)
                 continue
-            if self._round(current, run):
+            if self._round(current):
                 done += 1
         log.info("stopping after %d local rounds (--max-rounds); restart to continue", done)
         return 0
@@ -195,7 +166,7 @@ class EdgeClient:
                      self.state_dir.path)
             return
         requested = self.requested_rank
-        n_samples = len(self.examples)
+        n_samples = len(self.local.examples)
         reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name,
                                   self.options.enroll_secret)
         self.state.client_id, self.state.token, self.state.rank = reply["client_id"], reply["token"], reply["rank"]
@@ -220,28 +191,19 @@ class EdgeClient:
         self._register(run)
 
     def _prepare(self, run: dict) -> None:
-        """Load the trainer after checking the local model (and artifacts) agree with the server's run; the rank to ask
-        for."""
-        from edge_client.backends import make_trainer
-        from edge_client.model_check import check_head
-        from edge_client.models import default_model_dir, derive_spec
+        """Load the data, and the model checked against the server's spec, and the training backend; an artifact
+        backend's export checked against the run too, before registering; the rank to ask for."""
+        from edge_client.data import load_examples
 
-        model_dir = self.options.model_dir or default_model_dir(run["task"])
-        labels = run.get("labels")
-        check_head(model_dir, run["task"], len(labels) if labels else None)
-        spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None,
-                           pooling=run.get("pooling"))
-        if spec.fingerprint != run["spec_fingerprint"]:
-            raise UserError(f"the local model {model_dir} does not match the server's (spec {spec.fingerprint} != "
-                            f"{run['spec_fingerprint']}); use the same base model folder and LoRA targets")
-        self.spec = spec
-        self.trainer = make_trainer(self.options.backend, model_dir=model_dir, task=run["task"], labels=labels,
-                                    targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
-                                    artifacts_dir=self.options.artifacts_dir, pooling=run.get("pooling"))
-        manifest = getattr(self.trainer, "manifest", None)  # artifact backends: the run must fit the export
+        examples = load_examples(self.options.data, run["task"], run.get("labels"),
+                                 text_column=self.options.text_column, label_column=self.options.label_column)
+        self.local = LocalModel(run, examples, self.options.model_dir, backend=self.options.backend,
+                                artifacts_dir=self.options.artifacts_dir)
+        manifest = getattr(self.local.trainer, "manifest", None)  # artifact backends: the run must fit the export
         if manifest is not None:
             manifest.check_run(run, self.overrides)
-        self.requested_rank = manifest.request_rank(self.trainer.backend, run["ranks"], self.options.requested_rank) \
+        self.requested_rank = manifest.request_rank(self.local.trainer.backend, run["ranks"],
+                                                    self.options.requested_rank) \
             if manifest is not None else self.options.requested_rank or max(run["ranks"])
 
     def _refresh_rank(self) -> None:
@@ -256,7 +218,7 @@ class EdgeClient:
             self.state.rank = reply.get("rank")
             self.state_dir.save(self.state)
 
-    def _round(self, current: dict, run: dict) -> bool:
+    def _round(self, current: dict) -> bool:
         """One round, as the server's plan for it says: returns True when an update was accepted."""
         number = current["round"]
         plan = plan_of(current)
@@ -264,32 +226,18 @@ class EdgeClient:
         if cfg.problem():
             raise UserError(f"the local training overrides are outside sane bounds: {cfg.problem()}")
         pending = self.state_dir.pending(number)
-        if pending is None and plan.mode == "head-statistics":
-            pending, summary, elapsed = self._head_statistics(number, cfg)
-        elif pending is None and plan.mode == "head-fit":
-            t0, raw = time.perf_counter(), self._download(number)
-            if raw is None:
-                return False
-            start = self._checked_download(raw, number, run, head_only=True)
-            pending, summary = self._head_fit(number, plan, cfg, start)
-            summary, elapsed = f"{summary}, {len(raw)} B down", time.perf_counter() - t0
-        elif pending is None:
-            self._refresh_rank()
-            t0, raw = time.perf_counter(), self._download(number)
-            if raw is None:
-                return False
-            start = self._checked_download(raw, number, run)
-            log.info("round %d: training %s at rank %d (%d steps, batch %d, seq %d, %s lr %g)", number, plan.mode,
-                     plan.rank, cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr)
-            result = self.trainer.train_round(start, self.examples, cfg, rank=plan.rank,
-                                              indices=list(plan.indices) if plan.indices is not None else None,
-                                              mode=plan.mode, on_step=self._progress(number, cfg))
-            result.adapter.meta = upload_meta(plan, self.state.client_id, result, self.power())
-            pending = encode(self._attack(result.adapter, start, plan))
+        if pending is None:
+            t0, raw = time.perf_counter(), None
+            if plan.mode != "head-statistics":
+                if plan.mode != "head-fit":
+                    self._refresh_rank()
+                raw = self._download(number)
+                if raw is None:
+                    return False
+            output = self._local_round(plan, cfg, raw)
+            pending = output.body
             self.state_dir.save_pending(pending)
-            summary = (f"rank {result.rank_before}" + (f" -> {result.rank_after} (pruned)" if result.rank_after !=
-                       result.rank_before else "") + f", loss {result.loss_before:.4f} -> {result.loss_after:.4f}, "
-                       f"{result.n_samples} samples, {result.steps} steps, {len(raw)} B down")
+            summary = output.summary + (f", {len(raw)} B down" if raw is not None else "")
             elapsed = time.perf_counter() - t0
         else:
             log.info("round %d: uploading the update saved before a restart", number)
@@ -315,24 +263,25 @@ class EdgeClient:
         log.info("round %d: %s, %d B up, %.1f s", number, summary, len(pending), elapsed)
         return True
 
-    def _head_statistics(self, number: int, cfg: TrainingSettings) -> tuple[bytes, str, float]:
-        """Round 0: per-class feature statistics of the local data under the frozen base model, saved as pending."""
-        from edge_client.head_fit import round_statistics
-        from hetlora.protocol.head_stats import encode_statistics
-
-        t0 = time.perf_counter()
-        stats = round_statistics(self.spec, lambda: self._frozen_features(cfg), number, self.state.client_id,
-                                 self.power())
-        pending = encode_statistics(stats)
-        self.state_dir.save_pending(pending)
-        classes = int((stats.class_counts > 0).sum())
-        log.info("round %d: head statistics of %d samples over %d classes", number, stats.n_samples, classes)
-        return pending, f"head statistics ({stats.n_samples} samples, {classes} classes)", time.perf_counter() - t0
+    def _local_round(self, plan: ClientPlan, cfg: TrainingSettings, raw: bytes | None) -> RoundOutput:
+        """The planned round on this device (edge_client.local_round); a download or plan that does not fit the
+        run is the server's fault (BadServerAnswer)."""
+        on_step = None
+        if plan.mode not in ("head-statistics", "head-fit"):
+            log.info("round %d: training %s at rank %d (%d steps, batch %d, seq %d, %s lr %g)", plan.round, plan.mode,
+                     plan.rank, cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr)
+            on_step = self._progress(plan.round, cfg)
+        try:
+            start = None if raw is None else self.local.start(raw, plan)
+            return LocalRound(self.local, plan, cfg, self.state.client_id, self.power(),
+                              self._attack(plan)).run(start, on_step)
+        except PlanMismatch as exc:
+            raise BadServerAnswer(str(exc)) from None
 
     def _download(self, number: int) -> bytes | None:
         """The round's download, at most the largest valid adapter of the run (checked while it streams); None when
         the round is no longer this client's (closed, not selected)."""
-        limit = max_wire_bytes(self.spec, int(self.state.run.get("global_rank") or max(self.state.run["ranks"])))
+        limit = max_wire_bytes(self.local.spec, self.local.max_rank)
         try:
             return self.api.download_adapter(number, max_bytes=limit)
         except ServerError as exc:
@@ -341,42 +290,13 @@ class EdgeClient:
                 return None
             raise
 
-    def _head_fit(self, number: int, plan: ClientPlan, cfg: TrainingSettings, start: Adapter) -> tuple[bytes, str]:
-        """A head round: fit the downloaded head on the frozen features (edge_client.head_fit), saved as pending."""
-        from edge_client.head_fit import fit_plan_head
-
-        features, labels = self._frozen_features(cfg)
-        try:
-            update, fit = fit_plan_head(self.spec, start, features, labels, plan, cfg, self.state.client_id,
-                                        self.power())
-        except ValueError as exc:
-            raise BadServerAnswer(f"round {number}: the server's head-fit plan does not fit this run: {exc}") from None
-        pending = encode(self._attack(update, start, plan))
-        self.state_dir.save_pending(pending)
-        return pending, (f"head fitted on {len(labels)} frozen features ({cfg.head_epochs} epochs), loss "
-                         f"{fit.loss_before:.4f} -> {fit.loss_after:.4f}")
-
-    def _attack(self, update: Adapter, start: Adapter, plan: ClientPlan) -> Adapter:
-        """The update as sent: itself, or (TEST TOOL, --testing-scale-update) scaled as an attacker's."""
-        if self.options.testing_scale_update is None:
-            return update
-        log.warning("TEST TOOL: uploading the update scaled %g x from its start (--testing-scale-update)",
-                    self.options.testing_scale_update)
-        return scaled_update(update, start, plan, self.options.testing_scale_update)
-
-    def _frozen_features(self, cfg: TrainingSettings):
-        """(features, labels) of the local data under the frozen base model, computed once per process."""
-        if self._features is None:
-            self._features = self.trainer.frozen_features(self.examples, cfg.seq_len)
-        return self._features
-
-    def _checked_download(self, raw: bytes, number: int, run: dict, head_only: bool = False):
-        """The downloaded adapter, checked against the local spec (BadServerAnswer when it does not fit);
-        `head_only`: a head round's download, the dense head without LoRA factors."""
-        try:
-            return decode_download(raw, self.spec, int(run.get("global_rank") or max(run["ranks"])), head_only)
-        except WireFormatError as exc:
-            raise BadServerAnswer(f"round {number}: the server's adapter does not fit this run: {exc}") from None
+    def _attack(self, plan: ClientPlan):
+        """None, or (TEST TOOL, --testing-scale-update) the map from an update to the one an attacker sends."""
+        factor = self.options.testing_scale_update
+        if factor is None:
+            return None
+        log.warning("TEST TOOL: uploading the update scaled %g x from its start (--testing-scale-update)", factor)
+        return lambda update, start: scaled_update(update, start, plan, factor)
 
     def _finish_round(self, number: int) -> None:
         self.state.last_uploaded_round = max(self.state.last_uploaded_round, number)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from hetlora.protocol import adapter_ops
-from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches
+from edge_client.data import (Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches,
+                              trim_batch)
 from edge_client.head_features import pooled_features
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
@@ -33,7 +34,7 @@ from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 
 MODES = ("plain", "hetlora", "plora")
-EVAL_ROWS = 64  # rows of the fixed local evaluation set behind loss_before / loss_after
+EVAL_ROWS = 64  # at most this many rows in the fixed local evaluation set behind loss_before / loss_after
 
 
 class TorchTrainer:
@@ -97,7 +98,7 @@ class TorchTrainer:
         torch.manual_seed(cfg.seed)
         self._load(work)
         rank = work.rank
-        eval_batches = evaluation_batches(encoded, cfg.batch_size)
+        eval_batches = evaluation_batches(encoded, cfg)
         mask = tail_mask(rank, cfg.prune_gamma) if mode == "hetlora" and cfg.prune_lambda > 0 else None
         loss_before = self.mean_loss(eval_batches)
         tail_before = self._tail(mask)
@@ -167,10 +168,10 @@ class TorchTrainer:
 
     @torch.no_grad()
     def mean_loss(self, batches: list[dict]) -> float:
-        """Token- (or row-) mean task loss over all targets of `batches`."""
+        """Token- (or row-) mean task loss over all targets of `batches` (each trimmed of its padding columns)."""
         total, count = 0.0, 0
         for batch in batches:
-            s, c = model_loss_sum_and_count(self.model, batch, self.task)
+            s, c = model_loss_sum_and_count(self.model, trim_batch(batch), self.task)
             total, count = total + float(s), count + int(c)
         return total / max(count, 1)
 
@@ -203,12 +204,21 @@ def fold_unselected(layers: dict, w0: dict[str, torch.Tensor], start: Adapter, i
             layer.base.weight.copy_(weight)
 
 
-def evaluation_batches(encoded: Encoded, batch_size: int) -> list[dict]:
-    """The fixed local evaluation set: up to EVAL_ROWS rows picked by a seed-0 permutation, unshuffled batches."""
-    rows = np.sort(np.random.default_rng(0).permutation(len(encoded))[:EVAL_ROWS])
+def evaluation_rows(n_rows: int, cfg: TrainingSettings) -> int:
+    """Rows of the fixed local evaluation set: a quarter of the rows the round trains on (steps x batch, or
+    epochs x the data), at least one batch and at most EVAL_ROWS and the data. Its forward passes before and
+    after training then cost about a sixth of the round's training instead of matching it on short rounds."""
+    trained = cfg.steps * cfg.batch_size if cfg.steps else (cfg.epochs or 1) * n_rows
+    return min(n_rows, EVAL_ROWS, max(cfg.batch_size, trained // 4))
+
+
+def evaluation_batches(encoded: Encoded, cfg: TrainingSettings) -> list[dict]:
+    """The fixed local evaluation set: `evaluation_rows` rows picked by a seed-0 permutation, unshuffled
+    batches of the round's batch size."""
+    rows = np.sort(np.random.default_rng(0).permutation(len(encoded))[:evaluation_rows(len(encoded), cfg)])
     subset = Encoded(encoded.task, encoded.input_ids[rows], encoded.attention_mask[rows], encoded.labels[rows],
                      encoded.lengths[rows])
-    return make_batches(subset, batch_size, seed=0, shuffle=False)
+    return make_batches(subset, cfg.batch_size, seed=0, shuffle=False)
 
 
 def make_optimizer(factors, head, cfg: TrainingSettings) -> torch.optim.Optimizer:

@@ -17,16 +17,17 @@ from flwr.clientapp import ClientApp
 
 from hetlora.errors import UserError
 from hetlora.protocol.plan import ClientPlan
-from hetlora_flower.device import LocalNode, node_settings
+from hetlora_flower.device import LocalNode, LocalNodes, node_settings
 from hetlora_flower.records import INTRO, PLAN, REPORT, message_content, read_content
 
 log = logging.getLogger("hetlora.flower")
 USER_ERROR = 1000  # the Flower error code of a reply that carries a UserError's message
 app = ClientApp()
+nodes = LocalNodes()  # this process's nodes, kept between messages
 
 
 def _local_node(context: Context, run: dict) -> LocalNode:
-    return LocalNode(node_settings(dict(context.node_config), dict(context.run_config), context.node_id), run)
+    return nodes.node(node_settings(dict(context.node_config), dict(context.run_config), context.node_id), run)
 
 
 def _answer(message: Message, work) -> Message:
@@ -53,11 +54,6 @@ def train(message: Message, context: Context) -> Message:
             plan = ClientPlan.from_json(doc.get("plan"))
         except ValueError as exc:
             raise UserError(f"the server's plan is malformed: {exc}") from None
-        node = _local_node(context, doc["run"])
-        if plan.mode == "head-statistics":
-            return node.head_statistics(plan, doc["client_id"])
-        if plan.mode == "head-fit":
-            return node.fit_head(payload, plan, doc["client_id"])
-        return node.train(payload, plan, doc["client_id"])
+        return _local_node(context, doc["run"]).answer(payload, plan, doc["client_id"])
 
     return _answer(message, work)

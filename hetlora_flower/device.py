@@ -14,14 +14,13 @@ Under Flower's simulation runtime a node has only `partition-id` and `num-partit
 file `partition-id` of the run config's `partition-dir` (written by `hetlora partition`) as device
 `partition-id` of `profiles.catalog.simulated_fleet(num-partitions, seed)`.
 
-A round runs the HTTP client's pieces: the plan (hetlora.protocol.plan.ClientPlan: rank, indices, mode,
-training settings already within the device's tier), the same trainer (`make_trainer`), self-pruning and
-Select-N-Fold inside `train_round`, and the same metadata on the update (with the training seconds and the
-energy estimate at `NodeSettings.power`). The node reports a fresh device profile with every LoRA update; the
-server re-decides its tier from it for the next round.
-Round 0 and the head rounds read the node's frozen features, kept per process (`_features`): a simulation
-worker computes each node's once; a SuperNode starts a ClientApp process per message, so it computes them
-again in every head round.
+A round is the HTTP client's own device round (edge_client.local_round.LocalRound: the plan's rank,
+indices, mode and training settings, self-pruning and Select-N-Fold, the same metadata on the update with
+the training seconds and the energy estimate at `NodeSettings.power`). The node reports a fresh device
+profile with every LoRA update; the server re-decides its tier from it for the next round.
+`LocalNodes` keeps each node's data, trainer and frozen features between the messages a process serves: a
+simulation worker loads each node's once; a SuperNode that starts a ClientApp process per message loads
+them again for every message.
 """
 
 from __future__ import annotations
@@ -32,13 +31,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client.client import decode_download, upload_meta
+from edge_client.local_round import LocalModel, LocalRound, PlanMismatch
 from hetlora import argtypes
 from hetlora.errors import UserError
 from hetlora.protocol import atomic
 from hetlora.protocol.energy import Power
 from hetlora.protocol.plan import ClientPlan
-from hetlora.protocol.wire import Adapter, WireFormatError, encode
 
 
 @dataclass(frozen=True)
@@ -124,115 +122,70 @@ def _watts(text: str | None) -> float | None:
         raise UserError(f"node config watts: {exc}") from None
 
 
-_trainers: dict[tuple, object] = {}  # one per process and run: a simulation actor serves many nodes in turn
-# (examples, seq_len) -> (features, labels) under the trainer's frozen model, oldest first
-_features: dict[tuple, tuple] = {}
-FEATURE_CACHE_BYTES = 256 * 2**20  # at most this much of them (a simulation process serves many nodes)
-
-
-def _keep_features(key: tuple, value: tuple) -> None:
-    """Add one node's frozen features; drop the oldest others while they hold over FEATURE_CACHE_BYTES."""
-    _features[key] = value
-    while len(_features) > 1 and sum(f.nbytes + y.nbytes for f, y in _features.values()) > FEATURE_CACHE_BYTES:
-        del _features[next(iter(_features))]
-
-
-def _trainer(settings: NodeSettings, model_dir, run: dict):
-    """The trainer for this model, backend and run. `train_round` loads everything it trains from the round's
-    adapter and reseeds, so nodes that share a process share it."""
-    from edge_client.backends import make_trainer
-
-    key = (str(model_dir), settings.backend, settings.artifacts_dir, run["spec_fingerprint"], run["lora_alpha"])
-    if key not in _trainers:
-        _trainers.clear()
-        _features.clear()  # the previous trainer's model computed them
-        labels = run.get("labels")
-        _trainers[key] = make_trainer(settings.backend, model_dir=model_dir, task=run["task"], labels=labels,
-                                      targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
-                                      artifacts_dir=settings.artifacts_dir, pooling=run.get("pooling"))
-    return _trainers[key]
+FEATURE_CACHE_BYTES = 256 * 2**20  # the frozen features a process keeps, at most (a simulation serves many nodes)
 
 
 class LocalNode:
-    """One node's data, model check and trainer for a message."""
+    """One node's LocalModel (data loaded once, model checked against the run, trainer, frozen features) and
+    its settings; `answer` does one planned round."""
 
-    def __init__(self, settings: NodeSettings, run: dict):
-        from edge_client.data import load_examples
-        from edge_client.model_check import check_head
-        from edge_client.models import default_model_dir, derive_spec
-
-        self.settings, self.run = settings, run
-        model_dir = settings.model_dir or default_model_dir(run["task"])
-        labels = run.get("labels")
-        self.examples = load_examples(settings.data, run["task"], labels)
-        check_head(model_dir, run["task"], len(labels) if labels else None)
-        self.spec = derive_spec(model_dir, run["task"], run["targets"], len(labels) if labels else None,
-                                pooling=run.get("pooling"))
-        if self.spec.fingerprint != run["spec_fingerprint"]:
-            raise UserError(f"the local model {model_dir} does not match the server's (spec {self.spec.fingerprint} "
-                            f"!= {run['spec_fingerprint']}); use the same base model folder and LoRA targets")
-        self.trainer = _trainer(settings, model_dir, run)
+    def __init__(self, settings: NodeSettings, local: LocalModel):
+        self.settings, self.local = settings, local
 
     def introduction(self) -> dict:
         """What the server needs to plan for this node (the HTTP registration's fields)."""
-        return {"name": self.settings.name, "profile": self.settings.profile(), "n_samples": len(self.examples),
-                "requested_rank": self.settings.requested_rank or max(self.run["ranks"])}
+        return {"name": self.settings.name, "profile": self.settings.profile(), "n_samples": len(self.local.examples),
+                "requested_rank": self.settings.requested_rank or max(self.local.run["ranks"])}
 
-    def train(self, payload: bytes, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
-        """One planned LoRA round: (update wire bytes, report {profile, losses, ranks})."""
-        start = self._start(payload, plan)
-        result = self.trainer.train_round(start, self.examples, plan.training, rank=plan.rank, mode=plan.mode,
-                                          indices=list(plan.indices) if plan.indices is not None else None)
+    def answer(self, payload: bytes | None, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
+        """One planned round (edge_client.local_round) -> (the wire bytes to send, the report; a LoRA round's
+        carries the node's fresh profile). UserError when the server's adapter or plan does not fit the run."""
         profile = self.settings.profile()
-        result.adapter.meta = upload_meta(plan, client_id, result, self.settings.power(profile))
-        body = encode(result.adapter)
-        self._keep(plan.round, body)
-        return body, {"profile": profile, "rank_before": result.rank_before, "rank_after": result.rank_after,
-                      "loss_before": result.loss_before, "loss_after": result.loss_after, "steps": result.steps,
-                      "n_samples": result.n_samples}
-
-    def fit_head(self, payload: bytes, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
-        """A head round: the downloaded head fitted on the frozen features (edge_client.head_fit.fit_plan_head,
-        as `hetlora client` does) -> (head wire bytes, report {losses, n_samples})."""
-        from edge_client.head_fit import fit_plan_head
-
-        start = self._start(payload, plan, head_only=True)
-        features, labels = self.frozen_features(plan.training.seq_len)
         try:
-            update, fit = fit_plan_head(self.spec, start, features, labels, plan, plan.training, client_id,
-                                        self.settings.power(self.settings.profile()))
-        except ValueError as exc:
-            raise UserError(f"round {plan.round}: the server's head-fit plan does not fit this run: {exc}") from None
-        body = encode(update)
-        self._keep(plan.round, body)
-        return body, {"loss_before": fit.loss_before, "loss_after": fit.loss_after, "n_samples": len(labels)}
-
-    def head_statistics(self, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
-        """Round 0: per-class feature statistics of the local data under the frozen base model."""
-        from edge_client.head_fit import round_statistics
-        from hetlora.protocol.head_stats import encode_statistics
-
-        stats = round_statistics(self.spec, lambda: self.frozen_features(plan.training.seq_len), plan.round,
-                                 client_id, self.settings.power(self.settings.profile()))
-        body = encode_statistics(stats)
-        self._keep(plan.round, body)
-        return body, {"n_samples": stats.n_samples}
-
-    def frozen_features(self, seq_len: int) -> tuple:
-        """(features, labels) of this node's data under the frozen base model, computed once per process."""
-        key = (self.examples, seq_len)
-        if key not in _features:
-            _keep_features(key, self.trainer.frozen_features(self.examples, seq_len))
-        return _features[key]
-
-    def _start(self, payload: bytes, plan: ClientPlan, head_only: bool = False) -> Adapter:
-        """The round's global from the message, checked against this run (UserError when it does not fit)."""
-        try:
-            return decode_download(payload, self.spec, int(self.run["global_rank"]), head_only)
-        except WireFormatError as exc:
-            raise UserError(f"round {plan.round}: the server's adapter does not fit this run: {exc}") from None
+            start = None if plan.mode == "head-statistics" else self.local.start(payload, plan)
+            output = LocalRound(self.local, plan, plan.training, client_id, self.settings.power(profile)).run(start)
+        except PlanMismatch as exc:
+            raise UserError(str(exc)) from None
+        self._keep(plan.round, output.body)
+        lora = plan.mode not in ("head-statistics", "head-fit")
+        return output.body, output.report | ({"profile": profile} if lora else {})
 
     def _keep(self, round_number: int, body: bytes) -> None:
         """The bytes sent for a round, in state-dir/uploads/ (for audit and for the deployment test)."""
         if self.settings.state_dir:
             atomic.write_bytes(Path(self.settings.state_dir) / "uploads" / f"r{round_number:04d}.safetensors", body)
+
+
+class LocalNodes:
+    """The nodes one ClientApp process serves, kept between its messages: a SuperNode's one node, or the many a
+    simulation process trains in turn. They share one trainer per (model, backend, run): `train_round` loads
+    everything it trains from the round's adapter and reseeds. A node's data is loaded once; the oldest nodes
+    are dropped while their frozen features hold over `max_feature_bytes`."""
+
+    def __init__(self, max_feature_bytes: int = FEATURE_CACHE_BYTES):
+        self.max_feature_bytes = max_feature_bytes
+        self._trainer_key, self._trainer = None, None
+        self._nodes: dict[tuple, LocalNode] = {}
+
+    def node(self, settings: NodeSettings, run: dict) -> LocalNode:
+        from edge_client.data import load_examples
+        from edge_client.models import default_model_dir
+
+        model_dir = settings.model_dir or default_model_dir(run["task"])
+        trainer_key = (str(model_dir), settings.backend, settings.artifacts_dir, run["spec_fingerprint"],
+                       run["lora_alpha"])
+        if trainer_key != self._trainer_key:
+            self._nodes.clear()  # their features came from the previous trainer's model
+            self._trainer_key, self._trainer = None, None
+        key = (settings, run["spec_fingerprint"])
+        if key not in self._nodes:
+            examples = load_examples(settings.data, run["task"], run.get("labels"))
+            local = LocalModel(run, examples, model_dir, backend=settings.backend,
+                               artifacts_dir=settings.artifacts_dir, trainer=self._trainer)
+            self._trainer_key, self._trainer = trainer_key, local.trainer
+            self._nodes[key] = LocalNode(settings, local)
+        self._nodes[key] = self._nodes.pop(key)  # the newest last
+        while len(self._nodes) > 1 and sum(n.local.features_bytes for n in self._nodes.values()) > \
+                self.max_feature_bytes:
+            del self._nodes[next(iter(self._nodes))]
+        return self._nodes[key]

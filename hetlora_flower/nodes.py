@@ -2,7 +2,7 @@
 
 A node introduces itself once (a `query` message answered by the ClientApp, like the HTTP client's
 registration) and reports a fresh profile with every update; its tier follows the run's tier policy
-exactly as on the HTTP server (`server_stub.registration.client_tier`: the policy, the request, the
+exactly as on the HTTP server (`hetlora.engine.tiers.client_tier`: the policy, the request, the
 rank set, never above the rank the node pruned itself to).
 """
 
@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 
 from hetlora.protocol.plan import Tier
-from server_stub.errors import ApiError
-from server_stub.registration import client_tier
+from hetlora.engine.errors import DomainError
+from hetlora.engine.tiers import client_tier
 
 log = logging.getLogger("hetlora.flower")
 
@@ -36,7 +36,7 @@ def retier(config, node: Node) -> None:
     try:
         node.tier = client_tier(config, node.profile, node.requested_rank, node.pruned_rank, previous)
         node.why_not = ""
-    except ApiError as exc:
+    except DomainError as exc:
         node.tier, node.why_not = None, exc.message
 
 

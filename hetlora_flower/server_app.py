@@ -3,7 +3,7 @@
 1. Wait (up to round-deadline seconds) for min-clients SuperNodes, then ask each to introduce itself
    (a `query` message): name, device profile, sample count, requested rank -> its rank (nodes.py).
 2. With head-init ncm|lda: round 0 sends every node a "head" plan; the pooled class statistics give the
-   head of global version 0 (server_stub.head_round, the HTTP server's checks and formula).
+   head of global version 0 (hetlora.engine: the HTTP server's checks and formula).
 3. `RuleStrategy.start` runs head-rounds + num-server-rounds rounds: the head rounds 1..head-rounds (every
    node fits the head; round 0's pooled class counts go into their plans), then the LoRA rounds; each
    waits round-deadline seconds for replies.
@@ -24,13 +24,14 @@ from hetlora.protocol import atomic
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
 from hetlora_flower.nodes import introduce
-from hetlora_flower.plans import plan_for
 from hetlora_flower.records import INTRO, PLAN, REPORT, json_record, message_content, payload_bytes, read_content
 from hetlora_flower.settings import server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
-from server_stub.aggregation import make_rule
-from server_stub.errors import ApiError
-from server_stub.head_round import check_statistics, initial_global
+from hetlora.engine.aggregation import make_rule
+from hetlora.engine.errors import DomainError
+from hetlora.engine.combine import head_global
+from hetlora.engine.planning import plan_for
+from hetlora.engine.head_round import check_statistics
 
 log = logging.getLogger("hetlora.flower")
 app = ServerApp()
@@ -106,8 +107,9 @@ def head_round(grid: Grid, config, rule, nodes: dict) -> tuple[Adapter, list[int
     """Round 0: every node's class statistics, checked and pooled -> global version 0 and the pooled examples
     per class (the head rounds' plans carry them)."""
     trained = {node_id: node for node_id, node in nodes.items() if node.tier}
-    messages = [Message(message_content(None, PLAN, {"plan": plan_for(config, rule, node, 0).to_json(),
-                                                      "client_id": node.name, "run": config.run_config()}),
+    plans = {node_id: plan_for(config, rule, node.name, node.tier, 0) for node_id, node in trained.items()}
+    messages = [Message(message_content(None, PLAN, {"plan": plans[node_id].to_json(), "client_id": node.name,
+                                                      "run": config.run_config()}),
                         dst_node_id=node_id, message_type=MessageType.TRAIN, group_id="0")
                 for node_id, node in trained.items()]
     statistics = {}
@@ -118,15 +120,12 @@ def head_round(grid: Grid, config, rule, nodes: dict) -> tuple[Adapter, list[int
                 raise ValueError(reply.error.reason if reply.has_error() else "unplanned reply")
             body, _ = read_content(reply.content, REPORT)
             statistics[node.name] = check_statistics(config, node.name, body or b"", node.n_samples)
-        except (ValueError, ApiError) as exc:
+        except (ValueError, DomainError) as exc:
             log.warning("round 0: no head statistics from node %d: %s", reply.metadata.src_node_id, exc)
     if len(statistics) < min(config.min_clients, len(trained)):
         raise UserError(f"round 0: {len(statistics)} nodes sent head statistics, min-clients is {config.min_clients}")
     names = sorted(statistics)
-    initial, summary = initial_global(rule, config.spec, [statistics[name] for name in names],
-                                      head_init=config.head_init, global_rank=config.global_rank, seed=config.seed,
-                                      shrinkage=config.head_shrinkage, temperature=config.head_temperature)
-    summary["weight_bounded"] = [names[k] for k in summary["weight_bounded"]]
+    initial, summary = head_global(rule, config, names, [statistics[name] for name in names])
     log.info("round 0 (head %s): %s", config.head_init, json.dumps(summary))
     return initial, summary["class_counts"]
 

@@ -1,9 +1,9 @@
 """The Flower run config ([tool.flwr.app.config] in flower_app/pyproject.toml) -> the server's ServerConfig.
 
-Every run-config key is a `hetlora serve` flag without its dashes (`local-steps = 5` is `--local-steps 5`),
-parsed by the same argument parser and turned into a ServerConfig by the same `build_config`, so both
-servers share one set of defaults and checks. Two keys carry Flower's names instead:
-`num-server-rounds` (= --rounds, the LoRA rounds; with `head-rounds = H` the run has H head rounds
+Every run-config key is a `hetlora serve` run flag without its dashes (`local-steps = 5` is `--local-steps 5`),
+parsed by the run groups of the same parser and turned into a ServerConfig by the same `build_config`
+(hetlora.engine.run_options), so both servers share one set of defaults and checks. Two keys carry
+Flower's names instead: `num-server-rounds` (= --rounds, the LoRA rounds; with `head-rounds = H` the run has H head rounds
 before them, H + num-server-rounds Flower rounds in all) and `rule` (= --aggregator). An empty string or
 `false` leaves a flag at its default; `true` sets a switch (`segment-average = true`).
 Flower-only keys: `output-dir` (where the ServerApp writes the final global and the history; "" = none) and
@@ -47,8 +47,8 @@ def serve_arguments(run_config: dict) -> list[str]:
 
 def server_config(run_config: dict):
     """ServerConfig of a Flower run (UserError with one line for a bad key or value)."""
-    from server_stub.cli import add_arguments, build_config
+    from hetlora.engine.run_options import add_run_arguments, build_config
 
     parser = _Parser(prog="flower run config", add_help=False)
-    add_arguments(parser)
+    add_run_arguments(parser)
     return build_config(parser.parse_args(serve_arguments(run_config)))

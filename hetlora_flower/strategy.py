@@ -2,14 +2,14 @@
 
 Flower's rounds 1..H+R are the run's rounds after round 0: the head rounds 1..H, then R LoRA rounds
 (`config.stage(n)`, as on the HTTP server).
-configure_train: selects nodes as the HTTP server does (`select_clients` over the names in order, every
-node in a head round), makes each one its own plan (`plans.plan_for`; a head round's carries round 0's
-pooled class counts) and sends it, with the rule's view of the global at the plan's rank (a head
-round: the head alone, `client_download`), in one message per node.
-aggregate_train: checks every reply with the HTTP server's upload checks (`plans.check_update`), then
-runs the HTTP server's pipeline (server_stub.aggregation.pipeline.aggregate_round): bounded influence with the
-anchored reference, the robust option, then a LoRA round's pure rule and server optimiser or a head round's
-`average_heads` (the n-weighted mean head, the factors kept). The anchors and optimiser state stay in memory.
+Every step is the round engine's (hetlora.engine), as on the HTTP server; this module only moves messages.
+configure_train: `planning.select` over the node names in order (every node in a head round), `planning.plan_for`
+per node (a head round's plan carries round 0's pooled class counts), sent with `planning.download_view` of the
+global in one message per node.
+aggregate_train: every reply decoded once and checked against its plan (`uploads.decode_update`,
+`uploads.take_update`), then `combine.combine`: bounded influence with the anchored reference, the robust
+option, then a LoRA round's pure rule and server optimiser or a head round's mean head. The anchors and
+optimiser state stay in memory.
 The global travels between rounds as wire bytes (records.payload_record).
 """
 
@@ -22,16 +22,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from hetlora.engine.combine import combine, jsonable
+from hetlora.engine.errors import DomainError
+from hetlora.engine.planning import download_view, global_with_meta, plan_for, select
+from hetlora.engine.uploads import decode_update, take_update
 from hetlora.protocol.energy import energy_of, round_energy
+from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import Adapter, decode, encode
-from hetlora.errors import UserError
 from hetlora_flower import nodes as node_book
-from hetlora_flower.plans import check_update, plan_for
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
-from server_stub.aggregation.pipeline import aggregate_round
-from server_stub.global_versions import client_download, global_with_meta
-from server_stub.history import jsonable
-from server_stub.selection import select_clients
 
 log = logging.getLogger("hetlora.flower")
 
@@ -43,14 +42,14 @@ def global_record(config, adapter: Adapter, version: int) -> ArrayRecord:
 
 class RuleStrategy(Strategy):
     """Per-node plans out, the project's checks and rule in. `nodes`: node id -> nodes.Node; `class_counts`:
-    round 0's pooled examples per class (server_stub.head_round.initial_global's summary), for the head rounds."""
+    round 0's pooled examples per class (hetlora.engine.combine.head_global's summary), for the head rounds."""
 
     def __init__(self, config, rule, nodes: dict, class_counts=None):
         self.config, self.rule, self.nodes, self.class_counts = config, rule, nodes, class_counts
         self.optimizer_state: dict = {}
-        self.anchors: dict = {}  # stage -> quantity -> anchor of the bounds (server_stub.aggregation.bounds)
+        self.anchors: dict = {}  # stage -> quantity -> anchor of the bounds (hetlora.engine.aggregation.bounds)
         self.history: list[dict] = []
-        self._plans: dict[int, dict] = {}  # node id -> this round's plan (JSON)
+        self._plans: dict[int, ClientPlan] = {}  # node id -> this round's plan
         self._names: dict[int, str] = {}
         self._previous: Adapter | None = None
 
@@ -67,18 +66,17 @@ class RuleStrategy(Strategy):
         """One message per selected node among the `live` ones: its plan and the rule's view of the global."""
         self._previous = decode(payload_bytes(arrays))
         eligible = sorted((n for n in self.nodes.values() if n.tier and n.node_id in live), key=lambda n: n.name)
-        chosen = set(select_clients([n.name for n in eligible], self.config.round_size(server_round),
-                                    self.config.seed, server_round))
+        chosen = set(select(self.config, [n.name for n in eligible], server_round))
         self._plans, self._names, messages = {}, {}, []
         for node in (n for n in eligible if n.name in chosen):
-            plan = plan_for(self.config, self.rule, node, server_round, self.class_counts).to_json()
+            plan = plan_for(self.config, self.rule, node.name, node.tier, server_round, self.class_counts)
             self._plans[node.node_id], self._names[node.node_id] = plan, node.name
-            body = encode(client_download(self.rule, self._previous, plan, node.name, self.config))
-            doc = {"plan": plan, "client_id": node.name, "run": self.config.run_config()}
+            body = encode(download_view(self.rule, self._previous, plan, node.name, self.config))
+            doc = {"plan": plan.to_json(), "client_id": node.name, "run": self.config.run_config()}
             messages.append(Message(message_content(body, PLAN, doc), dst_node_id=node.node_id,
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))
         log.info("round %d (%s): %s", server_round, self.config.stage(server_round),
-                 ", ".join(f"{self._names[n]}@r{p['rank']}" for n, p in self._plans.items()))
+                 ", ".join(f"{self._names[n]}@r{p.rank}" for n, p in self._plans.items()))
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -92,16 +90,15 @@ class RuleStrategy(Strategy):
             return None, None
         results = [accepted[node_id][0] for node_id in order]
         reports = [accepted[node_id][1] for node_id in order]
-        stage = self.config.stage(server_round)
-        new_global, statistics, self.anchors, self.optimizer_state = aggregate_round(
-            self.rule, self.config, stage, self._previous, results, [self._plans[n] for n in order], self.anchors,
-            self.optimizer_state)
-        if stage == "lora":
+        combined = combine(self.rule, self.config, server_round, self._previous, [self._names[n] for n in order],
+                           results, [self._plans[n] for n in order], self.anchors, self.optimizer_state)
+        self.anchors, self.optimizer_state = combined.anchors, combined.optimizer_state
+        if self.config.stage(server_round) == "lora":
             for node_id, res, report in zip(order, results, reports):
                 node_book.report(self.config, self.nodes[node_id], report.get("profile"), res.adapter.rank,
-                                 self._plans[node_id]["rank"])
-        self._record(server_round, order, results, reports, statistics)
-        return global_record(self.config, new_global, server_round), _metrics(results, reports)
+                                 self._plans[node_id].rank)
+        self._record(server_round, order, results, reports, combined.statistics)
+        return global_record(self.config, combined.new_global, server_round), _metrics(results, reports)
 
     def _accepted(self, server_round: int, replies: Iterable[Message]) -> dict:
         """node id -> (ClientResult, report) of every reply that passes the checks; the others are logged."""
@@ -116,19 +113,19 @@ class RuleStrategy(Strategy):
                 continue
             try:
                 body, report = read_content(reply.content, REPORT)
-                accepted[node_id] = (check_update(self.config, plan, self._names[node_id], body or b""), report)
-            except (UserError, ValueError) as exc:
+                update = take_update(self.config, plan, who, decode_update(self.config, body or b""))
+                accepted[node_id] = (update.result, report)
+            except (DomainError, ValueError) as exc:
                 log.warning("round %d: update from %s refused: %s", server_round, who, exc)
         return accepted
 
     def _record(self, server_round, order, results, reports, statistics) -> None:
         """The round's history entry (the HTTP server's fields: stage, clients, ranks, samples, energy, statistics)."""
         names = [self._names[node_id] for node_id in order]
-        statistics["clipped"] = {names[k]: what for k, what in statistics["clipped"].items()}
         self.history.append(jsonable({
             "round": server_round, "stage": self.config.stage(server_round), "clients": names,
-            "ranks": {self._names[n]: plan["rank"] for n, plan in self._plans.items()},
-            "indices": {self._names[n]: plan["indices"] for n, plan in self._plans.items()},
+            "ranks": {self._names[n]: plan.rank for n, plan in self._plans.items()},
+            "indices": {self._names[n]: plan.indices for n, plan in self._plans.items()},
             "effective_ranks": dict(zip(names, (res.adapter.rank for res in results))),
             "n_samples": dict(zip(names, (res.n_samples for res in results))),
             "energy": round_energy({n: energy_of(res.adapter.meta) for n, res in zip(names, results)}),

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hetlora.errors import UserError
+from hetlora.protocol.plan import Tier
 from profiles import cost
 from profiles.catalog import device
 from profiles.memory_model import DTYPE_BYTES, OPTIMIZER_SLOTS, ModelShape, predict_peak_memory
@@ -36,14 +37,6 @@ PLATFORMS = ("jetson", "raspberry-pi", "android", "linux-x86", "other")
 THRESHOLDS = ("battery_min_percent", "hot_c", "round_compute_budget_s", "local_steps_per_round",
               "training_efficiency", "upload_budget_s", "hysteresis_margin")
 GB = 1e9
-
-
-@dataclass(frozen=True)
-class Tier:
-    name: str
-    rank: int  # 0: no-train
-    batch_size: int
-    seq_len: int
 
 
 @dataclass
@@ -146,7 +139,9 @@ def validate_policy(doc, source: str = "policy") -> dict:
 
 
 def tiers_of(policy: dict) -> list[Tier]:
-    return [Tier(t["name"], t["rank"], t["batch_size"], t["seq_len"]) for t in policy["tiers"]]
+    """The policy's tiers, lowest first (rank 0: no-train), as the Tier every part of the run uses."""
+    return [Tier(rank=t["rank"], batch_size=t["batch_size"], seq_len=t["seq_len"], name=t["name"])
+            for t in policy["tiers"]]
 
 
 # ---------------------------------------------------------------- the decision

@@ -18,12 +18,13 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from hetlora.protocol.wire import MAX_INT
 from hetlora.errors import UserError
-from server_stub.aggregation import make_rule
-from server_stub.config import ServerConfig
+from hetlora.engine.aggregation import make_rule
+from hetlora.engine.config import ServerConfig
 from server_stub.enrollment import Enrollment
-from server_stub.errors import ApiError
+from hetlora.engine.errors import DomainError
+from server_stub.errors import ApiError, api_error
 from server_stub.limits import BodyLimit
-from server_stub.init_adapter import StartsFromAdapter
+from hetlora.engine.init_adapter import StartsFromAdapter
 from server_stub.metrics import install_metrics
 from server_stub.read_access import ReadAccess, ReadGuard
 from server_stub.rounds import Coordinator
@@ -174,8 +175,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     """Every error as the JSON body of docs/PROTOCOL.md: {"error": {"code", "message"}}."""
 
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError):
+    async def http_refusal(_request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(DomainError)
+    async def refusal(request: Request, exc: DomainError):
+        return await http_refusal(request, api_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError):

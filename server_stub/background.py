@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from server_stub.config import ServerConfig
+from hetlora.engine.config import ServerConfig
 
 
 @contextlib.contextmanager

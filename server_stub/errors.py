@@ -1,6 +1,11 @@
-"""The error every server operation raises for a client mistake; the HTTP layer sends it as 4xx JSON."""
+"""The HTTP layer's errors: ApiError (a 4xx JSON answer) and the one map of the run's domain errors to status codes."""
 
 from __future__ import annotations
+
+from hetlora.engine.errors import CannotTrain, Conflict, DomainError, Invalid, NotFound, NotSelected, Unauthenticated
+
+STATUS = {DomainError: 400, Invalid: 400, Unauthenticated: 401, NotSelected: 403, NotFound: 404, Conflict: 409,
+          CannotTrain: 422}
 
 
 class ApiError(Exception):
@@ -16,3 +21,9 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+def api_error(exc: DomainError) -> ApiError:
+    """The HTTP answer of a domain error: its kind's status code, its code, message and extra fields."""
+    status = next(STATUS[kind] for kind in type(exc).__mro__ if kind in STATUS)
+    return ApiError(status, exc.code, exc.message, **exc.extra)

@@ -9,26 +9,10 @@ from __future__ import annotations
 import hashlib
 
 from hetlora.protocol.wire import Adapter, decode, encode
-from server_stub.config import ServerConfig
-from server_stub.errors import ApiError
+from hetlora.engine.config import ServerConfig
+from hetlora.engine.planning import global_with_meta
+from hetlora.engine.errors import NotFound
 from server_stub.store import Store
-
-
-def global_with_meta(adapter: Adapter, version: int, config: ServerConfig) -> Adapter:
-    """Global version n as it is stored and sent: the factors and dense tensors with their run's metadata."""
-    meta = {"global_version": version, "round": version, "rank": adapter.rank, "aggregator": config.aggregator,
-            "spec_fingerprint": config.spec.fingerprint}
-    return Adapter(lora=adapter.lora, dense=adapter.dense, meta=meta)
-
-
-def client_download(rule, previous: Adapter, plan: dict, client_id: str, config: ServerConfig) -> Adapter:
-    """What a client downloads for round n = plan["round"]: the rule's view of global version n-1 at the plan's
-    rank (a head round: the head alone), with the metadata the client checks against its plan."""
-    view = Adapter(lora={}, dense=previous.dense) if plan["mode"] == "head-fit" else rule.client_view(previous, plan["rank"])
-    meta = {"round": plan["round"], "client_id": client_id, "rank": plan["rank"], "indices": plan["indices"],
-            "aggregator": config.aggregator, "global_version": plan["round"] - 1,
-            "spec_fingerprint": config.spec.fingerprint}
-    return Adapter(lora=view.lora, dense=view.dense, meta=meta)
 
 
 class GlobalVersions:
@@ -54,14 +38,14 @@ class GlobalVersions:
         self._cached = (version, adapter)
 
     def wire_bytes(self, version: int | None = None) -> bytes:
-        """The wire bytes of a global version (the latest when None); 404 ApiError when there is none."""
+        """The wire bytes of a global version (the latest when None); NotFound when there is none."""
         version = self.latest_version() if version is None else version
         if version is None:
-            raise ApiError(404, "no_such_version", "there is no global adapter yet: round 0 (head statistics) "
+            raise NotFound("no_such_version", "there is no global adapter yet: round 0 (head statistics) "
                            "has not finished")
         row = self.row(version)
         if row is None:
-            raise ApiError(404, "no_such_version", f"global version {version} does not exist; the latest is "
+            raise NotFound("no_such_version", f"global version {version} does not exist; the latest is "
                            f"{self.latest_version()}")
         return self.store.read_blob(row["path"])
 

@@ -4,74 +4,52 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-
+from hetlora.engine.combine import jsonable
 from hetlora.protocol.energy import round_energy
-from server_stub import liveness, queries
-from server_stub.store import Store
+from server_stub import liveness
+from server_stub.run_store import RunStore
 
 
-def jsonable(value):
-    """numpy scalars/arrays (and containers of them) as plain JSON types; NaN and +-Inf as None (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.ndarray, np.generic)):
-        return jsonable(value.tolist())
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def current_round(store: Store, rounds: int, closing: int | None) -> tuple[dict, bool]:
+def current_round(runs: RunStore, rounds: int, closing: int | None) -> tuple[dict, bool]:
     """The open round (else the last one, or the one waiting for clients) as status shows it; and whether the
     run is finished."""
-    r = queries.open_round(store)
-    last = queries.last_round_number(store)
+    r = runs.open_round()
+    last = runs.last_round_number()
     finished = r is None and last >= rounds
     if r is None and not finished:
         return {"number": last + 1, "state": "waiting"}, False
-    shown = r or store.select_one("SELECT * FROM rounds WHERE number = ?", (last,))
-    info = {k: shown[k] for k in ("number", "state", "opened_at", "deadline", "selected", "extensions",
-                                  "extension_reason")}
-    info |= queries.ranks_and_indices(shown["plans"])
-    info["uploads"] = [u["client_id"] for u in queries.uploads(store, shown["number"])]
-    info["dropped"] = liveness.dropped(store, shown["number"])
-    info["aggregating"] = closing == shown["number"]
+    shown = r or runs.round(last)
+    info = {"number": shown.number, "state": shown.state, "opened_at": shown.opened_at, "deadline": shown.deadline,
+            "selected": shown.selected, "extensions": shown.extensions, "extension_reason": shown.extension_reason}
+    info |= shown.ranks_and_indices()
+    info["uploads"] = [u["client_id"] for u in runs.uploads(shown.number)]
+    info["dropped"] = liveness.dropped(runs.store, shown.number)
+    info["aggregating"] = closing == shown.number
     return info, finished
 
 
-def clients(store: Store, planned_rank) -> list[dict]:
+def clients(runs: RunStore, planned_rank) -> list[dict]:
     """Registered clients in registration order; `rank` is the one they train at (`planned_rank(tier rank)`)."""
-    rows = store.select("SELECT client_id, name, rank, requested_rank, pruned_rank, n_samples, registered_at "
-                        "FROM clients ORDER BY seq")
-    return [row | {"rank": planned_rank(row["rank"])} for row in rows]
+    return [row | {"rank": planned_rank(row["rank"])} for row in runs.registered()]
 
 
-def history(store: Store, stage_of: Callable[[int], str]) -> list[dict]:
+def history(runs: RunStore, stage_of: Callable[[int], str]) -> list[dict]:
     """One entry per aggregated round: its stage (`stage_of(round)`), who took part at which ranks, bytes up
     and down, the clients' training seconds and energy estimates (`round_energy`), the rule's statistics."""
     entries = []
-    for r in store.select("SELECT * FROM rounds WHERE state = 'aggregated' ORDER BY number"):
-        uploads = queries.uploads(store, r["number"])
+    for r, row in runs.aggregated_rounds():
+        uploads = runs.uploads(r.number)
         entries.append({
-            "round": r["number"], "stage": stage_of(r["number"]), "opened_at": r["opened_at"],
-            "aggregated_at": r["aggregated_at"],
-            "selected": r["selected"], "clients": [u["client_id"] for u in uploads],
-            "dropped": liveness.dropped(store, r["number"]),
-            "ranks": queries.ranks_and_indices(r["plans"])["ranks"],
+            "round": r.number, "stage": stage_of(r.number), "opened_at": r.opened_at,
+            "aggregated_at": row["aggregated_at"],
+            "selected": r.selected, "clients": [u["client_id"] for u in uploads],
+            "dropped": liveness.dropped(runs.store, r.number),
+            "ranks": r.ranks_and_indices()["ranks"],
             "effective_ranks": {u["client_id"]: u["effective_rank"] for u in uploads},
             "n_samples": {u["client_id"]: u["n_samples"] for u in uploads},
-            "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": _bytes_down(store, r["number"]),
+            "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": runs.bytes_down(r.number),
             "energy": round_energy({u["client_id"]: u["energy"] for u in uploads}),
-            "extensions": r["extensions"], "extension_reason": r["extension_reason"],
-            "statistics": jsonable(r["statistics"]),  # rows stored before NaN was mapped to None
+            "extensions": r.extensions, "extension_reason": r.extension_reason,
+            "statistics": jsonable(row["statistics"]),  # rows stored before NaN was mapped to None
         })
     return entries
-
-
-def _bytes_down(store: Store, round_number: int) -> int:
-    """Adapter bytes served for a round, every download counted (a client that restarts downloads again)."""
-    row = store.select_one("SELECT COALESCE(SUM(bytes), 0) AS total FROM downloads WHERE round = ?", (round_number,))
-    return int(row["total"])

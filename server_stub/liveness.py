@@ -39,8 +39,8 @@ def drop(store: Store, round_number: int, client_ids: list[str]) -> None:
                          "ON CONFLICT (client_id) DO UPDATE SET missed = missed + 1", (client_id,))
 
 
-def replacements(store: Store, round_row: dict, needed: int) -> list[str]:
-    """Up to `needed` live registered clients not yet selected for the round, in registration order."""
-    taken, gone = set(round_row["selected"]), absent(store)
+def replacements(store: Store, selected: list[str], needed: int) -> list[str]:
+    """Up to `needed` live registered clients not yet `selected` for the round, in registration order."""
+    taken, gone = set(selected), absent(store)
     candidates = [c["client_id"] for c in store.select("SELECT client_id FROM clients ORDER BY seq")]
     return [c for c in candidates if c not in taken and c not in gone][:max(needed, 0)]

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from server_stub.errors import ApiError
+from hetlora.engine.errors import Unauthenticated
+from server_stub.errors import ApiError, api_error
 
 log = logging.getLogger("hetlora.server")
 READ_ROUTES = frozenset({"/v1/global", "/v1/status", "/metrics", "/openapi.json"})
@@ -44,7 +45,7 @@ class ReadAccess:
 
 class ReadGuard:
     """ASGI middleware: the read routes answer only with the operator's token or a client's (`authenticate`
-    raises the 401 ApiError of an unknown or missing token)."""
+    raises Unauthenticated for an unknown or missing token: 401)."""
 
     def __init__(self, app, access: ReadAccess, authenticate):
         self.app, self.access, self.authenticate = app, access, authenticate
@@ -56,10 +57,10 @@ class ReadGuard:
         if not self.access.is_admin(authorization):
             try:
                 await run_in_threadpool(self.authenticate, authorization or None)
-            except ApiError as exc:
+            except Unauthenticated as exc:
                 peer = (scope.get("client") or ("unknown",))[0]
                 log.info("read of %s refused from %s: %s", scope["path"], peer, exc.code)
-                return await _reply(send, exc)
+                return await _reply(send, api_error(exc))
         return await self.app(scope, receive, send)
 
 

@@ -13,11 +13,10 @@ import secrets
 from collections.abc import Callable
 
 from hetlora.protocol.plan import Tier
-from server_stub import queries
-from server_stub.config import ServerConfig
-from server_stub.errors import ApiError
-from server_stub.store import Store
-from server_stub.tiers import tier_for
+from hetlora.engine.config import ServerConfig
+from hetlora.engine.errors import Conflict, Invalid, Unauthenticated
+from server_stub.run_store import Round, RunStore
+from hetlora.engine.tiers import client_tier
 
 log = logging.getLogger("hetlora.server")
 
@@ -27,25 +26,26 @@ def token_digest(token: str) -> str:
 
 
 class Registration:
-    def __init__(self, config: ServerConfig, store: Store, rule, lock, clock,
-                 open_next_round: Callable[[], dict | None]):
-        self.config, self.store, self.rule, self.lock, self.clock = config, store, rule, lock, clock
+    def __init__(self, config: ServerConfig, runs: RunStore, rule, lock, clock,
+                 open_next_round: Callable[[], Round | None]):
+        self.config, self.runs, self.rule, self.lock, self.clock = config, runs, rule, lock, clock
+        self.store = runs.store
         self.open_next_round = open_next_round
 
     def register(self, profile: dict, requested_rank: int, n_samples: int, name: str | None = None,
-                 unique_name: bool = False) -> tuple[dict, dict | None]:
+                 unique_name: bool = False) -> tuple[dict, Round | None]:
         """A new client (id, token, the rank it trains at, the run config) and the round its arrival opened.
         `unique_name` (an allowlist is on): a name registers once, a second registration is 409 `name_taken`."""
         if requested_rank < 1:
-            raise ApiError(400, "bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
+            raise Invalid("bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
         if not 0 <= n_samples <= self.config.max_client_samples:
-            raise ApiError(400, "bad_request", f"n_samples must be in 0..{self.config.max_client_samples} (the "
+            raise Invalid("bad_request", f"n_samples must be in 0..{self.config.max_client_samples} (the "
                            f"server's --max-client-samples), got {n_samples}")
         tier = self._tier(profile, requested_rank, pruned_rank=None)
         client_id, token = "c-" + secrets.token_hex(6), secrets.token_urlsafe(32)
         with self.lock, self.store.transaction():
             if unique_name and self.store.select_one("SELECT client_id FROM clients WHERE name = ?", (name,)):
-                raise ApiError(409, "name_taken", f"the name {name!r} is already registered; each allowed name "
+                raise Conflict("name_taken", f"the name {name!r} is already registered; each allowed name "
                                "registers once (resume with the client's --state-dir, or ask the operator)")
             self.store.insert("clients", {
                 "client_id": client_id, "token_sha256": token_digest(token), "name": name, "profile": profile,
@@ -62,21 +62,21 @@ class Registration:
         """The client id of an `Authorization: Bearer <token>` header value."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing_token", "send the header 'Authorization: Bearer <token>' with the token "
+            raise Unauthenticated("missing_token", "send the header 'Authorization: Bearer <token>' with the token "
                                                  "from POST /v1/register")
         with self.lock:
             row = self.store.select_one("SELECT client_id FROM clients WHERE token_sha256 = ?",
                                         (token_digest(token.strip()),))
         if row is None:
-            raise ApiError(401, "bad_token", "unknown token; register again with POST /v1/register")
+            raise Unauthenticated("bad_token", "unknown token; register again with POST /v1/register")
         return row["client_id"]
 
     def report_profile(self, client_id: str, profile: dict, requested_rank: int | None = None) -> dict:
         """A fresh device profile: returns the rank for the next round the client is selected in."""
         if requested_rank is not None and requested_rank < 1:
-            raise ApiError(400, "bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
+            raise Invalid("bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
         with self.lock, self.store.transaction():
-            client = queries.client(self.store, client_id)
+            client = self.runs.client(client_id)
             requested = requested_rank or client["requested_rank"]
             tier = self._tier(profile, requested, client["pruned_rank"], previous_rank=client["rank"])
             self.store.update("clients", {"client_id": client_id},
@@ -88,15 +88,6 @@ class Registration:
     def _tier(self, profile: dict, requested_rank: int, pruned_rank: int | None,
               previous_rank: int | None = None) -> Tier:
         return client_tier(self.config, profile, requested_rank, pruned_rank, previous_rank)
-
-
-def client_tier(config: ServerConfig, profile: dict, requested_rank: int, pruned_rank: int | None,
-                previous_rank: int | None = None) -> Tier:
-    """The run's tier policy's tier for a client, its rank never above a rank the client self-pruned to
-    (ApiError 422 `cannot_train` / 400 `bad_profile` from `tier_for`)."""
-    tier = tier_for(profile, requested_rank, config.ranks, previous_rank=previous_rank, spec=config.spec,
-                    policy=config.policy, model=config.model_shape, steps=config.training.steps)
-    return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
 
 
 def caps(tier: Tier) -> dict:

@@ -20,8 +20,8 @@ def centralized_run(cfg, fleet, on_row) -> list:
     """Rows of RoundRow for round 0 (and the head rounds' end) and every LoRA round, at the largest rank."""
     from edge_client.models import derive_spec
     from edge_client.training import TorchTrainer
-    from server_stub.aggregation import make_rule
-    from server_stub.head_round import initial_global
+    from hetlora.engine.aggregation import make_rule
+    from hetlora.engine.head_round import initial_global
     from simulation.demo import RoundRow, model_task
 
     task = model_task(cfg.task)

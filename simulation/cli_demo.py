@@ -20,8 +20,8 @@ from pathlib import Path
 from hetlora.argtypes import positive_int_list
 from hetlora.demo_data import banking77
 from hetlora.protocol.settings import LR_DECAYS
-from server_stub.aggregation import RULES
-from server_stub.aggregation.robust import ROBUST
+from hetlora.engine.aggregation import RULES
+from hetlora.engine.aggregation.robust import ROBUST
 from simulation.demo import CHAT_TRAINING, DEMO_TRAINING, TASKS, DemoConfig
 
 # Rows of each chat evaluation set: a 135M model scores about 100 rows in 15 s on one busy core.

@@ -14,8 +14,8 @@ from hetlora.protocol.plan import Tier
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.spec import AdapterSpec, LoRAModule
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation import RULES, ClientResult, aggregate_statistics, make_rule
-from server_stub.aggregation.linalg import truncated_svd_of_product, update_norm
+from hetlora.engine.aggregation import RULES, ClientResult, aggregate_statistics, make_rule
+from hetlora.engine.aggregation.linalg import truncated_svd_of_product, update_norm
 
 R = 6
 RANKS = (2, 3, 5)
@@ -272,7 +272,7 @@ def test_plora_plan_indices_is_reproducible_sorted_distinct_and_in_range():
 
 def test_plora_plan_indices_is_the_same_in_another_process():
     code = ("from hetlora.protocol.plan import Tier; from hetlora.protocol.settings import TrainingSettings; "
-            "from server_stub.aggregation import make_rule; print(make_rule('plora').configure(round_number=7, "
+            "from hetlora.engine.aggregation import make_rule; print(make_rule('plora').configure(round_number=7, "
             "client_key='pi-4', tier=Tier(8), global_rank=64, seed=3, training=TrainingSettings()).indices)")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout  # str hashes differ from ours

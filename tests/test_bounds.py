@@ -1,4 +1,4 @@
-"""Bounded influence of one client (server_stub/aggregation/bounds.py), alone and through the real server.
+"""Bounded influence of one client (hetlora/engine/aggregation/bounds.py), alone and through the real server.
 
 Updates are measured from where each client started (its view of the previous global), against a reference
 anchored at the first round's lower median, with a floor and a ceiling. Issue 14's poisoners (float32 max,
@@ -15,16 +15,19 @@ import numpy as np
 import pytest
 
 from hetlora.protocol.wire import Adapter, decode, encode
-from server_stub.aggregation import RULES, ClientResult, make_rule
-from server_stub.aggregation.bounds import (CEILING_RATIO, CLIP_FACTOR, FACTOR_CLIP, FLOOR_RATIO, MAX_ABS_VALUE,
+from hetlora.engine.aggregation import RULES, ClientResult, make_rule
+from hetlora.engine.aggregation.bounds import (CEILING_RATIO, CLIP_FACTOR, FACTOR_CLIP, FLOOR_RATIO, MAX_ABS_VALUE,
                                            bound_influence)
-from server_stub.aggregation.linalg import update_norm
-from server_stub.aggregation.pipeline import aggregate_round
+from hetlora.engine.aggregation.linalg import update_norm
+from hetlora.engine.aggregation.pipeline import aggregate_round
+from hetlora.protocol.plan import ClientPlan
+from hetlora.protocol.settings import TrainingSettings
 from tests.test_server import (error_code, global_adapter, make_config, make_update, post_update, register,
                                running_server, snapshot, spec, upload_meta)
 
 __all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 RANK = 8
+PLAN = ClientPlan(round=1, rank=RANK, mode="plain", training=TrainingSettings())  # what the pipeline reads: rank, indices
 
 
 def moved(start: Adapter, scale: float, seed: int, meta=None) -> Adapter:
@@ -125,7 +128,7 @@ def test_a_tiny_update_in_a_two_client_round_does_not_shrink_the_honest_one(spec
     rule = make_rule("fedavg")
     config = make_config(spec, aggregator="fedavg", ranks=(RANK,), global_rank=RANK)
     previous = rule.init_global(spec, RANK, seed=3)
-    plans = [{"rank": RANK, "indices": None}] * 2
+    plans = [PLAN] * 2
     start = previous if stage == "lora" else Adapter(lora={}, dense=previous.dense)
     honest = [ClientResult(moved(start, 0.01, seed=k), n_samples=10) for k in range(2)]
     _, _, anchors, _ = aggregate_round(rule, config, stage, previous, honest, plans, {})

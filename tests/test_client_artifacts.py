@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime.training")
 def serve(tiny_bert_dir, tmp_path, **overrides):
     from edge_client.models import default_targets, derive_spec
     from server_stub.background import serve_in_background
-    from server_stub.config import ServerConfig
+    from hetlora.engine.config import ServerConfig
 
     spec = derive_spec(tiny_bert_dir, "classification", default_targets(tiny_bert_dir), len(ARTIFACT_LABELS))
     settings = dict(spec=spec, aggregator="hetlora", labels=ARTIFACT_LABELS, ranks=(2, 4, 8), global_rank=8,

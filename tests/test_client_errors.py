@@ -177,7 +177,7 @@ def test_update_refused_as_invalid_is_moved_aside_not_resent(spec, tmp_path):
 
         client = EdgeClient(ClientOptions(server=url, data="unused", state_dir=str(state.path)), lambda: {})
         plan = ClientPlan(round=1, rank=2, mode="hetlora", training=TrainingSettings())
-        assert client._round({"round": 1, "plan": plan.to_json()}, me["run"]) is False
+        assert client._round({"round": 1, "plan": plan.to_json()}) is False
         kept = state.path / "rejected" / "round-0001-not_finite.safetensors"
         assert kept.read_bytes() == body
         assert state.pending(1) is None

@@ -85,7 +85,7 @@ def test_an_upload_refused_as_too_large_is_moved_aside_and_the_client_says_so(sp
         me, _ = register(http, 2), register(http, 4)
         client, state, body = _client_with_pending(http, spec, tmp_path, me)
         plan = ClientPlan(round=1, rank=2, mode="hetlora", training=TrainingSettings())
-        assert client._round({"round": 1, "plan": plan.to_json()}, me["run"]) is False
+        assert client._round({"round": 1, "plan": plan.to_json()}) is False
         assert (state.path / "rejected" / "round-0001-too_large.safetensors").read_bytes() == body
         assert state.pending(1) is None and state.load(client.options.server).last_uploaded_round == 1
         waiting = client._why_waiting({"round": 1, "state": "open", "selected": True})

@@ -3,8 +3,8 @@
 from hetlora.protocol.settings import TrainingSettings
 from profiles.catalog import profile_for
 from profiles.policy import decide_tier, load_policy, tiers_of
-from server_stub.aggregation import make_rule
-from server_stub.tiers import tier_for
+from hetlora.engine.aggregation import make_rule
+from hetlora.engine.tiers import tier_for
 
 
 def test_training_shape_is_capped_at_the_tier():

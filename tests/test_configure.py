@@ -7,7 +7,7 @@ import pytest
 
 from hetlora.protocol.plan import ClientPlan, Tier, stage_of
 from hetlora.protocol.settings import TrainingSettings
-from server_stub.aggregation import RULES, make_rule
+from hetlora.engine.aggregation import RULES, make_rule
 from tests.test_server import spec  # noqa: F401  (fixture)
 
 RUN = dict(global_rank=16, seed=7, training=TrainingSettings(steps=5, batch_size=32, seq_len=128, prune_lambda=0.01))

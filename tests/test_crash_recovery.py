@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 
 from hetlora.protocol.wire import encode
-from server_stub.upload_checks import update_digest
+from hetlora.engine.upload_checks import update_digest
 from tests.test_server import (LABELS, TARGETS, _serve, make_config, make_update, register, sigkill, spec,
                                upload_meta)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from hetlora.protocol.wire import decode
-from server_stub.upload_checks import update_digest
+from hetlora.engine.upload_checks import update_digest
 from tests.test_client_e2e import LABELS, write_data
 
 

@@ -20,8 +20,8 @@ from hetlora_flower.nodes import introduce
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
 from hetlora_flower.settings import serve_arguments, server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
-from server_stub.aggregation import ClientResult, make_rule
-from server_stub.aggregation.bounds import bound_influence
+from hetlora.engine.aggregation import ClientResult, make_rule
+from hetlora.engine.aggregation.bounds import bound_influence
 
 LABELS = ["card", "payment", "exchange"]
 ROWS = [("how do I activate my new card", "card"), ("my card was declined at the shop", "payment"),
@@ -126,7 +126,7 @@ def _round_one(config, contexts):
 def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request):
     config, contexts = request.getfixturevalue(nodes)
     strategy, start, replies = _round_one(config, contexts)
-    assert [strategy._plans[r.metadata.src_node_id]["rank"] for r in replies] == [2, 4]
+    assert [strategy._plans[r.metadata.src_node_id].rank for r in replies] == [2, 4]
     arrays, metrics = strategy.aggregate_train(1, replies)
     sent = [decode(read_content(r.content, REPORT)[0]) for r in replies]
     results = [ClientResult(adapter=a, n_samples=a.meta["n_samples"],

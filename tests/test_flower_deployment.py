@@ -17,9 +17,9 @@ import pytest
 from hetlora.protocol.wire import decode
 from hetlora_flower.local import LocalFederation
 from hetlora_flower.settings import server_config
-from server_stub.aggregation import ClientResult, make_rule
+from hetlora.engine.aggregation import ClientResult, make_rule
 from tests.test_flower_apps import bounded
-from server_stub.head_round import initial_global, load_statistics
+from hetlora.engine.head_round import initial_global, load_statistics
 
 APP = Path(__file__).resolve().parents[1] / "flower_app"
 LABELS = ["card", "payment", "exchange"]

@@ -24,9 +24,9 @@ from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes,
 from hetlora_flower.server_app import run
 from hetlora_flower.settings import server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
-from server_stub.aggregation import ClientResult, make_rule
-from server_stub.aggregation.bounds import CLIP_FACTOR
-from server_stub.head_round import initial_global, load_statistics
+from hetlora.engine.aggregation import ClientResult, make_rule
+from hetlora.engine.aggregation.bounds import CLIP_FACTOR
+from hetlora.engine.head_round import initial_global, load_statistics
 from tests.test_flower_apps import bounded, LABELS, ROWS, task_identity  # noqa: F401  (task_identity: autouse fixture)
 
 SIZES = {"a": 5, "b": 8, "c": 11}  # rows per node: three different sample counts
@@ -235,7 +235,7 @@ def test_a_node_fits_the_head_as_the_http_client_does(federation, tiny_bert_dir)
     work, run_config, contexts, pooled = federation
     strategy, start, replies = _head_round_one(run_config, contexts, pooled)
     reply = next(r for r in replies if _name(r) == "c")
-    plan = strategy._plans[NODE_IDS["c"]]
+    plan = strategy._plans[NODE_IDS["c"]].to_json()  # as the node received it
     config = strategy.config
     trainer = make_trainer("torch", model_dir=tiny_bert_dir, task="classification", labels=LABELS,
                            targets=list(config.spec.targets), lora_alpha=config.training.lora_alpha,

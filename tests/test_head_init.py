@@ -13,7 +13,7 @@ import torch
 
 from hetlora.protocol.head_stats import HeadStatistics, class_statistics, decode_statistics, encode_statistics
 from hetlora.protocol.wire import WireFormatError
-from server_stub.aggregation.head_init import class_head, pool
+from hetlora.engine.aggregation.head_init import class_head, pool
 from tests.test_server import spec  # noqa: F401  (fixture)
 
 C, D = 4, 6
@@ -113,7 +113,7 @@ def test_trainer_statistics_are_those_of_the_frozen_models_features(tiny_bert_di
 
 def test_round_zero_over_http_sets_the_head_of_global_zero_then_lora_rounds_open(spec, tmp_path):
     from hetlora.protocol.wire import decode
-    from server_stub.aggregation import make_rule
+    from hetlora.engine.aggregation import make_rule
     from tests.test_server import make_config, register, running_server
 
     config = make_config(spec, head_init="lda", min_clients=2, head_clients=3)
@@ -159,7 +159,7 @@ def test_round_zero_over_http_sets_the_head_of_global_zero_then_lora_rounds_open
 def test_an_ill_conditioned_lda_head_falls_back_to_class_means():
     """Features with almost no spread inside a class (a random-weight model's pooler) make the lda
     weights explode; the server then uses the ncm head, whose weights are bounded by the temperature."""
-    from server_stub.aggregation.head_init import safe_class_head
+    from hetlora.engine.aggregation.head_init import safe_class_head
 
     rng = np.random.default_rng(8)
     labels = rng.integers(0, C, 60)

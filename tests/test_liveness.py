@@ -44,7 +44,7 @@ def test_silent_client_is_dropped_and_replaced_within_one_deadline(spec, tmp_pat
 
 def test_repeat_no_show_is_not_selected_until_it_polls(spec, tmp_path):
     """Against a fake clock: the silent client misses MISS_LIMIT rounds, is left out, then polls and is back."""
-    from server_stub.aggregation import make_rule
+    from hetlora.engine.aggregation import make_rule
     from server_stub.rounds import Coordinator
     from server_stub.store import Store
 

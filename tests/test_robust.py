@@ -1,4 +1,4 @@
-"""`--robust` (server_stub/aggregation/robust.py) against independent references: np.median (Flower's FedMedian),
+"""`--robust` (hetlora/engine/aggregation/robust.py) against independent references: np.median (Flower's FedMedian),
 scipy.stats.trim_mean (Flower's FedTrimmedAvg), a per-component loop for mixed ranks; norm-bound against a
 majority of attackers; the HTTP server and the Flower run config take the same option."""
 
@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 from scipy.stats import trim_mean
 
-from server_stub.aggregation import ClientResult, make_rule
-from server_stub.aggregation.pipeline import aggregate_round
-from server_stub.aggregation.robust import NORM_BOUND_FACTOR, Defence
+from hetlora.engine.aggregation import ClientResult, make_rule
+from hetlora.engine.aggregation.pipeline import aggregate_round
+from hetlora.protocol.plan import ClientPlan
+from hetlora.protocol.settings import TrainingSettings
+from hetlora.engine.aggregation.robust import NORM_BOUND_FACTOR, Defence
 from tests.test_bounds import changed, moved
 from tests.test_server import make_config, spec
 
 __all__ = ["spec"]  # the module-scoped fixture, shared with test_server
 RANK = 8
+PLAN = ClientPlan(round=1, rank=RANK, mode="plain", training=TrainingSettings())
 
 
 def fedavg_round(spec, robust, n_clients=7, seed=0):
@@ -24,7 +27,7 @@ def fedavg_round(spec, robust, n_clients=7, seed=0):
     previous = rule.init_global(spec, RANK, seed=3)
     uploads = [moved(previous, 0.01, seed=seed + k) for k in range(n_clients)]
     results = [ClientResult(u, n_samples=10 + k) for k, u in enumerate(uploads)]
-    new, statistics, _, _ = aggregate_round(rule, config, "lora", previous, results, [{"rank": RANK, "indices": None}]
+    new, statistics, _, _ = aggregate_round(rule, config, "lora", previous, results, [PLAN]
                                             * n_clients, {})
     return uploads, new, statistics
 
@@ -70,7 +73,7 @@ def test_norm_bound_holds_the_first_rounds_bound_against_a_majority(spec):
     config = make_config(spec, aggregator="fedavg", ranks=(RANK,), global_rank=RANK,
                          defence=Defence(robust="norm-bound"))
     previous = rule.init_global(spec, RANK, seed=3)
-    plans = [{"rank": RANK, "indices": None}] * 4
+    plans = [PLAN] * 4
     honest = [ClientResult(moved(previous, 0.01, seed=k), n_samples=10) for k in range(4)]
     _, _, anchors, _ = aggregate_round(rule, config, "lora", previous, honest, plans, {})
     dense = next(iter(spec.dense))

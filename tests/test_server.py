@@ -23,8 +23,8 @@ from safetensors.numpy import save as st_save
 
 from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora.errors import UserError
-from server_stub.errors import ApiError
-from server_stub.upload_checks import update_digest
+from hetlora.engine.errors import Conflict
+from hetlora.engine.upload_checks import update_digest
 
 LABELS = ("balance", "card", "transfer")
 TARGETS = ("query", "value")
@@ -39,7 +39,7 @@ def spec(tiny_bert_dir):
 
 
 def make_config(spec, **overrides):
-    from server_stub.config import ServerConfig
+    from hetlora.engine.config import ServerConfig
 
     defaults = dict(spec=spec, aggregator="hetlora", labels=LABELS, ranks=(2, 4, 8), global_rank=8, min_clients=3,
                     round_deadline=600.0, rounds=2, seed=7)
@@ -156,7 +156,7 @@ def assert_matches_reference(rule, got: Adapter, expected: dict):
     ("fedavg", (2, 4, 8), (2, 4, 8), 8),  # homogeneous: every client gets the global rank
 ])
 def test_three_clients_round_matches_dense_reference(spec, tmp_path, rule, requested, ranks, global_rank):
-    from server_stub.aggregation import make_rule
+    from hetlora.engine.aggregation import make_rule
 
     config = make_config(spec, aggregator=rule, ranks=ranks, global_rank=global_rank)
     initial = make_rule(rule).init_global(spec, global_rank, config.seed)
@@ -305,7 +305,7 @@ def test_plora_upload_must_carry_the_assigned_indices(spec, tmp_path):
 
 # --- selection, self-pruning, profile, finish ------------------------------------------------------
 def test_selection_pruning_profile_and_finish(spec, tmp_path):
-    from server_stub.selection import select_clients
+    from hetlora.engine.selection import select_clients
 
     config = make_config(spec, min_clients=2, clients_per_round=2, rounds=2, ranks=(2, 4, 8))
     with running_server(config, tmp_path / "state") as http:
@@ -435,7 +435,7 @@ def test_requests_are_answered_while_a_round_aggregates(spec, tmp_path):
     """The rule runs outside the coordinator's lock: status and round polls answer, uploads for the round are refused."""
     import threading
 
-    from server_stub.aggregation import make_rule
+    from hetlora.engine.aggregation import make_rule
     from server_stub.rounds import Coordinator
     from server_stub.store import Store
 
@@ -464,7 +464,7 @@ def test_requests_are_answered_while_a_round_aggregates(spec, tmp_path):
     assert rule.entered.wait(30)
     assert coordinator.status()["round"]["aggregating"] is True
     assert coordinator.round_for(clients[0]["client_id"])["uploaded"] is True
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(Conflict) as refused:
         coordinator.accept_upload(clients[0]["client_id"], 1,
                                   encode(make_update(spec, 4, upload_meta(clients[0], 1, 4, 10), seed=9)))
     assert refused.value.code == "round_closed"

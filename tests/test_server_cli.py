@@ -85,7 +85,7 @@ def test_serve_refuses_a_state_dir_of_another_run_with_one_line(tiny_bert_dir, l
 def test_the_policy_file_sizes_the_clients(tiny_bert_dir, labels_file, tmp_path):
     from profiles.catalog import profile_for
     from profiles.policy import DEFAULT_POLICY_PATH
-    from server_stub.tiers import tier_for
+    from hetlora.engine.tiers import tier_for
 
     policy = json.loads(DEFAULT_POLICY_PATH.read_text())
     for tier in policy["tiers"]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation.server_opt import ServerOptimizer
+from hetlora.engine.aggregation.server_opt import ServerOptimizer
 from tests.test_server import spec  # noqa: F401  (fixture)
 
 
@@ -80,7 +80,7 @@ def test_server_runs_the_optimiser_and_its_state_survives_a_restart(spec, tmp_pa
     """Two rounds of hetlora with server momentum, the server restarted between them: global 2 equals the
     optimiser applied by hand to the rule's aggregates (so the round-1 momentum was read back from disk)."""
     from hetlora.protocol.wire import decode, encode
-    from server_stub.aggregation import ClientResult, make_rule
+    from hetlora.engine.aggregation import ClientResult, make_rule
     from tests.test_server import make_config, make_update, post_update, register, running_server, upload_meta
 
     opt = ServerOptimizer("momentum", lr=0.8, beta1=0.6)

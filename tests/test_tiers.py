@@ -370,7 +370,7 @@ def test_minilm_shape_matches_the_real_model(default_model_dir):
 def test_the_servers_tier_line_is_short_and_its_reasons_wait_for_verbose(caplog):
     import logging
 
-    from server_stub.tiers import tier_for
+    from hetlora.engine.tiers import tier_for
 
     with caplog.at_level(logging.DEBUG, logger="hetlora.server"):
         tier = tier_for(make_profile(battery=on_battery(10)), 8, (4, 8, 16, 32, 64))

@@ -7,7 +7,7 @@ import pytest
 from profiles.catalog import profile_for
 from profiles.memory_model import ModelShape, predict_peak_memory
 from profiles.policy import decide_tier, packaged_policy, tiers_of
-from server_stub.tiers import tier_for
+from hetlora.engine.tiers import tier_for
 
 
 @pytest.fixture(scope="module")

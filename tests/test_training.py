@@ -234,3 +234,22 @@ def test_head_and_factors_train_at_their_own_learning_rates(trainer, spec):
     for n, t in factors_only.dense.items():
         np.testing.assert_array_equal(t, initial_head[n].numpy())
     assert any(not np.array_equal(a, start.lora[name][0]) for name, (a, _) in factors_only.lora.items())
+
+
+@pytest.mark.parametrize("steps, epochs, batch, n_rows, expected", [
+    (10, None, 4, 216, 10),    # the chat demo's round: a quarter of its 40 trained rows, not 64 of them
+    (20, None, 16, 1000, 64),  # the classifier's: capped at EVAL_ROWS
+    (2, None, 4, 100, 4),      # at least one batch
+    (10, None, 4, 6, 6),       # at most the data
+    (None, 2, 4, 40, 20),      # epochs: a quarter of epochs x the data
+])
+def test_the_evaluation_set_is_a_quarter_of_the_trained_rows_within_bounds(steps, epochs, batch, n_rows, expected):
+    from edge_client.data import Encoded
+    from edge_client.training import evaluation_batches, evaluation_rows
+
+    cfg = TrainingSettings(steps=steps, epochs=epochs, batch_size=batch, seq_len=8)
+    assert evaluation_rows(n_rows, cfg) == expected
+    encoded = Encoded("classification", np.arange(n_rows * 8).reshape(n_rows, 8), np.ones((n_rows, 8), np.int64),
+                      np.arange(n_rows), np.full(n_rows, 8))
+    labels = [int(t) for b in evaluation_batches(encoded, cfg) for t in b["labels"] if t != -100]
+    assert sorted(labels) == sorted(np.random.default_rng(0).permutation(n_rows)[:expected].tolist())

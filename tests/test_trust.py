@@ -208,9 +208,9 @@ def with_meta(stats: HeadStatistics, meta_text: str) -> bytes:
 def test_a_client_claiming_the_cap_with_permuted_class_means_does_not_take_over_the_head(spec):
     """Issue 26: 2^31 samples with permuted class means classified the honest class means right 0% of the time.
     Claims are now within the declared count and the data cap, and no client weighs more than twice the median."""
-    from server_stub.aggregation import make_rule
-    from server_stub.aggregation.head_init import class_head, pool
-    from server_stub.head_round import STATISTICS_WEIGHT_FACTOR, initial_global
+    from hetlora.engine.aggregation import make_rule
+    from hetlora.engine.aggregation.head_init import class_head, pool
+    from hetlora.engine.head_round import STATISTICS_WEIGHT_FACTOR, initial_global
 
     num_labels, dim = spec.dense["classifier.weight"]
     rng = np.random.default_rng(0)

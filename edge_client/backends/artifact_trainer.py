@@ -136,7 +136,7 @@ class ArtifactTrainer:
         tail = padded_tail_mask(rank, engine.rank, cfg.prune_gamma) if pruning else np.zeros(engine.rank, np.float32)
 
         self.load(work)
-        eval_batches = evaluation_batches(encoded, cfg.batch_size)
+        eval_batches = evaluation_batches(encoded, cfg)
         loss_before = self.mean_loss(eval_batches, rank)
         tail_before = self.tail_value(tail) if pruning else 0.0
         step = self._step_function(cfg, rank, tail, lam)

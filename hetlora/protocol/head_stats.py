@@ -6,7 +6,7 @@ client's n examples with labels y_i:
   class_counts  (C,)    n_c = |{i: y_i = c}|
   feature_gram  (d, d)  G = sum_i f_i f_i^T
 The server pools them over clients (sums are exact) and sets the head in closed form
-(server_stub.aggregation.head_init). What they reveal: each class's mean feature and the
+(hetlora.engine.aggregation.head_init). What they reveal: each class's mean feature and the
 second moment of the client's features, not any single example (unless a class has one example).
 
 Wire: safetensors, float64 tensors of those names, metadata `format` = "hetlora-head-statistics",

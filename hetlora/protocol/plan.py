@@ -35,19 +35,18 @@ def stage_of(round_number: int, *, head_init: bool, head_rounds: int) -> str:
 
 @dataclass(frozen=True)
 class Tier:
-    """What a device may do now: the rank the tier policy allows (capped by the client's request and
-    rounded to the server's rank set) and the tier's batch-size and sequence-length caps (None: no cap)."""
+    """What a device may do: a rank (0: no training) and batch-size and sequence-length caps (None: no cap).
+    The tier policy's tiers (profiles.policy.tiers_of) carry their `name`; a client's tier on the server is the
+    policy's rank capped by the client's request and rounded to the server's rank set, without a name."""
 
     rank: int
     batch_size: int | None = None
     seq_len: int | None = None
+    name: str = ""
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "batch_size": self.batch_size, "seq_len": self.seq_len}
-
-    @classmethod
-    def from_json(cls, doc: dict) -> "Tier":
-        return cls(rank=int(doc["rank"]), batch_size=doc.get("batch_size"), seq_len=doc.get("seq_len"))
+        return {"rank": self.rank, "batch_size": self.batch_size, "seq_len": self.seq_len} | (
+            {"name": self.name} if self.name else {})
 
 
 @dataclass(frozen=True)

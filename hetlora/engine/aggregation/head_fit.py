@@ -3,7 +3,7 @@
 A head round (hetlora.protocol.plan, mode head-fit) changes only the dense tensors, whatever the
 run's rule: every client fits the head on the same frozen features, so their heads live in one
 space and average like FedAvg. The caller bounds the clients' influence first, as in a LoRA round
-(server_stub.aggregation.pipeline). Pure numpy.
+(hetlora.engine.aggregation.pipeline). Pure numpy.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation.base import weighted_mean
-from server_stub.aggregation.contract import ClientResult
+from hetlora.engine.aggregation.base import weighted_mean
+from hetlora.engine.aggregation.contract import ClientResult
 
 
 def average_heads(previous: Adapter, results: list[ClientResult]) -> tuple[Adapter, dict]:

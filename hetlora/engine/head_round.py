@@ -3,7 +3,7 @@
 Enabled by `ServerConfig.head_init` (ncm | lda) for classification runs. Every client registered
 when round 0 opens uploads its per-class feature statistics (hetlora.protocol.head_stats) instead of an
 adapter; the server pools them and sets the head of global version 0 in closed form
-(server_stub.aggregation.head_init); the LoRA factors are the rule's usual initial ones.
+(hetlora.engine.aggregation.head_init); the LoRA factors are the rule's usual initial ones.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from hetlora.protocol.energy import energy_of
 from hetlora.protocol.head_stats import FEATURE_NORM_LIMIT, HeadStatistics, decode_statistics
 from hetlora.protocol.spec import linear_head
 from hetlora.protocol.wire import Adapter, WireFormatError, meta_int
-from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, LOGIT_LIMIT, pool, safe_class_head
-from server_stub.errors import ApiError
+from hetlora.engine.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, LOGIT_LIMIT, pool, safe_class_head
+from hetlora.engine.errors import Invalid
 
 log = logging.getLogger("hetlora.server")
 HEAD_ROUND = 0
@@ -36,7 +36,7 @@ def load_statistics(config, body: bytes, max_samples: int | None = None) -> Head
 
 
 def check_statistics(config, client_id: str, body: bytes, declared_samples: int) -> HeadStatistics:
-    """A round-0 upload decoded and checked (400 ApiError with the wire code otherwise): its counts within the
+    """A round-0 upload decoded and checked (Invalid with the wire code otherwise): its counts within the
     client's declared sample count and the server's data cap (`max_client_samples`), meta round exactly 0, the
     energy report (if any) as in an adapter upload (`energy_of`)."""
     try:
@@ -45,9 +45,9 @@ def check_statistics(config, client_id: str, body: bytes, declared_samples: int)
             raise WireFormatError("bad_metadata", f"head statistics must say round {HEAD_ROUND}")
         energy_of(stats.meta)
     except WireFormatError as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
+        raise Invalid(exc.code, str(exc)) from None
     if stats.meta.get("client_id") != client_id:
-        raise ApiError(400, "client_mismatch", f"metadata client_id {stats.meta.get('client_id')!r} is not the client "
+        raise Invalid("client_mismatch", f"metadata client_id {stats.meta.get('client_id')!r} is not the client "
                        f"of this token ({client_id})")
     return stats
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from server_stub.aggregation.contract import AggregationRule, ClientResult
-from server_stub.aggregation.fedavg import FedAvgRule
-from server_stub.aggregation.hetlora import HetLoRARule
-from server_stub.aggregation.hlora import HLoRARule
-from server_stub.aggregation.plora import PLoRARule
-from server_stub.aggregation.stats import aggregate_statistics
+from hetlora.engine.aggregation.contract import AggregationRule, ClientResult
+from hetlora.engine.aggregation.fedavg import FedAvgRule
+from hetlora.engine.aggregation.hetlora import HetLoRARule
+from hetlora.engine.aggregation.hlora import HLoRARule
+from hetlora.engine.aggregation.plora import PLoRARule
+from hetlora.engine.aggregation.stats import aggregate_statistics
 
 _RULES = {rule.name: rule for rule in (FedAvgRule, HetLoRARule, HLoRARule, PLoRARule)}
 RULES: tuple[str, ...] = tuple(_RULES)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation.base import BaseRule, check_rank, rank_of
-from server_stub.aggregation.contract import ClientResult
-from server_stub.aggregation.mixing import Part, mix_components
+from hetlora.engine.aggregation.base import BaseRule, check_rank, rank_of
+from hetlora.engine.aggregation.contract import ClientResult
+from hetlora.engine.aggregation.mixing import Part, mix_components
 
 
 @dataclass(frozen=True)

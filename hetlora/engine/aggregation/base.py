@@ -17,8 +17,8 @@ from hetlora.protocol.spec import AdapterSpec
 from hetlora.protocol.plan import ClientPlan, Tier
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation.contract import ClientResult
-from server_stub.aggregation.mixing import Part
+from hetlora.engine.aggregation.contract import ClientResult
+from hetlora.engine.aggregation.mixing import Part
 
 DENSE_INIT_STD = 0.02
 
@@ -58,7 +58,7 @@ class BaseRule:
 
     def upload_start(self, global_: Adapter, rank: int, indices) -> Adapter:
         """What a client planned at `rank` (and plora `indices`) started its training from, its components in the
-        order of its upload: the client view (server_stub.aggregation.bounds measures updates from it)."""
+        order of its upload: the client view (hetlora.engine.aggregation.bounds measures updates from it)."""
         return self.client_view(global_, rank)
 
     def configure(self, *, round_number: int, client_key: str, tier: Tier, global_rank: int, seed: int,

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server_stub.aggregation.base import BaseRule
-from server_stub.aggregation.linalg import update_norm
-from server_stub.aggregation.mixing import Part, mix_components, per_component_shares, shares
+from hetlora.engine.aggregation.base import BaseRule
+from hetlora.engine.aggregation.linalg import update_norm
+from hetlora.engine.aggregation.mixing import Part, mix_components, per_component_shares, shares
 
 WEIGHTINGS = ("sparsity", "sparsity_n", "n")
 

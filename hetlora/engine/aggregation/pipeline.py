@@ -11,21 +11,22 @@ its store, the Flower strategy in memory).
 
 from __future__ import annotations
 
+from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation.base import rank_of
-from server_stub.aggregation.contract import ClientResult
-from server_stub.aggregation.head_fit import average_heads
-from server_stub.aggregation.stats import aggregate_statistics
+from hetlora.engine.aggregation.base import rank_of
+from hetlora.engine.aggregation.contract import ClientResult
+from hetlora.engine.aggregation.head_fit import average_heads
+from hetlora.engine.aggregation.stats import aggregate_statistics
 
 
-def upload_starts(rule, previous: Adapter, plans: list[dict], stage: str) -> list[Adapter]:
-    """Per client (its plan as JSON): the adapter its upload's components started from."""
+def upload_starts(rule, previous: Adapter, plans: list[ClientPlan], stage: str) -> list[Adapter]:
+    """Per client (its plan): the adapter its upload's components started from."""
     if stage == "head-fit":
         return [Adapter(lora={}, dense=previous.dense) for _ in plans]
-    return [rule.upload_start(previous, plan["rank"], plan["indices"]) for plan in plans]
+    return [rule.upload_start(previous, plan.rank, plan.indices) for plan in plans]
 
 
-def aggregate_round(rule, config, stage: str, previous: Adapter, results: list[ClientResult], plans: list[dict],
+def aggregate_round(rule, config, stage: str, previous: Adapter, results: list[ClientResult], plans: list[ClientPlan],
                     anchors: dict, optimizer_state: dict | None = None) -> tuple[Adapter, dict, dict, dict | None]:
     """(new global, statistics, anchors, optimiser state) of a head-fit or LoRA round. `config`: the run's
     ServerConfig (defence, server optimiser, rule name); `anchors`: stage -> quantity -> anchor."""

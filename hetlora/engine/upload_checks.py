@@ -1,7 +1,7 @@
 """The checks of one LoRA update against the client's plan for the round: one pure function, one error type.
 
 `check_update(adapter, plan, spec, round_number, client_id)` returns the upload's ranks and sample count or
-raises `WireFormatError(code, message)`; the coordinator answers it as 400 with that code. Nothing here
+raises `WireFormatError(code, message)`; hetlora.engine.uploads turns it into Invalid with that code. Nothing here
 touches the store, HTTP or the clock. `update_digest` identifies an update's content.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetlora.protocol.energy import energy_of
+from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.spec import AdapterSpec
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter, WireFormatError, check_values, meta_int, validate
 
@@ -28,7 +29,7 @@ class CheckedUpdate:
     energy: dict | None = None  # the checked training seconds and energy estimate (hetlora.protocol.energy)
 
 
-def check_update(adapter: Adapter, plan: dict, spec: AdapterSpec, *, round_number: int, client_id: str,
+def check_update(adapter: Adapter, plan: ClientPlan, spec: AdapterSpec, *, round_number: int, client_id: str,
                  aggregator: str) -> CheckedUpdate:
     """Metadata (round, client, rank = the plan's, effective_rank, n_samples, the energy report if any: `energy_of`),
     tensors against the spec at most
@@ -44,24 +45,24 @@ def check_update(adapter: Adapter, plan: dict, spec: AdapterSpec, *, round_numbe
                               f"of this token ({client_id})")
     n_samples = meta_int(meta, "n_samples", minimum=1)
     energy = energy_of(meta)
-    if plan["mode"] == "head-fit":
+    if plan.mode == "head-fit":
         return _check_head(adapter, spec, n_samples, energy)
     rank = meta_int(meta, "rank", minimum=1)
     effective_rank = meta_int(meta, "effective_rank", minimum=1)
-    if rank != plan["rank"]:
-        raise WireFormatError("rank_mismatch", f"metadata rank {rank} is not the rank {plan['rank']} assigned for "
+    if rank != plan.rank:
+        raise WireFormatError("rank_mismatch", f"metadata rank {rank} is not the rank {plan.rank} assigned for "
                               f"round {round_number}")
-    tensor_rank = validate(adapter, spec, max_rank=plan["rank"])
+    tensor_rank = validate(adapter, spec, max_rank=plan.rank)
     check_values(adapter)
     if tensor_rank != effective_rank:
         raise WireFormatError("rank_mismatch", f"the tensors have rank {tensor_rank} but metadata effective_rank "
                               f"is {effective_rank}")
-    if effective_rank < plan["min_upload_rank"]:
-        raise WireFormatError("rank_mismatch", f"upload rank {effective_rank} is below {plan['min_upload_rank']}, "
+    if effective_rank < plan.min_upload_rank:
+        raise WireFormatError("rank_mismatch", f"upload rank {effective_rank} is below {plan.min_upload_rank}, "
                               f"the lowest rank the {aggregator} plan for this round allows")
-    if plan["indices"] is not None and meta.get("indices") != plan["indices"]:
+    if plan.indices is not None and meta.get("indices") != list(plan.indices):
         raise WireFormatError("wrong_indices", f"metadata indices {meta.get('indices')!r} are not the indices "
-                              f"assigned for round {round_number}: {plan['indices']}")
+                              f"assigned for round {round_number}: {list(plan.indices)}")
     return CheckedUpdate(rank, effective_rank, n_samples, energy)
 
 

@@ -1,6 +1,6 @@
 """Robust aggregation as an option that composes with every rule (`--robust`; pure numpy, no I/O).
 
-It works on the clients' updates (their change from their start, server_stub.aggregation.bounds) before the
+It works on the clients' updates (their change from their start, hetlora.engine.aggregation.bounds) before the
 rule aggregates, so the rule and the server optimiser run unchanged after it:
 
   none          bounded influence only (bounds.bound_influence: anchored, relative to the round's median)
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation.bounds import CLIP_FACTOR, bound_influence
-from server_stub.aggregation.contract import ClientResult
+from hetlora.engine.aggregation.bounds import CLIP_FACTOR, bound_influence
+from hetlora.engine.aggregation.contract import ClientResult
 
 ROBUST = ("none", "trimmed-mean", "median", "norm-bound")
 NORM_BOUND_FACTOR = 2.0

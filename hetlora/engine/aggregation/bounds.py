@@ -33,8 +33,8 @@ import statistics
 import numpy as np
 
 from hetlora.protocol.wire import MAX_ABS_VALUE, Adapter, check_values
-from server_stub.aggregation.contract import ClientResult
-from server_stub.aggregation.linalg import update_norm
+from hetlora.engine.aggregation.contract import ClientResult
+from hetlora.engine.aggregation.linalg import update_norm
 
 # Measured on the demo (BANKING77, 8 clients, seed 0): honest updates stay within 1.6x the round's median for
 # products, heads and sample counts, and within 4x for the factors' component RMS (a rank-8 client's B among

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server_stub.aggregation.base import BaseRule
-from server_stub.aggregation.linalg import truncated_svd_of_product
-from server_stub.aggregation.mixing import Part
+from hetlora.engine.aggregation.base import BaseRule
+from hetlora.engine.aggregation.linalg import truncated_svd_of_product
+from hetlora.engine.aggregation.mixing import Part
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from hetlora.protocol.settings import LR_DECAYS, TrainingSettings
 from hetlora.protocol.head_stats import statistics_bytes
 from hetlora.protocol.spec import AdapterSpec, linear_head
 from hetlora.protocol.wire import Adapter, max_wire_bytes
-from server_stub.aggregation import RULES
-from server_stub.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
-from server_stub.aggregation.robust import Defence
-from server_stub.aggregation.server_opt import ServerOptimizer
+from hetlora.engine.aggregation import RULES
+from hetlora.engine.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
+from hetlora.engine.aggregation.robust import Defence
+from hetlora.engine.aggregation.server_opt import ServerOptimizer
 from hetlora.errors import UserError
 from profiles.memory_model import ModelShape
 
@@ -47,9 +47,9 @@ class ServerConfig:
     head_rounds: int = 0  # rounds 1..head_rounds fit the head on frozen features (every client), LoRA after
     lr_decay: str = "none"  # none | cosine: the LoRA rounds' learning rates decay over the run (training_for)
     server_opt: ServerOptimizer = ServerOptimizer()
-    defence: Defence = Defence()  # bounded influence and the robust option (server_stub.aggregation.robust)
+    defence: Defence = Defence()  # bounded influence and the robust option (hetlora.engine.aggregation.robust)
     max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # the data cap: samples one client may declare
-    init_adapter: Adapter | None = field(default=None, compare=False, repr=False)  # server_stub.init_adapter
+    init_adapter: Adapter | None = field(default=None, compare=False, repr=False)  # hetlora.engine.init_adapter
 
     def __post_init__(self):
         if self.aggregator not in RULES:
@@ -90,7 +90,7 @@ class ServerConfig:
         if not 0.0 <= self.head_shrinkage <= 1.0 or self.head_temperature <= 0 or self.head_clients < 0:
             raise UserError("--head-shrinkage must be in [0, 1], --head-temperature positive, --head-clients >= 0")
         if self.init_adapter is not None:
-            from server_stub.init_adapter import check_init_adapter
+            from hetlora.engine.init_adapter import check_init_adapter
 
             check_init_adapter(self.init_adapter, self.spec, self.global_rank, self.head_round)
 
@@ -131,7 +131,7 @@ class ServerConfig:
 
     def identity(self) -> dict:
         """What a state dir is bound to: restarting with anything else here is refused."""
-        from server_stub.init_adapter import init_digest
+        from hetlora.engine.init_adapter import init_digest
 
         started_from = {"init_adapter": init_digest(self.init_adapter)} if self.init_adapter is not None else {}
         return started_from | {

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
-from server_stub.aggregation.linalg import truncated_svd_of_product
+from hetlora.engine.aggregation.linalg import truncated_svd_of_product
 
 OPTIMIZERS = ("none", "momentum", "adam", "yogi")
 

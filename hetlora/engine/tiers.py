@@ -13,7 +13,7 @@ import logging
 
 from hetlora.errors import UserError
 from hetlora.protocol.plan import Tier
-from server_stub.errors import ApiError
+from hetlora.engine.errors import CannotTrain, Invalid
 
 log = logging.getLogger("hetlora.server")
 
@@ -27,8 +27,8 @@ def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, prev
     for exact LoRA parameter counts; `policy`: the tier policy document (None: the packaged tiers.json); `model`:
     the base model's ModelShape (None: the policy's model), for the predicted memory and step cost; `steps`: the
     run's local steps per round, for the compute budget.
-    A device the policy rules out of training gets 422 `cannot_train` with the policy's reasons; a malformed
-    profile 400 `bad_profile`.
+    A device the policy rules out of training raises CannotTrain `cannot_train` with the policy's reasons; a
+    malformed profile Invalid `bad_profile`.
     """
     cap, batch_size, seq_len = requested_rank, None, None
     if isinstance(profile, dict) and profile.get("schema") == "hetlora-profile":
@@ -38,12 +38,21 @@ def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, prev
         try:
             decision = decide_tier(profile, previous, spec=spec, policy=policy, model=model, steps=steps)
         except UserError as exc:
-            raise ApiError(400, "bad_profile", str(exc)) from None
+            raise Invalid("bad_profile", str(exc)) from None
         if decision.rank == 0:
-            raise ApiError(422, "cannot_train", "the tier policy rules this device out of training now: "
+            raise CannotTrain("cannot_train", "the tier policy rules this device out of training now: "
                            + "; ".join(decision.reasons), reasons=decision.reasons)
         log.info("tier policy: %s allows rank %d (its reasons at -v)", decision.tier, decision.rank)
         log.debug("tier policy: %s", "; ".join(decision.reasons))
         cap, batch_size, seq_len = min(cap, decision.rank), decision.batch_size, decision.seq_len
     fitting = [r for r in ranks if r <= cap]
     return Tier(rank=max(fitting) if fitting else min(ranks), batch_size=batch_size, seq_len=seq_len)
+
+
+def client_tier(config, profile: dict, requested_rank: int, pruned_rank: int | None,
+                previous_rank: int | None = None) -> Tier:
+    """The run's tier policy's tier for a client, its rank never above a rank the client self-pruned to
+    (CannotTrain `cannot_train` / Invalid `bad_profile` from `tier_for`)."""
+    tier = tier_for(profile, requested_rank, config.ranks, previous_rank=previous_rank, spec=config.spec,
+                    policy=config.policy, model=config.model_shape, steps=config.training.steps)
+    return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier

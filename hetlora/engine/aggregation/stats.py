@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from hetlora.protocol.wire import Adapter
-from server_stub.aggregation.contract import ClientResult
-from server_stub.aggregation.linalg import update_norm
+from hetlora.engine.aggregation.contract import ClientResult
+from hetlora.engine.aggregation.linalg import update_norm
 
 
 def aggregate_statistics(global_: Adapter, results: list[ClientResult]) -> dict:

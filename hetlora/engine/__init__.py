@@ -1,0 +1,16 @@
+"""The round engine: one federated round without a transport, called by the HTTP server (server_stub) and the
+Flower apps (hetlora_flower). Transports move bytes and map errors; everything else is here.
+
+config        ServerConfig: the run (rule, ranks, stages, training settings, defence, server optimiser)
+run_options   the run's command-line options and build_config (serve's flags, a Flower run config's keys)
+planning      select the round's clients, configure each one's ClientPlan, the download view, a global's metadata
+uploads       an upload's header bounded, decoded once, checked against its plan (Update / Statistics)
+combine       a round's new global: round 0's head, or bounded influence, the rule, the server optimiser
+errors        DomainError and its kinds (Invalid, Unauthenticated, NotSelected, NotFound, Conflict, CannotTrain)
+tiers         a client's Tier from its profile (the tier policy), the request and the rank set
+selection     seeded selection, the key that seeds and orders a client
+upload_checks check_update: one LoRA or head update against its plan; update_digest
+head_round    round 0's statistics checks and the initial global with the closed-form head
+init_adapter  `--init-adapter`: a PEFT or wire adapter as global version 0
+aggregation/  the pure numpy rules (fedavg, hetlora, hlora, plora), bounds, robust, server_opt, the pipeline
+"""

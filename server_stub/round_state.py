@@ -1,0 +1,87 @@
+"""What each stage of a round does with an upload, for the HTTP coordinator: identify it, take it in, combine
+the round's uploads; round 0 takes head statistics, the head and LoRA rounds take adapters (hetlora.engine).
+
+An adapter upload is decoded once, when the coordinator receives it (hetlora.engine.uploads.receive), and the
+decoded object is what is checked and, kept in memory until its round closes, what the rule combines. Only
+uploads stored before a restart are decoded again from their blobs (once each).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hetlora.protocol.energy import energy_of
+from hetlora.protocol.head_stats import HeadStatistics
+from hetlora.protocol.wire import Adapter
+from hetlora.engine.aggregation import ClientResult
+from hetlora.engine.combine import combine, head_global, jsonable
+from hetlora.engine.config import ServerConfig
+from hetlora.engine.errors import Conflict
+from hetlora.engine.head_round import HEAD_ROUND, check_statistics, load_statistics
+from hetlora.engine.uploads import Received, decode_update, take_update
+from server_stub.run_store import Round, RunStore
+
+log = logging.getLogger("hetlora.server")
+
+
+class RoundState:
+    """The stage logic of the coordinator's rounds over its RunStore (the caller holds the lock where it says)."""
+
+    def __init__(self, config: ServerConfig, runs: RunStore, clock):
+        self.config, self.runs, self.clock = config, runs, clock
+        # (round, client) -> its decoded, checked upload, until the round combines it
+        self._taken: dict[tuple[int, str], ClientResult | HeadStatistics] = {}
+
+    def statistics_round(self, number: int) -> bool:
+        return self.config.stage(number) == "head-statistics"
+
+    def require_download(self, number: int) -> None:
+        """Round 0 has nothing to download (Conflict `head_round`)."""
+        if self.statistics_round(number):
+            raise Conflict("head_round", "round 0 collects head statistics; there is no adapter to download")
+
+    def take(self, r: Round, client_id: str, body: bytes, received: Received) -> dict:
+        """Under the lock: check a received upload against the round and store it (blob, then row)."""
+        if received.adapter is None:
+            return self._take_statistics(r, client_id, body, received.digest)
+        update = take_update(self.config, r.plans[client_id], client_id, received.adapter, received.digest)
+        checked = update.checked
+        pruned = checked.effective_rank < checked.rank
+        row = self.runs.save_upload({
+            "round": r.number, "client_id": client_id, "sha256": update.digest, "rank": checked.rank,
+            "effective_rank": checked.effective_rank, "n_samples": checked.n_samples, "bytes": len(body),
+            "received_at": self.clock(), "energy": checked.energy}, body, checked.effective_rank if pruned else None)
+        self._taken[(r.number, client_id)] = update.result
+        log.info("round %d: upload from %s accepted (rank %d, effective rank %d, %d samples); %d of %d in",
+                 r.number, client_id, checked.rank, checked.effective_rank, checked.n_samples,
+                 len(self.runs.uploads(r.number)), len(r.selected))
+        return row
+
+    def _take_statistics(self, r: Round, client_id: str, body: bytes, digest: str) -> dict:
+        stats = check_statistics(self.config, client_id, body, self.runs.client(client_id)["n_samples"])
+        row = self.runs.save_upload({
+            "round": HEAD_ROUND, "client_id": client_id, "sha256": digest, "rank": 0, "effective_rank": 0,
+            "n_samples": stats.n_samples, "bytes": len(body), "received_at": self.clock(),
+            "energy": energy_of(stats.meta)}, body, pruned_to=None)
+        self._taken[(HEAD_ROUND, client_id)] = stats
+        log.info("round 0: head statistics from %s accepted (%d samples); %d of %d in", client_id, stats.n_samples,
+                 len(self.runs.uploads(HEAD_ROUND)), len(r.selected))
+        return row
+
+    def combine(self, rule, r: Round, uploads: list[dict], previous: Adapter | None,
+                anchors: dict) -> tuple[Adapter, dict]:
+        """A closing round's new global and JSON-ready statistics from its uploads in selection order by `rule` (outside
+        the lock; `previous` and `anchors` read under it). A LoRA round's optimiser state is saved before returning."""
+        names = [u["client_id"] for u in uploads]
+        taken = [self._taken.pop((r.number, c), None) for c in names]
+        if self.statistics_round(r.number):
+            statistics = [t or load_statistics(self.config, self.runs.upload_bytes(u)) for t, u in zip(taken, uploads)]
+            return head_global(rule, self.config, names, statistics)
+        plans = [r.plans[c] for c in names]
+        results = [t or ClientResult(decode_update(self.config, self.runs.upload_bytes(u)), u["n_samples"],
+                                     plan.indices) for t, u, plan in zip(taken, uploads, plans)]
+        combined = combine(rule, self.config, r.number, previous, names, results, plans, anchors,
+                           self.runs.optimizer_state(r.number - 1))
+        if self.config.server_opt.name != "none" and self.config.stage(r.number) == "lora":
+            self.runs.save_optimizer_state(r.number, combined.optimizer_state)
+        return combined.new_global, combined.statistics | {"anchors": jsonable(combined.anchors)}
