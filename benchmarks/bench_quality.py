@@ -100,15 +100,14 @@ def run_summary(name: str, cfg: DemoConfig, fleet, seed: int) -> dict:
 
 def linear_probe(cfg: DemoConfig, fleet, seed: int) -> dict:
     """Logistic regression on the frozen model's pooled features (the head's input)."""
-    from edge_client.evaluate import macro_f1
+    from edge_client.evaluate import accuracy, macro_f1
     from edge_client.training import TorchTrainer
 
     trainer = TorchTrainer(cfg.model_dir, "classification", labels=fleet.labels)
     train_x, train_y = trainer.frozen_features(fleet.pooled, cfg.training.seq_len)
     test_x, test_y = trainer.frozen_features(fleet.test, cfg.training.seq_len)
     predicted = fit_probe(train_x, train_y, seed).predict(test_x)
-    return {"final": float(np.mean(predicted == test_y)), "best": float(np.mean(predicted == test_y)),
-            "f1": macro_f1(test_y, predicted), "reach": None}  # no rounds: a reference, not a run
+    return {"final": accuracy(test_y, predicted), "best": accuracy(test_y, predicted), "f1": macro_f1(test_y, predicted), "reach": None}  # no rounds: a reference, not a run
 
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int):

@@ -19,7 +19,7 @@ import json
 import logging
 from pathlib import Path
 
-from hetlora.argtypes import positive_int_list
+from hetlora.argtypes import add_renamed, positive_int_list
 from hetlora.errors import UserError
 
 log = logging.getLogger("hetlora.bench")
@@ -35,10 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: torch, onnx, executorch (default all; unavailable ones are skipped)")
     parser.add_argument("--task", choices=("classification", "causal-lm"),
                         help="the model's task (default: the artifacts' task, else classification)")
-    parser.add_argument("--model", metavar="DIR", help="model folder (default: the task's bundled model)")
+    parser.add_argument("--model", metavar="DIR", help="model folder (default: the task's bundled model). A folder "
+                        "with a trained classification head is benched with that head (its label count and "
+                        "weights); a base model gets a new head of the artifacts' label count, else of "
+                        f"{NUM_LABELS} (the demo's)")
+    parser.add_argument("--adapter", metavar="FILE", help="a wire adapter (e.g. a run's global.safetensors) whose "
+                        "classification head bench trains instead of the model folder's or a new one")
     parser.add_argument("--out", metavar="DIR", default="bench-results", help="output folder (default bench-results)")
     parser.add_argument("--artifacts", metavar="DIR", help="artifacts of `hetlora export` for the onnx/executorch backends")
-    parser.add_argument("--batch", type=int, help=f"batch size (default: the artifacts' or {DEFAULT_SHAPE[0]})")
+    add_renamed(parser, "--batch-size", "--batch", type=int,
+                help=f"batch size (default: the artifacts' or {DEFAULT_SHAPE[0]})")
     parser.add_argument("--seq-len", type=int, help=f"tokens per row (default: the artifacts' or {DEFAULT_SHAPE[1]})")
     parser.add_argument("--steps", type=int, help=f"timed steps per cell, at least (default {DEVICE['steps']})")
     parser.add_argument("--min-seconds", type=float,
@@ -66,13 +72,14 @@ def resolve_settings(args, manifest):
         raise UserError(f"unknown backend(s) {unknown or '(none given)'}; choose from {', '.join(BACKENDS)}")
     base = QUICK if args.quick else DEVICE
     shape = (manifest.batch, manifest.seq_len) if manifest else DEFAULT_SHAPE
-    values = {"batch": shape[0] if args.batch is None else args.batch,
+    values = {"batch": shape[0] if args.batch_size is None else args.batch_size,
               "seq_len": shape[1] if args.seq_len is None else args.seq_len,
               **{k: base[k] if getattr(args, k) is None else getattr(args, k)
                  for k in ("steps", "min_seconds", "warmup", "repetitions")}}
-    for name in ("batch", "seq_len", "steps", "repetitions"):
+    for name, flag in (("batch", "batch-size"), ("seq_len", "seq-len"), ("steps", "steps"),
+                       ("repetitions", "repetitions")):
         if values[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
+            raise UserError(f"--{flag} must be >= 1, got {values[name]}")
     if values["warmup"] < 0 or values["min_seconds"] < 0:
         raise UserError("--warmup and --min-seconds must be >= 0")
     if args.threads is not None and args.threads < 1:
@@ -108,14 +115,51 @@ def bench_task(args, manifest) -> str:
     return args.task or exported or "classification"
 
 
-def head_and_alpha(manifest, task: str) -> tuple[int | None, float]:
-    """(num_labels, lora_alpha): the artifacts' if given, else the demo's banking77 head and alpha 16;
-    a causal LM has no label count."""
+def adapter_head(path: str, model_dir, task: str) -> int:
+    """The label count of the classification head in the wire adapter at `path`, checked against the base model
+    (UserError: not a readable adapter, no head, another base model)."""
+    from edge_client.model_check import check_adapter_base
+    from hetlora.protocol.wire import WireFormatError, decode
+
     if task != "classification":
-        return None, float(manifest.doc["lora_alpha"]) if manifest else 16.0
-    if manifest is None:
-        return NUM_LABELS, 16.0
-    return int(manifest.doc.get("num_labels") or NUM_LABELS), float(manifest.doc["lora_alpha"])
+        raise UserError("--adapter gives bench a classification head; this is a causal-lm bench")
+    try:
+        adapter = decode(Path(path).read_bytes())
+    except (OSError, WireFormatError) as exc:
+        raise UserError(f"--adapter {path} is not a readable wire adapter: {exc}") from None
+    weights = [t for t in adapter.dense.values() if t.ndim == 2]
+    if len(weights) != 1:
+        raise UserError(f"--adapter {path} carries no classification head (dense tensors: {sorted(adapter.dense)})")
+    check_adapter_base(adapter, model_dir, task, num_labels=int(weights[0].shape[0]))
+    return int(weights[0].shape[0])
+
+
+def head_and_alpha(manifest, task: str, model_dir, adapter: str | None = None) -> tuple[int | None, float, str]:
+    """(num_labels, lora_alpha, where the head comes from): with artifacts, their label count and alpha (a model
+    folder's own head must have that count: check_head); else the model folder's own trained classification head
+    when it has one (loaded with its weights), else a new head of the demo's banking77 size; alpha 16; the head
+    of the wire adapter at `adapter` over all of these. UserError when the chosen head does not fit. A causal LM
+    has no label count."""
+    from edge_client.model_check import check_head, head_labels
+
+    alpha = float(manifest.doc["lora_alpha"]) if manifest else 16.0
+    if task != "classification":
+        return None, alpha, "the causal LM's output layer"
+    own = head_labels(model_dir)
+    if adapter is not None:
+        adapter_labels = adapter_head(adapter, model_dir, task)
+        check_head(model_dir, task, adapter_labels)
+        if manifest is not None and int(manifest.doc.get("num_labels") or 0) != adapter_labels:
+            raise UserError(f"the --adapter head has {adapter_labels} labels, the artifacts in {manifest.folder} "
+                            f"{manifest.doc.get('num_labels')}")
+        return adapter_labels, alpha, f"the --adapter head ({adapter_labels} labels)"
+    if manifest is not None:
+        num_labels = int(manifest.doc.get("num_labels") or NUM_LABELS)
+    else:
+        num_labels = own or NUM_LABELS
+    check_head(model_dir, task, num_labels)
+    source = "the model folder's trained head" if own == num_labels else "a new head"
+    return num_labels, alpha, f"{source} ({num_labels} labels)"
 
 
 def idle_measured_meter(host, args):
@@ -137,7 +181,6 @@ def run(args) -> int:
     from edge_client.bench.peak import best_of
     from edge_client.device.host import Host
     from edge_client.device.profile import collect_profile
-    from edge_client.model_check import check_head
     from edge_client.models import check_model_dir, default_model_dir, default_targets, derive_spec, model_type
     from profiles.memory_model import ModelShape
 
@@ -149,9 +192,8 @@ def run(args) -> int:
     settings = resolve_settings(args, manifest)
     out = output_dir(args.out)
     targets = tuple(manifest.doc["targets"]) if manifest else default_targets(model_dir)
-    num_labels, lora_alpha = head_and_alpha(manifest, task)
-    if task == "classification":
-        check_head(model_dir, task, num_labels)
+    num_labels, lora_alpha, head = head_and_alpha(manifest, task, model_dir, args.adapter)
+    log.info("benching %s with %s", model_dir, head)
     spec = derive_spec(model_dir, task, targets, num_labels)
     shape = ModelShape.from_model_dir(model_dir)
     skip = {b: steppers.skip_reason(b, manifest, settings.batch, settings.seq_len) for b in settings.backends}
@@ -167,7 +209,8 @@ def run(args) -> int:
     peak = given or measure_peak(shape, settings, args.quick)
     meter, idle_s = idle_measured_meter(host, args)
 
-    config = {"task": task, "model_dir": str(model_dir), "artifacts": args.artifacts, "targets": list(targets),
+    config = {"task": task, "model_dir": str(model_dir), "artifacts": args.artifacts, "adapter": args.adapter,
+              "targets": list(targets),
               "num_labels": num_labels, "lora_alpha": lora_alpha, "batch": settings.batch, "seq_len": settings.seq_len,
               "vocab": shape.vocab, "threads": torch.get_num_threads(), "verbosity": verbosity()}
 
@@ -179,7 +222,7 @@ def run(args) -> int:
         peak = best_of(peak, measure_peak(shape, settings, args.quick))
     cells = _cells(runs, settings, shape, spec, peak["value"])
     model = {"dir": str(model_dir), "task": task, "model_type": model_type(model_dir), "targets": list(targets),
-             "num_labels": num_labels, "lora_alpha": lora_alpha, "model_hash": spec.model_hash}
+             "num_labels": num_labels, "head": head, "lora_alpha": lora_alpha, "model_hash": spec.model_hash}
     doc = _report_doc(args, settings, idle_s, model, peak, meter, profile) | {"cells": cells, "skipped": skipped}
     doc["plots"] = report.write_plots(out, cells)
     report.write_csv(out / "bench.csv", cells)

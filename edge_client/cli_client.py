@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from edge_client.backends import BACKENDS
-from hetlora.argtypes import watts
+from hetlora.argtypes import add_renamed, watts
 from hetlora.config_file import add_config_option
 from hetlora.errors import UserError
 from hetlora.secret_file import read_secret
@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", help="label column (default: 'label', or 'category')")
     p.add_argument("--max-rounds", type=int, help="stop after this many local rounds; a later run resumes")
-    p.add_argument("--poll", type=float, help="seconds between round polls (default: the server's hint)")
+    add_renamed(p, "--poll-seconds", "--poll", type=float, metavar="SECONDS", help="seconds between round polls (default: the server's "
+                                                                 "hint)")
     p.add_argument("--give-up-after", type=float, help="give up after this many seconds of failed retries "
                                                        "(default: retry forever)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -55,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # TEST TOOL, hidden: a model-replacement attacker for robustness measurements (benchmarks, docs/RESULTS.md).
     p.add_argument("--testing-scale-update", type=float, help=argparse.SUPPRESS)
     g = p.add_argument_group("local training overrides (default: the server's hints)")
-    g.add_argument("--steps", type=int)
+    add_renamed(g, "--local-steps", "--steps", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--seq-len", type=int)
     g.add_argument("--lr", type=float)
@@ -98,14 +99,14 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+    overrides = {k: v for k, v in {"steps": args.local_steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                                    "lr": args.lr}.items() if v is not None}
     if args.enroll_secret_file:
         args.enroll_secret = read_secret(args.enroll_secret_file)
     options = ClientOptions(
         server=args.server, data=args.data, state_dir=args.state_dir, model_dir=args.model, backend=args.backend,
         artifacts_dir=args.artifacts, requested_rank=args.rank, name=args.name, text_column=args.text_column,
-        label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll,
+        label_column=args.label_column, max_rounds=args.max_rounds, poll_seconds=args.poll_seconds,
         progress=not args.no_progress and show_progress(), train_overrides=overrides, give_up_after=args.give_up_after,
         enroll_secret=args.enroll_secret, ca_file=args.ca_file,
         testing_scale_update=args.testing_scale_update, watts=args.watts,

@@ -11,6 +11,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from hetlora.argtypes import add_renamed
 from hetlora.errors import UserError
 
 GB = 1e9
@@ -28,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR", help="model folder for --step (default: the task's bundled model)")
     parser.add_argument("--out", metavar="FILE", help="also write the profile document to FILE")
     parser.add_argument("--tier", action="store_true", help="print the LoRA rank tier for this device and why")
-    parser.add_argument("--as", dest="as_device", metavar="CATALOG_ID",
-                        help="do not measure: take a catalog device's profile (implies --tier)")
+    add_renamed(parser, "--profile-as", "--as", metavar="CATALOG_ID",
+                help="do not measure: take a catalog device's profile (implies --tier)")
     parser.add_argument("--policy", metavar="FILE", help="tier policy file (default: the task's packaged one)")
     parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree
 
@@ -40,8 +41,8 @@ def run(args) -> int:
     if args.model and not args.step:
         raise UserError("--model is the model for --step; add --step or drop --model")
     model_dir = _step_model(args.model, args.task) if args.step else None
-    if args.as_device:
-        doc = _tier_module("catalog").profile_for(args.as_device)
+    if args.profile_as:
+        doc = _tier_module("catalog").profile_for(args.profile_as)
     else:
         from edge_client.device.profile import collect_profile
 
@@ -49,7 +50,7 @@ def run(args) -> int:
             raise UserError(f"--root {args.root} is not a directory")
         doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir,
                               policy_file=args.policy, task=args.task)
-    policy = _tier_module("policy") if args.tier or args.as_device else None
+    policy = _tier_module("policy") if args.tier or args.profile_as else None
     decision = policy.decide_tier(doc, policy=policy.load_policy(args.policy) if args.policy else
                                   policy.packaged_policy(args.task)) if policy else None
     if args.out:

@@ -136,7 +136,7 @@ class EdgeClient:
             current = self.api.current_round()
             number = current["round"]
             if current["state"] == "finished":
-                log.info("training finished after %d rounds; client %s stops", number, self.state.client_id)
+                log.info("training finished (the last round was %d); client %s stops", number, self.state.client_id)
                 return 0
             if current["state"] != "open" or not current["selected"] or current["uploaded"] \
                     or number <= self.state.last_uploaded_round:
@@ -165,7 +165,7 @@ class EdgeClient:
             log.info("resuming as client %s (rank %s) from %s", self.state.client_id, self.state.rank,
                      self.state_dir.path)
             return
-        requested = self.options.requested_rank or max(run["ranks"])
+        requested = self.requested_rank
         n_samples = len(self.local.examples)
         reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name,
                                   self.options.enroll_secret)
@@ -191,13 +191,20 @@ class EdgeClient:
         self._register(run)
 
     def _prepare(self, run: dict) -> None:
-        """Load the data, and the model checked against the server's spec, and the training backend."""
+        """Load the data, and the model checked against the server's spec, and the training backend; an artifact
+        backend's export checked against the run too, before registering; the rank to ask for."""
         from edge_client.data import load_examples
 
         examples = load_examples(self.options.data, run["task"], run.get("labels"),
                                  text_column=self.options.text_column, label_column=self.options.label_column)
         self.local = LocalModel(run, examples, self.options.model_dir, backend=self.options.backend,
                                 artifacts_dir=self.options.artifacts_dir)
+        manifest = getattr(self.local.trainer, "manifest", None)  # artifact backends: the run must fit the export
+        if manifest is not None:
+            manifest.check_run(run, self.overrides)
+        self.requested_rank = manifest.request_rank(self.local.trainer.backend, run["ranks"],
+                                                    self.options.requested_rank) \
+            if manifest is not None else self.options.requested_rank or max(run["ranks"])
 
     def _refresh_rank(self) -> None:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""

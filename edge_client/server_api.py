@@ -1,7 +1,8 @@
 """HTTP calls of the v1 protocol (docs/PROTOCOL.md), with retries on network errors and 5xx.
 
 Network failures and 5xx answers are retried with exponential backoff (1 s, 2 s, 4 s ... capped
-at `max_backoff`) and a log line per retry, 429 answers after their Retry-After; other 4xx answers
+at `max_backoff`) and a log line per retry, 429 answers after their Retry-After: urllib3's Retry with
+the policy of edge_client.retry, mounted on the requests session. Other 4xx answers
 raise `ServerError` with the server's error code at once, because repeating a rejected request
 cannot help. An https:// server is verified
 against `ca_file` or, by default, the CA bundle of requests; a certificate that does not verify is a
@@ -11,20 +12,20 @@ server or the reverse), found by a TLS handshake probe when the first attempt fa
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
-import time
 from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ProtocolError
 
 from edge_client.answers import (PROFILE_FIELDS, REGISTER_FIELDS, ROUND_FIELDS, BadServerAnswer, check_run,
                                  json_object, require)
+from edge_client.retry import ClientRetry, ServerUnreachable
 from hetlora.errors import ServerProblem, UserError
 
-log = logging.getLogger("hetlora.client")
+__all__ = ["ServerAPI", "ServerError", "ServerUnreachable", "scheme_mismatch"]
 # Refusals only the device's configuration can fix (exit status 2; every other refusal exits 3): enrollment, a
 # malformed registration, a name already registered, a token the server does not know (its state was reset; the
 # client registers again by itself when the new run is one it can serve: EdgeClient._register_again).
@@ -45,10 +46,6 @@ class ServerError(ServerProblem):
         self.exit_code = 2 if code in CONFIG_CODES else ServerProblem.exit_code
 
 
-class ServerUnreachable(ServerProblem):
-    """Retries ran out (only when a retry limit was set)."""
-
-
 def speaks_tls(url: str, timeout: float = 5.0) -> bool:
     """Whether the server behind `url` completes a TLS handshake (its certificate unchecked: this is a probe)."""
     parts = urlsplit(url)
@@ -62,12 +59,12 @@ def speaks_tls(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def scheme_mismatch(url: str, exc: requests.RequestException) -> UserError | None:
-    """A one-line UserError when `url`'s scheme is not what the server speaks (the cause of `exc`), else None."""
+def scheme_mismatch(url: str, exc: Exception) -> UserError | None:
+    """A one-line UserError when `url`'s scheme is not what the server speaks (the cause of `exc`: a TLS error of an
+    https:// URL, a connection the server dropped for an http:// one), else None."""
     scheme, other = ("https", "http") if url.startswith("https://") else ("http", "https")
-    aborted = isinstance(exc, requests.ConnectionError) and exc.args and isinstance(exc.args[0], ProtocolError)
     if (scheme == "https" and isinstance(exc, requests.exceptions.SSLError) and not speaks_tls(url)) or \
-            (scheme == "http" and aborted and speaks_tls(url)):
+            (scheme == "http" and isinstance(exc, ProtocolError) and speaks_tls(url)):
         return UserError(f"the server at {url} speaks {other.upper()}, not {scheme.upper()}: use --server "
                          f"{other}://{url.split('://', 1)[1]}")
     return None
@@ -79,41 +76,37 @@ class ServerAPI:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self.max_backoff = max_backoff
-        self.give_up_after = give_up_after
         self.session = requests.Session()
+        adapter = HTTPAdapter(max_retries=ClientRetry(backoff_max=max_backoff, give_up_after=give_up_after,
+                                                      on_first_error=self._first_error, server=self.url))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.verify = ca_file or True  # per request: a session setting loses to REQUESTS_CA_BUNDLE
 
+    def _first_error(self, exc: Exception) -> None:
+        """The first network error of a request: a scheme the server does not speak stops the retries."""
+        mismatch = scheme_mismatch(self.url, exc)
+        if mismatch is not None:
+            raise mismatch
+
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One call, retried as edge_client.retry says; a 4xx answer raises ServerError."""
         headers = kwargs.pop("headers", {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        delay, started, attempt = 1.0, time.monotonic(), 0
-        while True:
-            attempt += 1
-            try:
-                response = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout,
-                                                verify=self.verify, **kwargs)
-                retry_after = response.headers.get("Retry-After", "")
-                if response.status_code == 429 and retry_after.isdigit():  # rate limited: wait as told
-                    delay = max(delay, min(float(retry_after), self.max_backoff))
-                    problem = "rate limited"
-                elif response.status_code < 500:
-                    break
-                else:
-                    problem = f"server error {response.status_code}"
-            except requests.exceptions.SSLError as exc:
-                raise scheme_mismatch(self.url, exc) or UserError(f"TLS with {self.url} failed: {exc}; if the server's certificate is signed by your "
-                                "own CA, pass its certificate with --ca-file") from None
-            except requests.RequestException as exc:
-                if attempt == 1 and (mismatch := scheme_mismatch(self.url, exc)):
-                    raise mismatch from None
-                problem = f"{type(exc).__name__}: {exc}"
-            if self.give_up_after is not None and time.monotonic() - started + delay > self.give_up_after:
-                raise ServerUnreachable(f"{method} {self.url}{path} failed {attempt} times ({problem}); giving up")
-            log.warning("%s %s failed (%s); retry %d in %.0f s", method, path, problem, attempt, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, self.max_backoff)
+        try:
+            response = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout,
+                                            verify=self.verify, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise scheme_mismatch(self.url, exc) or UserError(
+                f"TLS with {self.url} failed: {exc}; if the server's certificate is signed by your own CA, pass its "
+                "certificate with --ca-file") from None
+        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidURL) as exc:
+            raise UserError(f"--server {self.url} is not a usable URL ({exc}); write it as http(s)://HOST:PORT") \
+                from None
+        except requests.RequestException as exc:  # what the retries do not cover (e.g. too many redirects)
+            raise ServerProblem(f"{method} {self.url}{path} failed: {exc}") from None
         if response.status_code >= 400:
             try:
                 body = response.json()

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from exporter import EXECUTORCH_DELEGATES
+from hetlora.argtypes import add_renamed
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     labels.add_argument("--labels", help="label list file (JSON array or one per line), classification")
     labels.add_argument("--num-labels", type=int, help="number of classes, classification")
     p.add_argument("--ranks", type=_ranks, default=(4, 8, 16, 32, 64), help="rank tiers (default 4,8,16,32,64)")
-    p.add_argument("--batch", type=int, default=16, help="fixed batch size of the artifacts (default 16)")
+    add_renamed(p, "--batch-size", "--batch", type=int, default=16, help="fixed batch size of the artifacts (default 16)")
     p.add_argument("--seq-len", type=int, default=64, help="fixed sequence length (default 64)")
     p.add_argument("--backends", type=_csv, default=("executorch", "onnx"), help="executorch,onnx (default both)")
     p.add_argument("--targets", type=_csv, help="LoRA target module names (default: the model type's defaults)")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from hetlora.output import show_progress
 
     model_dir = check_model_dir(args.model) if args.model else default_model_dir(args.task)
-    req = ExportRequest(model_dir=Path(model_dir), task=args.task, ranks=args.ranks, batch=args.batch,
+    req = ExportRequest(model_dir=Path(model_dir), task=args.task, ranks=args.ranks, batch=args.batch_size,
                         seq_len=args.seq_len, backends=args.backends, out=Path(args.out), targets=args.targets,
                         labels=tuple(read_labels(args.labels)) if args.labels else None, num_labels=args.num_labels,
                         lora_alpha=args.lora_alpha,

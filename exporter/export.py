@@ -40,7 +40,7 @@ def check_request(req: ExportRequest) -> None:
     if not req.ranks or any(r < 1 for r in req.ranks):
         raise UserError(f"--ranks must be positive integers, got {list(req.ranks)}")
     if req.batch < 1 or req.seq_len < 2:
-        raise UserError(f"--batch must be >= 1 and --seq-len >= 2, got {req.batch} and {req.seq_len}")
+        raise UserError(f"--batch-size must be >= 1 and --seq-len >= 2, got {req.batch} and {req.seq_len}")
     unknown = [b for b in req.backends if b not in BACKENDS]
     if unknown or not req.backends:
         raise UserError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def positive_int_list(text: str) -> tuple[int, ...]:
@@ -29,3 +30,25 @@ def watts(text: str) -> float:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return value
+
+
+class _OldSpelling(argparse.Action):
+    """A flag's former spelling: stores into the new flag's dest and warns once, in one line."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"hetlora: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(container, new: str, old: str, **kwargs) -> argparse.Action:
+    """Add flag `new` (argparse.add_argument's `kwargs`) to a parser or group, with `old` as a hidden deprecated
+    alias: the same value, and a one-line warning on stderr when it is used (one spelling per flag across the
+    commands: docs/ARCHITECTURE.md)."""
+    action = container.add_argument(new, **kwargs)
+    container.add_argument(old, dest=action.dest, type=action.type, choices=action.choices, metavar=action.metavar,
+                           action=_OldSpelling, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return action

@@ -17,6 +17,7 @@ import sys
 
 from hetlora import __version__, output
 from hetlora.config_file import expand as expand_config
+from hetlora.env_flags import ENV_FLAGS, help_epilog
 from hetlora.errors import UserError
 from hetlora.extras import missing_extra_message
 
@@ -67,22 +68,30 @@ def _available_commands() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0].split(".")[0]) is not None}
 
 
-def _verbosity_flags() -> argparse.ArgumentParser:
-    """-v / -q, accepted before and after the subcommand (SUPPRESS: a subcommand never resets them)."""
-    flags = argparse.ArgumentParser(add_help=False)
-    group = flags.add_mutually_exclusive_group()
+def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
+    """-v / -q, accepted before and after the subcommand, nested ones too (SUPPRESS: a subcommand never resets
+    them)."""
+    group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=argparse.SUPPRESS,
                        help="debug logging, third-party messages included")
     group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
                        default=argparse.SUPPRESS, help="warnings and errors only, no progress bars")
-    return flags
+
+
+def _add_nested_verbosity_flags(parser: argparse.ArgumentParser) -> None:
+    """-v / -q on every nested subcommand of `parser` (`hetlora peft export -q`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for nested in action.choices.values():
+                if "-q" not in nested._option_string_actions:
+                    add_verbosity_flags(nested)
+                _add_nested_verbosity_flags(nested)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    flags = _verbosity_flags()
     parser = Parser(
-        prog="hetlora", description="hetlora-edge: federated LoRA fine-tuning on heterogeneous edge devices.",
-        parents=[flags])
+        prog="hetlora", description="hetlora-edge: federated LoRA fine-tuning on heterogeneous edge devices.")
+    add_verbosity_flags(parser)
     parser.add_argument("--version", action="version", version=f"hetlora-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in _available_commands().items():
@@ -90,11 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             # The part exists but its optional dependency is missing: keep --help working.
-            p = sub.add_parser(name, help=f"{help_text} (unavailable: {exc.name} not installed)", parents=[flags])
+            p = sub.add_parser(name, help=f"{help_text} (unavailable: {exc.name} not installed)")
+            add_verbosity_flags(p)
             p.set_defaults(_unavailable=exc.name)
             continue
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(), parents=[flags])
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           epilog=help_epilog(name) if name in ENV_FLAGS else None)
+        add_verbosity_flags(p)
         module.add_arguments(p)
+        _add_nested_verbosity_flags(p)
         p.set_defaults(_run=module.run)
     return parser
 

@@ -11,6 +11,8 @@ leaves a switch off) placed before the command line's own flags, so argparse che
 the command line and a flag given on the command line wins. Unknown keys are an error. A relative path
 in the file (the keys of PATH_KEYS; `~` expanded) is relative to the file's folder, so the file works from
 any working directory; on the command line, paths stay relative to the working directory.
+HETLORA_* environment variables (hetlora.env_flags) sit between the two: the command line wins over the
+environment, which wins over the file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hetlora.env_flags import env_argv
 from hetlora.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -83,23 +86,30 @@ def flag_argv(path, key: str, value, action: argparse.Action) -> list[str]:
     return [f"--{key}", str(value)]
 
 
-def config_path(argv: list[str], commands) -> tuple[int, str] | None:
-    """(index of the command name, the --config value) when `argv` runs one of `commands` with --config."""
+def command_index(argv: list[str], commands) -> int | None:
+    """The index of the command name in `argv` (its first non-option word) when it is one of `commands`."""
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if at is None or argv[at] not in commands:
-        return None
-    for i, arg in enumerate(argv[at + 1:], start=at + 1):
+    return at if at is not None and argv[at] in commands else None
+
+
+def config_value(flags: list[str]) -> str | None:
+    """The --config value among a command's `flags`, if any."""
+    for i, arg in enumerate(flags):
         if arg.startswith(OPTION + "="):
-            return at, arg.partition("=")[2]
-        if arg == OPTION and i + 1 < len(argv):
-            return at, argv[i + 1]
+            return arg.partition("=")[2]
+        if arg == OPTION and i + 1 < len(flags):
+            return flags[i + 1]
     return None
 
 
-def expand(argv: list[str], subparsers: dict[str, argparse.ArgumentParser]) -> list[str]:
-    """`argv` with the flags of the command's --config file inserted right after the command name."""
-    found = config_path(argv, {n for n, p in subparsers.items() if OPTION in p._option_string_actions})
-    if found is None:
+def expand(argv: list[str], subparsers: dict[str, argparse.ArgumentParser], environ=None) -> list[str]:
+    """`argv` with the flags of the command's --config file, then of its HETLORA_* variables (hetlora.env_flags),
+    inserted right after the command name: argparse keeps a flag's last value, so the command line wins over the
+    environment, which wins over the file."""
+    at = command_index(argv, {n for n, p in subparsers.items() if OPTION in p._option_string_actions})
+    if at is None:
         return argv
-    at, path = found
-    return argv[:at + 1] + config_argv(path, subparsers[argv[at]], argv[at]) + argv[at + 1:]
+    command, given = argv[at], argv[at + 1:]
+    path = config_value(given)
+    from_file = config_argv(path, subparsers[command], command) if path is not None else []
+    return argv[:at + 1] + from_file + env_argv(command, subparsers[command], from_file + given, environ) + given

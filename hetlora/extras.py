@@ -15,6 +15,7 @@ EXTRA_OF_MODULE = {
     "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
     "matplotlib": "plots",
     "peft": "dev",
+    "sklearn": "evaluate",
 }
 COMMAND_EXTRA = {"serve": "server", "export": "export"}
 EXTRA_MODULES = {"server": {"fastapi", "uvicorn", "starlette", "pydantic"},

@@ -28,6 +28,7 @@ QUIET = {
     "torch.onnx": "exporter progress and fallbacks, reported by the project as one line per artifact",
     "onnxscript": "optimizer and rewriter notes during ONNX export",
     "executorch": "partitioner and memory-planning notes",
+    "urllib3": "a long 'Retrying (...)' line per retry; edge_client.retry logs each retry in one short line",
 }
 # (category, message regex, module regex, why): Python warnings of third-party code ignored by default
 WARNINGS = [

@@ -236,7 +236,7 @@ export_artifacts() {
     say "hetlora export on the host: ExecuTorch training artifacts of the tiny BERT, ranks 4 and 8"
     rm -rf "$ROOT$WORK/artifacts"
     (cd "$PROJECT" && "$HOST_PYTHON" -m hetlora.cli export --model "$ROOT$WORK/tiny-bert" --task classification \
-        --labels "$PROJECT/hetlora/data/banking77/categories.json" --ranks 4,8 --batch 8 --seq-len 16 \
+        --labels "$PROJECT/hetlora/data/banking77/categories.json" --ranks 4,8 --batch-size 8 --seq-len 16 \
         --backends executorch --out "$ROOT$WORK/artifacts" --no-progress)
 }
 

@@ -188,7 +188,7 @@ def start_clients(cfg: DemoConfig, fleet, url: str, run_dir: Path) -> list:
     """One `hetlora client` per device of the fleet: its data file and catalog profile (the attackers first)."""
     return [start_client(url, part, run_dir / "clients" / f"client_{i:03d}",
                          ["--model", cfg.model_dir, "--profile-file", str(profile), "--name", profile.stem,
-                          "--poll", "0.2", "--text-column", cfg.text_column]
+                          "--poll-seconds", "0.2", "--text-column", cfg.text_column]
                          + (["--label-column", cfg.label_column] if cfg.label_column else [])
                          + (["--testing-scale-update", str(cfg.attack_scale)] if i < cfg.adversarial else []))
             for i, (part, profile) in enumerate(zip(fleet.parts, fleet.profiles))]

@@ -111,7 +111,7 @@ def hetlora_export(model_dir, out, *flags: str) -> Path:
     installed, ONNX (ARTIFACT_BACKENDS), batch ARTIFACT_BATCH."""
     from hetlora.cli import main
 
-    assert main(["export", "--model", str(model_dir), "--batch", str(ARTIFACT_BATCH), "--backends", ",".join(ARTIFACT_BACKENDS),
+    assert main(["export", "--model", str(model_dir), "--batch-size", str(ARTIFACT_BATCH), "--backends", ",".join(ARTIFACT_BACKENDS),
                  "--out", str(out), "--no-progress", *flags]) == 0
     return out
 

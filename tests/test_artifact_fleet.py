@@ -36,7 +36,7 @@ def run_fleet(tmp_path, model_dir, labels_file, artifacts, backends: tuple[str, 
     server, url = start_server(args, tmp_path / "server")
 
     def client(i: int, backend: str):
-        flags = ["--model", str(model_dir), "--name", f"device-{i}", "--poll", "0.2"]
+        flags = ["--model", str(model_dir), "--name", f"device-{i}", "--poll-seconds", "0.2"]
         if backend == "executorch":  # configured by a file, as a device service would be
             config = tmp_path / f"c{i}.toml"
             config.write_text(f'backend = "executorch"\nartifacts = "{artifacts}"\n')

@@ -21,7 +21,7 @@ from fakeroots import make_root
 from hetlora.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = ["--steps", "3", "--min-seconds", "0", "--warmup", "1", "--repetitions", "2", "--batch", "2",
+FAST = ["--steps", "3", "--min-seconds", "0", "--warmup", "1", "--repetitions", "2", "--batch-size", "2",
         "--seq-len", "8", "--threads", "1", "--quick"]
 
 
@@ -213,7 +213,7 @@ def test_quick_bench_lists_unavailable_backends_with_reasons(tiny_bert_dir, tiny
     artifact backend, rank 8 is skipped for them (none exported) and runs on torch."""
     args = bench_in_a_container(tiny_bert_dir, "3,8", "torch,onnx,executorch", tmp_path,
                                 "--artifacts", str(tiny_artifacts))
-    assert main([*args, *FAST, "--batch", "4", "--seq-len", "16"]) == 0
+    assert main([*args, *FAST, "--batch-size", "4", "--seq-len", "16"]) == 0
     doc, rows = read_outputs(tmp_path / "out")
     check_cells(doc, rows, 4, 16)
     skipped = {(s["backend"], s["rank"]): s["reason"] for s in doc["skipped"]}
@@ -236,7 +236,7 @@ def test_quick_bench_of_a_causal_lm_takes_the_task_from_its_artifacts(tiny_llama
     from profiles.memory_model import ModelShape
 
     args = bench_in_a_container(tiny_llama_dir, "4", "torch,onnx", tmp_path, "--artifacts", str(tiny_llama_artifacts))
-    assert main([*args, *FAST, "--batch", "4", "--seq-len", "64"]) == 0
+    assert main([*args, *FAST, "--batch-size", "4", "--seq-len", "64"]) == 0
     doc, rows = read_outputs(tmp_path / "out")
     check_cells(doc, rows, 4, 64)
     assert doc["model"]["task"] == "causal-lm" and doc["skipped"] == []
@@ -258,7 +258,7 @@ def test_bench_without_artifacts_says_where_they_come_from(tiny_bert_dir, tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--backends", "torch,tflite"], "unknown backend"),
-    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--peak-gflops", "-3"], "--peak-gflops must be positive"),
     (["--watts", "0"], "--watts must be positive"),
     (["--artifacts", "/nonexistent"], "manifest.json"),
@@ -273,3 +273,72 @@ def test_bad_rank_list_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--ranks", "4,x"])
     assert exc.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def five_label_model(tmp_path_factory, tiny_bert_dir):
+    """The tiny BERT saved with a trained-looking 5-label classification head."""
+    import shutil
+
+    from transformers import BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("five-labels")
+    BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=5).save_pretrained(path)
+    for f in tiny_bert_dir.iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def test_bench_adopts_a_model_folders_own_classification_head(five_label_model, tiny_bert_dir, tmp_path, capsys):
+    from edge_client.models import default_targets, derive_spec
+
+    assert main([*bench_in_a_container(five_label_model, "2", "torch", tmp_path), *FAST]) == 0
+    doc, _ = read_outputs(tmp_path / "out")
+    assert (doc["model"]["num_labels"], doc["model"]["head"]) == (5, "the model folder's trained head (5 labels)")
+    five = derive_spec(tiny_bert_dir, "classification", default_targets(tiny_bert_dir), num_labels=5)
+    assert [c["upload_bytes"] for c in doc["cells"]] == [rank_upload_bytes(five, 2)]
+    # a base model folder still gets a new head of the demo's size
+    assert main([*bench_in_a_container(tiny_bert_dir, "2", "torch", tmp_path / "base"), *FAST]) == 0
+    doc, _ = read_outputs(tmp_path / "base" / "out")
+    assert (doc["model"]["num_labels"], doc["model"]["head"]) == (77, "a new head (77 labels)")
+    capsys.readouterr()
+
+
+def test_bench_refuses_a_head_that_does_not_fit_the_artifacts(five_label_model, tiny_artifacts, tmp_path, capsys):
+    argv = bench_in_a_container(five_label_model, "2", "torch", tmp_path, "--artifacts", str(tiny_artifacts))
+    assert main([*argv, *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "classification head for 5 labels, but this run has 3 labels" in err[-1] and len(err) == 1
+
+
+def test_bench_trains_the_head_of_an_adapter_file(tiny_bert_dir, tmp_path, capsys):
+    from edge_client.bench.steppers import TorchStepper, synthetic_batch
+    from edge_client.models import default_targets, derive_spec
+    from hetlora.protocol.spec import linear_head
+    from hetlora.protocol.wire import Adapter, encode
+
+    targets = default_targets(tiny_bert_dir)
+    five = derive_spec(tiny_bert_dir, "classification", targets, num_labels=5)
+    weight, bias, _, dim = linear_head(five)
+    rng = np.random.default_rng(5)
+    head = {weight: rng.normal(0, 0.1, (5, dim)).astype(np.float32), bias: rng.normal(0, 0.1, 5).astype(np.float32)}
+    (tmp_path / "global.safetensors").write_bytes(encode(Adapter(lora={}, dense=head)))
+
+    argv = bench_in_a_container(tiny_bert_dir, "2", "torch", tmp_path, "--adapter", str(tmp_path / "global.safetensors"))
+    assert main([*argv, *FAST]) == 0
+    doc, _ = read_outputs(tmp_path / "out")
+    assert (doc["model"]["num_labels"], doc["model"]["head"]) == (5, "the --adapter head (5 labels)")
+    assert [c["upload_bytes"] for c in doc["cells"]] == [rank_upload_bytes(five, 2)]
+    # each step starts from that head
+    stepper = TorchStepper(tiny_bert_dir, "classification", five, targets, 5, 16.0, synthetic_batch(2, 8, 30522, 5),
+                           head)
+    stepper.prepare(2)
+    for name, values in head.items():
+        np.testing.assert_array_equal(stepper.trainer.dense[name].detach().numpy(), values)
+    # a file without a head is one line
+    (tmp_path / "nohead.safetensors").write_bytes(encode(Adapter(lora={}, dense={})))
+    capsys.readouterr()
+    argv = bench_in_a_container(tiny_bert_dir, "2", "torch", tmp_path, "--adapter", str(tmp_path / "nohead.safetensors"))
+    assert main([*argv, *FAST]) == 2
+    assert capsys.readouterr().err.strip().endswith("carries no classification head (dense tensors: [])")

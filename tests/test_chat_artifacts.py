@@ -39,7 +39,7 @@ def chat_run(tiny_llama_dir, tiny_llama_artifacts, tmp_path_factory):
          "--lr", "1e-2", "--poll-seconds", "0.2", "--round-deadline", "300"], tmp / "server")
 
     def client(backend: str):
-        flags = ["--model", str(tiny_llama_dir), "--name", backend, "--poll", "0.2", "--backend", backend]
+        flags = ["--model", str(tiny_llama_dir), "--name", backend, "--poll-seconds", "0.2", "--backend", backend]
         if backend != "torch":
             flags += ["--artifacts", str(tiny_llama_artifacts)]
         return start_client(url, data, tmp / backend, flags)

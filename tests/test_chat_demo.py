@@ -88,7 +88,7 @@ def real_model_run(smollm2_dir, tmp_path_factory):
     server, url = start_server(["--task", "causal-lm", "--aggregator", "fedavg", "--ranks", "4", "--rounds", "1",
                                 "--min-clients", "1", "--local-steps", "3", "--batch-size", "2", "--seq-len", "64",
                                 "--lr", "2e-3", "--poll-seconds", "0.2"], tmp / "server")
-    status = run_to_end(server, url, lambda: [start_client(url, data, tmp / "client", ["--poll", "0.2"],
+    status = run_to_end(server, url, lambda: [start_client(url, data, tmp / "client", ["--poll-seconds", "0.2"],
                                                            threads=2)])
     return tmp, status
 

@@ -131,7 +131,7 @@ def test_serve_without_the_server_extra_says_which_extra_to_install(tmp_path):
 @pytest.mark.slow
 def test_export_without_the_export_extra_says_which_extra_to_install(tiny_bert_dir, tmp_path):
     proc = run_blocked(tmp_path, "executorch,onnx,onnxruntime,onnxruntime_training_cpu,onnxscript", "export", "--model", str(tiny_bert_dir), "--task",
-                       "classification", "--num-labels", "3", "--ranks", "4", "--batch", "2", "--seq-len", "8",
+                       "classification", "--num-labels", "3", "--ranks", "4", "--batch-size", "2", "--seq-len", "8",
                        "--backends", "executorch", "--out", str(tmp_path / "art"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -143,7 +143,7 @@ def test_export_prints_at_most_twenty_lines_by_default(tiny_bert_dir, tmp_path):
     """Both backends (ExecuTorch alone without onnxruntime-training), two ranks: the progress bar and the summary,
     without third-party chatter."""
     cmd = [sys.executable, "-m", "hetlora.cli", "export", "--model", str(tiny_bert_dir), "--task", "classification",
-           "--num-labels", "3", "--ranks", "4,8", "--batch", "2", "--seq-len", "8", "--backends",
+           "--num-labels", "3", "--ranks", "4,8", "--batch-size", "2", "--seq-len", "8", "--backends",
            ",".join(ARTIFACT_BACKENDS), "--out", str(tmp_path / "art")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, timeout=900,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})

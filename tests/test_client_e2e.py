@@ -39,7 +39,7 @@ def test_three_clients_of_different_ranks_run_two_rounds(tiny_bert_dir, labels_f
                                tmp_path / "server")
     status = run_to_end(server, url, lambda: [
         start_client(url, write_data(tmp_path / f"d{i}.csv", 12 + 4 * i, i), tmp_path / f"c{i}",
-                     ["--model", str(tiny_bert_dir), "--rank", str(rank), "--poll", "0.2"])
+                     ["--model", str(tiny_bert_dir), "--rank", str(rank), "--poll-seconds", "0.2"])
         for i, rank in enumerate((2, 4, 8))])
     # round 0: head statistics (serve's default), then the head rounds, then two LoRA rounds
     assert [h["stage"] for h in status["history"]] == ["head-statistics"] + ["head-fit"] * head_rounds + ["lora"] * 2
@@ -73,7 +73,7 @@ def test_client_killed_mid_round_resumes_with_same_identity(tiny_bert_dir, label
     server, url = start_server(serve_args(tiny_bert_dir, labels_file, "hetlora", rounds=2, steps=40),
                                tmp_path / "server")
     data = [write_data(tmp_path / f"d{i}.csv", 40, i) for i in range(3)]
-    args = ["--model", str(tiny_bert_dir), "--rank", "4", "--poll", "0.2"]
+    args = ["--model", str(tiny_bert_dir), "--rank", "4", "--poll-seconds", "0.2"]
     victim_log = tmp_path / "c0.log"
 
     def kill_and_restart_the_first(clients):
@@ -102,7 +102,7 @@ def test_a_client_restarted_between_head_rounds_recomputes_its_features(tiny_ber
     server, url = start_server(serve_args(tiny_bert_dir, labels_file, "hetlora", rounds=1, head_rounds=2),
                                tmp_path / "server")
     data = [write_data(tmp_path / f"d{i}.csv", 20, i) for i in range(3)]
-    args = ["--model", str(tiny_bert_dir), "--rank", "4", "--poll", "0.2"]
+    args = ["--model", str(tiny_bert_dir), "--rank", "4", "--poll-seconds", "0.2"]
 
     def first_stops_after_round_1():  # its round-0 features live in that process only
         return [start_client(url, data[0], tmp_path / "c0", args + ["--max-rounds", "2"])] + \

@@ -92,3 +92,54 @@ def test_the_device_service_example_is_a_valid_client_config():
     assert set(read_config(example)) <= set(long_options(client))
     args = parse(["client", "--config", str(example), "--state-dir", "/var/lib/hetlora/client"])
     assert (args.server, args.backend, args.no_progress) == ("https://192.168.1.20:8443", "auto", True)
+
+
+def env_parse(argv: list[str], environ: dict):
+    parser = build_parser()
+    return parser.parse_args(expand(argv, _subparsers(parser), environ))
+
+
+def test_the_command_line_wins_over_the_environment_which_wins_over_the_file(tmp_path):
+    (tmp_path / "client.toml").write_text('server = "http://file"\ndata = "d.csv"\nstate-dir = "file-state"\n'
+                                          'backend = "onnx"\nname = "from-file"\n')
+    environ = {"HETLORA_SERVER": "http://env", "HETLORA_STATE_DIR": "env-state", "HETLORA_NO_PROGRESS": "yes",
+               "HETLORA_PORT": "9999", "HOME": "/nowhere"}  # HETLORA_PORT is serve's: the client ignores it
+    args = env_parse(["client", "--config", str(tmp_path / "client.toml"), "--state-dir", "cli-state"], environ)
+    assert (args.server, args.state_dir, args.backend, args.name, args.data, args.no_progress) == \
+        ("http://env", "cli-state", "onnx", "from-file", str(tmp_path / "d.csv"), True)
+    # the environment alone supplies the required flags; an unset variable leaves the default
+    args = env_parse(["client"], {"HETLORA_SERVER": "http://e", "HETLORA_DATA": "d", "HETLORA_STATE_DIR": "s"})
+    assert (args.server, args.data, args.state_dir, args.backend, args.no_progress) == ("http://e", "d", "s", "torch",
+                                                                                       False)
+    serve = env_parse(["serve", "--port", "8081"], {"HETLORA_PORT": "9999", "HETLORA_HOST": "0.0.0.0",
+                                                    "HETLORA_STATE_DIR": "srv", "HETLORA_SERVER": "ignored"})
+    assert (serve.port, serve.host, serve.state_dir) == (8081, "0.0.0.0", "srv")
+
+
+def test_a_variable_for_one_of_two_exclusive_flags_yields_to_the_command_line():
+    args = env_parse(["client", "--server", "http://h", "--data", "d", "--state-dir", "s", "--enroll-secret", "x"],
+                     {"HETLORA_ENROLL_SECRET_FILE": "/etc/secret"})
+    assert (args.enroll_secret, args.enroll_secret_file) == ("x", None)
+
+
+@pytest.mark.parametrize("variable,value,message", [
+    ("HETLORA_PORT", "eighty", "HETLORA_PORT='eighty': not a valid --port value (invalid literal for int() with "
+                               "base 10: 'eighty')"),
+    ("HETLORA_BACKEND", "cuda", "HETLORA_BACKEND='cuda': choose one of torch, onnx, executorch, auto"),
+    ("HETLORA_NO_PROGRESS", "maybe", "HETLORA_NO_PROGRESS='maybe': --no-progress is a switch; set HETLORA_NO_PROGRESS to 1 "
+                                          "or 0"),
+])
+def test_a_bad_variable_is_a_one_line_error_naming_it(monkeypatch, capsys, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    command = "serve" if variable == "HETLORA_PORT" else "client"
+    assert main([command]) == 2
+    assert capsys.readouterr().err.strip() == f"hetlora: error: {message}"
+
+
+def test_help_names_the_variables_and_the_precedence(capsys):
+    for command in ("serve", "client"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "HETLORA_STATE_DIR" in text and "Precedence: the command line, then these variables, then the " \
+                                                  "--config file, then the defaults shown." in text

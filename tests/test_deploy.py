@@ -14,6 +14,7 @@ import pytest
 PROJECT = Path(__file__).resolve().parent.parent
 UNIT = PROJECT / "deploy" / "systemd" / "hetlora-client.service"
 CONFIG_EXAMPLE = PROJECT / "deploy" / "systemd" / "client.toml"
+ENV_EXAMPLE = PROJECT / "deploy" / "systemd" / "client.env"
 HELPER = PROJECT / "deploy" / "client_requirements.py"
 EXEC = "/opt/hetlora/venv/bin/hetlora"
 
@@ -59,7 +60,7 @@ def test_unit_restarts_after_a_pause_at_lower_priority_and_keeps_state_in_its_st
     assert int(unit_values("Service", "Nice")[0]) > 0
     exec_start = unit_values("Service", "ExecStart")[0].split()
     assert exec_start[:2] == [EXEC, "client"]
-    state_dir = exec_start[exec_start.index("--state-dir") + 1]
+    state_dir = dict(v.split("=", 1) for v in unit_values("Service", "Environment"))["HETLORA_STATE_DIR"]
     assert state_dir.startswith("/var/lib/" + unit_values("Service", "StateDirectory")[0] + "/")
     # Exit 0 (training finished) and 2 (configuration error) must not loop.
     assert set(unit_values("Service", "RestartPreventExitStatus")[0].split()) == {"0", "2"}
@@ -69,6 +70,15 @@ def test_the_unit_reads_the_example_config_file():
     exec_start = unit_values("Service", "ExecStart")[0].split()
     assert exec_start[exec_start.index("--config") + 1] == "/etc/hetlora/" + CONFIG_EXAMPLE.name
     assert "$" not in " ".join(exec_start)  # no environment variables left to define
+    assert unit_values("Service", "EnvironmentFile") == ["-/etc/hetlora/" + ENV_EXAMPLE.name]  # optional
+
+
+def test_the_environment_example_names_client_variables_only():
+    from hetlora.env_flags import ENV_FLAGS, variable
+
+    names = re.findall(r"^# (HETLORA_[A-Z_]+)=", ENV_EXAMPLE.read_text(), re.M)
+    assert names and set(names) <= {variable(f) for f in ENV_FLAGS["client"]}
+    assert "HETLORA_STATE_DIR" in {v.split("=", 1)[0] for v in unit_values("Service", "Environment")}
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None or not Path("/usr/lib/systemd/system").is_dir(),

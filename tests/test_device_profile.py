@@ -182,7 +182,7 @@ def test_cli_tier_uses_the_policy(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert validate_profile(doc) == []
     assert isinstance(doc["tier"]["rank"], int) and doc["tier"]["reasons"]
-    assert main(["profile", "--as", "raspberry-pi-4"]) == 0
+    assert main(["profile", "--profile-as", "raspberry-pi-4"]) == 0
     out = capsys.readouterr().out
     assert "raspberry-pi-4" in out and "Tier" in out
 

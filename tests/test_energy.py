@@ -91,7 +91,7 @@ def reporting_run(tiny_bert_dir, labels_file, tmp_path_factory):
                                tmp / "server")
     status = run_to_end(server, url, lambda: [
         start_client(url, write_data(tmp / f"{name}.csv", 12, i), tmp / name,
-                     ["--model", str(tiny_bert_dir), "--name", name, "--poll", "0.2", *extra])
+                     ["--model", str(tiny_bert_dir), "--name", name, "--poll-seconds", "0.2", *extra])
         for i, (name, extra) in enumerate(who.items())])
     return tmp, status
 

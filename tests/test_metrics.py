@@ -3,12 +3,17 @@ against the HTTP answers the test received and the server's /v1/status."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hetlora.protocol.wire import encode
 from tests.helpers.server import (error_code, make_config, make_update, post_update, register, running_server,
                                   upload_meta)
+
+PROMTOOL = shutil.which("promtool")
 
 
 def scrape(http) -> dict[tuple[str, tuple], float]:
@@ -23,6 +28,22 @@ def value(samples, name, **labels) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def refuse_then_finish_round_1(http, spec, clients) -> list[str]:
+    """Four refused uploads (no token, not safetensors, too large, another round), then each client's valid update
+    for round 1; the refusals' error codes."""
+    refused = [http.post("/v1/rounds/1/update", content=b"x"),  # no token
+               post_update(http, clients[0], 1, b"not safetensors"),
+               post_update(http, clients[0], 1, b"\0" * 400_000),  # over --max-upload-mb
+               post_update(http, clients[0], 7, encode(make_update(spec, 2, upload_meta(clients[0], 7, 2, 10), seed=1)))]
+    assert all(400 <= r.status_code < 500 for r in refused)
+    for k, client in enumerate(clients):
+        rank = http.get("/v1/round", headers=client["auth"]).json()["rank"]
+        http.get("/v1/rounds/1/adapter", headers=client["auth"])
+        update = make_update(spec, rank, upload_meta(client, 1, rank, 10), seed=k)
+        assert post_update(http, client, 1, encode(update)).status_code == 201
+    return [error_code(r) for r in refused]
+
+
 def test_metrics_follow_a_round(spec, tmp_path):
     config = make_config(spec, rounds=2, min_clients=2, max_upload_mb=0.25)
     with running_server(config, tmp_path / "state") as http:
@@ -35,20 +56,8 @@ def test_metrics_follow_a_round(spec, tmp_path):
         opened = scrape(http)
         assert (value(opened, "hetlora_round"), value(opened, "hetlora_clients_selected"),
                 value(opened, "hetlora_clients_registered")) == (1, 2, 2)
-
-        refused = [http.post("/v1/rounds/1/update", content=b"x"),  # no token
-                   post_update(http, clients[0], 1, b"not safetensors"),
-                   post_update(http, clients[0], 1, b"\0" * 400_000),  # over --max-upload-mb
-                   post_update(http, clients[0], 7, encode(make_update(spec, 2, upload_meta(clients[0], 7, 2, 10),
-                                                                       seed=1)))]
-        assert all(400 <= r.status_code < 500 for r in refused)
-        codes = [error_code(r) for r in refused]
+        codes = refuse_then_finish_round_1(http, spec, clients)
         assert "too_large" in codes and len(set(codes)) >= 3
-        for k, client in enumerate(clients):
-            rank = http.get("/v1/round", headers=client["auth"]).json()["rank"]
-            http.get("/v1/rounds/1/adapter", headers=client["auth"])
-            update = make_update(spec, rank, upload_meta(client, 1, rank, 10), seed=k)
-            assert post_update(http, client, 1, encode(update)).status_code == 201
         after = scrape(http)
         status = http.get("/v1/status").json()
 
@@ -76,3 +85,24 @@ def test_names_follow_prometheus_conventions_and_plan_every_round(spec, tmp_path
     assert types["hetlora_uploads_rejected"] == types["hetlora_upload_bytes"] == "counter"
     (planned,) = next(f for f in families if f.name == "hetlora_rounds_planned").samples
     assert planned.value == 5
+
+
+def promtool_check(text: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="needs the platform tool promtool (Debian/Ubuntu package 'prometheus'; "
+                                             "`make test` installs it when run as root with apt-get)")
+def test_promtool_check_metrics_passes_before_and_after_a_round(spec, tmp_path):
+    config = make_config(spec, rounds=2, min_clients=2, max_upload_mb=0.25)
+    with running_server(config, tmp_path / "state") as http:
+        texts = [http.get("/metrics").text]
+        refuse_then_finish_round_1(http, spec, [register(http, rank) for rank in (2, 4)])
+        texts.append(http.get("/metrics").text)
+    assert "hetlora_upload_rejections_total{" in texts[1] and "hetlora_aggregation_seconds_bucket{" in texts[1]
+    for text in texts:
+        result = promtool_check(text)
+        assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    # the check is real: a gauge named like a counter is reported
+    bad = promtool_check("# HELP x_total a gauge\n# TYPE x_total gauge\nx_total 1\n")
+    assert bad.returncode != 0 and "x_total" in bad.stdout + bad.stderr

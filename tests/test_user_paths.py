@@ -35,7 +35,7 @@ def test_a_client_retries_through_a_server_outage_and_finishes(spec, tiny_bert_d
     url = f"http://127.0.0.1:{port}"
     data = tmp_path / "data.csv"
     data.write_text("text,label\n" + "".join(f"my {LABELS[i % 3]} question {i},{LABELS[i % 3]}\n" for i in range(12)))
-    client = start_client(url, data, tmp_path / "client", ["--model", str(tiny_bert_dir), "--poll", "0.2"])
+    client = start_client(url, data, tmp_path / "client", ["--model", str(tiny_bert_dir), "--poll-seconds", "0.2"])
     try:
         log = tmp_path / "client.log"
         deadline = time.monotonic() + 120

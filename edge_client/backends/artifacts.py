@@ -120,6 +120,51 @@ class Manifest:
                             "re-run `hetlora export` for this model and run")
 
 
+    def check_run(self, run: dict, overrides: dict | None = None) -> None:
+        """UserError (one line) when the server's `run` (GET /v1/run) is not one these artifacts serve: another task,
+        base model or spec fingerprint, or local training settings (the run's, with the client's `overrides`)
+        larger than the exported batch x seq_len. Checked before the client registers."""
+        from hetlora.protocol.settings import TrainingSettings
+
+        problems = [f"{what} ({self.doc.get(key)} != {run[key]})" for key, what in
+                    (("task", "task"), ("model_hash", "base model hash"), ("spec_fingerprint", "spec fingerprint"))
+                    if run.get(key) is not None and self.doc.get(key) != run[key]]
+        if problems:
+            raise UserError(f"the artifacts in {self.folder} were exported for another run than the server's: "
+                            f"{', '.join(problems)}; re-run `hetlora export` with the server's model, labels and "
+                            "targets")
+        try:
+            cfg = TrainingSettings.from_json(run.get("training") or {}).updated(overrides or {})
+        except ValueError:
+            return  # the server's settings are checked (one line) where each round's plan arrives
+        if cfg.batch_size > self.batch or cfg.seq_len > self.seq_len:
+            raise UserError(f"the artifacts in {self.folder} were exported for batch {self.batch} x seq_len "
+                            f"{self.seq_len}; the run trains {cfg.batch_size} x {cfg.seq_len}: pass --batch-size "
+                            f"{min(cfg.batch_size, self.batch)} --seq-len {min(cfg.seq_len, self.seq_len)} or "
+                            "re-export larger")
+
+    def request_rank(self, backend: str, run_ranks, wanted: int | None) -> int:
+        """The rank a client training on these artifacts asks the server for: `wanted` (--rank) when it was
+        exported, else the largest exported rank up to the run's largest (else the
+        smallest above it). The server assigns at most the requested
+        rank (rounded down to a run rank), which an exported rank >= it then serves; UserError naming the exported
+        ranks when none fits."""
+        exported = self.ranks(backend)
+        if wanted is not None:
+            if wanted not in exported:
+                raise UserError(f"--rank {wanted}: the {backend} artifacts in {self.folder} were exported at rank(s) "
+                                f"{', '.join(map(str, exported))}; ask for one of them")
+            return wanted
+        usable = [r for r in exported if r >= min(run_ranks)]
+        if not usable:
+            raise UserError(f"the {backend} artifacts in {self.folder} were exported at rank(s) "
+                            f"{', '.join(map(str, exported))}, all below the run's ranks "
+                            f"{', '.join(map(str, run_ranks))}; export one of the run's ranks with `hetlora export "
+                            f"--ranks ...`")
+        within = [r for r in usable if r <= max(run_ranks)]
+        return max(within) if within else min(usable)
+
+
 def load_manifest(folder: str | os.PathLike) -> Manifest:
     folder = Path(folder)
     path = folder / MANIFEST

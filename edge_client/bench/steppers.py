@@ -50,7 +50,7 @@ def skip_reason(backend: str, manifest: Manifest | None, batch: int, seq_len: in
                f"{sorted({a['backend'] for a in manifest.doc['artifacts']})})"
     if (manifest.batch, manifest.seq_len) != (batch, seq_len):
         return (f"the artifacts were exported for batch {manifest.batch} x seq_len {manifest.seq_len}, the bench "
-                f"runs {batch} x {seq_len}: drop --batch/--seq-len or re-export at that shape")
+                f"runs {batch} x {seq_len}: drop --batch-size/--seq-len or re-export at that shape")
     return None
 
 
@@ -65,51 +65,63 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, num_labels: int | None
     return {"input_ids": ids, "attention_mask": np.ones((batch, seq_len), np.int64), "labels": labels}
 
 
-def start_adapter(spec, rank: int) -> Adapter:
-    """A rank-`rank` adapter as a round starts it (wire form): A small random, B zero, the fresh head."""
+def start_adapter(spec, rank: int, head: dict[str, np.ndarray] | None = None) -> Adapter:
+    """A rank-`rank` adapter as a round starts it (wire form): A small random, B zero, and `head` (bench --adapter's
+    dense tensors) or the model's own head."""
     rng = np.random.default_rng(rank)
     return Adapter(lora={name: (rng.normal(0.0, 0.02, (rank, m.in_features)).astype(np.float32),
-                                np.zeros((m.out_features, rank), np.float32)) for name, m in spec.modules.items()})
+                                np.zeros((m.out_features, rank), np.float32)) for name, m in spec.modules.items()},
+                   dense=dict(head or {}))
+
+
+def adapter_dense(path: str) -> dict[str, np.ndarray]:
+    """The dense tensors (the classification head) of the wire adapter at `path` (checked by cli_bench first)."""
+    from pathlib import Path
+
+    from hetlora.protocol.wire import decode
+
+    return decode(Path(path).read_bytes()).dense
 
 
 class TorchStepper:
     backend = "torch"
 
     def __init__(self, model_dir, task: str, spec, targets, num_labels: int | None, lora_alpha: float,
-                 batch: dict[str, np.ndarray]):
+                 batch: dict[str, np.ndarray], head: dict[str, np.ndarray] | None = None):
         import torch
 
         from edge_client.backends import make_trainer
 
-        self.spec = spec
+        self.spec, self.head = spec, head or {}
         labels = [str(i) for i in range(num_labels)] if num_labels else None
         self.trainer = make_trainer("torch", model_dir=model_dir, task=task, labels=labels, targets=targets,
                                     lora_alpha=lora_alpha)
         self.batch = {k: torch.from_numpy(v) for k, v in batch.items()}
 
     def prepare(self, rank: int):
-        step = self.trainer.stepper(start_adapter(self.spec, rank), TrainingSettings())
+        step = self.trainer.stepper(start_adapter(self.spec, rank, self.head), TrainingSettings())
         return (lambda: step(self.batch)), rank
 
 
 class ArtifactStepper:
     def __init__(self, backend: str, model_dir, task: str, artifacts_dir, spec, targets, lora_alpha: float,
-                 batch: dict[str, np.ndarray]):
+                 batch: dict[str, np.ndarray], head: dict[str, np.ndarray] | None = None):
         from edge_client.backends import make_trainer
 
-        self.backend, self.spec = backend, spec
+        self.backend, self.spec, self.head = backend, spec, head or {}
         self.trainer = make_trainer(backend, model_dir=model_dir, task=task, targets=targets,
                                     lora_alpha=lora_alpha, artifacts_dir=artifacts_dir)
         self.batch = batch
 
     def prepare(self, rank: int):
         """Raises UserError when no exported artifact covers `rank`."""
-        step = self.trainer.stepper(start_adapter(self.spec, rank), TrainingSettings(), rank)
+        step = self.trainer.stepper(start_adapter(self.spec, rank, self.head), TrainingSettings(), rank)
         return (lambda: step(self.batch)), self.trainer.engine.rank
 
 
 def open_stepper(backend: str, *, model_dir, task: str, artifacts_dir, spec, targets, num_labels: int | None,
-                 lora_alpha: float, batch: dict[str, np.ndarray]):
+                 lora_alpha: float, batch: dict[str, np.ndarray], head: dict[str, np.ndarray] | None = None):
+    """The stepper of `backend`; `head`: dense tensors every step starts from (bench --adapter), else the model's."""
     if backend == "torch":
-        return TorchStepper(model_dir, task, spec, targets, num_labels, lora_alpha, batch)
-    return ArtifactStepper(backend, model_dir, task, artifacts_dir, spec, targets, lora_alpha, batch)
+        return TorchStepper(model_dir, task, spec, targets, num_labels, lora_alpha, batch, head)
+    return ArtifactStepper(backend, model_dir, task, artifacts_dir, spec, targets, lora_alpha, batch, head)

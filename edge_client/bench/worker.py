@@ -85,8 +85,9 @@ def open_from_config(config: dict):
         torch.set_num_threads(config["threads"])
     spec = derive_spec(config["model_dir"], config["task"], tuple(config["targets"]), config["num_labels"])
     batch = steppers.synthetic_batch(config["batch"], config["seq_len"], config["vocab"], config["num_labels"])
+    head = steppers.adapter_dense(config["adapter"]) if config.get("adapter") else {}
     return steppers.open_stepper(config["backend"], model_dir=config["model_dir"], task=config["task"],
-                                 artifacts_dir=config["artifacts"],
+                                 artifacts_dir=config["artifacts"], head=head,
                                  spec=spec, targets=tuple(config["targets"]), num_labels=config["num_labels"],
                                  lora_alpha=config["lora_alpha"], batch=batch)
 

@@ -62,7 +62,7 @@ def as_json(doc) -> tuple:
 def run_client(capsys, url, tmp_path, model_dir=None):
     data = write_data(tmp_path / "data.csv", 12)
     argv = ["client", "--server", url, "--data", str(data), "--state-dir", str(tmp_path / "state"), "--no-progress",
-            "--poll", "0.1"] + (["--model", str(model_dir)] if model_dir else [])
+            "--poll-seconds", "0.1"] + (["--model", str(model_dir)] if model_dir else [])
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
