@@ -118,7 +118,7 @@ def serve_args(cfg: DemoConfig, method: Method, devices: int) -> list[str]:
     return ["--model", cfg.model_dir, "--task", model_task(cfg.task), *labels, "--aggregator", method.aggregator,
             "--ranks", ",".join(map(str, method.ranks)),
             "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients_per_round),
-            "--min-clients", str(min(cfg.clients_per_round, devices)),
+            "--min-clients", str(devices),  # round 1 opens once the whole fleet is in: its selection is the seed's
             "--round-deadline", str(cfg.round_deadline), "--seed", str(cfg.seed),
             *training_args(cfg.training, prune=method.aggregator == "hetlora"),
             "--head-init", cfg.head_init, "--head-clients", str(devices), "--head-rounds", str(cfg.head_rounds),

@@ -5,6 +5,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,14 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(first_run, ti
     assert content(again) == content(out)  # every tensor bit-identical
     assert (other / "data" / "partition.json").read_text() != (out / "data" / "partition.json").read_text()
     assert content(other) != content(out)
+
+
+def test_round_one_waits_for_the_whole_fleet_so_its_selection_is_the_seeds():
+    """With fewer clients required than the fleet has, round 1 opened with whichever clients registered first
+    (a race between processes) and selected among them: two runs of one seed trained different devices."""
+    from simulation.demo import DemoConfig, Method, serve_args
+
+    cfg = DemoConfig(model_dir="m", data=None, test=None, labels=None, out=Path("o"), clients_per_round=4)
+    args = serve_args(cfg, Method("hetlora", "hetlora", (4, 8)), 7)
+    assert args[args.index("--min-clients") + 1] == "7"
+    assert args[args.index("--clients-per-round") + 1] == "4"
