@@ -37,7 +37,8 @@ demo: $(STAMP)
 test: $(STAMP) promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The fast tier (no exports, no fleets, no real-model training): under 2 minutes on 2 cores.
+# The fast tier (no exports, no fleets, no real-model training); its target is 2 minutes on an idle 2-core
+# machine, not yet met: 227-248 s measured at load 10-12.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
