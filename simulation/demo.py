@@ -11,6 +11,7 @@ on the pooled data with the same number of examples (simulation.centralized).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,10 +119,11 @@ def serve_args(cfg: DemoConfig, method: Method, devices: int) -> list[str]:
     return ["--model", cfg.model_dir, "--task", model_task(cfg.task), *labels, "--aggregator", method.aggregator,
             "--ranks", ",".join(map(str, method.ranks)),
             "--rounds", str(cfg.rounds), "--clients-per-round", str(cfg.clients_per_round),
-            "--min-clients", str(devices),  # round 1 opens once the whole fleet is in: its selection is the seed's
+            "--min-clients", str(min(cfg.clients_per_round, devices)),
+            "--start-clients", str(devices),  # round 1 opens once the whole fleet is in: the seed's selection
             "--round-deadline", str(cfg.round_deadline), "--seed", str(cfg.seed),
             *training_args(cfg.training, prune=method.aggregator == "hetlora"),
-            "--head-init", cfg.head_init, "--head-clients", str(devices), "--head-rounds", str(cfg.head_rounds),
+            "--head-init", cfg.head_init, "--head-rounds", str(cfg.head_rounds),
             "--lr-decay", cfg.lr_decay, "--server-opt", cfg.server_opt, "--server-lr", str(cfg.server_lr),
             "--poll-seconds", "0.2", "--robust", cfg.robust, *method.options]
 
@@ -139,8 +141,12 @@ def training_args(training: TrainingSettings, *, prune: bool) -> list[str]:
 
 def federated_run(cfg: DemoConfig, method: Method, fleet, on_row) -> list[RoundRow]:
     """Run one method end to end with real processes; evaluate each global version as it lands (round 0 too,
-    when there is no head round 0: the starting global, for a chat model the base model itself)."""
+    when there is no head round 0: the starting global, for a chat model the base model itself), on one thread
+    while the fleet trains and on every core once it has finished."""
+    import torch
+
     run_dir = cfg.out / method.label
+    torch.set_num_threads(1)  # the evaluations run beside the fleet's processes, one thread each
     server, url = start_server(serve_args(cfg, method, len(fleet.parts)), run_dir / "server")
     clients = []
     try:
@@ -153,6 +159,8 @@ def federated_run(cfg: DemoConfig, method: Method, fleet, on_row) -> list[RoundR
             on_row(rows[-1])
         while True:
             status = api.status()
+            if status["finished"]:  # the fleet is done: the evaluations still queued get every core
+                torch.set_num_threads(os.cpu_count() or 1)
             if not fleet_shown and len(status["clients"]) == len(clients):
                 log.info("%s fleet: %s", method.label,
                          ", ".join(f"{c['name']} r={c['rank']}" for c in status["clients"]))

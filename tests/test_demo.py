@@ -120,5 +120,5 @@ def test_round_one_waits_for_the_whole_fleet_so_its_selection_is_the_seeds():
 
     cfg = DemoConfig(model_dir="m", data=None, test=None, labels=None, out=Path("o"), clients_per_round=4)
     args = serve_args(cfg, Method("hetlora", "hetlora", (4, 8)), 7)
-    assert args[args.index("--min-clients") + 1] == "7"
-    assert args[args.index("--clients-per-round") + 1] == "4"
+    assert args[args.index("--start-clients") + 1] == "7"
+    assert args[args.index("--min-clients") + 1] == args[args.index("--clients-per-round") + 1] == "4"

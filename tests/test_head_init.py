@@ -101,7 +101,7 @@ def test_round_zero_over_http_sets_the_head_of_global_zero_then_lora_rounds_open
     from hetlora.engine.aggregation import make_rule
     from tests.helpers.server import make_config, register, running_server
 
-    config = make_config(spec, head_init="lda", min_clients=2, head_clients=3)
+    config = make_config(spec, head_init="lda", min_clients=2, start_clients=3)
     num_labels, dim = spec.dense["classifier.weight"]
     with running_server(config, tmp_path / "state") as http:
         clients = [register(http, 8, n_samples=12, name=f"dev-{k}") for k in range(2)]

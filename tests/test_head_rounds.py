@@ -88,7 +88,7 @@ def head_upload(client, number, weight, bias, **meta):
 
 
 def test_head_rounds_over_http_average_the_heads_and_keep_the_factors(spec, tmp_path):
-    config = make_config(spec, head_init="lda", min_clients=2, head_clients=3, head_rounds=2, clients_per_round=2)
+    config = make_config(spec, head_init="lda", min_clients=2, start_clients=3, head_rounds=2, clients_per_round=2)
     num_labels, dim = spec.dense["classifier.weight"]
     with running_server(config, tmp_path / "state") as http:
         clients = [register(http, 8, n_samples=12, name=f"dev-{k}") for k in range(3)]
@@ -165,7 +165,7 @@ def clipped_head(heads: list, start: dict) -> list:
 def test_a_head_round_clips_a_head_that_moved_too_far(spec, tmp_path):
     """Three heads; the third moved 1000x as far as the others: it is reported clipped and the global is the
     sample-weighted average of the heads after the bound."""
-    config = make_config(spec, head_init="ncm", min_clients=3, head_clients=3, head_rounds=1)
+    config = make_config(spec, head_init="ncm", min_clients=3, start_clients=3, head_rounds=1)
     num_labels, dim = spec.dense["classifier.weight"]
     with running_server(config, tmp_path / "state") as http:
         clients = [register(http, 8, n_samples=12, name=f"dev-{k}") for k in range(3)]

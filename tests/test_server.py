@@ -387,3 +387,18 @@ def test_sigkill_and_restart_continue_the_open_round(spec, tiny_bert_dir, tmp_pa
             assert_matches_reference("hetlora", global_adapter(http), expected)
     finally:
         sigkill(proc)
+
+
+def test_the_first_round_waits_for_start_clients_then_selects_among_them_all(spec, tmp_path):
+    """--start-clients: round 1 (no head round) opens only once that many clients registered, and its selection is
+    the seed's choice among every one of them, not among the first --min-clients to arrive."""
+    from hetlora.engine.selection import select_clients
+
+    config = make_config(spec, min_clients=2, clients_per_round=2, start_clients=4, rounds=1)
+    with running_server(config, tmp_path / "state") as http:
+        clients = [register(http, 8) for _ in range(3)]
+        assert http.get("/v1/round", headers=clients[0]["auth"]).json()["state"] == "waiting"
+        clients.append(register(http, 8))
+        status = http.get("/v1/status").json()
+        assert status["round"]["number"] == 1
+        assert status["round"]["selected"] == select_clients(sorted(c["client_id"] for c in clients), 2, config.seed, 1)

@@ -43,7 +43,7 @@ class ServerConfig:
     head_init: str = "none"  # none | ncm | lda: round 0 sets the head from class statistics
     head_shrinkage: float = DEFAULT_SHRINKAGE
     head_temperature: float = DEFAULT_TEMPERATURE
-    head_clients: int = 0  # clients registered before round 0 opens (0: min_clients)
+    start_clients: int = 0  # clients registered before the first round opens (round 0, else 1; 0: min_clients)
     head_rounds: int = 0  # rounds 1..head_rounds fit the head on frozen features (every client), LoRA after
     lr_decay: str = "none"  # none | cosine: the LoRA rounds' learning rates decay over the run (training_for)
     server_opt: ServerOptimizer = ServerOptimizer()
@@ -87,8 +87,8 @@ class ServerConfig:
             self.server_opt.check_rule(self.aggregator)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        if not 0.0 <= self.head_shrinkage <= 1.0 or self.head_temperature <= 0 or self.head_clients < 0:
-            raise UserError("--head-shrinkage must be in [0, 1], --head-temperature positive, --head-clients >= 0")
+        if not 0.0 <= self.head_shrinkage <= 1.0 or self.head_temperature <= 0 or self.start_clients < 0:
+            raise UserError("--head-shrinkage must be in [0, 1], --head-temperature positive, --start-clients >= 0")
         if self.init_adapter is not None:
             from hetlora.engine.init_adapter import check_init_adapter
 

@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from hetlora.argtypes import positive_int_list
+from hetlora.argtypes import add_renamed, positive_int_list
 from hetlora.demo_data import banking77
 from hetlora.engine.aggregation import RULES
 from hetlora.engine.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
@@ -92,8 +92,9 @@ def _add_round_arguments(p: argparse.ArgumentParser) -> None:
                       help=f"lda covariance shrinkage in [0, 1] (default {DEFAULT_SHRINKAGE})")
     head.add_argument("--head-temperature", type=float, default=DEFAULT_TEMPERATURE,
                       help=f"scale of the initial head's logits (default {DEFAULT_TEMPERATURE})")
-    head.add_argument("--head-clients", type=int, default=0,
-                      help="clients to wait for before round 0 opens (default: --min-clients)")
+    add_renamed(head, "--start-clients", "--head-clients", type=int, default=0,
+                help="clients to wait for before the run's first round opens (round 0's head statistics, else "
+                     "round 1), so that it selects among them all (default: --min-clients)")
     head.add_argument("--head-rounds", type=int, default=0,
                       help="head rounds after round 0: every client fits the head on its frozen features "
                            "(logit-adjusted for its label skew) and the server averages the heads, before the "
@@ -156,7 +157,7 @@ def build_config(args: argparse.Namespace, **server):
         training=training,
         policy=load_policy(args.policy) if args.policy else None, model_shape=_model_shape(model_dir),
         head_init=head_init, init_adapter=init_adapter,
-        head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, head_clients=args.head_clients,
+        head_shrinkage=args.head_shrinkage, head_temperature=args.head_temperature, start_clients=args.start_clients,
         head_rounds=args.head_rounds, lr_decay=args.lr_decay, server_opt=_server_optimizer(args),
         defence=_defence(args), max_client_samples=args.max_client_samples, **server,
     )
