@@ -188,3 +188,16 @@ def pytest_collection_modifyitems(items):
         exports = EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ()))
         if (item.get_closest_marker("integration") or exports) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def five_label_model(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT saved with a trained-looking 5-label classification head (runs in the tests have 3 labels)."""
+    from transformers import BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("five-labels")
+    BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=5).save_pretrained(path)
+    for f in tiny_bert_dir.iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special")):
+            shutil.copy(f, path / f.name)
+    return path

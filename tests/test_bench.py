@@ -275,21 +275,6 @@ def test_bad_rank_list_is_an_argparse_error(capsys):
     assert exc.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def five_label_model(tmp_path_factory, tiny_bert_dir):
-    """The tiny BERT saved with a trained-looking 5-label classification head."""
-    import shutil
-
-    from transformers import BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("five-labels")
-    BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=5).save_pretrained(path)
-    for f in tiny_bert_dir.iterdir():
-        if f.name.startswith(("vocab", "tokenizer", "special")):
-            shutil.copy(f, path / f.name)
-    return path
-
-
 def test_bench_adopts_a_model_folders_own_classification_head(five_label_model, tiny_bert_dir, tmp_path, capsys):
     from edge_client.models import default_targets, derive_spec
 

@@ -51,21 +51,6 @@ def test_adapter_of_the_wrong_shape_is_one_error_line(capsys, tmp_path, spec, ru
     assert "the server's adapter does not fit this run" in line and name in line
 
 
-@pytest.fixture(scope="module")
-def five_label_model(tmp_path_factory, tiny_bert_dir):
-    """The tiny BERT saved with a 5-label classification head (the run has 3 labels)."""
-    import shutil
-
-    from transformers import BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("five-labels")
-    BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=5).save_pretrained(path)
-    for f in tiny_bert_dir.iterdir():
-        if f.name.startswith(("vocab", "tokenizer", "special")):
-            shutil.copy(f, path / f.name)
-    return path
-
-
 def test_model_with_another_label_count_is_a_clear_error_before_registering(capsys, tmp_path, run_config,
                                                                              five_label_model, spec):
     with fake_server(open_round_routes(run_config, b"")) as (url, seen):

@@ -3,51 +3,27 @@ what is retried, after which waits (as logged), what is not, and giving up."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from edge_client.server_api import ServerAPI, ServerError, ServerUnreachable
+from tests.helpers.fake_server import loopback_server
 from hetlora.errors import UserError
 
 OK = (200, {}, {"client_id": "c", "rank": 4})
 
 
-@contextlib.contextmanager
 def scripted_server(answers: list[tuple[int, dict, dict]]):
-    """Answers every request with the next (status, headers, JSON body) of `answers`; yields (url, requests seen)."""
-    seen = []
+    """Answers every request with the next (status, headers, JSON body) of `answers` (the last one from then on);
+    yields (url, requests seen)."""
+    def respond(method, path, count):
+        status, headers, body = answers[min(count, len(answers)) - 1]
+        return status, {"Content-Type": "application/json"} | headers, json.dumps(body).encode()
 
-    class Handler(BaseHTTPRequestHandler):
-        def answer(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            seen.append((self.command, self.path))
-            status, headers, body = answers[min(len(seen), len(answers)) - 1]
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            for key, value in ({"Content-Type": "application/json", "Content-Length": str(len(data))} | headers).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = answer
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    return loopback_server(respond)
 
 
 def retries_logged(caplog) -> list[str]:

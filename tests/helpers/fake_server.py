@@ -15,23 +15,20 @@ from tests.helpers.server import LABELS
 
 
 @contextlib.contextmanager
-def fake_server(routes: dict):
-    """A loopback HTTP server answering (method, path) -> (status, content type, body bytes[, extra headers]);
-    records requests."""
+def loopback_server(respond):
+    """A loopback HTTP server: every request's body is read and (method, path) recorded, then answered with
+    `respond(method, path, requests so far)` -> (status, headers, body bytes); Content-Length is set. Yields
+    (url, requests seen)."""
     seen = []
 
     class Handler(BaseHTTPRequestHandler):
         def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
             seen.append((self.command, self.path))
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            status, kind, body, *extra = routes.get((self.command, self.path.split("?")[0]),
-                                                    (404, "text/plain", b"nope"))
+            status, headers, body = respond(self.command, self.path, len(seen))
             self.send_response(status)
-            self.send_header("Content-Type", kind)
-            for key, value in (extra[0] if extra else {}).items():
+            for key, value in (headers | {"Content-Length": str(len(body))}).items():
                 self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
@@ -48,6 +45,16 @@ def fake_server(routes: dict):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def fake_server(routes: dict):
+    """A loopback server answering (method, path) -> (status, content type, body bytes[, extra headers]); records
+    requests."""
+    def respond(method, path, _):
+        status, kind, body, *extra = routes.get((method, path.split("?")[0]), (404, "text/plain", b"nope"))
+        return status, {"Content-Type": kind} | (extra[0] if extra else {}), body
+
+    return loopback_server(respond)
 
 
 def write_data(path, rows: int):
