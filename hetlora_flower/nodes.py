@@ -1,7 +1,7 @@
 """What the ServerApp knows about each SuperNode: its name, device profile, sample count and tier.
 
 A node introduces itself once (a `query` message answered by the ClientApp, like the HTTP client's
-registration) and reports a fresh profile with every update; its tier follows the run's tier policy
+registration, and checked by the same hetlora.engine.registration) and reports a fresh profile with every update; its tier follows the run's tier policy
 exactly as on the HTTP server (`hetlora.engine.tiers.client_tier`: the policy, the request, the
 rank set, never above the rank the node pruned itself to).
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from hetlora.protocol.plan import Tier
 from hetlora.engine.errors import DomainError
+from hetlora.engine.registration import check_registration
 from hetlora.engine.tiers import client_tier
 
 log = logging.getLogger("hetlora.flower")
@@ -41,15 +42,12 @@ def retier(config, node: Node) -> None:
 
 
 def introduce(config, node_id: int, doc: dict) -> Node:
-    """A Node from a ClientApp's introduction {name, profile, requested_rank, n_samples} (ValueError)."""
+    """A Node from a ClientApp's introduction {name, profile, requested_rank, n_samples}, its fields checked as an
+    HTTP registration's (hetlora.engine.registration: Invalid); a node without a name is "node-<id>"."""
     name, profile = doc.get("name") or f"node-{node_id}", doc.get("profile")
-    requested, n_samples = doc.get("requested_rank") or max(config.ranks), doc.get("n_samples")
-    if not isinstance(profile, dict) or not isinstance(requested, int) or requested < 1:
-        raise ValueError(f"node {node_id}: the introduction needs a profile object and a positive requested_rank")
-    if not isinstance(n_samples, int) or not 1 <= n_samples <= config.max_client_samples:
-        raise ValueError(f"node {node_id}: n_samples must be an integer in 1..{config.max_client_samples} "
-                         f"(max-client-samples), got {n_samples!r}")
-    node = Node(node_id=node_id, name=str(name), profile=profile, requested_rank=requested, n_samples=n_samples)
+    requested, n_samples = doc.get("requested_rank"), doc.get("n_samples")
+    check_registration(config, name, profile, requested, n_samples)
+    node = Node(node_id=node_id, name=name, profile=profile, requested_rank=requested, n_samples=n_samples)
     retier(config, node)
     log.info("node %s (%d): tier rank %s, %d samples%s", node.name, node_id, node.tier.rank if node.tier else 0,
              n_samples, f" (not training: {node.why_not})" if node.tier is None else "")

@@ -92,7 +92,7 @@ def introduce_nodes(grid: Grid, config) -> dict:
             node = introduce(config, node_id, read_content(reply.content, REPORT)[1])
             if node.name in names:
                 raise ValueError(f"another node already uses the name {node.name!r}")
-        except ValueError as exc:
+        except (ValueError, DomainError) as exc:
             log.warning("node %d left out: %s", node_id, exc)
             continue
         names.add(node.name)

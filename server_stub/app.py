@@ -39,7 +39,8 @@ class RegisterRequest(BaseModel):
     profile: dict[str, Any] = Field(description="the device profile (any JSON object)")
     requested_rank: int = Field(le=MAX_INT, description="the LoRA rank the device asks for")
     n_samples: int = Field(le=MAX_INT, description="local training samples")
-    name: str | None = Field(default=None, max_length=200, description="a human-readable device name")
+    name: str | None = Field(default=None, description="a human-readable device name (at most 200 characters: "
+                                                     "hetlora.engine.registration checks it)")
     enroll_secret: str | None = Field(default=None, max_length=1000,
                                       description="the server's enrollment secret, when it requires one")
 

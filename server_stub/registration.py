@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from hetlora.protocol.plan import Tier
 from hetlora.engine.config import ServerConfig
-from hetlora.engine.errors import Conflict, Invalid, Unauthenticated
+from hetlora.engine.errors import Conflict, Unauthenticated
+from hetlora.engine.registration import check_registration, check_requested_rank
 from server_stub.run_store import Round, RunStore
 from hetlora.engine.tiers import client_tier
 
@@ -36,11 +37,7 @@ class Registration:
                  unique_name: bool = False) -> tuple[dict, Round | None]:
         """A new client (id, token, the rank it trains at, the run config) and the round its arrival opened.
         `unique_name` (an allowlist is on): a name registers once, a second registration is 409 `name_taken`."""
-        if requested_rank < 1:
-            raise Invalid("bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
-        if not 0 <= n_samples <= self.config.max_client_samples:
-            raise Invalid("bad_request", f"n_samples must be in 0..{self.config.max_client_samples} (the "
-                           f"server's --max-client-samples), got {n_samples}")
+        check_registration(self.config, name, profile, requested_rank, n_samples)
         tier = self._tier(profile, requested_rank, pruned_rank=None)
         client_id, token = "c-" + secrets.token_hex(6), secrets.token_urlsafe(32)
         with self.lock, self.store.transaction():
@@ -73,8 +70,8 @@ class Registration:
 
     def report_profile(self, client_id: str, profile: dict, requested_rank: int | None = None) -> dict:
         """A fresh device profile: returns the rank for the next round the client is selected in."""
-        if requested_rank is not None and requested_rank < 1:
-            raise Invalid("bad_rank", f"requested_rank must be at least 1, got {requested_rank}")
+        if requested_rank is not None:
+            check_requested_rank(requested_rank)
         with self.lock, self.store.transaction():
             client = self.runs.client(client_id)
             requested = requested_rank or client["requested_rank"]

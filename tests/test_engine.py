@@ -96,3 +96,58 @@ def test_every_domain_refusal_has_one_http_status():
     refused = api_error(errors.Conflict("round_closed", "round 1 is closed", current_round=2))
     assert (refused.status, refused.body()) == (409, {"error": {"code": "round_closed", "message": "round 1 is closed",
                                                                 "current_round": 2}})
+
+
+def _config(spec, **overrides):
+    from hetlora.engine.config import ServerConfig
+
+    return ServerConfig(**{"spec": spec, "aggregator": "fedavg", "labels": LABELS, "ranks": (4, 8), "global_rank": 8,
+                           "min_clients": 1, "rounds": 2, "seed": 3, "round_deadline": 0.1} | overrides)
+
+
+def _introductions(config, docs: dict, caplog) -> tuple[dict, str]:
+    """The Flower ServerApp's introduction step over nodes answering `docs` (node id -> introduction): the nodes it
+    kept and its log."""
+    from flwr.app import Message, RecordDict
+
+    from hetlora.errors import UserError
+    from hetlora_flower.records import REPORT, json_record
+    from hetlora_flower.server_app import introduce_nodes
+    from tests.helpers.flower import LoopbackGrid
+
+    class Introductions(LoopbackGrid):
+        def answer(self, message):
+            return Message(RecordDict({REPORT: json_record(docs[message.metadata.dst_node_id])}), reply_to=message)
+
+    caplog.clear()
+    try:
+        nodes = introduce_nodes(Introductions(dict.fromkeys(docs)), config)
+    except UserError:  # fewer nodes than min-clients introduced themselves
+        nodes = {}
+    return nodes, caplog.text
+
+
+BAD_REGISTRATIONS = [{"n_samples": 0}, {"n_samples": 1001}, {"requested_rank": 0},
+                     {"name": "x" * 201}]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_both_transports_refuse_the_same_bad_registration_with_the_same_message(spec, tmp_path, caplog):
+    """One check (hetlora.engine.registration) behind an HTTP registration and a Flower node's introduction: a
+    client with no training rows or above the data cap, a rank below 1, a name too long. HTTP answers 400 with the
+    message and registers nobody; the ServerApp leaves the node out and logs the same message."""
+    from server_stub.background import serve_in_background
+
+    config = _config(spec, max_client_samples=1000)
+    good = {"profile": {}, "requested_rank": 4, "n_samples": 1, "name": "dev"}
+    with serve_in_background(config, tmp_path / "state") as url, httpx.Client(base_url=url, timeout=30) as http:
+        for fields in BAD_REGISTRATIONS:
+            reply = http.post("/v1/register", json=good | fields)
+            assert reply.status_code == 400, (fields, reply.text)
+            message = reply.json()["error"]["message"]
+            nodes, logged = _introductions(config, {7: good | fields}, caplog)
+            assert nodes == {} and f"node 7 left out: {message}\n" in logged, (fields, message, logged)
+        assert http.get("/v1/status").json()["clients"] == []
+        assert http.post("/v1/register", json=good).status_code == 201  # the control: one row is enough
+    nodes, _ = _introductions(config, {7: good}, caplog)
+    assert [(n.name, n.n_samples) for n in nodes.values()] == [("dev", 1)]

@@ -7,6 +7,7 @@ planning      select the round's clients, configure each one's ClientPlan, the d
 uploads       an upload's header bounded, decoded once, checked against its plan (Update / Statistics)
 combine       a round's new global: round 0's head, or bounded influence, the rule, the server optimiser
 errors        DomainError and its kinds (Invalid, Unauthenticated, NotSelected, NotFound, Conflict, CannotTrain)
+registration  a joining client's fields, checked once (HTTP registration, Flower introduction)
 tiers         a client's Tier from its profile (the tier policy), the request and the rank set
 selection     seeded selection, the key that seeds and orders a client
 upload_checks check_update: one LoRA or head update against its plan; update_digest
