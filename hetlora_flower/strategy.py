@@ -9,7 +9,7 @@ global in one message per node.
 aggregate_train: every reply decoded once and checked against its plan (`uploads.decode_update`,
 `uploads.take_update`), then `combine.combine`: bounded influence with the anchored reference, the robust
 option, then a LoRA round's pure rule and server optimiser or a head round's mean head. The anchors and
-optimiser state stay in memory.
+optimiser state stay in memory; each round's history entry is `history.round_entry`, the HTTP server's.
 The global travels between rounds as wire bytes (records.payload_record).
 """
 
@@ -23,10 +23,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from hetlora.engine.combine import combine, jsonable
+from hetlora.engine.history import round_entry
 from hetlora.engine.errors import DomainError
 from hetlora.engine.planning import download_view, global_with_meta, plan_for, select
 from hetlora.engine.uploads import decode_update, take_update
-from hetlora.protocol.energy import energy_of, round_energy
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora_flower import nodes as node_book
@@ -88,20 +88,21 @@ class RuleStrategy(Strategy):
             log.warning("round %d: %d of the %d required updates arrived; the global stays as it was",
                         server_round, len(order), required)
             return None, None
-        results = [accepted[node_id][0] for node_id in order]
+        updates = [accepted[node_id][0] for node_id in order]
         reports = [accepted[node_id][1] for node_id in order]
+        results = [update.result for update in updates]
         combined = combine(self.rule, self.config, server_round, self._previous, [self._names[n] for n in order],
                            results, [self._plans[n] for n in order], self.anchors, self.optimizer_state)
         self.anchors, self.optimizer_state = combined.anchors, combined.optimizer_state
         if self.config.stage(server_round) == "lora":
-            for node_id, res, report in zip(order, results, reports):
-                node_book.report(self.config, self.nodes[node_id], report.get("profile"), res.adapter.rank,
-                                 self._plans[node_id].rank)
-        self._record(server_round, order, results, reports, combined.statistics)
+            for node_id, update, report in zip(order, updates, reports):
+                node_book.report(self.config, self.nodes[node_id], report.get("profile"),
+                                 update.checked.effective_rank, self._plans[node_id].rank)
+        self._record(server_round, order, updates, reports, combined.statistics)
         return global_record(self.config, combined.new_global, server_round), _metrics(results, reports)
 
     def _accepted(self, server_round: int, replies: Iterable[Message]) -> dict:
-        """node id -> (ClientResult, report) of every reply that passes the checks; the others are logged."""
+        """node id -> (uploads.Update, report) of every reply that passes the checks; the others are logged."""
         accepted = {}
         for reply in replies:
             node_id = reply.metadata.src_node_id
@@ -114,25 +115,22 @@ class RuleStrategy(Strategy):
             try:
                 body, report = read_content(reply.content, REPORT)
                 update = take_update(self.config, plan, who, decode_update(self.config, body or b""))
-                accepted[node_id] = (update.result, report)
+                accepted[node_id] = (update, report)
             except (DomainError, ValueError) as exc:
                 log.warning("round %d: update from %s refused: %s", server_round, who, exc)
         return accepted
 
-    def _record(self, server_round, order, results, reports, statistics) -> None:
-        """The round's history entry (the HTTP server's fields: stage, clients, ranks, samples, energy, statistics)."""
+    def _record(self, server_round, order, updates, reports, statistics) -> None:
+        """The round's history entry: the engine's (hetlora.engine.history.round_entry, as on the HTTP server) and
+        each node's local loss after training."""
         names = [self._names[node_id] for node_id in order]
-        self.history.append(jsonable({
-            "round": server_round, "stage": self.config.stage(server_round), "clients": names,
-            "ranks": {self._names[n]: plan.rank for n, plan in self._plans.items()},
-            "indices": {self._names[n]: plan.indices for n, plan in self._plans.items()},
-            "effective_ranks": dict(zip(names, (res.adapter.rank for res in results))),
-            "n_samples": dict(zip(names, (res.n_samples for res in results))),
-            "energy": round_energy({n: energy_of(res.adapter.meta) for n, res in zip(names, results)}),
-            "loss_after": dict(zip(names, (r.get("loss_after") for r in reports))), "statistics": statistics}))
+        plans = {self._names[node_id]: plan for node_id, plan in self._plans.items()}
+        entry = round_entry(server_round, self.config.stage(server_round), plans,
+                            {name: update.checked for name, update in zip(names, updates)}, statistics)
+        self.history.append(entry | {"loss_after": jsonable(dict(zip(names, (r.get("loss_after") for r in reports))))})
         log.info("round %d (%s) aggregated (%s) from %s", server_round, self.config.stage(server_round),
                  self.config.aggregator,
-                 ", ".join(f"{n}@r{res.adapter.rank}" for n, res in zip(names, results)))
+                 ", ".join(f"{n}@r{u.checked.effective_rank}" for n, u in zip(names, updates)))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

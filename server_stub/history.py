@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hetlora.engine.combine import jsonable
-from hetlora.protocol.energy import round_energy
+from hetlora.engine.history import planned, round_entry
+from hetlora.engine.upload_checks import CheckedUpdate
 from server_stub import liveness
 from server_stub.run_store import RunStore
 
@@ -21,7 +21,7 @@ def current_round(runs: RunStore, rounds: int, closing: int | None) -> tuple[dic
     shown = r or runs.round(last)
     info = {"number": shown.number, "state": shown.state, "opened_at": shown.opened_at, "deadline": shown.deadline,
             "selected": shown.selected, "extensions": shown.extensions, "extension_reason": shown.extension_reason}
-    info |= shown.ranks_and_indices()
+    info |= planned(shown.plans)
     info["uploads"] = [u["client_id"] for u in runs.uploads(shown.number)]
     info["dropped"] = liveness.dropped(runs.store, shown.number)
     info["aggregating"] = closing == shown.number
@@ -34,22 +34,19 @@ def clients(runs: RunStore, planned_rank) -> list[dict]:
 
 
 def history(runs: RunStore, stage_of: Callable[[int], str]) -> list[dict]:
-    """One entry per aggregated round: its stage (`stage_of(round)`), who took part at which ranks, bytes up
-    and down, the clients' training seconds and energy estimates (`round_energy`), the rule's statistics."""
+    """One entry per aggregated round: the engine's entry (hetlora.engine.history.round_entry: stage, plans, the
+    combined clients in selection order with their checked ranks, samples and energy, the statistics) and the
+    HTTP run's own fields: when it opened and aggregated, who was selected and dropped, bytes up and down,
+    deadline extensions."""
     entries = []
     for r, row in runs.aggregated_rounds():
-        uploads = runs.uploads(r.number)
-        entries.append({
-            "round": r.number, "stage": stage_of(r.number), "opened_at": r.opened_at,
-            "aggregated_at": row["aggregated_at"],
-            "selected": r.selected, "clients": [u["client_id"] for u in uploads],
+        uploads = {u["client_id"]: u for u in runs.uploads(r.number)}
+        accepted = {c: CheckedUpdate(uploads[c]["rank"], uploads[c]["effective_rank"], uploads[c]["n_samples"],
+                                     uploads[c]["energy"]) for c in r.selected if c in uploads}
+        entry = round_entry(r.number, stage_of(r.number), r.plans, accepted, row["statistics"])
+        entries.append(entry | {
+            "opened_at": r.opened_at, "aggregated_at": row["aggregated_at"], "selected": r.selected,
             "dropped": liveness.dropped(runs.store, r.number),
-            "ranks": r.ranks_and_indices()["ranks"],
-            "effective_ranks": {u["client_id"]: u["effective_rank"] for u in uploads},
-            "n_samples": {u["client_id"]: u["n_samples"] for u in uploads},
-            "bytes_up": sum(u["bytes"] for u in uploads), "bytes_down": runs.bytes_down(r.number),
-            "energy": round_energy({u["client_id"]: u["energy"] for u in uploads}),
-            "extensions": r.extensions, "extension_reason": r.extension_reason,
-            "statistics": jsonable(row["statistics"]),  # rows stored before NaN was mapped to None
-        })
+            "bytes_up": sum(u["bytes"] for u in uploads.values()), "bytes_down": runs.bytes_down(r.number),
+            "extensions": r.extensions, "extension_reason": r.extension_reason})
     return entries

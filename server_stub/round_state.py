@@ -14,7 +14,7 @@ from hetlora.protocol.energy import energy_of
 from hetlora.protocol.head_stats import HeadStatistics
 from hetlora.protocol.wire import Adapter
 from hetlora.engine.aggregation import ClientResult
-from hetlora.engine.combine import combine, head_global, jsonable
+from hetlora.engine.combine import combine, head_global
 from hetlora.engine.config import ServerConfig
 from hetlora.engine.errors import Conflict
 from hetlora.engine.head_round import HEAD_ROUND, check_statistics, load_statistics
@@ -84,4 +84,4 @@ class RoundState:
                            self.runs.optimizer_state(r.number - 1))
         if self.config.server_opt.name != "none" and self.config.stage(r.number) == "lora":
             self.runs.save_optimizer_state(r.number, combined.optimizer_state)
-        return combined.new_global, combined.statistics | {"anchors": jsonable(combined.anchors)}
+        return combined.new_global, combined.statistics

@@ -35,11 +35,6 @@ class Round:
                    plans={c: ClientPlan.from_json(p) for c, p in row["plans"].items()}, opened_at=row["opened_at"],
                    deadline=row["deadline"], extensions=row["extensions"], extension_reason=row["extension_reason"])
 
-    def ranks_and_indices(self) -> dict:
-        """The planned rank and (plora) indices per client, as status and history show them."""
-        return {"ranks": {c: p.rank for c, p in self.plans.items()},
-                "indices": {c: list(p.indices) for c, p in self.plans.items() if p.indices is not None}}
-
 
 def upload_path(round_number: int, client_id: str, digest: str) -> str:
     return f"uploads/r{round_number:04d}/{client_id}-{digest[:16]}.safetensors"

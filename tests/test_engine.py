@@ -151,3 +151,102 @@ def test_both_transports_refuse_the_same_bad_registration_with_the_same_message(
         assert http.post("/v1/register", json=good).status_code == 201  # the control: one row is enough
     nodes, _ = _introductions(config, {7: good}, caplog)
     assert [(n.name, n.n_samples) for n in nodes.values()] == [("dev", 1)]
+
+
+def _planned_update(spec, plan, client_id: str, n_samples: int, energy: dict | None, seed: int) -> bytes:
+    """Random factors at the plan's rank (the same for the same seed), with the metadata the plan asks for."""
+    rng = np.random.default_rng(seed)
+    lora = {name: (rng.normal(0, 0.1, (plan.rank, m.in_features)).astype(np.float32),
+                   rng.normal(0, 0.1, (m.out_features, plan.rank)).astype(np.float32))
+            for name, m in spec.modules.items()}
+    dense = {name: rng.normal(0, 0.1, shape).astype(np.float32) for name, shape in spec.dense.items()}
+    meta = {"round": plan.round, "client_id": client_id, "rank": plan.rank, "effective_rank": plan.rank,
+            "n_samples": n_samples, "indices": list(plan.indices)} | ({"energy": energy} if energy else {})
+    return encode(Adapter(lora=lora, dense=dense, meta=meta))
+
+
+def _renamed(value, names: dict):
+    """`value` with every client id (a string or a key) replaced by its name."""
+    if isinstance(value, dict):
+        return {names.get(k, k): _renamed(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, names) for v in value]
+    return names.get(value, value) if isinstance(value, str) else value
+
+
+JOINING = {"a": (2, 10, {"seconds": 2.0, "watts": 5.0, "watts_source": "--watts", "joules": 10.0, "estimated": True}),
+           "b": (4, 30, None)}  # name -> requested rank, rows, the energy report of its upload
+
+
+def _http_round(config, spec, state_dir):
+    """One plora round over HTTP: (client id -> name, plans by name, the round's history entry, the global's bytes)."""
+    from hetlora.protocol.plan import ClientPlan
+    from server_stub.background import serve_in_background
+
+    with serve_in_background(config, state_dir) as url, httpx.Client(base_url=url, timeout=30) as http:
+        joined = {name: http.post("/v1/register", json={"profile": {}, "requested_rank": rank, "n_samples": n,
+                                                         "name": name}).json() for name, (rank, n, _) in JOINING.items()}
+        names, plans = {joined[name]["client_id"]: name for name in JOINING}, {}
+        for seed, (name, (_, n, energy)) in enumerate(JOINING.items()):
+            auth = {"Authorization": f"Bearer {joined[name]['token']}"}
+            plans[name] = ClientPlan.from_json(http.get("/v1/round", headers=auth).json()["plan"])
+            body = _planned_update(spec, plans[name], joined[name]["client_id"], n, energy, seed)
+            assert http.post("/v1/rounds/1/update", content=body, headers=auth).status_code == 201
+        history = http.get("/v1/status").json()["history"]
+        return names, plans, history[-1], http.get("/v1/global").content
+
+
+def _flower_round(config, spec):
+    """The same round through the Flower strategy: (plans by name, its history entry, the global's bytes)."""
+    from flwr.app import Message
+
+    from hetlora.engine.aggregation import make_rule
+    from hetlora.protocol.plan import ClientPlan
+    from hetlora_flower.nodes import introduce
+    from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, read_content
+    from hetlora_flower.strategy import RuleStrategy, global_record
+
+    rule = make_rule(config.aggregator)
+    nodes = {11 + k: introduce(config, 11 + k, {"name": name, "profile": {}, "requested_rank": rank, "n_samples": n})
+             for k, (name, (rank, n, _)) in enumerate(JOINING.items())}
+    strategy = RuleStrategy(config, rule, nodes)
+    start = rule.init_global(spec, config.global_rank, config.seed)
+    plans, replies = {}, []
+    for message in strategy.plan_round(1, global_record(config, start, 0), set(nodes)):
+        doc = read_content(message.content, PLAN)[1]
+        name = doc["client_id"]
+        plans[name] = ClientPlan.from_json(doc["plan"])
+        _, n, energy = JOINING[name]
+        body = _planned_update(spec, plans[name], name, n, energy, list(JOINING).index(name))
+        replies.append(Message(message_content(body, REPORT, {"loss_after": 1.5}), reply_to=message))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return plans, strategy.history[-1], payload_bytes(arrays)
+
+
+def _assert_same_adapter(got: Adapter, expected: Adapter) -> None:
+    """The same metadata and, bit for bit, the same tensors (safetensors does not fix its header's key order)."""
+    assert got.meta == expected.meta and set(got.lora) == set(expected.lora) and set(got.dense) == set(expected.dense)
+    for name, (a, b) in expected.lora.items():
+        np.testing.assert_array_equal(got.lora[name][0], a)
+        np.testing.assert_array_equal(got.lora[name][1], b)
+    for name, t in expected.dense.items():
+        np.testing.assert_array_equal(got.dense[name], t)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_http_run_and_a_flower_run_of_the_same_uploads_write_the_same_history_entry(spec, tmp_path):
+    """The same plora round (two clients at ranks 2 and 4, one energy report) over HTTP and through the Flower strategy:
+    equal plans, the same global bit for bit, and equal history entries for every field both write (client ids
+    named as the nodes are)."""
+    config = _config(spec, aggregator="plora", ranks=(2, 4), global_rank=4, min_clients=2, round_deadline=600.0)
+    names, http_plans, http_entry, http_global = _http_round(config, spec, tmp_path / "state")
+    flower_plans, flower_entry, flower_global = _flower_round(config, spec)
+    assert http_plans == flower_plans and {p.rank for p in http_plans.values()} == {2, 4}
+    _assert_same_adapter(wire.decode(http_global), wire.decode(flower_global))
+    http_entry = _renamed(http_entry, names)
+    shared = sorted(set(http_entry) & set(flower_entry))
+    assert shared == ["clients", "effective_ranks", "energy", "indices", "n_samples", "ranks", "round", "stage",
+                      "statistics"]
+    assert {key: http_entry[key] for key in shared} == {key: flower_entry[key] for key in shared}
+    assert flower_entry["n_samples"] == {"a": 10, "b": 30} and flower_entry["energy"]["joules"] == 10.0
+    assert flower_entry["energy"]["unknown"] == ["b"] and set(flower_entry["indices"]) == {"a", "b"}

@@ -6,6 +6,7 @@ run_options   the run's command-line options and build_config (serve's flags, a 
 planning      select the round's clients, configure each one's ClientPlan, the download view, a global's metadata
 uploads       an upload's header bounded, decoded once, checked against its plan (Update / Statistics)
 combine       a round's new global: round 0's head, or bounded influence, the rule, the server optimiser
+history       a closed round's history entry (both transports' histories)
 errors        DomainError and its kinds (Invalid, Unauthenticated, NotSelected, NotFound, Conflict, CannotTrain)
 registration  a joining client's fields, checked once (HTTP registration, Flower introduction)
 tiers         a client's Tier from its profile (the tier policy), the request and the rank set
