@@ -27,11 +27,11 @@ from hetlora_flower.nodes import introduce
 from hetlora_flower.records import INTRO, PLAN, REPORT, json_record, message_content, payload_bytes, read_content
 from hetlora_flower.settings import server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
-from hetlora.engine.aggregation import make_rule
 from hetlora.engine.errors import DomainError
-from hetlora.engine.combine import head_global
+from hetlora.engine.combine import first_global, head_global
+from hetlora.engine.init_adapter import run_rule
 from hetlora.engine.planning import plan_for
-from hetlora.engine.head_round import check_statistics
+from hetlora.engine.uploads import receive, take
 
 log = logging.getLogger("hetlora.flower")
 app = ServerApp()
@@ -50,16 +50,16 @@ def run(grid: Grid, run_config: dict) -> RuleStrategy:
     """The whole run; returns the strategy (its history and final global) for callers and tests."""
     _show_logs()
     config = server_config(run_config)
-    rule = make_rule(config.aggregator, **config.rule_options)
+    rule = run_rule(config)
     nodes = introduce_nodes(grid, config)
     if config.head_round:
         initial, class_counts = head_round(grid, config, rule, nodes)
     else:
-        initial, class_counts = rule.init_global(config.spec, config.global_rank, config.seed), None
+        initial, class_counts = first_global(rule, config), None
     strategy = RuleStrategy(config, rule, nodes, class_counts)
-    result = strategy.start(grid, initial_arrays=global_record(config, initial, 0), num_rounds=config.last_round,
+    result = strategy.start(grid, initial_arrays=global_record(initial), num_rounds=config.last_round,
                             timeout=config.round_deadline)
-    final = result.arrays if result.arrays is not None else global_record(config, initial, 0)
+    final = result.arrays if result.arrays is not None else global_record(initial)
     if run_config.get("output-dir"):
         write_outputs(Path(str(run_config["output-dir"])), payload_bytes(final), strategy, nodes)
     return strategy
@@ -119,7 +119,9 @@ def head_round(grid: Grid, config, rule, nodes: dict) -> tuple[Adapter, list[int
             if node is None or reply.has_error():
                 raise ValueError(reply.error.reason if reply.has_error() else "unplanned reply")
             body, _ = read_content(reply.content, REPORT)
-            statistics[node.name] = check_statistics(config, node.name, body or b"", node.n_samples)
+            received = receive(config, 0, body or b"")
+            statistics[node.name] = take(config, plans[reply.metadata.src_node_id], node.name, received,
+                                         node.n_samples).result
         except (ValueError, DomainError) as exc:
             log.warning("round 0: no head statistics from node %d: %s", reply.metadata.src_node_id, exc)
     if len(statistics) < min(config.min_clients, len(trained)):

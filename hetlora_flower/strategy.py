@@ -6,8 +6,8 @@ Every step is the round engine's (hetlora.engine), as on the HTTP server; this m
 configure_train: `planning.select` over the node names in order (every node in a head round), `planning.plan_for`
 per node (a head round's plan carries round 0's pooled class counts), sent with `planning.download_view` of the
 global in one message per node.
-aggregate_train: every reply decoded once and checked against its plan (`uploads.decode_update`,
-`uploads.take_update`), then `combine.combine`: bounded influence with the anchored reference, the robust
+aggregate_train: every reply decoded once and checked against its plan (`uploads.receive`, `uploads.take`, the
+HTTP coordinator's two calls), then `combine.combine`: bounded influence with the anchored reference, the robust
 option, then a LoRA round's pure rule and server optimiser or a head round's mean head. The anchors and
 optimiser state stay in memory; each round's history entry is `history.round_entry`, the HTTP server's.
 The global travels between rounds as wire bytes (records.payload_record).
@@ -25,8 +25,8 @@ from flwr.serverapp.strategy import Strategy
 from hetlora.engine.combine import combine, jsonable
 from hetlora.engine.history import round_entry
 from hetlora.engine.errors import DomainError
-from hetlora.engine.planning import download_view, global_with_meta, plan_for, select
-from hetlora.engine.uploads import decode_update, take_update
+from hetlora.engine.planning import download_view, plan_for, select
+from hetlora.engine.uploads import receive, take
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import Adapter, decode, encode
 from hetlora_flower import nodes as node_book
@@ -35,9 +35,9 @@ from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes,
 log = logging.getLogger("hetlora.flower")
 
 
-def global_record(config, adapter: Adapter, version: int) -> ArrayRecord:
-    """Global version n as wire bytes with the metadata the HTTP server stores."""
-    return payload_record(encode(global_with_meta(adapter, version, config)))
+def global_record(adapter: Adapter) -> ArrayRecord:
+    """A global version (with its metadata: hetlora.engine.combine) as the wire bytes the HTTP server stores."""
+    return payload_record(encode(adapter))
 
 
 class RuleStrategy(Strategy):
@@ -99,7 +99,7 @@ class RuleStrategy(Strategy):
                 node_book.report(self.config, self.nodes[node_id], report.get("profile"),
                                  update.checked.effective_rank, self._plans[node_id].rank)
         self._record(server_round, order, updates, reports, combined.statistics)
-        return global_record(self.config, combined.new_global, server_round), _metrics(results, reports)
+        return global_record(combined.new_global), _metrics(results, reports)
 
     def _accepted(self, server_round: int, replies: Iterable[Message]) -> dict:
         """node id -> (uploads.Update, report) of every reply that passes the checks; the others are logged."""
@@ -114,7 +114,8 @@ class RuleStrategy(Strategy):
                 continue
             try:
                 body, report = read_content(reply.content, REPORT)
-                update = take_update(self.config, plan, who, decode_update(self.config, body or b""))
+                update = take(self.config, plan, who, receive(self.config, server_round, body or b""),
+                              self.nodes[node_id].n_samples)
                 accepted[node_id] = (update, report)
             except (DomainError, ValueError) as exc:
                 log.warning("round %d: update from %s refused: %s", server_round, who, exc)

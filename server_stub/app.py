@@ -17,14 +17,12 @@ from starlette.exceptions import HTTPException
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from hetlora.protocol.wire import MAX_INT
-from hetlora.errors import UserError
-from hetlora.engine.aggregation import make_rule
 from hetlora.engine.config import ServerConfig
 from server_stub.enrollment import Enrollment
 from hetlora.engine.errors import DomainError
 from server_stub.errors import ApiError, api_error
 from server_stub.limits import BodyLimit
-from hetlora.engine.init_adapter import StartsFromAdapter
+from hetlora.engine.init_adapter import run_rule
 from server_stub.metrics import install_metrics
 from server_stub.read_access import ReadAccess, ReadGuard
 from server_stub.rounds import Coordinator
@@ -56,12 +54,7 @@ RoundNumber = PathParam(ge=0, le=MAX_INT, description="the round number")
 def build_coordinator(config: ServerConfig, state_dir: str | Path, on_finished=None) -> Coordinator:
     """Open (or create) the state dir for this run and the rule; UserError when the dir belongs to another run.
     `on_finished(wire bytes)`: called with the last global when the run finishes."""
-    try:
-        rule = make_rule(config.aggregator, **config.rule_options)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if config.init_adapter is not None:
-        rule = StartsFromAdapter(rule, config.init_adapter)
+    rule = run_rule(config)
     store = Store(state_dir)
     try:
         store.bind_identity(config.identity())

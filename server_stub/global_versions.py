@@ -9,16 +9,13 @@ from __future__ import annotations
 import hashlib
 
 from hetlora.protocol.wire import Adapter, decode, encode
-from hetlora.engine.config import ServerConfig
-from hetlora.engine.planning import global_with_meta
 from hetlora.engine.errors import NotFound
 from server_stub.store import Store
 
 
 class GlobalVersions:
-    def __init__(self, store: Store, config: ServerConfig, clock):
+    def __init__(self, store: Store, clock):
         self.store = store
-        self.config = config
         self.clock = clock
         self._cached: tuple[int, Adapter] | None = None
 
@@ -33,10 +30,6 @@ class GlobalVersions:
             self._cached = (version, decode(self.store.read_blob(self.row(version)["path"])))
         return self._cached[1]
 
-    def remember(self, version: int, adapter: Adapter) -> None:
-        """Keep a just-committed version decoded (the next round starts from it)."""
-        self._cached = (version, adapter)
-
     def wire_bytes(self, version: int | None = None) -> bytes:
         """The wire bytes of a global version (the latest when None); NotFound when there is none."""
         version = self.latest_version() if version is None else version
@@ -50,10 +43,13 @@ class GlobalVersions:
         return self.store.read_blob(row["path"])
 
     def write(self, version: int, adapter: Adapter) -> dict:
-        """Write the blob of version `version`; returns its `globals` row (for the caller's transaction)."""
-        data = encode(global_with_meta(adapter, version, self.config))
+        """Write the blob of version `version` (an adapter with its metadata: hetlora.engine.combine) and keep it
+        decoded (the next round starts from it once the caller committed the row); returns its `globals` row (for
+        the caller's transaction)."""
+        data = encode(adapter)
         path = f"globals/v{version:04d}.safetensors"
         self.store.write_blob(path, data)
+        self._cached = (version, adapter)
         return {"version": version, "path": path, "sha256": hashlib.sha256(data).hexdigest(),
                 "created_at": self.clock()}
 

@@ -13,8 +13,9 @@ Counted by this process (reset on restart, as Prometheus counters may):
   hetlora_uploads_rejected_total           counter    refused POST .../update (present from 0)
   hetlora_upload_rejections_total{reason}  counter    the same by error code, a reason's series from its first
                                                       refusal (docs/PROTOCOL.md; e.g. round_closed, too_large)
-  hetlora_aggregation_seconds              histogram  time the rule takes to aggregate one round's
-                                                      updates (round 0's closed-form head is not counted)
+  hetlora_aggregation_seconds              histogram  time the combine step takes for one round's updates
+                                                      (bounded influence, the rule, the server optimiser;
+                                                      round 0's closed-form head is not counted)
   process_*                                           the server process's CPU, memory, open files, start time
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
                                generate_latest)
@@ -80,24 +80,7 @@ class ServerMetrics:
                                   registry=self.registry)
         self.aggregation = Histogram("hetlora_aggregation_seconds", "time to aggregate one round",
                                      buckets=AGGREGATION_BUCKETS, registry=self.registry)
-        coordinator.rule = TimedRule(coordinator.rule, self.aggregation.observe)
-
-
-class TimedRule:
-    """The coordinator's aggregation rule with each `aggregate` call's seconds passed to `observe`."""
-
-    def __init__(self, rule, observe):
-        self.rule, self.observe = rule, observe
-
-    def __getattr__(self, name):
-        return getattr(self.rule, name)
-
-    def aggregate(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return self.rule.aggregate(*args, **kwargs)
-        finally:
-            self.observe(time.perf_counter() - started)
+        coordinator.aggregation_observers.append(self.aggregation.observe)
 
 
 class RejectionCounter:

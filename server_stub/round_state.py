@@ -1,31 +1,31 @@
-"""What each stage of a round does with an upload, for the HTTP coordinator: identify it, take it in, combine
-the round's uploads; round 0 takes head statistics, the head and LoRA rounds take adapters (hetlora.engine).
+"""What the HTTP coordinator keeps of a round: each accepted upload stored (blob, then row) and kept decoded until
+the round closes, then the round's uploads combined (hetlora.engine.combine); round 0's statistics give the head.
 
-An adapter upload is decoded once, when the coordinator receives it (hetlora.engine.uploads.receive), and the
-decoded object is what is checked and, kept in memory until its round closes, what the rule combines. Only
-uploads stored before a restart are decoded again from their blobs (once each).
+An upload is decoded once, when the coordinator receives it (hetlora.engine.uploads.receive), and checked against its
+plan (hetlora.engine.uploads.take); the decoded object is what is digested and, kept in memory until its round
+closes, what the rule combines. Only uploads stored before a restart are decoded again from their blobs (once each).
 """
 
 from __future__ import annotations
 
 import logging
 
-from hetlora.protocol.energy import energy_of
 from hetlora.protocol.head_stats import HeadStatistics
 from hetlora.protocol.wire import Adapter
 from hetlora.engine.aggregation import ClientResult
 from hetlora.engine.combine import combine, head_global
 from hetlora.engine.config import ServerConfig
 from hetlora.engine.errors import Conflict
-from hetlora.engine.head_round import HEAD_ROUND, check_statistics, load_statistics
-from hetlora.engine.uploads import Received, decode_update, take_update
+from hetlora.engine.head_round import load_statistics
+from hetlora.engine.uploads import Update, decode_update
 from server_stub.run_store import Round, RunStore
 
 log = logging.getLogger("hetlora.server")
 
 
 class RoundState:
-    """The stage logic of the coordinator's rounds over its RunStore (the caller holds the lock where it says)."""
+    """The coordinator's accepted uploads over its RunStore, stored and kept until their round combines them (the
+    caller holds the lock where it says)."""
 
     def __init__(self, config: ServerConfig, runs: RunStore, clock):
         self.config, self.runs, self.clock = config, runs, clock
@@ -40,11 +40,9 @@ class RoundState:
         if self.statistics_round(number):
             raise Conflict("head_round", "round 0 collects head statistics; there is no adapter to download")
 
-    def take(self, r: Round, client_id: str, body: bytes, received: Received) -> dict:
-        """Under the lock: check a received upload against the round and store it (blob, then row)."""
-        if received.adapter is None:
-            return self._take_statistics(r, client_id, body, received.digest)
-        update = take_update(self.config, r.plans[client_id], client_id, received.adapter, received.digest)
+    def keep(self, r: Round, client_id: str, body: bytes, update: Update) -> dict:
+        """Under the lock: store an upload checked against round r's plan (blob, then row; a self-pruned rank with
+        it) and keep it decoded for the combine step. Returns the row."""
         checked = update.checked
         pruned = checked.effective_rank < checked.rank
         row = self.runs.save_upload({
@@ -52,20 +50,10 @@ class RoundState:
             "effective_rank": checked.effective_rank, "n_samples": checked.n_samples, "bytes": len(body),
             "received_at": self.clock(), "energy": checked.energy}, body, checked.effective_rank if pruned else None)
         self._taken[(r.number, client_id)] = update.result
-        log.info("round %d: upload from %s accepted (rank %d, effective rank %d, %d samples); %d of %d in",
-                 r.number, client_id, checked.rank, checked.effective_rank, checked.n_samples,
-                 len(self.runs.uploads(r.number)), len(r.selected))
-        return row
-
-    def _take_statistics(self, r: Round, client_id: str, body: bytes, digest: str) -> dict:
-        stats = check_statistics(self.config, client_id, body, self.runs.client(client_id)["n_samples"])
-        row = self.runs.save_upload({
-            "round": HEAD_ROUND, "client_id": client_id, "sha256": digest, "rank": 0, "effective_rank": 0,
-            "n_samples": stats.n_samples, "bytes": len(body), "received_at": self.clock(),
-            "energy": energy_of(stats.meta)}, body, pruned_to=None)
-        self._taken[(HEAD_ROUND, client_id)] = stats
-        log.info("round 0: head statistics from %s accepted (%d samples); %d of %d in", client_id, stats.n_samples,
-                 len(self.runs.uploads(HEAD_ROUND)), len(r.selected))
+        kind = "head statistics" if self.statistics_round(r.number) else \
+            f"upload (rank {checked.rank}, effective rank {checked.effective_rank})"
+        log.info("round %d: %s from %s accepted (%d samples); %d of %d in", r.number, kind, client_id,
+                 checked.n_samples, len(self.runs.uploads(r.number)), len(r.selected))
         return row
 
     def combine(self, rule, r: Round, uploads: list[dict], previous: Adapter | None,

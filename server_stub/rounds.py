@@ -16,12 +16,13 @@ import logging
 import threading
 import time
 
+from hetlora.engine.combine import first_global
 from hetlora.engine.config import ServerConfig
 from hetlora.engine.errors import Conflict, NotSelected
 from hetlora.engine.head_round import HEAD_ROUND
 from hetlora.engine.planning import download_view, plan_for, select
 from hetlora.engine.selection import client_key, client_order
-from hetlora.engine.uploads import receive
+from hetlora.engine.uploads import receive, take
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.wire import encode
 from server_stub import history, liveness
@@ -57,13 +58,14 @@ class Coordinator:
         self.rule = rule
         self.clock = clock
         self.lock = threading.RLock()
-        self.globals = GlobalVersions(store, config, clock)
+        self.globals = GlobalVersions(store, clock)
         self.rounds = RoundState(config, self.runs, clock)
         self.registration = Registration(config, self.runs, rule, self.lock, clock, self._open_next_round_if_ready)
         self._closing: int | None = None  # the round being aggregated right now
+        self.aggregation_observers: list = []  # each called with a head or LoRA round's combine seconds (metrics)
         with self.lock:
             if self.globals.row(0) is None and not config.head_round:
-                self.globals.commit(0, rule.init_global(config.spec, config.global_rank, config.seed))
+                self.globals.commit(0, first_global(rule, config))
             with self.store.transaction():
                 opened = self._open_next_round_if_ready()
             _log_opened(opened)
@@ -141,7 +143,8 @@ class Coordinator:
         The identical update again (same digest) is answered 200 even after its round closed, so a client may
         retry an upload whose reply it lost. The header's size is checked and an adapter decoded (once: the
         decoded adapter is what is checked and combined) before the lock is taken, so a header bomb or a large
-        upload does not hold other clients."""
+        upload does not hold other clients. The engine receives and checks it (hetlora.engine.uploads), the round
+        state keeps it (server_stub.round_state): the bytes go down the layers once."""
         received = receive(self.config, round_number, body)
         with self.lock:
             liveness.seen(self.store, client_id)
@@ -153,7 +156,9 @@ class Coordinator:
             if previous is not None:
                 raise Conflict("duplicate_upload", f"round {round_number} already has a different update from "
                                f"{client_id} (sha256 {previous['sha256'][:12]}...); one update per round")
-            row = self.rounds.take(r, client_id, body, received)
+            update = take(self.config, r.plans[client_id], client_id, received,
+                          self.runs.client(client_id)["n_samples"])
+            row = self.rounds.keep(r, client_id, body, update)
             reply = self._upload_reply(row, duplicate=False, round_state="open")
             closing = self._close_if_due()
         if closing is not None:
@@ -228,15 +233,18 @@ class Coordinator:
                 previous = self.globals.adapter(number - 1) if number > HEAD_ROUND else None
                 anchors = self.runs.last_anchors()
             order = [c for c in r.selected if c in uploads]
+            started = time.perf_counter()
             new_global, statistics = self.rounds.combine(self.rule, r, [uploads[c] for c in order], previous,
                                                             anchors)
+            if number > HEAD_ROUND:
+                for observe in self.aggregation_observers:
+                    observe(time.perf_counter() - started)
             global_row = self.globals.write(number, new_global)
             with self.lock:
                 with self.store.transaction():
                     self.store.insert("globals", global_row)
                     self.runs.close_round(number, self.clock(), statistics)
                     opened = self._open_next_round_if_ready()
-                self.globals.remember(number, new_global)
         finally:
             with self.lock:
                 self._closing = None

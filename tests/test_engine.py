@@ -201,6 +201,7 @@ def _flower_round(config, spec):
     from flwr.app import Message
 
     from hetlora.engine.aggregation import make_rule
+    from hetlora.engine.combine import first_global
     from hetlora.protocol.plan import ClientPlan
     from hetlora_flower.nodes import introduce
     from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, read_content
@@ -210,9 +211,9 @@ def _flower_round(config, spec):
     nodes = {11 + k: introduce(config, 11 + k, {"name": name, "profile": {}, "requested_rank": rank, "n_samples": n})
              for k, (name, (rank, n, _)) in enumerate(JOINING.items())}
     strategy = RuleStrategy(config, rule, nodes)
-    start = rule.init_global(spec, config.global_rank, config.seed)
+    start = first_global(rule, config)
     plans, replies = {}, []
-    for message in strategy.plan_round(1, global_record(config, start, 0), set(nodes)):
+    for message in strategy.plan_round(1, global_record(start), set(nodes)):
         doc = read_content(message.content, PLAN)[1]
         name = doc["client_id"]
         plans[name] = ClientPlan.from_json(doc["plan"])
@@ -250,3 +251,51 @@ def test_an_http_run_and_a_flower_run_of_the_same_uploads_write_the_same_history
     assert {key: http_entry[key] for key in shared} == {key: flower_entry[key] for key in shared}
     assert flower_entry["n_samples"] == {"a": 10, "b": 30} and flower_entry["energy"]["joules"] == 10.0
     assert flower_entry["energy"]["unknown"] == ["b"] and set(flower_entry["indices"]) == {"a", "b"}
+
+
+def layer(module: str) -> str | None:
+    """The path's unit of a module: each HTTP transport module on its own, the round engine as one (its
+    aggregation included), the protocol transparent (the data's own format and type: decode, encode, validate,
+    atomic writes; every layer reads the data through it)."""
+    if module.startswith("hetlora.protocol"):
+        return None
+    return "hetlora.engine" if module.startswith("hetlora.engine") else module
+
+
+def test_an_upload_runs_straight_down_the_layers_to_the_stored_global(spec, tmp_path):
+    """The measure: the modules an upload's bytes are handed into (tests/helpers/data_path.py: a call is on the path
+    when an argument is the bytes or an object derived from them), from the HTTP route handler (server_stub.app's
+    `upload`) until Coordinator.accept_upload returns with the new global stored. The upload is the one that
+    completes the round, so its path goes through the combine step to the global's blob and row. A module is
+    entered by a call on the path from another module (`layer`: each server_stub module, the engine as one, the
+    protocol transparent); consecutive repeats collapse. A return is an entry into a module that an earlier entry
+    already entered: at most 3 in all."""
+    import threading
+
+    from server_stub.background import serve_in_background
+    from tests.helpers.data_path import DataPath
+
+    config = _config(spec, min_clients=2, round_deadline=600.0)
+    path = DataPath(route=("server_stub.app", "upload"), end="accept_upload")
+    threading.setprofile(path.profile)  # the server's threads, started below
+    try:
+        with serve_in_background(config, tmp_path / "state") as url, httpx.Client(base_url=url, timeout=30) as http:
+            clients = []
+            for name in ("a", "b"):
+                reply = http.post("/v1/register", json={"profile": {}, "requested_rank": 8, "n_samples": 10,
+                                                        "name": name})
+                clients.append(reply.json() | {"auth": {"Authorization": f"Bearer {reply.json()['token']}"}})
+            bodies = [encode(_update(spec, client, 8, 10 * (k + 1), seed=k)) for k, client in enumerate(clients)]
+            assert http.post("/v1/rounds/1/update", content=bodies[0], headers=clients[0]["auth"]).status_code == 201
+            path.follow(bodies[1])
+            reply = http.post("/v1/rounds/1/update", content=bodies[1], headers=clients[1]["auth"])
+            assert reply.status_code == 201 and reply.json()["round_state"] == "aggregated", reply.text
+            assert path.done.wait(30)
+            stored = http.get("/v1/global").content
+    finally:
+        threading.setprofile(None)
+    sequence = path.sequence(layer)
+    assert wire.decode(stored).meta["global_version"] == 1
+    assert sequence[:2] == ["server_stub.app", "server_stub.rounds"] and sequence[-1] == "server_stub.store"
+    assert {"hetlora.engine", "server_stub.round_state", "server_stub.global_versions"} <= set(sequence)
+    assert sum(path.returns(sequence).values()) <= 3, " -> ".join(sequence)

@@ -20,6 +20,7 @@ from hetlora_flower.nodes import introduce
 from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes, payload_record, read_content
 from hetlora_flower.settings import serve_arguments, server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
+from hetlora.engine.combine import first_global
 from hetlora.engine.aggregation import ClientResult, make_rule
 from tests.helpers.flower import LABELS, ROWS, bounded
 
@@ -91,8 +92,8 @@ def _round_one(config, contexts):
         nodes[node_id] = introduce(config, node_id, doc)
     rule = make_rule(config.aggregator)
     strategy = RuleStrategy(config, rule, nodes)
-    start = rule.init_global(config.spec, config.global_rank, config.seed)
-    messages = strategy.plan_round(1, global_record(config, start, 0), set(contexts))
+    start = first_global(rule, config)
+    messages = strategy.plan_round(1, global_record(start), set(contexts))
     replies = [client_app.app(message, contexts[message.metadata.dst_node_id]) for message in messages]
     return strategy, start, replies
 

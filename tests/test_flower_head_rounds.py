@@ -23,6 +23,7 @@ from hetlora_flower.records import PLAN, REPORT, message_content, payload_bytes,
 from hetlora_flower.server_app import run
 from hetlora_flower.settings import server_config
 from hetlora_flower.strategy import RuleStrategy, global_record
+from hetlora.engine.combine import first_global
 from hetlora.engine.aggregation import ClientResult, make_rule
 from hetlora.engine.aggregation.bounds import CLIP_FACTOR
 from hetlora.engine.head_round import initial_global, load_statistics
@@ -153,8 +154,8 @@ def _head_round_one(run_config, contexts, pooled):
     nodes = {node_id: introduce(config, node_id, client_app._local_node(context, config.run_config()).introduction())
              for node_id, context in contexts.items()}
     strategy = RuleStrategy(config, rule, nodes, pooled)
-    start = rule.init_global(config.spec, config.global_rank, config.seed)
-    messages = strategy.plan_round(1, global_record(config, start, 0), set(contexts))
+    start = first_global(rule, config)
+    messages = strategy.plan_round(1, global_record(start), set(contexts))
     return strategy, start, [client_app.app(m, contexts[m.metadata.dst_node_id]) for m in messages]
 
 

@@ -7,8 +7,8 @@ A[:r] = A_init, B[:, :r] = B_init; the remaining R - r components keep the rule'
 zero B, so dW = B_init @ A_init exactly (the model computes what the adapter computes) and the
 extra components can still learn. Dense tensors (the head) are the adapter's when it has them;
 without them the head comes from round 0 (head statistics), which must then be enabled; round 0
-also replaces an adapter's head when it runs. The run's rule is wrapped (`StartsFromAdapter`), so
-every place that starts a global starts from the adapter.
+also replaces an adapter's head when it runs. The run's rule is wrapped (`StartsFromAdapter`, by `run_rule`
+for both transports), so every place that starts a global starts from the adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, validate
 from hetlora.errors import UserError
+from hetlora.engine.aggregation import make_rule
 
 
 def read_init_adapter(path: str | Path) -> Adapter:
@@ -90,3 +91,13 @@ class StartsFromAdapter:
 
     def init_global(self, spec, global_rank: int, seed: int) -> Adapter:
         return start_global(self.rule.init_global(spec, global_rank, seed), self.init)
+
+
+def run_rule(config) -> object:
+    """The run's aggregation rule, the same for both transports: `make_rule(config.aggregator, **rule_options)`
+    (UserError for options it refuses), started from `config.init_adapter` when the run has one."""
+    try:
+        rule = make_rule(config.aggregator, **config.rule_options)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return rule if config.init_adapter is None else StartsFromAdapter(rule, config.init_adapter)

@@ -27,13 +27,6 @@ def plan_for(config: ServerConfig, rule, client_key: str, tier: Tier, round_numb
                           training=config.training_for(round_number), class_counts=class_counts)
 
 
-def global_with_meta(adapter: Adapter, version: int, config: ServerConfig) -> Adapter:
-    """Global version n as it is stored and sent: the factors and dense tensors with their run's metadata."""
-    meta = {"global_version": version, "round": version, "rank": adapter.rank, "aggregator": config.aggregator,
-            "spec_fingerprint": config.spec.fingerprint}
-    return Adapter(lora=adapter.lora, dense=adapter.dense, meta=meta)
-
-
 def download_view(rule, previous: Adapter, plan: ClientPlan, client_id: str, config: ServerConfig) -> Adapter:
     """What a client downloads for round n = plan.round: the rule's view of global version n-1 at the plan's rank
     (a head round: the head alone), with the metadata the client checks against its plan."""
