@@ -1,7 +1,7 @@
 """The Flower ServerApp: introductions, the optional head stages, then the rule's rounds (RuleStrategy).
 
-1. Wait (up to round-deadline seconds) for min-clients SuperNodes, then ask each to introduce itself
-   (a `query` message): name, device profile, sample count, requested rank -> its rank (nodes.py).
+1. Wait (up to round-deadline seconds) for start-clients (at least min-clients) SuperNodes, then ask each to
+   introduce itself (a `query` message): name, device profile, sample count, requested rank -> its rank (nodes.py).
 2. With head-init ncm|lda: round 0 sends every node a "head" plan; the pooled class statistics give the
    head of global version 0 (hetlora.engine: the HTTP server's checks and formula).
 3. `RuleStrategy.start` runs head-rounds + num-server-rounds rounds: the head rounds 1..head-rounds (every
@@ -76,9 +76,11 @@ def _show_logs() -> None:
 
 
 def introduce_nodes(grid: Grid, config) -> dict:
-    """node id -> Node for every SuperNode that introduced itself (UserError when fewer than min-clients)."""
+    """node id -> Node for every SuperNode that introduced itself (UserError when fewer than the first round
+    needs: start-clients, at least min-clients, as the HTTP server's first round waits for)."""
+    needed = config.first_round_clients
     deadline = time.monotonic() + config.round_deadline
-    while len(list(grid.get_node_ids())) < config.min_clients and time.monotonic() < deadline:
+    while len(list(grid.get_node_ids())) < needed and time.monotonic() < deadline:
         time.sleep(0.5)
     node_ids = sorted(grid.get_node_ids())
     messages = [Message(RecordDict({INTRO: json_record({"run": config.run_config()})}), dst_node_id=node_id,
@@ -97,9 +99,9 @@ def introduce_nodes(grid: Grid, config) -> dict:
             continue
         names.add(node.name)
         nodes[node_id] = node
-    if len(nodes) < config.min_clients:
-        raise UserError(f"{len(nodes)} of the {config.min_clients} nodes needed (min-clients) introduced themselves "
-                        f"within {config.round_deadline:g} s; start more SuperNodes or lower min-clients")
+    if len(nodes) < needed:
+        raise UserError(f"{len(nodes)} of the {needed} nodes needed (start-clients, min-clients) introduced "
+                        f"themselves within {config.round_deadline:g} s; start more SuperNodes or lower them")
     return nodes
 
 

@@ -276,7 +276,7 @@ class Coordinator:
         head_first = self.config.head_round and self.globals.row(0) is None
         number = HEAD_ROUND if head_first else self.runs.last_round_number() + 1
         first = head_first or (not self.config.head_round and self.runs.last_round_number() == 0)
-        needed = max(self.config.start_clients, self.config.min_clients) if first else self.config.min_clients
+        needed = self.config.first_round_clients if first else self.config.min_clients
         if number > self.config.last_round or len(clients) < needed:
             return None
         selected = select(self.config, [c["client_id"] for c in clients], number)

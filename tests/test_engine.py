@@ -8,11 +8,13 @@ A real server on loopback with real SQLite state; the expected global is np.aver
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import httpx
 import numpy as np
 import pytest
 
+from hetlora.errors import UserError
 from hetlora.protocol import wire
 from hetlora.protocol.wire import Adapter, encode
 
@@ -105,12 +107,11 @@ def _config(spec, **overrides):
                            "min_clients": 1, "rounds": 2, "seed": 3, "round_deadline": 0.1} | overrides)
 
 
-def _introductions(config, docs: dict, caplog) -> tuple[dict, str]:
+def _introductions(config, docs: dict) -> dict:
     """The Flower ServerApp's introduction step over nodes answering `docs` (node id -> introduction): the nodes it
-    kept and its log."""
+    kept (UserError when too few did)."""
     from flwr.app import Message, RecordDict
 
-    from hetlora.errors import UserError
     from hetlora_flower.records import REPORT, json_record
     from hetlora_flower.server_app import introduce_nodes
     from tests.helpers.flower import LoopbackGrid
@@ -119,12 +120,7 @@ def _introductions(config, docs: dict, caplog) -> tuple[dict, str]:
         def answer(self, message):
             return Message(RecordDict({REPORT: json_record(docs[message.metadata.dst_node_id])}), reply_to=message)
 
-    caplog.clear()
-    try:
-        nodes = introduce_nodes(Introductions(dict.fromkeys(docs)), config)
-    except UserError:  # fewer nodes than min-clients introduced themselves
-        nodes = {}
-    return nodes, caplog.text
+    return introduce_nodes(Introductions(dict.fromkeys(docs)), config)
 
 
 BAD_REGISTRATIONS = [{"n_samples": 0}, {"n_samples": 1001}, {"requested_rank": 0},
@@ -145,12 +141,34 @@ def test_both_transports_refuse_the_same_bad_registration_with_the_same_message(
             reply = http.post("/v1/register", json=good | fields)
             assert reply.status_code == 400, (fields, reply.text)
             message = reply.json()["error"]["message"]
-            nodes, logged = _introductions(config, {7: good | fields}, caplog)
-            assert nodes == {} and f"node 7 left out: {message}\n" in logged, (fields, message, logged)
+            caplog.clear()
+            with pytest.raises(UserError, match="0 of the 1 nodes needed"):
+                _introductions(config, {7: good | fields})
+            assert f"node 7 left out: {message}\n" in caplog.text, (fields, message, caplog.text)
         assert http.get("/v1/status").json()["clients"] == []
         assert http.post("/v1/register", json=good).status_code == 201  # the control: one row is enough
-    nodes, _ = _introductions(config, {7: good}, caplog)
+    nodes = _introductions(config, {7: good})
     assert [(n.name, n.n_samples) for n in nodes.values()] == [("dev", 1)]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_both_transports_wait_for_start_clients_before_the_first_round(spec, tmp_path):
+    """--start-clients 2 with --min-clients 1: the HTTP server opens round 1 at the second registration, the Flower
+    ServerApp needs two introduced nodes (it used to start with min-clients)."""
+    from server_stub.background import serve_in_background
+
+    config = _config(spec, start_clients=2, round_deadline=60.0)
+    docs = {7: {"profile": {}, "requested_rank": 4, "n_samples": 5, "name": "a"},
+            8: {"profile": {}, "requested_rank": 4, "n_samples": 5, "name": "b"}}
+    with serve_in_background(config, tmp_path / "state") as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v1/register", json=docs[7]).status_code == 201
+        assert http.get("/v1/status").json()["round"]["state"] == "waiting"
+        assert http.post("/v1/register", json=docs[8]).status_code == 201
+        opened = http.get("/v1/status").json()["round"]
+        assert (opened["number"], opened["state"]) == (1, "open")
+    with pytest.raises(UserError, match="1 of the 2 nodes needed"):
+        _introductions(replace(config, round_deadline=0.1), {7: docs[7]})
+    assert sorted(n.name for n in _introductions(config, docs).values()) == ["a", "b"]
 
 
 def _planned_update(spec, plan, client_id: str, n_samples: int, energy: dict | None, seed: int) -> bytes:

@@ -1,10 +1,9 @@
 """A closing round's new global, the same for both transports: round 0's closed-form head from the pooled
 statistics, or a head / LoRA round's pipeline (aggregation.pipeline: bounded influence, the robust option, the
-rule or the mean head, the server optimiser); or, without round 0, the rule's start (first_global). Every global comes back as
-it is stored and sent (global_with_meta: its version and the run's metadata). Clients are named in the
-statistics (clipped, weight-bounded), which come back JSON-ready. Pure: the caller keeps the anchors and the
-optimiser state.
-"""
+rule or the mean head, the server optimiser); or, without round 0, the rule's start (first_global). Every
+global comes back as it is stored and sent (global_with_meta: its version and the run's metadata). Clients are
+named in the statistics (clipped, weight-bounded), which come back JSON-ready. Pure: the caller keeps the
+anchors and the optimiser state."""
 
 from __future__ import annotations
 
@@ -34,8 +33,8 @@ class Combined:
 def combine(rule, config: ServerConfig, round_number: int, previous: Adapter, names: list[str],
             results: list[ClientResult], plans: list[ClientPlan], anchors: dict,
             optimizer_state: dict | None) -> Combined:
-    """A head or LoRA round's new global (version `round_number`) from its accepted updates, in selection order (`names[k]` sent
-    `results[k]` under `plans[k]`); the statistics name the clipped clients and carry the bounds' anchors (the
+    """A head or LoRA round's new global (version `round_number`) from its accepted updates, in selection order
+    (`names[k]` sent `results[k]` under `plans[k]`); the statistics name the clipped clients and carry the bounds' anchors (the
     HTTP server reads the last ones back after a restart)."""
     new_global, statistics, anchors, optimizer_state = aggregate_round(
         rule, config, config.stage(round_number), previous, results, plans, anchors, optimizer_state)

@@ -115,6 +115,12 @@ class ServerConfig:
             return self.training
         return self.training.decayed(self.lr_decay, round_number - self.head_rounds - 1, self.rounds)
 
+    @property
+    def first_round_clients(self) -> int:
+        """How many clients the run's first round (round 0, else round 1) waits for: --start-clients, at least
+        --min-clients (both transports)."""
+        return max(self.start_clients, self.min_clients)
+
     def round_size(self, round_number: int) -> int:
         """How many clients round n selects: `clients_per_round` in a LoRA round, 0 (every one) in a head stage."""
         return self.clients_per_round if self.stage(round_number) == "lora" else 0

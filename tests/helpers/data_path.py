@@ -5,8 +5,9 @@ worker threads) watches every call while armed. A call is on the data path when 
 one of its arguments is the upload's bytes (by value) or an object derived from them: a carrier. What a call on the
 path returns becomes a carrier when it holds content (bytes or tensors, a few levels down: not a row of numbers
 about the upload), and so does what a carrier holds (a dataclass's fields, a container's items): the decoded
-adapter, the checked update, the ClientResult kept for the combine step, the new global, its encoded bytes. Code outside the repository's product packages is not watched (it passes the data on
-unseen), nor are generated functions (a dataclass's __init__), nor a coroutine's or generator's resumptions.
+adapter, the checked update, the ClientResult kept for the combine step, the new global, its encoded bytes. Code
+outside the repository's product packages is not watched (it passes the data on unseen), nor are generated
+functions (a dataclass's __init__), nor a coroutine's or generator's resumptions.
 
 `sequence(unit)` reads the calls as the units they enter (DataPath.sequence says how).
 """
