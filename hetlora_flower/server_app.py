@@ -59,7 +59,7 @@ def run(grid: Grid, run_config: dict) -> RuleStrategy:
     strategy = RuleStrategy(config, rule, nodes, class_counts)
     result = strategy.start(grid, initial_arrays=global_record(initial), num_rounds=config.last_round,
                             timeout=config.round_deadline)
-    final = result.arrays if result.arrays is not None else global_record(initial)
+    final = result.arrays or global_record(initial)  # Flower's Result starts with an empty ArrayRecord
     if run_config.get("output-dir"):
         write_outputs(Path(str(run_config["output-dir"])), payload_bytes(final), strategy, nodes)
     return strategy

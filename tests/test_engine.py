@@ -107,18 +107,24 @@ def _config(spec, **overrides):
                            "min_clients": 1, "rounds": 2, "seed": 3, "round_deadline": 0.1} | overrides)
 
 
-def _introductions(config, docs: dict) -> dict:
-    """The Flower ServerApp's introduction step over nodes answering `docs` (node id -> introduction): the nodes it
-    kept (UserError when too few did)."""
+def _introduction_reply(message, doc: dict):
+    """A node's answer to the ServerApp's introduction request."""
     from flwr.app import Message, RecordDict
 
     from hetlora_flower.records import REPORT, json_record
+
+    return Message(RecordDict({REPORT: json_record(doc)}), reply_to=message)
+
+
+def _introductions(config, docs: dict) -> dict:
+    """The Flower ServerApp's introduction step over nodes answering `docs` (node id -> introduction): the nodes it
+    kept (UserError when too few did)."""
     from hetlora_flower.server_app import introduce_nodes
     from tests.helpers.flower import LoopbackGrid
 
     class Introductions(LoopbackGrid):
         def answer(self, message):
-            return Message(RecordDict({REPORT: json_record(docs[message.metadata.dst_node_id])}), reply_to=message)
+            return _introduction_reply(message, docs[message.metadata.dst_node_id])
 
     return introduce_nodes(Introductions(dict.fromkeys(docs)), config)
 
@@ -317,3 +323,40 @@ def test_an_upload_runs_straight_down_the_layers_to_the_stored_global(spec, tmp_
     assert sequence[:2] == ["server_stub.app", "server_stub.rounds"] and sequence[-1] == "server_stub.store"
     assert {"hetlora.engine", "server_stub.round_state", "server_stub.global_versions"} <= set(sequence)
     assert sum(path.returns(sequence).values()) <= 3, " -> ".join(sequence)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_both_transports_start_from_the_init_adapter(tiny_bert_dir, labels_file, tmp_path):
+    """`init-adapter` in a Flower run config and `hetlora serve --init-adapter`: the same global version 0, its
+    first components the adapter's (A[:r] = A_init, B[:, :r] = B_init). The Flower ServerApp used to ignore it."""
+    from flwr.app import Error, Message
+
+    from hetlora_flower.server_app import run
+    from hetlora_flower.settings import server_config
+    from server_stub.background import serve_in_background
+    from tests.helpers.flower import LoopbackGrid
+
+    run_config = {"rule": "fedavg", "num-server-rounds": 1, "ranks": "2,4", "global-rank": 4, "min-clients": 1,
+                  "head-init": "none", "round-deadline": 5.0, "model": str(tiny_bert_dir), "labels": str(labels_file)}
+    spec = server_config(run_config).spec
+    init = _update(spec, {"client_id": "init"}, 2, 1, seed=5)
+    (tmp_path / "init.safetensors").write_bytes(encode(init))
+    run_config |= {"init-adapter": str(tmp_path / "init.safetensors"), "output-dir": str(tmp_path / "out")}
+    with serve_in_background(server_config(run_config), tmp_path / "state") as url:
+        served = wire.decode(httpx.get(url + "/v1/global", params={"version": 0}).content)
+
+    class NoTraining(LoopbackGrid):  # one node that introduces itself, then trains nothing: the start stays
+        def answer(self, message):
+            if message.metadata.message_type == "train":
+                return Message(Error(code=1, reason="no training in this test"), reply_to=message)
+            return _introduction_reply(message, {"name": "a", "profile": {}, "requested_rank": 4, "n_samples": 5})
+
+    run(NoTraining({7: None}), run_config)
+    started = wire.decode((tmp_path / "out" / "global-final.safetensors").read_bytes())
+    _assert_same_adapter(started, served)
+    assert started.meta["global_version"] == 0
+    for name, (a, b) in init.lora.items():
+        np.testing.assert_array_equal(started.lora[name][0][:2], a)
+        np.testing.assert_array_equal(started.lora[name][1][:, :2], b)
+    for name, t in init.dense.items():
+        np.testing.assert_array_equal(started.dense[name], t)
