@@ -19,7 +19,7 @@ import numpy as np
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir, run_change
 from edge_client.server_api import ServerAPI, ServerError
-from edge_client.local_round import LocalModel, LocalRound, PlanMismatch, RoundOutput
+from edge_client.local_round import LocalModel, LocalRound, PlanMismatch, RoundOutput, read_plan
 from hetlora.protocol.energy import Power
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
@@ -53,15 +53,11 @@ class ClientOptions:
 
 def plan_of(current: dict) -> ClientPlan:
     """The plan in a `GET /v1/round` answer for a selected client (BadServerAnswer when it is not one, or when its
-    training settings are outside sane bounds: TrainingSettings.problem)."""
+    training settings are outside sane bounds: local_round.read_plan)."""
     try:
-        plan = ClientPlan.from_json(current.get("plan"))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise BadServerAnswer(f"round {current.get('round')}: the server's plan is not valid: {exc}") from None
-    problem = plan.training.problem()
-    if problem:
-        raise BadServerAnswer(f"round {plan.round}: the server's plan is outside sane bounds: {problem}")
-    return plan
+        return read_plan(current.get("plan"))
+    except PlanMismatch as exc:
+        raise BadServerAnswer(f"round {current.get('round')}: {exc}") from None
 
 
 def scaled_update(update: Adapter, start: Adapter, plan: ClientPlan, factor: float) -> Adapter:
@@ -198,13 +194,8 @@ class EdgeClient:
         examples = load_examples(self.options.data, run["task"], run.get("labels"),
                                  text_column=self.options.text_column, label_column=self.options.label_column)
         self.local = LocalModel(run, examples, self.options.model_dir, backend=self.options.backend,
-                                artifacts_dir=self.options.artifacts_dir)
-        manifest = getattr(self.local.trainer, "manifest", None)  # artifact backends: the run must fit the export
-        if manifest is not None:
-            manifest.check_run(run, self.overrides)
-        self.requested_rank = manifest.request_rank(self.local.trainer.backend, run["ranks"],
-                                                    self.options.requested_rank) \
-            if manifest is not None else self.options.requested_rank or max(run["ranks"])
+                                artifacts_dir=self.options.artifacts_dir, overrides=self.overrides)
+        self.requested_rank = self.local.request_rank(self.options.requested_rank)
 
     def _refresh_rank(self) -> None:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""

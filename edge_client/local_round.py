@@ -32,6 +32,19 @@ class PlanMismatch(ValueError):
     """The server's download or plan does not fit this run (the HTTP client: exit 3; Flower: an error reply)."""
 
 
+def read_plan(doc) -> ClientPlan:
+    """The server's plan for a round as both devices take it (PlanMismatch when it is malformed or its training
+    settings are outside sane bounds: TrainingSettings.problem)."""
+    try:
+        plan = ClientPlan.from_json(doc)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PlanMismatch(f"the server's plan is not valid: {exc}") from None
+    problem = plan.training.problem()
+    if problem:
+        raise PlanMismatch(f"the server's plan is outside sane bounds: {problem}")
+    return plan
+
+
 def upload_meta(plan: ClientPlan, client_id: str, result: RoundResult, power: Power) -> dict:
     """A LoRA update's wire metadata (docs/PROTOCOL.md section 1), built here and nowhere else: the plan's round,
     rank and indices, the client, what the round produced (effective rank after pruning, samples, losses) and
@@ -55,11 +68,12 @@ def decode_download(raw: bytes, spec, max_rank: int, head_only: bool = False) ->
 
 class LocalModel:
     """A device's examples, checked base model and trainer for one run (`run`: the server's run description).
-    UserError when the local model does not match the run's spec; `trainer` lets devices that share a process
-    share one (train_round loads everything it trains from the round's adapter)."""
+    UserError when the local model does not match the run's spec, or an artifact backend's export does not serve
+    the run (its settings with the device's `overrides`); `trainer` lets devices that share a process share one
+    (train_round loads everything it trains from the round's adapter)."""
 
     def __init__(self, run: dict, examples, model_dir=None, *, backend: str = "torch", artifacts_dir=None,
-                 trainer=None):
+                 trainer=None, overrides: dict | None = None):
         from edge_client.model_check import check_head
         from edge_client.models import default_model_dir, derive_spec
 
@@ -74,7 +88,17 @@ class LocalModel:
                             f"{self.spec.fingerprint} != {run['spec_fingerprint']}); use the same base model folder "
                             f"and LoRA targets")
         self.trainer = trainer or self.make_trainer(run, self.model_dir, backend, artifacts_dir)
+        self.manifest = getattr(self.trainer, "manifest", None)  # artifact backends: the run must fit the export
+        if self.manifest is not None:
+            self.manifest.check_run(run, overrides)
         self._features: dict[int, tuple] = {}
+
+    def request_rank(self, asked: int | None) -> int:
+        """The rank to ask the server for: an artifact backend's exported rank (`asked` when it was exported), else
+        `asked` or the run's largest."""
+        if self.manifest is not None:
+            return self.manifest.request_rank(self.trainer.backend, self.run["ranks"], asked)
+        return asked or max(self.run["ranks"])
 
     @staticmethod
     def make_trainer(run: dict, model_dir, backend: str, artifacts_dir):

@@ -16,7 +16,6 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from hetlora.errors import UserError
-from hetlora.protocol.plan import ClientPlan
 from hetlora_flower.device import LocalNode, LocalNodes, node_settings
 from hetlora_flower.records import INTRO, PLAN, REPORT, message_content, read_content
 
@@ -49,11 +48,5 @@ def introduce(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     payload, doc = read_content(message.content, PLAN)
 
-    def work():
-        try:
-            plan = ClientPlan.from_json(doc.get("plan"))
-        except ValueError as exc:
-            raise UserError(f"the server's plan is malformed: {exc}") from None
-        return _local_node(context, doc["run"]).answer(payload, plan, doc["client_id"])
-
-    return _answer(message, work)
+    return _answer(message, lambda: _local_node(context, doc["run"]).answer(payload, doc.get("plan"),
+                                                                           doc["client_id"]))

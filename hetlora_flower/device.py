@@ -14,9 +14,10 @@ Under Flower's simulation runtime a node has only `partition-id` and `num-partit
 file `partition-id` of the run config's `partition-dir` (written by `hetlora partition`) as device
 `partition-id` of `profiles.catalog.simulated_fleet(num-partitions, seed)`.
 
-A round is the HTTP client's own device round (edge_client.local_round.LocalRound: the plan's rank,
-indices, mode and training settings, self-pruning and Select-N-Fold, the same metadata on the update with
-the training seconds and the energy estimate at `NodeSettings.power`). The node reports a fresh device
+A round is the HTTP client's own device round (edge_client.local_round: the plan read and checked as the
+client reads it, LocalRound with the plan's rank, indices, mode and training settings, self-pruning and
+Select-N-Fold, the same metadata on the update with the training seconds and the energy estimate at
+`NodeSettings.power`); the rank a node asks for and an artifact export's check of the run are the client's too. The node reports a fresh device
 profile with every LoRA update; the server re-decides its tier from it for the next round.
 `LocalNodes` keeps each node's data, trainer and frozen features between the messages a process serves: a
 simulation worker loads each node's once; a SuperNode that starts a ClientApp process per message loads
@@ -31,12 +32,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client.local_round import LocalModel, LocalRound, PlanMismatch
+from edge_client.local_round import LocalModel, LocalRound, PlanMismatch, read_plan
 from hetlora import argtypes
 from hetlora.errors import UserError
 from hetlora.protocol import atomic
 from hetlora.protocol.energy import Power
-from hetlora.protocol.plan import ClientPlan
 
 
 @dataclass(frozen=True)
@@ -135,13 +135,15 @@ class LocalNode:
     def introduction(self) -> dict:
         """What the server needs to plan for this node (the HTTP registration's fields)."""
         return {"name": self.settings.name, "profile": self.settings.profile(), "n_samples": len(self.local.examples),
-                "requested_rank": self.settings.requested_rank or max(self.local.run["ranks"])}
+                "requested_rank": self.local.request_rank(self.settings.requested_rank)}
 
-    def answer(self, payload: bytes | None, plan: ClientPlan, client_id: str) -> tuple[bytes, dict]:
-        """One planned round (edge_client.local_round) -> (the wire bytes to send, the report; a LoRA round's
-        carries the node's fresh profile). UserError when the server's adapter or plan does not fit the run."""
+    def answer(self, payload: bytes | None, plan_doc: dict, client_id: str) -> tuple[bytes, dict]:
+        """One planned round (edge_client.local_round: the plan document read as the HTTP client reads it) -> (the
+        wire bytes to send, the report; a LoRA round's carries the node's fresh profile). UserError when the
+        server's plan or adapter does not fit the run."""
         profile = self.settings.profile()
         try:
+            plan = read_plan(plan_doc)
             start = None if plan.mode == "head-statistics" else self.local.start(payload, plan)
             output = LocalRound(self.local, plan, plan.training, client_id, self.settings.power(profile)).run(start)
         except PlanMismatch as exc:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from hetlora.cli import main
+from hetlora.errors import UserError
 from hetlora.protocol.settings import TrainingSettings
 from tests.conftest import ARTIFACT_BATCH, ARTIFACT_LABELS, ARTIFACT_SEQ
 
@@ -91,3 +92,26 @@ def test_the_client_asks_for_the_largest_rank_its_artifacts_have(capsys, tmp_pat
         assert code == 0, line
         [client] = clients(url)
         assert client["requested_rank"] == 4 and client["rank"] <= 4
+
+
+def test_a_flower_node_on_artifacts_asks_and_refuses_as_the_client_does(tmp_path, tiny_bert_dir, tiny_artifacts):
+    """The Flower node's introduction requests the export's largest rank (the run offers 2, 4, 8; the export has 2
+    and 4), and a run the export does not serve is the client's one-line error (edge_client.local_round.LocalModel
+    holds both for both devices)."""
+    from hetlora_flower.device import LocalNodes, NodeSettings
+
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"my {label} question,{label}\n" for label in ARTIFACT_LABELS))
+    node = NodeSettings(name="a", data=str(data), model_dir=str(tiny_bert_dir), backend="onnx",
+                        artifacts_dir=str(tiny_artifacts))
+    with serve(tiny_bert_dir, tmp_path / "a") as url:
+        run = httpx.get(url + "/v1/run").json()
+    assert LocalNodes().node(node, run).introduction()["requested_rank"] == 4
+    with serve(tiny_bert_dir, tmp_path / "b", ranks=(8, 16), global_rank=16) as url:
+        run = httpx.get(url + "/v1/run").json()
+    with pytest.raises(UserError, match=r"exported at rank\(s\) 2, 4, all below the run's ranks 8, 16"):
+        LocalNodes().node(node, run).introduction()
+    with serve(tiny_bert_dir, tmp_path / "c", training=TrainingSettings(steps=1, batch_size=8, seq_len=64)) as url:
+        run = httpx.get(url + "/v1/run").json()
+    with pytest.raises(UserError, match=f"exported for batch {ARTIFACT_BATCH} x seq_len {ARTIFACT_SEQ}"):
+        LocalNodes().node(node, run)

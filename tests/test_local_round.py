@@ -136,9 +136,26 @@ def test_flower_nodes_load_their_data_once_and_share_one_trainer(run, data_file,
     assert loads == [str(data_file)] * 2  # once per node, not per message
 
     plan = ClientPlan(round=0, rank=2, mode="head-statistics", training=SETTINGS)
-    first.answer(None, plan, "c-a")
+    first.answer(None, plan.to_json(), "c-a")
     tiny = LocalNodes(max_feature_bytes=1)  # every node's features over the bound: only the newest is kept
     kept = tiny.node(a, run)
-    kept.answer(None, plan, "c-a")
+    kept.answer(None, plan.to_json(), "c-a")
     tiny.node(b, run)
     assert tiny.node(a, run) is not kept
+
+
+def test_both_devices_refuse_a_plan_outside_sane_bounds_with_the_same_words(run, data_file, tiny_bert_dir):
+    """read_plan is the HTTP client's plan check (plan_of: BadServerAnswer) and the Flower node's (UserError)."""
+    from edge_client.answers import BadServerAnswer
+    from edge_client.client import plan_of
+    from hetlora_flower.device import LocalNodes, NodeSettings
+
+    plan = ClientPlan(round=1, rank=2, mode="plain", training=SETTINGS).to_json()
+    plan["training"]["lr"] = float("nan")
+    says = "the server's plan is outside sane bounds: lr = nan must be finite and above 0"
+    with pytest.raises(BadServerAnswer) as client:
+        plan_of({"round": 1, "plan": plan})
+    node = LocalNodes().node(NodeSettings(name="a", data=str(data_file), model_dir=str(tiny_bert_dir)), run)
+    with pytest.raises(UserError) as flower:
+        node.answer(None, plan, "a")
+    assert (str(client.value), str(flower.value)) == (f"round 1: {says}", says)
