@@ -54,10 +54,11 @@ def introduce(config, node_id: int, doc: dict) -> Node:
     return node
 
 
-def report(config, node: Node, profile, effective_rank: int, planned_rank: int) -> None:
-    """After an accepted update: keep a pruned rank, take the fresh profile, re-decide the tier."""
-    if effective_rank < planned_rank:
-        node.pruned_rank = effective_rank
+def report(config, node: Node, profile, pruned_rank: int | None) -> None:
+    """After an accepted update: keep the rank it pruned itself to (CheckedUpdate.pruned_rank, as the HTTP server
+    keeps it), take the fresh profile, re-decide the tier."""
+    if pruned_rank is not None:
+        node.pruned_rank = pruned_rank
     if isinstance(profile, dict):
         node.profile = profile
     retier(config, node)

@@ -126,7 +126,7 @@ def head_round(grid: Grid, config, rule, nodes: dict) -> tuple[Adapter, list[int
                                          node.n_samples).result
         except (ValueError, DomainError) as exc:
             log.warning("round 0: no head statistics from node %d: %s", reply.metadata.src_node_id, exc)
-    if len(statistics) < min(config.min_clients, len(trained)):
+    if len(statistics) < config.required_uploads(len(trained)):
         raise UserError(f"round 0: {len(statistics)} nodes sent head statistics, min-clients is {config.min_clients}")
     names = sorted(statistics)
     initial, summary = head_global(rule, config, names, [statistics[name] for name in names])

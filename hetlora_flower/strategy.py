@@ -83,7 +83,7 @@ class RuleStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self._accepted(server_round, replies)
         order = [node_id for node_id in self._plans if node_id in accepted]  # selection (name) order
-        required = min(self.config.min_clients, len(self._plans))
+        required = self.config.required_uploads(len(self._plans))
         if not order or len(order) < required:
             log.warning("round %d: %d of the %d required updates arrived; the global stays as it was",
                         server_round, len(order), required)
@@ -96,8 +96,7 @@ class RuleStrategy(Strategy):
         self.anchors, self.optimizer_state = combined.anchors, combined.optimizer_state
         if self.config.stage(server_round) == "lora":
             for node_id, update, report in zip(order, updates, reports):
-                node_book.report(self.config, self.nodes[node_id], report.get("profile"),
-                                 update.checked.effective_rank, self._plans[node_id].rank)
+                node_book.report(self.config, self.nodes[node_id], report.get("profile"), update.checked.pruned_rank)
         self._record(server_round, order, updates, reports, combined.statistics)
         return global_record(combined.new_global), _metrics(results, reports)
 

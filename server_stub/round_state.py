@@ -44,11 +44,10 @@ class RoundState:
         """Under the lock: store an upload checked against round r's plan (blob, then row; a self-pruned rank with
         it) and keep it decoded for the combine step. Returns the row."""
         checked = update.checked
-        pruned = checked.effective_rank < checked.rank
         row = self.runs.save_upload({
             "round": r.number, "client_id": client_id, "sha256": update.digest, "rank": checked.rank,
             "effective_rank": checked.effective_rank, "n_samples": checked.n_samples, "bytes": len(body),
-            "received_at": self.clock(), "energy": checked.energy}, body, checked.effective_rank if pruned else None)
+            "received_at": self.clock(), "energy": checked.energy}, body, checked.pruned_rank)
         self._taken[(r.number, client_id)] = update.result
         kind = "head statistics" if self.statistics_round(r.number) else \
             f"upload (rank {checked.rank}, effective rank {checked.effective_rank})"

@@ -190,7 +190,7 @@ class Coordinator:
         uploaded = {u["client_id"] for u in self.runs.uploads(r.number)}
         dropped = liveness.dropped(self.store, r.number)
         silent = [c for c in r.selected if c not in uploaded and c not in dropped]
-        required = min(self.config.min_clients, len(r.selected))
+        required = self.config.required_uploads(len(r.selected))
         if not silent and (not dropped or len(uploaded) >= required):
             return self._mark_closing(r)
         if self.clock() < r.deadline:

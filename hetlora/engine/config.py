@@ -121,6 +121,11 @@ class ServerConfig:
         --min-clients (both transports)."""
         return max(self.start_clients, self.min_clients)
 
+    def required_uploads(self, selected: int) -> int:
+        """How many of a round's `selected` clients must upload before it may aggregate: --min-clients, at most
+        all of them (both transports)."""
+        return min(self.min_clients, selected)
+
     def round_size(self, round_number: int) -> int:
         """How many clients round n selects: `clients_per_round` in a LoRA round, 0 (every one) in a head stage."""
         return self.clients_per_round if self.stage(round_number) == "lora" else 0

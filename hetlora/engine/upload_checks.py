@@ -28,6 +28,12 @@ class CheckedUpdate:
     n_samples: int
     energy: dict | None = None  # the checked training seconds and energy estimate (hetlora.protocol.energy)
 
+    @property
+    def pruned_rank(self) -> int | None:
+        """The rank the client pruned itself to this round (its later tiers stay at or below it), None when it
+        did not prune."""
+        return self.effective_rank if self.effective_rank < self.rank else None
+
 
 def check_update(adapter: Adapter, plan: ClientPlan, spec: AdapterSpec, *, round_number: int, client_id: str,
                  aggregator: str) -> CheckedUpdate:
