@@ -14,10 +14,10 @@ Under Flower's simulation runtime a node has only `partition-id` and `num-partit
 file `partition-id` of the run config's `partition-dir` (written by `hetlora partition`) as device
 `partition-id` of `profiles.catalog.simulated_fleet(num-partitions, seed)`.
 
-A round is the HTTP client's own device round (edge_client.local_round: the plan read and checked as the
-client reads it, LocalRound with the plan's rank, indices, mode and training settings, self-pruning and
-Select-N-Fold, the same metadata on the update with the training seconds and the energy estimate at
-`NodeSettings.power`); the rank a node asks for and an artifact export's check of the run are the client's too. The node reports a fresh device
+A round is the HTTP client's own device round (edge_client.local_round: the plan read and checked as the client
+reads it, LocalRound with the plan's rank, indices, mode and training settings, self-pruning and Select-N-Fold, the
+same metadata on the update with the training seconds and the energy estimate at `NodeSettings.power`); the rank a
+node asks for and an artifact export's check of the run are the client's too. The node reports a fresh device
 profile with every LoRA update; the server re-decides its tier from it for the next round.
 `LocalNodes` keeps each node's data, trainer and frozen features between the messages a process serves: a
 simulation worker loads each node's once; a SuperNode that starts a ClientApp process per message loads

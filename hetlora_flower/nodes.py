@@ -1,8 +1,8 @@
 """What the ServerApp knows about each SuperNode: its name, device profile, sample count and tier.
 
-A node introduces itself once (a `query` message answered by the ClientApp, like the HTTP client's
-registration, and checked by the same hetlora.engine.registration) and reports a fresh profile with every update; its tier follows the run's tier policy
-exactly as on the HTTP server (`hetlora.engine.tiers.client_tier`: the policy, the request, the
+A node introduces itself once (a `query` message answered by the ClientApp, like the HTTP client's registration, and
+checked by the same hetlora.engine.registration) and reports a fresh profile with every update; its tier follows the
+run's tier policy exactly as on the HTTP server (`hetlora.engine.tiers.client_tier`: the policy, the request, the
 rank set, never above the rank the node pruned itself to).
 """
 

@@ -209,7 +209,8 @@ def _http_round(config, spec, state_dir):
 
     with serve_in_background(config, state_dir) as url, httpx.Client(base_url=url, timeout=30) as http:
         joined = {name: http.post("/v1/register", json={"profile": {}, "requested_rank": rank, "n_samples": n,
-                                                         "name": name}).json() for name, (rank, n, _) in JOINING.items()}
+                                                         "name": name}).json()
+                  for name, (rank, n, _) in JOINING.items()}
         names, plans = {joined[name]["client_id"]: name for name in JOINING}, {}
         for seed, (name, (_, n, energy)) in enumerate(JOINING.items()):
             auth = {"Authorization": f"Bearer {joined[name]['token']}"}

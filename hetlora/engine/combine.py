@@ -34,8 +34,8 @@ def combine(rule, config: ServerConfig, round_number: int, previous: Adapter, na
             results: list[ClientResult], plans: list[ClientPlan], anchors: dict,
             optimizer_state: dict | None) -> Combined:
     """A head or LoRA round's new global (version `round_number`) from its accepted updates, in selection order
-    (`names[k]` sent `results[k]` under `plans[k]`); the statistics name the clipped clients and carry the bounds' anchors (the
-    HTTP server reads the last ones back after a restart)."""
+    (`names[k]` sent `results[k]` under `plans[k]`); the statistics name the clipped clients and carry the bounds'
+    anchors (the HTTP server reads the last ones back after a restart)."""
     new_global, statistics, anchors, optimizer_state = aggregate_round(
         rule, config, config.stage(round_number), previous, results, plans, anchors, optimizer_state)
     statistics["clipped"] = {names[k]: what for k, what in statistics["clipped"].items()}
