@@ -21,14 +21,12 @@ import numpy as np
 import torch
 
 from hetlora.protocol import adapter_ops
-from edge_client.data import (Encoded, EncodingCache, Examples, load_tokenizer, make_batches, training_batches,
-                              trim_batch)
+from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, trim_batch
 from edge_client.head_features import pooled_features
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
 from edge_client.models import default_targets, dense_parameter_names, load_task_model
 from edge_client.objective import model_loss_sum_and_count
-from hetlora.protocol.lora_rules import pruned_rank, should_prune
-from edge_client.train_config import RoundResult
+from edge_client.train_config import RoundResult, run_steps, self_pruned
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
@@ -102,20 +100,13 @@ class TorchTrainer:
         mask = tail_mask(rank, cfg.prune_gamma) if mode == "hetlora" and cfg.prune_lambda > 0 else None
         loss_before = self.mean_loss(eval_batches)
         tail_before = self._tail(mask)
-        step = self._step_function(cfg, mask)
-        steps = 0
-        for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs,
-                                      trim=cfg.trim_padding):
-            loss = step(batch)
-            steps += 1
-            if on_step is not None:
-                on_step(steps, loss)
+        steps = run_steps(self._step_function(cfg, mask), encoded, cfg, on_step)
         self.model.eval()
         tail_after = self._tail(mask)
         upload = extract_adapter(self.model, self.dense)
-        if mask is not None and should_prune(rank, prune_lambda=cfg.prune_lambda, gamma=cfg.prune_gamma,
-                                             min_rank=cfg.min_rank, tail_before=tail_before, tail_after=tail_after):
-            upload = adapter_ops.truncate(upload, pruned_rank(rank, cfg.prune_gamma, cfg.min_rank))
+        pruned = self_pruned(upload, rank, cfg, tail_before, tail_after) if mask is not None else None
+        if pruned is not None:
+            upload = pruned
             self._load(upload)
         return RoundResult(adapter=upload, rank_before=rank, rank_after=upload.rank, loss_before=loss_before,
                            loss_after=self.mean_loss(eval_batches), tail_before=tail_before, tail_after=tail_after,

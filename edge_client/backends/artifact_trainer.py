@@ -22,11 +22,11 @@ import numpy as np
 
 from hetlora.protocol import adapter_ops
 from edge_client.backends.artifacts import Artifact, load_manifest
-from edge_client.data import EncodingCache, Examples, load_tokenizer, training_batches
+from edge_client.data import EncodingCache, Examples, load_tokenizer
 from edge_client.models import model_hash
 from edge_client.objective import IGNORE
-from hetlora.protocol.lora_rules import lora_scale, pruned_rank, should_prune
-from edge_client.train_config import RoundResult
+from hetlora.protocol.lora_rules import lora_scale
+from edge_client.train_config import RoundResult, run_steps, self_pruned
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
 from hetlora.errors import UserError
@@ -139,19 +139,12 @@ class ArtifactTrainer:
         eval_batches = evaluation_batches(encoded, cfg)
         loss_before = self.mean_loss(eval_batches, rank)
         tail_before = self.tail_value(tail) if pruning else 0.0
-        step = self._step_function(cfg, rank, tail, lam)
-        steps = 0
-        for batch in training_batches(encoded, cfg.batch_size, seed=cfg.seed, steps=cfg.steps, epochs=cfg.epochs,
-                                      trim=cfg.trim_padding):
-            loss = step(batch)
-            steps += 1
-            if on_step is not None:
-                on_step(steps, loss)
+        steps = run_steps(self._step_function(cfg, rank, tail, lam), encoded, cfg, on_step)
         tail_after = self.tail_value(tail) if pruning else 0.0
         upload = self.extract(rank)
-        if pruning and should_prune(rank, prune_lambda=cfg.prune_lambda, gamma=cfg.prune_gamma, min_rank=cfg.min_rank,
-                                    tail_before=tail_before, tail_after=tail_after):
-            upload = adapter_ops.truncate(upload, pruned_rank(rank, cfg.prune_gamma, cfg.min_rank))
+        pruned = self_pruned(upload, rank, cfg, tail_before, tail_after) if pruning else None
+        if pruned is not None:
+            upload = pruned
             self.load(upload)
         loss_after = self.mean_loss(eval_batches, upload.rank)
         return RoundResult(adapter=upload, rank_before=rank, rank_after=upload.rank, loss_before=loss_before,
