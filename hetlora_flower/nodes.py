@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from hetlora.protocol.plan import Tier
-from hetlora.engine.errors import DomainError
+from hetlora.engine.errors import CannotTrain, Invalid
 from hetlora.engine.registration import check_registration
 from hetlora.engine.tiers import client_tier
 
@@ -32,12 +32,13 @@ class Node:
 
 
 def retier(config, node: Node) -> None:
-    """Re-decide the node's tier from its profile (hysteresis from its current rank)."""
+    """Re-decide the node's tier from its profile (hysteresis from its current rank): no tier while the policy rules
+    the device out (CannotTrain, its message in why_not); Invalid for a malformed profile, as an HTTP registration."""
     previous = node.tier.rank if node.tier else None
     try:
         node.tier = client_tier(config, node.profile, node.requested_rank, node.pruned_rank, previous)
         node.why_not = ""
-    except DomainError as exc:
+    except CannotTrain as exc:
         node.tier, node.why_not = None, exc.message
 
 
@@ -59,6 +60,12 @@ def report(config, node: Node, profile, pruned_rank: int | None) -> None:
     keeps it), take the fresh profile, re-decide the tier."""
     if pruned_rank is not None:
         node.pruned_rank = pruned_rank
+    kept = node.profile
     if isinstance(profile, dict):
         node.profile = profile
-    retier(config, node)
+    try:
+        retier(config, node)
+    except Invalid as exc:  # as an HTTP profile report refused: the tier is decided from the profile before
+        log.warning("node %s: fresh profile refused (%s); its tier follows the last one", node.name, exc.message)
+        node.profile = kept
+        retier(config, node)

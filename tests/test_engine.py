@@ -1,8 +1,11 @@
-"""The round engine (hetlora.engine) under its HTTP transport: an upload's bytes are decoded once between the
-route and the stored global, and every domain refusal has one HTTP status.
+"""The round engine (hetlora.engine) under its two transports: an upload's bytes are decoded once between the
+route and the stored global and run straight down the layers, every domain refusal has one HTTP status, and the
+HTTP server and the Flower ServerApp do the same things the same way (a bad registration refused with the same
+words, the same wait for --start-clients, the same start from --init-adapter, the same history entry and global
+for the same uploads).
 
-A real server on loopback with real SQLite state; the expected global is np.average of what the clients sent
-(fedavg), not the rule's code.
+Real servers on loopback with real SQLite state, the Flower ServerApp and strategy on in-process grids; the
+expected globals are np.average of what the clients sent (fedavg) or the other transport's, not the rule's code.
 """
 
 from __future__ import annotations
@@ -129,15 +132,18 @@ def _introductions(config, docs: dict) -> dict:
     return introduce_nodes(Introductions(dict.fromkeys(docs)), config)
 
 
-BAD_REGISTRATIONS = [{"n_samples": 0}, {"n_samples": 1001}, {"requested_rank": 0},
-                     {"name": "x" * 201}]
+BAD_PROFILE = {"schema": "hetlora-profile", "version": 2}
+BAD_REGISTRATIONS = [{"n_samples": 0}, {"n_samples": 1001}, {"requested_rank": 0}, {"name": "x" * 201},
+                     {"profile": BAD_PROFILE}]
 
 
 @pytest.mark.usefixtures("task_identity")
 def test_both_transports_refuse_the_same_bad_registration_with_the_same_message(spec, tmp_path, caplog):
-    """One check (hetlora.engine.registration) behind an HTTP registration and a Flower node's introduction: a
-    client with no training rows or above the data cap, a rank below 1, a name too long. HTTP answers 400 with the
-    message and registers nobody; the ServerApp leaves the node out and logs the same message."""
+    """One check (hetlora.engine.registration, then the tier policy) behind an HTTP registration and a Flower node's
+    introduction: a client with no training rows or above the data cap, a rank below 1, a name too long, a malformed
+    profile. HTTP answers 400 with the message and registers nobody; the ServerApp leaves the node out and logs the
+    same message."""
+    from hetlora_flower.nodes import report
     from server_stub.background import serve_in_background
 
     config = _config(spec, max_client_samples=1000)
@@ -155,6 +161,9 @@ def test_both_transports_refuse_the_same_bad_registration_with_the_same_message(
         assert http.post("/v1/register", json=good).status_code == 201  # the control: one row is enough
     nodes = _introductions(config, {7: good})
     assert [(n.name, n.n_samples) for n in nodes.values()] == [("dev", 1)]
+    node, tier = nodes[7], nodes[7].tier
+    report(config, node, BAD_PROFILE, None)  # a malformed fresh profile later: refused, the tier stays
+    assert (node.profile, node.tier) == ({}, tier) and tier is not None
 
 
 @pytest.mark.usefixtures("task_identity")
