@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_renamed(parser, "--profile-as", "--as", metavar="CATALOG_ID",
                 help="do not measure: take a catalog device's profile (implies --tier)")
     parser.add_argument("--policy", metavar="FILE", help="tier policy file (default: the task's packaged one)")
+    parser.add_argument("--backend", choices=("torch", "onnx", "executorch"),
+                        help="the backend this device will train with (the tier's memory prediction follows it; "
+                             "recorded as compute.training_backend; default: torch)")
     parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree
 
 
@@ -50,6 +53,10 @@ def run(args) -> int:
             raise UserError(f"--root {args.root} is not a directory")
         doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir,
                               policy_file=args.policy, task=args.task)
+    if args.backend:
+        from edge_client.device.profile import with_training_backend
+
+        doc = with_training_backend(doc, args.backend)
     policy = _tier_module("policy") if args.tier or args.profile_as else None
     decision = policy.decide_tier(doc, policy=policy.load_policy(args.policy) if args.policy else
                                   policy.packaged_policy(args.task)) if policy else None

@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir, run_change
+from edge_client.device.profile import with_training_backend
 from edge_client.server_api import ServerAPI, ServerError
 from edge_client.local_round import LocalModel, LocalRound, PlanMismatch, RoundOutput
 from hetlora.protocol.energy import Power
@@ -167,7 +168,7 @@ class EdgeClient:
             return
         requested = self.requested_rank
         n_samples = len(self.local.examples)
-        reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name,
+        reply = self.api.register(self._profile(), requested, n_samples, self.options.name,
                                   self.options.enroll_secret)
         self.state.client_id, self.state.token, self.state.rank = reply["client_id"], reply["token"], reply["rank"]
         self.state.run = reply["run"]
@@ -206,10 +207,14 @@ class EdgeClient:
                                                     self.options.requested_rank) \
             if manifest is not None else self.options.requested_rank or max(run["ranks"])
 
+    def _profile(self) -> dict:
+        """The device profile the server's tier policy reads, with the backend this client trains on."""
+        return with_training_backend(self.profile_source(), self.local.trainer.backend)
+
     def _refresh_rank(self) -> None:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""
         try:
-            reply = self.api.report_profile(self.profile_source())
+            reply = self.api.report_profile(self._profile())
         except ServerError as exc:
             log.warning("profile report rejected: %s", exc)
             return

@@ -119,6 +119,11 @@ def collect_profile(root: str | os.PathLike = "/", quick: bool = False, *, full:
     }
 
 
+def with_training_backend(doc: dict, backend: str) -> dict:
+    """`doc` with compute.training_backend set: the tier policy predicts this backend's training memory."""
+    return {**doc, "compute": {**(doc.get("compute") or {}), "training_backend": backend}}
+
+
 def validate_profile(doc) -> list[str]:
     """Problems that make `doc` not a version-1 profile document (empty when it is one)."""
     if not isinstance(doc, dict):
