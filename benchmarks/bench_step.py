@@ -31,7 +31,8 @@ def _setup(rank: int):
     import torch
 
     from edge_client.data import load_examples
-    from edge_client.models import default_model_dir, derive_spec
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.bundled import default_model_dir
     from hetlora.protocol.wire import Adapter
 
     torch.manual_seed(0)
@@ -59,7 +60,9 @@ def _peft_step(model_dir, labels, rank):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from edge_client.models import default_targets, load_task_model
+    from hetlora.models.folders import default_targets
+
+    from hetlora.models.task_model import load_task_model
 
     config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, target_modules=list(default_targets(model_dir)),
                         task_type="SEQ_CLS")
@@ -77,7 +80,8 @@ def _peft_step(model_dir, labels, rank):
 
 
 def _batches(model_dir, examples, steps: int):
-    from edge_client.data import encode, load_tokenizer, training_batches
+    from edge_client.data import encode, training_batches
+    from hetlora.models.task_model import load_tokenizer
 
     return training_batches(encode(examples, load_tokenizer(model_dir), SEQ), BATCH, seed=0, steps=steps + WARMUP)
 

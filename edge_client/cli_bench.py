@@ -181,7 +181,9 @@ def run(args) -> int:
     from edge_client.bench.peak import best_of
     from edge_client.device.host import Host
     from edge_client.device.profile import collect_profile
-    from edge_client.models import check_model_dir, default_model_dir, default_targets, derive_spec, model_type
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.bundled import default_model_dir
+    from hetlora.models.folders import check_model_dir, default_targets, model_type
     from profiles.memory_model import ModelShape
 
     if not Path(args.root).is_dir():

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from hetlora.labels import read_labels
     from edge_client.evaluate import Evaluator
     from edge_client.model_check import check_adapter_base, check_head
-    from edge_client.models import default_model_dir
+    from hetlora.models.bundled import default_model_dir
     from hetlora.protocol.wire import decode
     from hetlora.errors import UserError
 

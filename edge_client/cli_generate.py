@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_client.evaluate import Evaluator
     from edge_client.model_check import check_adapter_base
-    from edge_client.models import check_model_dir, default_model_dir
+    from hetlora.models.bundled import default_model_dir
+    from hetlora.models.folders import check_model_dir
     from hetlora.errors import UserError
     from hetlora.protocol.wire import decode
 

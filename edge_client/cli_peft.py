@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> dict:
     from hetlora.labels import read_labels
     from edge_client.model_check import check_adapter_base
-    from edge_client.models import default_model_dir, default_pooling
-    from edge_client.peft_export import export_peft
+    from hetlora.models.bundled import default_model_dir
+    from hetlora.models.task_model import default_pooling
+    from hetlora.models.peft_folder import export_peft
     from hetlora.protocol.wire import decode
 
     path = Path(args.adapter)
@@ -66,7 +67,7 @@ def export(args: argparse.Namespace) -> dict:
     if pooling not in (None, "native"):
         log.warning("this adapter was trained with %s pooling; AutoPeftModelForSequenceClassification builds the "
                     "model type's own pooling, so its logits differ: load it onto hetlora's model "
-                    "(edge_client.models.load_task_model) with PeftModel.from_pretrained", pooling)
+                    "(hetlora.models.task_model.load_task_model) with PeftModel.from_pretrained", pooling)
     return _summary(out, adapter)
 
 

@@ -66,7 +66,8 @@ def run(args) -> int:
 
 def _step_model(model: str | None, task: str) -> Path:
     """The model folder for --step, checked before any measurement runs."""
-    from edge_client.models import check_model_dir, default_model_dir
+    from hetlora.models.bundled import default_model_dir
+    from hetlora.models.folders import check_model_dir
 
     return check_model_dir(model) if model else default_model_dir(task)
 

@@ -61,7 +61,8 @@ class LocalModel:
     def __init__(self, run: dict, examples, model_dir=None, *, backend: str = "torch", artifacts_dir=None,
                  trainer=None):
         from edge_client.model_check import check_head
-        from edge_client.models import default_model_dir, derive_spec
+        from hetlora.models.adapter_spec import derive_spec
+        from hetlora.models.bundled import default_model_dir
 
         self.run, self.examples = run, examples
         self.model_dir = model_dir or default_model_dir(run["task"])

@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hetlora.labels import read_labels
-    from edge_client.models import check_model_dir, default_model_dir
+    from hetlora.models.bundled import default_model_dir
+    from hetlora.models.folders import check_model_dir
     from exporter.export import ExportRequest, export_all
     from hetlora.output import show_progress
 

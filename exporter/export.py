@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from edge_client.lora import set_rank
 from exporter import EXECUTORCH_DELEGATES
-from edge_client.models import default_targets, derive_spec, model_hash
+from hetlora.models.adapter_spec import derive_spec
+from hetlora.models.folders import default_targets, model_hash
 from exporter.manifest import artifact_entry, build_manifest, write_manifest
 from exporter.training_graph import build_training_graph, example_inputs, trainable_names
 from hetlora.errors import UserError

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "partition": ("edge_client.cli_partition", "split a dataset non-IID across clients"),
     "evaluate": ("edge_client.cli_evaluate", "evaluate a global adapter on a test file"),
     "generate": ("edge_client.cli_generate", "answer a prompt with the base model plus an adapter (streaming)"),
-    "model": ("edge_client.cli_model", "list the bundled base models, install (convert) them"),
+    "model": ("hetlora.models.cli", "list the bundled base models, install (convert) them"),
     "peft": ("edge_client.cli_peft", "convert adapters to and from Hugging Face PEFT"),
     "profile": ("edge_client.cli_profile", "profile this device and pick its LoRA rank tier"),
     "bench": ("edge_client.cli_bench", "per-rank latency and energy benchmark"),

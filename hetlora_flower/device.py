@@ -169,7 +169,7 @@ class LocalNodes:
 
     def node(self, settings: NodeSettings, run: dict) -> LocalNode:
         from edge_client.data import load_examples
-        from edge_client.models import default_model_dir
+        from hetlora.models.bundled import default_model_dir
 
         model_dir = settings.model_dir or default_model_dir(run["task"])
         trainer_key = (str(model_dir), settings.backend, settings.artifacts_dir, run["spec_fingerprint"],

@@ -59,7 +59,7 @@ def result_writer(state_dir: Path, model_dir: Path, config):
     """on_finished for `serve`: the last global as <state-dir>/final/global.safetensors and final/peft/, logged."""
 
     def write(data: bytes) -> None:
-        from edge_client.peft_export import save_result
+        from hetlora.models.peft_folder import save_result
 
         try:
             wire, peft = save_result(data, state_dir / "final", model_dir=model_dir, task=config.spec.task,

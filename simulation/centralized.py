@@ -18,7 +18,7 @@ from hetlora.protocol.head_stats import class_statistics
 
 def centralized_run(cfg, fleet, on_row) -> list:
     """Rows of RoundRow for round 0 (and the head rounds' end) and every LoRA round, at the largest rank."""
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from edge_client.training import TorchTrainer
     from hetlora.engine.aggregation import make_rule
     from hetlora.engine.head_round import initial_global

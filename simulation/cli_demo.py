@@ -95,7 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """The run's DemoConfig: the flags given, the task's defaults for the rest."""
-    from edge_client.models import check_model_dir, default_model_dir
+    from hetlora.models.bundled import default_model_dir
+    from hetlora.models.folders import check_model_dir
     from simulation.demo import model_task
 
     defaults = TASK_DEFAULTS[args.task]

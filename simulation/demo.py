@@ -203,8 +203,8 @@ def start_clients(cfg: DemoConfig, fleet, url: str, run_dir: Path) -> list:
 
 
 def save_global(data: bytes, run_dir: Path, model_dir: str, task: str, labels: list[str] | None) -> None:
-    """The final global adapter in the wire format and as a PEFT folder (edge_client.peft_export)."""
-    from edge_client.peft_export import save_result
+    """The final global adapter in the wire format and as a PEFT folder (hetlora.models.peft_folder)."""
+    from hetlora.models.peft_folder import save_result
 
     wire, peft = save_result(data, run_dir, model_dir=model_dir, task=task, labels=labels)
     log.info("final global adapter: %s (wire) and %s (PEFT)", wire, peft)

@@ -192,7 +192,7 @@ def _profiles(cfg) -> list[Path]:
 def _tiers(cfg, profiles: list[Path], task: str, num_labels: int | None = None) -> dict:
     """Each device's tier under the task's packaged policy, as the server decides at registration (the same
     policy, model shape and local steps); those it rules out are logged with the reason."""
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from profiles.memory_model import ModelShape
     from profiles.policy import decide_tier
 

@@ -87,7 +87,7 @@ def test_a_complete_json_document_still_reaches_a_reader_that_stays(tmp_path):
 @pytest.mark.parametrize("command, module, extra", [
     ("serve", "uvicorn", "server"), ("serve", "fastapi.responses", "server"), ("export", "executorch.exir", "export"),
     ("export", "onnxruntime", "export"), ("client", "executorch", "executorch"), ("bench", "onnxruntime", "export"),
-    ("demo", "matplotlib.pyplot", "plots"), ("client", "torch", "client")])
+    ("demo", "matplotlib.pyplot", "plots"), ("client", "torch", "client"), ("serve", "transformers", "server")])
 def test_each_missing_package_names_the_extra_that_installs_it(command, module, extra):
     assert extra_for(command, module) == extra
     assert missing_extra_message(command, module).endswith(f"pip install 'hetlora-edge[{extra}]'")

@@ -16,7 +16,7 @@ import pytest
 
 from edge_client.data import load_examples
 from edge_client.local_round import LocalModel, LocalRound, PlanMismatch
-from edge_client.models import derive_spec
+from hetlora.models.adapter_spec import derive_spec
 from hetlora.errors import UserError
 from hetlora.protocol.energy import Power
 from hetlora.protocol.head_stats import decode_statistics

@@ -22,8 +22,9 @@ import numpy as np
 
 from hetlora.protocol import adapter_ops
 from edge_client.backends.artifacts import Artifact, load_manifest
-from edge_client.data import EncodingCache, Examples, load_tokenizer, training_batches
-from edge_client.models import model_hash
+from edge_client.data import EncodingCache, Examples, training_batches
+from hetlora.models.folders import model_hash
+from hetlora.models.task_model import load_tokenizer
 from edge_client.objective import IGNORE
 from hetlora.protocol.lora_rules import lora_scale, pruned_rank, should_prune
 from edge_client.train_config import RoundResult
@@ -86,7 +87,7 @@ class ArtifactTrainer:
         """(features, labels) under the frozen base model, computed with torch (an artifact has no features
         output); the model is loaded for this call and dropped after."""
         from edge_client.head_features import pooled_features
-        from edge_client.models import dense_parameter_names, load_task_model
+        from hetlora.models.task_model import dense_parameter_names, load_task_model
 
         if self.task != "classification":
             raise UserError("head initialisation is for classification runs only")

@@ -79,7 +79,7 @@ def open_from_config(config: dict):
     import torch
 
     from edge_client.bench import steppers
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
 
     if config.get("threads"):
         torch.set_num_threads(config["threads"])

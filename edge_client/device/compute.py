@@ -53,7 +53,7 @@ def lora_step_seconds(model_dir=None, task: str = "classification", *, rank: int
     from edge_client.data import Examples
     from edge_client.lora import extract_adapter, set_rank
     from edge_client.model_check import head_labels
-    from edge_client.models import default_model_dir
+    from hetlora.models.bundled import default_model_dir
     from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
 

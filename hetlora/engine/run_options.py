@@ -129,7 +129,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace, **server):
     """ServerConfig from parsed run arguments (derives the AdapterSpec from the model folder); `server`: the HTTP
     server's own fields (max_upload_mb, poll_seconds), left at their defaults for a Flower run."""
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from profiles.policy import load_policy
     from hetlora.labels import read_labels
     from hetlora.engine.init_adapter import read_init_adapter
@@ -164,7 +164,7 @@ def build_config(args: argparse.Namespace, **server):
 
 
 def model_dir_of(args: argparse.Namespace) -> Path:
-    from edge_client.models import default_model_dir
+    from hetlora.models.bundled import default_model_dir
 
     return Path(args.model) if args.model else default_model_dir(args.task)
 
