@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hetlora import output
-from hetlora.cli import main
+from hetlora.cli import COMMANDS, _subparsers, build_parser, main
 from hetlora.demo_data import BANKING77
 from hetlora.extras import extra_for, missing_extra_message
 from tests.conftest import ARTIFACT_BACKENDS
@@ -180,8 +181,6 @@ def test_a_missing_bundled_file_is_a_one_line_error_naming_the_flag(tmp_path, mo
 
 
 def test_help_shows_defaults_once_and_only_real_ones():
-    from hetlora.cli import _subparsers, build_parser
-
     commands = _subparsers(build_parser())
     serve = " ".join(commands["serve"].format_help().split())
     assert "--rounds ROUNDS (default: 5)" in serve and "--seed SEED (default: 0)" in serve
@@ -189,3 +188,24 @@ def test_help_shows_defaults_once_and_only_real_ones():
     assert "(default: None)" not in serve and "(default: False)" not in serve and "(default: [])" not in serve
     peft_export = _subparsers(commands["peft"])["export"].format_help()
     assert "--task {classification,causal-lm} (default: classification)" in " ".join(peft_export.split())
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_and_each_of_its_subcommands_answers_help(command, capsys):
+    parser = _subparsers(build_parser([command]))[command]
+    nested = [[name] for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+              for name in action.choices]
+    for words in [[], *nested]:
+        with pytest.raises(SystemExit) as stop:
+            main([command, *words, "--help"])
+        assert stop.value.code == 0
+        assert capsys.readouterr().out.startswith(" ".join(["usage: hetlora", command, *words]))
+
+
+def test_the_command_list_imports_no_command():
+    probe = ("import sys, contextlib, io\nfrom hetlora.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n    main(['--help'])\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'edge_client', 'server_stub', 'simulation', "
+             "'exporter', 'torch', 'fastapi'}))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PROJECT, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
