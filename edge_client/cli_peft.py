@@ -11,6 +11,14 @@ import logging
 from pathlib import Path
 
 from hetlora.errors import UserError
+from hetlora.labels import read_labels
+from edge_client.model_check import check_adapter_base
+from hetlora.models.bundled import default_model_dir
+from hetlora.models.task_model import default_pooling
+from hetlora.models.peft_folder import export_peft
+from hetlora.protocol.wire import decode, encode
+from hetlora.protocol.atomic import write_bytes
+from hetlora.protocol.peft_format import load_peft
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> dict:
-    from hetlora.labels import read_labels
-    from edge_client.model_check import check_adapter_base
-    from hetlora.models.bundled import default_model_dir
-    from hetlora.models.task_model import default_pooling
-    from hetlora.models.peft_folder import export_peft
-    from hetlora.protocol.wire import decode
-
     path = Path(args.adapter)
     if not path.is_file():
         raise UserError(f"adapter file {path} does not exist")
@@ -72,10 +73,6 @@ def export(args: argparse.Namespace) -> dict:
 
 
 def import_(args: argparse.Namespace) -> dict:
-    from hetlora.protocol.atomic import write_bytes
-    from hetlora.protocol.peft_format import load_peft
-    from hetlora.protocol.wire import encode
-
     adapter = load_peft(args.peft)
     write_bytes(Path(args.out), encode(adapter))
     return _summary(Path(args.out), adapter) | {"peft_r": adapter.meta["peft_r"],

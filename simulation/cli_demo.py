@@ -22,7 +22,13 @@ from hetlora.demo_data import banking77
 from hetlora.protocol.settings import LR_DECAYS
 from hetlora.engine.aggregation import RULES
 from hetlora.engine.aggregation.robust import ROBUST
-from simulation.demo import CHAT_TRAINING, DEMO_TRAINING, TASKS, DemoConfig
+from simulation.demo import (CHAT_TRAINING, DEMO_TRAINING, DemoConfig, TASKS, federated_run, format_table, methods_for,
+                             model_task, plot_rows, rows_json)
+from hetlora.models.bundled import default_model_dir
+from hetlora.models.folders import check_model_dir
+from simulation.centralized import centralized_run
+from simulation.energy import write_energy
+from simulation.fleets import prepare_fleet
 
 # Rows of each chat evaluation set: a 135M model scores about 100 rows in 15 s on one busy core.
 CHAT_EVAL_ROWS = 100
@@ -95,10 +101,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """The run's DemoConfig: the flags given, the task's defaults for the rest."""
-    from hetlora.models.bundled import default_model_dir
-    from hetlora.models.folders import check_model_dir
-    from simulation.demo import model_task
-
     defaults = TASK_DEFAULTS[args.task]
     base = defaults["training"]
     given = {"steps": args.local_steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
@@ -128,11 +130,6 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     import torch
-
-    from simulation.centralized import centralized_run
-    from simulation.demo import federated_run, format_table, methods_for, plot_rows, rows_json
-    from simulation.energy import write_energy
-    from simulation.fleets import prepare_fleet
 
     log = logging.getLogger("hetlora.demo")
     # Every client process trains on one thread; evaluation here runs beside them. More threads than
