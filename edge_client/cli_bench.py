@@ -33,7 +33,6 @@ from edge_client.bench.worker import BackendWorker
 from hetlora.output import verbosity
 from edge_client.device.host import Host
 from edge_client.device.profile import collect_profile
-from hetlora.models.adapter_spec import derive_spec
 from hetlora.models.bundled import default_model_dir
 from hetlora.models.folders import check_model_dir, default_targets, model_type
 from profiles.memory_model import ModelShape
@@ -178,6 +177,9 @@ def idle_measured_meter(host, args):
 
 
 def run(args) -> int:
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from hetlora.models.adapter_spec import derive_spec
+
     if not Path(args.root).is_dir():
         raise UserError(f"--root {args.root} is not a directory")
     manifest = load_manifest(args.artifacts) if args.artifacts else None

@@ -17,7 +17,6 @@ from hetlora.errors import UserError
 from hetlora.secret_file import read_secret
 from profiles.catalog import profile_for
 from edge_client.device.profile import collect_profile, validate_profile
-from edge_client.client import ClientOptions, EdgeClient
 from hetlora.output import show_progress
 
 
@@ -91,6 +90,9 @@ def read_profile_file(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from edge_client.client import ClientOptions, EdgeClient
+
     if args.threads:
         import torch
 

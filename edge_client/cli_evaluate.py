@@ -8,7 +8,6 @@ from pathlib import Path
 
 from edge_client.data import load_examples
 from hetlora.labels import read_labels
-from edge_client.evaluate import Evaluator
 from edge_client.model_check import check_adapter_base, check_head
 from hetlora.models.bundled import default_model_dir
 from hetlora.protocol.wire import decode
@@ -30,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from edge_client.evaluate import Evaluator
+
     path = Path(args.adapter)
     if not path.is_file():
         raise UserError(f"adapter file {path} does not exist")

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from edge_client.evaluate import Evaluator
 from edge_client.model_check import check_adapter_base
 from hetlora.models.bundled import default_model_dir
 from hetlora.models.folders import check_model_dir
@@ -35,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from edge_client.evaluate import Evaluator
     import torch
     from transformers import TextStreamer
 

@@ -14,8 +14,6 @@ from hetlora.errors import UserError
 from hetlora.labels import read_labels
 from edge_client.model_check import check_adapter_base
 from hetlora.models.bundled import default_model_dir
-from hetlora.models.task_model import default_pooling
-from hetlora.models.peft_folder import export_peft
 from hetlora.protocol.wire import decode, encode
 from hetlora.protocol.atomic import write_bytes
 from hetlora.protocol.peft_format import load_peft
@@ -55,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> dict:
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from hetlora.models.peft_folder import export_peft
+    from hetlora.models.task_model import default_pooling
+
     path = Path(args.adapter)
     if not path.is_file():
         raise UserError(f"adapter file {path} does not exist")

@@ -13,7 +13,6 @@ from hetlora.argtypes import add_renamed
 from hetlora.labels import read_labels
 from hetlora.models.bundled import default_model_dir
 from hetlora.models.folders import check_model_dir
-from exporter.export import ExportRequest, export_all
 from hetlora.output import show_progress
 
 
@@ -48,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from exporter.export import ExportRequest, export_all
+
     model_dir = check_model_dir(args.model) if args.model else default_model_dir(args.task)
     req = ExportRequest(model_dir=Path(model_dir), task=args.task, ranks=args.ranks, batch=args.batch_size,
                         seq_len=args.seq_len, backends=args.backends, out=Path(args.out), targets=args.targets,

@@ -5,6 +5,9 @@ COMMANDS is the whole list of subcommands: each one's module, in the part of the
 (tests/test_architecture.py checks): `load` imports a command's module by its name, and `main` loads only the
 command that runs. So `hetlora --help` imports no command, `hetlora client` on a device with only the client extra
 never imports the server or the exporter, and a command whose extra is not installed says which extra to install.
+A command module's own import stays light (no torch, transformers, FastAPI): what its `run` needs from those it
+imports in `run`, so `hetlora CMD --help` and argument errors are instant on a small device
+(tests/test_cli_output.py checks both).
 """
 
 from __future__ import annotations

@@ -13,17 +13,13 @@ import signal
 import socket
 from pathlib import Path
 
-import uvicorn
-
 from hetlora.config_file import add_config_option
 from hetlora.engine.run_options import add_run_arguments, build_config, model_dir_of
 from hetlora.errors import UserError
-from hetlora.models.peft_folder import save_result
 from hetlora.protocol.atomic import write_bytes
 from hetlora.secret_file import read_secret
 from server_stub.enrollment import Enrollment, is_loopback, read_names
 from server_stub.read_access import ReadAccess
-from server_stub.app import create_app
 
 log = logging.getLogger("hetlora.server")
 
@@ -67,6 +63,9 @@ def result_writer(state_dir: Path, model_dir: Path, config):
     """on_finished for `serve`: the last global as <state-dir>/final/global.safetensors and final/peft/, logged."""
 
     def write(data: bytes) -> None:
+        # the model stack (torch, transformers) at the run's end, not for --help
+        from hetlora.models.peft_folder import save_result
+
         try:
             wire, peft = save_result(data, state_dir / "final", model_dir=model_dir, task=config.spec.task,
                                      labels=list(config.labels) if config.labels else None)
@@ -140,6 +139,11 @@ def build_access(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    # the server extra (FastAPI, uvicorn) when serving: --help works without it
+    import uvicorn
+
+    from server_stub.app import create_app
+
     state_dir = Path(args.state_dir)
     (state_dir / "server.json").unlink(missing_ok=True)
     config = build_config(args, max_upload_mb=args.max_upload_mb, poll_seconds=args.poll_seconds)

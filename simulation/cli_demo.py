@@ -13,6 +13,8 @@ macro-F1 on the test set. About 4 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,9 +28,7 @@ from simulation.demo import (CHAT_TRAINING, DEMO_TRAINING, DemoConfig, TASKS, fe
                              model_task, plot_rows, rows_json)
 from hetlora.models.bundled import default_model_dir
 from hetlora.models.folders import check_model_dir
-from simulation.centralized import centralized_run
 from simulation.energy import write_energy
-from simulation.fleets import prepare_fleet
 
 # Rows of each chat evaluation set: a 135M model scores about 100 rows in 15 s on one busy core.
 CHAT_EVAL_ROWS = 100
@@ -126,10 +126,11 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import logging
-
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
     import torch
+
+    from simulation.centralized import centralized_run
+    from simulation.fleets import prepare_fleet
 
     log = logging.getLogger("hetlora.demo")
     # Every client process trains on one thread; evaluation here runs beside them. More threads than

@@ -22,7 +22,6 @@ from edge_client.server_api import ServerAPI
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import decode
 from hetlora.errors import UserError
-from hetlora.models.peft_folder import save_result
 from hetlora.plots import line_plot
 
 log = logging.getLogger("hetlora.demo")
@@ -206,6 +205,9 @@ def start_clients(cfg: DemoConfig, fleet, url: str, run_dir: Path) -> list:
 
 def save_global(data: bytes, run_dir: Path, model_dir: str, task: str, labels: list[str] | None) -> None:
     """The final global adapter in the wire format and as a PEFT folder (hetlora.models.peft_folder)."""
+    # the model stack, only when the run's result is written
+    from hetlora.models.peft_folder import save_result
+
     wire, peft = save_result(data, run_dir, model_dir=model_dir, task=task, labels=labels)
     log.info("final global adapter: %s (wire) and %s (PEFT)", wire, peft)
 

@@ -15,6 +15,7 @@ import time
 from edge_client.data import Examples
 from hetlora.models.bundled import default_model_dir
 from hetlora.protocol.settings import TrainingSettings
+from edge_client.model_check import head_labels
 
 SHORT = {"peak_s": 1.0, "sustained_s": 2.0}
 FULL = {"peak_s": 5.0, "sustained_s": 55.0}
@@ -56,7 +57,6 @@ def lora_step_seconds(model_dir=None, task: str = "classification", *, rank: int
     """
     # the torch training stack, like torch above, only when measuring
     from edge_client.lora import extract_adapter, set_rank
-    from edge_client.model_check import head_labels
     from edge_client.training import TorchTrainer
 
     if steps < 2:

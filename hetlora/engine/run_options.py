@@ -20,7 +20,6 @@ from hetlora.engine.aggregation.server_opt import OPTIMIZERS, ServerOptimizer
 from hetlora.engine.config import ServerConfig
 from hetlora.errors import UserError
 from hetlora.protocol.settings import LR_DECAYS, TrainingSettings
-from hetlora.models.adapter_spec import derive_spec
 from profiles.policy import load_policy
 from hetlora.labels import read_labels
 from hetlora.engine.init_adapter import read_init_adapter
@@ -135,6 +134,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace, **server):
     """ServerConfig from parsed run arguments (derives the AdapterSpec from the model folder); `server`: the HTTP
     server's own fields (max_upload_mb, poll_seconds), left at their defaults for a Flower run."""
+    # the model stack (torch, transformers) loads when a run is built, not for --help
+    from hetlora.models.adapter_spec import derive_spec
+
     rule_options = _rule_options(args)
     model_dir = model_dir_of(args)
     labels = None
