@@ -42,7 +42,7 @@ test: $(STAMP) promtool
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# tests/test_metrics.py pipes a real server's /metrics through `promtool check metrics`. promtool ships in
+# tests/server/test_metrics.py pipes a real server's /metrics through `promtool check metrics`. promtool ships in
 # Debian's `prometheus` package: installed here when missing, only as root with apt-get (note: on a machine
 # with systemd the package also enables a Prometheus server); otherwise that one test is skipped and says why.
 promtool:

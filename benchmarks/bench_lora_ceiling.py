@@ -52,7 +52,6 @@ def main() -> int:
     import torch
 
     from hetlora.models.adapter_spec import derive_spec
-
     from hetlora.models.bundled import default_model_dir
     from edge_client.training import TorchTrainer
     from hetlora.protocol.head_stats import class_statistics

@@ -23,7 +23,6 @@ import httpx
 import numpy as np
 
 from hetlora.models.adapter_spec import derive_spec
-
 from hetlora.models.bundled import default_model_dir
 from hetlora.protocol.wire import Adapter, encode
 from server_stub.background import serve_in_background

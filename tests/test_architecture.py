@@ -122,12 +122,18 @@ def sources_of_tests() -> list[tuple[str, ast.AST]]:
             for path in sorted(TESTS.rglob("*.py")) if "fakeroots" not in path.parts]
 
 
+def is_test_module(name: str) -> bool:
+    """tests.test_x, tests.<folder>.test_x, or a bare test_x (pytest puts each test folder on sys.path)."""
+    parts = name.split(".")
+    return parts[-1].startswith("test_") and (len(parts) == 1 or parts[0] == "tests")
+
+
 def imports_of_test_modules(tree: ast.AST) -> set[str]:
-    """The test modules (tests.test_*) `tree` imports, at any depth."""
+    """The test modules `tree` imports, at any depth (is_test_module)."""
     names = set(imported(tree))
     names |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-              and node.module == "tests" for alias in node.names}
-    return {name for name in names if name.startswith("tests.test_") or name.startswith("test_")}
+              and node.module and node.module.split(".")[0] == "tests" for alias in node.names}
+    return {name for name in names if is_test_module(name)}
 
 
 def test_no_test_module_imports_another():
@@ -137,9 +143,32 @@ def test_no_test_module_imports_another():
 
 def test_the_test_import_checker_sees_an_import_of_a_test_module():
     tree = ast.parse("import tests.test_server\nfrom tests.test_bounds import moved\nfrom tests import test_x\n"
-                     "from tests.helpers.server import make_config\nfrom test_device_energy import drive\n")
+                     "from tests.helpers.server import make_config\nfrom test_device_energy import drive\n"
+                     "import tests.server.test_trust\nfrom tests.engine import test_robust\n"
+                     "from tests.client.test_data import rows\nfrom tests.helpers import fleet\n")
     assert imports_of_test_modules(tree) == {"tests.test_server", "tests.test_bounds", "tests.test_x",
-                                             "test_device_energy"}
+                                             "test_device_energy", "tests.server.test_trust",
+                                             "tests.engine.test_robust", "tests.client.test_data"}
+
+
+# One folder per package under test (docs/ARCHITECTURE.md, "Tests"); this file stays at the top.
+TEST_FOLDERS = {"protocol", "engine", "profiles", "server", "client", "exporter", "flower", "simulation", "cli", "deploy"}
+
+
+def misplaced_tests(paths) -> list[str]:
+    """Test files (paths relative to tests/) not directly inside one of TEST_FOLDERS, but this file."""
+    return [path for path in paths if path != "test_architecture.py"
+            and (len(path.split("/")) != 2 or path.split("/")[0] not in TEST_FOLDERS)]
+
+
+def test_every_test_file_lives_in_the_folder_of_its_package():
+    found = misplaced_tests(sorted(path.relative_to(TESTS).as_posix() for path in TESTS.rglob("test_*.py")))
+    assert found == [], f"test files go in tests/<folder>/, one of {sorted(TEST_FOLDERS)} (docs/ARCHITECTURE.md)"
+
+
+def test_the_layout_checker_sees_a_misplaced_test():
+    paths = ["test_architecture.py", "test_x.py", "server/test_y.py", "server/sub/test_z.py", "helpers/test_w.py"]
+    assert misplaced_tests(paths) == ["test_x.py", "server/sub/test_z.py", "helpers/test_w.py"]
 
 
 # The one optional platform part a test may skip without: onnxruntime-training has no Linux aarch64 wheel

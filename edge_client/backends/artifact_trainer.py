@@ -12,6 +12,7 @@ Pruning uses hetlora.protocol.lora_rules.should_prune / pruned_rank, as the torc
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -106,6 +107,8 @@ class ArtifactTrainer:
         if self.engine is None or self.engine.rank != artifact.rank:
             self.manifest.verify(artifact)
             self.artifact = artifact
+            self.engine = None  # a tier change: free the old program before the new one loads (peak = one)
+            gc.collect()
             self.engine = self.open_engine(artifact)
             self._initial = self.read()
         return self.engine

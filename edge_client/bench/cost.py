@@ -12,7 +12,7 @@ The step count is profiles.cost.step_flops (one formula for the whole project), 
 Embedding lookups, LayerNorm, softmax, GELU, the pooler and the classification head (per row, not per
 token) are left out. The count includes the input gradients of the first layer's linear maps, which
 autograd skips (the embedding output needs no gradient): an overcount of about 2% for MiniLM-L6.
-tests/test_bench.py reconciles it term by term with torch's FlopCounterMode on a real step.
+tests/client/test_bench.py reconciles it term by term with torch's FlopCounterMode on a real step.
 
 Upload bytes at rank r: 4 * (P_lora(r) + P_dense), float32 on the wire.
 """

@@ -108,6 +108,7 @@ def serve(config: dict, replies) -> None:
     for line in sys.stdin:
         message = json.loads(line)
         if "prepare" in message:
+            step = None  # drop the previous rank's program first: each cell's peak RSS is its own
             try:
                 step, computed = stepper.prepare(int(message["prepare"]))
             except UserError as exc:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 UNIT = PROJECT / "deploy" / "systemd" / "hetlora-client.service"
 CONFIG_EXAMPLE = PROJECT / "deploy" / "systemd" / "client.toml"
 ENV_EXAMPLE = PROJECT / "deploy" / "systemd" / "client.env"

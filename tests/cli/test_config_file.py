@@ -10,7 +10,7 @@ import pytest
 from hetlora.cli import _subparsers, build_parser, main
 from hetlora.config_file import expand, long_options, read_config
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def parse(argv: list[str]):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 SETUP = PROJECT / "android_demo" / "setup.sh"
 RUN = PROJECT / "android_demo" / "run.sh"
 SERVER = "http://192.168.1.20:8080"

@@ -23,7 +23,7 @@ from tests.helpers.flower import bounded
 
 pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
 
-APP = Path(__file__).resolve().parents[1] / "flower_app"
+APP = Path(__file__).resolve().parents[2] / "flower_app"
 LABELS = ["card", "payment", "exchange"]
 ROWS = [("how do I activate my new card", "card"), ("my card was declined at the shop", "payment"),
         ("what is the exchange rate for euros", "exchange"), ("my new card has not arrived", "card"),

@@ -358,3 +358,22 @@ def test_executorch_runtime_failure_is_a_user_error(setup, tmp_path):
     unreadable.write_bytes(b"not a flat tensor file" * 10)
     with pytest.raises(UserError, match=r"ExecuTorch runtime failed to load r4\.pte: .*--backend torch"):
         ExecuTorchEngine(dataclasses.replace(artifact, files={**artifact.files, "weights": unreadable}))
+
+
+@pytest.mark.parametrize("backend", [ONNX, "executorch"])
+def test_a_rank_change_frees_the_old_program_before_loading_the_new(tiny_bert_dir, tiny_artifacts, backend):
+    """Peak memory on a tier change is one program, not two: the old engine is gone when the new one opens."""
+    import weakref
+
+    trainer = make_trainer(backend, model_dir=tiny_bert_dir, task="classification", labels=LABELS,
+                           targets=default_targets(tiny_bert_dir), lora_alpha=ALPHA, artifacts_dir=tiny_artifacts)
+    old = weakref.ref(trainer.engine_for(2))
+    opened, alive_at_open = trainer.open_engine, []
+
+    def open_engine(artifact):
+        alive_at_open.append(old() is not None)
+        return opened(artifact)
+
+    trainer.open_engine = open_engine
+    assert trainer.engine_for(4).rank == 4
+    assert alive_at_open == [False]

@@ -18,7 +18,7 @@ from hetlora.demo_data import BANKING77
 from hetlora.extras import extra_for, missing_extra_message
 from tests.conftest import ARTIFACT_BACKENDS
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 def small_csv(tmp_path: Path) -> Path:
     rows = ["text,label"] + [f"row {i},{'ab'[i % 2]}" for i in range(40)]
     path = tmp_path / "rows.csv"
