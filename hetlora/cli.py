@@ -7,7 +7,7 @@ command that runs. So `hetlora --help` imports no command, `hetlora client` on a
 never imports the server or the exporter, and a command whose extra is not installed says which extra to install.
 A command module's own import stays light (no torch, transformers, FastAPI): what its `run` needs from those it
 imports in `run`, so `hetlora CMD --help` and argument errors are instant on a small device
-(tests/test_cli_output.py checks both).
+(tests/cli/test_cli_output.py checks both).
 """
 
 from __future__ import annotations
