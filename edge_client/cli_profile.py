@@ -13,6 +13,9 @@ from pathlib import Path
 
 from hetlora.argtypes import add_renamed
 from hetlora.errors import UserError
+from edge_client.device.profile import collect_profile
+from hetlora.models.bundled import default_model_dir
+from hetlora.models.folders import check_model_dir
 
 GB = 1e9
 
@@ -47,8 +50,6 @@ def run(args) -> int:
     if args.profile_as:
         doc = _tier_module("catalog").profile_for(args.profile_as)
     else:
-        from edge_client.device.profile import collect_profile
-
         if not Path(args.root).is_dir():
             raise UserError(f"--root {args.root} is not a directory")
         doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir,
@@ -73,8 +74,6 @@ def run(args) -> int:
 
 def _step_model(model: str | None, task: str) -> Path:
     """The model folder for --step, checked before any measurement runs."""
-    from edge_client.models import check_model_dir, default_model_dir
-
     return check_model_dir(model) if model else default_model_dir(task)
 
 

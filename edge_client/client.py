@@ -26,6 +26,8 @@ from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import Adapter, max_wire_bytes
 from hetlora.errors import UserError
+from edge_client.device.profile import training_power
+from edge_client.data import load_examples
 
 log = logging.getLogger("hetlora.client")
 
@@ -102,8 +104,6 @@ class EdgeClient:
         """The power figure of the energy estimates (`--watts`, else the profile's catalog device), found once and
         logged; unknown figures are said so."""
         if self._power is None:
-            from edge_client.device.profile import training_power
-
             self._power = training_power(self.options.watts, self.profile_source())
             if self._power.watts is None:
                 log.info("training energy unknown: no --watts and the device matches no catalog entry")
@@ -194,8 +194,6 @@ class EdgeClient:
     def _prepare(self, run: dict) -> None:
         """Load the data, and the model checked against the server's spec, and the training backend; an artifact
         backend's export checked against the run too, before registering; the rank to ask for."""
-        from edge_client.data import load_examples
-
         examples = load_examples(self.options.data, run["task"], run.get("labels"),
                                  text_column=self.options.text_column, label_column=self.options.label_column)
         self.local = LocalModel(run, examples, self.options.model_dir, backend=self.options.backend,

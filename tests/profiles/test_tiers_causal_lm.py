@@ -12,7 +12,7 @@ from hetlora.engine.tiers import tier_for
 
 @pytest.fixture(scope="module")
 def lm(smollm2_dir):
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
 
     return derive_spec(smollm2_dir, "causal-lm"), ModelShape.from_model_dir(smollm2_dir)
 
