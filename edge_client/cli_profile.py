@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hetlora.argtypes import add_renamed
 from hetlora.errors import UserError
-from edge_client.device.profile import collect_profile
+from edge_client.device.profile import collect_profile, with_training_backend
 from hetlora.models.bundled import default_model_dir
 from hetlora.models.folders import check_model_dir
 
@@ -55,8 +55,6 @@ def run(args) -> int:
         doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir,
                               policy_file=args.policy, task=args.task)
     if args.backend:
-        from edge_client.device.profile import with_training_backend
-
         doc = with_training_backend(doc, args.backend)
     policy = _tier_module("policy") if args.tier or args.profile_as else None
     decision = policy.decide_tier(doc, policy=policy.load_policy(args.policy) if args.policy else
