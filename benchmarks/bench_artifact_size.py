@@ -34,7 +34,9 @@ def base_weight_bytes(model_dir: Path) -> int:
 def main() -> None:
     from edge_client.backends.artifacts import load_manifest
     from edge_client.bench.cost import rank_upload_bytes
-    from edge_client.models import default_model_dir, derive_spec, model_hash
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.bundled import default_model_dir
+    from hetlora.models.folders import model_hash
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifacts", type=Path, required=True)

@@ -30,7 +30,7 @@ def tiny_model(path: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from edge_client.models import default_model_dir
+    from hetlora.models.bundled import default_model_dir
 
     torch.manual_seed(0)
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -103,7 +103,7 @@ def main() -> int:
     configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
     import torch
 
-    from edge_client.models import default_model_dir
+    from hetlora.models.bundled import default_model_dir
     from hetlora.protocol.head_stats import class_statistics
     from hetlora.engine.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE, class_head
 

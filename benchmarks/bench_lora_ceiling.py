@@ -51,7 +51,8 @@ def main() -> int:
 
     import torch
 
-    from edge_client.models import default_model_dir, derive_spec
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.bundled import default_model_dir
     from edge_client.training import TorchTrainer
     from hetlora.protocol.head_stats import class_statistics
     from hetlora.engine.aggregation import make_rule

@@ -29,11 +29,11 @@ def worker(task: str, rank: int, batch: int, seq_len: int) -> dict:
 
     import torch
 
-    from edge_client.models import default_model_dir
+    from hetlora.models.bundled import default_model_dir
     from edge_client.training import TorchTrainer
     from hetlora.protocol.settings import TrainingSettings
     from hetlora.engine.aggregation import make_rule
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
 
     torch.manual_seed(0)
     model_dir = default_model_dir(task)
@@ -74,7 +74,7 @@ def main() -> None:
         print(json.dumps(worker(args.task, *args.worker)))
         return
 
-    from edge_client.models import default_model_dir
+    from hetlora.models.bundled import default_model_dir
     from profiles.memory_model import ModelShape, predict_peak_memory, saved_activation_bytes
 
     task = args.task

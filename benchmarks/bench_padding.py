@@ -37,7 +37,8 @@ def main() -> int:
 
     from edge_client.data import load_examples
     from hetlora.labels import read_labels
-    from edge_client.models import default_model_dir, derive_spec
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.bundled import default_model_dir
     from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
     from hetlora.engine.aggregation import make_rule

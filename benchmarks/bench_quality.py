@@ -267,7 +267,7 @@ def main() -> int:
     configure(-1)  # third-party import chatter (torchao, pytree) off, as in the hetlora command
     import torch
 
-    from edge_client.models import default_model_dir
+    from hetlora.models.bundled import default_model_dir
 
     torch.set_num_threads(1)  # as `hetlora demo`: evaluation and centralized training run beside the fleet
 

@@ -22,7 +22,8 @@ import time
 import httpx
 import numpy as np
 
-from edge_client.models import default_model_dir, derive_spec
+from hetlora.models.adapter_spec import derive_spec
+from hetlora.models.bundled import default_model_dir
 from hetlora.protocol.wire import Adapter, encode
 from server_stub.background import serve_in_background
 from hetlora.demo_data import banking77

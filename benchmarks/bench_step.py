@@ -50,7 +50,8 @@ def _setup(task: str, rank: int):
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from edge_client.models import default_model_dir, derive_spec
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.bundled import default_model_dir
     from hetlora.protocol.wire import Adapter
 
     torch.manual_seed(0)
@@ -76,7 +77,8 @@ def _peft_step(task, model_dir, labels, rank):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from edge_client.models import default_targets, load_task_model
+    from hetlora.models.folders import default_targets
+    from hetlora.models.task_model import load_task_model
 
     config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, target_modules=list(default_targets(model_dir)),
                         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM")
@@ -95,7 +97,8 @@ def _peft_step(task, model_dir, labels, rank):
 
 
 def _batches(task, model_dir, examples, steps: int):
-    from edge_client.data import encode, load_tokenizer, training_batches
+    from edge_client.data import encode, training_batches
+    from hetlora.models.task_model import load_tokenizer
 
     return training_batches(encode(examples, load_tokenizer(model_dir), SEQ), BATCH[task], seed=0,
                             steps=steps + WARMUP)

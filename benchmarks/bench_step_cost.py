@@ -43,7 +43,9 @@ def main() -> None:
     import torch
 
     from edge_client.lora import inject_lora, set_rank
-    from edge_client.models import default_model_dir, default_targets, load_task_model
+    from hetlora.models.bundled import default_model_dir
+    from hetlora.models.folders import default_targets
+    from hetlora.models.task_model import load_task_model
     from profiles.cost import step_flops
     from profiles.memory_model import ModelShape
     from profiles.policy import load_policy, tiers_of

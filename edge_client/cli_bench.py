@@ -21,6 +21,21 @@ from pathlib import Path
 
 from hetlora.argtypes import add_renamed, positive_int_list
 from hetlora.errors import UserError
+from edge_client.bench.runner import Settings
+from edge_client.bench.steppers import BACKENDS
+from edge_client.bench.peak import best_of, step_peak
+from edge_client.model_check import check_adapter_base, check_head, head_labels
+from hetlora.protocol.wire import WireFormatError, decode
+from edge_client.device.energy import meter_for
+from edge_client.backends.artifacts import load_manifest
+from edge_client.bench import cost, report, runner, steppers
+from edge_client.bench.worker import BackendWorker
+from hetlora.output import verbosity
+from edge_client.device.host import Host
+from edge_client.device.profile import collect_profile
+from hetlora.models.bundled import default_model_dir
+from hetlora.models.folders import check_model_dir, default_targets, model_type
+from profiles.memory_model import ModelShape
 
 log = logging.getLogger("hetlora.bench")
 NUM_LABELS = 77  # the demo's banking77 head, unless the artifacts say otherwise
@@ -63,9 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args, manifest):
     """Settings from the flags, the --quick or device defaults, and the artifacts' exported shape."""
-    from edge_client.bench.runner import Settings
-    from edge_client.bench.steppers import BACKENDS
-
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
@@ -93,8 +105,6 @@ def resolve_settings(args, manifest):
 
 def measure_peak(shape, settings, quick: bool) -> dict:
     """The matmul peak of the step's GEMM shapes at the current torch threads (edge_client/bench/peak.py)."""
-    from edge_client.bench.peak import step_peak
-
     return step_peak(shape, settings.batch, settings.seq_len, seconds_per_shape=0.2 if quick else 0.5)
 
 
@@ -118,9 +128,6 @@ def bench_task(args, manifest) -> str:
 def adapter_head(path: str, model_dir, task: str) -> int:
     """The label count of the classification head in the wire adapter at `path`, checked against the base model
     (UserError: not a readable adapter, no head, another base model)."""
-    from edge_client.model_check import check_adapter_base
-    from hetlora.protocol.wire import WireFormatError, decode
-
     if task != "classification":
         raise UserError("--adapter gives bench a classification head; this is a causal-lm bench")
     try:
@@ -140,8 +147,6 @@ def head_and_alpha(manifest, task: str, model_dir, adapter: str | None = None) -
     when it has one (loaded with its weights), else a new head of the demo's banking77 size; alpha 16; the head
     of the wire adapter at `adapter` over all of these. UserError when the chosen head does not fit. A causal LM
     has no label count."""
-    from edge_client.model_check import check_head, head_labels
-
     alpha = float(manifest.doc["lora_alpha"]) if manifest else 16.0
     if task != "classification":
         return None, alpha, "the causal LM's output layer"
@@ -164,8 +169,6 @@ def head_and_alpha(manifest, task: str, model_dir, adapter: str | None = None) -
 
 def idle_measured_meter(host, args):
     """(energy meter, idle seconds): the best source, or an estimate from the catalog or --watts, idle power known."""
-    from edge_client.device.energy import meter_for
-
     meter = meter_for(host, user_watts=args.watts)
     idle_s = (QUICK if args.quick else DEVICE)["idle_seconds"]
     log.info("measuring idle power for %.0f s (%s)", idle_s, meter.status)
@@ -174,15 +177,8 @@ def idle_measured_meter(host, args):
 
 
 def run(args) -> int:
-    from edge_client.backends.artifacts import load_manifest
-    from edge_client.bench import report, runner, steppers
-    from edge_client.bench.worker import BackendWorker
-    from hetlora.output import verbosity
-    from edge_client.bench.peak import best_of
-    from edge_client.device.host import Host
-    from edge_client.device.profile import collect_profile
-    from edge_client.models import check_model_dir, default_model_dir, default_targets, derive_spec, model_type
-    from profiles.memory_model import ModelShape
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from hetlora.models.adapter_spec import derive_spec
 
     if not Path(args.root).is_dir():
         raise UserError(f"--root {args.root} is not a directory")
@@ -235,8 +231,6 @@ def run(args) -> int:
 
 def _cells(runs, settings, shape, spec, peak_gflops: float) -> list[dict]:
     """Each measured (rank, backend) cell with its FLOPs, share of the peak and upload size."""
-    from edge_client.bench import cost, runner
-
     real_tokens = settings.batch * settings.seq_len  # synthetic full-length rows (steppers.synthetic_batch)
     return [runner.summarize_cell(
         r, batch=settings.batch, seq_len=settings.seq_len, peak_gflops=peak_gflops, real_tokens=real_tokens,
@@ -247,7 +241,6 @@ def _cells(runs, settings, shape, spec, peak_gflops: float) -> list[dict]:
 def _report_doc(args, settings, idle_s: float, model: dict, peak: dict, meter, profile: dict) -> dict:
     """bench.json without its cells: when, with which settings, model, peak, energy meter and device profile."""
     import torch
-    from edge_client.bench import report
 
     return {
         "schema": report.SCHEMA, "version": report.VERSION,

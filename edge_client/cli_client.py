@@ -15,6 +15,9 @@ from hetlora.argtypes import add_renamed, watts
 from hetlora.config_file import add_config_option
 from hetlora.errors import UserError
 from hetlora.secret_file import read_secret
+from profiles.catalog import profile_for
+from edge_client.device.profile import collect_profile, validate_profile
+from hetlora.output import show_progress
 
 
 
@@ -65,22 +68,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def profile_source(catalog_id: str | None, profile_file: str | None):
     """A callable returning the profile the client reports: a catalog device's, a file's, or this machine's."""
     if catalog_id:
-        from profiles.catalog import profile_for
-
         doc = profile_for(catalog_id)
         return lambda: doc
     if profile_file:
         doc = read_profile_file(profile_file)
         return lambda: doc
-    from edge_client.device.profile import collect_profile
 
     return lambda: collect_profile(quick=True)
 
 
 def read_profile_file(path: str) -> dict:
     """A profile document from a JSON file, checked against the profile schema."""
-    from edge_client.device.profile import validate_profile
-
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -92,8 +90,8 @@ def read_profile_file(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
     from edge_client.client import ClientOptions, EdgeClient
-    from hetlora.output import show_progress
 
     if args.threads:
         import torch

@@ -6,6 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from edge_client.data import load_examples
+from hetlora.labels import read_labels
+from edge_client.model_check import check_adapter_base, check_head
+from hetlora.models.bundled import default_model_dir
+from hetlora.protocol.wire import decode
+from hetlora.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model folder (default: the task's bundled model)")
@@ -22,13 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_client.data import load_examples
-    from hetlora.labels import read_labels
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
     from edge_client.evaluate import Evaluator
-    from edge_client.model_check import check_adapter_base, check_head
-    from edge_client.models import default_model_dir
-    from hetlora.protocol.wire import decode
-    from hetlora.errors import UserError
 
     path = Path(args.adapter)
     if not path.is_file():

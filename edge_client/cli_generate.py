@@ -13,6 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+from edge_client.model_check import check_adapter_base
+from hetlora.models.bundled import default_model_dir
+from hetlora.models.folders import check_model_dir
+from hetlora.errors import UserError
+from hetlora.protocol.wire import decode
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the user's message ('-' reads it from standard input)")
@@ -28,14 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from edge_client.evaluate import Evaluator
     import torch
     from transformers import TextStreamer
-
-    from edge_client.evaluate import Evaluator
-    from edge_client.model_check import check_adapter_base
-    from edge_client.models import check_model_dir, default_model_dir
-    from hetlora.errors import UserError
-    from hetlora.protocol.wire import decode
 
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")

@@ -15,6 +15,12 @@ import json
 import logging
 from pathlib import Path
 
+from edge_client.data import label_column_of, read_rows
+from hetlora.errors import UserError
+from hetlora.chitchat import chitchat_rows
+from edge_client.chat_split import split_by_user
+from edge_client.partition import dirichlet_partition, iid_partition, summarize, write_rows
+
 log = logging.getLogger("hetlora.partition")
 
 
@@ -40,14 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_client.data import read_rows
-    from hetlora.errors import UserError
-
     if args.data:
         columns, rows = read_rows(args.data)
     elif args.task == "chat":
-        from hetlora.chitchat import chitchat_rows
-
         rows = chitchat_rows()
         columns = list(rows[0])
     else:
@@ -74,10 +75,6 @@ def run(args: argparse.Namespace) -> int:
 
 def split(args: argparse.Namespace, columns: list[str], rows: list[dict], out: Path, suffix: str) -> dict:
     """Write the client files (and chat test files) for the chosen mode; return the summary."""
-    from edge_client.chat_split import split_by_user
-    from edge_client.data import label_column_of
-    from edge_client.partition import dirichlet_partition, iid_partition, summarize, write_rows
-
     labels, parts, users, tests = None, None, None, {}
     if args.task == "classification":
         column = label_column_of(columns, args.label_column, args.data)

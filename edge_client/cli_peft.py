@@ -11,6 +11,12 @@ import logging
 from pathlib import Path
 
 from hetlora.errors import UserError
+from hetlora.labels import read_labels
+from edge_client.model_check import check_adapter_base
+from hetlora.models.bundled import default_model_dir
+from hetlora.protocol.wire import decode, encode
+from hetlora.protocol.atomic import write_bytes
+from hetlora.protocol.peft_format import load_peft
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> dict:
-    from hetlora.labels import read_labels
-    from edge_client.model_check import check_adapter_base
-    from edge_client.models import default_model_dir, default_pooling
-    from edge_client.peft_export import export_peft
-    from hetlora.protocol.wire import decode
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
+    from hetlora.models.peft_folder import export_peft
+    from hetlora.models.task_model import default_pooling
 
     path = Path(args.adapter)
     if not path.is_file():
@@ -66,15 +70,11 @@ def export(args: argparse.Namespace) -> dict:
     if pooling not in (None, "native"):
         log.warning("this adapter was trained with %s pooling; AutoPeftModelForSequenceClassification builds the "
                     "model type's own pooling, so its logits differ: load it onto hetlora's model "
-                    "(edge_client.models.load_task_model) with PeftModel.from_pretrained", pooling)
+                    "(hetlora.models.task_model.load_task_model) with PeftModel.from_pretrained", pooling)
     return _summary(out, adapter)
 
 
 def import_(args: argparse.Namespace) -> dict:
-    from hetlora.protocol.atomic import write_bytes
-    from hetlora.protocol.peft_format import load_peft
-    from hetlora.protocol.wire import encode
-
     adapter = load_peft(args.peft)
     write_bytes(Path(args.out), encode(adapter))
     return _summary(Path(args.out), adapter) | {"peft_r": adapter.meta["peft_r"],

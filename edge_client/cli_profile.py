@@ -13,6 +13,9 @@ from pathlib import Path
 
 from hetlora.argtypes import add_renamed
 from hetlora.errors import UserError
+from edge_client.device.profile import collect_profile, with_training_backend
+from hetlora.models.bundled import default_model_dir
+from hetlora.models.folders import check_model_dir
 
 GB = 1e9
 
@@ -32,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_renamed(parser, "--profile-as", "--as", metavar="CATALOG_ID",
                 help="do not measure: take a catalog device's profile (implies --tier)")
     parser.add_argument("--policy", metavar="FILE", help="tier policy file (default: the task's packaged one)")
+    parser.add_argument("--backend", choices=("torch", "onnx", "executorch"),
+                        help="the backend this device will train with (the tier's memory prediction follows it; "
+                             "recorded as compute.training_backend; default: torch)")
     parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree
 
 
@@ -44,12 +50,12 @@ def run(args) -> int:
     if args.profile_as:
         doc = _tier_module("catalog").profile_for(args.profile_as)
     else:
-        from edge_client.device.profile import collect_profile
-
         if not Path(args.root).is_dir():
             raise UserError(f"--root {args.root} is not a directory")
         doc = collect_profile(args.root, quick=args.quick, full=args.full, step=args.step, model_dir=model_dir,
                               policy_file=args.policy, task=args.task)
+    if args.backend:
+        doc = with_training_backend(doc, args.backend)
     policy = _tier_module("policy") if args.tier or args.profile_as else None
     decision = policy.decide_tier(doc, policy=policy.load_policy(args.policy) if args.policy else
                                   policy.packaged_policy(args.task)) if policy else None
@@ -66,8 +72,6 @@ def run(args) -> int:
 
 def _step_model(model: str | None, task: str) -> Path:
     """The model folder for --step, checked before any measurement runs."""
-    from edge_client.models import check_model_dir, default_model_dir
-
     return check_model_dir(model) if model else default_model_dir(task)
 
 

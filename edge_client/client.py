@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir, run_change
+from edge_client.device.profile import with_training_backend
 from edge_client.server_api import ServerAPI, ServerError
 from edge_client.local_round import LocalModel, LocalRound, PlanMismatch, RoundOutput, read_plan
 from hetlora.protocol.energy import Power
@@ -25,6 +26,8 @@ from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import Adapter, max_wire_bytes
 from hetlora.errors import UserError
+from edge_client.device.profile import training_power
+from edge_client.data import load_examples
 
 log = logging.getLogger("hetlora.client")
 
@@ -97,8 +100,6 @@ class EdgeClient:
         """The power figure of the energy estimates (`--watts`, else the profile's catalog device), found once and
         logged; unknown figures are said so."""
         if self._power is None:
-            from edge_client.device.profile import training_power
-
             self._power = training_power(self.options.watts, self.profile_source())
             if self._power.watts is None:
                 log.info("training energy unknown: no --watts and the device matches no catalog entry")
@@ -163,7 +164,7 @@ class EdgeClient:
             return
         requested = self.requested_rank
         n_samples = len(self.local.examples)
-        reply = self.api.register(self.profile_source(), requested, n_samples, self.options.name,
+        reply = self.api.register(self._profile(), requested, n_samples, self.options.name,
                                   self.options.enroll_secret)
         self.state.client_id, self.state.token, self.state.rank = reply["client_id"], reply["token"], reply["rank"]
         self.state.run = reply["run"]
@@ -189,18 +190,20 @@ class EdgeClient:
     def _prepare(self, run: dict) -> None:
         """Load the data, and the model checked against the server's spec, and the training backend; an artifact
         backend's export checked against the run too, before registering; the rank to ask for."""
-        from edge_client.data import load_examples
-
         examples = load_examples(self.options.data, run["task"], run.get("labels"),
                                  text_column=self.options.text_column, label_column=self.options.label_column)
         self.local = LocalModel(run, examples, self.options.model_dir, backend=self.options.backend,
                                 artifacts_dir=self.options.artifacts_dir, overrides=self.overrides)
         self.requested_rank = self.local.request_rank(self.options.requested_rank)
 
+    def _profile(self) -> dict:
+        """The device profile the server's tier policy reads, with the backend this client trains on."""
+        return with_training_backend(self.profile_source(), self.local.trainer.backend)
+
     def _refresh_rank(self) -> None:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""
         try:
-            reply = self.api.report_profile(self.profile_source())
+            reply = self.api.report_profile(self._profile())
         except ServerError as exc:
             log.warning("profile report rejected: %s", exc)
             return

@@ -172,19 +172,6 @@ def _text(row: dict, column: str, path, number: int) -> str:
     return str(value)
 
 
-def load_tokenizer(model_dir):
-    """The model folder's tokenizer (local files only), with a pad token (eos if it had none)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {exc}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def encode(examples: Examples, tokenizer, seq_len: int) -> Encoded:
     """Tokenize and pad every example to `seq_len` (truncating longer ones on the right)."""
     if seq_len < 2:

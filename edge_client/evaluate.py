@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edge_client.data import EncodingCache, Examples, load_tokenizer, trimmed_batches
-from edge_client.models import dense_parameter_names, load_task_model
+from edge_client.data import EncodingCache, Examples, trimmed_batches
+from hetlora.models.task_model import dense_parameter_names, load_task_model, load_tokenizer
 from edge_client.objective import loss_sum_and_count, model_loss_sum_and_count
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError

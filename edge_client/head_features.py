@@ -1,6 +1,6 @@
 """The frozen base model's pooled features: what the head reads, for round 0's statistics and the head rounds.
 
-The features are what the classification head reads (edge_client.pooling), computed by the
+The features are what the classification head reads (hetlora.models.pooling), computed by the
 frozen base model with no LoRA update; batches are length-sorted and trimmed (padding is masked,
 so the features equal those of fixed-length batches).
 """
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edge_client.data import Encoded, trimmed_batches
-from edge_client.pooling import head_module
+from hetlora.models.pooling import head_module
 
 
 @torch.no_grad()

@@ -26,6 +26,12 @@ from hetlora.protocol.energy import Power
 from hetlora.protocol.plan import ClientPlan
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import Adapter, WireFormatError, check_values, decode, encode, spec_tensors, validate
+from edge_client.model_check import check_head
+from hetlora.models.adapter_spec import derive_spec
+from hetlora.models.bundled import default_model_dir
+from edge_client.backends import make_trainer
+from edge_client.head_fit import fit_plan_head, round_statistics
+from hetlora.protocol.head_stats import encode_statistics
 
 
 class PlanMismatch(ValueError):
@@ -74,9 +80,6 @@ class LocalModel:
 
     def __init__(self, run: dict, examples, model_dir=None, *, backend: str = "torch", artifacts_dir=None,
                  trainer=None, overrides: dict | None = None):
-        from edge_client.model_check import check_head
-        from edge_client.models import default_model_dir, derive_spec
-
         self.run, self.examples = run, examples
         self.model_dir = model_dir or default_model_dir(run["task"])
         labels = run.get("labels")
@@ -103,8 +106,6 @@ class LocalModel:
     @staticmethod
     def make_trainer(run: dict, model_dir, backend: str, artifacts_dir):
         """The training backend for `run` (edge_client.backends.make_trainer)."""
-        from edge_client.backends import make_trainer
-
         return make_trainer(backend, model_dir=model_dir, task=run["task"], labels=run.get("labels"),
                             targets=run["targets"], lora_alpha=float(run["lora_alpha"]),
                             artifacts_dir=artifacts_dir, pooling=run.get("pooling"))
@@ -164,9 +165,6 @@ class LocalRound:
         return self._lora(start, on_step)
 
     def _head_statistics(self) -> RoundOutput:
-        from edge_client.head_fit import round_statistics
-        from hetlora.protocol.head_stats import encode_statistics
-
         stats = round_statistics(self.local.spec, lambda: self.local.frozen_features(self.settings.seq_len),
                                  self.plan.round, self.client_id, self.power)
         classes = int((stats.class_counts > 0).sum())
@@ -174,8 +172,6 @@ class LocalRound:
                            f"classes)", {"n_samples": stats.n_samples})
 
     def _head_fit(self, start: Adapter) -> RoundOutput:
-        from edge_client.head_fit import fit_plan_head
-
         features, labels = self.local.frozen_features(self.settings.seq_len)
         try:
             update, fit = fit_plan_head(self.local.spec, start, features, labels, self.plan, self.settings,

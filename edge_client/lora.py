@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hetlora.models.folders import matches_target
 from hetlora.protocol.lora_rules import lora_scale
 from hetlora.protocol.wire import Adapter
 
@@ -55,11 +56,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.base.out_features, rank, dtype=dtype, device=device))
         self.scale = scale
         self.keep_mask = None
-
-
-def matches_target(module_name: str, targets: tuple[str, ...] | list[str]) -> bool:
-    """A module is targeted when its name equals a target or ends with '.' + target."""
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
 def inject_lora(model: nn.Module, targets, rank: int, alpha: float) -> dict[str, LoRALinear]:

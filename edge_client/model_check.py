@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from hetlora.errors import UserError
+from hetlora.protocol.wire import WireFormatError, validate
 
 
 def head_labels(model_dir) -> int | None:
@@ -38,8 +39,8 @@ def check_adapter_base(adapter, model_dir, task: str, num_labels: int | None = N
     """UserError when `adapter` does not belong to the base model in `model_dir`: its modules or shapes do not
     fit the model, or (for a global, which records its run's `spec_fingerprint`, over the model's default LoRA
     targets) the fingerprint differs, as it does for another model of the same shapes."""
-    from edge_client.models import derive_spec
-    from hetlora.protocol.wire import WireFormatError, validate
+    # the model stack only here: the other checks run before transformers is imported
+    from hetlora.models.adapter_spec import derive_spec
 
     spec = derive_spec(model_dir, task, num_labels=num_labels)
     advice = "pass --model with the folder of the base model the adapter was trained on"

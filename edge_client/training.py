@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from hetlora.protocol import adapter_ops
-from edge_client.data import Encoded, EncodingCache, Examples, load_tokenizer, make_batches, trim_batch
+from edge_client.data import Encoded, EncodingCache, Examples, make_batches, trim_batch
 from edge_client.head_features import pooled_features
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
-from edge_client.models import default_targets, dense_parameter_names, load_task_model
+from hetlora.models.folders import default_targets
+from hetlora.models.task_model import dense_parameter_names, load_task_model, load_tokenizer
 from edge_client.objective import model_loss_sum_and_count
 from edge_client.train_config import RoundResult, run_steps, self_pruned
 from hetlora.protocol.settings import TrainingSettings

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from exporter import EXECUTORCH_DELEGATES
 from hetlora.argtypes import add_renamed
+from hetlora.labels import read_labels
+from hetlora.models.bundled import default_model_dir
+from hetlora.models.folders import check_model_dir
+from hetlora.output import show_progress
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -43,10 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hetlora.labels import read_labels
-    from edge_client.models import check_model_dir, default_model_dir
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
     from exporter.export import ExportRequest, export_all
-    from hetlora.output import show_progress
 
     model_dir = check_model_dir(args.model) if args.model else default_model_dir(args.task)
     req = ExportRequest(model_dir=Path(model_dir), task=args.task, ranks=args.ranks, batch=args.batch_size,

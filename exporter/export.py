@@ -11,10 +11,13 @@ from tqdm import tqdm
 
 from edge_client.lora import set_rank
 from exporter import EXECUTORCH_DELEGATES
-from edge_client.models import default_targets, derive_spec, model_hash
+from hetlora.models.adapter_spec import derive_spec
+from hetlora.models.folders import default_targets, model_hash
 from exporter.manifest import artifact_entry, build_manifest, write_manifest
 from exporter.training_graph import build_training_graph, example_inputs, trainable_names
 from hetlora.errors import UserError
+from exporter.onnx_export import export_onnx
+from exporter.executorch_export import export_executorch
 
 log = logging.getLogger(__name__)
 BACKENDS = ("executorch", "onnx")
@@ -67,13 +70,9 @@ def export_all(req: ExportRequest, *, progress: bool = True) -> dict:
         inputs = example_inputs(req.task, rank, req.batch, req.seq_len, vocab)
         t0 = time.perf_counter()
         if backend == "onnx":
-            from exporter.onnx_export import export_onnx
-
             files = export_onnx(graph, inputs, req.out / "onnx" / f"r{rank}", what=what, first=rank == jobs[0][0])
             extra = {}
         else:
-            from exporter.executorch_export import export_executorch
-
             files = export_executorch(graph, inputs, req.out / "executorch" / f"r{rank}.pte",
                                       delegate=req.executorch_delegate, what=what, first=rank == jobs[0][0])
             extra = {"delegate": req.executorch_delegate}

@@ -28,6 +28,7 @@ import torch
 from exporter.errors import export_error
 from hetlora.output import native_stderr_filtered, quiet_onnxruntime
 from exporter.training_graph import INPUT_NAMES, OUTPUT_NAMES, TrainingGraph, trainable_names
+from exporter.shared_weights import keep_shared_file
 
 OPSET = 14
 FILES = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx", "checkpoint": "checkpoint",
@@ -85,8 +86,6 @@ def split_checkpoint(out_dir: Path, order: list[str], trainable: set[str], *, fi
     shared frozen weights file; the nominal checkpoint becomes `checkpoint`. Returns the shared file."""
     from onnxruntime.training.api import CheckpointState
     from safetensors.numpy import save_file
-
-    from exporter.shared_weights import keep_shared_file
 
     state = CheckpointState.load_checkpoint(str(out_dir / "checkpoint"))
     values = {name: np.array(state.parameters[name].data, copy=True) for name in order}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edge_client.lora import inject_lora, lora_layers
-from edge_client.models import dense_parameter_names, load_task_model
+from hetlora.models.task_model import dense_parameter_names, load_task_model
 from edge_client.objective import loss_sum_and_count
 
 INPUT_NAMES = ("input_ids", "attention_mask", "labels", "keep_mask", "tail_mask", "prune_lambda", "lora_scale")

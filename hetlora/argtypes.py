@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hetlora.protocol.energy import watts_problem
+
 
 def positive_int_list(text: str) -> tuple[int, ...]:
     """"4,8,16" -> (4, 8, 16); argparse's one-line error for anything else (a non-integer, a value below 1)."""
@@ -20,8 +22,6 @@ def positive_int_list(text: str) -> tuple[int, ...]:
 def watts(text: str) -> float:
     """A device's training power in watts (`hetlora client --watts`): argparse's one-line error unless it is a
     finite number in hetlora.protocol.energy's MIN_WATTS..MAX_WATTS."""
-    from hetlora.protocol.energy import watts_problem
-
     try:
         value = float(text)
     except ValueError:

@@ -1,9 +1,13 @@
 """The `hetlora` command.
 
-Each subcommand lives in the part of the project it belongs to, as a module with
-`add_arguments(parser)` and `run(args) -> int`. Modules are imported only for the
-subcommand that runs, so a device with the `client` extra never imports server or
-exporter packages. Heavy imports inside a command module belong in `run`.
+COMMANDS is the whole list of subcommands: each one's module, in the part of the project it belongs to, has
+`add_arguments(parser)` and `run(args) -> int`. The shell sits on the ground floor and imports no part above it
+(tests/test_architecture.py checks): `load` imports a command's module by its name, and `main` loads only the
+command that runs. So `hetlora --help` imports no command, `hetlora client` on a device with only the client extra
+never imports the server or the exporter, and a command whose extra is not installed says which extra to install.
+A command module's own import stays light (no torch, transformers, FastAPI): what its `run` needs from those it
+imports in `run`, so `hetlora CMD --help` and argument errors are instant on a small device
+(tests/cli/test_cli_output.py checks both).
 """
 
 from __future__ import annotations
@@ -11,30 +15,43 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import importlib.util
 import os
 import sys
+from dataclasses import dataclass
+from types import ModuleType
 
 from hetlora import __version__, output
+from hetlora.config_file import command_index
 from hetlora.config_file import expand as expand_config
 from hetlora.env_flags import ENV_FLAGS, help_epilog
 from hetlora.errors import UserError
 from hetlora.extras import missing_extra_message
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("server_stub.cli", "run the aggregation server"),
-    "client": ("edge_client.cli_client", "run the edge client against a server"),
-    "demo": ("simulation.cli_demo", "simulate a heterogeneous fleet on loopback (the main job)"),
-    "partition": ("edge_client.cli_partition", "split a dataset non-IID across clients"),
-    "evaluate": ("edge_client.cli_evaluate", "evaluate a global adapter on a test file"),
-    "generate": ("edge_client.cli_generate", "answer a prompt with the base model plus an adapter (streaming)"),
-    "model": ("edge_client.cli_model", "list the bundled base models, install (convert) them"),
-    "peft": ("edge_client.cli_peft", "convert adapters to and from Hugging Face PEFT"),
-    "profile": ("edge_client.cli_profile", "profile this device and pick its LoRA rank tier"),
-    "bench": ("edge_client.cli_bench", "per-rank latency and energy benchmark"),
-    "export": ("exporter.cli", "export trainable ExecuTorch / ONNX Runtime artifacts per rank"),
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # its add_arguments(parser) and run(args) -> int
+    help: str  # one line in `hetlora --help`
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("server_stub.cli", "run the aggregation server"),
+    "client": Command("edge_client.cli_client", "run the edge client against a server"),
+    "demo": Command("simulation.cli_demo", "simulate a heterogeneous fleet on loopback (the main job)"),
+    "partition": Command("edge_client.cli_partition", "split a dataset non-IID across clients"),
+    "evaluate": Command("edge_client.cli_evaluate", "evaluate a global adapter on a test file"),
+    "generate": Command("edge_client.cli_generate", "answer a prompt with the base model plus an adapter (streaming)"),
+    "model": Command("hetlora.models.cli", "list the bundled base models, install (convert) them"),
+    "peft": Command("edge_client.cli_peft", "convert adapters to and from Hugging Face PEFT"),
+    "profile": Command("edge_client.cli_profile", "profile this device and pick its LoRA rank tier"),
+    "bench": Command("edge_client.cli_bench", "per-rank latency and energy benchmark"),
+    "export": Command("exporter.cli", "export trainable ExecuTorch / ONNX Runtime artifacts per rank"),
 }
+
+
+def load(name: str) -> ModuleType:
+    """The module of command `name`, imported by name (ModuleNotFoundError when its extra is not installed)."""
+    return importlib.import_module(COMMANDS[name].module)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -64,10 +81,6 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
-def _available_commands() -> dict[str, tuple[str, str]]:
-    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0].split(".")[0]) is not None}
-
-
 def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
     """-v / -q, accepted before and after the subcommand, nested ones too (SUPPRESS: a subcommand never resets
     them)."""
@@ -88,22 +101,19 @@ def _add_nested_verbosity_flags(parser: argparse.ArgumentParser) -> None:
                 _add_nested_verbosity_flags(nested)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(loaded=None) -> argparse.ArgumentParser:
+    """The command's parser: every command listed, the arguments and run of the `loaded` ones (default: all)."""
     parser = Parser(
         prog="hetlora", description="hetlora-edge: federated LoRA fine-tuning on heterogeneous edge devices.")
     add_verbosity_flags(parser)
     parser.add_argument("--version", action="version", version=f"hetlora-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in _available_commands().items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # The part exists but its optional dependency is missing: keep --help working.
-            p = sub.add_parser(name, help=f"{help_text} (unavailable: {exc.name} not installed)")
-            add_verbosity_flags(p)
-            p.set_defaults(_unavailable=exc.name)
+    for name, command in COMMANDS.items():
+        if loaded is not None and name not in loaded:
+            sub.add_parser(name, help=command.help)
             continue
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+        module = load(name)
+        p = sub.add_parser(name, help=command.help, description=(module.__doc__ or command.help).strip(),
                            epilog=help_epilog(name) if name in ENV_FLAGS else None)
         add_verbosity_flags(p)
         module.add_arguments(p)
@@ -116,9 +126,23 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
+def _missing_package(command: str, exc: ModuleNotFoundError) -> int:
+    """Exit status 2 with the extra that installs the missing package; re-raised if no extra installs it."""
+    message = missing_extra_message(command, exc.name)
+    if message is None:
+        raise exc
+    print(message, file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    at = command_index(argv, COMMANDS)
+    name = argv[at] if at is not None else None
+    try:
+        parser = build_parser([name] if name else [])
+    except ModuleNotFoundError as exc:
+        return _missing_package(name, exc)
     try:
         argv = expand_config(argv, _subparsers(parser))
     except UserError as exc:
@@ -130,10 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "_unavailable", None):
-        print(missing_extra_message(args.command, args._unavailable)
-              or f"hetlora {args.command}: needs the Python package '{args._unavailable}'", file=sys.stderr)
-        return 2
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's exit
@@ -143,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except ModuleNotFoundError as exc:
-        message = missing_extra_message(args.command, exc.name)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 2
+        return _missing_package(args.command, exc)
     except UserError as exc:
         print(f"hetlora {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -18,8 +18,9 @@ EXTRA_OF_MODULE = {
     "sklearn": "evaluate",
 }
 COMMAND_EXTRA = {"serve": "server", "export": "export"}
-EXTRA_MODULES = {"server": {"fastapi", "uvicorn", "starlette", "pydantic"},
-                 "export": {"executorch", "onnx", "onnxruntime", "onnxscript"}}
+MODEL_STACK = {"torch", "transformers", "tokenizers"}  # hetlora.models: in the client, server and export extras
+EXTRA_MODULES = {"server": {"fastapi", "uvicorn", "starlette", "pydantic"} | MODEL_STACK,
+                 "export": {"executorch", "onnx", "onnxruntime", "onnxscript"} | MODEL_STACK}
 
 
 def extra_for(command: str, module: str | None) -> str | None:

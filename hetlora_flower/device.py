@@ -37,6 +37,11 @@ from hetlora import argtypes
 from hetlora.errors import UserError
 from hetlora.protocol import atomic
 from hetlora.protocol.energy import Power
+from profiles.catalog import profile_for, simulated_fleet
+from edge_client.cli_client import read_profile_file
+from edge_client.device.profile import collect_profile, training_power
+from edge_client.data import load_examples
+from hetlora.models.bundled import default_model_dir
 
 
 @dataclass(frozen=True)
@@ -60,29 +65,20 @@ class NodeSettings:
         if self.fleet_seed is not None:
             return _fleet(self.fleet_size, self.fleet_seed)[self.fleet_index]
         if self.device:
-            from profiles.catalog import profile_for
-
             return profile_for(self.device)
         if self.profile_file:
-            from edge_client.cli_client import read_profile_file
-
             return read_profile_file(self.profile_file)
-        from edge_client.device.profile import collect_profile
 
         return collect_profile(quick=True)
 
     def power(self, profile: dict) -> Power:
         """The power figure of this node's energy estimates, as `hetlora client` finds it (`watts`, else the
         catalog device `profile` names, else unknown)."""
-        from edge_client.device.profile import training_power
-
         return training_power(self.watts, profile)
 
 
 @functools.lru_cache(maxsize=2)
 def _fleet(size: int, seed: int) -> list[dict]:
-    from profiles.catalog import simulated_fleet
-
     return simulated_fleet(size, seed)
 
 
@@ -170,9 +166,6 @@ class LocalNodes:
         self._nodes: dict[tuple, LocalNode] = {}
 
     def node(self, settings: NodeSettings, run: dict) -> LocalNode:
-        from edge_client.data import load_examples
-        from edge_client.models import default_model_dir
-
         model_dir = settings.model_dir or default_model_dir(run["task"])
         trainer_key = (str(model_dir), settings.backend, settings.artifacts_dir, run["spec_fingerprint"],
                        run["lora_alpha"])

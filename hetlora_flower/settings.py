@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from hetlora.errors import UserError
+from hetlora.engine.run_options import add_run_arguments, build_config
 
 RENAMED = {"num-server-rounds": "rounds", "rule": "aggregator"}
 FLOWER_ONLY = ("output-dir", "partition-dir")
@@ -47,8 +48,6 @@ def serve_arguments(run_config: dict) -> list[str]:
 
 def server_config(run_config: dict):
     """ServerConfig of a Flower run (UserError with one line for a bad key or value)."""
-    from hetlora.engine.run_options import add_run_arguments, build_config
-
     parser = _Parser(prog="flower run config", add_help=False)
     add_run_arguments(parser)
     return build_config(parser.parse_args(serve_arguments(run_config)))

@@ -1,4 +1,4 @@
-"""Predicted peak memory (resident set) of LoRA training with the torch backend.
+"""Predicted peak memory (resident set) of LoRA training, per training backend.
 
     peak = runtime + weights + workspace * activations + trainable * bytes * (1 + 1 + optimizer_slots)
 
@@ -9,7 +9,8 @@
       per layer = bytes * (c_h * b*s*h + c_kv * b*s*kv + c_i * b*s*I + c_att * b*a*s^2 + n_lora * b*s*r)
   with per-architecture counts (`ACTIVATION_COUNTS`), plus the output head's logits for a causal LM:
   f*b*s*V, the head running only at the f share of positions that have a target (a chat reply is about a
-  third of its row, a plain-text row all of it; TARGET_FRACTION when unknown).
+  third of its row, a plain-text row all of it; TARGET_FRACTION when unknown). The artifact backends
+  (onnx, executorch) have fixed shapes and run the head at every position: f = 1 for them.
   b batch, s sequence, h hidden, kv key/value width, I FFN width, a heads, r rank.
 - workspace: peak RSS per byte of saved activations (activation gradients alive during backward,
   temporaries and what the allocator keeps); a measured factor per architecture.
@@ -56,6 +57,8 @@ ARCHITECTURES = {"bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": 
 RUNTIME_BYTES = 464_000_000
 WORKSPACE_FACTORS = {"bert": 1.97, "llama": 1.70}
 TARGET_FRACTION = 0.5
+BACKENDS = ("torch", "onnx", "executorch")
+HEAD_AT_EVERY_POSITION = frozenset({"onnx", "executorch"})
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,8 @@ def predict_peak_memory(shape: ModelShape, rank: int, batch: int, seq_len: int, 
                         lora_modules: int | None = None, dense_params: int = 0, dtype: str = "float32",
                         optimizer: str = "adamw", task: str = "classification",
                         target_fraction: float = TARGET_FRACTION, runtime_bytes: int = RUNTIME_BYTES,
-                        workspace_factor: float | None = None) -> MemoryEstimate:
-    """Peak training memory for one configuration (formula in the module docstring).
+                        workspace_factor: float | None = None, backend: str = "torch") -> MemoryEstimate:
+    """Peak training memory for one configuration (formula in the module docstring), on `backend`.
 
     `lora_params` / `lora_modules` (total adapted modules) come from an AdapterSpec when one is known
     (`spec.lora_parameter_count(rank)`, `len(spec.modules)`); by default every linear layer of every block.
@@ -172,6 +175,10 @@ def predict_peak_memory(shape: ModelShape, rank: int, batch: int, seq_len: int, 
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if optimizer not in OPTIMIZER_SLOTS:
         raise UserError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_SLOTS)}")
+    if backend not in BACKENDS:
+        raise UserError(f"unknown training backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in HEAD_AT_EVERY_POSITION:
+        target_fraction = 1.0
     if lora_params is None:
         lora_params = shape.default_lora_params(rank)
     if lora_modules is None:

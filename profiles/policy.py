@@ -6,8 +6,8 @@ decision, the adapter spec and the policy (the task's packaged tiers file or a u
 rank with non-decreasing batch and sequence length, so every cost below grows with the tier and the feasible
 tiers are a prefix of the list:
 
-1. memory: predicted peak (profiles.memory_model) <= usable bytes * safety factor of the platform;
-   if no tier fits, no-train;
+1. memory: predicted peak (profiles.memory_model, for the profile's `compute.training_backend`, torch when
+   absent) <= usable bytes * safety factor of the platform; if no tier fits, no-train;
 2. compute: local steps per round (the run's) * step time <= round_compute_budget_s; the step time is the measured
    `compute.lora_step_s` (taken at the lowest tier) scaled by FLOPs, else FLOPs (profiles.cost) /
    (sustained GFLOPS, measured or from the catalog, * training_efficiency);
@@ -172,7 +172,8 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
     usable = _usable_memory(profile)
     speed = _speed(profile, tiers)
     upload_mbps = (profile.get("network") or {}).get("upload_mbps")
-    costs = [None] + [_costs(t, model, spec, policy, speed, upload_mbps) for t in tiers[1:]]
+    backend = (profile.get("compute") or {}).get("training_backend") or "torch"
+    costs = [None] + [_costs(t, model, spec, policy, speed, upload_mbps, backend) for t in tiers[1:]]
 
     if usable is None:
         return _decision(tiers[0], reasons + ["memory: usable memory unknown (the profile has no memory figures); "
@@ -191,7 +192,7 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
                 break
         return best
 
-    reasons.append(_memory_reason(tiers, costs, usable, factor))
+    reasons.append(_memory_reason(tiers, costs, usable, factor, backend))
     if costs[1].memory > usable * factor:
         return _decision(tiers[0], reasons + ["no-train: the smallest tier does not fit in memory"])
     reasons.append(_compute_reason(tiers, costs, th, speed))
@@ -247,7 +248,7 @@ _PROFILE_FIELDS = {
     "identity.platform": (str,), "identity.catalog_id": (str,),
     "memory.usable_bytes": (int, float), "memory.available_bytes": (int, float),
     "memory.cgroup_limit_bytes": (int, float),
-    "compute.lora_step_s": (int, float), "compute.sustained_gflops": (int, float),
+    "compute.lora_step_s": (int, float), "compute.sustained_gflops": (int, float), "compute.training_backend": (str,),
     "battery.present": (bool,), "battery.plugged": (bool,), "battery.percent": (int, float),
     "thermal.max_c": (int, float), "cpu.throttled": (bool,), "network.upload_mbps": (int, float),
 }
@@ -292,12 +293,13 @@ def _lora_params(t: Tier, model: ModelShape, spec) -> tuple[int, int, int]:
     return model.default_lora_params(t.rank), model.layers * len(model.default_lora_modules()), 0
 
 
-def _costs(t: Tier, model: ModelShape, spec, policy: dict, speed: _Speed, upload_mbps) -> _Costs:
+def _costs(t: Tier, model: ModelShape, spec, policy: dict, speed: _Speed, upload_mbps, backend: str) -> _Costs:
     lora, modules, dense = _lora_params(t, model, spec)
     memory = predict_peak_memory(model, t.rank, t.batch_size, t.seq_len, lora_params=lora, lora_modules=modules,
                                  dense_params=dense, dtype=policy.get("training", {}).get("dtype", "float32"),
                                  optimizer=policy.get("training", {}).get("optimizer", "adamw"),
-                                 task=spec.task if spec is not None else "classification").total
+                                 task=spec.task if spec is not None else policy["model"].get("task", "classification"),
+                                 backend=backend).total
     flops = cost.step_flops(model, t.batch_size, t.seq_len, lora)
     if speed.step_s is not None:
         lowest = tiers_of(policy)[1]
@@ -311,13 +313,13 @@ def _costs(t: Tier, model: ModelShape, spec, policy: dict, speed: _Speed, upload
     return _Costs(memory, step_s, upload_s)
 
 
-def _memory_reason(tiers, costs, usable, factor) -> str:
+def _memory_reason(tiers, costs, usable, factor, backend: str) -> str:
     budget = usable * factor
     fits = [i for i in range(1, len(tiers)) if costs[i].memory <= budget]
     i = fits[-1] if fits else 1
     t, sign = tiers[i], "≥" if fits else "<"
     text = (f"memory: {usable / GB:.2f} GB usable × {factor} {sign} {costs[i].memory / GB:.2f} GB predicted "
-            f"for rank {t.rank} batch {t.batch_size} seq {t.seq_len}")
+            f"for rank {t.rank} batch {t.batch_size} seq {t.seq_len} on {backend}")
     if fits and i < len(tiers) - 1:
         nxt = tiers[i + 1]
         text += f"; {nxt.name} needs {costs[i + 1].memory / GB:.2f} GB (batch {nxt.batch_size} seq {nxt.seq_len})"

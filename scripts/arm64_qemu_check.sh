@@ -144,7 +144,7 @@ import shutil, sys
 from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel
-from edge_client.models import default_model_dir
+from hetlora.models.bundled import default_model_dir
 out = Path(sys.argv[1])
 torch.manual_seed(0)
 BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -173,7 +173,7 @@ import sys, time
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 from edge_client.lora import inject_lora, lora_layers
-from edge_client.models import default_targets
+from hetlora.models.folders import default_targets
 folder = sys.argv[1]
 torch.manual_seed(0)
 tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -7,7 +7,11 @@ import threading
 import time
 from pathlib import Path
 
+import uvicorn
+
 from hetlora.engine.config import ServerConfig
+from server_stub.app import create_app
+from server_stub.cli import bind_socket
 
 
 @contextlib.contextmanager
@@ -17,11 +21,6 @@ def serve_in_background(config: ServerConfig, state_dir: str | Path, host: str =
 
     `enrollment`: a server_stub.enrollment.Enrollment (default: open, loopback exempt from the rate limit);
     `access`, `trusted_proxies`: as create_app."""
-    import uvicorn
-
-    from server_stub.app import create_app
-    from server_stub.cli import bind_socket
-
     app = create_app(config, state_dir, enrollment, access, trusted_proxies)
     sock = bind_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, proxy_headers=False))

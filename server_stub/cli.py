@@ -16,6 +16,10 @@ from pathlib import Path
 from hetlora.config_file import add_config_option
 from hetlora.engine.run_options import add_run_arguments, build_config, model_dir_of
 from hetlora.errors import UserError
+from hetlora.protocol.atomic import write_bytes
+from hetlora.secret_file import read_secret
+from server_stub.enrollment import Enrollment, is_loopback, read_names
+from server_stub.read_access import ReadAccess
 
 log = logging.getLogger("hetlora.server")
 
@@ -59,7 +63,8 @@ def result_writer(state_dir: Path, model_dir: Path, config):
     """on_finished for `serve`: the last global as <state-dir>/final/global.safetensors and final/peft/, logged."""
 
     def write(data: bytes) -> None:
-        from edge_client.peft_export import save_result
+        # the model stack (torch, transformers) at the run's end, not for --help
+        from hetlora.models.peft_folder import save_result
 
         try:
             wire, peft = save_result(data, state_dir / "final", model_dir=model_dir, task=config.spec.task,
@@ -105,8 +110,6 @@ def check_tls(certfile: str | None, keyfile: str | None) -> bool:
 
 def write_server_info(state_dir: Path, host: str, port: int, tls: bool = False) -> str:
     """Write <state-dir>/server.json ({"url", "host", "port", "pid"}) atomically; return the URL."""
-    from hetlora.protocol.atomic import write_bytes
-
     url_host = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{url_host}:{port}"
     info = {"url": url, "host": host, "port": port, "pid": os.getpid()}
@@ -116,9 +119,6 @@ def write_server_info(state_dir: Path, host: str, port: int, tls: bool = False) 
 
 def build_enrollment(args: argparse.Namespace):
     """Enrollment from the arguments; warns loudly when an open server listens beyond loopback."""
-    from hetlora.secret_file import read_secret
-    from server_stub.enrollment import Enrollment, is_loopback, read_names
-
     secret = read_secret(args.enroll_secret_file) if args.enroll_secret_file else args.enroll_secret
     if secret is not None and not secret.strip():
         raise UserError("--enroll-secret must not be empty")
@@ -134,18 +134,15 @@ def build_enrollment(args: argparse.Namespace):
 
 def build_access(args: argparse.Namespace):
     """Who may read (server_stub.read_access.ReadAccess) from --admin-token-file and --public-status."""
-    from hetlora.secret_file import read_secret
-    from server_stub.read_access import ReadAccess
-
     token = read_secret(args.admin_token_file, "admin token") if args.admin_token_file else None
     return ReadAccess(admin_token=token, public=args.public_status)
 
 
 def run(args: argparse.Namespace) -> int:
+    # the server extra (FastAPI, uvicorn) when serving: --help works without it
     import uvicorn
 
     from server_stub.app import create_app
-    from server_stub.enrollment import is_loopback
 
     state_dir = Path(args.state_dir)
     (state_dir / "server.json").unlink(missing_ok=True)

@@ -14,16 +14,17 @@ import time
 from dataclasses import replace
 
 from hetlora.protocol.head_stats import class_statistics
+from hetlora.models.adapter_spec import derive_spec
+from edge_client.training import TorchTrainer
+from hetlora.engine.aggregation import make_rule
+from hetlora.engine.head_round import initial_global
+from simulation.demo import RoundRow, model_task
+from edge_client.head_fit import fit_head, logit_adjustment
+from hetlora.protocol.spec import linear_head
 
 
 def centralized_run(cfg, fleet, on_row) -> list:
     """Rows of RoundRow for round 0 (and the head rounds' end) and every LoRA round, at the largest rank."""
-    from edge_client.models import derive_spec
-    from edge_client.training import TorchTrainer
-    from hetlora.engine.aggregation import make_rule
-    from hetlora.engine.head_round import initial_global
-    from simulation.demo import RoundRow, model_task
-
     task = model_task(cfg.task)
     rank = max(cfg.ranks)
     labels = fleet.labels
@@ -62,9 +63,6 @@ def centralized_run(cfg, fleet, on_row) -> list:
 
 def fitted_head(adapter, spec, features, targets, class_counts, cfg):
     """`adapter` with its head fitted on the pooled frozen features for head_rounds x head_epochs epochs."""
-    from edge_client.head_fit import fit_head, logit_adjustment
-    from hetlora.protocol.spec import linear_head
-
     weight_name, bias_name, _, _ = linear_head(spec)
     training = cfg.training
     fit = fit_head(adapter.dense[weight_name], adapter.dense[bias_name], features, targets,

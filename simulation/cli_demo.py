@@ -13,6 +13,8 @@ macro-F1 on the test set. About 4 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,11 @@ from hetlora.demo_data import banking77
 from hetlora.protocol.settings import LR_DECAYS
 from hetlora.engine.aggregation import RULES
 from hetlora.engine.aggregation.robust import ROBUST
-from simulation.demo import CHAT_TRAINING, DEMO_TRAINING, TASKS, DemoConfig
+from simulation.demo import (CHAT_TRAINING, DEMO_TRAINING, DemoConfig, TASKS, federated_run, format_table, methods_for,
+                             model_task, plot_rows, rows_json)
+from hetlora.models.bundled import default_model_dir
+from hetlora.models.folders import check_model_dir
+from simulation.energy import write_energy
 
 # Rows of each chat evaluation set: a 135M model scores about 100 rows in 15 s on one busy core.
 CHAT_EVAL_ROWS = 100
@@ -95,9 +101,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """The run's DemoConfig: the flags given, the task's defaults for the rest."""
-    from edge_client.models import check_model_dir, default_model_dir
-    from simulation.demo import model_task
-
     defaults = TASK_DEFAULTS[args.task]
     base = defaults["training"]
     given = {"steps": args.local_steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
@@ -123,14 +126,10 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import logging
-
+    # torch and transformers load when the command runs: its --help and argument errors stay instant
     import torch
 
     from simulation.centralized import centralized_run
-    from simulation.demo import federated_run, format_table, methods_for, plot_rows, rows_json
-    from simulation.energy import write_energy
     from simulation.fleets import prepare_fleet
 
     log = logging.getLogger("hetlora.demo")

@@ -22,6 +22,7 @@ from edge_client.server_api import ServerAPI
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import decode
 from hetlora.errors import UserError
+from hetlora.plots import line_plot
 
 log = logging.getLogger("hetlora.demo")
 # The demo's local training: short cosine rounds with a warm-up; after the head rounds the LoRA factors learn at
@@ -203,8 +204,9 @@ def start_clients(cfg: DemoConfig, fleet, url: str, run_dir: Path) -> list:
 
 
 def save_global(data: bytes, run_dir: Path, model_dir: str, task: str, labels: list[str] | None) -> None:
-    """The final global adapter in the wire format and as a PEFT folder (edge_client.peft_export)."""
-    from edge_client.peft_export import save_result
+    """The final global adapter in the wire format and as a PEFT folder (hetlora.models.peft_folder)."""
+    # the model stack, only when the run's result is written
+    from hetlora.models.peft_folder import save_result
 
     wire, peft = save_result(data, run_dir, model_dir=model_dir, task=task, labels=labels)
     log.info("final global adapter: %s (wire) and %s (PEFT)", wire, peft)
@@ -256,8 +258,6 @@ def rows_json(rows: list[RoundRow]) -> list[dict]:
 
 def plot_rows(rows: list[RoundRow], path: Path, task: str = "classification") -> Path | None:
     """The task's metrics against the round, one line per method."""
-    from hetlora.plots import line_plot
-
     metrics = [(key, title) for key, title, _ in METRICS[task] if any(getattr(r, key) is not None for r in rows)]
     series: dict[str, tuple[list, list]] = {}
     for r in rows:

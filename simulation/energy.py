@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hetlora.plots import line_plot
+
 # The quality the energy plot shows per task: the RoundRow field and its axis label.
 QUALITY = {"classification": ("accuracy", "test accuracy"), "chat": ("perplexity", "held-out perplexity")}
 NOTE = "estimated: each device's watts (--watts or its catalog figure) x its measured training seconds"
@@ -80,8 +82,6 @@ def format_tiers(summary: dict) -> str:
 
 def plot_energy(rows: list, path: Path, task: str) -> Path | None:
     """The task's metric against the cumulative fleet energy, one line per method."""
-    from hetlora.plots import line_plot
-
     key, label = QUALITY[task]
     series = {method: ([r.energy_j for r in runs], [[getattr(r, key) for r in runs]])
               for method, runs in by_method(rows).items()}

@@ -18,6 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from hetlora.errors import UserError
+from edge_client.data import label_column_of, load_examples, read_rows
+from edge_client.evaluate import Evaluator
+from edge_client.partition import dirichlet_partition, iid_partition, summarize, write_rows
+from hetlora.labels import read_labels
+from edge_client.chat_split import split_by_user
+from hetlora.chitchat import chitchat_rows
+from profiles.catalog import simulated_fleet
+from hetlora.models.adapter_spec import derive_spec
+from profiles.memory_model import ModelShape
+from profiles.policy import decide_tier
 
 log = logging.getLogger("hetlora.demo")
 
@@ -58,11 +68,6 @@ def prepare_fleet(cfg, eval_rows: int | None = None) -> Fleet:
 
 
 def prepare_classification_fleet(cfg, eval_rows: int | None = None) -> Fleet:
-    from edge_client.data import label_column_of, load_examples, read_rows
-    from edge_client.evaluate import Evaluator
-    from edge_client.partition import dirichlet_partition, summarize
-    from hetlora.labels import read_labels
-
     labels = list(read_labels(cfg.labels))
     columns, rows = read_rows(cfg.data)
     column = label_column_of(columns, cfg.label_column, cfg.data)
@@ -78,7 +83,7 @@ def prepare_classification_fleet(cfg, eval_rows: int | None = None) -> Fleet:
     test_file = cfg.test
     if held_out:
         test_file = cfg.out / "data" / f"validation{suffix}"
-        _write(test_file, columns, held_out)
+        write_rows(test_file, columns, held_out)
     test = _subset(load_examples(test_file, "classification", labels, **columns_kw), eval_rows, cfg.seed)
     evaluator = Evaluator(cfg.model_dir, "classification", labels)
     log.info("%d clients, %d training rows split non-IID (alpha %.2f), %d %s rows", cfg.clients, len(rows),
@@ -92,16 +97,9 @@ def prepare_classification_fleet(cfg, eval_rows: int | None = None) -> Fleet:
 
 
 def prepare_chat_fleet(cfg, eval_rows: int | None = None) -> Fleet:
-    from edge_client.chat_split import split_by_user
-    from edge_client.data import load_examples, read_rows
-    from edge_client.evaluate import Evaluator
-    from edge_client.partition import iid_partition
-
     if cfg.data:
         columns, rows = read_rows(cfg.data)
     else:
-        from hetlora.chitchat import chitchat_rows
-
         rows = chitchat_rows()
         columns = list(rows[0])
     (cfg.out / "data").mkdir(parents=True, exist_ok=True)
@@ -126,7 +124,7 @@ def prepare_chat_fleet(cfg, eval_rows: int | None = None) -> Fleet:
     examples = {}
     for key, chosen in sets.items():
         path = cfg.out / "data" / f"{key}.jsonl"
-        _write(path, list(dict.fromkeys(k for r in chosen for k in r)), chosen)
+        write_rows(path, list(dict.fromkeys(k for r in chosen for k in r)), chosen)
         examples[key] = _subset(load_examples(path, "causal-lm"), eval_rows, cfg.seed)
     evaluator = Evaluator(cfg.model_dir, "causal-lm")
     log.info("%d devices, split %s; evaluation on %s", cfg.clients, how,
@@ -155,32 +153,22 @@ def _suffix(data) -> str:
     return ".jsonl" if Path(data).suffix.lower() == ".jsonl" else ".csv"
 
 
-def _write(path: Path, columns: list[str], rows: list[dict]) -> None:
-    from edge_client.partition import write_rows
-
-    write_rows(path, columns, rows)
-
-
 def _write_parts(cfg, columns: list[str], client_rows: list[list[dict]], suffix: str) -> list[Path]:
     (cfg.out / "data").mkdir(parents=True, exist_ok=True)
     parts = [cfg.out / "data" / f"client_{k:03d}{suffix}" for k in range(len(client_rows))]
     for path, rows in zip(parts, client_rows):
-        _write(path, columns, rows)
+        write_rows(path, columns, rows)
     return parts
 
 
 def _pooled(cfg, columns, rows, suffix: str, task: str, labels, **columns_kw):
-    from edge_client.data import load_examples
-
     path = cfg.out / "data" / f"pooled{suffix}"
-    _write(path, columns, rows)
+    write_rows(path, columns, rows)
     return load_examples(path, task, labels, **columns_kw)
 
 
 def _profiles(cfg) -> list[Path]:
     """Catalog device profiles for the fleet, one file each (simulated_fleet: seeded)."""
-    from profiles.catalog import simulated_fleet
-
     (cfg.out / "fleet").mkdir(parents=True, exist_ok=True)
     paths = []
     for k, doc in enumerate(simulated_fleet(cfg.clients, cfg.seed)):
@@ -192,10 +180,6 @@ def _profiles(cfg) -> list[Path]:
 def _tiers(cfg, profiles: list[Path], task: str, num_labels: int | None = None) -> dict:
     """Each device's tier under the task's packaged policy, as the server decides at registration (the same
     policy, model shape and local steps); those it rules out are logged with the reason."""
-    from edge_client.models import derive_spec
-    from profiles.memory_model import ModelShape
-    from profiles.policy import decide_tier
-
     spec = derive_spec(cfg.model_dir, task, num_labels=num_labels)
     shape = ModelShape.from_model_dir(cfg.model_dir)
     tiers = {path.stem: decide_tier(json.loads(path.read_text()), spec=spec, model=shape, steps=cfg.training.steps)

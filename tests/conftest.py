@@ -21,7 +21,7 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from edge_client.models import default_model_dir as find
+    from hetlora.models.bundled import default_model_dir as find
 
     return find()
 
@@ -46,7 +46,7 @@ def tiny_bert_dir(tmp_path_factory, default_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The installed SmolLM2-135M-Instruct folder (the causal-lm default, converted by `make install`)."""
-    from edge_client.models import default_model_dir as find
+    from hetlora.models.bundled import default_model_dir as find
 
     return find("causal-lm")
 
@@ -142,7 +142,7 @@ def tiny_llama_artifacts(tmp_path_factory, tiny_llama_dir) -> Path:
 def spec(tiny_bert_dir):
     """The tiny BERT's adapter spec for a 3-label classification run with LoRA on query and value
     (tests.helpers.server's LABELS and TARGETS), the spec of every server test's run."""
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from tests.helpers.server import LABELS, TARGETS
 
     return derive_spec(tiny_bert_dir, "classification", TARGETS, num_labels=len(LABELS))

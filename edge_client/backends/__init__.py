@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from hetlora.errors import UserError
+from edge_client.backends.select import choose_backend
 
 log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx", "executorch", "auto")
@@ -22,10 +23,9 @@ def make_trainer(backend: str, *, model_dir, task: str, labels=None, targets=Non
     `pooling`: the run's classification pooling (artifacts also carry theirs in their spec fingerprint).
     """
     if backend == "auto":
-        from edge_client.backends.select import choose_backend
-
         backend, reason = choose_backend(has_artifacts=artifacts_dir is not None)
         log.info("backend auto -> %s: %s", backend, reason)
+    # The trainers are imported when one is made: every submodule's import (artifacts, select) runs this file.
     if backend == "torch":
         from edge_client.training import TorchTrainer
 

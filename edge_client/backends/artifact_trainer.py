@@ -23,14 +23,18 @@ import numpy as np
 
 from hetlora.protocol import adapter_ops
 from edge_client.backends.artifacts import Artifact, load_manifest
-from edge_client.data import EncodingCache, Examples, load_tokenizer
-from edge_client.models import model_hash
+from edge_client.data import EncodingCache, Examples
+from hetlora.models.folders import model_hash
+from hetlora.models.task_model import dense_parameter_names, load_task_model, load_tokenizer
 from edge_client.objective import IGNORE
 from hetlora.protocol.lora_rules import lora_scale
 from edge_client.train_config import RoundResult, run_steps, self_pruned
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter
 from hetlora.errors import UserError
+from edge_client.head_features import pooled_features
+from edge_client.training import evaluation_batches
+from edge_client.backends.client_optimizer import ClientOptimizer
 
 if TYPE_CHECKING:
     import torch
@@ -86,9 +90,6 @@ class ArtifactTrainer:
     def frozen_features(self, examples: Examples, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) under the frozen base model, computed with torch (an artifact has no features
         output); the model is loaded for this call and dropped after."""
-        from edge_client.head_features import pooled_features
-        from edge_client.models import dense_parameter_names, load_task_model
-
         if self.task != "classification":
             raise UserError("head initialisation is for classification runs only")
         model = load_task_model(self.model_dir, self.task, len(self.labels), pooling=self.pooling)
@@ -115,8 +116,6 @@ class ArtifactTrainer:
     def train_round(self, start: Adapter, examples: Examples, cfg: TrainingSettings, *, rank: int, indices=None,
                     mode: str = "plain", on_step: Callable[[int, float], None] | None = None) -> RoundResult:
         """Load `start` (wire form), train, prune (hetlora), return the upload in wire form; see TorchTrainer."""
-        from edge_client.training import evaluation_batches
-
         t0 = time.perf_counter()
         if mode == "plora":
             raise UserError(f"the {self.backend} backend cannot run Fed-PLoRA (Select-N-Fold changes the frozen "
@@ -164,8 +163,6 @@ class ArtifactTrainer:
 
     def _step_function(self, cfg: TrainingSettings, rank: int, tail: np.ndarray, lam: float) -> Callable[[dict], float]:
         """A fresh optimiser of the plan over the engine's parameters (the head at head_lr), and one step."""
-        from edge_client.backends.client_optimizer import ClientOptimizer
-
         engine = self.engine
         head = {name for name, wire in self.manifest.parameters.items() if not is_factor(wire)}
         optimizer = ClientOptimizer(engine.parameters(), head, cfg)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hetlora.errors import UserError
+from hetlora.protocol.settings import TrainingSettings
 
 FORMAT = "hetlora-artifacts"
 FORMAT_VERSION = 2
@@ -124,8 +125,6 @@ class Manifest:
         """UserError (one line) when the server's `run` (GET /v1/run) is not one these artifacts serve: another task,
         base model or spec fingerprint, or local training settings (the run's, with the client's `overrides`)
         larger than the exported batch x seq_len. Checked before the client registers."""
-        from hetlora.protocol.settings import TrainingSettings
-
         problems = [f"{what} ({self.doc.get(key)} != {run[key]})" for key, what in
                     (("task", "task"), ("model_hash", "base model hash"), ("spec_fingerprint", "spec fingerprint"))
                     if run.get(key) is not None and self.doc.get(key) != run[key]]

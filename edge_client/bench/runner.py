@@ -24,6 +24,9 @@ from edge_client.device.energy import EnergyMeter, EnergyResult, combine
 from edge_client.device.host import Host
 from edge_client.device.sampling import BackgroundSampler
 from hetlora.errors import UserError
+from edge_client.device.cpu import read_cpu
+from edge_client.device.thermal import read_thermal
+from hetlora.output import show_progress
 
 log = logging.getLogger("hetlora.bench")
 
@@ -75,9 +78,6 @@ class RssHighWater(BackgroundSampler):
 
 def conditions(host: Host) -> dict:
     """Hottest thermal zone, current highest CPU clock and throttling state (None where unreadable)."""
-    from edge_client.device.cpu import read_cpu
-    from edge_client.device.thermal import read_thermal
-
     cpu = read_cpu(host)
     return {"time": time.time(), "temp_c": read_thermal(host)["max_c"], "freq_mhz": cpu["freq_mhz"],
             "throttled": cpu["throttled"], "throttle_reasons": cpu["throttle_reasons"]}
@@ -103,8 +103,6 @@ def run_cells(settings: Settings, open_worker: Callable[[str], object], skip_rea
     interleaved: per repetition every rank, per rank every backend. Unavailable backends and ranks are
     skipped with the reason. A progress bar counts the segments (unless -q)."""
     from tqdm import tqdm
-
-    from hetlora.output import show_progress
 
     skipped: list[dict] = []
     workers = {}

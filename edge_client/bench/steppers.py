@@ -18,7 +18,8 @@ import numpy as np
 
 from edge_client.backends.artifacts import Manifest
 from hetlora.protocol.settings import TrainingSettings
-from hetlora.protocol.wire import Adapter
+from hetlora.protocol.wire import Adapter, decode
+from edge_client.backends import make_trainer
 
 ARTIFACT_RUNTIMES = {
     "onnx": ("onnxruntime.training", "onnxruntime-training (PyPI wheels: Linux x86_64, macOS, Windows; "
@@ -78,8 +79,6 @@ def adapter_dense(path: str) -> dict[str, np.ndarray]:
     """The dense tensors (the classification head) of the wire adapter at `path` (checked by cli_bench first)."""
     from pathlib import Path
 
-    from hetlora.protocol.wire import decode
-
     return decode(Path(path).read_bytes()).dense
 
 
@@ -89,8 +88,6 @@ class TorchStepper:
     def __init__(self, model_dir, task: str, spec, targets, num_labels: int | None, lora_alpha: float,
                  batch: dict[str, np.ndarray], head: dict[str, np.ndarray] | None = None):
         import torch
-
-        from edge_client.backends import make_trainer
 
         self.spec, self.head = spec, head or {}
         labels = [str(i) for i in range(num_labels)] if num_labels else None
@@ -106,8 +103,6 @@ class TorchStepper:
 class ArtifactStepper:
     def __init__(self, backend: str, model_dir, task: str, artifacts_dir, spec, targets, lora_alpha: float,
                  batch: dict[str, np.ndarray], head: dict[str, np.ndarray] | None = None):
-        from edge_client.backends import make_trainer
-
         self.backend, self.spec, self.head = backend, spec, head or {}
         self.trainer = make_trainer(backend, model_dir=model_dir, task=task, targets=targets,
                                     lora_alpha=lora_alpha, artifacts_dir=artifacts_dir)

@@ -18,6 +18,8 @@ import sys
 import time
 
 from hetlora.errors import UserError
+from edge_client.bench.runner import RssHighWater
+from hetlora.output import configure
 
 
 class BackendWorker:
@@ -62,8 +64,6 @@ class BackendWorker:
 def timed_steps(step, min_steps: int, min_seconds: float) -> dict:
     """Run `step` until at least `min_steps` steps and `min_seconds` passed; step times and this process's
     RSS high-water over them."""
-    from edge_client.bench.runner import RssHighWater
-
     seconds: list[float] = []
     with RssHighWater() as rss:
         began = time.perf_counter()
@@ -76,10 +76,11 @@ def timed_steps(step, min_steps: int, min_seconds: float) -> dict:
 
 def open_from_config(config: dict):
     """The stepper of config["backend"] (edge_client.bench.steppers), at config["threads"] torch threads."""
+    # imported here, after main() pointed fd 1 at stderr: nothing a library prints on import reaches the replies
     import torch
 
     from edge_client.bench import steppers
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
 
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
@@ -121,8 +122,6 @@ def serve(config: dict, replies) -> None:
 
 
 def main() -> None:
-    from hetlora.output import configure
-
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     config = json.loads(sys.argv[1])

@@ -12,6 +12,11 @@ from __future__ import annotations
 import statistics
 import time
 
+from edge_client.data import Examples
+from hetlora.models.bundled import default_model_dir
+from hetlora.protocol.settings import TrainingSettings
+from edge_client.model_check import head_labels
+
 SHORT = {"peak_s": 1.0, "sustained_s": 2.0}
 FULL = {"peak_s": 5.0, "sustained_s": 55.0}
 BURST_S = 0.1
@@ -50,11 +55,8 @@ def lora_step_seconds(model_dir=None, task: str = "classification", *, rank: int
     backend. Runs `steps` real steps on full-length synthetic rows (causal-lm: chat rows, the reply a third of
     the row); the first is warm-up and excluded. A classification head saved in the folder is trained as it is.
     """
-    from edge_client.data import Examples
+    # the torch training stack, like torch above, only when measuring
     from edge_client.lora import extract_adapter, set_rank
-    from edge_client.model_check import head_labels
-    from edge_client.models import default_model_dir
-    from hetlora.protocol.settings import TrainingSettings
     from edge_client.training import TorchTrainer
 
     if steps < 2:

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, replace
 from edge_client.device.host import Host
 from edge_client.device.sources import choose_source, discover_sources, estimate_source
 from edge_client.device.sources.base import PowerSource, Unreadable
+from edge_client.device.identity import read_identity
+from edge_client.device.profile import catalog_power_figure, match_catalog
 
 STATUSES = ("measured", "estimated", "unavailable")
 
@@ -225,9 +227,6 @@ def meter_for(host: Host | str | os.PathLike = "/", *, catalog_id: str | None = 
     full-load figure (`user_watts`, P = user_watts x CPU utilisation), the catalog's figure for the
     device (matched by identity unless `catalog_id` is given) or the RAPL power limit; else an
     always-unavailable meter whose note says why."""
-    from edge_client.device.identity import read_identity
-    from edge_client.device.profile import catalog_power_figure, match_catalog
-
     host = Host.of(host)
     if user_watts is not None:
         estimate = estimate_source(host, {"idle_w": 0.0, "load_w": user_watts}, "--watts")

@@ -23,6 +23,8 @@ from edge_client.device.sources import discover_sources
 from edge_client.device.thermal import read_thermal
 from hetlora.errors import UserError
 from hetlora.protocol.energy import Power
+from profiles.catalog import device, match_catalog_id
+from profiles.policy import load_policy, packaged_policy, tiers_of
 
 SCHEMA, VERSION = "hetlora-profile", 1
 SECTIONS = ("identity", "cpu", "memory", "battery", "power_sources", "thermal", "compute", "network")
@@ -38,7 +40,6 @@ def match_catalog(identity: dict) -> str | None:
     """The catalog device this identity matches (profiles.catalog), or None."""
     if not _installed("catalog"):
         return None
-    from profiles.catalog import match_catalog_id
 
     return match_catalog_id(identity)
 
@@ -47,7 +48,6 @@ def catalog_power_figure(catalog_id: str | None) -> dict | None:
     """{"idle_w", "load_w"} of a catalog device (its typical training power), or None."""
     if not catalog_id or not _installed("catalog"):
         return None
-    from profiles.catalog import device
 
     power = device(catalog_id)["power"]
     return {"idle_w": power["idle_w"], "load_w": power["typical_training_w"]}
@@ -73,7 +73,6 @@ def lowest_tier(policy_file=None, task: str = "classification") -> dict:
     (`policy_file`, default the task's installed tiers file)."""
     if not _installed("policy"):
         return dict(LOWEST_TIER)
-    from profiles.policy import load_policy, packaged_policy, tiers_of
 
     policy = load_policy(policy_file) if policy_file else packaged_policy(task)
     tier = [t for t in tiers_of(policy) if t.rank > 0][0]
@@ -117,6 +116,11 @@ def collect_profile(root: str | os.PathLike = "/", quick: bool = False, *, full:
         "compute": compute_section,
         "network": {"upload_mbps": None, "download_mbps": None},
     }
+
+
+def with_training_backend(doc: dict, backend: str) -> dict:
+    """`doc` with compute.training_backend set: the tier policy predicts this backend's training memory."""
+    return {**doc, "compute": {**(doc.get("compute") or {}), "training_backend": backend}}
 
 
 def validate_profile(doc) -> list[str]:

@@ -15,6 +15,7 @@ from hetlora.engine.aggregation.robust import Defence
 from hetlora.engine.aggregation.server_opt import ServerOptimizer
 from hetlora.errors import UserError
 from profiles.memory_model import ModelShape
+from hetlora.engine.init_adapter import check_init_adapter, init_digest
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
 DEFAULT_MAX_CLIENT_SAMPLES = 10_000_000
@@ -90,8 +91,6 @@ class ServerConfig:
         if not 0.0 <= self.head_shrinkage <= 1.0 or self.head_temperature <= 0 or self.start_clients < 0:
             raise UserError("--head-shrinkage must be in [0, 1], --head-temperature positive, --start-clients >= 0")
         if self.init_adapter is not None:
-            from hetlora.engine.init_adapter import check_init_adapter
-
             check_init_adapter(self.init_adapter, self.spec, self.global_rank, self.head_round)
 
     @property
@@ -142,8 +141,6 @@ class ServerConfig:
 
     def identity(self) -> dict:
         """What a state dir is bound to: restarting with anything else here is refused."""
-        from hetlora.engine.init_adapter import init_digest
-
         started_from = {"init_adapter": init_digest(self.init_adapter)} if self.init_adapter is not None else {}
         return started_from | {
             "model_hash": self.spec.model_hash,

@@ -21,12 +21,11 @@ import numpy as np
 from hetlora.protocol.wire import LORA_A, LORA_B, Adapter, WireFormatError, decode, validate
 from hetlora.errors import UserError
 from hetlora.engine.aggregation import make_rule
+from hetlora.protocol.peft_format import load_peft
 
 
 def read_init_adapter(path: str | Path) -> Adapter:
     """A PEFT folder or a wire-format file as a wire adapter; UserError when it is neither."""
-    from hetlora.protocol.peft_format import load_peft
-
     path = Path(path)
     if path.is_dir():
         return load_peft(path)

@@ -2,7 +2,7 @@
 `build_config` (parsed arguments -> ServerConfig), so both servers have one set of defaults and checks.
 
 The one place the engine reaches into the model layer: the AdapterSpec is derived from the model folder
-(edge_client.models, transformers on the meta device).
+(hetlora.models, transformers on the meta device).
 """
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ from hetlora.argtypes import add_renamed, positive_int_list
 from hetlora.demo_data import banking77
 from hetlora.engine.aggregation import RULES
 from hetlora.engine.aggregation.head_init import DEFAULT_SHRINKAGE, DEFAULT_TEMPERATURE
-from hetlora.engine.aggregation.robust import DEFAULT_TRIM_BETA, ROBUST
-from hetlora.engine.aggregation.server_opt import OPTIMIZERS
+from hetlora.engine.aggregation.robust import DEFAULT_TRIM_BETA, ROBUST, Defence
+from hetlora.engine.aggregation.server_opt import OPTIMIZERS, ServerOptimizer
 from hetlora.engine.config import ServerConfig
 from hetlora.errors import UserError
 from hetlora.protocol.settings import LR_DECAYS, TrainingSettings
+from profiles.policy import load_policy
+from hetlora.labels import read_labels
+from hetlora.engine.init_adapter import read_init_adapter
+from hetlora.models.bundled import default_model_dir
+from profiles.memory_model import ModelShape
 
 log = logging.getLogger("hetlora.server")
 
@@ -129,10 +134,8 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace, **server):
     """ServerConfig from parsed run arguments (derives the AdapterSpec from the model folder); `server`: the HTTP
     server's own fields (max_upload_mb, poll_seconds), left at their defaults for a Flower run."""
-    from edge_client.models import derive_spec
-    from profiles.policy import load_policy
-    from hetlora.labels import read_labels
-    from hetlora.engine.init_adapter import read_init_adapter
+    # the model stack (torch, transformers) loads when a run is built, not for --help
+    from hetlora.models.adapter_spec import derive_spec
 
     rule_options = _rule_options(args)
     model_dir = model_dir_of(args)
@@ -164,15 +167,11 @@ def build_config(args: argparse.Namespace, **server):
 
 
 def model_dir_of(args: argparse.Namespace) -> Path:
-    from edge_client.models import default_model_dir
-
     return Path(args.model) if args.model else default_model_dir(args.task)
 
 
 def _model_shape(model_dir):
     """The base model's shape for the tier policy; None (the policy's own model) for a type it does not know."""
-    from profiles.memory_model import ModelShape
-
     try:
         return ModelShape.from_model_dir(model_dir)
     except UserError as exc:
@@ -181,8 +180,6 @@ def _model_shape(model_dir):
 
 
 def _defence(args: argparse.Namespace):
-    from hetlora.engine.aggregation.robust import Defence
-
     try:
         return Defence(robust=args.robust, trim_beta=args.trim_beta)
     except ValueError as exc:
@@ -190,8 +187,6 @@ def _defence(args: argparse.Namespace):
 
 
 def _server_optimizer(args: argparse.Namespace):
-    from hetlora.engine.aggregation.server_opt import ServerOptimizer
-
     try:
         return ServerOptimizer(args.server_opt, lr=args.server_lr, beta1=args.server_beta1, beta2=args.server_beta2,
                                tau=args.server_tau)

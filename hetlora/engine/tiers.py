@@ -14,6 +14,7 @@ import logging
 from hetlora.errors import UserError
 from hetlora.protocol.plan import Tier
 from hetlora.engine.errors import CannotTrain, Invalid
+from profiles.policy import decide_tier
 
 log = logging.getLogger("hetlora.server")
 
@@ -32,8 +33,6 @@ def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, prev
     """
     cap, batch_size, seq_len = requested_rank, None, None
     if isinstance(profile, dict) and profile.get("schema") == "hetlora-profile":
-        from profiles.policy import decide_tier
-
         previous = {"rank": previous_rank} if previous_rank else None
         try:
             decision = decide_tier(profile, previous, spec=spec, policy=policy, model=model, steps=steps)

@@ -1,7 +1,7 @@
 """What an adapter for one base model looks like: adapted modules, their shapes, dense tensors.
 
 Client and server derive the same `AdapterSpec` from the same base model and LoRA target list
-(`edge_client.models.derive_spec`); the server rejects any update that does not match it.
+(`hetlora.models.adapter_spec.derive_spec`); the server rejects any update that does not match it.
 This module is pure Python so the wire format and validation need neither torch nor a server.
 """
 
@@ -28,7 +28,7 @@ class AdapterSpec:
     `modules`: adapted linear layers, keyed by their module name in the task model.
     `dense`: trainable tensors that are not LoRA (a new classification head), name -> shape.
     `model_hash`: fingerprint of the base model (config and weights) both sides must share.
-    `pooling`: classification only: how the head's features are pooled (edge_client.pooling).
+    `pooling`: classification only: how the head's features are pooled (hetlora.models.pooling).
     """
 
     model_hash: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hetlora import output
-from hetlora.cli import main
+from hetlora.cli import COMMANDS, _subparsers, build_parser, main
 from hetlora.demo_data import BANKING77
 from hetlora.extras import extra_for, missing_extra_message
 from tests.conftest import ARTIFACT_BACKENDS
@@ -87,7 +88,7 @@ def test_a_complete_json_document_still_reaches_a_reader_that_stays(tmp_path):
 @pytest.mark.parametrize("command, module, extra", [
     ("serve", "uvicorn", "server"), ("serve", "fastapi.responses", "server"), ("export", "executorch.exir", "export"),
     ("export", "onnxruntime", "export"), ("client", "executorch", "executorch"), ("bench", "onnxruntime", "export"),
-    ("demo", "matplotlib.pyplot", "plots"), ("client", "torch", "client")])
+    ("demo", "matplotlib.pyplot", "plots"), ("client", "torch", "client"), ("serve", "transformers", "server")])
 def test_each_missing_package_names_the_extra_that_installs_it(command, module, extra):
     assert extra_for(command, module) == extra
     assert missing_extra_message(command, module).endswith(f"pip install 'hetlora-edge[{extra}]'")
@@ -180,8 +181,6 @@ def test_a_missing_bundled_file_is_a_one_line_error_naming_the_flag(tmp_path, mo
 
 
 def test_help_shows_defaults_once_and_only_real_ones():
-    from hetlora.cli import _subparsers, build_parser
-
     commands = _subparsers(build_parser())
     serve = " ".join(commands["serve"].format_help().split())
     assert "--rounds ROUNDS (default: 5)" in serve and "--seed SEED (default: 0)" in serve
@@ -189,3 +188,42 @@ def test_help_shows_defaults_once_and_only_real_ones():
     assert "(default: None)" not in serve and "(default: False)" not in serve and "(default: [])" not in serve
     peft_export = _subparsers(commands["peft"])["export"].format_help()
     assert "--task {classification,causal-lm} (default: classification)" in " ".join(peft_export.split())
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_and_each_of_its_subcommands_answers_help(command, capsys):
+    parser = _subparsers(build_parser([command]))[command]
+    nested = [[name] for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+              for name in action.choices]
+    for words in [[], *nested]:
+        with pytest.raises(SystemExit) as stop:
+            main([command, *words, "--help"])
+        assert stop.value.code == 0
+        assert capsys.readouterr().out.startswith(" ".join(["usage: hetlora", command, *words]))
+
+
+HELP_PROBE = """
+import contextlib, io, json, sys
+from hetlora.cli import COMMANDS, main
+
+def loaded(words):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main([*words, "--help"])
+    return sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[1])))
+
+print(json.dumps({"": loaded([]), **{name: loaded([name]) for name in COMMANDS}}))
+"""
+
+
+def test_help_imports_no_command_and_no_command_help_imports_torch_or_the_server():
+    """`hetlora --help` imports no command; `hetlora CMD --help` neither torch, transformers nor the server extra:
+    instant on a small device, and working without the extra (hetlora/cli.py). One process, in the table's order,
+    so a command that loads one of them shows under its own name."""
+    watched = ["edge_client", "server_stub", "simulation", "exporter", "torch", "transformers", "fastapi", "uvicorn"]
+    proc = subprocess.run([sys.executable, "-c", HELP_PROBE, json.dumps(watched)], capture_output=True, text=True,
+                          cwd=PROJECT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout)
+    assert loaded.pop("") == []
+    heavy = {"torch", "transformers", "fastapi", "uvicorn"}
+    assert {name: sorted(heavy & set(modules)) for name, modules in loaded.items()} == {name: [] for name in COMMANDS}

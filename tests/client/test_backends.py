@@ -23,7 +23,8 @@ from edge_client.backends.artifact_trainer import padded_tail_mask
 from edge_client.backends.select import choose_backend
 from edge_client.data import Examples
 from edge_client.lora import load_adapter, tail_mask, tail_penalty
-from edge_client.models import default_targets, derive_spec
+from hetlora.models.adapter_spec import derive_spec
+from hetlora.models.folders import default_targets
 from edge_client.objective import batch_loss
 from hetlora.protocol.settings import TrainingSettings
 from hetlora.protocol.wire import Adapter

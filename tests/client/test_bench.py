@@ -65,7 +65,7 @@ def test_ranks_interleave_across_repetitions():
 # --- cost --------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_step_flops_match_a_hand_count_for_the_tiny_bert(tiny_bert_dir):
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from profiles.memory_model import ModelShape
 
     shape = ModelShape.from_model_dir(tiny_bert_dir)  # 2 layers, hidden 32, FFN 64
@@ -90,7 +90,7 @@ def test_step_flops_agree_with_torchs_flop_counter(tiny_bert_dir):
     from torch.utils.flop_counter import FlopCounterMode
 
     from edge_client.bench.steppers import TorchStepper, synthetic_batch
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from profiles.memory_model import ModelShape
 
     b, s, r, h, labels = 4, 32, 8, 32, 3
@@ -232,7 +232,7 @@ def test_quick_bench_of_a_causal_lm_takes_the_task_from_its_artifacts(tiny_llama
                                                                       capsys):
     """The tiny Llama's chat artifacts (rank 4, batch 4 x 64): torch and onnx steps of the causal LM, FLOPs
     counted on the LM's shape (output head included); another --task than the artifacts' is a clear error."""
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from profiles.memory_model import ModelShape
 
     args = bench_in_a_container(tiny_llama_dir, "4", "torch,onnx", tmp_path, "--artifacts", str(tiny_llama_artifacts))
@@ -276,7 +276,8 @@ def test_bad_rank_list_is_an_argparse_error(capsys):
 
 
 def test_bench_adopts_a_model_folders_own_classification_head(five_label_model, tiny_bert_dir, tmp_path, capsys):
-    from edge_client.models import default_targets, derive_spec
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.folders import default_targets
 
     assert main([*bench_in_a_container(five_label_model, "2", "torch", tmp_path), *FAST]) == 0
     doc, _ = read_outputs(tmp_path / "out")
@@ -299,7 +300,8 @@ def test_bench_refuses_a_head_that_does_not_fit_the_artifacts(five_label_model, 
 
 def test_bench_trains_the_head_of_an_adapter_file(tiny_bert_dir, tmp_path, capsys):
     from edge_client.bench.steppers import TorchStepper, synthetic_batch
-    from edge_client.models import default_targets, derive_spec
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.folders import default_targets
     from hetlora.protocol.spec import linear_head
     from hetlora.protocol.wire import Adapter, encode
 

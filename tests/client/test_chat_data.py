@@ -12,9 +12,10 @@ from torch.nn import functional as F
 
 from edge_client.chat_format import ChatFormat
 from edge_client.chat_split import split_by_user
-from edge_client.data import encode, load_examples, load_tokenizer
+from edge_client.data import encode, load_examples
 from edge_client.objective import IGNORE, loss_sum_and_count, model_loss_sum_and_count
 from hetlora.errors import UserError
+from hetlora.models.task_model import load_tokenizer
 from tests.helpers import chat_rows, write_jsonl
 
 
@@ -80,7 +81,7 @@ def test_non_utf8_text_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_the_loss_on_target_positions_equals_the_full_logits_loss(tiny_llama_dir, tmp_path):
-    from edge_client.models import load_task_model
+    from hetlora.models.task_model import load_task_model
 
     tok = load_tokenizer(tiny_llama_dir)
     rows = [{"prompt": f"message {i}", "response": "reply " * (i + 1)} for i in range(4)]

@@ -18,7 +18,8 @@ pytest.importorskip("onnxruntime.training")
 
 
 def serve(tiny_bert_dir, tmp_path, **overrides):
-    from edge_client.models import default_targets, derive_spec
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.folders import default_targets
     from server_stub.background import serve_in_background
     from hetlora.engine.config import ServerConfig
 

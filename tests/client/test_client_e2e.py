@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge_client.server_api import ServerAPI
-from edge_client.models import derive_spec
+from hetlora.models.adapter_spec import derive_spec
 from hetlora.protocol.wire import decode, encode
 from simulation.fleet import start_client, start_server
 from tests.helpers.adapters import random_adapter

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from edge_client.data import (Examples, encode, load_examples, load_tokenizer, make_batches,
-                              training_batches, trimmed_batches)
+from edge_client.data import Examples, encode, load_examples, make_batches, training_batches, trimmed_batches
 from edge_client.evaluate import macro_f1
 from edge_client.objective import IGNORE, batch_loss
 from hetlora.errors import UserError
 from hetlora.labels import read_labels
+from hetlora.models.task_model import load_tokenizer
 
 LABELS = ["card", "rate"]
 

@@ -16,7 +16,7 @@ import pytest
 
 from edge_client.data import load_examples
 from edge_client.local_round import LocalModel, LocalRound, PlanMismatch
-from edge_client.models import derive_spec
+from hetlora.models.adapter_spec import derive_spec
 from hetlora.errors import UserError
 from hetlora.protocol.energy import Power
 from hetlora.protocol.head_stats import decode_statistics
@@ -121,12 +121,12 @@ def test_a_model_that_is_not_the_runs_is_refused(run, local):
 
 
 def test_flower_nodes_load_their_data_once_and_share_one_trainer(run, data_file, tiny_bert_dir, monkeypatch):
-    import edge_client.data
+    import hetlora_flower.device
     from hetlora_flower.device import LocalNodes, NodeSettings
 
     loads = []
-    real = edge_client.data.load_examples
-    monkeypatch.setattr(edge_client.data, "load_examples", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    real = hetlora_flower.device.load_examples
+    monkeypatch.setattr(hetlora_flower.device, "load_examples", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     nodes = LocalNodes()
     a = NodeSettings(name="a", data=str(data_file), model_dir=str(tiny_bert_dir))
     b = replace(a, name="b")

@@ -7,7 +7,8 @@ from torch import nn
 
 from edge_client.lora import (LoRALinear, extract_adapter, inject_lora, load_adapter, lora_layers, lora_scale,
                               tail_mask, tail_penalty)
-from edge_client.models import derive_spec, load_task_model
+from hetlora.models.adapter_spec import derive_spec
+from hetlora.models.task_model import load_task_model
 
 
 def test_forward_matches_dense_weight():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simulation.fleet import start_server
-from edge_client.models import derive_spec
+from hetlora.models.adapter_spec import derive_spec
 from edge_client.server_api import ServerAPI
 from hetlora.protocol.wire import decode, encode
 from hetlora.cli import build_parser, main

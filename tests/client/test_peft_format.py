@@ -8,7 +8,8 @@ import torch
 
 from edge_client.data import Examples
 from edge_client.evaluate import Evaluator, macro_f1
-from edge_client.models import derive_spec, load_task_model
+from hetlora.models.adapter_spec import derive_spec
+from hetlora.models.task_model import load_task_model, load_tokenizer
 from hetlora.protocol.peft_format import save_peft
 from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
@@ -103,8 +104,6 @@ def test_mean_pooling_model_and_its_peft_export(tiny_mean_bert_dir, tmp_path):
     """A checkpoint declaring mean pooling gets it (recorded in the spec); its features are the
     L2-normalised masked mean of the encoder's states; PEFT loads the export onto the same model exactly."""
     from peft import PeftModel
-
-    from edge_client.data import load_tokenizer
 
     spec = derive_spec(tiny_mean_bert_dir, "classification", num_labels=3)
     assert spec.pooling == "mean" and derive_spec(tiny_mean_bert_dir, "classification", num_labels=3,

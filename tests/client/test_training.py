@@ -9,7 +9,7 @@ import torch
 from hetlora.protocol.adapter_ops import select
 from edge_client.data import Examples
 from edge_client.lora import lora_layers
-from edge_client.models import derive_spec
+from hetlora.models.adapter_spec import derive_spec
 from hetlora.protocol.settings import TrainingSettings
 from edge_client.training import TorchTrainer
 from hetlora.protocol.wire import Adapter, decode, encode

@@ -148,3 +148,11 @@ def test_helper_matches_the_client_extra_of_pyproject():
     expected = [(r.name, r.specifier) for r in expected if r.name != "torch" and (r.marker is None or
                 r.marker.evaluate({"extra": "client"}))]
     assert [(r.name, r.specifier) for r in map(Requirement, result.stdout.splitlines())] == expected
+
+
+def test_the_server_extra_pins_the_model_stack_as_the_client_extra_does():
+    """torch, transformers and gguf (the model layer) are listed in both extras: one version of each."""
+    extras = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    stack = {"torch", "transformers", "gguf"}
+    pins = {name: [r for r in extras[name] if r.split("==")[0] in stack] for name in ("client", "server")}
+    assert len(pins["server"]) == len(stack) and sorted(pins["server"]) == sorted(pins["client"])

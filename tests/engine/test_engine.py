@@ -26,7 +26,7 @@ LABELS = ("balance", "card", "transfer")
 
 @pytest.fixture(scope="module")
 def spec(tiny_bert_dir):
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
 
     return derive_spec(tiny_bert_dir, "classification", ("query", "value"), num_labels=len(LABELS))
 

@@ -76,8 +76,8 @@ def test_ncm_head_is_the_normalised_class_means_and_absent_classes_never_win():
 
 
 def test_trainer_statistics_are_those_of_the_frozen_models_features(tiny_bert_dir):
-    from edge_client.data import Examples, encode, load_tokenizer
-    from edge_client.models import load_task_model
+    from edge_client.data import Examples, encode
+    from hetlora.models.task_model import load_task_model, load_tokenizer
     from edge_client.training import TorchTrainer
 
     texts = ("how do I activate my card", "exchange rate for euros please", "card declined", "send money abroad",

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from edge_client.backends.artifacts import load_manifest, sha256_file
-from edge_client.models import default_targets, derive_spec, model_hash
+from hetlora.models.adapter_spec import derive_spec
+from hetlora.models.folders import default_targets, model_hash
 from hetlora.cli import main
 from hetlora.errors import UserError
 from tests.conftest import ARTIFACT_BACKENDS, ARTIFACT_LABELS, needs_onnx_training

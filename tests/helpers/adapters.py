@@ -47,9 +47,9 @@ def our_logits(model_dir, task, adapter, num_labels=None):
     """The project's own model on PEFT_TEXTS: LoRALinear layers with the wire adapter loaded (B / s, scale s)."""
     import torch
 
-    from edge_client.data import load_tokenizer
     from edge_client.lora import inject_lora, load_adapter
-    from edge_client.models import derive_spec, load_task_model
+    from hetlora.models.adapter_spec import derive_spec
+    from hetlora.models.task_model import load_task_model, load_tokenizer
 
     model = load_task_model(model_dir, task, num_labels).eval()
     dense = dict(model.named_parameters())

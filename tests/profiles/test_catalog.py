@@ -111,7 +111,7 @@ def test_simulated_fleet_is_reproducible_and_spans_tiers():
 def test_server_assigns_the_policy_rank_to_a_registered_catalog_profile(tiny_bert_dir, tmp_path):
     from tests.helpers.server import LABELS, TARGETS, make_config, running_server
 
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
 
     spec = derive_spec(tiny_bert_dir, "classification", TARGETS, num_labels=len(LABELS))
     config = make_config(spec, ranks=(4, 8, 16, 32, 64), global_rank=64, min_clients=10)
@@ -140,7 +140,7 @@ def test_server_rank_follows_fresh_profiles_with_hysteresis(tiny_bert_dir, tmp_p
     when the higher tier fits with the policy's headroom (the server passes the client's current rank)."""
     from tests.helpers.server import LABELS, TARGETS, make_config, running_server
 
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from profiles import cost
     from profiles.memory_model import ModelShape
     from profiles.policy import load_policy

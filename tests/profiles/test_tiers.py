@@ -328,7 +328,7 @@ def test_shape_activations_and_flops_match_real_models(arch):
     from torch.utils.flop_counter import FlopCounterMode
 
     from edge_client.lora import inject_lora
-    from edge_client.models import DEFAULT_TARGETS
+    from hetlora.models.folders import DEFAULT_TARGETS
 
     task, cls, config = _tiny_model(arch)
     torch.manual_seed(0)

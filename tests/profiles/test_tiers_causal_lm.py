@@ -12,7 +12,7 @@ from hetlora.engine.tiers import tier_for
 
 @pytest.fixture(scope="module")
 def lm(smollm2_dir):
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
 
     return derive_spec(smollm2_dir, "causal-lm"), ModelShape.from_model_dir(smollm2_dir)
 
@@ -60,3 +60,42 @@ def test_the_server_sizes_a_client_by_the_run_s_model_not_the_policy_s_default(l
     # The same laptop under the classification policy and MiniLM gets MiniLM's tiers.
     minilm = tier_for(profile_for("thinkpad-t14-gen3-amd"), 64, (4, 8, 16, 32, 64))
     assert (minilm.batch_size, minilm.seq_len) != (top.batch_size, top.seq_len)
+
+
+def test_an_artifact_backend_is_sized_with_the_output_head_at_every_position(lm):
+    """ONNX/ExecuTorch artifacts have fixed shapes and run the vocab head on every position; torch on targets."""
+    spec, shape = lm
+    args = dict(task="causal-lm", lora_params=spec.lora_parameter_count(8), lora_modules=len(spec.modules))
+    torch_peak = predict_peak_memory(shape, 8, 8, 64, **args).total
+    onnx_peak = predict_peak_memory(shape, 8, 8, 64, backend="onnx", **args).total
+    assert onnx_peak == predict_peak_memory(shape, 8, 8, 64, target_fraction=1.0, **args).total > torch_peak
+    classification = dict(lora_params=spec.lora_parameter_count(8), lora_modules=len(spec.modules))
+    assert (predict_peak_memory(shape, 8, 8, 64, backend="executorch", **classification).total
+            == predict_peak_memory(shape, 8, 8, 64, **classification).total)  # no vocab head, nothing changes
+
+
+def test_the_policy_reads_the_profile_s_training_backend(lm):
+    from edge_client.device.profile import with_training_backend
+
+    spec, shape = lm
+    doc = with_memory("raspberry-pi-4", 2.0)
+    torch_reason = decide_tier(doc, spec=spec, model=shape, steps=10).reasons[0]
+    onnx_reason = decide_tier(with_training_backend(doc, "onnx"), spec=spec, model=shape, steps=10).reasons[0]
+    assert torch_reason.endswith(" on torch") or " on torch;" in torch_reason
+    assert " on onnx" in onnx_reason and onnx_reason != torch_reason.replace(" on torch", " on onnx")
+    with pytest.raises(Exception, match="unknown training backend 'tpu'"):
+        decide_tier(with_training_backend(doc, "tpu"), spec=spec, model=shape, steps=10)
+
+
+def test_the_packaged_causal_lm_policy_sizes_its_own_model_as_a_causal_lm_without_a_spec():
+    """`hetlora profile --task causal-lm --tier` has no spec: the policy's model section says the task."""
+    policy = packaged_policy("causal-lm")
+    shape = ModelShape.from_config(policy["model"]["config"])
+    reason = decide_tier(with_memory("raspberry-pi-4", 3.0), policy=policy).reasons[0]
+
+    def stated(task: str) -> list[str]:
+        return [f"{predict_peak_memory(shape, t.rank, t.batch_size, t.seq_len, task=task).total / 1e9:.2f} GB "
+                f"predicted for rank {t.rank} batch {t.batch_size} seq {t.seq_len}" for t in tiers_of(policy)[1:]]
+
+    assert any(text in reason for text in stated("causal-lm"))
+    assert not any(text in reason for text in stated("classification"))  # the vocab head's logits are counted

@@ -55,7 +55,7 @@ def test_demo_runs_a_fleet_and_writes_its_results(first_run):
 def test_the_demo_accounts_the_fleets_estimated_energy_per_tier(first_run, tiny_mean_bert_dir):
     from collections import Counter
 
-    from edge_client.models import derive_spec
+    from hetlora.models.adapter_spec import derive_spec
     from profiles.memory_model import ModelShape
     from profiles.policy import decide_tier
 

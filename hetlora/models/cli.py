@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from hetlora.models.bundled import BUNDLED, DEFAULT_FOR_TASK, install
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
@@ -22,8 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_client.model_store import BUNDLED, DEFAULT_FOR_TASK, install
-
     if args.model_command == "install":
         print(install(args.name, force=args.force))
         return 0

@@ -6,7 +6,7 @@ The folder holds the adapter (hetlora.protocol.peft_format), the tokenizer, and 
 head from the base config. `base_model_name_or_path` is the path the user gives (`base_path`),
 by default the absolute path of `<out>/base` (classification) or of the base model folder (causal LM), so
 the folder loads from any working directory (a relative path that misses makes transformers try the hub). Transformers' Auto classes build the model type's own pooling:
-for a mean-pooling model (edge_client.pooling) load the adapter onto edge_client.models.load_task_model
+for a mean-pooling model (hetlora.models.pooling) load the adapter onto hetlora.models.task_model.load_task_model
 with PeftModel.from_pretrained instead.
 """
 
@@ -17,9 +17,11 @@ import os
 import shutil
 from pathlib import Path
 
-from hetlora.protocol.peft_format import save_peft
-from hetlora.protocol.wire import Adapter
 from hetlora.errors import UserError
+from hetlora.models.task_model import load_tokenizer
+from hetlora.protocol.atomic import write_bytes
+from hetlora.protocol.peft_format import save_peft
+from hetlora.protocol.wire import Adapter, decode
 
 BASE = "base"
 
@@ -53,8 +55,6 @@ def write_labelled_base(model_dir: Path, out: Path, labels: list[str]) -> Path:
 def export_peft(adapter: Adapter, out: str | os.PathLike, *, model_dir: str | os.PathLike, task: str,
                 labels: list[str] | None = None, base_path: str | None = None) -> Path:
     """Write the PEFT folder `out` for `adapter` (wire form) trained on `model_dir`; returns `out`."""
-    from edge_client.data import load_tokenizer
-
     out = Path(out)
     if task == "classification":
         heads = [t for t in adapter.dense.values() if t.ndim == 2]
@@ -75,9 +75,6 @@ def export_peft(adapter: Adapter, out: str | os.PathLike, *, model_dir: str | os
 def save_result(data: bytes, folder: Path, *, model_dir: str | os.PathLike, task: str,
                 labels: list[str] | None) -> tuple[Path, Path]:
     """A run's result in `folder`: `global.safetensors` (wire bytes `data`) and the PEFT folder `peft/`."""
-    from hetlora.protocol.atomic import write_bytes
-    from hetlora.protocol.wire import decode
-
     wire, peft = folder / "global.safetensors", folder / "peft"
     write_bytes(wire, data)
     export_peft(decode(data), peft, model_dir=model_dir, task=task, labels=labels)
