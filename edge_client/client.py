@@ -18,7 +18,6 @@ import numpy as np
 
 from edge_client.answers import BadServerAnswer
 from edge_client.client_state import StateDir, run_change
-from edge_client.device.profile import with_training_backend
 from edge_client.server_api import ServerAPI, ServerError
 from edge_client.local_round import LocalModel, LocalRound, PlanMismatch, RoundOutput, read_plan
 from hetlora.protocol.energy import Power
@@ -198,7 +197,7 @@ class EdgeClient:
 
     def _profile(self) -> dict:
         """The device profile the server's tier policy reads, with the backend this client trains on."""
-        return with_training_backend(self.profile_source(), self.local.trainer.backend)
+        return self.local.profile_for_server(self.profile_source())
 
     def _refresh_rank(self) -> None:
         """Re-profile (quick) before training and tell the server; the reply is the rank for the next round."""

@@ -31,6 +31,7 @@ from hetlora.models.adapter_spec import derive_spec
 from hetlora.models.bundled import default_model_dir
 from edge_client.backends import make_trainer
 from edge_client.head_fit import fit_plan_head, round_statistics
+from edge_client.device.profile import with_training_backend
 from hetlora.protocol.head_stats import encode_statistics
 
 
@@ -95,6 +96,11 @@ class LocalModel:
         if self.manifest is not None:
             self.manifest.check_run(run, overrides)
         self._features: dict[int, tuple] = {}
+
+    def profile_for_server(self, profile: dict) -> dict:
+        """`profile` with the backend this device trains on (compute.training_backend): the server's tier policy
+        predicts that backend's memory."""
+        return with_training_backend(profile, self.trainer.backend)
 
     def request_rank(self, asked: int | None) -> int:
         """The rank to ask the server for: an artifact backend's exported rank (`asked` when it was exported), else

@@ -130,14 +130,15 @@ class LocalNode:
 
     def introduction(self) -> dict:
         """What the server needs to plan for this node (the HTTP registration's fields)."""
-        return {"name": self.settings.name, "profile": self.settings.profile(), "n_samples": len(self.local.examples),
+        return {"name": self.settings.name, "profile": self.local.profile_for_server(self.settings.profile()),
+                "n_samples": len(self.local.examples),
                 "requested_rank": self.local.request_rank(self.settings.requested_rank)}
 
     def answer(self, payload: bytes | None, plan_doc: dict, client_id: str) -> tuple[bytes, dict]:
         """One planned round (edge_client.local_round: the plan document read as the HTTP client reads it) -> (the
         wire bytes to send, the report; a LoRA round's carries the node's fresh profile). UserError when the
         server's plan or adapter does not fit the run."""
-        profile = self.settings.profile()
+        profile = self.local.profile_for_server(self.settings.profile())
         try:
             plan = read_plan(plan_doc)
             start = None if plan.mode == "head-statistics" else self.local.start(payload, plan)

@@ -159,3 +159,14 @@ def test_both_devices_refuse_a_plan_outside_sane_bounds_with_the_same_words(run,
     with pytest.raises(UserError) as flower:
         node.answer(None, plan, "a")
     assert (str(client.value), str(flower.value)) == (f"round 1: {says}", says)
+
+
+def test_the_profile_a_device_sends_names_its_training_backend(local):
+    """The server's tier policy sizes memory per backend (profiles.memory_model): both devices stamp theirs."""
+    from profiles.catalog import profile_for
+
+    doc = profile_for("jetson-nano")
+    sent = local.profile_for_server(doc)
+    assert sent["compute"]["training_backend"] == "torch"
+    assert {k: v for k, v in sent["compute"].items() if k != "training_backend"} == doc["compute"]
+    assert "training_backend" not in (doc["compute"] or {})  # the caller's document is not changed
