@@ -22,6 +22,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from exporter.convex_partitions import convex_partitions
 from exporter.errors import export_error
 from exporter.shared_weights import keep_shared_file
 from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, split_addmm
@@ -32,7 +33,11 @@ WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 
 def training_partitioner(frozen_names: set[str]):
-    """An XnnpackPartitioner: linears on frozen weights, every mm (frozen weights static), the operator configs."""
+    """An XnnpackPartitioner: linears on frozen weights, every mm (frozen weights static), the operator configs.
+
+    Its groups are merged by exporter/convex_partitions.py, not ExecuTorch's GroupBasedPartitioner, whose
+    reachability sets are quadratic in the graph's size (over 19 GB for SmolLM2-135M).
+    """
     from executorch.backends.xnnpack.partition.config import generic_node_configs
     from executorch.backends.xnnpack.partition.config.gemm_configs import GEMMConfig, LinearConfig, MMConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -58,8 +63,12 @@ def training_partitioner(frozen_names: set[str]):
             # linear's source metadata but is not that linear, so take the node as it is.
             return GEMMConfig.get_deps(self, node, ep)
 
+    class TrainingPartitioner(XnnpackPartitioner):
+        def generate_partitions(self, ep):
+            return convex_partitions(ep.graph_module, self.get_matched_nodes_from_configs(ep))
+
     operators = [getattr(generic_node_configs, name) for name in XNNPACK_OPERATOR_CONFIGS]
-    return XnnpackPartitioner(configs=[FrozenWeightLinearConfig, AnyWeightMMConfig, *operators])
+    return TrainingPartitioner(configs=[FrozenWeightLinearConfig, AnyWeightMMConfig, *operators])
 
 
 def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str,
