@@ -24,6 +24,7 @@ from pathlib import Path
 
 from exporter.convex_partitions import convex_partitions
 from exporter.errors import export_error
+from exporter.fx_sources import sources_not_kept
 from exporter.shared_weights import keep_shared_file
 from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, placeholder_per_use, rewrite_empty_permuted,
                                    split_addmm)
@@ -85,27 +86,28 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        joint = _export_forward_backward(export(graph, inputs, strict=False))
-        rewrite_empty_permuted(joint)
-        drop_inverse_permutes(joint)
-        frozen = frozen_parameters(joint)
-        if delegate == "xnnpack":
-            split_addmm(joint, linearize=frozen)
-            placeholder_per_use(joint, frozen)
+        with sources_not_kept():  # lowering recompiles the program per partition
+            joint = _export_forward_backward(export(graph, inputs, strict=False))
+            rewrite_empty_permuted(joint)
+            drop_inverse_permutes(joint)
             frozen = frozen_parameters(joint)
-        else:
-            split_addmm(joint)
-        frozen_names = {node.name for node in frozen}
-        for node in frozen:  # XNNPACK writes the constants it packs under this tag
-            node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
-        config = EdgeCompileConfig(_check_ir_validity=True)
-        if delegate == "xnnpack":
-            partitioner = training_partitioner(frozen_names)
-            edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
-        else:
-            edge = to_edge(joint, compile_config=config)
-        program = edge.to_executorch(ExecutorchBackendConfig(
-            external_constants=lambda node: WEIGHTS_TAG if node.name in frozen_names else None))
+            if delegate == "xnnpack":
+                split_addmm(joint, linearize=frozen)
+                placeholder_per_use(joint, frozen)
+                frozen = frozen_parameters(joint)
+            else:
+                split_addmm(joint)
+            frozen_names = {node.name for node in frozen}
+            for node in frozen:  # XNNPACK writes the constants it packs under this tag
+                node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
+            config = EdgeCompileConfig(_check_ir_validity=True)
+            if delegate == "xnnpack":
+                partitioner = training_partitioner(frozen_names)
+                edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
+            else:
+                edge = to_edge(joint, compile_config=config)
+            program = edge.to_executorch(ExecutorchBackendConfig(
+                external_constants=lambda node: WEIGHTS_TAG if node.name in frozen_names else None))
     except Exception as exc:  # torch.export / exir raise many types; all mean "cannot export"
         raise export_error("ExecuTorch", what, exc) from None
     path.write_bytes(program.buffer)
