@@ -2,8 +2,8 @@
 
 ExecuTorch's GroupBasedPartitioner (executorch 1.5) keeps, for every node of the graph, the Python
 set of every node downstream and every node upstream of it, plus each partition's set of downstream
-partitions: memory quadratic in the graph's size. SmolLM2-135M's joint forward + backward graph has
-about 30,000 nodes, and those sets grew past 19 GB (docs/EXPORT.md). Here the same two relations are
+partitions: memory quadratic in the graph's size. On SmolLM2-135M's joint forward + backward graph
+(23,410 nodes) the export was killed at 19.6 GB (docs/EXPORT.md). Here the same two relations are
 one int per node whose bit j says "reaches node j" (N bits each), and the merge is the same greedy one:
 
     every group is a partition, numbered in reverse graph order; each partition in turn absorbs
