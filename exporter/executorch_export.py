@@ -22,9 +22,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from exporter.convex_partitions import convex_partitions
 from exporter.errors import export_error
+from exporter.fx_sources import sources_not_kept
 from exporter.shared_weights import keep_shared_file
-from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, split_addmm
+from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, placeholder_per_use, rewrite_empty_permuted,
+                                   split_addmm)
 from exporter.training_graph import TrainingGraph
 
 XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "ExpConfig")
@@ -32,7 +35,11 @@ WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 
 def training_partitioner(frozen_names: set[str]):
-    """An XnnpackPartitioner: linears on frozen weights, every mm (frozen weights static), the operator configs."""
+    """An XnnpackPartitioner: linears on frozen weights, every mm (frozen weights static), the operator configs.
+
+    Its groups are merged by exporter/convex_partitions.py, not ExecuTorch's GroupBasedPartitioner, whose
+    reachability sets are quadratic in the graph's size (over 19 GB for SmolLM2-135M).
+    """
     from executorch.backends.xnnpack.partition.config import generic_node_configs
     from executorch.backends.xnnpack.partition.config.gemm_configs import GEMMConfig, LinearConfig, MMConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -58,8 +65,12 @@ def training_partitioner(frozen_names: set[str]):
             # linear's source metadata but is not that linear, so take the node as it is.
             return GEMMConfig.get_deps(self, node, ep)
 
+    class TrainingPartitioner(XnnpackPartitioner):
+        def generate_partitions(self, ep):
+            return convex_partitions(ep.graph_module, self.get_matched_nodes_from_configs(ep))
+
     operators = [getattr(generic_node_configs, name) for name in XNNPACK_OPERATOR_CONFIGS]
-    return XnnpackPartitioner(configs=[FrozenWeightLinearConfig, AnyWeightMMConfig, *operators])
+    return TrainingPartitioner(configs=[FrozenWeightLinearConfig, AnyWeightMMConfig, *operators])
 
 
 def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str,
@@ -75,23 +86,28 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        joint = _export_forward_backward(export(graph, inputs, strict=False))
-        rewrite_empty_permuted(joint)
-        drop_inverse_permutes(joint)
-        frozen = frozen_parameters(joint)
-        frozen_names = {node.name for node in frozen}
-        for node in frozen:  # XNNPACK writes the constants it packs under this tag
-            node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
-        config = EdgeCompileConfig(_check_ir_validity=True)
-        if delegate == "xnnpack":
-            split_addmm(joint, linearize=frozen)
-            partitioner = training_partitioner(frozen_names)
-            edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
-        else:
-            split_addmm(joint)
-            edge = to_edge(joint, compile_config=config)
-        program = edge.to_executorch(ExecutorchBackendConfig(
-            external_constants=lambda node: WEIGHTS_TAG if node.name in frozen_names else None))
+        with sources_not_kept():  # lowering recompiles the program per partition
+            joint = _export_forward_backward(export(graph, inputs, strict=False))
+            rewrite_empty_permuted(joint)
+            drop_inverse_permutes(joint)
+            frozen = frozen_parameters(joint)
+            if delegate == "xnnpack":
+                split_addmm(joint, linearize=frozen)
+                placeholder_per_use(joint, frozen)
+                frozen = frozen_parameters(joint)
+            else:
+                split_addmm(joint)
+            frozen_names = {node.name for node in frozen}
+            for node in frozen:  # XNNPACK writes the constants it packs under this tag
+                node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
+            config = EdgeCompileConfig(_check_ir_validity=True)
+            if delegate == "xnnpack":
+                partitioner = training_partitioner(frozen_names)
+                edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
+            else:
+                edge = to_edge(joint, compile_config=config)
+            program = edge.to_executorch(ExecutorchBackendConfig(
+                external_constants=lambda node: WEIGHTS_TAG if node.name in frozen_names else None))
     except Exception as exc:  # torch.export / exir raise many types; all mean "cannot export"
         raise export_error("ExecuTorch", what, exc) from None
     path.write_bytes(program.buffer)
