@@ -16,6 +16,7 @@ from hetlora.errors import UserError
 from edge_client.device.profile import collect_profile, with_training_backend
 from hetlora.models.bundled import default_model_dir
 from hetlora.models.folders import check_model_dir
+from profiles.memory_model import BACKENDS as TRAINING_BACKENDS
 
 GB = 1e9
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_renamed(parser, "--profile-as", "--as", metavar="CATALOG_ID",
                 help="do not measure: take a catalog device's profile (implies --tier)")
     parser.add_argument("--policy", metavar="FILE", help="tier policy file (default: the task's packaged one)")
-    parser.add_argument("--backend", choices=("torch", "onnx", "executorch"),
+    parser.add_argument("--backend", choices=TRAINING_BACKENDS,
                         help="the backend this device will train with (the tier's memory prediction follows it; "
                              "recorded as compute.training_backend; default: torch)")
     parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /sys + /proc tree

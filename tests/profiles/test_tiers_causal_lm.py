@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from hetlora.errors import UserError
 from profiles.catalog import profile_for
 from profiles.memory_model import ModelShape, predict_peak_memory
 from profiles.policy import decide_tier, packaged_policy, tiers_of
@@ -83,7 +84,7 @@ def test_the_policy_reads_the_profile_s_training_backend(lm):
     onnx_reason = decide_tier(with_training_backend(doc, "onnx"), spec=spec, model=shape, steps=10).reasons[0]
     assert torch_reason.endswith(" on torch") or " on torch;" in torch_reason
     assert " on onnx" in onnx_reason and onnx_reason != torch_reason.replace(" on torch", " on onnx")
-    with pytest.raises(Exception, match="unknown training backend 'tpu'"):
+    with pytest.raises(UserError, match="unknown training backend 'tpu'"):
         decide_tier(with_training_backend(doc, "tpu"), spec=spec, model=shape, steps=10)
 
 
