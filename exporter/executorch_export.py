@@ -25,6 +25,7 @@ from pathlib import Path
 from exporter.convex_partitions import convex_partitions
 from exporter.errors import export_error
 from exporter.fx_sources import sources_not_kept
+from exporter.partition_order import partitions_sorted_in_place
 from exporter.shared_weights import keep_shared_file
 from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, placeholder_per_use, rewrite_empty_permuted,
                                    split_addmm)
@@ -86,7 +87,7 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with sources_not_kept():  # lowering recompiles the program per partition
+        with sources_not_kept(), partitions_sorted_in_place():  # both: lowering's cost per partition
             joint = _export_forward_backward(export(graph, inputs, strict=False))
             rewrite_empty_permuted(joint)
             drop_inverse_permutes(joint)
