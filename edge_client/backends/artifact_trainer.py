@@ -23,6 +23,7 @@ import numpy as np
 
 from hetlora.protocol import adapter_ops
 from edge_client.backends.artifacts import Artifact, load_manifest
+from edge_client.backends.freed_memory import return_freed_memory
 from edge_client.data import EncodingCache, Examples
 from hetlora.models.folders import model_hash
 from hetlora.models.task_model import dense_parameter_names, load_task_model, load_tokenizer
@@ -109,6 +110,7 @@ class ArtifactTrainer:
             self.artifact = artifact
             self.engine = None  # a tier change: free the old program before the new one loads (peak = one)
             gc.collect()
+            return_freed_memory()
             self.engine = self.open_engine(artifact)
             self._initial = self.read()
         return self.engine

@@ -361,19 +361,24 @@ def test_executorch_runtime_failure_is_a_user_error(setup, tmp_path):
 
 
 @pytest.mark.parametrize("backend", [ONNX, "executorch"])
-def test_a_rank_change_frees_the_old_program_before_loading_the_new(tiny_bert_dir, tiny_artifacts, backend):
-    """Peak memory on a tier change is one program, not two: the old engine is gone when the new one opens."""
+def test_a_rank_change_frees_the_old_program_before_loading_the_new(tiny_bert_dir, tiny_artifacts, backend,
+                                                                   monkeypatch):
+    """Peak memory on a tier change is one program, not two: the old engine is gone, and its freed memory handed
+    back to the system, when the new one opens."""
     import weakref
+
+    from edge_client.backends import artifact_trainer
 
     trainer = make_trainer(backend, model_dir=tiny_bert_dir, task="classification", labels=LABELS,
                            targets=default_targets(tiny_bert_dir), lora_alpha=ALPHA, artifacts_dir=tiny_artifacts)
     old = weakref.ref(trainer.engine_for(2))
-    opened, alive_at_open = trainer.open_engine, []
+    opened, events = trainer.open_engine, []
 
     def open_engine(artifact):
-        alive_at_open.append(old() is not None)
+        events.append(("open", old() is not None))
         return opened(artifact)
 
     trainer.open_engine = open_engine
+    monkeypatch.setattr(artifact_trainer, "return_freed_memory", lambda: events.append(("trim", old() is not None)))
     assert trainer.engine_for(4).rank == 4
-    assert alive_at_open == [False]
+    assert events == [("trim", False), ("open", False)]
