@@ -280,7 +280,7 @@ def test_plora_plan_indices_is_the_same_in_another_process():
     assert output == expected + "\n"
 
 
-def test_plora_averages_each_index_over_the_clients_that_trained_it():
+def test_plora_moves_each_index_by_the_round_mean_of_the_changes_with_zero_for_the_clients_that_skipped_it():
     rng = np.random.default_rng(10)
     rule = make_rule("plora")
     global_ = trained_global(rng, rule)
@@ -288,19 +288,50 @@ def test_plora_averages_each_index_over_the_clients_that_trained_it():
     results = [ClientResult(upload(rng, len(idx), f"c{k}"), n_k, idx)
                for k, (idx, n_k) in enumerate(zip(indices, N_SAMPLES))]
     new = rule.aggregate(global_, results)
+    n_round = sum(N_SAMPLES)
     for name in SPEC.modules:
         a, b = new.lora[name]
+        prev_a, prev_b = (np.asarray(x, np.float64) for x in global_.lora[name])
         for j in range(R):
-            trained = [(k, idx.index(j)) for k, idx in enumerate(indices) if j in idx]
-            if not trained:
-                np.testing.assert_array_equal(a[j], global_.lora[name][0][j])
-                np.testing.assert_array_equal(b[:, j], global_.lora[name][1][:, j])
-                continue
-            n = [N_SAMPLES[k] for k, _ in trained]
-            a_ref = dense_mean([results[k].adapter.lora[name][0][i] for k, i in trained], n)
-            b_ref = dense_mean([results[k].adapter.lora[name][1][:, i] for k, i in trained], n)
+            a_ref, b_ref = prev_a[j].copy(), prev_b[:, j].copy()
+            for k, idx in enumerate(indices):
+                if j in idx:  # the clients that skipped j add a zero change
+                    a_ref += N_SAMPLES[k] / n_round * (results[k].adapter.lora[name][0][idx.index(j)] - prev_a[j])
+                    b_ref += N_SAMPLES[k] / n_round * (results[k].adapter.lora[name][1][:, idx.index(j)] - prev_b[:, j])
             np.testing.assert_allclose(a[j], a_ref, atol=ATOL)
             np.testing.assert_allclose(b[:, j], b_ref, atol=ATOL)
+        np.testing.assert_array_equal(a[5], global_.lora[name][0][5])
+        np.testing.assert_array_equal(b[:, 5], global_.lora[name][1][:, 5])
+
+
+def test_plora_with_every_client_at_full_rank_is_fedavg():
+    rng = np.random.default_rng(15)
+    global_ = trained_global(rng, make_rule("plora"))
+    full = tuple(range(R))
+    results = [ClientResult(upload(rng, R, f"c{k}"), n_k, full) for k, n_k in enumerate(N_SAMPLES)]
+    plora, fedavg = make_rule("plora").aggregate(global_, results), make_rule("fedavg").aggregate(global_, results)
+    for name in SPEC.modules:
+        for x, y in zip(plora.lora[name], fedavg.lora[name]):
+            np.testing.assert_allclose(x, y, atol=ATOL)
+
+
+def test_plora_clients_on_disjoint_indices_move_the_global_by_the_mean_of_their_changes_not_the_sum():
+    """Two clients each add the same change to their own half of the components: the product B A moves by
+    half of what one client's change alone would add (a mean over each index's trainers would add all of it)."""
+    rng = np.random.default_rng(16)
+    rule = make_rule("plora")
+    global_ = trained_global(rng, rule)
+    halves = (tuple(range(0, R, 2)), tuple(range(1, R, 2)))
+    delta_b = {name: rng.normal(size=(m.out_features, R)) for name, m in SPEC.modules.items()}
+    results = []
+    for k, idx in enumerate(halves):
+        lora = {name: (np.asarray(a)[list(idx)].copy(), (np.asarray(b) + delta_b[name])[:, list(idx)].astype(np.float32))
+                for name, (a, b) in global_.lora.items()}
+        results.append(ClientResult(Adapter(lora=lora, dense=upload(rng, 1).dense, meta={"client_id": f"c{k}"}), 10, idx))
+    new = rule.aggregate(global_, results)
+    for name, (a, b) in global_.lora.items():
+        expected = dense_update(a, b) + 0.5 * delta_b[name] @ np.asarray(a, np.float64)
+        np.testing.assert_allclose(dense_update(*new.lora[name]), expected, atol=1e-3)
 
 
 def test_plora_client_view_is_the_full_global():

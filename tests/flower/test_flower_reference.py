@@ -1,6 +1,6 @@
 """The Flower ServerApp's aggregate, every rule, against the papers' formulas written independently of the rule
 code (tests/helpers/server.py: np.average of what the nodes sent, dense products B A for hlora, norm weights for
-hetlora, per-index averages for plora), with one node whose sample count is clipped.
+hetlora, each index moved by the round's mean change for plora), with one node whose sample count is clipped.
 
 The whole run goes through the public ServerApp (`run`) on a LoopbackGrid; one node lies about its sample count
 (a million, its adapter untouched). Bounded influence must clip that count to CLIP_FACTOR x the round's lower

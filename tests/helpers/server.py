@@ -159,7 +159,8 @@ def pad(a, b, rank):
 def reference_global(rule, previous: Adapter, uploads: list[tuple[Adapter, int, list | None]]) -> dict:
     """name -> (A, B) of the expected new global (name -> dense B @ A for hlora, whose factors are not unique),
     plus dense tensors under their names. Sample-weighted averages are np.average; hetlora weighs by ||B A||_F;
-    hlora's product is truncated to the global rank R (exact when the client ranks sum to at most R)."""
+    hlora's product is truncated to the global rank R (exact when the client ranks sum to at most R); plora
+    moves index j by sum_k (n_k / n) (x_kj - x_j) over the clients that trained it."""
     n = np.array([n_k for _, n_k, _ in uploads], dtype=np.float64)
     expected = {name: np.average([up.dense[name].astype(np.float64) for up, _, _ in uploads], axis=0, weights=n)
                 for name in previous.dense}
@@ -177,14 +178,14 @@ def reference_global(rule, previous: Adapter, uploads: list[tuple[Adapter, int, 
         elif rule == "hlora":  # sum_k w_k B_k A_k, at most rank R: its best rank-R approximation (Eckart-Young)
             u, s, vt = np.linalg.svd(np.average([b @ a for a, b in factors], axis=0, weights=n), full_matrices=False)
             expected[name] = (u[:, :rank] * s[:rank]) @ vt[:rank]
-        elif rule == "plora":
+        elif rule == "plora":  # each index moves by the round's sample-weighted mean change; skipping it is 0
             a_new, b_new = prev_a.astype(np.float64).copy(), prev_b.astype(np.float64).copy()
             for j in range(rank):
-                holders = [(k, idx.index(j)) for k, (_, _, idx) in enumerate(uploads) if j in idx]
-                if holders:
-                    total = sum(n[k] for k, _ in holders)
-                    a_new[j] = sum(n[k] / total * factors[k][0][pos] for k, pos in holders)
-                    b_new[:, j] = sum(n[k] / total * factors[k][1][:, pos] for k, pos in holders)
+                for k, (_, _, idx) in enumerate(uploads):
+                    if j in idx:
+                        pos = idx.index(j)
+                        a_new[j] += n[k] / n.sum() * (factors[k][0][pos] - prev_a[j])
+                        b_new[:, j] += n[k] / n.sum() * (factors[k][1][:, pos] - prev_b[:, j])
             expected[name] = (a_new, b_new)
     return expected
 

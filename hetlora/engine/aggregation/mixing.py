@@ -65,3 +65,22 @@ def mix_components(
         a[~covered] = prev_a[~covered]
         b[:, ~covered] = prev_b[:, ~covered]
     return a, b
+
+
+def mix_component_updates(
+    parts: Sequence[Part], weights: Sequence[np.ndarray], previous: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """B[:, j] = B_prev[:, j] + sum_k w_kj (B_k[:, i] - B_prev[:, j]) over parts with idx_k[i] = j (same for A).
+
+    Each client moves the components it trained by its weighted change; a client that did not train j adds
+    a zero change, so with w_kj = n_k / n over the whole round the total change is a mean, not a sum, of the
+    clients' changes. Components no part covers keep their value. Returns a new float64 (A, B) at rank R.
+    """
+    prev_a, prev_b = previous
+    a = np.array(prev_a, dtype=np.float64)
+    b = np.array(prev_b, dtype=np.float64)
+    for (a_k, b_k, idx), w in zip(parts, weights):
+        idx = np.asarray(idx, dtype=np.intp)
+        a[idx] += w[:, None] * (a_k - prev_a[idx])
+        b[:, idx] += (b_k - prev_b[:, idx]) * w[None, :]
+    return a, b

@@ -11,7 +11,7 @@ import numpy as np
 from hetlora.protocol.wire import Adapter
 from hetlora.engine.aggregation.base import BaseRule, check_rank, rank_of
 from hetlora.engine.aggregation.contract import ClientResult
-from hetlora.engine.aggregation.mixing import Part, mix_components, per_component_shares
+from hetlora.engine.aggregation.mixing import Part, mix_component_updates
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,12 @@ class PLoRARule(BaseRule):
 
     Each round the server assigns client k a set I_k of r_k indices; the client folds the
     others into its frozen weights, trains (b_j, a_j) for j in I_k and uploads them in the
-    order of I_k. Then, with C_j = {k : j in I_k}:
-        b_j = sum_{k in C_j} n_k b_j^(k) / sum_{k in C_j} n_k   (same for a_j)
-    and b_j, a_j keep their previous value when C_j is empty.
+    order of I_k. Every client of the round counts in every index, with a zero change where
+    it did not train it (the paper's "rank-wise" average):
+        b_j <- b_j + sum_{k : j in I_k} (n_k / n) (b_j^(k) - b_j)   (same for a_j),  n = sum_k n_k
+    so the global moves by the mean of the clients' changes. (A mean over the trainers of j
+    alone adds up the changes of clients that trained disjoint indices: on the chat task that
+    sum overshoots, and the global's perplexity doubled in one round.)
     Clients download the full global (they need every component to fold).
     """
 
@@ -68,6 +71,7 @@ class PLoRARule(BaseRule):
         return tuple(int(j) for j in indices)
 
     def aggregate_module(self, previous, parts: list[Part], n: np.ndarray):
-        weights = per_component_shares([idx for _, _, idx in parts], n, n, previous[0].shape[0])
-        return mix_components(parts, weights, previous, keep_uncovered=True)
+        shares = n / n.sum()
+        weights = [np.full(len(idx), share) for (_, _, idx), share in zip(parts, shares)]
+        return mix_component_updates(parts, weights, previous)
 
