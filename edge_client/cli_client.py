@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--seq-len", type=int)
     g.add_argument("--lr", type=float)
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="torch backend: recompute each layer in backward instead of keeping its activations (less "
+                        "memory, about 40%% more step time); the server's tier policy turns it on when a tier needs it")
 
 
 def profile_source(catalog_id: str | None, profile_file: str | None):
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in {"steps": args.local_steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                                   "lr": args.lr}.items() if v is not None}
+                                   "lr": args.lr, "activation_checkpointing": args.activation_checkpointing}.items()
+                 if v is not None}
     if args.enroll_secret_file:
         args.enroll_secret = read_secret(args.enroll_secret_file)
     options = ClientOptions(

@@ -261,8 +261,9 @@ class EdgeClient:
         run is the server's fault (BadServerAnswer)."""
         on_step = None
         if plan.mode not in ("head-statistics", "head-fit"):
-            log.info("round %d: training %s at rank %d (%d steps, batch %d, seq %d, %s lr %g)", plan.round, plan.mode,
-                     plan.rank, cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr)
+            log.info("round %d: training %s at rank %d (%d steps, batch %d, seq %d, %s lr %g%s)", plan.round, plan.mode,
+                     plan.rank, cfg.steps or 0, cfg.batch_size, cfg.seq_len, cfg.optimizer, cfg.lr,
+                     ", activation checkpointing" if cfg.activation_checkpointing else "")
             on_step = self._progress(plan.round, cfg)
         try:
             start = None if raw is None else self.local.start(raw, plan)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hetlora.protocol import adapter_ops
+from edge_client.checkpointing import set_activation_checkpointing
 from edge_client.data import Encoded, EncodingCache, Examples, make_batches, trim_batch
 from edge_client.head_features import pooled_features
 from edge_client.lora import extract_adapter, inject_lora, load_adapter, lora_layers, set_rank, tail_mask, tail_penalty
@@ -130,6 +131,7 @@ class TorchTrainer:
         optimizer = make_optimizer(factors, head, cfg)
         schedule = make_schedule(optimizer, cfg)
         self.model.train(cfg.dropout)
+        set_activation_checkpointing(self.model, cfg.activation_checkpointing)
 
         def step(batch: dict) -> float:
             total, count = model_loss_sum_and_count(self.model, batch, self.task)

@@ -15,6 +15,9 @@
   b batch, s sequence, h hidden, kv key/value width, I FFN width, a heads, r rank.
 - workspace: peak RSS per byte of saved activations (activation gradients alive during backward,
   temporaries and what the allocator keeps); a measured factor per architecture.
+- activation checkpointing (torch backend only): each layer keeps only its input, b*s*h, and is recomputed
+  in backward, so the saved activations are L*b*s*h + one layer's full set + the head's logits, with a larger
+  measured workspace factor (the recomputed layer's and the head's transients now dominate).
 - trainable: LoRA parameters (sum of r * (in + out)) plus dense ones (a classification head), each with
   a gradient and `optimizer_slots` state tensors (AdamW keeps 2: exp_avg, exp_avg_sq; SGD 0).
 
@@ -62,8 +65,14 @@ ARCHITECTURES = {"bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": 
 # partitions with their own XNNPACK workspaces (executorch 1.5.1's Python runtime cannot share them).
 # The constant is fitted at 8 x 64 alone; it predicts the 4 x 64 peak within 0.3%.
 # MiniLM's ExecuTorch peak (837 MiB at 16 x 64, rank 8) is 13% under the bert factor's prediction: kept.
+# Activation checkpointing (benchmarks/bench_memory.py --activation-checkpointing, RUNTIME_BYTES held, least squares
+# of the excess over weights and trainable state on the checkpointed saved bytes): SmolLM2-135M rank 8 peaked at
+# 1309, 1646, 1920 and 2916 MB at 4x64, 8x64, 8x128 and 16x128 (targets on a third of each row), factor 5.26,
+# within 8% on each (a repeat gave 1370-2988 MB; the tests allow 10%). MiniLM rank 8 and 32 at 8x64, 16x128 and
+# 32x128: 2.47 (its transients are small next to the weights).
 RUNTIME_BYTES = 464_000_000
 WORKSPACE_FACTORS = {"bert": 1.97, "llama": 1.70}
+CHECKPOINTED_WORKSPACE_FACTORS = {"bert": 2.47, "llama": 5.26}
 BACKEND_PROGRAM_BYTES = {("llama", "executorch"): 742_000_000}
 TARGET_FRACTION = 0.5
 BACKENDS = ("torch", "onnx", "executorch")
@@ -120,6 +129,11 @@ class ModelShape:
             raise UserError(f"{model_dir} is not a model folder (no config.json)")
         return cls.from_config(json.loads(path.read_text()))
 
+    @property
+    def head_matmul_params(self) -> int:
+        """The output head's share of `matmul_params` (a causal LM's vocab projection; BERT's count has none)."""
+        return self.vocab * self.hidden if self.architecture == "llama" else 0
+
     def default_lora_modules(self) -> list[tuple[int, int]]:
         """(in, out) of every linear layer of one block: the default LoRA targets."""
         h, i = self.hidden, self.intermediate
@@ -155,8 +169,9 @@ class MemoryEstimate:
 
 def saved_activation_bytes(shape: ModelShape, batch: int, seq_len: int, rank: int, lora_modules_per_layer: int,
                            dtype: str = "float32", task: str = "classification",
-                           target_fraction: float = TARGET_FRACTION) -> int:
-    """Bytes autograd keeps for backward (see the module docstring), before the workspace factor."""
+                           target_fraction: float = TARGET_FRACTION, checkpointed: bool = False) -> int:
+    """Bytes autograd keeps for backward (see the module docstring), before the workspace factor; `checkpointed`:
+    with activation checkpointing (each layer's input, plus one layer's full set while it is recomputed)."""
     c = ACTIVATION_COUNTS[shape.architecture]
     tokens = batch * seq_len
     kv = shape.kv_heads * (shape.hidden // shape.heads)
@@ -165,15 +180,18 @@ def saved_activation_bytes(shape: ModelShape, batch: int, seq_len: int, rank: in
                  + c["attention"] * batch * shape.heads * seq_len * seq_len
                  + lora_modules_per_layer * tokens * rank)
     head = target_fraction * tokens * shape.vocab if task == "causal-lm" else 0
-    return int(_dtype_bytes(dtype) * (shape.layers * per_layer + head))
+    layers = shape.layers * tokens * shape.hidden + per_layer if checkpointed else shape.layers * per_layer
+    return int(_dtype_bytes(dtype) * (layers + head))
 
 
 def predict_peak_memory(shape: ModelShape, rank: int, batch: int, seq_len: int, *, lora_params: int | None = None,
                         lora_modules: int | None = None, dense_params: int = 0, dtype: str = "float32",
                         optimizer: str = "adamw", task: str = "classification",
                         target_fraction: float = TARGET_FRACTION, runtime_bytes: int = RUNTIME_BYTES,
-                        workspace_factor: float | None = None, backend: str = "torch") -> MemoryEstimate:
-    """Peak training memory for one configuration (formula in the module docstring), on `backend`.
+                        workspace_factor: float | None = None, backend: str = "torch",
+                        activation_checkpointing: bool = False) -> MemoryEstimate:
+    """Peak training memory for one configuration (formula in the module docstring), on `backend`, with or
+    without activation checkpointing (the torch backend's; an exported program's graph is fixed).
 
     `lora_params` / `lora_modules` (total adapted modules) come from an AdapterSpec when one is known
     (`spec.lora_parameter_count(rank)`, `len(spec.modules)`); by default every linear layer of every block.
@@ -186,6 +204,8 @@ def predict_peak_memory(shape: ModelShape, rank: int, batch: int, seq_len: int, 
         raise UserError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_SLOTS)}")
     if backend not in BACKENDS:
         raise UserError(f"unknown training backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if activation_checkpointing and backend != "torch":
+        raise UserError(f"activation checkpointing is a torch-backend option; {backend} runs a fixed exported graph")
     if backend in HEAD_AT_EVERY_POSITION:
         target_fraction = 1.0
     if lora_params is None:
@@ -194,9 +214,11 @@ def predict_peak_memory(shape: ModelShape, rank: int, batch: int, seq_len: int, 
         lora_modules = shape.layers * len(shape.default_lora_modules())
     per_layer_modules = -(-lora_modules // shape.layers)
     trainable_bytes = 4 * (lora_params + dense_params)
-    activations = saved_activation_bytes(shape, batch, seq_len, rank, per_layer_modules, dtype, task, target_fraction)
+    activations = saved_activation_bytes(shape, batch, seq_len, rank, per_layer_modules, dtype, task, target_fraction,
+                                         checkpointed=activation_checkpointing)
     if workspace_factor is None:
-        workspace_factor = WORKSPACE_FACTORS[shape.architecture]
+        factors = CHECKPOINTED_WORKSPACE_FACTORS if activation_checkpointing else WORKSPACE_FACTORS
+        workspace_factor = factors[shape.architecture]
     return MemoryEstimate(
         runtime=int(runtime_bytes) + BACKEND_PROGRAM_BYTES.get((shape.architecture, backend), 0),
         weights=shape.frozen_params * _dtype_bytes(dtype),

@@ -7,7 +7,9 @@ rank with non-decreasing batch and sequence length, so every cost below grows wi
 tiers are a prefix of the list:
 
 1. memory: predicted peak (profiles.memory_model, for the profile's `compute.training_backend`, torch when
-   absent) <= usable bytes * safety factor of the platform; if no tier fits, no-train;
+   absent) <= usable bytes * safety factor of the platform; if no tier fits, no-train. The policy's
+   `training.activation_checkpointing` ("never", "as-needed", "always"; torch backend only) lets a tier that
+   does not fit fit with activation checkpointing, at its step cost (recomputed layers; profiles.cost);
 2. compute: local steps per round (the run's) * step time <= round_compute_budget_s; the step time is the measured
    `compute.lora_step_s` (taken at the lowest tier) scaled by FLOPs, else FLOPs (profiles.cost) /
    (sustained GFLOPS, measured or from the catalog, * training_efficiency);
@@ -34,6 +36,7 @@ DEFAULT_POLICY_PATH = Path(__file__).with_name("tiers.json")
 # The packaged policy per task: a causal LM's tiers size batch and sequence length with the rank.
 POLICY_PATHS = {"classification": DEFAULT_POLICY_PATH, "causal-lm": Path(__file__).with_name("tiers-causal-lm.json")}
 PLATFORMS = ("jetson", "raspberry-pi", "android", "linux-x86", "other")
+CHECKPOINTING = ("never", "as-needed", "always")
 THRESHOLDS = ("battery_min_percent", "hot_c", "round_compute_budget_s", "local_steps_per_round",
               "training_efficiency", "upload_budget_s", "hysteresis_margin")
 GB = 1e9
@@ -48,6 +51,7 @@ class TierDecision:
     batch_size: int
     seq_len: int
     reasons: list[str] = field(default_factory=list)
+    activation_checkpointing: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -56,7 +60,8 @@ class TierDecision:
     def from_json(cls, doc: dict) -> "TierDecision":
         try:
             return cls(rank=int(doc["rank"]), tier=str(doc.get("tier", "")), batch_size=int(doc.get("batch_size", 0)),
-                       seq_len=int(doc.get("seq_len", 0)), reasons=list(doc.get("reasons", [])))
+                       seq_len=int(doc.get("seq_len", 0)), reasons=list(doc.get("reasons", [])),
+                       activation_checkpointing=bool(doc.get("activation_checkpointing", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"a previous tier decision needs an integer 'rank': {exc}") from None
 
@@ -133,6 +138,8 @@ def validate_policy(doc, source: str = "policy") -> dict:
     training = doc.get("training", {})
     if training.get("dtype", "float32") not in DTYPE_BYTES or training.get("optimizer", "adamw") not in OPTIMIZER_SLOTS:
         fail(f"training.dtype must be one of {sorted(DTYPE_BYTES)} and training.optimizer one of {sorted(OPTIMIZER_SLOTS)}")
+    if training.get("activation_checkpointing", "never") not in CHECKPOINTING:
+        fail(f"training.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}")
     if not isinstance(doc.get("model", {}).get("config"), dict):
         fail('"model.config" must hold the config.json numbers of the model used when none is given')
     return doc
@@ -149,11 +156,19 @@ def tiers_of(policy: dict) -> list[Tier]:
 
 @dataclass(frozen=True)
 class _Costs:
-    """What one training tier needs on this device."""
+    """What one training tier needs on this device, with or without activation checkpointing."""
 
     memory: int
     step_s: float | None
     upload_s: float | None
+    checkpointed: bool = False
+
+    def fits(self, usable: float, factor: float, th: dict, headroom: float = 1.0) -> bool:
+        """Memory, compute and upload within the limits / headroom."""
+        return (self.memory * headroom <= usable * factor
+                and (self.step_s is None or th["local_steps_per_round"] * self.step_s * headroom
+                     <= th["round_compute_budget_s"])
+                and (self.upload_s is None or self.upload_s * headroom <= th["upload_budget_s"]))
 
 
 def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = None, *, spec=None,
@@ -173,23 +188,23 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
     speed = _speed(profile, tiers)
     upload_mbps = (profile.get("network") or {}).get("upload_mbps")
     backend = (profile.get("compute") or {}).get("training_backend") or "torch"
-    costs = [None] + [_costs(t, model, spec, policy, speed, upload_mbps, backend) for t in tiers[1:]]
+    # Per tier, its ways of training in order of preference (without, then with activation checkpointing).
+    options = [None] + [[_costs(t, model, spec, policy, speed, upload_mbps, backend, checkpointed)
+                         for checkpointed in _checkpointing_options(policy, backend)] for t in tiers[1:]]
+    # Per tier, the way its memory is judged: the first that fits in memory, else the leanest.
+    costs = [None] + [next((c for c in opts if c.memory <= (usable or 0) * factor), opts[-1]) for opts in options[1:]]
 
     if usable is None:
         return _decision(tiers[0], reasons + ["memory: usable memory unknown (the profile has no memory figures); "
                                                "not training"])
 
     def feasible(headroom: float) -> int:
-        """Index of the largest tier whose memory, compute and upload fit the limits / headroom."""
+        """Index of the largest tier that some way of training fits within the limits / headroom."""
         best = 0
         for i in range(1, len(tiers)):
-            c = costs[i]
-            if (c.memory * headroom <= usable * factor
-                    and (c.step_s is None or th["local_steps_per_round"] * c.step_s * headroom <= th["round_compute_budget_s"])
-                    and (c.upload_s is None or c.upload_s * headroom <= th["upload_budget_s"])):
-                best = i
-            else:
+            if not any(c.fits(usable, factor, th, headroom) for c in options[i]):
                 break
+            best = i
         return best
 
     reasons.append(_memory_reason(tiers, costs, usable, factor, backend))
@@ -215,7 +230,12 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
     chosen = candidate
     if previous_tier is not None:
         chosen = _hysteresis(tiers, candidate, with_margin, _tier_index(tiers, previous_tier), th, reasons)
-    return _decision(tiers[chosen], reasons)
+    way = next((c for c in options[chosen] if c.fits(usable, factor, th)), None) if chosen else None
+    if way is not None and way.checkpointed:
+        plain = options[chosen][0].memory
+        reasons.append(f"activation checkpointing: {tiers[chosen].name} trains with it ({way.memory / GB:.2f} GB "
+                       f"instead of {plain / GB:.2f} GB; layers are recomputed in backward)")
+    return _decision(tiers[chosen], reasons, way is not None and way.checkpointed)
 
 
 def _check_profile(doc) -> dict:
@@ -293,14 +313,24 @@ def _lora_params(t: Tier, model: ModelShape, spec) -> tuple[int, int, int]:
     return model.default_lora_params(t.rank), model.layers * len(model.default_lora_modules()), 0
 
 
-def _costs(t: Tier, model: ModelShape, spec, policy: dict, speed: _Speed, upload_mbps, backend: str) -> _Costs:
+def _checkpointing_options(policy: dict, backend: str) -> list[bool]:
+    """The ways a tier may train, in order of preference: False without activation checkpointing, True with it
+    (the policy's `training.activation_checkpointing`; the torch backend only)."""
+    mode = policy.get("training", {}).get("activation_checkpointing", "never")
+    if backend != "torch" or mode == "never":
+        return [False]
+    return [True] if mode == "always" else [False, True]
+
+
+def _costs(t: Tier, model: ModelShape, spec, policy: dict, speed: _Speed, upload_mbps, backend: str,
+           checkpointed: bool = False) -> _Costs:
     lora, modules, dense = _lora_params(t, model, spec)
     memory = predict_peak_memory(model, t.rank, t.batch_size, t.seq_len, lora_params=lora, lora_modules=modules,
                                  dense_params=dense, dtype=policy.get("training", {}).get("dtype", "float32"),
                                  optimizer=policy.get("training", {}).get("optimizer", "adamw"),
                                  task=spec.task if spec is not None else policy["model"].get("task", "classification"),
-                                 backend=backend).total
-    flops = cost.step_flops(model, t.batch_size, t.seq_len, lora)
+                                 backend=backend, activation_checkpointing=checkpointed).total
+    flops = cost.step_flops(model, t.batch_size, t.seq_len, lora, checkpointed)
     if speed.step_s is not None:
         lowest = tiers_of(policy)[1]
         step_s = speed.step_s * flops / cost.step_flops(model, lowest.batch_size, lowest.seq_len,
@@ -310,7 +340,7 @@ def _costs(t: Tier, model: ModelShape, spec, policy: dict, speed: _Speed, upload
     else:
         step_s = None
     upload_s = cost.upload_seconds(cost.upload_bytes(lora, dense), upload_mbps) if upload_mbps else None
-    return _Costs(memory, step_s, upload_s)
+    return _Costs(memory, step_s, upload_s, checkpointed)
 
 
 def _memory_reason(tiers, costs, usable, factor, backend: str) -> str:
@@ -319,11 +349,16 @@ def _memory_reason(tiers, costs, usable, factor, backend: str) -> str:
     i = fits[-1] if fits else 1
     t, sign = tiers[i], "≥" if fits else "<"
     text = (f"memory: {usable / GB:.2f} GB usable × {factor} {sign} {costs[i].memory / GB:.2f} GB predicted "
-            f"for rank {t.rank} batch {t.batch_size} seq {t.seq_len} on {backend}")
+            f"for rank {t.rank} batch {t.batch_size} seq {t.seq_len} on {backend}{_how(costs[i])}")
     if fits and i < len(tiers) - 1:
         nxt = tiers[i + 1]
-        text += f"; {nxt.name} needs {costs[i + 1].memory / GB:.2f} GB (batch {nxt.batch_size} seq {nxt.seq_len})"
+        text += (f"; {nxt.name} needs {costs[i + 1].memory / GB:.2f} GB (batch {nxt.batch_size} seq {nxt.seq_len}"
+                 f"{_how(costs[i + 1])})")
     return text
+
+
+def _how(c: _Costs) -> str:
+    return " with activation checkpointing" if c.checkpointed else ""
 
 
 def _compute_reason(tiers, costs, th, speed: _Speed) -> str:
@@ -393,5 +428,6 @@ def _hysteresis(tiers, candidate: int, with_margin: int, prev: int, th: dict, re
     return chosen
 
 
-def _decision(t: Tier, reasons: list[str]) -> TierDecision:
-    return TierDecision(rank=t.rank, tier=t.name, batch_size=t.batch_size, seq_len=t.seq_len, reasons=reasons)
+def _decision(t: Tier, reasons: list[str], activation_checkpointing: bool = False) -> TierDecision:
+    return TierDecision(rank=t.rank, tier=t.name, batch_size=t.batch_size, seq_len=t.seq_len, reasons=reasons,
+                        activation_checkpointing=activation_checkpointing)

@@ -88,5 +88,5 @@ class Registration:
 
 
 def caps(tier: Tier) -> dict:
-    """A tier's batch and sequence caps as stored with the client (its rank has a column of its own)."""
-    return {"batch_size": tier.batch_size, "seq_len": tier.seq_len}
+    """A tier's batch and sequence caps and checkpointing as stored with the client (its rank has a column of its own)."""
+    return {"batch_size": tier.batch_size, "seq_len": tier.seq_len, "activation_checkpointing": tier.activation_checkpointing}

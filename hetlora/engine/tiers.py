@@ -10,6 +10,7 @@ rank not above the request and no caps. The aggregation rule turns the tier into
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from hetlora.errors import UserError
 from hetlora.protocol.plan import Tier
@@ -22,7 +23,7 @@ log = logging.getLogger("hetlora.server")
 def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, previous_rank: int | None = None,
              spec=None, policy=None, model=None, steps: int | None = None) -> Tier:
     """Tier(min(policy rank, requested_rank) rounded down to a rank of `ranks` (the smallest one if all are
-    above), the policy's batch size, the policy's sequence length).
+    above), the policy's batch size, sequence length and activation checkpointing).
 
     `previous_rank`: the client's current rank, for the policy's hysteresis; `spec`: the run's AdapterSpec,
     for exact LoRA parameter counts; `policy`: the tier policy document (None: the packaged tiers.json); `model`:
@@ -31,7 +32,7 @@ def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, prev
     A device the policy rules out of training raises CannotTrain `cannot_train` with the policy's reasons; a
     malformed profile Invalid `bad_profile`.
     """
-    cap, batch_size, seq_len = requested_rank, None, None
+    cap, batch_size, seq_len, checkpointing = requested_rank, None, None, False
     if isinstance(profile, dict) and profile.get("schema") == "hetlora-profile":
         previous = {"rank": previous_rank} if previous_rank else None
         try:
@@ -44,8 +45,10 @@ def tier_for(profile: dict, requested_rank: int, ranks: tuple[int, ...], *, prev
         log.info("tier policy: %s allows rank %d (its reasons at -v)", decision.tier, decision.rank)
         log.debug("tier policy: %s", "; ".join(decision.reasons))
         cap, batch_size, seq_len = min(cap, decision.rank), decision.batch_size, decision.seq_len
+        checkpointing = decision.activation_checkpointing
     fitting = [r for r in ranks if r <= cap]
-    return Tier(rank=max(fitting) if fitting else min(ranks), batch_size=batch_size, seq_len=seq_len)
+    return Tier(rank=max(fitting) if fitting else min(ranks), batch_size=batch_size, seq_len=seq_len,
+                activation_checkpointing=checkpointing)
 
 
 def client_tier(config, profile: dict, requested_rank: int, pruned_rank: int | None,
@@ -54,4 +57,4 @@ def client_tier(config, profile: dict, requested_rank: int, pruned_rank: int | N
     (CannotTrain `cannot_train` / Invalid `bad_profile` from `tier_for`)."""
     tier = tier_for(profile, requested_rank, config.ranks, previous_rank=previous_rank, spec=config.spec,
                     policy=config.policy, model=config.model_shape, steps=config.training.steps)
-    return Tier(min(tier.rank, pruned_rank), tier.batch_size, tier.seq_len) if pruned_rank else tier
+    return replace(tier, rank=min(tier.rank, pruned_rank)) if pruned_rank else tier

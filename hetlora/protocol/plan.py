@@ -35,7 +35,8 @@ def stage_of(round_number: int, *, head_init: bool, head_rounds: int) -> str:
 
 @dataclass(frozen=True)
 class Tier:
-    """What a device may do: a rank (0: no training) and batch-size and sequence-length caps (None: no cap).
+    """What a device may do: a rank (0: no training), batch-size and sequence-length caps (None: no cap), and
+    whether it must train with activation checkpointing to fit its memory (the tier policy's decision).
     The tier policy's tiers (profiles.policy.tiers_of) carry their `name`; a client's tier on the server is the
     policy's rank capped by the client's request and rounded to the server's rank set, without a name."""
 
@@ -43,10 +44,11 @@ class Tier:
     batch_size: int | None = None
     seq_len: int | None = None
     name: str = ""
+    activation_checkpointing: bool = False
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "batch_size": self.batch_size, "seq_len": self.seq_len} | (
-            {"name": self.name} if self.name else {})
+        return {"rank": self.rank, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "activation_checkpointing": self.activation_checkpointing} | ({"name": self.name} if self.name else {})
 
 
 @dataclass(frozen=True)

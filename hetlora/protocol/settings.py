@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 FLOATS = {"lr", "head_lr", "head_fit_lr", "weight_decay", "lora_alpha", "prune_gamma", "prune_lambda"}
 STRINGS = {"schedule", "optimizer"}
-BOOLS = {"trim_padding", "dropout"}
+BOOLS = {"trim_padding", "dropout", "activation_checkpointing"}
 OPTIONAL = {"steps", "epochs", "head_lr"}
 LR_DECAYS = ("none", "cosine")  # learning rates across a run's LoRA rounds (TrainingSettings.decayed)
 # Sane bounds of a plan (TrainingSettings.problem): beyond them a plan would wedge or crash a device.
@@ -34,6 +34,9 @@ class TrainingSettings:
     learning rate (edge_client.head_fit), with batches of `batch_size`.
     `trim_padding`: length-grouped batches cut to their longest row (the artifact backends take the
     same batches and pad them back to their exported width, masked: the same loss).
+    `activation_checkpointing`: the torch backend keeps only each layer's input and recomputes the layer in
+    backward: the same loss and gradients in less memory, at about 40% more step time (the artifact backends'
+    exported graphs are fixed and ignore it).
     """
 
     steps: int | None = 20
@@ -55,6 +58,7 @@ class TrainingSettings:
     prune_lambda: float = 0.0
     min_rank: int = 4
     dropout: bool = False  # the base model's own dropout during local training
+    activation_checkpointing: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,10 +119,13 @@ class TrainingSettings:
         head_lr = self.head_lr if self.head_lr is not None else self.lr
         return replace(self, lr=self.lr * factor, head_lr=head_lr * factor)
 
-    def capped(self, batch_size: int | None, seq_len: int | None) -> "TrainingSettings":
-        """Batch size and sequence length at most the given limits (a device tier's); None: no limit."""
+    def capped(self, batch_size: int | None, seq_len: int | None,
+               activation_checkpointing: bool = False) -> "TrainingSettings":
+        """Batch size and sequence length at most the given limits (a device tier's); None: no limit. A tier that
+        needs activation checkpointing turns it on."""
         return replace(self, batch_size=min(self.batch_size, batch_size or self.batch_size),
-                       seq_len=min(self.seq_len, seq_len or self.seq_len))
+                       seq_len=min(self.seq_len, seq_len or self.seq_len),
+                       activation_checkpointing=self.activation_checkpointing or activation_checkpointing)
 
 
 def _fits(name: str, value) -> bool:

@@ -69,7 +69,7 @@ class BaseRule:
         run's pooled `class_counts` (head rounds) instead of training LoRA."""
         rank = self.planned_rank(tier.rank, global_rank)
         check_rank("rank", rank, maximum=global_rank)
-        settings = replace(training.capped(tier.batch_size, tier.seq_len),
+        settings = replace(training.capped(tier.batch_size, tier.seq_len, tier.activation_checkpointing),
                            seed=training_seed(seed, round_number, client_key))
         if stage == "head-statistics":
             return ClientPlan(round=round_number, rank=rank, mode=stage, training=settings)
