@@ -12,7 +12,7 @@ timed steps on random token ids with targets on the last third of each row, as a
 
 The configurations run interleaved, `--repeats` times, so a load change hits all of them. Prints peak RSS (MB,
 ru_maxrss), median step seconds and both against plain. The product ships `checkpointing`; the others are
-measured here to show why not (docs/RESULTS.md, "Memory levers").
+measured here to show why not (docs/EXPORT.md, "Memory levers").
 
     .venv/bin/python benchmarks/bench_memory_levers.py --shapes 8x64,8x128 --repeats 2 --threads 2
 """
