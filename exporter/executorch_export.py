@@ -4,10 +4,11 @@ torch.export -> _export_forward_backward (gradients of output 0 for every parame
 requires_grad) -> graph rewrites (exporter/graph_passes.py) -> edge dialect, delegating to XNNPACK
 (default) or on ExecuTorch's CPU kernels alone ("portable") -> ExecuTorch program.
 
-XNNPACK takes every matmul plus permute, bmm, gelu, softmax and sigmoid (SiLU's). Frozen base weights (forward
-`linear(x, W)`, backward `mm(g, W)`) are static operands, packed once at load. Every other right
-operand (LoRA factors, activations in weight gradients) is a run-time input: XNNPACK must never take
-a trainable weight as static, since updates to a weight packed at load would be ignored.
+XNNPACK takes every matmul plus permute, bmm, gelu, softmax and sigmoid (SiLU's). Frozen base
+weights (forward `linear(x, W)`, backward `mm(g, W)`) are static operands, packed once at load.
+Every other right operand (LoRA factors, activations in weight gradients) is a run-time input:
+XNNPACK must never take a trainable weight as static, since updates to a weight packed at load
+would be ignored.
 
 Frozen base weights go to one external data file, `executorch/frozen_weights.ptd`, shared by every
 rank's program: their tensors and keys do not depend on the rank (XNNPACK keys its data by sha256,
