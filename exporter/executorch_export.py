@@ -4,10 +4,11 @@ torch.export -> _export_forward_backward (gradients of output 0 for every parame
 requires_grad) -> graph rewrites (exporter/graph_passes.py) -> edge dialect, delegating to XNNPACK
 (default) or on ExecuTorch's CPU kernels alone ("portable") -> ExecuTorch program.
 
-XNNPACK takes every matmul plus permute, bmm, gelu and softmax. Frozen base weights (forward
-`linear(x, W)`, backward `mm(g, W)`) are static operands, packed once at load. Every other right
-operand (LoRA factors, activations in weight gradients) is a run-time input: XNNPACK must never take
-a trainable weight as static, since updates to a weight packed at load would be ignored.
+XNNPACK takes every matmul plus permute, bmm, gelu, softmax and sigmoid (SiLU's). Frozen base
+weights (forward `linear(x, W)`, backward `mm(g, W)`) are static operands, packed once at load.
+Every other right operand (LoRA factors, activations in weight gradients) is a run-time input:
+XNNPACK must never take a trainable weight as static, since updates to a weight packed at load
+would be ignored.
 
 Frozen base weights go to one external data file, `executorch/frozen_weights.ptd`, shared by every
 rank's program: their tensors and keys do not depend on the rank (XNNPACK keys its data by sha256,
@@ -28,10 +29,11 @@ from exporter.fx_sources import sources_not_kept
 from exporter.partition_order import partitions_sorted_in_place
 from exporter.shared_weights import keep_shared_file
 from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, placeholder_per_use, rewrite_empty_permuted,
-                                   split_addmm)
+                                   simplify_elementwise, split_addmm)
 from exporter.training_graph import TrainingGraph
 
-XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "ExpConfig")
+XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "ExpConfig",
+                            "SigmoidConfig")
 WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 
@@ -91,6 +93,7 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
             joint = _export_forward_backward(export(graph, inputs, strict=False))
             rewrite_empty_permuted(joint)
             drop_inverse_permutes(joint)
+            simplify_elementwise(joint)
             frozen = frozen_parameters(joint)
             if delegate == "xnnpack":
                 split_addmm(joint, linearize=frozen)

@@ -118,3 +118,34 @@ def test_placeholder_per_use_shares_the_tensor_and_keeps_the_step():
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+class RMSNormMLP(nn.Module):
+    """RMSNorm (x.pow(2): its backward has pow(x, 1)), a frozen SiLU MLP and a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(6, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        y = self.head(nn.functional.silu(self.up(x)) * x.pow(2).sum(-1, keepdim=True))
+        return (y * y).mean(), y.detach()
+
+
+def test_simplify_elementwise_drops_pow_exactly():
+    from exporter.graph_passes import simplify_elementwise
+
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    want = run(joint_program(RMSNormMLP), x)
+    program = joint_program(RMSNormMLP)
+    assert aten.pow.Tensor_Scalar in targets(program)
+    assert simplify_elementwise(program) >= 2  # pow(x, 2) forward, pow(x, 1) in its backward
+    assert all(node.target != aten.pow.Tensor_Scalar or node.args[1] not in (1, 2)
+               for node in program.graph.nodes if node.op == "call_function")
+    got = run(program, x)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
