@@ -110,10 +110,12 @@ def test_the_packaged_causal_lm_policy_sizes_its_own_model_as_a_causal_lm_withou
     reason = decide_tier(with_memory("raspberry-pi-4", 3.0), policy=policy).reasons[0]
 
     def stated(task: str) -> list[str]:
-        return [f"{predict_peak_memory(shape, t.rank, t.batch_size, t.seq_len, task=task,
-                                       activation_checkpointing=ck).total / 1e9:.2f} GB "
-                f"predicted for rank {t.rank} batch {t.batch_size} seq {t.seq_len}" for t in tiers_of(policy)[1:]
-                for ck in (False, True)]
+        def peak(t, checkpointed: bool) -> float:
+            return predict_peak_memory(shape, t.rank, t.batch_size, t.seq_len, task=task,
+                                       activation_checkpointing=checkpointed).total / 1e9
+
+        return [f"{peak(t, ck):.2f} GB predicted for rank {t.rank} batch {t.batch_size} seq {t.seq_len}"
+                for t in tiers_of(policy)[1:] for ck in (False, True)]
 
     assert any(text in reason for text in stated("causal-lm"))
     assert not any(text in reason for text in stated("classification"))  # the vocab head's logits are counted
