@@ -28,9 +28,8 @@ from pathlib import Path
 
 from hetlora.errors import UserError
 from hetlora.protocol.plan import Tier
-from profiles import cost
-from profiles.catalog import device
-from profiles.memory_model import DTYPE_BYTES, OPTIMIZER_SLOTS, ModelShape, predict_peak_memory
+from profiles.memory_model import DTYPE_BYTES, OPTIMIZER_SLOTS, ModelShape
+from profiles.tier_costs import GB, compute_reason, memory_reason, speed_of, tier_ways, upload_reason
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("tiers.json")
 # The packaged policy per task: a causal LM's tiers size batch and sequence length with the rank.
@@ -39,7 +38,6 @@ PLATFORMS = ("jetson", "raspberry-pi", "android", "linux-x86", "other")
 CHECKPOINTING = ("never", "as-needed", "always")
 THRESHOLDS = ("battery_min_percent", "hot_c", "round_compute_budget_s", "local_steps_per_round",
               "training_efficiency", "upload_budget_s", "hysteresis_margin")
-GB = 1e9
 
 
 @dataclass
@@ -154,23 +152,6 @@ def tiers_of(policy: dict) -> list[Tier]:
 # ---------------------------------------------------------------- the decision
 
 
-@dataclass(frozen=True)
-class _Costs:
-    """What one training tier needs on this device, with or without activation checkpointing."""
-
-    memory: int
-    step_s: float | None
-    upload_s: float | None
-    checkpointed: bool = False
-
-    def fits(self, usable: float, factor: float, th: dict, headroom: float = 1.0) -> bool:
-        """Memory, compute and upload within the limits / headroom."""
-        return (self.memory * headroom <= usable * factor
-                and (self.step_s is None or th["local_steps_per_round"] * self.step_s * headroom
-                     <= th["round_compute_budget_s"])
-                and (self.upload_s is None or self.upload_s * headroom <= th["upload_budget_s"]))
-
-
 def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = None, *, spec=None,
                 policy: dict | None = None, model: ModelShape | None = None, steps: int | None = None) -> TierDecision:
     """The tier for this device (module docstring); `spec` an AdapterSpec, `model` its base model shape, `steps`
@@ -185,14 +166,10 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
     platform = profile["identity"].get("platform") or "other"
     factor = th["memory_safety_factor"].get(platform, th["memory_safety_factor"]["other"])
     usable = _usable_memory(profile)
-    speed = _speed(profile, tiers)
+    speed = speed_of(profile, tiers)
     upload_mbps = (profile.get("network") or {}).get("upload_mbps")
     backend = (profile.get("compute") or {}).get("training_backend") or "torch"
-    # Per tier, its ways of training in order of preference (without, then with activation checkpointing).
-    options = [None] + [[_costs(t, model, spec, policy, speed, upload_mbps, backend, checkpointed)
-                         for checkpointed in _checkpointing_options(policy, backend)] for t in tiers[1:]]
-    # Per tier, the way its memory is judged: the first that fits in memory, else the leanest.
-    costs = [None] + [next((c for c in opts if c.memory <= (usable or 0) * factor), opts[-1]) for opts in options[1:]]
+    options, costs = tier_ways(tiers, model, spec, policy, speed, upload_mbps, backend, (usable or 0) * factor)
 
     if usable is None:
         return _decision(tiers[0], reasons + ["memory: usable memory unknown (the profile has no memory figures); "
@@ -207,12 +184,12 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
             best = i
         return best
 
-    reasons.append(_memory_reason(tiers, costs, usable, factor, backend))
+    reasons.append(memory_reason(tiers, costs, usable, factor, backend))
     if costs[1].memory > usable * factor:
         return _decision(tiers[0], reasons + ["no-train: the smallest tier does not fit in memory"])
-    reasons.append(_compute_reason(tiers, costs, th, speed))
+    reasons.append(compute_reason(tiers, costs, th, speed))
     if upload_mbps:
-        reasons.append(_upload_reason(tiers, costs, th, upload_mbps))
+        reasons.append(upload_reason(tiers, costs, th, upload_mbps))
     else:
         reasons.append("upload: bandwidth unknown; not limiting the rank")
 
@@ -230,12 +207,17 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
     chosen = candidate
     if previous_tier is not None:
         chosen = _hysteresis(tiers, candidate, with_margin, _tier_index(tiers, previous_tier), th, reasons)
-    way = next((c for c in options[chosen] if c.fits(usable, factor, th)), None) if chosen else None
-    if way is not None and way.checkpointed:
-        plain = options[chosen][0].memory
-        reasons.append(f"activation checkpointing: {tiers[chosen].name} trains with it ({way.memory / GB:.2f} GB "
-                       f"instead of {plain / GB:.2f} GB; layers are recomputed in backward)")
-    return _decision(tiers[chosen], reasons, way is not None and way.checkpointed)
+    checkpointed = chosen > 0 and _checkpointed(tiers[chosen], options[chosen], usable * factor, th, reasons)
+    return _decision(tiers[chosen], reasons, checkpointed)
+
+
+def _checkpointed(tier: Tier, ways: list, budget: float, th: dict, reasons: list[str]) -> bool:
+    """Whether the chosen tier's first way of training that fits is with activation checkpointing (said in `reasons`)."""
+    way = next(c for c in ways if c.fits(budget, 1.0, th))
+    if way.checkpointed:
+        reasons.append(f"activation checkpointing: {tier.name} trains with it ({way.memory / GB:.2f} GB "
+                       f"instead of {ways[0].memory / GB:.2f} GB; layers are recomputed in backward)")
+    return way.checkpointed
 
 
 def _check_profile(doc) -> dict:
@@ -281,107 +263,6 @@ def _usable_memory(profile: dict) -> int | None:
             limit = mem.get("cgroup_limit_bytes")
             return min(int(mem[key]), int(limit)) if limit else int(mem[key])
     return None
-
-
-@dataclass(frozen=True)
-class _Speed:
-    """How step time is known: a measured step at the lowest tier, a GFLOPS figure, or not at all."""
-
-    step_s: float | None = None
-    gflops: float | None = None
-    source: str = ""
-
-
-def _speed(profile: dict, tiers: list[Tier]) -> _Speed:
-    compute = profile.get("compute") or {}
-    if compute.get("lora_step_s"):
-        return _Speed(step_s=float(compute["lora_step_s"]), source=f"measured LoRA step at {tiers[1].name}")
-    if compute.get("sustained_gflops"):
-        where = "catalog estimate" if compute.get("source") == "catalog" else "measured"
-        return _Speed(gflops=float(compute["sustained_gflops"]), source=f"{where} sustained GFLOPS")
-    catalog_id = profile["identity"].get("catalog_id")
-    if catalog_id:
-        return _Speed(gflops=float(device(catalog_id)["compute"]["sustained_gflops"]),
-                      source=f"catalog GFLOPS of {catalog_id}")
-    return _Speed()
-
-
-def _lora_params(t: Tier, model: ModelShape, spec) -> tuple[int, int, int]:
-    """(LoRA parameters, adapted modules, dense parameters) at tier t."""
-    if spec is not None:
-        return spec.lora_parameter_count(t.rank), len(spec.modules), spec.dense_parameter_count()
-    return model.default_lora_params(t.rank), model.layers * len(model.default_lora_modules()), 0
-
-
-def _checkpointing_options(policy: dict, backend: str) -> list[bool]:
-    """The ways a tier may train, in order of preference: False without activation checkpointing, True with it
-    (the policy's `training.activation_checkpointing`; the torch backend only)."""
-    mode = policy.get("training", {}).get("activation_checkpointing", "never")
-    if backend != "torch" or mode == "never":
-        return [False]
-    return [True] if mode == "always" else [False, True]
-
-
-def _costs(t: Tier, model: ModelShape, spec, policy: dict, speed: _Speed, upload_mbps, backend: str,
-           checkpointed: bool = False) -> _Costs:
-    lora, modules, dense = _lora_params(t, model, spec)
-    memory = predict_peak_memory(model, t.rank, t.batch_size, t.seq_len, lora_params=lora, lora_modules=modules,
-                                 dense_params=dense, dtype=policy.get("training", {}).get("dtype", "float32"),
-                                 optimizer=policy.get("training", {}).get("optimizer", "adamw"),
-                                 task=spec.task if spec is not None else policy["model"].get("task", "classification"),
-                                 backend=backend, activation_checkpointing=checkpointed).total
-    flops = cost.step_flops(model, t.batch_size, t.seq_len, lora, checkpointed)
-    if speed.step_s is not None:
-        lowest = tiers_of(policy)[1]
-        step_s = speed.step_s * flops / cost.step_flops(model, lowest.batch_size, lowest.seq_len,
-                                                         _lora_params(lowest, model, spec)[0])
-    elif speed.gflops is not None:
-        step_s = cost.step_seconds(flops, speed.gflops, policy["thresholds"]["training_efficiency"])
-    else:
-        step_s = None
-    upload_s = cost.upload_seconds(cost.upload_bytes(lora, dense), upload_mbps) if upload_mbps else None
-    return _Costs(memory, step_s, upload_s, checkpointed)
-
-
-def _memory_reason(tiers, costs, usable, factor, backend: str) -> str:
-    budget = usable * factor
-    fits = [i for i in range(1, len(tiers)) if costs[i].memory <= budget]
-    i = fits[-1] if fits else 1
-    t, sign = tiers[i], "≥" if fits else "<"
-    text = (f"memory: {usable / GB:.2f} GB usable × {factor} {sign} {costs[i].memory / GB:.2f} GB predicted "
-            f"for rank {t.rank} batch {t.batch_size} seq {t.seq_len} on {backend}{_how(costs[i])}")
-    if fits and i < len(tiers) - 1:
-        nxt = tiers[i + 1]
-        text += (f"; {nxt.name} needs {costs[i + 1].memory / GB:.2f} GB (batch {nxt.batch_size} seq {nxt.seq_len}"
-                 f"{_how(costs[i + 1])})")
-    return text
-
-
-def _how(c: _Costs) -> str:
-    return " with activation checkpointing" if c.checkpointed else ""
-
-
-def _compute_reason(tiers, costs, th, speed: _Speed) -> str:
-    if speed.source == "":
-        return "compute: no measured step time or GFLOPS figure; not limiting the rank"
-    steps, budget = th["local_steps_per_round"], th["round_compute_budget_s"]
-    fits = [i for i in range(1, len(tiers)) if steps * costs[i].step_s <= budget]
-    i = fits[-1] if fits else 1
-    how = (f"{speed.gflops:g} GFLOPS × {th['training_efficiency']} efficiency ({speed.source})"
-           if speed.gflops is not None else f"{speed.step_s:g} s ({speed.source}) scaled by FLOPs")
-    text = (f"compute: {tiers[i].name} needs {steps} steps × {costs[i].step_s:.2f} s = "
-            f"{steps * costs[i].step_s:.0f} s {'≤' if fits else '>'} {budget:g} s budget at {how}")
-    if fits and i < len(tiers) - 1:
-        text += f"; {tiers[i + 1].name} would need {steps * costs[i + 1].step_s:.0f} s"
-    return text
-
-
-def _upload_reason(tiers, costs, th, upload_mbps) -> str:
-    budget = th["upload_budget_s"]
-    fits = [i for i in range(1, len(tiers)) if costs[i].upload_s <= budget]
-    i = fits[-1] if fits else 1
-    return (f"upload: {tiers[i].name} adapter takes {costs[i].upload_s:.1f} s at {upload_mbps:g} Mbit/s "
-            f"{'≤' if fits else '>'} {budget:g} s budget")
 
 
 def _stress(profile: dict, th: dict) -> list[str]:
