@@ -25,10 +25,9 @@ NUM_LABELS = 77  # banking77, the demo's task
 TARGETS = 1 / 3  # causal-lm: the share of positions with a target in the worker's batches
 
 
-def worker(task: str, rank: int, batch: int, seq_len: int, checkpointing: bool = False) -> dict:
-    """Run two real training steps and return the peak RSS in bytes (Linux reports ru_maxrss in KiB)."""
-    import resource
-
+def training_step(task: str, rank: int, batch: int, seq_len: int, checkpointing: bool = False):
+    """(trainer, step, batch): the client's TorchTrainer on the task's default model, its AdamW step at `rank`
+    and one batch of random token ids (causal-lm: targets on the last TARGETS share of each row, as a reply)."""
     import torch
 
     from hetlora.models.bundled import default_model_dir
@@ -50,8 +49,16 @@ def worker(task: str, rank: int, batch: int, seq_len: int, checkpointing: bool =
     else:
         targets = ids.clone()
         targets[:, : round((1 - TARGETS) * seq_len)] = -100
+    return trainer, step, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": targets}
+
+
+def worker(task: str, rank: int, batch: int, seq_len: int, checkpointing: bool = False) -> dict:
+    """Run two real training steps and return the peak RSS in bytes (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    _, step, data = training_step(task, rank, batch, seq_len, checkpointing)
     for _ in range(2):
-        step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": targets})
+        step(data)
     return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVERS = ("plain", "checkpointing", "bf16-base", "top-half", "checkpointing+top-half")
-TARGETS = 1 / 3
 
 
 def bf16_base(model) -> None:
@@ -57,31 +56,19 @@ def worker(lever: str, rank: int, batch: int, seq_len: int, steps: int, threads:
 
     import torch
 
+    from benchmarks.bench_memory import training_step
     from edge_client.lora import lora_layers
-    from edge_client.training import TorchTrainer
-    from hetlora.engine.aggregation import make_rule
-    from hetlora.models.adapter_spec import derive_spec
-    from hetlora.models.bundled import default_model_dir
-    from hetlora.protocol.settings import TrainingSettings
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model_dir = default_model_dir("causal-lm")
-    trainer = TorchTrainer(model_dir, "causal-lm")
+    trainer, step, data = training_step("causal-lm", rank, batch, seq_len, "checkpointing" in lever)
     if lever == "bf16-base":
         bf16_base(trainer.model)
-    settings = TrainingSettings(batch_size=batch, seq_len=seq_len, activation_checkpointing="checkpointing" in lever)
-    step = trainer.stepper(make_rule("fedavg").init_global(derive_spec(model_dir, "causal-lm"), rank, 0), settings)
     if "top-half" in lever:
         layers = trainer.model.config.num_hidden_layers
         for name, layer in lora_layers(trainer.model).items():
             if int(name.split(".layers.")[1].split(".")[0]) < layers // 2:
                 layer.lora_A.requires_grad_(False)
                 layer.lora_B.requires_grad_(False)
-    ids = torch.randint(1000, 30000, (batch, seq_len))
-    labels = ids.clone()
-    labels[:, : round((1 - TARGETS) * seq_len)] = -100
-    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     step(data)
     times = []
     for _ in range(steps):

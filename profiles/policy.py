@@ -169,17 +169,16 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
     speed = speed_of(profile, tiers)
     upload_mbps = (profile.get("network") or {}).get("upload_mbps")
     backend = (profile.get("compute") or {}).get("training_backend") or "torch"
-    options, costs = tier_ways(tiers, model, spec, policy, speed, upload_mbps, backend, (usable or 0) * factor)
-
     if usable is None:
         return _decision(tiers[0], reasons + ["memory: usable memory unknown (the profile has no memory figures); "
                                                "not training"])
+    options, costs = tier_ways(tiers, model, spec, policy, speed, upload_mbps, backend, usable * factor)
 
     def feasible(headroom: float) -> int:
         """Index of the largest tier that some way of training fits within the limits / headroom."""
         best = 0
         for i in range(1, len(tiers)):
-            if not any(c.fits(usable, factor, th, headroom) for c in options[i]):
+            if not any(c.fits(usable * factor, th, headroom) for c in options[i]):
                 break
             best = i
         return best
@@ -212,8 +211,8 @@ def decide_tier(profile_doc: dict, previous_tier: TierDecision | dict | None = N
 
 
 def _checkpointed(tier: Tier, ways: list, budget: float, th: dict, reasons: list[str]) -> bool:
-    """Whether the chosen tier's first way of training that fits is with activation checkpointing (said in `reasons`)."""
-    way = next(c for c in ways if c.fits(budget, 1.0, th))
+    """Whether the chosen tier's first way of training that fits uses activation checkpointing (said in `reasons`)."""
+    way = next(c for c in ways if c.fits(budget, th))
     if way.checkpointed:
         reasons.append(f"activation checkpointing: {tier.name} trains with it ({way.memory / GB:.2f} GB "
                        f"instead of {ways[0].memory / GB:.2f} GB; layers are recomputed in backward)")

@@ -22,7 +22,7 @@ def tier_ways(tiers: list[Tier], model: ModelShape, spec, policy: dict, speed: "
     """(ways, judged): per tier (index 0, no-train: None), its ways of training in order of preference (without,
     then with activation checkpointing) and the way its memory is judged by (the first within `budget` bytes,
     else the leanest)."""
-    ways = [None] + [[tier_costs(t, model, spec, policy, speed, upload_mbps, backend, checkpointed)
+    ways = [None] + [[tier_costs(t, tiers[1], model, spec, policy, speed, upload_mbps, backend, checkpointed)
                       for checkpointed in checkpointing_options(policy, backend)] for t in tiers[1:]]
     judged = [None] + [next((c for c in opts if c.memory <= budget), opts[-1]) for opts in ways[1:]]
     return ways, judged
@@ -37,9 +37,9 @@ class TierCosts:
     upload_s: float | None
     checkpointed: bool = False
 
-    def fits(self, usable: float, factor: float, th: dict, headroom: float = 1.0) -> bool:
+    def fits(self, memory_budget: float, th: dict, headroom: float = 1.0) -> bool:
         """Memory, compute and upload within the limits / headroom."""
-        return (self.memory * headroom <= usable * factor
+        return (self.memory * headroom <= memory_budget
                 and (self.step_s is None or th["local_steps_per_round"] * self.step_s * headroom
                      <= th["round_compute_budget_s"])
                 and (self.upload_s is None or self.upload_s * headroom <= th["upload_budget_s"]))
@@ -85,14 +85,10 @@ def checkpointing_options(policy: dict, backend: str) -> list[bool]:
     return [True] if mode == "always" else [False, True]
 
 
-def _lowest_tier(policy: dict) -> Tier:
-    t = next(t for t in policy["tiers"] if t["rank"] > 0)
-    return Tier(t["rank"], t["batch_size"], t["seq_len"])
-
-
-def tier_costs(t: Tier, model: ModelShape, spec, policy: dict, speed: Speed, upload_mbps, backend: str,
+def tier_costs(t: Tier, lowest: Tier, model: ModelShape, spec, policy: dict, speed: Speed, upload_mbps, backend: str,
                checkpointed: bool = False) -> TierCosts:
-    """Tier t's memory, step time and upload time on this device, with or without activation checkpointing."""
+    """Tier t's memory, step time and upload time on this device, with or without activation checkpointing
+    (a measured step is the `lowest` tier's, scaled by FLOPs)."""
     lora, modules, dense = lora_params(t, model, spec)
     memory = predict_peak_memory(model, t.rank, t.batch_size, t.seq_len, lora_params=lora, lora_modules=modules,
                                  dense_params=dense, dtype=policy.get("training", {}).get("dtype", "float32"),
@@ -101,7 +97,6 @@ def tier_costs(t: Tier, model: ModelShape, spec, policy: dict, speed: Speed, upl
                                  backend=backend, activation_checkpointing=checkpointed).total
     flops = cost.step_flops(model, t.batch_size, t.seq_len, lora, checkpointed)
     if speed.step_s is not None:
-        lowest = _lowest_tier(policy)
         step_s = speed.step_s * flops / cost.step_flops(model, lowest.batch_size, lowest.seq_len,
                                                          lora_params(lowest, model, spec)[0])
     elif speed.gflops is not None:

@@ -88,5 +88,7 @@ class Registration:
 
 
 def caps(tier: Tier) -> dict:
-    """A tier's batch and sequence caps and checkpointing as stored with the client (its rank has a column of its own)."""
-    return {"batch_size": tier.batch_size, "seq_len": tier.seq_len, "activation_checkpointing": tier.activation_checkpointing}
+    """A tier's batch and sequence caps and activation checkpointing, as stored with the client (its rank has a
+    column of its own)."""
+    return {"batch_size": tier.batch_size, "seq_len": tier.seq_len,
+            "activation_checkpointing": tier.activation_checkpointing}
