@@ -4,17 +4,18 @@ torch.export -> _export_forward_backward (gradients of output 0 for every parame
 requires_grad) -> graph rewrites (exporter/graph_passes.py) -> edge dialect, delegating to XNNPACK
 (default) or on ExecuTorch's CPU kernels alone ("portable") -> ExecuTorch program.
 
-XNNPACK takes every matmul plus permute, bmm, gelu, softmax and sigmoid (SiLU's). Frozen base
-weights (forward `linear(x, W)`, backward `mm(g, W)`) are static operands, packed once at load.
-Every other right operand (LoRA factors, activations in weight gradients) is a run-time input:
-XNNPACK must never take a trainable weight as static, since updates to a weight packed at load
-would be ignored.
+XNNPACK takes every matmul plus permute, bmm, gelu, softmax and sigmoid (SiLU's). Every right
+operand of a matmul is a run-time input that XNNPACK packs per call, frozen base weights included:
+a weight packed at load would be held once per layout, and a training step reads each frozen W in
+two (forward `linear(x, W)`, backward `mm(g, W)`), two packed copies on top of the file's data.
+Read in place, a frozen weight is resident once, as pages of the `.ptd` mapping; a trainable weight
+is read fresh at every step by construction.
 
 Frozen base weights go to one external data file, `executorch/frozen_weights.ptd`, shared by every
-rank's program: their tensors and keys do not depend on the rank (XNNPACK keys its data by sha256,
-ExecuTorch by parameter name), so each rank's export writes a byte-identical file and only the first
-is kept. The `.pte` keeps the graph, the trainable LoRA factors and head, and the small buffers. XNNPACK's full operator set
-fails to lower the joint graph ("Output node ... is already in the inputs": a partition passes a
+rank's program: their tensors and keys (parameter names) do not depend on the rank, so each rank's
+export writes a byte-identical file and only the first is kept. The `.pte` keeps the graph, the
+trainable LoRA factors and head, and the small buffers. XNNPACK's full operator set fails to lower
+the joint graph ("Output node ... is already in the inputs": a partition passes a
 value straight through), so the operator set below is an explicit list.
 """
 
@@ -28,8 +29,8 @@ from exporter.errors import export_error
 from exporter.fx_sources import sources_not_kept
 from exporter.partition_order import partitions_sorted_in_place
 from exporter.shared_weights import keep_shared_file
-from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, placeholder_per_use, rewrite_empty_permuted,
-                                   simplify_elementwise, split_addmm)
+from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, simplify_elementwise,
+                                   split_addmm)
 from exporter.training_graph import TrainingGraph
 
 XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "ExpConfig",
@@ -37,8 +38,8 @@ XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "Softmax
 WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 
-def training_partitioner(frozen_names: set[str]):
-    """An XnnpackPartitioner: linears on frozen weights, every mm (frozen weights static), the operator configs.
+def training_partitioner():
+    """An XnnpackPartitioner: every linear and mm, every right operand a run-time input, the operator configs.
 
     Its groups are merged by exporter/convex_partitions.py, not ExecuTorch's GroupBasedPartitioner, whose
     reachability sets are quadratic in the graph's size (over 19 GB for SmolLM2-135M).
@@ -47,22 +48,7 @@ def training_partitioner(frozen_names: set[str]):
     from executorch.backends.xnnpack.partition.config.gemm_configs import GEMMConfig, LinearConfig, MMConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    def is_frozen_weight(node) -> bool:
-        weight = node.args[1]
-        return getattr(weight, "op", None) == "placeholder" and weight.name in frozen_names
-
-    class FrozenWeightLinearConfig(LinearConfig):
-        def check_constraints(self, node, ep) -> bool:
-            return is_frozen_weight(node) and super().check_constraints(node, ep)
-
-    class AnyWeightMMConfig(MMConfig):
-        def _get_weight_deps(self, node, ep, precision):
-            # A frozen weight is packed into the delegate once; any other right operand (a LoRA factor,
-            # an activation in a weight gradient) is passed at run time, so updates to it are seen.
-            if is_frozen_weight(node):
-                return GEMMConfig._get_weight_deps(self, node, ep, precision)
-            return True, []
-
+    class NodeMMConfig(MMConfig):
         def get_deps(self, node, ep):
             # MMConfig looks for the nn.Linear source partition first; a backward mm(g, W) carries the
             # linear's source metadata but is not that linear, so take the node as it is.
@@ -73,7 +59,8 @@ def training_partitioner(frozen_names: set[str]):
             return convex_partitions(ep.graph_module, self.get_matched_nodes_from_configs(ep))
 
     operators = [getattr(generic_node_configs, name) for name in XNNPACK_OPERATOR_CONFIGS]
-    return TrainingPartitioner(configs=[FrozenWeightLinearConfig, AnyWeightMMConfig, *operators])
+    return TrainingPartitioner(configs=[LinearConfig, NodeMMConfig, *operators],
+                               force_non_static_weights_for_f32_linear=True)
 
 
 def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str,
@@ -95,19 +82,11 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
             drop_inverse_permutes(joint)
             simplify_elementwise(joint)
             frozen = frozen_parameters(joint)
-            if delegate == "xnnpack":
-                split_addmm(joint, linearize=frozen)
-                placeholder_per_use(joint, frozen)
-                frozen = frozen_parameters(joint)
-            else:
-                split_addmm(joint)
+            split_addmm(joint, linearize=frozen if delegate == "xnnpack" else frozenset())
             frozen_names = {node.name for node in frozen}
-            for node in frozen:  # XNNPACK writes the constants it packs under this tag
-                node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
             config = EdgeCompileConfig(_check_ir_validity=True)
             if delegate == "xnnpack":
-                partitioner = training_partitioner(frozen_names)
-                edge = to_edge_transform_and_lower(joint, partitioner=[partitioner], compile_config=config)
+                edge = to_edge_transform_and_lower(joint, partitioner=[training_partitioner()], compile_config=config)
             else:
                 edge = to_edge(joint, compile_config=config)
             program = edge.to_executorch(ExecutorchBackendConfig(

@@ -2,7 +2,7 @@
 
 Measured on MiniLM rank 8 (16 x 64), ExecuTorch's CPU kernels (ETDump):
 the portable `addmm` is a naive loop and took 90% of a 15.5 s step; as `mm` + `add` the step took 2.2 s.
-`linear(x, W)` on a frozen W is what XNNPACK can take with prepacked weights (see executorch_export.py).
+`linear(x, W)` on a frozen W lets XNNPACK read W as stored, with no transposed copy (see executorch_export.py).
 """
 
 from __future__ import annotations
@@ -56,41 +56,6 @@ def drop_inverse_permutes(program: ExportedProgram) -> int:
             node.replace_all_uses_with(inner.args[0])
             graph.erase_node(node)
             count += 1
-    return _finish(program, count)
-
-
-def placeholder_per_use(program: ExportedProgram, weights: set[Node]) -> int:
-    """Give each use of a weight in `weights` after its first a placeholder of its own, on the same tensor.
-
-    Lowering gives a constant that several delegate partitions read one copy per partition
-    (ExecuTorch's duplicate_constant_node): a deepcopy of the tensor and a re-validation of the whole
-    program for each weight, minutes apiece on SmolLM2's 23,000-node joint graph. Split here, the
-    placeholders share one tensor (no copy) and XNNPACK's data store, keyed by content, keeps it once.
-    Returns the number of placeholders added.
-    """
-    from torch.export.graph_signature import ExportGraphSignature, InputSpec, TensorArgument
-
-    graph = program.graph_module.graph
-    specs = []
-    count = 0
-    for spec in program.graph_signature.input_specs:
-        specs.append(spec)
-        node = next((n for n in weights if n.name == spec.arg.name), None)
-        if node is None or len(node.users) < 2:
-            continue
-        last = node
-        for k, user in enumerate(list(node.users)[1:], start=1):
-            with graph.inserting_after(last):
-                last = graph.placeholder(f"{node.name}_use{k}")
-            last.meta = dict(node.meta)
-            user.replace_input_with(node, last)
-            target = f"{spec.target}_use{k}"
-            program.state_dict[target] = program.state_dict[spec.target]
-            specs.append(InputSpec(kind=spec.kind, arg=TensorArgument(name=last.name), target=target,
-                                   persistent=spec.persistent))
-            count += 1
-    if count:
-        program._graph_signature = ExportGraphSignature(specs, program.graph_signature.output_specs)
     return _finish(program, count)
 
 

@@ -85,3 +85,23 @@ def test_unsupported_model_names_the_operation(tmp_path):
     with pytest.raises(UserError, match="unsupported operation .*fft") as info:
         export_all(req, progress=False)
     assert "--backend torch" in str(info.value)
+
+
+def test_executorch_reads_each_frozen_weight_in_place(tiny_artifacts, tiny_bert_dir):
+    """frozen_weights.ptd holds every frozen parameter once, under its own name and shape, for the program to read at
+    run time: no entry keyed by content for XNNPACK to pack at load (a packed copy per layout, forward W and
+    backward W^T, would sit beside the file's pages)."""
+    from executorch.exir._serialize._cord import Cord
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    from exporter.training_graph import build_training_graph
+
+    manifest = load_manifest(tiny_artifacts)
+    ptd = manifest.artifact("executorch", 2).files["weights"]
+    data = FlatTensorSerializer().deserialize(Cord(ptd.read_bytes()))
+    graph = build_training_graph(tiny_bert_dir, "classification", 2, default_targets(tiny_bert_dir), 16.0, num_labels=3)
+    frozen = {name: p for name, p in graph.named_parameters() if not p.requires_grad}
+    assert {name: tuple(e.tensor_layout.sizes) for name, e in data.named_data.items()} == {
+        name: tuple(p.shape) for name, p in frozen.items()}
+    # Stored at most once (equal tensors, e.g. the tiny model's LayerNorm ones, share one buffer).
+    assert sum(len(b) for b in data.buffers) <= sum(p.numel() * p.element_size() for p in frozen.values())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, placeholder_per_use, split_addmm
+from exporter.graph_passes import drop_inverse_permutes, frozen_parameters, split_addmm
 
 aten = torch.ops.aten
 
@@ -96,28 +96,6 @@ def test_split_without_frozen_weights_leaves_no_linear(linearize):
     program = joint_program()
     split_addmm(program, linearize=frozen_parameters(program) if linearize else set())
     assert (aten.linear.default in targets(program)) == linearize
-
-
-def test_placeholder_per_use_shares_the_tensor_and_keeps_the_step():
-    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
-    want = run(joint_program(TrainableThenFrozen), x)
-    program = joint_program(TrainableThenFrozen)
-    frozen = frozen_parameters(program)
-    split_addmm(program, linearize=frozen)
-    weight = next(n for n in frozen if program.graph_signature.inputs_to_parameters[n.name] == "frozen.weight")
-    assert len(weight.users) == 2  # linear forward, mm backward
-    assert placeholder_per_use(program, frozen) == 1
-    params = program.graph_signature.inputs_to_parameters
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    assert [n.name for n in placeholders] == [spec.arg.name for spec in program.graph_signature.input_specs]
-    for node in frozen_parameters(program):
-        assert len(node.users) == 1
-    copies = [n for n in placeholders if params.get(n.name, "").startswith("frozen.weight")]
-    assert len(copies) == 2 and program.state_dict[params[copies[0].name]] is program.state_dict[params[copies[1].name]]
-    got = run(program, x)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
 class RMSNormMLP(nn.Module):
