@@ -1,9 +1,14 @@
 """ExecuTorch backend: trains from a `.pte` holding the joint forward + backward graph of one rank,
 with the frozen base weights in the `.ptd` file that all ranks share.
 
-The program returns the loss and the gradients; the update runs in the client (ClientOptimizer) on
-the parameters the runtime returns, which share memory with the program. The runtime's threadpool
-(used by XNNPACK) is sized to torch's thread count before the program loads.
+The program's method returns [user outputs, gradients, parameters]; two metadata methods give where
+the gradients and the parameters start and a third their names. The update runs in the client
+(ClientOptimizer) on the parameters, which share memory with the program (outputs not cloned).
+The runtime's threadpool (used by XNNPACK) is sized to torch's thread count before the program loads.
+
+The runtime extension is imported alone: executorch's Python wrappers (`portable_lib`,
+`extension.training.TrainingModule`) import the exporter (executorch.exir, torch._dynamo, torchao)
+for a warning class, +135 MB resident and about 8 s of start-up on the 2-core build machine.
 """
 
 from __future__ import annotations
@@ -18,27 +23,35 @@ from hetlora.errors import UserError
 from hetlora.output import native_stderr_filtered
 
 METHOD = "forward"
+GRADIENTS_START, PARAMETERS_START, NAMES = (f"__et_training_{what}_{METHOD}"
+                                            for what in ("gradients_index", "parameters_index", "fqn"))
 
 
 class ExecuTorchEngine:
     def __init__(self, artifact: Artifact):
-        import torch
-        from executorch.extension.pybindings import portable_lib
-        from executorch.extension.training import TrainingModule
+        import torch  # first: the extension resolves libtorch's symbols
+        from executorch.extension.pybindings import _C as runtime
 
         self.rank = artifact.rank
         self.program = artifact.files["program"]
         weights = artifact.files.get("weights")  # frozen weights shared by all ranks
         self._torch = torch
         with self._runtime("load"), native_stderr_filtered():
-            if portable_lib._threadpool_get_thread_count() != torch.get_num_threads():
-                portable_lib._unsafe_reset_threadpool(torch.get_num_threads())
-            self.module = TrainingModule(portable_lib._load_for_executorch(
-                str(self.program), data_path=str(weights) if weights else None))
-            # named_parameters() exists only after a first forward_backward: run one on zero inputs
-            # with prune_lambda 0 (gradients are discarded, weights untouched).
-            self.module.forward_backward(METHOD, self._zeros(artifact))
-        self.params = self.module.named_parameters()
+            if runtime._threadpool_get_thread_count() != torch.get_num_threads():
+                runtime._unsafe_reset_threadpool(torch.get_num_threads())
+            self.module = runtime._load_for_executorch(str(self.program), data_path=str(weights) if weights else None)
+            self._grads_at = self.module.run_method(GRADIENTS_START, ())[0]
+            self._params_at = self.module.run_method(PARAMETERS_START, ())[0]
+            self._names = list(self.module.run_method(NAMES, ()))
+            # The parameters are outputs of a run: take them from one on zero inputs with prune_lambda 0
+            # (gradients are discarded, weights untouched).
+            outputs = self._run(self._zeros(artifact))
+        self.params = dict(zip(self._names, outputs[self._params_at:]))
+
+    def _run(self, inputs) -> list:
+        outputs = self.module.run_method(METHOD, inputs, clone_outputs=False)
+        self._grads = [g.clone() for g in outputs[self._grads_at:self._params_at]]
+        return outputs
 
     @contextlib.contextmanager
     def _runtime(self, action: str):
@@ -64,12 +77,12 @@ class ExecuTorchEngine:
 
     def forward_backward(self, inputs: list[np.ndarray]) -> list[float]:
         with self._runtime("run"):
-            outs = self.module.forward_backward(METHOD, [self._torch.from_numpy(np.asarray(x)) for x in inputs])
-        return [float(x) for x in outs]
+            outputs = self._run([self._torch.from_numpy(np.asarray(x)) for x in inputs])
+        return [float(x) for x in outputs[:self._grads_at]]
 
     def gradients(self):
         """Gradients of output 0 from the last forward_backward, by artifact name (fresh tensors)."""
-        return self.module.named_gradients()
+        return dict(zip(self._names, self._grads))
 
     def evaluate(self, inputs: list[np.ndarray]) -> list[float]:
         """The program has only the joint method: its gradients are computed and dropped."""

@@ -24,8 +24,8 @@ from edge_client.backends import make_trainer
 ARTIFACT_RUNTIMES = {
     "onnx": ("onnxruntime.training", "onnxruntime-training (PyPI wheels: Linux x86_64, macOS, Windows; "
                                      "pip install onnxruntime-training-cpu==1.19.2)"),
-    "executorch": ("executorch.extension.training", "executorch with its training bindings "
-                                                    "(pip install executorch==1.5.1)"),
+    "executorch": ("executorch.extension.pybindings._C", "executorch with its runtime bindings "
+                                                            "(pip install executorch==1.5.1)"),
 }
 BACKENDS = ("torch", *ARTIFACT_RUNTIMES)
 

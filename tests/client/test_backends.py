@@ -289,15 +289,17 @@ def test_auto_without_torch_is_a_user_error():
         choose_backend(has_artifacts=True, machine="aarch64", termux=False, have={"executorch"}.__contains__)
 
 
-def test_executorch_training_runtime_itself_needs_torch():
-    """Why `auto` cannot offer ExecuTorch without torch: its Python training runtime imports torch."""
+def test_executorch_backend_itself_needs_torch():
+    """Why `auto` cannot offer ExecuTorch without torch: the program's inputs, outputs and the client's optimiser
+    are torch tensors, so the engine imports torch first."""
     blocker = ("import sys\n"
                "class Blocked:\n"
                "    def find_spec(self, name, path=None, target=None):\n"
                "        if name.split('.')[0] == 'torch':\n"
                "            raise ImportError('blocked: ' + name)\n"
                "sys.meta_path.insert(0, Blocked())\n"
-               "import executorch.extension.training\n")
+               "from edge_client.backends.executorch_backend import ExecuTorchEngine\n"
+               "ExecuTorchEngine(None)\n")
     out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True)
     assert out.returncode != 0 and "blocked: torch" in out.stderr
 
