@@ -229,7 +229,7 @@ install_executorch() {
     in_root "$VENV/bin/python" "$SRC/deploy/client_requirements.py" --extra executorch --without torch \
         > "$ROOT$APP/executorch-reqs.txt"
     in_root "$VENV/bin/pip" install -q -r "$APP/executorch-reqs.txt"
-    in_root "$VENV/bin/python" -c 'import executorch, executorch.extension.training as t; print("executorch training runtime:", t.__name__)'
+    in_root "$VENV/bin/python" -c 'import torch, executorch.extension.pybindings._C as t; print("executorch runtime:", t.__name__)'
 }
 
 export_artifacts() {
