@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+PROJECT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -106,26 +109,34 @@ needs_onnx_training = pytest.mark.skipif(not HAS_ONNX_TRAINING, reason="onnxrunt
 ARTIFACT_BACKENDS = ("executorch", "onnx") if HAS_ONNX_TRAINING else ("executorch",)
 
 
-def hetlora_export(model_dir, out, *flags: str) -> Path:
-    """`hetlora export` of `model_dir` into `out` with ExecuTorch (XNNPACK) and, where onnxruntime-training is
-    installed, ONNX (ARTIFACT_BACKENDS), batch ARTIFACT_BATCH."""
-    from hetlora.cli import main
-
-    assert main(["export", "--model", str(model_dir), "--batch-size", str(ARTIFACT_BATCH), "--backends", ",".join(ARTIFACT_BACKENDS),
-                 "--out", str(out), "--no-progress", *flags]) == 0
-    return out
+def hetlora_export(model_dir, out, *flags: str) -> subprocess.CompletedProcess:
+    """`hetlora export` of `model_dir` into `out` in its own process with the default output, as a user runs it:
+    ExecuTorch (XNNPACK) and, where onnxruntime-training is installed, ONNX (ARTIFACT_BACKENDS), batch
+    ARTIFACT_BATCH. Returns the finished process (what it printed)."""
+    cmd = [sys.executable, "-m", "hetlora.cli", "export", "--model", str(model_dir), "--batch-size",
+           str(ARTIFACT_BATCH), "--backends", ",".join(ARTIFACT_BACKENDS), "--out", str(out), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, timeout=1800)  # a hang guard
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory, tiny_bert_dir) -> Path:
-    """`hetlora export` of the tiny BERT, once per session, for every test that trains from artifacts:
-    ranks 2 and 4, ARTIFACT_BACKENDS (ExecuTorch with XNNPACK, ONNX), batch 4 x seq_len 16, three labels, and the server's
-    defaults (the model type's LoRA targets, lora_alpha 16), so `hetlora serve` runs can use it too."""
+def tiny_export(tmp_path_factory, tiny_bert_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """`hetlora export` of the tiny BERT, once per session: ranks 2 and 4, ARTIFACT_BACKENDS (ExecuTorch with
+    XNNPACK, ONNX), batch 4 x seq_len 16, three labels, and the server's defaults (the model type's LoRA targets,
+    lora_alpha 16), so `hetlora serve` runs can use it too. (folder, finished process): the artifacts serve every
+    test that trains from them (tiny_artifacts), the output the test of what the command prints."""
     labels = tmp_path_factory.mktemp("artifact-labels") / "labels.txt"
     labels.write_text("\n".join(ARTIFACT_LABELS) + "\n")
-    return hetlora_export(tiny_bert_dir, tmp_path_factory.mktemp("tiny-artifacts"), "--task", "classification",
-                          "--labels", str(labels), "--ranks", ",".join(map(str, ARTIFACT_RANKS)),
-                          "--seq-len", str(ARTIFACT_SEQ))
+    out = tmp_path_factory.mktemp("tiny-artifacts")
+    return out, hetlora_export(tiny_bert_dir, out, "--task", "classification", "--labels", str(labels),
+                               "--ranks", ",".join(map(str, ARTIFACT_RANKS)), "--seq-len", str(ARTIFACT_SEQ))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_export) -> Path:
+    """The folder of the session's tiny BERT export (tiny_export)."""
+    return tiny_export[0]
 
 
 @pytest.fixture(scope="session")
@@ -133,9 +144,10 @@ def tiny_llama_artifacts(tmp_path_factory, tiny_llama_dir) -> Path:
     """`hetlora export --task causal-lm` of the tiny Llama, once per session: rank 4, ExecuTorch (XNNPACK) and
     ONNX, batch 4 x seq_len 64 (room for SmolLM2's chat template and a short exchange), LoRA on q_proj and
     v_proj, lora_alpha 16."""
-    return hetlora_export(tiny_llama_dir, tmp_path_factory.mktemp("tiny-llama-artifacts"), "--task", "causal-lm",
-                          "--ranks", str(LLAMA_ARTIFACT_RANK), "--seq-len", str(LLAMA_ARTIFACT_SEQ),
-                          "--targets", ",".join(LLAMA_TARGETS))
+    out = tmp_path_factory.mktemp("tiny-llama-artifacts")
+    hetlora_export(tiny_llama_dir, out, "--task", "causal-lm", "--ranks", str(LLAMA_ARTIFACT_RANK),
+                   "--seq-len", str(LLAMA_ARTIFACT_SEQ), "--targets", ",".join(LLAMA_TARGETS))
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -178,7 +190,7 @@ def run_config(spec) -> dict:
     return make_config(spec).run_config()
 
 
-EXPORTING_FIXTURES = {"tiny_artifacts", "tiny_llama_artifacts"}
+EXPORTING_FIXTURES = {"tiny_export", "tiny_artifacts", "tiny_llama_artifacts"}
 
 
 def pytest_collection_modifyitems(items):
