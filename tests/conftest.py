@@ -10,7 +10,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-PROJECT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -109,28 +107,55 @@ needs_onnx_training = pytest.mark.skipif(not HAS_ONNX_TRAINING, reason="onnxrunt
 ARTIFACT_BACKENDS = ("executorch", "onnx") if HAS_ONNX_TRAINING else ("executorch",)
 
 
-def hetlora_export(model_dir, out, *flags: str) -> subprocess.CompletedProcess:
-    """`hetlora export` of `model_dir` into `out` in its own process with the default output, as a user runs it:
-    ExecuTorch (XNNPACK) and, where onnxruntime-training is installed, ONNX (ARTIFACT_BACKENDS), batch
-    ARTIFACT_BATCH. Returns the finished process (what it printed)."""
-    cmd = [sys.executable, "-m", "hetlora.cli", "export", "--model", str(model_dir), "--batch-size",
-           str(ARTIFACT_BATCH), "--backends", ",".join(ARTIFACT_BACKENDS), "--out", str(out), *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, timeout=1800)  # a hang guard
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+PORTABLE_RANK = 4  # the rank of the ExecuTorch-portable exports (tests/client/test_backends.py)
+EXPORTS = ("tiny_export", "tiny_llama_artifacts", "tiny_portable_artifacts", "tiny_llama_portable_artifacts")
+EXPORTS_NEEDED = pytest.StashKey[list]()
+
+
+def export_arguments(name: str, labels: Path) -> tuple[str, list[str]]:
+    """(model folder fixture, `hetlora export` flags besides --model and --out) of each session export: batch
+    ARTIFACT_BATCH; ExecuTorch (XNNPACK) and, where onnxruntime-training is installed, ONNX (ARTIFACT_BACKENDS),
+    or ExecuTorch on its CPU kernels alone ("portable", rank PORTABLE_RANK); the tiny BERT for classification with
+    ARTIFACT_LABELS, the tiny Llama for causal LM; the model type's LoRA targets (the server's default) for the
+    BERT, LLAMA_TARGETS for the Llama; lora_alpha 16."""
+    bert = ["--task", "classification", "--labels", str(labels), "--seq-len", str(ARTIFACT_SEQ)]
+    llama = ["--task", "causal-lm", "--seq-len", str(LLAMA_ARTIFACT_SEQ), "--targets", ",".join(LLAMA_TARGETS)]
+    both = ["--backends", ",".join(ARTIFACT_BACKENDS)]
+    portable = ["--backends", "executorch", "--executorch-delegate", "portable", "--ranks", str(PORTABLE_RANK)]
+    model, flags = {"tiny_export": ("tiny_bert_dir", [*bert, *both, "--ranks", ",".join(map(str, ARTIFACT_RANKS))]),
+                    "tiny_llama_artifacts": ("tiny_llama_dir", [*llama, *both, "--ranks", str(LLAMA_ARTIFACT_RANK)]),
+                    "tiny_portable_artifacts": ("tiny_bert_dir", [*bert, *portable]),
+                    "tiny_llama_portable_artifacts": ("tiny_llama_dir", [*llama, *portable])}[name]
+    return model, ["--batch-size", str(ARTIFACT_BATCH), *flags]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exports(request, tmp_path_factory):
+    """The session's exports (tests.helpers.exports.Exports): those its tests need start before the first test."""
+    from tests.helpers.exports import Exports
+
+    labels = tmp_path_factory.mktemp("artifact-labels") / "labels.txt"
+    labels.write_text("\n".join(ARTIFACT_LABELS) + "\n")
+
+    def prepare(name: str) -> tuple[Path, list[str]]:
+        model, flags = export_arguments(name, labels)
+        out = tmp_path_factory.mktemp(name.replace("_", "-"))
+        return out, ["--model", str(request.getfixturevalue(model)), "--out", str(out), *flags]
+
+    jobs = Exports(prepare)
+    for name in request.config.stash.get(EXPORTS_NEEDED, []):
+        jobs.start(name)
+    yield jobs
+    jobs.close()
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory, tiny_bert_dir) -> tuple[Path, subprocess.CompletedProcess]:
-    """`hetlora export` of the tiny BERT, once per session: ranks 2 and 4, ARTIFACT_BACKENDS (ExecuTorch with
-    XNNPACK, ONNX), batch 4 x seq_len 16, three labels, and the server's defaults (the model type's LoRA targets,
-    lora_alpha 16), so `hetlora serve` runs can use it too. (folder, finished process): the artifacts serve every
-    test that trains from them (tiny_artifacts), the output the test of what the command prints."""
-    labels = tmp_path_factory.mktemp("artifact-labels") / "labels.txt"
-    labels.write_text("\n".join(ARTIFACT_LABELS) + "\n")
-    out = tmp_path_factory.mktemp("tiny-artifacts")
-    return out, hetlora_export(tiny_bert_dir, out, "--task", "classification", "--labels", str(labels),
-                               "--ranks", ",".join(map(str, ARTIFACT_RANKS)), "--seq-len", str(ARTIFACT_SEQ))
+def tiny_export(exports) -> tuple[Path, subprocess.CompletedProcess]:
+    """`hetlora export` of the tiny BERT in its own process with the default output, as a user runs it: ranks 2
+    and 4, both backends, batch 4 x seq_len 16, three labels and the server's defaults, so `hetlora serve` runs
+    can use it too. (folder, finished process): the artifacts serve every test that trains from them
+    (tiny_artifacts), the output the test of what the command prints."""
+    return exports.result("tiny_export")
 
 
 @pytest.fixture(scope="session")
@@ -140,14 +165,22 @@ def tiny_artifacts(tiny_export) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_artifacts(tmp_path_factory, tiny_llama_dir) -> Path:
-    """`hetlora export --task causal-lm` of the tiny Llama, once per session: rank 4, ExecuTorch (XNNPACK) and
-    ONNX, batch 4 x seq_len 64 (room for SmolLM2's chat template and a short exchange), LoRA on q_proj and
-    v_proj, lora_alpha 16."""
-    out = tmp_path_factory.mktemp("tiny-llama-artifacts")
-    hetlora_export(tiny_llama_dir, out, "--task", "causal-lm", "--ranks", str(LLAMA_ARTIFACT_RANK),
-                   "--seq-len", str(LLAMA_ARTIFACT_SEQ), "--targets", ",".join(LLAMA_TARGETS))
-    return out
+def tiny_llama_artifacts(exports) -> Path:
+    """`hetlora export --task causal-lm` of the tiny Llama: rank 4, both backends, batch 4 x seq_len 64 (room for
+    SmolLM2's chat template and a short exchange), LoRA on q_proj and v_proj."""
+    return exports.result("tiny_llama_artifacts")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_portable_artifacts(exports) -> Path:
+    """The tiny BERT's ExecuTorch export on ExecuTorch's CPU kernels alone (no XNNPACK), at rank PORTABLE_RANK."""
+    return exports.result("tiny_portable_artifacts")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_portable_artifacts(exports) -> Path:
+    """The tiny Llama's ExecuTorch export on ExecuTorch's CPU kernels alone (no XNNPACK), at rank PORTABLE_RANK."""
+    return exports.result("tiny_llama_portable_artifacts")[0]
 
 
 @pytest.fixture(scope="session")
@@ -190,16 +223,35 @@ def run_config(spec) -> dict:
     return make_config(spec).run_config()
 
 
-EXPORTING_FIXTURES = {"tiny_export", "tiny_artifacts", "tiny_llama_artifacts"}
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exports(*fixtures): the session exports (conftest.EXPORTS) a test takes by "
+                                       "request.getfixturevalue, beside those among its fixtures")
+
+
+def needed_exports(item) -> set[str]:
+    """The session exports `item` uses: among its fixtures or marked (tiny_artifacts is tiny_export's folder)."""
+    marked = {name for mark in item.iter_markers("exports") for name in mark.args}
+    names = set(getattr(item, "fixturenames", ())) | marked
+    return {"tiny_export" if name == "tiny_artifacts" else name for name in names} & set(EXPORTS)
 
 
 def pytest_collection_modifyitems(items):
     """An integration test (real processes end to end) is always slow too, and so is a test that needs exported
-    artifacts (the session's exports take minutes): the fast tier leaves them out."""
+    artifacts (the session's exports take minutes): the fast tier leaves them out. The modules that need exports
+    run last, in their own order, so the exports started with the session (`exports`) run beside the others."""
+    late = set()
     for item in items:
-        exports = EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ()))
-        if (item.get_closest_marker("integration") or exports) and not item.get_closest_marker("slow"):
+        if needed_exports(item):
+            late.add(item.path)
+        if (item.get_closest_marker("integration") or needed_exports(item)) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.path in late)
+
+
+def pytest_collection_finish(session):
+    """The exports the selected tests need, in the order of their first use."""
+    needed = [name for item in session.items for name in sorted(needed_exports(item))]
+    session.config.stash[EXPORTS_NEEDED] = list(dict.fromkeys(needed))
 
 
 @pytest.fixture(scope="session")
