@@ -78,8 +78,8 @@ def test_the_chat_demos_peft_folder_loads_with_auto_peft_and_matches_the_wire_ad
 @pytest.fixture(scope="module")
 def real_model_run(smollm2_dir, tmp_path_factory):
     """SmolLM2-135M-Instruct, one client, one round of 3 steps of batch 2: the real model through the product."""
-    from simulation.fleet import start_client, start_server
-    from tests.helpers.fleet import run_to_end
+    from simulation.fleet import start_client
+    from tests.helpers.fleet import run_to_end, start_server
 
     tmp = tmp_path_factory.mktemp("smollm2")
     rows = [{"prompt": "hey, how was your weekend?", "response": "pretty chill, went hiking with my dog"},
@@ -152,7 +152,7 @@ def test_the_memory_model_tracks_the_real_models_step(smollm2_dir):
 def chat_server(tiny_llama_dir, tmp_path_factory):
     """One causal-lm `hetlora serve` for the bad-data clients: none of them may register, so they can share it (and
     each finds it still without clients)."""
-    from simulation.fleet import start_server
+    from tests.helpers.fleet import start_server
 
     state = tmp_path_factory.mktemp("chat-server") / "server"
     server, url = start_server(["--model", str(tiny_llama_dir), "--task", "causal-lm", "--ranks", "2",
