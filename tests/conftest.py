@@ -241,9 +241,10 @@ def pytest_collection_modifyitems(items):
     run last, in their own order, so the exports started with the session (`exports`) run beside the others."""
     late = set()
     for item in items:
-        if needed_exports(item):
+        exports = needed_exports(item)
+        if exports:
             late.add(item.path)
-        if (item.get_closest_marker("integration") or needed_exports(item)) and not item.get_closest_marker("slow"):
+        if (item.get_closest_marker("integration") or exports) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.path in late)
 
