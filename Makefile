@@ -38,7 +38,7 @@ test: $(STAMP) promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The fast tier (no exports, no fleets, no real-model training): 659 tests in 86 s on the 2-core machine at
-# load 0.3-0.5 (176 s at load 5). The whole suite: 785 tests in 19 min at load 4-6, from a fresh clone.
+# load 0.3-0.5 (176 s at load 5). The whole suite: 805 tests in 11 min at load 1.3-1.8.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,36 +107,80 @@ needs_onnx_training = pytest.mark.skipif(not HAS_ONNX_TRAINING, reason="onnxrunt
 ARTIFACT_BACKENDS = ("executorch", "onnx") if HAS_ONNX_TRAINING else ("executorch",)
 
 
-def hetlora_export(model_dir, out, *flags: str) -> Path:
-    """`hetlora export` of `model_dir` into `out` with ExecuTorch (XNNPACK) and, where onnxruntime-training is
-    installed, ONNX (ARTIFACT_BACKENDS), batch ARTIFACT_BATCH."""
-    from hetlora.cli import main
-
-    assert main(["export", "--model", str(model_dir), "--batch-size", str(ARTIFACT_BATCH), "--backends", ",".join(ARTIFACT_BACKENDS),
-                 "--out", str(out), "--no-progress", *flags]) == 0
-    return out
+PORTABLE_RANK = 4  # the rank of the ExecuTorch-portable exports (tests/client/test_backends.py)
+EXPORTS = ("tiny_export", "tiny_llama_artifacts", "tiny_portable_artifacts", "tiny_llama_portable_artifacts")
+EXPORTS_NEEDED = pytest.StashKey[list]()
 
 
-@pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory, tiny_bert_dir) -> Path:
-    """`hetlora export` of the tiny BERT, once per session, for every test that trains from artifacts:
-    ranks 2 and 4, ARTIFACT_BACKENDS (ExecuTorch with XNNPACK, ONNX), batch 4 x seq_len 16, three labels, and the server's
-    defaults (the model type's LoRA targets, lora_alpha 16), so `hetlora serve` runs can use it too."""
+def export_arguments(name: str, labels: Path) -> tuple[str, list[str]]:
+    """(model folder fixture, `hetlora export` flags besides --model and --out) of each session export: batch
+    ARTIFACT_BATCH; ExecuTorch (XNNPACK) and, where onnxruntime-training is installed, ONNX (ARTIFACT_BACKENDS),
+    or ExecuTorch on its CPU kernels alone ("portable", rank PORTABLE_RANK); the tiny BERT for classification with
+    ARTIFACT_LABELS, the tiny Llama for causal LM; the model type's LoRA targets (the server's default) for the
+    BERT, LLAMA_TARGETS for the Llama; lora_alpha 16."""
+    bert = ["--task", "classification", "--labels", str(labels), "--seq-len", str(ARTIFACT_SEQ)]
+    llama = ["--task", "causal-lm", "--seq-len", str(LLAMA_ARTIFACT_SEQ), "--targets", ",".join(LLAMA_TARGETS)]
+    both = ["--backends", ",".join(ARTIFACT_BACKENDS)]
+    portable = ["--backends", "executorch", "--executorch-delegate", "portable", "--ranks", str(PORTABLE_RANK)]
+    model, flags = {"tiny_export": ("tiny_bert_dir", [*bert, *both, "--ranks", ",".join(map(str, ARTIFACT_RANKS))]),
+                    "tiny_llama_artifacts": ("tiny_llama_dir", [*llama, *both, "--ranks", str(LLAMA_ARTIFACT_RANK)]),
+                    "tiny_portable_artifacts": ("tiny_bert_dir", [*bert, *portable]),
+                    "tiny_llama_portable_artifacts": ("tiny_llama_dir", [*llama, *portable])}[name]
+    return model, ["--batch-size", str(ARTIFACT_BATCH), *flags]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exports(request, tmp_path_factory):
+    """The session's exports (tests.helpers.exports.Exports): those its tests need start before the first test."""
+    from tests.helpers.exports import Exports
+
     labels = tmp_path_factory.mktemp("artifact-labels") / "labels.txt"
     labels.write_text("\n".join(ARTIFACT_LABELS) + "\n")
-    return hetlora_export(tiny_bert_dir, tmp_path_factory.mktemp("tiny-artifacts"), "--task", "classification",
-                          "--labels", str(labels), "--ranks", ",".join(map(str, ARTIFACT_RANKS)),
-                          "--seq-len", str(ARTIFACT_SEQ))
+
+    def prepare(name: str) -> tuple[Path, list[str]]:
+        model, flags = export_arguments(name, labels)
+        out = tmp_path_factory.mktemp(name.replace("_", "-"))
+        return out, ["--model", str(request.getfixturevalue(model)), "--out", str(out), *flags]
+
+    jobs = Exports(prepare)
+    for name in request.config.stash.get(EXPORTS_NEEDED, []):
+        jobs.start(name)
+    yield jobs
+    jobs.close()
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_artifacts(tmp_path_factory, tiny_llama_dir) -> Path:
-    """`hetlora export --task causal-lm` of the tiny Llama, once per session: rank 4, ExecuTorch (XNNPACK) and
-    ONNX, batch 4 x seq_len 64 (room for SmolLM2's chat template and a short exchange), LoRA on q_proj and
-    v_proj, lora_alpha 16."""
-    return hetlora_export(tiny_llama_dir, tmp_path_factory.mktemp("tiny-llama-artifacts"), "--task", "causal-lm",
-                          "--ranks", str(LLAMA_ARTIFACT_RANK), "--seq-len", str(LLAMA_ARTIFACT_SEQ),
-                          "--targets", ",".join(LLAMA_TARGETS))
+def tiny_export(exports) -> tuple[Path, subprocess.CompletedProcess]:
+    """`hetlora export` of the tiny BERT in its own process with the default output, as a user runs it: ranks 2
+    and 4, both backends, batch 4 x seq_len 16, three labels and the server's defaults, so `hetlora serve` runs
+    can use it too. (folder, finished process): the artifacts serve every test that trains from them
+    (tiny_artifacts), the output the test of what the command prints."""
+    return exports.result("tiny_export")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_export) -> Path:
+    """The folder of the session's tiny BERT export (tiny_export)."""
+    return tiny_export[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_artifacts(exports) -> Path:
+    """`hetlora export --task causal-lm` of the tiny Llama: rank 4, both backends, batch 4 x seq_len 64 (room for
+    SmolLM2's chat template and a short exchange), LoRA on q_proj and v_proj."""
+    return exports.result("tiny_llama_artifacts")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_portable_artifacts(exports) -> Path:
+    """The tiny BERT's ExecuTorch export on ExecuTorch's CPU kernels alone (no XNNPACK), at rank PORTABLE_RANK."""
+    return exports.result("tiny_portable_artifacts")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_portable_artifacts(exports) -> Path:
+    """The tiny Llama's ExecuTorch export on ExecuTorch's CPU kernels alone (no XNNPACK), at rank PORTABLE_RANK."""
+    return exports.result("tiny_llama_portable_artifacts")[0]
 
 
 @pytest.fixture(scope="session")
@@ -178,16 +223,36 @@ def run_config(spec) -> dict:
     return make_config(spec).run_config()
 
 
-EXPORTING_FIXTURES = {"tiny_artifacts", "tiny_llama_artifacts"}
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exports(*fixtures): the session exports (conftest.EXPORTS) a test takes by "
+                                       "request.getfixturevalue, beside those among its fixtures")
+
+
+def needed_exports(item) -> set[str]:
+    """The session exports `item` uses: among its fixtures or marked (tiny_artifacts is tiny_export's folder)."""
+    marked = {name for mark in item.iter_markers("exports") for name in mark.args}
+    names = set(getattr(item, "fixturenames", ())) | marked
+    return {"tiny_export" if name == "tiny_artifacts" else name for name in names} & set(EXPORTS)
 
 
 def pytest_collection_modifyitems(items):
     """An integration test (real processes end to end) is always slow too, and so is a test that needs exported
-    artifacts (the session's exports take minutes): the fast tier leaves them out."""
+    artifacts (the session's exports take minutes): the fast tier leaves them out. The modules that need exports
+    run last, in their own order, so the exports started with the session (`exports`) run beside the others."""
+    late = set()
     for item in items:
-        exports = EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        exports = needed_exports(item)
+        if exports:
+            late.add(item.path)
         if (item.get_closest_marker("integration") or exports) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.path in late)
+
+
+def pytest_collection_finish(session):
+    """The exports the selected tests need, in the order of their first use."""
+    needed = [name for item in session.items for name in sorted(needed_exports(item))]
+    session.config.stash[EXPORTS_NEEDED] = list(dict.fromkeys(needed))
 
 
 @pytest.fixture(scope="session")

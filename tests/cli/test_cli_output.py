@@ -140,15 +140,10 @@ def test_export_without_the_export_extra_says_which_extra_to_install(tiny_bert_d
 
 
 @pytest.mark.slow
-def test_export_prints_at_most_twenty_lines_by_default(tiny_bert_dir, tmp_path):
-    """Both backends (ExecuTorch alone without onnxruntime-training), two ranks: the progress bar and the summary,
-    without third-party chatter."""
-    cmd = [sys.executable, "-m", "hetlora.cli", "export", "--model", str(tiny_bert_dir), "--task", "classification",
-           "--num-labels", "3", "--ranks", "4,8", "--batch-size", "2", "--seq-len", "8", "--backends",
-           ",".join(ARTIFACT_BACKENDS), "--out", str(tmp_path / "art")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_export_prints_at_most_twenty_lines_by_default(tiny_export):
+    """The session's export (conftest.tiny_export: `hetlora export` in its own process, default output), both
+    backends (ExecuTorch alone without onnxruntime-training), two ranks: the summary, without third-party chatter."""
+    _, proc = tiny_export
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) <= 20, "\n".join(lines[:40])
     assert proc.stdout.strip().startswith(f"wrote {2 * len(ARTIFACT_BACKENDS)} artifacts")

@@ -17,9 +17,9 @@ import pytest
 from edge_client.evaluate import Evaluator
 from edge_client.data import load_examples
 from hetlora.protocol.wire import decode
-from simulation.fleet import start_client, start_server
+from simulation.fleet import start_client
 from tests.conftest import ARTIFACT_LABELS
-from tests.helpers.fleet import run_to_end, serve_args, write_data
+from tests.helpers.fleet import run_to_end, serve_args, start_server, write_data
 
 pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
 

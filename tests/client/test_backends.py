@@ -2,10 +2,11 @@
 
 Classification trains from the session's tiny BERT artifacts (conftest.tiny_artifacts: ranks 2 and 4),
 the causal LM from the tiny Llama's (conftest.tiny_llama_artifacts: rank 4, seq_len 64) on chat rows, the
-loss on the responses only; this module exports the "executorch-portable" variant (ExecuTorch's CPU
-kernels, no XNNPACK) at rank 4. The exported shape is larger than the rounds use, so padding of
-batches and of ranks is exercised everywhere. Every round runs the plan's optimiser in the client:
-AdamW with a warm-up + cosine schedule, weight decay and a separate head learning rate.
+loss on the responses only; the "executorch-portable" variant (ExecuTorch's CPU kernels, no XNNPACK) is
+the session's export of each at rank 4 (conftest.tiny_portable_artifacts, tiny_llama_portable_artifacts).
+The exported shape is larger than the rounds use, so padding of batches and of ranks is exercised everywhere.
+Every round runs the plan's optimiser in the client: AdamW with a warm-up + cosine schedule, weight decay and
+a separate head learning rate.
 """
 
 from __future__ import annotations
@@ -32,18 +33,19 @@ from hetlora.errors import UserError
 from edge_client.objective import IGNORE
 from tests.helpers.adapters import random_adapter
 from tests.conftest import (ARTIFACT_BATCH as ART_BATCH, ARTIFACT_LABELS, ARTIFACT_SEQ, LLAMA_ARTIFACT_SEQ,
-                            LLAMA_TARGETS, needs_onnx_training)
+                            LLAMA_TARGETS, PORTABLE_RANK, needs_onnx_training)
 
 ONNX = pytest.param("onnx", marks=needs_onnx_training)
 
-ART_RANK = 4
+ART_RANK = PORTABLE_RANK  # the rank of every artifact these tests train from
 ALPHA = 16.0
 LABELS = list(ARTIFACT_LABELS)
 SENTENCES = ["how do I activate my new card", "my card payment was declined at the shop",
              "what is the exchange rate for euros", "federated learning keeps private data on the device",
              "the quick brown fox jumps over the lazy dog"]
-SETUPS = {"classification": ("tiny_bert_dir", "tiny_artifacts"),
-          "causal-lm": ("tiny_llama_dir", "tiny_llama_artifacts")}  # (model folder, artifacts folder) fixtures
+SETUPS = {"classification": ("tiny_bert_dir", "tiny_artifacts", "tiny_portable_artifacts"),
+          "causal-lm": ("tiny_llama_dir", "tiny_llama_artifacts", "tiny_llama_portable_artifacts")}
+# (model folder, artifacts folder, ExecuTorch-portable artifacts folder) fixtures: conftest's session exports
 EXPORT_SEQ = {"classification": ARTIFACT_SEQ, "causal-lm": LLAMA_ARTIFACT_SEQ}  # chat rows need the template's room
 ROUND_SEQ = {"classification": 12, "causal-lm": 56}
 ADAMW = dict(optimizer="adamw", lr=0.01, head_lr=0.02, weight_decay=0.1, schedule="cosine", warmup_steps=2)
@@ -57,27 +59,15 @@ def examples_for(task: str) -> Examples:
     return Examples(task, prompts, responses=texts, chat=True)
 
 
-def export_portable(model_dir, task: str, out, targets) -> None:
-    """ExecuTorch on its CPU kernels alone, rank 4, at the task's exported shape."""
-    from exporter.export import ExportRequest, export_all
-
-    export_all(ExportRequest(model_dir=model_dir, task=task, ranks=(ART_RANK,), batch=ART_BATCH,
-                             seq_len=EXPORT_SEQ[task], backends=("executorch",), out=out, targets=targets,
-                             labels=tuple(LABELS) if task == "classification" else None, lora_alpha=ALPHA,
-                             executorch_delegate="portable"), progress=False)
-
-
-@pytest.fixture(scope="module", params=[pytest.param(task, marks=pytest.mark.slow) for task in sorted(SETUPS)])
-def setup(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=[pytest.param(task, marks=[pytest.mark.slow, pytest.mark.exports(*names[1:])])
+                                        for task, names in sorted(SETUPS.items())])
+def setup(request):
     """(task, model_dir, targets, labels, {variant: artifacts folder})."""
     task = request.param
-    model_dir, artifacts = (request.getfixturevalue(name) for name in SETUPS[task])
+    model_dir, artifacts, portable = (request.getfixturevalue(name) for name in SETUPS[task])
     labels = LABELS if task == "classification" else None
     targets = default_targets(model_dir) if task == "classification" else LLAMA_TARGETS
-    folders = {"default": artifacts}
-    folders["executorch-portable"] = tmp_path_factory.mktemp(f"artifacts-{task}-portable")
-    export_portable(model_dir, task, folders["executorch-portable"], targets)
-    return task, model_dir, targets, labels, folders
+    return task, model_dir, targets, labels, {"default": artifacts, "executorch-portable": portable}
 
 
 def trainers(setup, variant: str):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from hetlora.protocol.wire import decode
-from simulation.fleet import start_client, start_server
+from simulation.fleet import start_client
 from tests.conftest import ARTIFACT_BATCH, LLAMA_ARTIFACT_RANK, LLAMA_ARTIFACT_SEQ, LLAMA_TARGETS
 from tests.helpers import chat_rows, write_jsonl
-from tests.helpers.fleet import run_to_end
+from tests.helpers.fleet import run_to_end, start_server
 
 pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
 

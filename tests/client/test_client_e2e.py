@@ -12,9 +12,9 @@ import pytest
 from edge_client.server_api import ServerAPI
 from hetlora.models.adapter_spec import derive_spec
 from hetlora.protocol.wire import decode, encode
-from simulation.fleet import start_client, start_server
+from simulation.fleet import start_client
 from tests.helpers.adapters import random_adapter
-from tests.helpers.fleet import run_to_end, serve_args, write_data
+from tests.helpers.fleet import run_to_end, serve_args, start_server, write_data
 
 pytestmark = pytest.mark.integration  # real processes end to end (conftest: also slow)
 

@@ -99,7 +99,7 @@ def _round_one(config, contexts):
 
 
 @pytest.mark.slow  # both nodes train tiny BERT (from ExecuTorch artifacts, too)
-@pytest.mark.parametrize("nodes", ["setup", "executorch_setup"])
+@pytest.mark.parametrize("nodes", ["setup", pytest.param("executorch_setup", marks=pytest.mark.exports("tiny_export"))])
 def test_the_strategy_aggregates_exactly_what_the_client_app_sent(nodes, request):
     config, contexts = request.getfixturevalue(nodes)
     strategy, start, replies = _round_one(config, contexts)

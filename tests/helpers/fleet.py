@@ -1,10 +1,14 @@
-"""Real `hetlora serve` and `hetlora client` processes on loopback (simulation.fleet), run to the end."""
+"""Real `hetlora serve` (forked, start_server) and `hetlora client` processes (simulation.fleet) on loopback, run to
+the end."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
 from edge_client.server_api import ServerAPI
 from tests.conftest import ARTIFACT_LABELS
@@ -30,6 +34,34 @@ def serve_args(model_dir, labels_file, aggregator, rounds=2, steps=3, head_round
             str(labels_file), "--aggregator", aggregator, "--ranks", "2,4,8", "--rounds", str(rounds), "--min-clients",
             "3", "--local-steps", str(steps), "--batch-size", "4", "--seq-len", "16", "--poll-seconds", "0.2",
             "--round-deadline", "300"]
+
+
+class ForkedServer:
+    """A `hetlora serve` forked from the test process (tests.helpers.server.fork_serve: the same command without a
+    second import of torch and transformers), stopped as simulation.fleet.Process is: SIGTERM, then SIGKILL."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.join(timeout)
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.join()
+
+
+def start_server(serve_args: list[str], state_dir: Path) -> tuple[ForkedServer, str]:
+    """simulation.fleet.start_server's `hetlora serve` on loopback, forked (ForkedServer), logging to
+    <state_dir>.log beside its state folder; (server, URL) once it answers."""
+    from tests.helpers.server import fork_serve
+
+    state_dir = Path(state_dir)
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    proc, url = fork_serve([*serve_args, "--host", "127.0.0.1"], state_dir,
+                           stderr=state_dir.parent / f"{state_dir.name}.log")
+    return ForkedServer(proc), url
 
 
 def wait_finished(api: ServerAPI, procs, timeout=240):

@@ -104,19 +104,26 @@ def snapshot(http, state_dir: Path) -> tuple:
 
 # --- `hetlora serve` in a child process ------------------------------------------------------------
 def start_cli_server(tiny_bert_dir, labels_file, state_dir, *, rounds=2, extra=(), verify=True, stderr=None):
-    """`hetlora serve` (hetlora.cli.main; hetlora, ranks 2,4,8, min-clients 3, `extra` options) in a forked child
-    process; returns (process, base URL) once it answers (`verify`: httpx's certificate check for https;
-    `stderr`: a file that gets the child's stderr and log, as a terminal would).
+    """`hetlora serve` (hetlora, ranks 2,4,8, min-clients 3, `extra` options) of the tiny BERT in a forked child
+    (fork_serve); returns (process, base URL) once it answers."""
+    argv = ["--model", str(tiny_bert_dir), "--labels", str(labels_file), "--targets", ",".join(TARGETS),
+            "--aggregator", "hetlora", "--ranks", "2,4,8", "--min-clients", "3", "--rounds", str(rounds), "--seed",
+            "7", "--head-init", "none", *extra]
+    return fork_serve(argv, state_dir, verify=verify, stderr=stderr)
+
+
+def fork_serve(argv, state_dir, *, verify=True, stderr=None):
+    """`hetlora serve --state-dir STATE_DIR --port 0 ARGV` (hetlora.cli.main) in a forked child process; returns
+    (process, base URL) once it answers (`verify`: httpx's certificate check for https; `stderr`: a file that gets
+    the child's stderr and log, as a terminal would).
 
     Forked rather than a fresh interpreter so the child skips re-importing torch and transformers;
     it still parses the command line, derives the spec, binds a port and writes server.json itself.
     """
-    argv = ["serve", "--model", str(tiny_bert_dir), "--labels", str(labels_file), "--targets", ",".join(TARGETS),
-            "--aggregator", "hetlora", "--ranks", "2,4,8", "--min-clients", "3", "--rounds", str(rounds), "--seed",
-            "7", "--state-dir", str(state_dir), "--port", "0", "--head-init", "none", *extra]
+    argv = ["serve", "--state-dir", str(state_dir), "--port", "0", *argv]
     proc = multiprocessing.get_context("fork").Process(target=_serve, args=(argv, stderr), daemon=True)
     proc.start()
-    info_file = state_dir / "server.json"
+    info_file = Path(state_dir) / "server.json"
     for _ in range(1200):
         if not proc.is_alive():
             raise AssertionError(f"server exited with code {proc.exitcode}")

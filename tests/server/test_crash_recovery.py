@@ -17,6 +17,9 @@ from tests.helpers.server import (LABELS, make_config, make_update, register, si
                                   upload_meta)
 
 KILLS = 5
+# More rounds than the loop can reach (uploads as fast as the server takes them ran 40 rounds in 6 s here): every
+# kill lands in a running round, and the last run's wait for one more aggregated round ends as soon as it has one.
+ROUNDS = 10_000
 
 
 def test_sweep_removes_temp_files_and_blobs_without_a_row(spec, tmp_path):
@@ -69,7 +72,7 @@ def test_kill_loop_loses_no_acknowledged_upload(spec, tiny_bert_dir, tmp_path):
     acked: set = set()
     clients = None
     for kill in range(KILLS + 1):
-        proc, url = start_cli_server(tiny_bert_dir, labels_file, state, rounds=40)
+        proc, url = start_cli_server(tiny_bert_dir, labels_file, state, rounds=ROUNDS)
         assert not list(state.rglob(".*.tmp")) and not orphan_blobs(state)  # swept at start-up
         try:
             if clients is None:
@@ -87,6 +90,7 @@ def test_kill_loop_loses_no_acknowledged_upload(spec, tiny_bert_dir, tmp_path):
                         if len(http.get("/v1/status").json()["history"]) > last:
                             break
                         time.sleep(0.1)
+                    assert len(http.get("/v1/status").json()["history"]) > last, "no round aggregated after the kills"
         finally:
             if kill < KILLS:
                 sigkill(proc)  # mid-upload or mid-aggregation: wherever the driver is

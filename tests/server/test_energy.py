@@ -14,8 +14,8 @@ import pytest
 from hetlora.protocol.energy import Power, energy_of
 from hetlora.protocol.wire import WireFormatError, encode, parse_meta, read_header
 from profiles.catalog import device, profile_for
-from simulation.fleet import start_client, start_server
-from tests.helpers.fleet import run_to_end, serve_args, write_data
+from simulation.fleet import start_client
+from tests.helpers.fleet import run_to_end, serve_args, start_server, write_data
 from tests.helpers.server import (error_code, make_config, make_update, post_update, register,
                                   running_server, snapshot, upload_meta)
 

@@ -78,8 +78,8 @@ def test_the_chat_demos_peft_folder_loads_with_auto_peft_and_matches_the_wire_ad
 @pytest.fixture(scope="module")
 def real_model_run(smollm2_dir, tmp_path_factory):
     """SmolLM2-135M-Instruct, one client, one round of 3 steps of batch 2: the real model through the product."""
-    from simulation.fleet import start_client, start_server
-    from tests.helpers.fleet import run_to_end
+    from simulation.fleet import start_client
+    from tests.helpers.fleet import run_to_end, start_server
 
     tmp = tmp_path_factory.mktemp("smollm2")
     rows = [{"prompt": "hey, how was your weekend?", "response": "pretty chill, went hiking with my dog"},
@@ -148,26 +148,33 @@ def test_the_memory_model_tracks_the_real_models_step(smollm2_dir):
     assert np.isfinite(measured)
 
 
+@pytest.fixture(scope="module")
+def chat_server(tiny_llama_dir, tmp_path_factory):
+    """One causal-lm `hetlora serve` for the bad-data clients: none of them may register, so they can share it (and
+    each finds it still without clients)."""
+    from tests.helpers.fleet import start_server
+
+    state = tmp_path_factory.mktemp("chat-server") / "server"
+    server, url = start_server(["--model", str(tiny_llama_dir), "--task", "causal-lm", "--ranks", "2",
+                                "--rounds", "1", "--min-clients", "1"], state)
+    yield url
+    server.stop()
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("cols.jsonl", '{"question": "a", "answer": "b"}\n'.encode(), "neither prompt and response columns"),
     ("empty.jsonl", '{"prompt": "a", "response": ""}\n'.encode(), "row 1 has an empty 'response'"),
     ("latin1.csv", "prompt,response\ncafé,très\n".encode("latin-1"), "is not UTF-8 text"),
 ])
-def test_a_client_with_bad_chat_data_stops_with_one_line_and_never_registers(tiny_llama_dir, tmp_path, name,
-                                                                               content, message):
+def test_a_client_with_bad_chat_data_stops_with_one_line_and_never_registers(chat_server, tiny_llama_dir, tmp_path,
+                                                                               name, content, message):
     from edge_client.server_api import ServerAPI
-    from simulation.fleet import start_server
 
-    server, url = start_server(["--model", str(tiny_llama_dir), "--task", "causal-lm", "--ranks", "2",
-                                "--rounds", "1", "--min-clients", "1"], tmp_path / "server")
-    try:
-        bad = tmp_path / name
-        bad.write_bytes(content)
-        proc = subprocess.run(HETLORA + ["client", "--server", url, "--data", str(bad), "--model", str(tiny_llama_dir),
-                                         "--state-dir", str(tmp_path / "client")], capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 2 and message in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert ServerAPI(url).status()["clients"] == []
-    finally:
-        server.stop()
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    proc = subprocess.run(HETLORA + ["client", "--server", chat_server, "--data", str(bad), "--model",
+                                     str(tiny_llama_dir), "--state-dir", str(tmp_path / "client")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert ServerAPI(chat_server).status()["clients"] == []
