@@ -38,7 +38,7 @@ def rewrite_empty_permuted(program: ExportedProgram) -> int:
         with graph.inserting_before(node):
             physical = graph.call_function(aten.empty.memory_format, ([size[i] for i in layout],), dict(node.kwargs))
             physical.meta = dict(node.meta)
-            logical = _replace(graph, node, aten.permute.default, (physical, inverse))
+            _replace(graph, node, aten.permute.default, (physical, inverse))
         count += 1
     return _finish(program, count)
 
