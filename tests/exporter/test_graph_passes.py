@@ -127,3 +127,36 @@ def test_simplify_elementwise_drops_pow_exactly():
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+class WideFrozenHead(nn.Module):
+    """A trainable linear feeding a frozen 300-way head: the head's backward contracts over 300 outputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 300, bias=False).requires_grad_(False)
+
+    def forward(self, x):
+        y = torch.log_softmax(self.head(torch.tanh(self.body(x))), -1)
+        return -y[:, 0].mean(), y.detach()
+
+
+def test_split_long_contractions_keeps_loss_and_gradients():
+    from exporter.graph_passes import split_long_contractions
+
+    def contractions(program):
+        return [n.args[0].meta["val"].shape[1] for n in program.graph.nodes if n.target == aten.mm.default]
+
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    want = run(joint_program(WideFrozenHead), x)
+    program = joint_program(WideFrozenHead)
+    assert max(contractions(program)) == 300  # d(hidden) = d(logits) @ W_head
+    assert split_long_contractions(program, longer_than=100, chunk=64) == 1
+    assert max(contractions(program)) <= 100
+    assert sorted(contractions(program)).count(64) == 4 and 300 - 4 * 64 in contractions(program)  # a shorter last chunk
+    got = run(program, x)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
