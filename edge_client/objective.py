@@ -28,27 +28,36 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.T
 
 def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the non-IGNORE targets and their number (for exact means over many batches)."""
-    from torch.nn import functional as F  # torch stays out of imports of IGNORE
-
     if task == "causal-lm":
         logits, labels = logits[:, :-1, :], labels[:, 1:]
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_labels = labels.reshape(-1)
-    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum")
-    return total, (flat_labels != IGNORE).sum()
+    return target_loss_sum_and_count(logits, labels)
 
 
-def model_loss_sum_and_count(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+def target_loss_sum_and_count(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of logits (..., C) against targets (...) over the non-IGNORE targets, and their number."""
+    from torch.nn import functional as F  # torch stays out of imports of IGNORE
+
+    flat_targets = targets.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_targets, ignore_index=IGNORE,
+                            reduction="sum")
+    return total, (flat_targets != IGNORE).sum()
+
+
+def model_loss_sum_and_count(model, batch: dict, task: str, *, static_shapes: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """`loss_sum_and_count` of the model's forward pass on `batch`. For a causal LM the output head (for
     SmolLM2 a 576 x 49,152 matmul, a fifth of the model's work) runs only at the positions that predict
-    a target: the same value, far fewer FLOPs and no (B, T, V) logits tensor."""
-    from torch.nn import functional as F
-
+    a target: the same value, far fewer FLOPs and no (B, T, V) logits tensor. `static_shapes` (an exported
+    graph, whose shapes cannot depend on the labels): every position but the last instead, so the shift
+    happens on the hidden states and no gradient of the whole logits tensor is scattered back."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task != "causal-lm" or getattr(model.config, "final_logit_softcapping", None):
         return loss_sum_and_count(model(**inputs).logits, batch["labels"], task)
-    hidden = getattr(model, model.base_model_prefix)(**inputs).last_hidden_state
+    hidden = getattr(model, model.base_model_prefix)(**inputs).last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
+    if static_shapes:  # (B, T - 1, H) rows as one matrix: the head is one matmul, not a batched one
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    else:
+        keep = targets != IGNORE
+        hidden, targets = hidden[keep], targets[keep]
+    return target_loss_sum_and_count(model.get_output_embeddings()(hidden), targets)

@@ -19,7 +19,7 @@ from torch import nn
 
 from edge_client.lora import inject_lora, lora_layers
 from hetlora.models.task_model import dense_parameter_names, load_task_model
-from edge_client.objective import loss_sum_and_count
+from edge_client.objective import model_loss_sum_and_count
 
 INPUT_NAMES = ("input_ids", "attention_mask", "labels", "keep_mask", "tail_mask", "prune_lambda", "lora_scale")
 OUTPUT_NAMES = ("loss", "task_loss", "tail", "n_targets")
@@ -50,8 +50,8 @@ class TrainingGraph(nn.Module):
         for layer in self.layers:
             layer.keep_mask = keep_mask
             layer.scale = lora_scale
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        total, count = loss_sum_and_count(logits, labels, self.task)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        total, count = model_loss_sum_and_count(self.model, batch, self.task, static_shapes=True)
         task_loss = total / count.clamp(min=1)
         tail = torch.stack([safe_norm(layer.lora_B * tail_mask) * safe_norm(layer.lora_A * tail_mask[:, None])
                             for layer in self.layers]).sum()

@@ -80,7 +80,7 @@ def test_non_utf8_text_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_loss_on_target_positions_equals_the_full_logits_loss(tiny_llama_dir, tmp_path):
+def test_the_loss_on_shifted_hidden_states_equals_the_full_logits_loss(tiny_llama_dir, tmp_path):
     from hetlora.models.task_model import load_task_model
 
     tok = load_tokenizer(tiny_llama_dir)
@@ -97,9 +97,11 @@ def test_the_loss_on_target_positions_equals_the_full_logits_loss(tiny_llama_dir
         logp = F.log_softmax(logits, -1)
         hand = -sum(logp[b, t - 1, enc.labels[b, t]] for b in range(4) for t in range(1, 48)
                     if enc.labels[b, t] != IGNORE)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(got[0], hand, rtol=1e-5, atol=1e-4)
-    assert int(got[1]) == int(expected[1]) == int((enc.labels[:, 1:] != IGNORE).sum())
+        exported = model_loss_sum_and_count(model, batch, "causal-lm", static_shapes=True)  # every position
+    for value in (got, exported):
+        torch.testing.assert_close(value[0], expected[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(value[0], hand, rtol=1e-5, atol=1e-4)
+        assert int(value[1]) == int(expected[1]) == int((enc.labels[:, 1:] != IGNORE).sum())
 
 
 def test_split_by_user_keeps_devices_and_test_sets_apart():
