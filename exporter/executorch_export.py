@@ -21,16 +21,18 @@ value straight through), so the operator set below is an explicit list.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
+from exporter.column_blocks import BLOCK_BYTES, column_blocked
 from exporter.convex_partitions import convex_partitions
 from exporter.errors import export_error
 from exporter.fx_sources import sources_not_kept
 from exporter.partition_order import partitions_sorted_in_place
 from exporter.shared_weights import keep_shared_file
 from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, simplify_elementwise,
-                                   split_addmm)
+                                   split_addmm, split_long_contractions)
 from exporter.training_graph import TrainingGraph
 
 XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "ExpConfig",
@@ -64,10 +66,12 @@ def training_partitioner():
 
 
 def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str,
-                      first: bool) -> dict[str, Path]:
+                      first: bool, block_bytes: int = BLOCK_BYTES) -> dict[str, Path]:
     """Write the `.pte` for `graph` at `path` and the frozen weights beside it, shared by the ranks of one export.
 
     `first`: this is the export's first rank, so an older frozen_weights.ptd is replaced, not compared.
+    `block_bytes`: XNNPACK programs compute frozen linear maps in weight blocks of at most this size
+    (exporter/column_blocks.py).
     Returns {"program": path, "weights": path.parent / "frozen_weights.ptd"}.
     """
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
@@ -76,13 +80,16 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with sources_not_kept(), partitions_sorted_in_place():  # both: lowering's cost per partition
+        blocked = column_blocked(graph.model, block_bytes) if delegate == "xnnpack" else contextlib.nullcontext()
+        with sources_not_kept(), partitions_sorted_in_place(), blocked:  # the first two: lowering's cost per partition
             joint = _export_forward_backward(export(graph, inputs, strict=False))
             rewrite_empty_permuted(joint)
             drop_inverse_permutes(joint)
             simplify_elementwise(joint)
             frozen = frozen_parameters(joint)
             split_addmm(joint, linearize=frozen if delegate == "xnnpack" else frozenset())
+            if delegate == "xnnpack":
+                split_long_contractions(joint)
             frozen_names = {node.name for node in frozen}
             config = EdgeCompileConfig(_check_ir_validity=True)
             if delegate == "xnnpack":
