@@ -1,11 +1,15 @@
-"""Frozen linear maps split into output-column blocks that fit a core's L2 cache, for XNNPACK.
+"""Large frozen linear maps split into output-column blocks that fit a core's L2 cache, for XNNPACK.
 
 XNNPACK packs a run-time weight per call and walks the packed weight once for every 7-row block of
 the input; a weight larger than L2 is streamed from L3 or memory each time. As blocks of at most
-BLOCK_BYTES, y = cat_j(x W_j^T + b_j) and, backward, dx = sum_j g_j W_j, each product's weight stays
-in L2. Measured at SmolLM2's 512 tokens, 2 threads (single-op programs against torch's same GEMM):
-the MLP's 576 x 1536 weight as one GEMM 1.47x torch forward and 1.79x backward, as six blocks of 256
-rows 1.17x and about 1.4x.
+`block_bytes`, y = cat_j(x W_j^T + b_j) and, backward, dx = sum_j g_j W_j, each product's weight stays
+in L2, at the cost of the cat, the slices of g and the sums.
+Measured on the 2-core Xeon (2 MiB L2 per core), 2 threads:
+- single-op programs at SmolLM2's 512 tokens: the MLP's 576 x 1536 weight (3.4 MiB) as one GEMM ran
+  1.47x torch forward and 1.79x backward; as six blocks of 256 rows, 1.17x and about 1.4x;
+- whole training steps, each program against its unblocked self in one process: SmolLM2 8 x 64 0.96x,
+  MiniLM 16 x 64 (MLP weights of 2.25 MiB, 1,024 tokens) 1.05x, slower. So only weights over
+  `split_above` (3 MiB, between the two) are split.
 The blocks are separate frozen parameters, so `frozen_weights.ptd` stores each block under its own
 name and nothing is sliced or copied at run time. Weights shared with another module (a tied output
 head) are left whole: splitting them would store them twice.
@@ -15,12 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-BLOCK_BYTES = 640 * 1024  # a third of the 2 MiB L2 per core measured on; 256-row blocks of SmolLM2's MLP
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """Split frozen weights of more than `split_above` bytes into blocks of at most `block_bytes`."""
+
+    split_above: int = 3 * 2**20
+    block_bytes: int = 640 * 1024  # a third of the 2 MiB L2 per core measured on; 256-row blocks of SmolLM2's MLP
 
 
 class ColumnBlockedLinear(nn.Module):
@@ -46,8 +58,8 @@ def block_rows(out_features: int, in_features: int, max_block_bytes: int) -> int
 
 
 @contextlib.contextmanager
-def column_blocked(model: nn.Module, max_block_bytes: int = BLOCK_BYTES):
-    """Within the block, every frozen, unshared nn.Linear of `model` larger than `max_block_bytes` is a
+def column_blocked(model: nn.Module, blocking: Blocking = Blocking()):
+    """Within the block, every frozen, unshared nn.Linear of `model` larger than `blocking.split_above` is a
     ColumnBlockedLinear; the original modules are put back on exit."""
     uses: dict[int, int] = {}
     for module in model.modules():
@@ -57,8 +69,8 @@ def column_blocked(model: nn.Module, max_block_bytes: int = BLOCK_BYTES):
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (isinstance(child, nn.Linear) and not child.weight.requires_grad and uses[id(child.weight)] == 1
-                    and child.weight.numel() * 4 > max_block_bytes):
-                rows = block_rows(child.out_features, child.in_features, max_block_bytes)
+                    and child.weight.numel() * 4 > blocking.split_above):
+                rows = block_rows(child.out_features, child.in_features, blocking.block_bytes)
                 setattr(parent, name, ColumnBlockedLinear(child, rows))
                 swapped.append((parent, name, child))
     try:

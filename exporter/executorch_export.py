@@ -25,7 +25,7 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-from exporter.column_blocks import BLOCK_BYTES, column_blocked
+from exporter.column_blocks import Blocking, column_blocked
 from exporter.convex_partitions import convex_partitions
 from exporter.errors import export_error
 from exporter.fx_sources import sources_not_kept
@@ -66,12 +66,11 @@ def training_partitioner():
 
 
 def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delegate: str, what: str,
-                      first: bool, block_bytes: int = BLOCK_BYTES) -> dict[str, Path]:
+                      first: bool, blocking: Blocking = Blocking()) -> dict[str, Path]:
     """Write the `.pte` for `graph` at `path` and the frozen weights beside it, shared by the ranks of one export.
 
     `first`: this is the export's first rank, so an older frozen_weights.ptd is replaced, not compared.
-    `block_bytes`: XNNPACK programs compute frozen linear maps in weight blocks of at most this size
-    (exporter/column_blocks.py).
+    `blocking`: which frozen linear maps an XNNPACK program computes in weight blocks (exporter/column_blocks.py).
     Returns {"program": path, "weights": path.parent / "frozen_weights.ptd"}.
     """
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
@@ -80,7 +79,7 @@ def export_executorch(graph: TrainingGraph, inputs: tuple, path: Path, *, delega
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        blocked = column_blocked(graph.model, block_bytes) if delegate == "xnnpack" else contextlib.nullcontext()
+        blocked = column_blocked(graph.model, blocking) if delegate == "xnnpack" else contextlib.nullcontext()
         with sources_not_kept(), partitions_sorted_in_place(), blocked:  # the first two: lowering's cost per partition
             joint = _export_forward_backward(export(graph, inputs, strict=False))
             rewrite_empty_permuted(joint)

@@ -89,8 +89,9 @@ def simplify_elementwise(program: ExportedProgram) -> int:
     """Exact rewrites of scalar-loop CPU ops into what XNNPACK takes or into nothing.
 
     pow(x, 2) -> mul(x, x) (XNNPACK's multiply; both round x*x once); pow(x, 1) -> x; expand(x, size)
-    to x's own shape -> x. On SmolLM2 (RMSNorm forward and backward, attention backward) these ran on
-    ExecuTorch's portable kernels, one thread: pow 140 ms and expand_copy 70 ms of a 1.8 s step (ETDump).
+    to x's own shape -> x; alias(x) -> x. On SmolLM2 (RMSNorm forward and backward, attention backward)
+    these ran on ExecuTorch's portable kernels, one thread: pow 140 ms and expand_copy 70 ms of a 1.8 s
+    step (ETDump). ExecuTorch runs an alias as a copy: 1,026 a step, two of them of the (B*T, V) log-softmax.
     A node feeding the graph's output is left alone (the output must stay a distinct tensor).
     """
     graph = program.graph_module.graph
@@ -109,7 +110,8 @@ def simplify_elementwise(program: ExportedProgram) -> int:
                 with graph.inserting_before(node):
                     _replace(graph, node, aten.mul.Tensor, (x, x))
             count += 1
-        elif node.target == aten.expand.default and _same_shape(node, node.args[0]):
+        elif node.target == aten.alias.default or (node.target == aten.expand.default
+                                                    and _same_shape(node, node.args[0])):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             count += 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.column_blocks import ColumnBlockedLinear, block_rows, column_blocked
+from exporter.column_blocks import Blocking, ColumnBlockedLinear, block_rows, column_blocked
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -31,8 +31,9 @@ def test_blocked_linear_equals_the_linear(bias):
     (1536, 384, 384),  # MiniLM's MLP
 ])
 def test_block_rows_fit_the_budget(out_features, in_features, rows):
-    assert block_rows(out_features, in_features, 640 * 1024) == rows
-    assert rows * in_features * 4 <= 640 * 1024 or rows == out_features
+    budget = Blocking().block_bytes
+    assert block_rows(out_features, in_features, budget) == rows
+    assert rows * in_features * 4 <= budget
 
 
 def test_only_frozen_unshared_linears_are_blocked_and_all_come_back(tiny_llama_dir):
@@ -40,7 +41,7 @@ def test_only_frozen_unshared_linears_are_blocked_and_all_come_back(tiny_llama_d
 
     graph = build_training_graph(tiny_llama_dir, "causal-lm", 4, ("q_proj", "v_proj"), 16.0)
     before = dict(graph.model.named_modules())
-    with column_blocked(graph.model, max_block_bytes=1024) as swapped:
+    with column_blocked(graph.model, Blocking(split_above=1024, block_bytes=1024)) as swapped:
         blocked = {n for n, m in graph.model.named_modules() if isinstance(m, ColumnBlockedLinear)}
         # per layer: q and v (the LoRA layers' bases), k, o, gate, up, down; the tied output head is left whole
         assert swapped == len(blocked) == 2 * 7
@@ -67,7 +68,7 @@ def test_exported_blocked_program_trains_like_torch(tiny_llama_dir, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     inputs = example_inputs("causal-lm", 4, 2, 16, graph.model.config.vocab_size)
     files = export_executorch(graph, inputs, tmp_path / "r4.pte", delegate="xnnpack", what="tiny", first=True,
-                              block_bytes=1024)
+                              blocking=Blocking(split_above=1024, block_bytes=1024))
     stored = FlatTensorSerializer().deserialize(Cord(files["weights"].read_bytes())).named_data
     assert any(".blocks." in key for key in stored) and not any(key.endswith("up_proj.weight") for key in stored)
 

@@ -160,3 +160,22 @@ def test_split_long_contractions_keeps_loss_and_gradients():
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_simplify_elementwise_drops_aliases():
+    """ExecuTorch runs an alias as a copy; log-softmax's backward keeps two of its (rows, classes) output."""
+    from exporter.graph_passes import simplify_elementwise
+
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    want = run(joint_program(WideFrozenHead), x)
+    program = joint_program(WideFrozenHead)
+
+    def inner_aliases():  # an alias the graph returns stays: an output must be a tensor of its own
+        return [n for n in program.graph.nodes if n.target == aten.alias.default and "output" not in
+                {user.op for user in n.users}]
+
+    assert inner_aliases()
+    simplify_elementwise(program)
+    assert not inner_aliases()
+    for g, w in zip(run(program, x), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
