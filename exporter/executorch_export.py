@@ -35,8 +35,8 @@ from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, rew
                                    split_addmm, split_long_contractions)
 from exporter.training_graph import TrainingGraph
 
-XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig", "SubConfig", "ExpConfig",
-                            "SigmoidConfig")
+XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig",
+                            "SubConfig", "ExpConfig", "SigmoidConfig")
 WEIGHTS_TAG = "frozen_weights"  # -> frozen_weights.ptd
 
 
