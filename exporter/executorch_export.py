@@ -31,8 +31,8 @@ from exporter.errors import export_error
 from exporter.fx_sources import sources_not_kept
 from exporter.partition_order import partitions_sorted_in_place
 from exporter.shared_weights import keep_shared_file
-from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted, simplify_elementwise,
-                                   split_addmm, split_long_contractions)
+from exporter.graph_passes import (drop_inverse_permutes, frozen_parameters, rewrite_empty_permuted,
+                                   simplify_elementwise, split_addmm, split_long_contractions)
 from exporter.training_graph import TrainingGraph
 
 XNNPACK_OPERATOR_CONFIGS = ("PermuteConfig", "BMMConfig", "GeluConfig", "SoftmaxConfig", "MulConfig", "AddConfig",
