@@ -27,17 +27,18 @@ NUMBERED = re.compile(r" #\d+$")  # XNNPACK numbers each operator instance
 
 
 def step_inputs(artifact) -> list:
-    """A full-length batch of the artifact's shape, every next token a target (causal LM) or class 0/1."""
+    """The bench's synthetic batch at the artifact's shape (every position attended, every next token a target or
+    a class 0/1), all ranks kept, the last rank component as the tail, prune_lambda 0, lora_scale 2."""
     import torch
 
-    shapes = artifact.input_shapes
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, shapes["input_ids"], generator=g)
-    labels = ids.clone() if artifact.task == "causal-lm" else torch.randint(0, 2, shapes["labels"], generator=g)
+    from edge_client.bench.steppers import synthetic_batch
+
+    # token ids below 30,000 exist in every vocabulary the exporter takes (BERT's 30,522, SmolLM2's 49,152)
+    batch = synthetic_batch(artifact.batch, artifact.seq_len, 30_000, 2 if artifact.task == "classification" else None)
     tail = torch.zeros(artifact.rank)
     tail[-1] = 1.0
-    return [ids, torch.ones(shapes["attention_mask"], dtype=torch.long), labels, torch.ones(artifact.rank), tail,
-            torch.tensor(0.0), torch.tensor(2.0)]
+    return [*(torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels")), torch.ones(artifact.rank),
+            tail, torch.tensor(0.0), torch.tensor(2.0)]
 
 
 def profile(folder: str, rank: int, steps: int, threads: int) -> dict:
