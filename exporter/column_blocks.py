@@ -17,6 +17,7 @@ head) are left whole: splitting them would store them twice.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,7 @@ def block_rows(out_features: int, in_features: int, max_block_bytes: int) -> int
 def column_blocked(model: nn.Module, blocking: Blocking = Blocking()):
     """Within the block, every frozen, unshared nn.Linear of `model` larger than `blocking.split_above` is a
     ColumnBlockedLinear; the original modules are put back on exit."""
-    uses: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
