@@ -32,10 +32,11 @@ class OnnxEngine:
         files = artifact.files
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        # Without the arena a step's activations go back when the step ends, and a dropped session's memory
-        # leaves with it: SmolLM2 rank 8, batch 8 x 64 holds 1.0 GB between steps instead of 2.1 GB at the same
-        # peak, and rank 8 then rank 32 in one process peaks at 2.2 GB instead of 4.0 GB (docs/EXPORT.md).
-        options.enable_cpu_mem_arena = False
+        # The CPU arena keeps one step's activations for the next: without it every step faults its
+        # activations in afresh (SmolLM2 rank 8, batch 8 x 64: 310,000 page faults and 17% of the step on a
+        # KVM Xeon). So the session holds its training peak between steps; a dropped session's memory goes back
+        # to the system with malloc_trim on a tier change (ArtifactTrainer.engine_for; docs/EXPORT.md).
+        options.enable_cpu_mem_arena = True
         self.state = CheckpointState.load_checkpoint(str(files["checkpoint"]))
         self.module = Module(str(files["training_model"]), self.state, str(files["eval_model"]),
                              session_options=options)
