@@ -43,21 +43,43 @@ def target_loss_sum_and_count(logits: torch.Tensor, targets: torch.Tensor) -> tu
     return total, (flat_targets != IGNORE).sum()
 
 
+def head_loss_sum_and_count(hidden: torch.Tensor, head, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_loss_sum_and_count(head(hidden), targets)` for rows `hidden` (N, H) and a linear `head` (V, H),
+    written for exported graphs as sum_i [logsumexp_v(z_iv) - z_{i,t_i}] over the kept rows, the target's logit
+    taken from its own head row, z_{i,t} = h_i . w_t (+ b_t). The backward of the (N, V) logits is then
+    softmax times the upstream gradient alone: no one-hot rows scattered into an (N, V) zero tensor, and no
+    runtime's log-softmax gradient kernel (ONNX Runtime's runs on one thread)."""
+    import torch
+
+    keep = targets != IGNORE
+    safe = torch.where(keep, targets, torch.zeros_like(targets))
+    picked = (hidden * head.weight[safe]).sum(-1)
+    if head.bias is not None:
+        picked = picked + head.bias[safe]
+    # keepdim: ONNX Runtime 1.19's ReduceLogSumExp gradient builds an invalid graph without it (opset >= 13)
+    log_normaliser = torch.logsumexp(head(hidden).float(), -1, keepdim=True).squeeze(-1)
+    return ((log_normaliser - picked.float()) * keep).sum(), keep.sum()
+
+
 def model_loss_sum_and_count(model, batch: dict, task: str, *, static_shapes: bool = False
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """`loss_sum_and_count` of the model's forward pass on `batch`. For a causal LM the output head (for
     SmolLM2 a 576 x 49,152 matmul, a fifth of the model's work) runs only at the positions that predict
     a target: the same value, far fewer FLOPs and no (B, T, V) logits tensor. `static_shapes` (an exported
     graph, whose shapes cannot depend on the labels): every position but the last instead, so the shift
-    happens on the hidden states and no gradient of the whole logits tensor is scattered back."""
+    happens on the hidden states, and a plain linear head takes `head_loss_sum_and_count`."""
+    from torch import nn
+
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task != "causal-lm" or getattr(model.config, "final_logit_softcapping", None):
         return loss_sum_and_count(model(**inputs).logits, batch["labels"], task)
     hidden = getattr(model, model.base_model_prefix)(**inputs).last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]
-    if static_shapes:  # (B, T - 1, H) rows as one matrix: the head is one matmul, not a batched one
-        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    else:
+    head = model.get_output_embeddings()
+    if not static_shapes:
         keep = targets != IGNORE
-        hidden, targets = hidden[keep], targets[keep]
-    return target_loss_sum_and_count(model.get_output_embeddings()(hidden), targets)
+        return target_loss_sum_and_count(head(hidden[keep]), targets[keep])
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # one matmul, not a batched one
+    if type(head) is nn.Linear:  # a LoRA-wrapped head (a user's target) keeps the plain loss
+        return head_loss_sum_and_count(hidden, head, targets)
+    return target_loss_sum_and_count(head(hidden), targets)
