@@ -53,9 +53,9 @@ def head_loss_sum_and_count(hidden: torch.Tensor, head, targets: torch.Tensor) -
 
     keep = targets != IGNORE
     safe = torch.where(keep, targets, torch.zeros_like(targets))
-    picked = (hidden * head.weight[safe]).sum(-1)
+    picked = (hidden * head.weight.index_select(0, safe)).sum(-1)
     if head.bias is not None:
-        picked = picked + head.bias[safe]
+        picked = picked + head.bias.index_select(0, safe)
     # keepdim: ONNX Runtime 1.19's ReduceLogSumExp gradient builds an invalid graph without it (opset >= 13)
     log_normaliser = torch.logsumexp(head(hidden).float(), -1, keepdim=True).squeeze(-1)
     return ((log_normaliser - picked.float()) * keep).sum(), keep.sum()
