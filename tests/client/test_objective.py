@@ -49,5 +49,5 @@ def test_a_batch_without_targets_has_zero_loss_and_zero_gradient():
     hidden = torch.randn(4, 8, requires_grad=True)
     total, count = head_loss_sum_and_count(hidden, head, torch.full((4,), IGNORE))
     total.backward()
-    assert float(total) == 0.0 and int(count) == 0
+    assert total.detach().item() == 0.0 and int(count) == 0
     assert not hidden.grad.abs().any()
