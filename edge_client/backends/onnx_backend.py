@@ -22,7 +22,8 @@ from hetlora.errors import UserError
 class OnnxEngine:
     """ORT training Module over one rank's artifacts."""
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, *, profile_prefix: str | None = None):
+        """`profile_prefix`: write ORT's profile (JSON) to `<prefix>_<time>.json` when the engine is dropped."""
         import onnxruntime
         import torch
         from onnxruntime.training.api import CheckpointState, Module
@@ -37,6 +38,8 @@ class OnnxEngine:
         # KVM Xeon). So the session holds its training peak between steps; a dropped session's memory goes back
         # to the system with malloc_trim on a tier change (ArtifactTrainer.engine_for; docs/EXPORT.md).
         options.enable_cpu_mem_arena = True
+        if profile_prefix:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         self.state = CheckpointState.load_checkpoint(str(files["checkpoint"]))
         self.module = Module(str(files["training_model"]), self.state, str(files["eval_model"]),
                              session_options=options)
