@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import re
 import resource
@@ -50,7 +51,8 @@ def profile(folder: str, rank: int, steps: int, threads: int, by_node: bool = Fa
             engine.forward_backward(inputs)
             times.append(time.perf_counter() - start)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        del engine  # each session (training, evaluation) writes its own profile when it is destroyed
+        engine.close()  # each session (training, evaluation) writes its own profile when it is destroyed
+        gc.collect()
         events = [e for path in Path(tmp).glob("ort*.json") for e in json.loads(path.read_text())]
     totals = by_kind(events, by_node)
     return {"rank": rank, "threads": threads, "steps": steps, "step_s": sorted(times)[len(times) // 2],

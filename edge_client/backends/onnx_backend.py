@@ -62,6 +62,11 @@ class OnnxEngine:
         """Gradients of output 0 from the last forward_backward, by artifact name (views, overwritten next step)."""
         return self.grads
 
+    def close(self) -> None:
+        """Destroy the sessions now, views of their memory first: only then does ORT write a profile."""
+        self.params = self.grads = None
+        self.module = self.state = None
+
     def evaluate(self, inputs: list[np.ndarray]) -> list[float]:
         self.module.eval()
         try:
