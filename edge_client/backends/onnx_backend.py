@@ -23,7 +23,7 @@ class OnnxEngine:
     """ORT training Module over one rank's artifacts."""
 
     def __init__(self, artifact: Artifact, *, profile_prefix: str | None = None):
-        """`profile_prefix`: ORT writes its profile (JSON) to `<prefix>_<time>.json` when `close()` ends the sessions."""
+        """`profile_prefix`: ORT writes its profile (JSON) to `<prefix>_<time>.json` when close() ends the sessions."""
         import onnxruntime
         import torch
         from onnxruntime.training.api import CheckpointState, Module
