@@ -107,15 +107,20 @@ def table(result: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifacts", help="a `hetlora export` folder with ExecuTorch artifacts")
+def profile_parser(description: str, runtime: str) -> argparse.ArgumentParser:
+    """The options every artifact profile takes: ARTIFACTS [--rank] [--steps] [--threads] [--top] [--json]."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("artifacts", help=f"a `hetlora export` folder with {runtime} artifacts")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--top", type=int, default=25, help="operator kinds to list")
+    parser.add_argument("--top", type=int, default=25, help="rows to list")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = profile_parser(__doc__.splitlines()[0], "ExecuTorch").parse_args(argv)
     result = profile(args.artifacts, args.rank, args.steps, args.threads)
     print(json.dumps(result, indent=1) if args.json else table(result, args.top))
     return 0

@@ -13,7 +13,6 @@ count the memory a step takes from the system afresh (a step that keeps its memo
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
 import json
@@ -95,14 +94,11 @@ def table(result: dict, top: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifacts", help="a `hetlora export` folder with ONNX Runtime artifacts")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.profile_executorch import profile_parser
+
+    parser = profile_parser(__doc__.splitlines()[0], "ONNX Runtime")
     parser.add_argument("--by-node", action="store_true", help="per graph node (layers folded), not per kind")
-    parser.add_argument("--top", type=int, default=25, help="rows to list")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     result = profile(args.artifacts, args.rank, args.steps, args.threads, args.by_node)
     print(json.dumps(result, indent=1) if args.json else table(result, args.top))
